@@ -1,0 +1,35 @@
+# fastvideo-grpo: every target does its own set-up (a .venv in the repo root) on a fresh machine.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+TORCH   ?= torch==2.13.0
+STAMP   := $(VENV)/.fvg-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench ablations lint clean-venv
+
+$(STAMP): setup.py Makefile $(wildcard csrc/*)
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
+	# The pinned torch first (a CPU wheel on the CI machine); nothing later may replace it.
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) train_scripts/train_toy_grpo.py --config configs/toy_cpu.yaml
+
+# pytest exits 5 when it collects no test: a legitimately empty selection is not a failure.
+test: $(STAMP)
+	@$(PY) -m pytest -q tests $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+ablations: $(STAMP)
+	$(PY) bench/ablations.py --out outputs/ablations
+
+bench: $(STAMP)
+	$(PY) bench/logprob_kernel.py --json
+	$(PY) bench/iteration.py --json
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,186 @@
+"""GRPO objective pieces: group advantages, reward aggregation, best-of-N, timestep subsets, PPO-clip.
+
+All follow ``shared/reference/METHOD.md`` section 3. Samples of one prompt group are laid out
+contiguously: a batch of B = num_groups * group_size samples, group g owning rows
+[g * group_size, (g + 1) * group_size).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional
+
+import torch
+
+
+def _check_groups(rewards_B: torch.Tensor, group_size: int) -> torch.Tensor:
+    if rewards_B.ndim != 1:
+        raise ValueError(f"rewards must be 1-D (one score per sample), got shape {tuple(rewards_B.shape)}")
+    if group_size < 1 or rewards_B.numel() % group_size != 0:
+        raise ValueError(f"batch of {rewards_B.numel()} samples is not a whole number of groups of {group_size}")
+    if not torch.isfinite(rewards_B).all():
+        raise ValueError("rewards contain NaN or inf; check the reward model's inputs")
+    return rewards_B.reshape(-1, group_size)
+
+
+def group_advantages(rewards_B: torch.Tensor, group_size: int, eps: float = 1e-8) -> torch.Tensor:
+    """A_i = (r_i - mean(group)) / std(group); a group whose rewards are all equal gets 0 (not NaN).
+
+    std is the population std (unbiased=False) so a group of 1 is well defined (advantage 0).
+    """
+    r = _check_groups(rewards_B.to(torch.float64), group_size)
+    mean = r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, unbiased=False, keepdim=True)
+    adv = torch.where(std > eps, (r - mean) / std.clamp(min=eps), torch.zeros_like(r))
+    return adv.reshape(-1).to(torch.float32)
+
+
+def global_advantages(rewards_B: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """DDPO-style normalisation over the whole batch (ignores groups); for ablations."""
+    return group_advantages(rewards_B, rewards_B.numel(), eps)
+
+
+def aggregate_advantages(
+    rewards: Mapping[str, torch.Tensor],
+    group_size: int,
+    weights: Optional[Mapping[str, float]] = None,
+    normalise: str = "group",
+) -> torch.Tensor:
+    """Normalise each reward within its group, then take the weighted sum of advantages.
+
+    Rewards live on different scales, so they are never added raw (METHOD.md section 3).
+    ``normalise`` is "group" (GRPO) or "global" (DDPO-style, for ablations).
+    """
+    if not rewards:
+        raise ValueError("at least one reward is needed")
+    weights = dict(weights or {})
+    unknown = set(weights) - set(rewards)
+    if unknown:
+        raise ValueError(f"weights given for rewards that were not computed: {sorted(unknown)}")
+    if normalise not in ("group", "global"):
+        raise ValueError(f"normalise must be 'group' or 'global', got {normalise!r}")
+    total = None
+    for name, r in rewards.items():
+        a = group_advantages(r, group_size) if normalise == "group" else global_advantages(r)
+        a = a * float(weights.get(name, 1.0))
+        total = a if total is None else total + a
+    return total
+
+
+def binarize(rewards_B: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Thresholded binary reward (paper: HPS 0.28, CLIP 0.39): 1.0 where r >= threshold else 0.0."""
+    return (rewards_B >= threshold).to(torch.float32)
+
+
+def best_of_n_indices(rewards_B: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
+    """Indices (into the batch) of the top-k and bottom-k samples of every group, group-contiguous.
+
+    The result has num_groups * 2k entries laid out as groups of 2k, so ``group_advantages`` can be
+    called on the selection with group_size = 2k.
+    """
+    r = _check_groups(rewards_B, group_size)
+    if not 1 <= k <= group_size // 2:
+        raise ValueError(f"best-of-N k must be in [1, group_size // 2 = {group_size // 2}], got {k}")
+    order = torch.argsort(r, dim=1, descending=True, stable=True)
+    chosen = torch.cat([order[:, :k], order[:, -k:]], dim=1)
+    offsets = torch.arange(r.shape[0], device=r.device).unsqueeze(1) * group_size
+    return (chosen + offsets).reshape(-1)
+
+
+def num_train_steps(num_steps: int, tau: float) -> int:
+    """ceil(tau * T) with a guard against float noise (0.6 * 10 = 6.000000000000001)."""
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"timestep fraction tau must be in (0, 1], got {tau}")
+    return max(1, math.ceil(round(tau * num_steps, 9)))
+
+
+def subsample_timesteps(
+    num_steps: int,
+    tau: float,
+    batch_size: int,
+    generator: Optional[torch.Generator] = None,
+    window: Optional[tuple] = None,
+) -> torch.Tensor:
+    """Per-sample random subsets of ceil(tau * T) step indices: an int64 (B, K) CPU tensor.
+
+    Each sample draws its own subset (as the reference implementation does), in random order.
+    ``window=(lo, hi)`` restricts choices to steps lo..hi-1 (e.g. the first 30% for ablations);
+    then K = ceil(tau * (hi - lo)).
+    """
+    lo, hi = (0, num_steps) if window is None else window
+    if not 0 <= lo < hi <= num_steps:
+        raise ValueError(f"timestep window {window} must satisfy 0 <= lo < hi <= {num_steps}")
+    k = num_train_steps(hi - lo, tau)
+    keys = torch.rand(batch_size, hi - lo, generator=generator)
+    return keys.argsort(dim=1)[:, :k] + lo
+
+
+@dataclass
+class PPOStats:
+    loss: float
+    clipfrac: float
+    approx_kl: float
+    ratio_mean: float
+    kl: float = 0.0
+
+
+def ppo_clip_loss(
+    log_prob_B: torch.Tensor,
+    old_log_prob_B: torch.Tensor,
+    advantages_B: torch.Tensor,
+    clip_range: float,
+    adv_clip_max: Optional[float] = None,
+    kl_B: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+):
+    """PPO-clip surrogate to minimise: mean(max(-A rho, -A clip(rho, 1-eps, 1+eps))) [+ kl_coef * KL].
+
+    Returns ``(loss, PPOStats)``; the stats are detached floats (clip fraction, approx KL
+    0.5 * E[(log rho)^2], mean ratio, mean KL).
+    """
+    if clip_range <= 0:
+        raise ValueError(f"clip_range must be > 0, got {clip_range}")
+    adv = advantages_B.to(log_prob_B.dtype)
+    if adv_clip_max is not None:
+        adv = adv.clamp(-adv_clip_max, adv_clip_max)
+    log_ratio = log_prob_B - old_log_prob_B.detach()
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    kl_val = 0.0
+    if kl_B is not None and kl_coef > 0:
+        loss = loss + kl_coef * kl_B.mean()
+        kl_val = float(kl_B.detach().mean())
+    with torch.no_grad():
+        stats = PPOStats(
+            loss=float(loss.detach()),
+            clipfrac=float(((ratio - 1.0).abs() > clip_range).float().mean()),
+            approx_kl=float(0.5 * (log_ratio**2).mean()),
+            ratio_mean=float(ratio.mean()),
+            kl=kl_val,
+        )
+    return loss, stats
+
+
+def gaussian_kl_same_std(mean_p: torch.Tensor, mean_q: torch.Tensor, std_B: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean_p, s^2 I) || N(mean_q, s^2 I)) per element, averaged per sample: |dm|^2 / (2 s^2).
+
+    The policy and the frozen reference share the step's std, so this is the exact per-step KL
+    (averaged over elements like the log-prob). Deterministic steps (std 0) contribute 0.
+    """
+    s = std_B.reshape(-1, *([1] * (mean_p.ndim - 1))).to(mean_p.dtype)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    kl = ((mean_p - mean_q) ** 2 / (2 * safe**2)).mean(dim=tuple(range(1, mean_p.ndim)))
+    return torch.where(std_B.to(kl.device) > 0, kl, torch.zeros_like(kl))
+
+
+def summarize_rewards(rewards: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Per-reward mean and std for logging."""
+    out = {}
+    for name, r in rewards.items():
+        r = r.detach().to(torch.float64)
+        out[f"reward/{name}/mean"] = float(r.mean())
+        out[f"reward/{name}/std"] = float(r.std(unbiased=False))
+    return out

@@ -1,0 +1,91 @@
+"""The adapter protocol every model family implements, and the adapter registry.
+
+Core code (rollout, trainer) talks to models only through ``PolicyAdapter``; it never branches on a
+model name. Adding a model = one file in this package defining a subclass registered with
+``@ADAPTERS.register("name")`` plus its import in ``models/__init__.py``.
+
+Conventions
+-----------
+* ``cond`` is a dict of tensors (and None values) with a leading batch dim: precomputed prompt
+  embeddings for one row per sample (e.g. ``{"prompt_embeds": ..., "pooled": ...}``). The rollout
+  expands per-prompt conditioning to per-sample rows with ``index_cond``.
+* Latents have a leading batch dim; video latents are (B, C, F, H, W).
+* ``predict`` returns the policy's output for the SDE step: a velocity for ``prediction_type ==
+  "flow"``, an eps for ``"eps"``. For CFG-trained models it is already the CFG combination of the
+  conditional and unconditional branches, both differentiable (METHOD.md section 4).
+* ``decode`` returns float pixels in [0, 1]: (B, 3, H, W) for images, (B, F, 3, H, W) for videos.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from ..registry import Registry
+from ..sde import DDIMSchedule, FlowSchedule
+
+Cond = Dict[str, Optional[torch.Tensor]]
+
+
+def index_cond(cond: Cond, index: torch.Tensor) -> Cond:
+    """Select rows of every tensor in ``cond`` (index_select along dim 0); None values pass through."""
+    out = {}
+    for k, v in cond.items():
+        out[k] = v.index_select(0, index.to(v.device)) if isinstance(v, torch.Tensor) else v
+    return out
+
+
+class PolicyAdapter(abc.ABC):
+    """One model family behind one small protocol."""
+
+    #: "flow" (velocity, rectified flow) or "eps" (noise, diffusion)
+    prediction_type: str = "flow"
+
+    @abc.abstractmethod
+    def trainable_module(self) -> nn.Module:
+        """The module whose parameters the optimiser updates (transformer / UNet, maybe with LoRA)."""
+
+    @abc.abstractmethod
+    def make_schedule(self, num_steps: int, eta=0.0):
+        """A ``FlowSchedule`` or ``DDIMSchedule`` for ``num_steps`` sampling steps with noise level eta."""
+
+    @abc.abstractmethod
+    def initial_noise(self, num_samples: int, generator: torch.Generator, device=None, cond: Optional[Cond] = None) -> torch.Tensor:
+        """N(0, I) initial latents of the model's shape for ``num_samples`` samples."""
+
+    @abc.abstractmethod
+    def predict(self, latents: torch.Tensor, timestep_B: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """Model output at (latents, t, cond) in the sampler's space (CFG applied when configured)."""
+
+    @abc.abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> pixels in [0, 1]."""
+
+    # ---- optional hooks with sensible defaults
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.trainable_module().parameters()).device
+
+    def encode_prompts(self, prompts) -> Cond:
+        """Encode prompts on the fly (toy models). Big models read precomputed embeddings instead."""
+        raise NotImplementedError(
+            f"{type(self).__name__} consumes precomputed prompt embeddings; run data_prep first"
+        )
+
+    def state_dict_for_export(self) -> Dict[str, torch.Tensor]:
+        return self.trainable_module().state_dict()
+
+
+ADAPTERS: Registry[PolicyAdapter] = Registry("model adapter")
+
+
+def flow_schedule(num_steps: int, eta, shift: float = 1.0, timestep_scale: float = 1000.0) -> FlowSchedule:
+    return FlowSchedule.create(num_steps, eta=eta, shift=shift, timestep_scale=timestep_scale)
+
+
+def ddim_schedule(num_steps: int, eta, alphas_cumprod=None) -> DDIMSchedule:
+    return DDIMSchedule.create(num_steps, eta=eta, alphas_cumprod=alphas_cumprod)

@@ -1,0 +1,142 @@
+"""Rollouts: G samples per prompt from one shared initial noise, batched over groups and prompts.
+
+``rollout`` runs the SDE sampler without gradients and keeps exactly the transitions the training
+step will re-score (the per-sample subsets chosen by ``grpo.subsample_timesteps`` before
+sampling), so a trajectory costs 2 * K latents per sample instead of T + 1.
+
+``sample_ode`` is the deterministic sampler used for evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+from .models.base import Cond, PolicyAdapter, index_cond
+
+
+@dataclass
+class Trajectory:
+    """A batch of B = num_prompts * group_size sampled trajectories (groups contiguous)."""
+
+    prompts: List[str]  # (B,)
+    cond: Cond  # per-sample rows
+    steps_BK: torch.Tensor  # int64 CPU: which sampling steps are kept for training
+    latents_BK: torch.Tensor  # z_t at the kept steps: (B, K, *latent)
+    next_latents_BK: torch.Tensor  # z_s (the action) at the kept steps: (B, K, *latent)
+    log_probs_BK: torch.Tensor  # old log-probs of the kept transitions: (B, K)
+    final_latents: torch.Tensor  # z_0: (B, *latent)
+    decoded: Optional[torch.Tensor] = None  # pixels in [0, 1]
+    group_size: int = 1
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.final_latents.shape[0]
+
+    def select(self, index: torch.Tensor) -> "Trajectory":
+        """Rows ``index`` of every per-sample field (best-of-N training on a subset)."""
+        idx = index.to(torch.int64)
+        dev = self.latents_BK.device
+        return Trajectory(
+            prompts=[self.prompts[i] for i in idx.tolist()],
+            cond=index_cond(self.cond, idx),
+            steps_BK=self.steps_BK.index_select(0, idx.cpu()),
+            latents_BK=self.latents_BK.index_select(0, idx.to(dev)),
+            next_latents_BK=self.next_latents_BK.index_select(0, idx.to(dev)),
+            log_probs_BK=self.log_probs_BK.index_select(0, idx.to(self.log_probs_BK.device)),
+            final_latents=self.final_latents.index_select(0, idx.to(dev)),
+            decoded=None if self.decoded is None else self.decoded.index_select(0, idx.to(self.decoded.device)),
+            group_size=self.group_size,
+            extras=dict(self.extras),
+        )
+
+
+def group_initial_noise(adapter: PolicyAdapter, num_prompts: int, group_size: int, generator: torch.Generator,
+                        shared: bool = True, device=None, cond: Optional[Cond] = None) -> torch.Tensor:
+    """Initial latents for num_prompts groups: one draw per group repeated G times (``shared``),
+    or an independent draw per sample (ablation; the paper saw reward hacking with it)."""
+    if shared:
+        z = adapter.initial_noise(num_prompts, generator, device=device, cond=cond)
+        return z.repeat_interleave(group_size, dim=0)
+    return adapter.initial_noise(num_prompts * group_size, generator, device=device, cond=cond)
+
+
+@torch.no_grad()
+def rollout(
+    adapter: PolicyAdapter,
+    schedule,
+    prompts: List[str],
+    cond_P: Cond,
+    group_size: int,
+    keep_steps_BK: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    shared_noise: bool = True,
+    decode: bool = True,
+    autocast_dtype: Optional[torch.dtype] = None,
+) -> Trajectory:
+    """Sample group_size trajectories for each of the P prompts with the SDE sampler.
+
+    keep_steps_BK (int64, CPU) names, per sample, the steps whose transitions are stored.
+    """
+    num_prompts = len(prompts)
+    B = num_prompts * group_size
+    if keep_steps_BK.shape[0] != B:
+        raise ValueError(f"keep_steps_BK has {keep_steps_BK.shape[0]} rows, expected {B}")
+    device = adapter.device
+    rows = torch.arange(num_prompts).repeat_interleave(group_size)
+    cond = index_cond(cond_P, rows)
+    z = group_initial_noise(adapter, num_prompts, group_size, generator, shared_noise, device=device, cond=cond_P)
+    K = keep_steps_BK.shape[1]
+    kept = torch.empty((B, K) + tuple(z.shape[1:]), dtype=z.dtype, device=device)
+    kept_next = torch.empty_like(kept)
+    kept_lp = torch.empty((B, K), dtype=torch.float32, device=device)
+    keep_cpu = keep_steps_BK.cpu()
+    for i in range(schedule.num_steps):
+        t = schedule.model_timestep(i, z)
+        with _autocast(device, autocast_dtype):
+            out = adapter.predict(z, t, cond)
+        z_next, lp, _, _ = schedule.step(i, out, z, generator=generator)
+        z_next = z_next.to(z.dtype)
+        b_idx, k_idx = torch.nonzero(keep_cpu == i, as_tuple=True)  # CPU: no device sync
+        if b_idx.numel():
+            b_dev, k_dev = b_idx.to(device), k_idx.to(device)
+            kept[b_dev, k_dev] = z[b_dev]
+            kept_next[b_dev, k_dev] = z_next[b_dev]
+            kept_lp[b_dev, k_dev] = lp[b_dev].to(torch.float32)
+        z = z_next
+    decoded = adapter.decode(z) if decode else None
+    return Trajectory(
+        prompts=[p for p in prompts for _ in range(group_size)],
+        cond=cond,
+        steps_BK=keep_cpu,
+        latents_BK=kept,
+        next_latents_BK=kept_next,
+        log_probs_BK=kept_lp,
+        final_latents=z,
+        decoded=decoded,
+        group_size=group_size,
+    )
+
+
+@torch.no_grad()
+def sample_ode(adapter: PolicyAdapter, schedule, cond: Cond, initial_latents: torch.Tensor,
+               autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Deterministic (eta = 0) sampling from given initial latents; returns final latents."""
+    z = initial_latents
+    for i in range(schedule.num_steps):
+        t = schedule.model_timestep(i, z)
+        with _autocast(z.device, autocast_dtype):
+            out = adapter.predict(z, t, cond)
+        z = schedule.step(i, out, z, eta=0.0)[0].to(z.dtype)
+    return z
+
+
+def _autocast(device, dtype):
+    device = torch.device(device)
+    if dtype is None or device.type != "cuda":
+        return torch.autocast(device_type=device.type, enabled=False)
+    return torch.autocast(device_type="cuda", dtype=dtype)

@@ -1,0 +1,288 @@
+"""The sampling math: stochastic (SDE) and deterministic (ODE) steps with Gaussian log-probs.
+
+Pure functions and two small schedule classes; no model code. Everything follows
+``shared/reference/METHOD.md`` sections 1-2.
+
+Contract of every step function (after ddpo-pytorch):
+    ``step(model_output, sample, <schedule values>, eta, *, prev_sample=None, generator=None)``
+    -> ``(prev_sample, log_prob_B, mean, std_B)``
+
+* ``sample`` is z_t with a leading batch dim; schedule values are scalars or shape (B,) tensors
+  (per-sample sigmas, so one batch may hold samples at different steps).
+* With ``prev_sample=None`` a new z_s is drawn (rollout); with ``prev_sample`` given, that stored
+  transition is re-scored (training). Both paths run the same arithmetic, so re-scoring a step
+  with unchanged weights reproduces the rollout log-prob bit for bit.
+* ``log_prob_B`` is the Gaussian log-density of z_s under N(mean, std^2 I) averaged (not summed)
+  over the non-batch elements, as the reference implementation does.
+* Arithmetic runs in float32 for half-precision inputs and in float64 for float64 inputs.
+* ``eta == 0`` is the deterministic ODE step (Euler for flow, DDIM for diffusion); the transition
+  is then a point mass and ``log_prob`` is reported as 0 (such steps are never trained on).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+Scalar = Union[float, torch.Tensor]
+
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; everything else is computed in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def per_sample(value: Scalar, ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A scalar or (B,) value as a (B, 1, 1, ...) tensor broadcastable against ``ref``."""
+    v = torch.as_tensor(value, dtype=dtype, device=ref.device)
+    if v.ndim == 0:
+        v = v.expand(ref.shape[0])
+    if v.ndim != 1 or v.shape[0] != ref.shape[0]:
+        raise ValueError(
+            f"schedule values must be scalars or shape ({ref.shape[0]},) to match the batch; got {tuple(v.shape)}"
+        )
+    return v.reshape(-1, *([1] * (ref.ndim - 1)))
+
+
+def gaussian_log_prob_mean(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2) averaged over non-batch elements; ``std`` broadcasts as (B, 1, ...).
+
+    Where std == 0 (deterministic step) the result is 0 by convention.
+    """
+    safe_std = torch.where(std > 0, std, torch.ones_like(std))
+    lp = -((x - mean) ** 2) / (2.0 * safe_std**2) - torch.log(safe_std) - _HALF_LOG_2PI
+    lp = lp.mean(dim=tuple(range(1, lp.ndim)))
+    return torch.where(std.reshape(-1) > 0, lp, torch.zeros_like(lp))
+
+
+def _draw_or_keep(mean, std, prev_sample, generator):
+    if prev_sample is None:
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + std * noise
+    if prev_sample.shape != mean.shape:
+        raise ValueError(f"prev_sample has shape {tuple(prev_sample.shape)}, expected {tuple(mean.shape)}")
+    return prev_sample.to(mean.dtype)
+
+
+# ----------------------------------------------------------------------------- flow
+
+
+def flow_sde_step(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: Scalar,
+    sigma_next: Scalar,
+    eta: Scalar,
+    *,
+    prev_sample: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+):
+    """One Euler-Maruyama step of the rectified-flow reverse SDE from ``sigma`` down to ``sigma_next``.
+
+    model_output is the velocity u = eps - x. With x_hat = z - sigma * u and
+    score = -(z - (1 - sigma) x_hat) / sigma^2 (METHOD.md section 2):
+        mean = z + (u - eta^2 / 2 * score) * (sigma_next - sigma)
+        std  = eta * sqrt(sigma - sigma_next)
+    """
+    dt_ = compute_dtype(sample)
+    z = sample.to(dt_)
+    u = model_output.to(dt_)
+    s = per_sample(sigma, z, dt_)
+    s_next = per_sample(sigma_next, z, dt_)
+    e = per_sample(eta, z, dt_)
+    dt = s_next - s  # negative
+    x_hat = z - s * u
+    score = -(z - (1.0 - s) * x_hat) / (s * s)
+    mean = z + (u - 0.5 * e * e * score) * dt
+    std = e * torch.sqrt(torch.clamp(-dt, min=0.0))
+    prev = _draw_or_keep(mean, std, prev_sample, generator)
+    log_prob = gaussian_log_prob_mean(prev, mean, std)
+    return prev, log_prob, mean, std.reshape(-1)
+
+
+def flow_ode_step(model_output: torch.Tensor, sample: torch.Tensor, sigma: Scalar, sigma_next: Scalar) -> torch.Tensor:
+    """Deterministic Euler step z_s = z_t + u (s - t) (eta = 0), in the input's dtype."""
+    dt_ = compute_dtype(sample)
+    z = sample.to(dt_)
+    s = per_sample(sigma, z, dt_)
+    s_next = per_sample(sigma_next, z, dt_)
+    return (z + model_output.to(dt_) * (s_next - s)).to(sample.dtype)
+
+
+def time_shift(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3 / FLUX static time shift: s' = shift * s / (1 + (shift - 1) * s)."""
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+
+
+def flux_dynamic_shift_mu(image_seq_len: int, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15):
+    """FLUX's resolution-dependent mu (linear in the number of latent tokens)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+def exponential_time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
+    """FLUX dynamic shift: s' = e^mu / (e^mu + (1/s - 1)); s = 0 maps to 0."""
+    out = math.exp(mu) / (math.exp(mu) + (1.0 / sigmas.clamp(min=1e-12) - 1.0))
+    return torch.where(sigmas > 0, out, torch.zeros_like(out))
+
+
+def flow_sigmas(num_steps: int, shift: float = 1.0, dtype=torch.float64) -> torch.Tensor:
+    """num_steps + 1 sigmas from 1 down to 0, linearly spaced then time-shifted (DanceGRPO practice)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    return time_shift(torch.linspace(1.0, 0.0, num_steps + 1, dtype=dtype), shift)
+
+
+# ----------------------------------------------------------------------------- diffusion (DDIM)
+
+
+def ddim_sde_step(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    alpha_prod_t: Scalar,
+    alpha_prod_t_prev: Scalar,
+    eta: Scalar,
+    *,
+    prev_sample: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+):
+    """One DDIM step with stochasticity ``eta`` for an eps-prediction model (DDIM paper eq. 12/16).
+
+    alpha_prod values are diffusers' ``alphas_cumprod`` at the current and previous timestep
+    (``final_alpha_cumprod`` past the end). eta is DDIM's eta (fraction of the DDPM posterior std),
+    as in DDPO / DanceGRPO's Stable Diffusion recipe:
+        x_hat = (z - sqrt(1 - a_t) eps) / sqrt(a_t)
+        std   = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        mean  = sqrt(a_prev) x_hat + sqrt(1 - a_prev - std^2) eps
+    """
+    dt_ = compute_dtype(sample)
+    z = sample.to(dt_)
+    eps = model_output.to(dt_)
+    a_t = per_sample(alpha_prod_t, z, dt_)
+    a_prev = per_sample(alpha_prod_t_prev, z, dt_)
+    e = per_sample(eta, z, dt_)
+    beta_t = 1.0 - a_t
+    x_hat = (z - torch.sqrt(beta_t) * eps) / torch.sqrt(a_t)
+    variance = (1.0 - a_prev) / beta_t * (1.0 - a_t / a_prev)
+    std = e * torch.sqrt(torch.clamp(variance, min=0.0))
+    direction = torch.sqrt(torch.clamp(1.0 - a_prev - std * std, min=0.0)) * eps
+    mean = torch.sqrt(a_prev) * x_hat + direction
+    prev = _draw_or_keep(mean, std, prev_sample, generator)
+    log_prob = gaussian_log_prob_mean(prev, mean, std)
+    return prev, log_prob, mean, std.reshape(-1)
+
+
+def ddim_ode_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev) -> torch.Tensor:
+    """Deterministic DDIM step (eta = 0), in the input's dtype."""
+    prev, _, _, _ = ddim_sde_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, 0.0)
+    return prev.to(sample.dtype)
+
+
+def scaled_linear_alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012) -> torch.Tensor:
+    """Stable Diffusion's ``scaled_linear`` beta schedule as diffusers builds it (float64)."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def eta_per_step(eta: Union[float, Sequence[float], torch.Tensor], num_steps: int) -> torch.Tensor:
+    """Expand a scalar eta or validate a per-step eta schedule to shape (num_steps,)."""
+    e = torch.as_tensor(eta, dtype=torch.float64)
+    if e.ndim == 0:
+        e = e.expand(num_steps).clone()
+    if e.shape != (num_steps,):
+        raise ValueError(f"eta schedule has {e.numel()} entries, expected 1 or num_steps={num_steps}")
+    if (e < 0).any():
+        raise ValueError("eta must be >= 0")
+    return e
+
+
+def _gather(table: torch.Tensor, index, like: torch.Tensor):
+    """table[index] for an int or a (B,) index tensor, moved to ``like``'s device."""
+    if isinstance(index, int):
+        return table[index].to(like.device)
+    return table.to(like.device)[index.to(like.device)]
+
+
+@dataclass
+class FlowSchedule:
+    """Rectified-flow schedule: sigmas (T+1,), model timesteps = sigma * timestep_scale."""
+
+    sigmas: torch.Tensor
+    eta: torch.Tensor  # (T,)
+    timestep_scale: float = 1000.0
+    prediction_type: str = "flow"
+
+    @classmethod
+    def create(cls, num_steps: int, eta=0.0, shift: float = 1.0, timestep_scale: float = 1000.0):
+        return cls(flow_sigmas(num_steps, shift), eta_per_step(eta, num_steps), timestep_scale)
+
+    @property
+    def num_steps(self) -> int:
+        return self.sigmas.numel() - 1
+
+    def model_timestep(self, index, like: torch.Tensor) -> torch.Tensor:
+        t = _gather(self.sigmas, index, like) * self.timestep_scale
+        return t.to(torch.float32).expand(like.shape[0]) if t.ndim == 0 else t.to(torch.float32)
+
+    def step(self, index, model_output, sample, *, prev_sample=None, generator=None, eta=None):
+        """SDE step at step ``index`` (int or per-sample (B,) tensor); eta defaults to the schedule's."""
+        e = _gather(self.eta, index, sample) if eta is None else eta
+        return flow_sde_step(
+            model_output, sample, _gather(self.sigmas, index, sample),
+            _gather(self.sigmas, index + 1, sample),
+            e, prev_sample=prev_sample, generator=generator,
+        )
+
+
+@dataclass
+class DDIMSchedule:
+    """Diffusion schedule over ``num_steps`` DDIM steps, leading spacing with steps_offset (SD v1.x)."""
+
+    alphas_cumprod: torch.Tensor  # (num_train,)
+    timesteps: torch.Tensor  # (T,) int64, descending
+    alpha_t: torch.Tensor  # (T,)
+    alpha_prev: torch.Tensor  # (T,)
+    eta: torch.Tensor  # (T,)
+    prediction_type: str = "eps"
+
+    @classmethod
+    def create(cls, num_steps: int, eta=0.0, alphas_cumprod: Optional[torch.Tensor] = None,
+               steps_offset: int = 1, set_alpha_to_one: bool = False):
+        ac = scaled_linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod.to(torch.float64)
+        n_train = ac.numel()
+        if not 1 <= num_steps <= n_train:
+            raise ValueError(f"num_steps must be in [1, {n_train}], got {num_steps}")
+        ratio = n_train // num_steps
+        ts = (torch.arange(num_steps, dtype=torch.int64) * ratio).flip(0) + steps_offset
+        final = torch.tensor(1.0, dtype=torch.float64) if set_alpha_to_one else ac[0]
+        prev_ts = ts - ratio
+        a_prev = torch.where(prev_ts >= 0, ac[prev_ts.clamp(min=0)], final)
+        return cls(ac, ts, ac[ts], a_prev, eta_per_step(eta, num_steps))
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.numel()
+
+    def model_timestep(self, index, like: torch.Tensor) -> torch.Tensor:
+        t = _gather(self.timesteps, index, like)
+        return t.expand(like.shape[0]) if t.ndim == 0 else t
+
+    def step(self, index, model_output, sample, *, prev_sample=None, generator=None, eta=None):
+        e = _gather(self.eta, index, sample) if eta is None else eta
+        return ddim_sde_step(
+            model_output, sample, _gather(self.alpha_t, index, sample), _gather(self.alpha_prev, index, sample),
+            e, prev_sample=prev_sample, generator=generator,
+        )

@@ -1,0 +1,121 @@
+"""grpo.py: advantages, aggregation, best-of-N, timestep subsets, PPO-clip gradients."""
+
+import math
+
+import pytest
+import torch
+
+from fastvideo_grpo import grpo
+
+
+def test_group_advantages_closed_form():
+    r = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 13.0])
+    adv = grpo.group_advantages(r, 3)
+    for g in range(2):
+        x = r[3 * g:3 * g + 3].double()
+        torch.testing.assert_close(adv[3 * g:3 * g + 3].double(), (x - x.mean()) / x.std(unbiased=False))
+
+
+def test_zero_variance_group_gives_zero_not_nan():
+    adv = grpo.group_advantages(torch.tensor([0.5, 0.5, 0.5, 0.0, 1.0, 0.0]), 3)
+    assert torch.isfinite(adv).all()
+    assert torch.equal(adv[:3], torch.zeros(3))
+    assert adv[4] > 0 and adv[3] < 0
+
+
+def test_summed_normalised_advantages_are_scale_free():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(12, generator=g, dtype=torch.float64)
+    b = torch.rand(12, generator=g, dtype=torch.float64)
+    base = grpo.aggregate_advantages({"a": a, "b": b}, 4)
+    scaled = grpo.aggregate_advantages({"a": a * 1000.0 + 7.0, "b": b * 0.001 - 3.0}, 4)
+    torch.testing.assert_close(base, scaled, rtol=1e-4, atol=1e-4)
+    # and not the same as normalising the raw sum (what the paper warns against)
+    raw_sum = grpo.group_advantages(a * 1000.0 + b * 0.001, 4)
+    assert not torch.allclose(raw_sum, scaled, atol=1e-2)
+
+
+def test_aggregate_weights_and_errors():
+    r = {"a": torch.tensor([0.0, 1.0]), "b": torch.tensor([1.0, 0.0])}
+    torch.testing.assert_close(grpo.aggregate_advantages(r, 2, {"a": 1.0, "b": 1.0}), torch.zeros(2))
+    torch.testing.assert_close(grpo.aggregate_advantages(r, 2, {"a": 2.0, "b": 1.0}), torch.tensor([-1.0, 1.0]))
+    with pytest.raises(ValueError, match="not computed"):
+        grpo.aggregate_advantages(r, 2, {"c": 1.0})
+    with pytest.raises(ValueError, match="whole number of groups"):
+        grpo.group_advantages(torch.zeros(5), 2)
+    with pytest.raises(ValueError, match="NaN"):
+        grpo.group_advantages(torch.tensor([0.0, float("nan")]), 2)
+
+
+def test_binarize_threshold():
+    assert grpo.binarize(torch.tensor([0.27, 0.28, 0.3]), 0.28).tolist() == [0.0, 1.0, 1.0]
+
+
+def test_best_of_n_selects_top_and_bottom_k_per_group():
+    r = torch.tensor([5.0, 1.0, 3.0, 4.0, 0.0, 2.0, 10.0, 11.0, 9.0, 12.0, 8.0, 7.0])
+    idx = grpo.best_of_n_indices(r, 6, 2)
+    assert idx.tolist() == [0, 3, 1, 4, 9, 7, 10, 11]
+    with pytest.raises(ValueError):
+        grpo.best_of_n_indices(r, 6, 4)
+
+
+def test_subsample_timesteps_counts_and_ranges():
+    g = torch.Generator().manual_seed(0)
+    sel = grpo.subsample_timesteps(10, 0.6, 5, g)
+    assert sel.shape == (5, 6)
+    for row in sel:
+        assert len(set(row.tolist())) == 6 and row.min() >= 0 and row.max() < 10
+    assert grpo.num_train_steps(25, 0.6) == 15 and grpo.num_train_steps(10, 0.6) == 6
+    win = grpo.subsample_timesteps(20, 1.0, 3, g, window=(0, 6))
+    assert win.shape == (3, 6) and win.max() < 6
+    with pytest.raises(ValueError, match="tau"):
+        grpo.subsample_timesteps(10, 0.0, 2)
+    # rows differ (per-sample subsets), and every step is used about equally often
+    big = grpo.subsample_timesteps(10, 0.5, 4000, g)
+    counts = torch.bincount(big.reshape(-1), minlength=10).float()
+    assert (counts / counts.mean() - 1).abs().max() < 0.1
+
+
+def test_ppo_clip_gradient_matches_unclipped_inside_and_is_zero_outside():
+    clip = 0.2
+    old = torch.zeros(4)
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    # ratios: inside (1.1), outside on the profitable side (1.5 with A>0), inside (0.9), outside (0.5 with A<0)
+    logp = torch.log(torch.tensor([1.1, 1.5, 0.9, 0.5])).requires_grad_(True)
+    loss, stats = grpo.ppo_clip_loss(logp, old, adv, clip)
+    loss.backward()
+    # unclipped objective -mean(A * exp(logp)) has gradient -A * ratio / B
+    ratio = torch.exp(logp.detach())
+    unclipped_grad = -adv * ratio / 4
+    assert logp.grad[0] == pytest.approx(unclipped_grad[0].item())
+    assert logp.grad[2] == pytest.approx(unclipped_grad[2].item())
+    assert logp.grad[1] == 0.0 and logp.grad[3] == 0.0
+    assert stats.clipfrac == pytest.approx(0.5)
+    # on the wrong side of the clip region the gradient is NOT zero (pessimistic bound keeps it)
+    logp2 = torch.log(torch.tensor([0.5])).requires_grad_(True)
+    loss2, _ = grpo.ppo_clip_loss(logp2, torch.zeros(1), torch.tensor([1.0]), clip)
+    loss2.backward()
+    assert logp2.grad[0] == pytest.approx(-0.5)
+
+
+def test_ppo_at_ratio_one_is_policy_gradient_and_stats():
+    logp = torch.zeros(3, requires_grad=True)
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    loss, stats = grpo.ppo_clip_loss(logp, torch.zeros(3), adv, 1e-4, adv_clip_max=1.0)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, -adv.clamp(-1, 1) / 3)
+    assert stats.ratio_mean == 1.0 and stats.approx_kl == 0.0 and stats.clipfrac == 0.0
+
+
+def test_kl_term_is_closed_form_and_added():
+    mp, mq = torch.zeros(2, 4), torch.ones(2, 4)
+    std = torch.tensor([0.5, 0.0])
+    kl = grpo.gaussian_kl_same_std(mp, mq, std)
+    assert kl[0] == pytest.approx(1.0 / (2 * 0.25)) and kl[1] == 0.0
+    # against torch.distributions
+    d = torch.distributions.kl_divergence(torch.distributions.Normal(mp[0], 0.5), torch.distributions.Normal(mq[0], 0.5))
+    assert kl[0] == pytest.approx(d.mean().item())
+    loss0, _ = grpo.ppo_clip_loss(torch.zeros(2), torch.zeros(2), torch.ones(2), 0.1)
+    loss1, st = grpo.ppo_clip_loss(torch.zeros(2), torch.zeros(2), torch.ones(2), 0.1, kl_B=kl, kl_coef=0.5)
+    assert (loss1 - loss0).item() == pytest.approx(0.5 * kl.mean().item())
+    assert st.kl == pytest.approx(kl.mean().item())
