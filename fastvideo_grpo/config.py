@@ -1,0 +1,254 @@
+"""Run configuration: dataclasses, YAML loading, ``--section.field=value`` overrides, validation.
+
+Units are stated per field: "per rank" counts are what one data-parallel rank processes, "global"
+counts are summed over ranks. Unknown keys and wrong types are rejected with a message naming the
+offending key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    name: str = "toy"  # adapter name in fastvideo_grpo.models.ADAPTERS
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to the adapter factory (paths, resolution, ...)
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = 10  # SDE steps per rollout (paper: 50 SD, 25 FLUX / HunyuanVideo)
+    eval_num_steps: int = 0  # ODE steps for evaluation; 0 = same as num_steps
+    eta: float = 0.3  # noise level e_t of the SDE (paper: 0.3); a list gives a per-step schedule
+    eta_schedule: Optional[List[float]] = None  # per-step eta; overrides eta when set
+
+
+@dataclass
+class GRPOConfig:
+    group_size: int = 8  # G: samples per prompt, all from one initial noise (paper: 12)
+    prompts_per_iteration: int = 4  # prompts per rank per iteration (paper: 32 global)
+    tau: float = 0.6  # fraction of sampling steps trained on, ceil(tau * T) (paper: 0.6)
+    timestep_window: Optional[List[int]] = None  # [lo, hi): train only steps in this range (ablations)
+    clip_range: float = 1e-4  # PPO clip epsilon (paper: 1e-4)
+    adv_clip_max: float = 5.0  # advantages are clamped to +-this
+    num_updates_per_iteration: int = 4  # optimiser steps per iteration (paper: 4, or 1 with CFG)
+    micro_batch_size: int = 0  # samples per forward/backward in training; 0 = whole rank batch
+    kl_coef: float = 0.0  # weight of the KL-to-reference term (off in the paper)
+    shared_noise: bool = True  # one initial noise per group (paper: essential)
+    advantage: str = "group"  # "group" (GRPO) or "global" (DDPO-style normalisation; ablation)
+    best_of_n_k: int = 0  # >0: train on top-k and bottom-k of each group only (best-of-N)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5  # AdamW learning rate (paper: 1e-5)
+    weight_decay: float = 1e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # paper: 1.0
+    warmup_iterations: int = 0  # linear LR warm-up length in iterations
+
+
+@dataclass
+class RewardConfig:
+    name: str = "toy_geneval"
+    weight: float = 1.0  # weight of this reward's normalised advantage in the sum
+    threshold: Optional[float] = None  # set -> binary reward (r >= threshold)
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    num_iterations: int = 100
+    seed: int = 0
+    output_dir: str = "outputs/run"
+    log_every: int = 1  # iterations between console/JSONL logs
+    save_every: int = 0  # iterations between checkpoints; 0 = only at the end
+    eval_every: int = 0  # iterations between held-out evaluations; 0 = before and after only
+    num_eval_prompts: int = 32
+    sample_every: int = 0  # iterations between saved sample grids; 0 = never
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+    autocast: str = "bf16"  # autocast dtype on GPU: "bf16", "fp16" or "none"
+    deterministic: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    rewards: List[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
+    train: TrainConfig = field(default_factory=TrainConfig)
+    extra: Dict[str, Any] = field(default_factory=dict)  # recipe-specific settings (e.g. toy pretraining)
+
+    def validate(self) -> "RunConfig":
+        g = self.grpo
+        if g.group_size < 2:
+            raise ValueError(f"grpo.group_size must be >= 2 for group-relative advantages, got {g.group_size}")
+        if not 0.0 < g.tau <= 1.0:
+            raise ValueError(f"grpo.tau must be in (0, 1], got {g.tau}")
+        if g.clip_range <= 0:
+            raise ValueError(f"grpo.clip_range must be > 0, got {g.clip_range}")
+        if g.prompts_per_iteration < 1:
+            raise ValueError("grpo.prompts_per_iteration must be >= 1")
+        if g.num_updates_per_iteration < 1:
+            raise ValueError("grpo.num_updates_per_iteration must be >= 1")
+        batch = g.group_size * g.prompts_per_iteration
+        if g.micro_batch_size and batch % g.micro_batch_size:
+            raise ValueError(
+                f"grpo.micro_batch_size={g.micro_batch_size} must divide the rank batch "
+                f"group_size * prompts_per_iteration = {batch}"
+            )
+        if g.advantage not in ("group", "global"):
+            raise ValueError(f"grpo.advantage must be 'group' or 'global', got {g.advantage!r}")
+        if g.best_of_n_k and not 1 <= g.best_of_n_k <= g.group_size // 2:
+            raise ValueError(f"grpo.best_of_n_k must be in [1, group_size // 2], got {g.best_of_n_k}")
+        if self.sampling.num_steps < 1:
+            raise ValueError("sampling.num_steps must be >= 1")
+        if self.sampling.eta < 0:
+            raise ValueError("sampling.eta must be >= 0")
+        if self.sampling.eta_schedule is not None and len(self.sampling.eta_schedule) != self.sampling.num_steps:
+            raise ValueError("sampling.eta_schedule needs one entry per sampling step")
+        if not self.rewards:
+            raise ValueError("at least one reward is required under 'rewards'")
+        if self.optim.lr <= 0:
+            raise ValueError("optim.lr must be > 0")
+        if self.train.autocast not in ("bf16", "fp16", "none"):
+            raise ValueError("train.autocast must be 'bf16', 'fp16' or 'none'")
+        return self
+
+    @property
+    def eta(self):
+        return self.sampling.eta_schedule if self.sampling.eta_schedule is not None else self.sampling.eta
+
+
+# ----------------------------------------------------------------------------- building from dicts
+
+
+def _type_ok(value, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin is typing.Union:
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin in (list, List, Sequence):
+        (inner,) = typing.get_args(tp) or (Any,)
+        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    if origin in (dict, Dict):
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def _build(cls, data: Dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"config section '{where or 'root'}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown config key(s) {sorted(unknown)} in section '{where or 'root'}'; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        tp = hints[key]
+        path = f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, path)
+        elif typing.get_origin(tp) in (list, List) and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            inner = typing.get_args(tp)[0]
+            if not isinstance(value, list):
+                raise ValueError(f"config key '{path}' must be a list")
+            kwargs[key] = [_build(inner, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        else:
+            if tp is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not _type_ok(value, tp):
+                raise ValueError(f"config key '{path}' expects {tp}, got {value!r} ({type(value).__name__})")
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _set_path(d: Dict[str, Any], dotted: str, value):
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        if k.isdigit() and isinstance(cur, list):
+            cur = cur[int(k)]
+            continue
+        cur = cur.setdefault(k, {})
+        if not isinstance(cur, (dict, list)):
+            raise ValueError(f"override '{dotted}': '{k}' is not a section")
+    last = keys[-1]
+    if last.isdigit() and isinstance(cur, list):
+        cur[int(last)] = value
+    else:
+        cur[last] = value
+
+
+def parse_overrides(args: Sequence[str]) -> List[tuple]:
+    """['--grpo.tau=0.5', '--train.seed', '3'] -> [('grpo.tau', 0.5), ('train.seed', 3)] (YAML-typed)."""
+    out, i = [], 0
+    args = list(args)
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--"):
+            raise ValueError(f"expected --section.field=value, got {a!r}")
+        if "=" in a:
+            key, raw = a[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ValueError(f"override {a} has no value")
+            key, raw = a[2:], args[i + 1]
+            i += 2
+        out.append((key, yaml.safe_load(raw)))
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), cls=RunConfig) -> RunConfig:
+    """Defaults <- YAML file <- command-line overrides, then validated."""
+    data: Dict[str, Any] = to_dict(cls())
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p} not found")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {p} must hold a mapping at top level")
+        _merge(data, loaded)
+    for key, value in parse_overrides(overrides):
+        _set_path(data, key, value)
+    return _build(cls, data, "").validate()
+
+
+def _merge(base: Dict[str, Any], new: Dict[str, Any]):
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in ("kwargs", "extra"):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def save_config(cfg: RunConfig, path) -> None:
+    from .io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,173 @@
+"""The embedded default model: a tiny conditional rectified-flow DiT in pixel space (no downloads).
+
+It predicts the velocity u = eps - x for 3 x S x S images in [-1, 1]. Prompt words are tokens of a
+fixed vocabulary (the toy task's grammar), embedded by the model and attended to jointly with the
+image patches (in-context conditioning); the timestep enters through adaLN modulation. It sits
+behind the same ``PolicyAdapter`` protocol as the big models, so the demo exercises the real
+rollout / trainer code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..sde import FlowSchedule
+from ..toy.shapes import COLOURS, COUNT_WORDS, PLURAL, SHAPES
+from .base import ADAPTERS, Cond, PolicyAdapter
+
+VOCAB = ["<pad>", "a", "left", "of"] + list(COUNT_WORDS) + list(COLOURS) + list(SHAPES) + list(PLURAL.values())
+MAX_TOKENS = 8
+
+
+def tokenize(prompts: List[str]) -> torch.Tensor:
+    """Word-level tokens of the toy grammar, padded to MAX_TOKENS: (B, MAX_TOKENS) int64."""
+    index = {w: i for i, w in enumerate(VOCAB)}
+    rows = []
+    for p in prompts:
+        words = p.lower().split()
+        unknown = [w for w in words if w not in index]
+        if unknown or len(words) > MAX_TOKENS:
+            raise ValueError(f"prompt {p!r} has words outside the toy vocabulary {unknown} or is too long")
+        rows.append([index[w] for w in words] + [0] * (MAX_TOKENS - len(words)))
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+@dataclass
+class TinyDiTConfig:
+    image_size: int = 32
+    patch_size: int = 4
+    hidden: int = 96
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 3.0
+    vocab_size: int = len(VOCAB)
+    text_len: int = MAX_TOKENS
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps in [0, 1000]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float().unsqueeze(1) * freqs.unsqueeze(0)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.ada = nn.Linear(dim, 6 * dim)
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+
+    def forward(self, x, c, mask):
+        s1, b1, g1, s2, b2, g2 = self.ada(F.silu(c)).unsqueeze(1).chunk(6, dim=-1)
+        h = self.norm1(x) * (1 + s1) + b1
+        B, N, D = h.shape
+        q, k, v = self.qkv(h).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + g1 * self.proj(a.transpose(1, 2).reshape(B, N, D))
+        h = self.norm2(x) * (1 + s2) + b2
+        return x + g2 * self.mlp(h)
+
+
+class TinyDiT(nn.Module):
+    """~0.6M-parameter DiT: patches + prompt tokens in one sequence, adaLN timestep conditioning."""
+
+    def __init__(self, cfg: TinyDiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        p, d = cfg.patch_size, cfg.hidden
+        if cfg.image_size % p:
+            raise ValueError("image_size must be a multiple of patch_size")
+        self.num_patches = (cfg.image_size // p) ** 2
+        self.patch_in = nn.Linear(3 * p * p, d)
+        self.pos = nn.Parameter(torch.randn(1, self.num_patches, d) * 0.02)
+        self.tok = nn.Embedding(cfg.vocab_size, d)
+        self.tok_pos = nn.Parameter(torch.randn(1, cfg.text_len, d) * 0.02)
+        self.t_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Linear(d, 2 * d)
+        self.patch_out = nn.Linear(d, 3 * p * p)
+        for m in (self.ada_out, self.patch_out):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        p = self.cfg.patch_size
+        patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
+        h = torch.cat([self.patch_in(patches) + self.pos, self.tok(tokens) + self.tok_pos], dim=1)
+        keep = torch.cat([torch.ones(B, self.num_patches, dtype=torch.bool, device=x.device), tokens != 0], dim=1)
+        mask = keep[:, None, None, :]  # attend to patches and real (non-pad) words
+        c = self.t_mlp(timestep_embedding(timestep, self.cfg.hidden))
+        for blk in self.blocks:
+            h = blk(h, c, mask)
+        shift, scale = self.ada_out(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)
+        out = self.patch_out(self.norm_out(h[:, : self.num_patches]) * (1 + scale) + shift)
+        g = H // p
+        return out.reshape(B, g, g, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+
+
+class ToyAdapter(PolicyAdapter):
+    prediction_type = "flow"
+
+    def __init__(self, model: TinyDiT, shift: float = 1.0):
+        self.model = model
+        self.shift = shift
+
+    def trainable_module(self) -> nn.Module:
+        return self.model
+
+    def make_schedule(self, num_steps: int, eta=0.0) -> FlowSchedule:
+        return FlowSchedule.create(num_steps, eta=eta, shift=self.shift)
+
+    def initial_noise(self, num_samples, generator, device=None, cond=None):
+        s = self.model.cfg.image_size
+        z = torch.randn(num_samples, 3, s, s, generator=generator)
+        return z.to(device or self.device)
+
+    def predict(self, latents, timestep_B, cond: Cond):
+        return self.model(latents, timestep_B, cond["tokens"])
+
+    def decode(self, latents):
+        return ((latents.float().clamp(-1, 1) + 1) / 2).clamp(0, 1)
+
+    def encode_prompts(self, prompts) -> Cond:
+        return {"tokens": tokenize(list(prompts)).to(self.device)}
+
+
+def save_toy_model(model: TinyDiT, path) -> None:
+    from ..io import atomic_torch_save
+
+    atomic_torch_save({"config": asdict(model.cfg), "state_dict": model.state_dict()}, path)
+
+
+def load_toy_model(path) -> TinyDiT:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"toy checkpoint {path} not found (the demo pretrains one when it is missing)")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    model = TinyDiT(TinyDiTConfig(**blob["config"]))
+    model.load_state_dict(blob["state_dict"])
+    return model
+
+
+@ADAPTERS.register("toy")
+def build_toy(checkpoint: Optional[str] = None, shift: float = 1.0, device: str = "cpu", **model_cfg) -> ToyAdapter:
+    model = load_toy_model(checkpoint) if checkpoint else TinyDiT(TinyDiTConfig(**model_cfg))
+    return ToyAdapter(model.to(device), shift=shift)

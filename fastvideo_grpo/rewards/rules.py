@@ -1,0 +1,139 @@
+"""Rule-based rewards for the embedded toy task (a small GenEval of our own), batched in torch.
+
+* ``toy_geneval``: checks each image against its own prompt (count, colour, shape, position) and
+  returns the fraction of checks passed in [0, 1]; ``info["all_correct"]`` is GenEval's strict
+  per-image success (every check passed).
+* ``toy_colour_fidelity``: a smooth score in [0, 1]: 1 - the mean distance of each pixel to the
+  nearest colour the prompt allows (background or a prompt colour), normalised by sqrt(3).
+
+Pixels are assigned to the nearest palette colour; objects are 4-connected components of one
+colour with at least ``min_pixels`` pixels. Shape is read from how much of its bounding box a
+component fills (square 1.0, circle 0.73-0.9, triangle ~0.57 when rendered exactly).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from ..toy.shapes import COLOURS, PromptSpec, parse_prompt
+from .base import REWARDS, validate_reward_inputs
+
+_NAMES = ["background"] + list(COLOURS)
+_PALETTE = torch.tensor([(0.0, 0.0, 0.0)] + list(COLOURS.values()))  # (C+1, 3)
+
+
+def classify_pixels(images: torch.Tensor, max_dist: float = 0.45) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, H, W) palette index (0 = background), -1 where nothing is close."""
+    px = images.permute(0, 2, 3, 1).unsqueeze(-2)  # B H W 1 3
+    d = (px - _PALETTE.to(images)).norm(dim=-1)  # B H W C+1
+    dist, idx = d.min(dim=-1)
+    return torch.where(dist <= max_dist, idx, torch.full_like(idx, -1))
+
+
+def connected_components(mask: torch.Tensor) -> torch.Tensor:
+    """4-connected component labels of a (B, H, W) bool mask; 0 = not in mask. Label propagation."""
+    B, H, W = mask.shape
+    labels = torch.arange(1, H * W + 1, dtype=torch.float32).reshape(1, H, W).expand(B, H, W).clone()
+    labels = labels * mask
+    for _ in range(H * W):
+        p = F.pad(labels, (1, 1, 1, 1))
+        nb = torch.stack([p[:, 1:-1, 1:-1], p[:, :-2, 1:-1], p[:, 2:, 1:-1], p[:, 1:-1, :-2], p[:, 1:-1, 2:]]).amax(0)
+        new = nb * mask
+        if torch.equal(new, labels):
+            break
+        labels = new
+    return labels.to(torch.int64)
+
+
+def find_objects(images: torch.Tensor, min_pixels: int = 8) -> List[Dict[str, List[dict]]]:
+    """Per image: {colour: [ {area, cx, cy, fill}, ... ]} for every component of that colour."""
+    cls = classify_pixels(images)
+    B, H, W = cls.shape
+    out: List[Dict[str, List[dict]]] = [{c: [] for c in COLOURS} for _ in range(B)]
+    ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    for ci, colour in enumerate(_NAMES[1:], start=1):
+        labels = connected_components(cls == ci)
+        for b in range(B):
+            lab = labels[b]
+            ids, areas = torch.unique(lab[lab > 0], return_counts=True)
+            for i, a in zip(ids.tolist(), areas.tolist()):
+                if a < min_pixels:
+                    continue
+                m = lab == i
+                y, x = ys[m], xs[m]
+                bbox = (int(y.max() - y.min()) + 1) * (int(x.max() - x.min()) + 1)
+                out[b][colour].append({"area": a, "cx": float(x.float().mean()), "cy": float(y.float().mean()),
+                                       "fill": a / bbox})
+    return out
+
+
+def classify_shape(fill: float) -> str:
+    if fill >= 0.94:
+        return "square"
+    if fill >= 0.66:
+        return "circle"
+    return "triangle"
+
+
+def score_image(spec: PromptSpec, objects: Dict[str, List[dict]]) -> List[bool]:
+    """The list of pass/fail checks of one image against its prompt."""
+    wanted = {o.colour for o in spec.objects}
+    checks = [all(len(objects[c]) == 0 for c in objects if c not in wanted)]  # no stray colours
+    if spec.relation is None:
+        (o,) = spec.objects
+        found = objects[o.colour]
+        checks.append(len(found) == o.count)
+        checks.append(bool(found) and all(classify_shape(f["fill"]) == o.shape for f in found))
+        return checks
+    a, b = spec.objects
+    fa, fb = objects[a.colour], objects[b.colour]
+    checks += [len(fa) == 1, len(fb) == 1]
+    checks.append(bool(fa) and classify_shape(max(fa, key=lambda f: f["area"])["fill"]) == a.shape)
+    checks.append(bool(fb) and classify_shape(max(fb, key=lambda f: f["area"])["fill"]) == b.shape)
+    if fa and fb:
+        ca = max(fa, key=lambda f: f["area"])["cx"]
+        cb = max(fb, key=lambda f: f["area"])["cx"]
+        checks.append(ca < cb)
+    else:
+        checks.append(False)
+    return checks
+
+
+def _flat(images: torch.Tensor) -> torch.Tensor:
+    return images.flatten(0, 1) if images.ndim == 5 else images
+
+
+@REWARDS.register("toy_geneval")
+def toy_geneval(min_pixels: int = 8):
+    def reward(images, prompts, **_):
+        validate_reward_inputs(images, prompts)
+        if images.ndim == 5:
+            raise ValueError("toy_geneval scores images (B, 3, H, W), not videos")
+        objs = find_objects(images.detach().float().cpu().clamp(0, 1), min_pixels)
+        scores, strict = [], []
+        for p, o in zip(prompts, objs):
+            checks = score_image(parse_prompt(p), o)
+            scores.append(sum(checks) / len(checks))
+            strict.append(float(all(checks)))
+        return torch.tensor(scores), {"all_correct": torch.tensor(strict)}
+
+    return reward
+
+
+@REWARDS.register("toy_colour_fidelity")
+def toy_colour_fidelity():
+    def reward(images, prompts, **_):
+        validate_reward_inputs(images, prompts)
+        imgs = images.detach().float().cpu().clamp(0, 1)
+        scores = []
+        for img, p in zip(imgs, prompts):
+            allowed = torch.tensor([(0.0, 0.0, 0.0)] + [COLOURS[o.colour] for o in parse_prompt(p).objects])
+            d = (img.permute(1, 2, 0).unsqueeze(-2) - allowed).norm(dim=-1).amin(-1)
+            scores.append(1.0 - float(d.mean()) / math.sqrt(3.0))
+        return torch.tensor(scores), {}
+
+    return reward

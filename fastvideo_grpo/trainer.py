@@ -1,0 +1,256 @@
+"""GRPOTrainer: rollout -> reward -> advantage -> PPO-clip updates, one iteration at a time.
+
+The loop of DESIGN.md "The one loop". Departures from the paper's Algorithm 1, stated here:
+* Timestep subsets are drawn per sample before the rollout (as the reference implementation
+  does), so only those transitions are stored.
+* The ceil(tau * T) selected steps are split into ``num_updates_per_iteration`` consecutive chunks;
+  each chunk's gradients are accumulated over its steps and followed by one optimiser step. pi_old
+  stays the rollout policy throughout the iteration (PPO's usual convention).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import grpo
+from .config import RunConfig
+from .models.base import Cond, PolicyAdapter, index_cond
+from .rewards.base import REWARDS, RewardFn, compute_rewards
+from .rollout import Trajectory, rollout
+
+
+# ----------------------------------------------------------------------------- rewards
+
+
+def build_reward_fns(reward_cfgs) -> Tuple[Dict[str, RewardFn], Dict[str, float]]:
+    """Instantiate rewards from config; thresholded ones become binary (named '<name>_bin')."""
+    fns, weights = {}, {}
+    for rc in reward_cfgs:
+        fn = REWARDS.build(rc.name, **rc.kwargs)
+        key = rc.name
+        if rc.threshold is not None:
+            fn = _thresholded(fn, rc.threshold)
+            key = f"{rc.name}_bin"
+        if key in fns:
+            raise ValueError(f"reward {key!r} is listed twice in the config")
+        fns[key] = fn
+        weights[key] = rc.weight
+    return fns, weights
+
+
+def _thresholded(fn: RewardFn, threshold: float) -> RewardFn:
+    def binary_reward(images, prompts, **meta):
+        scores, info = fn(images, prompts, **meta)
+        return grpo.binarize(torch.as_tensor(scores, dtype=torch.float32), threshold), dict(info, raw=scores)
+
+    return binary_reward
+
+
+# ----------------------------------------------------------------------------- the update
+
+
+def _chunks(n: int, parts: int) -> List[range]:
+    parts = max(1, min(parts, n))
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return [range(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def grpo_update(
+    adapter: PolicyAdapter,
+    schedule,
+    traj: Trajectory,
+    advantages_B: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    clip_range: float,
+    adv_clip_max: Optional[float] = 5.0,
+    num_updates: int = 1,
+    max_grad_norm: float = 1.0,
+    micro_batch_size: int = 0,
+    ref_adapter: Optional[PolicyAdapter] = None,
+    kl_coef: float = 0.0,
+    lr_scheduler=None,
+    on_first_ratio: Optional[Callable[[torch.Tensor], None]] = None,
+) -> Dict[str, float]:
+    """PPO-clip updates over the kept transitions of ``traj``; returns averaged diagnostics.
+
+    ``on_first_ratio`` (for tests) receives the first micro-batch's ratio before any update.
+    """
+    module = adapter.trainable_module()
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the adapter's trainable module has no parameters with requires_grad=True")
+    B, K = traj.log_probs_BK.shape
+    device = traj.latents_BK.device
+    adv = advantages_B.to(device=device, dtype=torch.float32)
+    mb = micro_batch_size or B
+    row_chunks = [torch.arange(s, min(s + mb, B)) for s in range(0, B, mb)]
+    totals = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "ratio_mean": 0.0, "kl": 0.0}
+    count = 0
+    grad_norms = []
+    module.train()
+    for step_chunk in _chunks(K, num_updates):
+        optimizer.zero_grad(set_to_none=True)
+        denom = len(step_chunk) * len(row_chunks)
+        for k in step_chunk:
+            for rows in row_chunks:
+                rows_dev = rows.to(device)
+                idx = traj.steps_BK[rows, k]
+                z = traj.latents_BK[rows_dev, k]
+                z_next = traj.next_latents_BK[rows_dev, k]
+                cond = traj.cond if len(row_chunks) == 1 else index_cond(traj.cond, rows_dev)
+                t = schedule.model_timestep(idx, z)
+                out = adapter.predict(z, t, cond)
+                _, logp, mean, std = schedule.step(idx, out, z, prev_sample=z_next)
+                kl_B = None
+                if ref_adapter is not None and kl_coef > 0:
+                    with torch.no_grad():
+                        ref_out = ref_adapter.predict(z, t, cond)
+                        _, _, ref_mean, _ = schedule.step(idx, ref_out, z, prev_sample=z_next)
+                    if mean is None:
+                        raise ValueError("KL regularisation needs the step mean; disable fused steps")
+                    kl_B = grpo.gaussian_kl_same_std(mean, ref_mean, std)
+                old = traj.log_probs_BK[rows_dev, k]
+                if on_first_ratio is not None and count == 0:
+                    on_first_ratio(torch.exp(logp.detach() - old))
+                loss, st = grpo.ppo_clip_loss(logp, old, adv[rows_dev], clip_range, adv_clip_max, kl_B, kl_coef)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"non-finite GRPO loss at step index chunk {k}; stopping before the optimiser step "
+                        "(lower the learning rate or check the rewards)"
+                    )
+                (loss / denom).backward()
+                for key in totals:
+                    totals[key] += getattr(st, key)
+                count += 1
+        gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        grad_norms.append(float(gn))
+        if not math.isfinite(grad_norms[-1]):
+            optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError("non-finite gradient norm; optimiser step skipped")
+        optimizer.step()
+        if lr_scheduler is not None:
+            lr_scheduler.step()
+    out = {f"train/{k}": v / max(count, 1) for k, v in totals.items()}
+    out["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
+    out["train/num_updates"] = len(grad_norms)
+    return out
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class PromptSource:
+    """Prompts (and their conditioning) drawn without replacement, reshuffled every epoch."""
+
+    def __init__(self, prompts: Sequence[str], encode: Callable[[List[str]], Cond], seed: int = 0):
+        if not prompts:
+            raise ValueError("the training prompt list is empty")
+        self.prompts = list(prompts)
+        self.encode = encode
+        self.generator = torch.Generator().manual_seed(seed)
+        self._order: List[int] = []
+        self.position = 0  # number of prompts handed out so far (for resume)
+
+    def next_batch(self, n: int) -> Tuple[List[str], Cond]:
+        batch = []
+        while len(batch) < n:
+            if not self._order:
+                self._order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
+            batch.append(self.prompts[self._order.pop()])
+        self.position += n
+        return batch, self.encode(batch)
+
+    def state_dict(self):
+        return {"rng": self.generator.get_state(), "order": list(self._order), "position": self.position}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["rng"])
+        self._order = list(state["order"])
+        self.position = state["position"]
+
+
+class GRPOTrainer:
+    """Owns the optimiser and the per-iteration logic; logging and saving are injected callbacks."""
+
+    def __init__(self, cfg: RunConfig, adapter: PolicyAdapter, reward_fns: Dict[str, RewardFn],
+                 reward_weights: Dict[str, float], prompt_source: PromptSource, ref_adapter=None):
+        self.cfg = cfg
+        self.adapter = adapter
+        self.reward_fns = reward_fns
+        self.reward_weights = reward_weights
+        self.prompts = prompt_source
+        self.ref_adapter = ref_adapter
+        params = [p for p in adapter.trainable_module().parameters() if p.requires_grad]
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        warm = max(0, o.warmup_iterations) * cfg.grpo.num_updates_per_iteration
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
+        )
+        self.schedule = adapter.make_schedule(cfg.sampling.num_steps, cfg.eta)
+        self.generator = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
+        self.iteration = 0
+
+    def state_dict(self):
+        return {
+            "iteration": self.iteration,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "prompts": self.prompts.state_dict(),
+        }
+
+    def load_state_dict(self, state):
+        self.iteration = state["iteration"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.generator.set_state(state["generator"])
+        self.prompts.load_state_dict(state["prompts"])
+
+    def train_iteration(self) -> Dict[str, float]:
+        cfg, g = self.cfg, self.cfg.grpo
+        t0 = time.perf_counter()
+        prompts, cond = self.prompts.next_batch(g.prompts_per_iteration)
+        B = len(prompts) * g.group_size
+        window = tuple(g.timestep_window) if g.timestep_window else None
+        keep = grpo.subsample_timesteps(self.schedule.num_steps, g.tau, B, self.generator, window)
+        self.adapter.trainable_module().eval()
+        traj = rollout(self.adapter, self.schedule, prompts, cond, g.group_size, keep, self.generator,
+                       shared_noise=g.shared_noise)
+        t1 = time.perf_counter()
+        rewards, _ = compute_rewards(self.reward_fns, traj.decoded, traj.prompts)
+        t2 = time.perf_counter()
+        group = g.group_size
+        if g.best_of_n_k:
+            total = grpo.aggregate_advantages(rewards, group, self.reward_weights, g.advantage)
+            chosen = grpo.best_of_n_indices(total, group, g.best_of_n_k)
+            traj = traj.select(chosen)
+            rewards_train = {k: v[chosen] for k, v in rewards.items()}
+            group = 2 * g.best_of_n_k
+        else:
+            rewards_train = rewards
+        adv = grpo.aggregate_advantages(rewards_train, group, self.reward_weights, g.advantage)
+        stats = grpo_update(
+            self.adapter, self.schedule, traj, adv, self.optimizer,
+            clip_range=g.clip_range, adv_clip_max=g.adv_clip_max, num_updates=g.num_updates_per_iteration,
+            max_grad_norm=cfg.optim.max_grad_norm, micro_batch_size=g.micro_batch_size,
+            ref_adapter=self.ref_adapter, kl_coef=g.kl_coef, lr_scheduler=self.lr_scheduler,
+        )
+        t3 = time.perf_counter()
+        self.iteration += 1
+        metrics = {"iteration": self.iteration}
+        metrics.update(grpo.summarize_rewards(rewards))
+        metrics.update(stats)
+        metrics.update({
+            "adv/mean": float(adv.mean()), "adv/std": float(adv.std(unbiased=False)), "adv/abs_max": float(adv.abs().max()),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2,
+            "samples_per_s": B / (t3 - t0),
+        })
+        return metrics

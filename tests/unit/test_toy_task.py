@@ -1,0 +1,83 @@
+"""The toy task: the rule reward agrees with the renderer (an independent source of truth)."""
+
+import random
+
+import pytest
+import torch
+
+from fastvideo_grpo.rewards import rules
+from fastvideo_grpo.toy import shapes
+
+
+def test_prompt_grammar_split_is_disjoint_and_complete():
+    train, held = shapes.split_prompts(seed=0)
+    assert not set(train) & set(held)
+    assert sorted(train + held) == sorted(shapes.all_prompts())
+    assert any(" left of " in p for p in held) and any(" left of " not in p for p in held)
+
+
+def test_parse_errors_are_clear():
+    with pytest.raises(ValueError, match="not in the grammar"):
+        shapes.parse_prompt("four purple hexagons")
+
+
+def test_rule_reward_is_one_on_exact_renders():
+    prompts = shapes.all_prompts()
+    imgs, chosen = shapes.make_dataset(prompts, 120, 32, seed=3)
+    scores, info = rules.toy_geneval()(imgs, chosen)
+    assert torch.all(scores == 1.0), [p for p, s in zip(chosen, scores) if s < 1]
+    assert torch.all(info["all_correct"] == 1.0)
+    fid, _ = rules.toy_colour_fidelity()(imgs, chosen)
+    torch.testing.assert_close(fid, torch.ones_like(fid))
+
+
+def test_rule_reward_penalises_wrong_count_colour_position_and_is_prompt_aligned():
+    rng = random.Random(0)
+    two_red = shapes.render(shapes.parse_prompt("two red circles"), 32, rng)
+    left = shapes.render(shapes.parse_prompt("a blue square left of a green triangle"), 32, rng)
+    fn = rules.toy_geneval()
+    imgs = torch.stack([two_red, two_red, left, left.flip(-1), two_red])
+    prompts = ["two red circles", "three red circles", "a blue square left of a green triangle",
+               "a blue square left of a green triangle", "two blue circles"]
+    s, info = fn(imgs, prompts)
+    assert s[0] == 1.0 and s[2] == 1.0
+    assert s[1] < 1.0  # wrong count
+    assert s[3] < 1.0  # mirrored: relation (and triangle orientation still fine) fails
+    assert s[4] < 0.5  # wrong colour
+    # each image is scored against its own prompt: permuting the batch permutes the scores
+    perm = torch.tensor([4, 2, 0, 1, 3])
+    s_perm, _ = fn(imgs[perm], [prompts[i] for i in perm])
+    torch.testing.assert_close(s_perm, s[perm])
+
+
+def test_colour_fidelity_is_smooth_in_noise():
+    rng = random.Random(1)
+    img = shapes.render(shapes.parse_prompt("one yellow square"), 32, rng)
+    fn = rules.toy_colour_fidelity()
+    g = torch.Generator().manual_seed(0)
+    vals = [fn((img + a * torch.randn(img.shape, generator=g)).clamp(0, 1)[None], ["one yellow square"])[0].item()
+            for a in (0.0, 0.05, 0.1, 0.2)]
+    assert vals[0] == pytest.approx(1.0)
+    assert vals == sorted(vals, reverse=True)
+
+
+def test_connected_components_counts_separate_blobs():
+    m = torch.zeros(1, 8, 8, dtype=torch.bool)
+    m[0, 0:2, 0:2] = True
+    m[0, 5:7, 5:8] = True
+    m[0, 0, 7] = True
+    lab = rules.connected_components(m)
+    assert len(torch.unique(lab[lab > 0])) == 3
+    # diagonal neighbours are not 4-connected
+    d = torch.eye(4, dtype=torch.bool)[None]
+    assert len(torch.unique(rules.connected_components(d)[0][d[0]])) == 4
+
+
+def test_reward_input_validation():
+    fn = rules.toy_geneval()
+    with pytest.raises(ValueError, match="prompts"):
+        fn(torch.zeros(2, 3, 32, 32), ["one red square"])
+    with pytest.raises(ValueError, match="NaN"):
+        fn(torch.full((1, 3, 32, 32), float("nan")), ["one red square"])
+    with pytest.raises(ValueError, match="floating"):
+        fn(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), ["one red square"])
