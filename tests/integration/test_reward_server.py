@@ -1,0 +1,190 @@
+"""The reward server end to end on 127.0.0.1: remote scores equal in-process scores (threaded server
+and the real CLI in a subprocess with a tiny CLIP), chunking, error mapping, down server, timeout."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastvideo_grpo.rewards import REWARDS
+from fastvideo_grpo.rewards.remote import RewardClient, decode_tensor, encode_tensor
+from fastvideo_grpo.rewards.server import RewardService, serve_in_thread
+
+PROMPTS = ["a red cat", "a blue dog", "green tree", "the sun", "a cat"]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads only add contention (70x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _mean_reward(images, prompts, **metadata):
+    """Deterministic, per-sample and prompt-dependent; echoes per-sample metadata."""
+    x = images.reshape(images.shape[0], -1).mean(-1)
+    s = x * torch.tensor([1.0 + len(p) for p in prompts])
+    return s, {"per_sample": s.tolist(), "mean": float(s.mean()), "seed": metadata.get("seed", [])}
+
+
+def _slow_reward(images, prompts, **metadata):
+    time.sleep(1.5)
+    return torch.zeros(images.shape[0]), {}
+
+
+def _failing_reward(images, prompts, **metadata):
+    raise RuntimeError("model exploded")
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    d = str(tmp_path_factory.mktemp("srv_clip"))
+    chars = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 26 + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = 52, 53
+    with open(os.path.join(d, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(d, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt")).save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=54, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=12, eos_token_id=53,
+                                      bos_token_id=52, pad_token_id=53),
+                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=16),
+                     projection_dim=8)
+    CLIPModel(cfg).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(clip_dir):
+    clip = REWARDS.build("clip_score", model_path=clip_dir, device="cpu")
+    service = RewardService({"mean": _mean_reward, "clip": clip, "slow": _slow_reward, "fail": _failing_reward},
+                            max_batch=2)
+    srv, thread = serve_in_thread(service, "127.0.0.1", 0)
+    yield srv.server_address[1], clip
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=5)
+
+
+def _imgs(b=5, seed=0):
+    return torch.rand(b, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_tensor_wire_format_round_trip():
+    x = _imgs(2)
+    assert torch.equal(decode_tensor(encode_tensor(x, "float32")), x)
+    q = decode_tensor(encode_tensor(x, "uint8"))
+    assert (q - x).abs().max() <= 0.5 / 255 + 1e-6
+    with pytest.raises(ValueError, match="bytes"):
+        decode_tensor({**encode_tensor(x), "shape": [3, 3, 32, 32]})
+
+
+def test_remote_equals_in_process_with_chunking(server):
+    port, _ = server
+    x, seeds = _imgs(), [10, 11, 12, 13, 14]
+    local, linfo = _mean_reward(x, PROMPTS, seed=seeds)
+    fn = REWARDS.build("remote", reward="mean", port=port, chunk_size=3)  # 2 requests, 2+1 / 2 server chunks
+    s, info = fn(x, PROMPTS, seed=seeds)
+    assert torch.equal(s, local)
+    assert info["per_sample"] == pytest.approx(linfo["per_sample"])
+    assert info["seed"] == seeds  # per-sample metadata split and re-joined in order
+    assert info["mean"] == pytest.approx(linfo["mean"])
+    assert RewardClient(port=port).health()["rewards"] == ["clip", "fail", "mean", "slow"]
+
+
+def test_remote_clip_identical_and_uint8_close(server):
+    port, clip = server
+    x = _imgs()
+    local, _ = clip(x, PROMPTS)
+    remote, _ = REWARDS.build("remote", reward="clip", port=port)(x, PROMPTS)
+    assert torch.equal(remote, local)
+    q, _ = REWARDS.build("remote", reward="clip", port=port, wire_dtype="uint8")(x, PROMPTS)
+    torch.testing.assert_close(q, local, atol=2e-3, rtol=0)
+
+
+def test_remote_errors_are_clear(server):
+    port, _ = server
+    fn = REWARDS.build("remote", reward="mean", port=port)
+    bad = _imgs(2)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        fn(bad, PROMPTS[:2])  # caught client-side
+    client = RewardClient(port=port)
+    body = {"reward": "mean", "images": encode_tensor(_imgs(2)), "prompts": PROMPTS[:3]}
+    with pytest.raises(ValueError, match="rejected.*prompts"):  # server-side validation -> 400 -> ValueError
+        client._request("POST", "/score", body)
+    with pytest.raises(ValueError, match="does not serve"):
+        REWARDS.build("remote", reward="nope", port=port)
+    with pytest.raises(RuntimeError, match="model exploded"):
+        REWARDS.build("remote", reward="fail", port=port)(_imgs(2), PROMPTS[:2])
+    with pytest.raises(ValueError, match="reward="):
+        REWARDS.build("remote", port=port)
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_down_server_is_a_connection_error_naming_the_address():
+    port = _free_port()  # bound then released: nothing listens there
+    t0 = time.time()
+    with pytest.raises(ConnectionError, match=rf"127\.0\.0\.1:{port}.*fastvideo_grpo\.rewards\.server"):
+        REWARDS.build("remote", reward="hps", port=port, retries=2, backoff=0.01)
+    assert time.time() - t0 < 10
+
+
+def test_timeout_is_bounded(server):
+    port, _ = server
+    fn = REWARDS.build("remote", reward="slow", port=port, timeout=0.3, retries=1, backoff=0.01)
+    t0 = time.time()
+    with pytest.raises(TimeoutError, match=rf"127\.0\.0\.1:{port}"):
+        fn(_imgs(1), PROMPTS[:1])
+    assert time.time() - t0 < 5
+
+
+def test_cli_server_subprocess_matches_in_process(clip_dir, tmp_path):
+    cfg = tmp_path / "rewards.json"
+    cfg.write_text(json.dumps({"rewards": {"clip": {"type": "clip_score", "model_path": clip_dir, "device": "cpu"}},
+                               "max_batch": 2}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "fastvideo_grpo.rewards.server", "--config", str(cfg),
+                             "--host", "127.0.0.1", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    try:
+        port, lines, deadline = None, [], time.time() + 90
+        while time.time() < deadline and port is None:  # bounded wait for the ready line
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("reward server ready on http://127.0.0.1:"):
+                port = int(line.split(":")[2].split()[0])
+        assert port is not None, "server did not start:\n" + "".join(lines)
+        x = _imgs()
+        remote, _ = REWARDS.build("remote", reward="clip", port=port, timeout=60)(x, PROMPTS)
+        local, _ = REWARDS.build("clip_score", model_path=clip_dir, device="cpu")(x, PROMPTS)
+        assert torch.equal(remote, local)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
