@@ -1,0 +1,287 @@
+"""Shared base for adapters over diffusers models (a denoiser + a VAE loaded from one local folder).
+
+Each family file (sd.py, flux.py, ...) only says which diffusers classes to load, how one forward
+pass of the denoiser is called, the latent shape and how latents are decoded. This base does the
+rest the same way for all of them:
+
+* loading with ``from_pretrained(<folder>, subfolder=..., local_files_only=True)`` and a
+  FileNotFoundError naming the expected subfolders when the folder is incomplete;
+* freezing: the VAE (and any text encoder, which is never loaded: prompt embeddings come
+  precomputed) has ``requires_grad=False``; the denoiser is fully trainable, or frozen with peft
+  LoRA layers added when ``lora_rank > 0`` (see lora.py);
+* classifier-free guidance: with a CFG scale s > 1 the policy output is
+  ``uncond + s * (cond - uncond)``, computed in ONE batched forward over [uncond; cond] so both
+  branches are differentiable and trained together (METHOD.md section 4). Negative conditioning
+  comes in ``cond`` under the same names prefixed with ``negative_``;
+* ``cond_spec()`` / ``validate_cond()``: the expected conditioning names and trailing shapes.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from . import lora as lora_lib
+from .base import Cond, PolicyAdapter
+
+NEG = "negative_"
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    """'bf16' / 'bfloat16' / torch.bfloat16 ... -> torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().replace("torch.", "")
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[key]
+
+
+def require_subfolders(model_path, subfolders: Sequence[str]) -> Path:
+    """The model folder as a Path, after checking each ``subfolder/config.json`` exists."""
+    if model_path is None or str(model_path) == "":
+        raise ValueError("model_path is required: a local diffusers-format folder")
+    root = Path(model_path).expanduser()
+    expected = ", ".join(f"{s}/" for s in subfolders)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"model_path {str(root)!r} is not a folder. Expected a local diffusers-format model folder with "
+            f"subfolders {expected} each holding config.json and weights (download it first, e.g. "
+            f"`huggingface-cli download <repo> --local-dir {root}`)"
+        )
+    missing = [s for s in subfolders if not (root / s / "config.json").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"model folder {str(root)!r} lacks {', '.join(m + '/config.json' for m in missing)}; a diffusers-format "
+            f"folder with subfolders {expected} is expected"
+        )
+    return root
+
+
+def load_component(class_name: str, root: Path, subfolder: str, dtype: torch.dtype):
+    """diffusers.<class_name>.from_pretrained(root, subfolder=...) from local files only."""
+    import diffusers
+
+    cls = getattr(diffusers, class_name)
+    return cls.from_pretrained(str(root), subfolder=subfolder, torch_dtype=dtype, local_files_only=True)
+
+
+def resolve_size(resolution, height, width, default: Tuple[int, int]) -> Tuple[int, int]:
+    """(height, width) from explicit height/width, else ``resolution`` (int or [h, w]), else default."""
+    if resolution is not None:
+        if isinstance(resolution, (list, tuple)):
+            if len(resolution) != 2:
+                raise ValueError(f"resolution must be an int or [height, width], got {resolution!r}")
+            rh, rw = int(resolution[0]), int(resolution[1])
+        else:
+            rh = rw = int(resolution)
+    else:
+        rh, rw = default
+    h = int(height) if height is not None else rh
+    w = int(width) if width is not None else rw
+    if h <= 0 or w <= 0:
+        raise ValueError(f"height and width must be positive, got {h}x{w}")
+    return h, w
+
+
+def build_adapter(cls, kwargs):
+    """``cls(**kwargs)`` with a ValueError naming unknown keys (config typos) and the accepted ones."""
+    accepted = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.name != "self" and p.kind is not p.VAR_KEYWORD:
+                accepted.add(p.name)
+        if klass is DiffusersAdapter:
+            break
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ValueError(f"{cls.__name__} does not take {unknown} (check model.kwargs in the config); "
+                         f"accepted: {sorted(accepted)}")
+    return cls(**kwargs)
+
+
+def to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """VAE output in [-1, 1] -> float32 in [0, 1]."""
+    return ((pixels.float() + 1.0) * 0.5).clamp(0.0, 1.0)
+
+
+class DiffusersAdapter(PolicyAdapter):
+    """A diffusers denoiser (``model_class`` in ``model_subfolder``) + VAE (``vae_class`` in vae/)."""
+
+    model_class: str = ""
+    model_subfolder: str = "transformer"
+    vae_class: str = "AutoencoderKL"
+    #: conditioning names given per CFG branch (negatives carry the ``negative_`` prefix)
+    branch_keys: Tuple[str, ...] = ("prompt_embeds",)
+    #: conditioning names shared by both branches (e.g. an I2V reference-image latent)
+    shared_keys: Tuple[str, ...] = ()
+    default_num_steps: int = 25
+
+    def __init__(self, model_path, *, cfg_scale: float = 1.0, dtype="float32", device=None,
+                 lora_rank: int = 0, lora_alpha: Optional[float] = None, lora_target_modules=None,
+                 lora_dropout: float = 0.0, gradient_checkpointing: bool = False):
+        self.cfg_scale = float(cfg_scale)
+        if self.cfg_scale < 1.0:
+            raise ValueError(f"the CFG scale must be >= 1 (1 disables CFG), got {cfg_scale}")
+        self.dtype = parse_dtype(dtype)
+        self.root = require_subfolders(model_path, (self.model_subfolder, "vae"))
+        self.model: nn.Module = load_component(self.model_class, self.root, self.model_subfolder, self.dtype)
+        self.vae: nn.Module = load_component(self.vae_class, self.root, "vae", self.dtype)
+        self.vae.requires_grad_(False).eval()
+        if gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        self.lora_rank = int(lora_rank or 0)
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning), got {lora_rank}")
+        if self.lora_rank:
+            lora_lib.add_lora(self.model, self.lora_rank, lora_alpha, lora_target_modules, lora_dropout)
+        else:
+            self.model.requires_grad_(True)
+        if device is not None:
+            self.model.to(device)
+            self.vae.to(device)
+
+    # ------------------------------------------------------------------ what subclasses provide
+
+    @abc.abstractmethod
+    def _forward(self, latents: torch.Tensor, timestep_B: torch.Tensor, c: Cond) -> torch.Tensor:
+        """One denoiser forward; ``c`` holds the branch keys (no prefix) and the shared keys."""
+
+    @abc.abstractmethod
+    def latent_shape(self, cond: Optional[Cond] = None) -> Tuple[int, ...]:
+        """Per-sample latent shape (no batch dim)."""
+
+    @abc.abstractmethod
+    def _branch_spec(self) -> Dict[str, Tuple[Optional[int], ...]]:
+        """Trailing shapes (after the batch dim) of the per-branch conditioning; None = any length."""
+
+    def _shared_spec(self) -> Dict[str, Tuple[Optional[int], ...]]:
+        return {}
+
+    # ------------------------------------------------------------------ the protocol
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.cfg_scale > 1.0
+
+    def trainable_module(self) -> nn.Module:
+        return self.model
+
+    def cond_spec(self) -> Dict[str, Tuple[Optional[int], ...]]:
+        """Names -> trailing shapes of the conditioning this adapter consumes (None = variable)."""
+        branch = self._branch_spec()
+        spec = dict(branch)
+        if self.uses_cfg:
+            spec.update({NEG + k: v for k, v in branch.items()})
+        spec.update(self._shared_spec())
+        return spec
+
+    def validate_cond(self, cond: Cond, batch_size: Optional[int] = None) -> None:
+        """Raise ValueError naming what is missing or mis-shaped in ``cond``."""
+        problems = []
+        for name, trailing in self.cond_spec().items():
+            v = cond.get(name)
+            if not isinstance(v, torch.Tensor):
+                problems.append(f"{name} is missing")
+                continue
+            shape = tuple(v.shape[1:])
+            if len(shape) != len(trailing) or any(e is not None and e != s for e, s in zip(trailing, shape)):
+                problems.append(f"{name} has trailing shape {shape}, expected {trailing}")
+            if batch_size is not None and v.shape[0] != batch_size:
+                problems.append(f"{name} has {v.shape[0]} rows, expected {batch_size}")
+        if problems:
+            hint = " (CFG is on: negative_* embeddings are needed)" if self.uses_cfg else ""
+            raise ValueError(f"{type(self).__name__} conditioning: " + "; ".join(problems) + hint)
+
+    def make_schedule(self, num_steps: Optional[int] = None, eta=0.0):
+        return self._make_schedule(int(num_steps or self.default_num_steps), eta)
+
+    @abc.abstractmethod
+    def _make_schedule(self, num_steps: int, eta):
+        ...
+
+    def initial_noise(self, num_samples, generator, device=None, cond=None):
+        gen_device = generator.device if generator is not None else "cpu"
+        z = torch.randn((num_samples,) + tuple(self.latent_shape(cond)), generator=generator,
+                        device=gen_device, dtype=torch.float32)
+        return z.to(device if device is not None else self.device)
+
+    def predict(self, latents, timestep_B, cond):
+        self.validate_cond(cond, latents.shape[0])
+        shared = {k: cond[k] for k in self.shared_keys}
+        pos = {k: cond[k] for k in self.branch_keys}
+        pos.update(shared)
+        if not self.uses_cfg:
+            return self._forward(latents, timestep_B, pos)
+        neg = {k: cond[NEG + k] for k in self.branch_keys}
+        neg.update(shared)
+        both = _cat_branches(neg, pos)
+        out = self._forward(torch.cat([latents, latents]), torch.cat([timestep_B, timestep_B]), both)
+        uncond, c = out.float().chunk(2)
+        return uncond + self.cfg_scale * (c - uncond)
+
+    # ------------------------------------------------------------------ export
+
+    def state_dict_for_export(self) -> Dict[str, torch.Tensor]:
+        """Plain diffusers state dict of the denoiser (LoRA merged into the base weights)."""
+        if self.lora_rank:
+            return lora_lib.merged_state_dict(self.model)
+        return self.model.state_dict()
+
+    def save_pretrained(self, path) -> Path:
+        """Write the (merged) denoiser as a diffusers folder ``path/<model_subfolder>``; returns it."""
+        out = Path(path) / self.model_subfolder
+        if self.lora_rank:
+            lora_lib.save_merged(self.model, out)
+        else:
+            self.model.save_pretrained(str(out))
+        return out
+
+    # ------------------------------------------------------------------ helpers for subclasses
+
+    def _to_model(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Floating tensors to the model's dtype (masks and ints untouched)."""
+        if x is None or not x.is_floating_point():
+            return x
+        return x.to(self.dtype)
+
+
+def _cat_branches(neg: Cond, pos: Cond) -> Cond:
+    """Concatenate [uncond; cond] per key. ``X_embeds`` of different lengths are zero-padded when a
+    matching ``X_attention_mask`` exists (mask padded with 0); otherwise lengths must agree."""
+    out = {}
+    for k in pos:
+        a, b = neg[k], pos[k]
+        if a.shape[1:] != b.shape[1:]:
+            mask_key = k.replace("_embeds", "_attention_mask")
+            is_mask = k.endswith("_attention_mask")
+            if not (is_mask or mask_key in pos) or a.ndim != b.ndim:
+                raise ValueError(
+                    f"negative_{k} has shape {tuple(a.shape[1:])} but {k} has {tuple(b.shape[1:])}; pad both to "
+                    "one sequence length in data preparation"
+                )
+            n = max(a.shape[1], b.shape[1])
+            a, b = _pad_dim1(a, n), _pad_dim1(b, n)
+        out[k] = torch.cat([a, b])
+    return out
+
+
+def _pad_dim1(x: torch.Tensor, n: int) -> torch.Tensor:
+    if x.shape[1] == n:
+        return x
+    pad = torch.zeros((x.shape[0], n - x.shape[1]) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device)
+    return torch.cat([x, pad], dim=1)

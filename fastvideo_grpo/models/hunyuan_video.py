@@ -1,0 +1,101 @@
+"""HunyuanVideo T2V and T2I: ``HunyuanVideoTransformer3DModel`` + ``AutoencoderKLHunyuanVideo``, rectified flow.
+
+Latents are (B, C, F', h, w) with F' = (num_frames - 1) // 4 + 1 and h = height // 8 (the VAE's
+compression ratios are read from its config); T2I ("hunyuan_t2i") is the same model with
+num_frames = 1, i.e. one latent frame, and decodes to images (B, 3, H, W) instead of videos
+(B, F, 3, H, W). The guidance-distilled model gets guidance * 1000 as an input (embedded
+guidance, as diffusers' HunyuanVideoPipeline); no CFG by default (METHOD.md section 4), or
+``true_cfg_scale > 1`` with negative_* conditioning.
+
+Sigmas: linspace(1, 0, T + 1) with a static shift (default 5.0, DanceGRPO's HunyuanVideo recipe;
+the diffusers scheduler config of hunyuanvideo-community/HunyuanVideo uses 7.0). The recipe's
+training size is 480 x 480 with 53 frames (14 latent frames).
+cond: ``prompt_embeds`` (B, L, 4096) from the LLaMA encoder, ``prompt_attention_mask`` (B, L),
+``pooled_prompt_embeds`` (B, 768) from CLIP.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..sde import FlowSchedule
+from .base import ADAPTERS
+from .diffusers_base import DiffusersAdapter, build_adapter, resolve_size, to_unit
+
+
+class HunyuanVideoAdapter(DiffusersAdapter):
+    model_class = "HunyuanVideoTransformer3DModel"
+    vae_class = "AutoencoderKLHunyuanVideo"
+    branch_keys = ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds")
+    default_num_steps = 25
+
+    def __init__(self, model_path, *, num_frames: int = 53, guidance_scale: float = 6.0, true_cfg_scale: float = 1.0,
+                 shift: float = 5.0, resolution=None, height=None, width=None, **kwargs):
+        super().__init__(model_path, cfg_scale=true_cfg_scale, **kwargs)
+        self.guidance_scale = float(guidance_scale)
+        self.shift = float(shift)
+        self.height, self.width = resolve_size(resolution, height, width, (480, 480))
+        vc = self.vae.config
+        self.t_ratio, self.s_ratio = int(vc.temporal_compression_ratio), int(vc.spatial_compression_ratio)
+        self.num_frames = int(num_frames)
+        if self.num_frames < 1 or (self.num_frames - 1) % self.t_ratio:
+            raise ValueError(f"num_frames must be 1 or {self.t_ratio}k + 1 (e.g. 53), got {num_frames}")
+        if self.height % self.s_ratio or self.width % self.s_ratio:
+            raise ValueError(f"height and width must be multiples of {self.s_ratio}, got {self.height}x{self.width}")
+
+    @property
+    def num_latent_frames(self) -> int:
+        return (self.num_frames - 1) // self.t_ratio + 1
+
+    def _make_schedule(self, num_steps, eta):
+        return FlowSchedule.create(num_steps, eta=eta, shift=self.shift)
+
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    def latent_shape(self, cond=None):
+        return (self.latent_channels(), self.num_latent_frames, self.height // self.s_ratio, self.width // self.s_ratio)
+
+    def _branch_spec(self):
+        c = self.model.config
+        return {"prompt_embeds": (None, c.text_embed_dim), "prompt_attention_mask": (None,),
+                "pooled_prompt_embeds": (c.pooled_projection_dim,)}
+
+    def _model_input(self, latents, c):
+        return latents
+
+    def _forward(self, latents, timestep_B, c):
+        B = latents.shape[0]
+        guidance = None
+        if self.model.config.guidance_embeds:
+            guidance = torch.full((B,), self.guidance_scale * 1000.0, device=latents.device, dtype=self.dtype)
+        return self.model(
+            hidden_states=self._to_model(self._model_input(latents, c)),
+            timestep=timestep_B.to(latents.dtype),
+            encoder_hidden_states=self._to_model(c["prompt_embeds"]),
+            encoder_attention_mask=c["prompt_attention_mask"].to(self.dtype),
+            pooled_projections=self._to_model(c["pooled_prompt_embeds"]),
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+
+    def decode(self, latents):
+        z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        video = to_unit(self.vae.decode(z, return_dict=False)[0])  # (B, 3, F, H, W)
+        if self.num_frames == 1:
+            return video[:, :, 0]
+        return video.permute(0, 2, 1, 3, 4).contiguous()
+
+
+@ADAPTERS.register("hunyuan_t2v")
+def build_hunyuan_t2v(**kwargs) -> HunyuanVideoAdapter:
+    return build_adapter(HunyuanVideoAdapter, kwargs)
+
+
+@ADAPTERS.register("hunyuan_t2i")
+def build_hunyuan_t2i(**kwargs) -> HunyuanVideoAdapter:
+    """HunyuanVideo-T2I: the video model with one latent frame (num_frames=1)."""
+    kwargs.setdefault("num_frames", 1)
+    if kwargs["num_frames"] != 1:
+        raise ValueError("hunyuan_t2i generates single frames; use hunyuan_t2v for num_frames > 1")
+    return build_adapter(HunyuanVideoAdapter, kwargs)

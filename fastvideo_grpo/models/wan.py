@@ -1,0 +1,114 @@
+"""Wan 2.1 T2V and I2V: ``WanTransformer3DModel`` + ``AutoencoderKLWan``, rectified flow with shift, CFG.
+
+Not a model of the DanceGRPO paper. Latents are (B, 16, F', h, w), F' = (num_frames - 1) // 4 + 1,
+h = height // 8, normalised per channel with the VAE's latents_mean / latents_std (undone in
+``decode``). CFG (default 5.0, Wan's default) in rollout and training, both branches trained
+(METHOD.md 4). Sigmas: linspace(1, 0, T + 1) with a static shift (default 3.0, Wan's 480p value);
+diffusers' WanPipeline samples with UniPC by default -- this is the Euler / SDE sampler instead.
+cond: ``prompt_embeds`` (B, L, text_dim) from UMT5 (L = 512 padded) and ``negative_prompt_embeds``.
+
+I2V ("wan_i2v", Wan 2.1 I2V as diffusers' WanImageToVideoPipeline feeds it): shared conditioning
+``image_condition`` (B, 4 + 16, F', h, w) = [first-frame mask (4 temporal sub-channels); the
+normalised VAE latent of the reference image followed by zero frames], concatenated to the noisy
+latents along channels, and ``image_embeds`` (B, 257, image_dim) from the CLIP vision encoder
+(when the transformer has ``image_dim``). Both are precomputed (data_prep).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..sde import FlowSchedule
+from .base import ADAPTERS
+from .diffusers_base import DiffusersAdapter, build_adapter, resolve_size, to_unit
+
+
+class WanAdapter(DiffusersAdapter):
+    model_class = "WanTransformer3DModel"
+    vae_class = "AutoencoderKLWan"
+    default_num_steps = 25
+
+    def __init__(self, model_path, *, num_frames: int = 81, guidance_scale: float = 5.0, shift: float = 3.0,
+                 resolution=None, height=None, width=None, **kwargs):
+        super().__init__(model_path, cfg_scale=guidance_scale, **kwargs)
+        self.shift = float(shift)
+        self.height, self.width = resolve_size(resolution, height, width, (480, 832))
+        vc = self.vae.config
+        self.t_ratio, self.s_ratio = int(vc.scale_factor_temporal), int(vc.scale_factor_spatial)
+        self.num_frames = int(num_frames)
+        if self.num_frames < 1 or (self.num_frames - 1) % self.t_ratio:
+            raise ValueError(f"num_frames must be {self.t_ratio}k + 1 (e.g. 81), got {num_frames}")
+        mult = self.s_ratio * self.model.config.patch_size[1]
+        if self.height % mult or self.width % mult:
+            raise ValueError(f"height and width must be multiples of {mult}, got {self.height}x{self.width}")
+
+    def _make_schedule(self, num_steps, eta):
+        return FlowSchedule.create(num_steps, eta=eta, shift=self.shift)
+
+    def latent_shape(self, cond=None):
+        F = (self.num_frames - 1) // self.t_ratio + 1
+        return (self.vae.config.z_dim, F, self.height // self.s_ratio, self.width // self.s_ratio)
+
+    def _branch_spec(self):
+        return {"prompt_embeds": (None, self.model.config.text_dim)}
+
+    def _model_input(self, latents, c):
+        return latents
+
+    def _image_embeds(self, c):
+        return None
+
+    def _forward(self, latents, timestep_B, c):
+        return self.model(
+            hidden_states=self._to_model(self._model_input(latents, c)),
+            timestep=timestep_B.to(latents.dtype),
+            encoder_hidden_states=self._to_model(c["prompt_embeds"]),
+            encoder_hidden_states_image=self._to_model(self._image_embeds(c)),
+            return_dict=False,
+        )[0]
+
+    def decode(self, latents):
+        vc = self.vae.config
+        shape = (1, vc.z_dim, 1, 1, 1)
+        mean = torch.tensor(vc.latents_mean, device=latents.device, dtype=torch.float32).view(shape)
+        std = torch.tensor(vc.latents_std, device=latents.device, dtype=torch.float32).view(shape)
+        z = (latents.float() * std + mean).to(self.vae.dtype)
+        video = to_unit(self.vae.decode(z, return_dict=False)[0])  # (B, 3, F, H, W)
+        return video.permute(0, 2, 1, 3, 4).contiguous()
+
+
+class WanI2VAdapter(WanAdapter):
+    shared_keys = ("image_condition", "image_embeds")
+
+    def __init__(self, model_path, **kwargs):
+        super().__init__(model_path, **kwargs)
+        c = self.model.config
+        extra = c.in_channels - self.vae.config.z_dim
+        if extra != self.t_ratio + self.vae.config.z_dim:
+            raise ValueError(f"transformer in_channels {c.in_channels} is not z_dim + {self.t_ratio} mask + z_dim "
+                             "condition channels: not a Wan 2.1 I2V folder?")
+        if c.image_dim is None:
+            self.shared_keys = ("image_condition",)
+
+    def _shared_spec(self):
+        C, F, h, w = self.latent_shape()
+        spec = {"image_condition": (self.t_ratio + C, F, h, w)}
+        if self.model.config.image_dim is not None:
+            spec["image_embeds"] = (None, self.model.config.image_dim)
+        return spec
+
+    def _model_input(self, latents, c):
+        return torch.cat([latents, c["image_condition"].to(latents.dtype)], dim=1)
+
+    def _image_embeds(self, c):
+        return c.get("image_embeds")
+
+
+@ADAPTERS.register("wan")
+def build_wan(**kwargs) -> WanAdapter:
+    return build_adapter(WanAdapter, kwargs)
+
+
+@ADAPTERS.register("wan_i2v")
+def build_wan_i2v(**kwargs) -> WanI2VAdapter:
+    return build_adapter(WanI2VAdapter, kwargs)

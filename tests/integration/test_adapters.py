@@ -1,0 +1,475 @@
+"""Model adapters end to end on CPU with tiny random-init diffusers models.
+
+Each family's tiny denoiser + VAE is built from a config here, ``save_pretrained`` to a temporary
+diffusers-format folder and loaded back through the adapter's real ``from_pretrained`` path. Then:
+* a rollout (2 prompts x group 2 = batch 4) and one ``grpo_update``: shapes, ratio exactly 1 before
+  the update, finite loss, parameters change;
+* the deterministic sampler (``sample_ode``, eta = 0) against diffusers' own pipeline built from the
+  same components, fed the same initial latents, embeddings and sigmas (``output_type="latent"``),
+  and ``decode`` against the pipeline's own VAE decode (``output_type="pt"``);
+* CFG: both branches receive gradients and the output is uncond + s (cond - uncond);
+* LoRA: only LoRA parameters change; the merged export reproduces the LoRA model's output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastvideo_grpo import grpo
+from fastvideo_grpo.models import ADAPTERS
+from fastvideo_grpo.models.diffusers_base import NEG
+from fastvideo_grpo.rollout import rollout, sample_ode
+from fastvideo_grpo.trainer import grpo_update
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+NUM_STEPS = 3
+TEXT_LEN = 6
+
+
+# ----------------------------------------------------------------------------- tiny models
+
+
+def _tiny_vae_2d(**kw):
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, **kw,
+    )
+
+
+def _tiny_hunyuan_vae():
+    return diffusers.AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    )
+
+
+def _tiny_hunyuan(in_channels):
+    return diffusers.HunyuanVideoTransformer3DModel(
+        in_channels=in_channels, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 2),
+    )
+
+
+def _tiny_wan(in_channels=16, **kw):
+    return diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_channels, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32, **kw,
+    )
+
+
+def _tiny_wan_vae():
+    return diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                      temperal_downsample=[False, True, True])
+
+
+def _components(name):
+    """(subfolder -> model) for a family's tiny folder, plus the adapter kwargs for it."""
+    torch.manual_seed(0)
+    if name == "sd":
+        unet = diffusers.UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
+        )
+        return {"unet": unet, "vae": _tiny_vae_2d(scaling_factor=0.18215)}, dict(resolution=16, max_sequence_length=TEXT_LEN)
+    if name == "flux":
+        tr = diffusers.FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
+        )
+        return {"transformer": tr, "vae": _tiny_vae_2d(scaling_factor=0.5, shift_factor=0.1)}, dict(resolution=16)
+    if name in ("hunyuan_t2v", "hunyuan_t2i"):
+        kw = dict(resolution=32) if name == "hunyuan_t2i" else dict(resolution=32, num_frames=5)
+        return {"transformer": _tiny_hunyuan(4), "vae": _tiny_hunyuan_vae()}, kw
+    if name == "hunyuan_i2v":
+        return {"transformer": _tiny_hunyuan(8), "vae": _tiny_hunyuan_vae()}, dict(resolution=32, num_frames=5)
+    if name == "wan":
+        return {"transformer": _tiny_wan(), "vae": _tiny_wan_vae()}, dict(resolution=32, num_frames=5)
+    if name == "wan_i2v":
+        tr = _tiny_wan(in_channels=36, image_dim=8, added_kv_proj_dim=24)
+        return {"transformer": tr, "vae": _tiny_wan_vae()}, dict(resolution=32, num_frames=5)
+    if name == "sd3":
+        tr = diffusers.SD3Transformer2DModel(
+            sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+            caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=16, out_channels=4,
+        )
+        return {"transformer": tr, "vae": _tiny_vae_2d(scaling_factor=1.5305, shift_factor=0.0609)}, dict(resolution=16)
+    raise KeyError(name)
+
+
+ALL = ["sd", "flux", "hunyuan_t2i", "hunyuan_t2v", "hunyuan_i2v", "wan", "wan_i2v", "sd3"]
+CFG_FAMILIES = ["sd", "hunyuan_i2v", "wan", "sd3"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads only add contention (40x slower seen)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            root = tmp_path_factory.mktemp(name)
+            comps, kw = _components(name)
+            for sub, m in comps.items():
+                m.save_pretrained(str(root / sub))
+            cache[name] = (root, kw)
+        return cache[name]
+
+    return get
+
+
+def _build(folders, name, **extra):
+    root, kw = folders(name)
+    return ADAPTERS.build(name, model_path=str(root), **{**kw, **extra})
+
+
+def _random_cond(adapter, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cond = {}
+    for key, trailing in adapter.cond_spec().items():
+        shape = (n,) + tuple(TEXT_LEN if d is None else d for d in trailing)
+        if key.endswith("attention_mask"):
+            m = torch.ones(shape, dtype=torch.int64)
+            m[0, -2:] = 0  # a padded prompt
+            cond[key] = m
+        else:
+            cond[key] = torch.randn(shape, generator=g)
+    return cond
+
+
+# ----------------------------------------------------------------------------- rollout + update
+
+
+def _rollout_and_update(adapter, lr=1e-3):
+    P, G = 2, 2
+    B = P * G
+    gen = torch.Generator().manual_seed(1)
+    schedule = adapter.make_schedule(NUM_STEPS, eta=0.3)
+    keep = grpo.subsample_timesteps(NUM_STEPS, 0.6, B, gen)
+    cond = _random_cond(adapter, P)
+    traj = rollout(adapter, schedule, ["a", "b"], cond, G, keep, gen)
+    K = math.ceil(0.6 * NUM_STEPS)
+    latent = adapter.latent_shape(cond)
+    assert traj.latents_BK.shape == (B, K) + latent
+    assert traj.next_latents_BK.shape == (B, K) + latent
+    assert traj.log_probs_BK.shape == (B, K) and torch.isfinite(traj.log_probs_BK).all()
+    assert traj.final_latents.shape == (B,) + latent
+    assert traj.decoded.min() >= 0 and traj.decoded.max() <= 1
+    module = adapter.trainable_module()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ratios = []
+    adv = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    stats = grpo_update(adapter, schedule, traj, adv, opt, clip_range=1e-4, on_first_ratio=ratios.append)
+    assert torch.equal(ratios[0], torch.ones_like(ratios[0])), ratios[0]
+    assert math.isfinite(stats["train/loss"]) and stats["train/grad_norm"] > 0
+    changed = {n for n, p in module.named_parameters() if not torch.equal(p.detach(), before[n])}
+    return traj, changed
+
+
+def _image_or_video_shape(adapter, B):
+    if getattr(adapter, "num_frames", 1) > 1:
+        return (B, adapter.num_frames, 3, adapter.height, adapter.width)
+    return (B, 3, adapter.height, adapter.width)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_rollout_and_grpo_update(folders, name):
+    adapter = _build(folders, name)
+    traj, changed = _rollout_and_update(adapter)
+    assert traj.decoded.shape == _image_or_video_shape(adapter, 4)
+    assert changed, "no parameter changed"
+    # frozen parts stay frozen
+    assert not any(p.requires_grad for p in adapter.vae.parameters())
+
+
+# ----------------------------------------------------------------------------- against diffusers
+
+
+def _flow_pipe_sigmas():
+    return list(np.linspace(1.0, 0.0, NUM_STEPS + 1)[:-1])
+
+
+def _pipeline_sd(adapter, cond, z0, output_type="latent"):
+    sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                    steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+    pipe = diffusers.StableDiffusionPipeline(vae=adapter.vae, text_encoder=None, tokenizer=None, unet=adapter.model,
+                                             scheduler=sched, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    return pipe(prompt_embeds=cond["prompt_embeds"], negative_prompt_embeds=cond["negative_prompt_embeds"],
+                guidance_scale=adapter.cfg_scale, num_inference_steps=NUM_STEPS, height=adapter.height,
+                width=adapter.width, latents=z0.clone(), eta=0.0, output_type=output_type).images
+
+
+def _pipeline_flux(adapter, cond, z0, output_type="latent"):
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=adapter.shift, use_dynamic_shifting=False)
+    pipe = diffusers.FluxPipeline(scheduler=sched, vae=adapter.vae, text_encoder=None, tokenizer=None,
+                                  text_encoder_2=None, tokenizer_2=None, transformer=adapter.model)
+    packed = pipe._pack_latents(z0.clone(), *z0.shape[:2], *z0.shape[2:])
+    out = pipe(prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled_prompt_embeds"],
+               guidance_scale=adapter.guidance_scale, num_inference_steps=NUM_STEPS, sigmas=_flow_pipe_sigmas(),
+               height=adapter.height, width=adapter.width, latents=packed, output_type=output_type).images
+    if output_type != "latent":
+        return out
+    return pipe._unpack_latents(out, adapter.height, adapter.width, pipe.vae_scale_factor)
+
+
+def _pipeline_hunyuan(adapter, cond, z0, output_type="latent"):
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=adapter.shift)
+    pipe = diffusers.HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=adapter.model,
+                                          vae=adapter.vae, scheduler=sched, text_encoder_2=None, tokenizer_2=None)
+    return pipe(prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled_prompt_embeds"],
+                prompt_attention_mask=cond["prompt_attention_mask"], guidance_scale=adapter.guidance_scale,
+                num_inference_steps=NUM_STEPS, height=adapter.height, width=adapter.width,
+                num_frames=adapter.num_frames, latents=z0.clone(), output_type=output_type).frames
+
+
+def _patch_sigmas(sched):
+    """WanPipeline calls set_timesteps(N) without sigmas: make it use linspace(1, 0, N + 1)[:-1] (then shifted)."""
+    orig = sched.set_timesteps
+
+    def set_timesteps(num_inference_steps=None, device=None, **kw):
+        return orig(sigmas=_flow_pipe_sigmas(), device=device)
+
+    sched.set_timesteps = set_timesteps
+    return sched
+
+
+def _pipeline_wan(adapter, cond, z0, output_type="latent"):
+    sched = _patch_sigmas(diffusers.FlowMatchEulerDiscreteScheduler(shift=adapter.shift))
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, transformer=adapter.model, vae=adapter.vae,
+                                 scheduler=sched)
+    return pipe(prompt_embeds=cond["prompt_embeds"], negative_prompt_embeds=cond["negative_prompt_embeds"],
+                guidance_scale=adapter.cfg_scale, num_inference_steps=NUM_STEPS, height=adapter.height,
+                width=adapter.width, num_frames=adapter.num_frames, latents=z0.clone(), output_type=output_type).frames
+
+
+def _pipeline_sd3(adapter, cond, z0, output_type="latent"):
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=adapter.shift)
+    pipe = diffusers.StableDiffusion3Pipeline(transformer=adapter.model, scheduler=sched, vae=adapter.vae,
+                                              text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                              tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    return pipe(prompt_embeds=cond["prompt_embeds"], negative_prompt_embeds=cond["negative_prompt_embeds"],
+                pooled_prompt_embeds=cond["pooled_prompt_embeds"],
+                negative_pooled_prompt_embeds=cond["negative_pooled_prompt_embeds"],
+                guidance_scale=adapter.cfg_scale, num_inference_steps=NUM_STEPS, sigmas=_flow_pipe_sigmas(),
+                height=adapter.height, width=adapter.width, latents=z0.clone(), output_type=output_type).images
+
+
+PIPELINES = {"sd": _pipeline_sd, "flux": _pipeline_flux, "hunyuan_t2i": _pipeline_hunyuan,
+             "hunyuan_t2v": _pipeline_hunyuan, "wan": _pipeline_wan, "sd3": _pipeline_sd3}
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_ode_sampling_matches_diffusers_pipeline(folders, name):
+    adapter = _build(folders, name)
+    cond = _random_cond(adapter, 2, seed=3)
+    z0 = adapter.initial_noise(2, torch.Generator().manual_seed(4))
+    ours = sample_ode(adapter, adapter.make_schedule(NUM_STEPS, eta=0.0), cond, z0)
+    with torch.no_grad():
+        theirs = PIPELINES[name](adapter, cond, z0)
+        pixels = PIPELINES[name](adapter, cond, z0, output_type="pt")  # the pipeline's own VAE decode
+        ours_pixels = adapter.decode(ours)
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=2e-5)
+    assert not torch.allclose(ours, z0)
+    torch.testing.assert_close(ours_pixels, pixels.float().reshape(ours_pixels.shape), rtol=1e-4, atol=1e-4)
+
+
+def test_skyreels_i2v_matches_diffusers_pipeline(folders):
+    adapter = _build(folders, "hunyuan_i2v")
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=adapter.shift)
+    pipe = diffusers.HunyuanSkyreelsImageToVideoPipeline(
+        text_encoder=None, tokenizer=None, transformer=adapter.model, vae=adapter.vae, scheduler=sched,
+        text_encoder_2=None, tokenizer_2=None)
+    B = 2
+    image = torch.rand(B, 3, adapter.height, adapter.width)
+    pre = pipe.video_processor.preprocess(image, height=adapter.height, width=adapter.width)
+    with torch.no_grad():
+        _, image_latents = pipe.prepare_latents(pre, B, 4, adapter.height, adapter.width, adapter.num_frames,
+                                                torch.float32, "cpu", torch.Generator().manual_seed(7))
+    cond = _random_cond(adapter, B, seed=5)
+    cond["image_latents"] = image_latents[:, :, :1]
+    z0 = adapter.initial_noise(B, torch.Generator().manual_seed(6))
+    ours = sample_ode(adapter, adapter.make_schedule(NUM_STEPS, eta=0.0), cond, z0)
+    with torch.no_grad():
+        theirs = pipe(image=image, prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled_prompt_embeds"],
+                      prompt_attention_mask=cond["prompt_attention_mask"],
+                      negative_prompt_embeds=cond[NEG + "prompt_embeds"],
+                      negative_pooled_prompt_embeds=cond[NEG + "pooled_prompt_embeds"],
+                      negative_prompt_attention_mask=cond[NEG + "prompt_attention_mask"],
+                      true_cfg_scale=adapter.cfg_scale, guidance_scale=adapter.guidance_scale,
+                      num_inference_steps=NUM_STEPS, height=adapter.height, width=adapter.width,
+                      num_frames=adapter.num_frames, latents=z0.clone(), generator=torch.Generator().manual_seed(7),
+                      output_type="latent").frames
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=2e-5)
+
+
+def test_wan_i2v_matches_diffusers_pipeline(folders):
+    adapter = _build(folders, "wan_i2v")
+    sched = _patch_sigmas(diffusers.FlowMatchEulerDiscreteScheduler(shift=adapter.shift))
+    pipe = diffusers.WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=adapter.vae, scheduler=sched,
+                                             image_processor=None, image_encoder=None, transformer=adapter.model)
+    B = 2
+    image = torch.rand(1, 3, adapter.height, adapter.width)  # WanImageToVideoPipeline takes one image per call
+    pre = pipe.video_processor.preprocess(image, height=adapter.height, width=adapter.width)
+    with torch.no_grad():
+        _, condition = pipe.prepare_latents(pre, B, 16, adapter.height, adapter.width, adapter.num_frames,
+                                            torch.float32, "cpu", None, latents=torch.zeros(B, 16, 1, 1, 1))
+    cond = _random_cond(adapter, B, seed=8)
+    cond["image_condition"] = condition
+    cond["image_embeds"] = cond["image_embeds"][:1].expand(B, -1, -1)  # the pipeline repeats one image embedding
+    pipe.encode_image = lambda *args, **kw: cond["image_embeds"][:1]  # stands in for the CLIP vision encoder
+    z0 = adapter.initial_noise(B, torch.Generator().manual_seed(9))
+    ours = sample_ode(adapter, adapter.make_schedule(NUM_STEPS, eta=0.0), cond, z0)
+    with torch.no_grad():
+        theirs = pipe(image=image, prompt_embeds=cond["prompt_embeds"], negative_prompt_embeds=cond[NEG + "prompt_embeds"],
+                      guidance_scale=adapter.cfg_scale,
+                      num_inference_steps=NUM_STEPS, height=adapter.height, width=adapter.width,
+                      num_frames=adapter.num_frames, latents=z0.clone(), output_type="latent").frames
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- CFG
+
+
+@pytest.mark.parametrize("name", CFG_FAMILIES)
+def test_cfg_trains_both_branches(folders, name):
+    adapter = _build(folders, name)
+    assert adapter.uses_cfg
+    cond = _random_cond(adapter, 2, seed=11)
+    for k in ("prompt_embeds", NEG + "prompt_embeds"):
+        cond[k].requires_grad_(True)
+    z = adapter.initial_noise(2, torch.Generator().manual_seed(12))
+    t = adapter.make_schedule(NUM_STEPS).model_timestep(0, z)
+    out = adapter.predict(z, t, cond)
+    out.square().mean().backward()
+    for k in ("prompt_embeds", NEG + "prompt_embeds"):
+        assert cond[k].grad is not None and cond[k].grad.abs().sum() > 0, f"no gradient reaches {k}"
+    # the output is the CFG combination of the two branches
+    with torch.no_grad():
+        shared = {k: cond[k] for k in adapter.shared_keys}
+        c = adapter._forward(z, t, {**{k: cond[k] for k in adapter.branch_keys}, **shared})
+        u = adapter._forward(z, t, {**{k: cond[NEG + k] for k in adapter.branch_keys}, **shared})
+    torch.testing.assert_close(out.detach(), u + adapter.cfg_scale * (c - u), rtol=1e-4, atol=1e-5)
+    if "prompt_attention_mask" in adapter.branch_keys:  # negatives of another length: padded + masked
+        short = dict(cond, **{NEG + k: cond[NEG + k][:, :3].detach() for k in ("prompt_embeds", "prompt_attention_mask")})
+        with torch.no_grad():
+            u_short = adapter._forward(z, t, {**{k: short[NEG + k] for k in adapter.branch_keys}, **shared})
+            out_short = adapter.predict(z, t, short)
+        torch.testing.assert_close(out_short, u_short + adapter.cfg_scale * (c - u_short), rtol=1e-4, atol=1e-5)
+    # missing negatives are a user error that names the key
+    bad = {k: v for k, v in cond.items() if not k.startswith(NEG)}
+    with pytest.raises(ValueError, match="negative_prompt_embeds"):
+        adapter.predict(z, t, bad)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+@pytest.mark.parametrize("name", ["sd", "flux"])
+def test_lora_trains_only_lora_and_merged_export_matches(folders, name, tmp_path):
+    adapter = _build(folders, name, lora_rank=4, lora_alpha=8)
+    module = adapter.trainable_module()
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    _, changed = _rollout_and_update(adapter, lr=1e-2)
+    assert changed and all("lora_" in n for n in changed), sorted(changed)[:5]
+    assert any(".lora_B." in n for n in changed)  # the update moved the model off the base weights
+
+    # merged export: a plain diffusers folder / state dict, same output as the LoRA model
+    sd = adapter.state_dict_for_export()
+    assert not any("lora" in k or "base_layer" in k for k in sd)
+    out_dir = adapter.save_pretrained(tmp_path / "export")
+    merged = getattr(diffusers, adapter.model_class).from_pretrained(str(out_dir), local_files_only=True)
+    for k, v in merged.state_dict().items():
+        torch.testing.assert_close(v, sd[k])
+    cond = _random_cond(adapter, 2, seed=13)
+    z = adapter.initial_noise(2, torch.Generator().manual_seed(14))
+    t = adapter.make_schedule(NUM_STEPS).model_timestep(1, z)
+    with torch.no_grad():
+        lora_out = adapter.predict(z, t, cond)
+        adapter.model = merged
+        merged_out = adapter.predict(z, t, cond)
+    torch.testing.assert_close(merged_out, lora_out, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- user errors
+
+
+def test_missing_model_folder_names_expected_subfolders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="unet/"):
+        ADAPTERS.build("sd", model_path=str(tmp_path / "nope"))
+    (tmp_path / "vae").mkdir()
+    with pytest.raises(FileNotFoundError, match="transformer/config.json"):
+        ADAPTERS.build("flux", model_path=str(tmp_path))
+
+
+def test_unknown_adapter_kwarg_is_a_value_error(folders):
+    root, kw = folders("sd")
+    with pytest.raises(ValueError, match="shift"):
+        ADAPTERS.build("sd", model_path=str(root), shift=3.0, **kw)
+
+
+def test_lora_target_typo_is_a_value_error(folders):
+    with pytest.raises(ValueError, match="no_such_layer"):
+        _build(folders, "flux", lora_rank=2, lora_target_modules=["no_such_layer"])
+
+
+def test_sd_schedule_follows_the_folders_scheduler_config(folders, tmp_path):
+    root, kw = folders("sd")
+    folder = tmp_path / "sd_linear"
+    folder.mkdir()
+    for sub in ("unet", "vae"):
+        (folder / sub).symlink_to(root / sub)
+    cfg = dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, steps_offset=1, set_alpha_to_one=False)
+    diffusers.PNDMScheduler(**cfg).save_pretrained(str(folder / "scheduler"))  # SD v1.4 ships a PNDM config
+    adapter = ADAPTERS.build("sd", model_path=str(folder), **kw)
+    ours = adapter.make_schedule(10)
+    ref = diffusers.DDIMScheduler.from_pretrained(str(folder), subfolder="scheduler")
+    ref.set_timesteps(10)
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    torch.testing.assert_close(ours.alpha_t.float(), ref.alphas_cumprod[ref.timesteps])
+
+
+def test_gradient_checkpointing_keeps_gradients(folders):
+    grads = []
+    for ckpt in (False, True):
+        adapter = _build(folders, "wan", gradient_checkpointing=ckpt)
+        adapter.trainable_module().train()
+        cond = _random_cond(adapter, 2, seed=15)
+        z = adapter.initial_noise(2, torch.Generator().manual_seed(16))
+        t = adapter.make_schedule(NUM_STEPS).model_timestep(0, z)
+        adapter.predict(z, t, cond).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in adapter.trainable_module().parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_cond_spec_shapes(folders):
+    adapter = _build(folders, "hunyuan_t2v")
+    spec = adapter.cond_spec()
+    assert spec == {"prompt_embeds": (None, 16), "prompt_attention_mask": (None,), "pooled_prompt_embeds": (8,)}
+    cond = _random_cond(adapter, 2)
+    cond["pooled_prompt_embeds"] = torch.zeros(2, 9)
+    with pytest.raises(ValueError, match="pooled_prompt_embeds"):
+        adapter.validate_cond(cond)
