@@ -22,14 +22,22 @@ Contract of every step function (after ddpo-pytorch):
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 
+from . import ops as _ops
+
 Scalar = Union[float, torch.Tensor]
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+# Schedule ``step`` methods run the fused step + log-prob op (fastvideo_grpo.ops; compiled kernel
+# when built, PyTorch reference otherwise). FVG_DISABLE_FUSED=1 (or setting this to False) makes them
+# call the plain ``flow_sde_step`` / ``ddim_sde_step`` below instead.
+FUSED_STEPS = os.environ.get("FVG_DISABLE_FUSED", "0").lower() not in ("1", "true", "yes")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -216,6 +224,20 @@ def _gather(table: torch.Tensor, index, like: torch.Tensor):
     return table.to(like.device)[index.to(like.device)]
 
 
+def _fused_ok(model_output, sample) -> bool:
+    """The fused op handles same-shape float tensors with a batch dim; anything else takes the plain path."""
+    floats = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    return (FUSED_STEPS and isinstance(model_output, torch.Tensor) and sample.ndim >= 1
+            and model_output.shape == sample.shape and model_output.dtype in floats and sample.dtype in floats)
+
+
+def _fused_step(model_output, sample, coefs, prev_sample, generator, need_mean):
+    a, c, std = coefs
+    prev, lp, *mean = _ops.fused_sde_step(model_output, sample, a, c, std, prev_sample=prev_sample,
+                                          generator=generator, return_mean=need_mean)
+    return prev, lp, (mean[0] if need_mean else None), std.to(compute_dtype(sample))
+
+
 @dataclass
 class FlowSchedule:
     """Rectified-flow schedule: sigmas (T+1,), model timesteps = sigma * timestep_scale."""
@@ -237,14 +259,18 @@ class FlowSchedule:
         t = _gather(self.sigmas, index, like) * self.timestep_scale
         return t.to(torch.float32).expand(like.shape[0]) if t.ndim == 0 else t.to(torch.float32)
 
-    def step(self, index, model_output, sample, *, prev_sample=None, generator=None, eta=None):
-        """SDE step at step ``index`` (int or per-sample (B,) tensor); eta defaults to the schedule's."""
+    def step(self, index, model_output, sample, *, prev_sample=None, generator=None, eta=None, need_mean=True):
+        """SDE step at step ``index`` (int or per-sample (B,) tensor); eta defaults to the schedule's.
+
+        Returns ``(prev_sample, log_prob_B, mean, std_B)`` like ``flow_sde_step`` (mean is None when
+        ``need_mean=False`` on the fused path, which saves one write of the latent).
+        """
         e = _gather(self.eta, index, sample) if eta is None else eta
-        return flow_sde_step(
-            model_output, sample, _gather(self.sigmas, index, sample),
-            _gather(self.sigmas, index + 1, sample),
-            e, prev_sample=prev_sample, generator=generator,
-        )
+        s, s_next = _gather(self.sigmas, index, sample), _gather(self.sigmas, index + 1, sample)
+        if not _fused_ok(model_output, sample):
+            return flow_sde_step(model_output, sample, s, s_next, e, prev_sample=prev_sample, generator=generator)
+        coefs = _ops.flow_coefficients(s, s_next, e, batch_size=sample.shape[0], device=sample.device)
+        return _fused_step(model_output, sample, coefs, prev_sample, generator, need_mean)
 
 
 @dataclass
@@ -280,9 +306,11 @@ class DDIMSchedule:
         t = _gather(self.timesteps, index, like)
         return t.expand(like.shape[0]) if t.ndim == 0 else t
 
-    def step(self, index, model_output, sample, *, prev_sample=None, generator=None, eta=None):
+    def step(self, index, model_output, sample, *, prev_sample=None, generator=None, eta=None, need_mean=True):
+        """DDIM SDE step at step ``index``; same contract as ``FlowSchedule.step``."""
         e = _gather(self.eta, index, sample) if eta is None else eta
-        return ddim_sde_step(
-            model_output, sample, _gather(self.alpha_t, index, sample), _gather(self.alpha_prev, index, sample),
-            e, prev_sample=prev_sample, generator=generator,
-        )
+        a_t, a_prev = _gather(self.alpha_t, index, sample), _gather(self.alpha_prev, index, sample)
+        if not _fused_ok(model_output, sample):
+            return ddim_sde_step(model_output, sample, a_t, a_prev, e, prev_sample=prev_sample, generator=generator)
+        coefs = _ops.ddim_coefficients(a_t, a_prev, e, batch_size=sample.shape[0], device=sample.device)
+        return _fused_step(model_output, sample, coefs, prev_sample, generator, need_mean)
