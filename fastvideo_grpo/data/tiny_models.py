@@ -1,0 +1,169 @@
+"""Tiny random-init text encoders / tokenizers / VAEs in a diffusers-format folder, for tests and CPU demos.
+
+``build_tiny_family_folder(family, path)`` writes the subfolders ``load_family_encoder`` reads
+(``tokenizer*/``, ``text_encoder*/``, ``vae/``, ``image_encoder/`` + ``image_processor/``) with the
+real transformers / diffusers classes at toy sizes (hidden sizes 8-32, 2-3 layers), so data prep runs
+through the genuine ``from_pretrained(local_path, local_files_only=True)`` code without any download.
+Tokenizers: a CLIP BPE tokenizer from a tiny vocab.json + merges.txt over a small word list, and a
+word-level ``tokenizers`` tokenizer (appending ``</s>``) standing in for the T5 / UMT5 / LLaMA ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict
+
+import torch
+
+WORDS = ("a an the of on in and with left right above below photo video cat dog red green blue yellow purple "
+         "orange white black circle square triangle star one two three four small big bright dark sky sea forest "
+         "city man woman running flying cinematic").split()
+CLIP_MAX = 77
+CLIP_DIMS = {"clip_l": (16, 8), "clip_g": (24, 12)}  # hidden, projection
+T5_DIM = 48
+LLAMA_DIM = 32
+
+
+def clip_tokenizer(folder: Path):
+    """A real CLIPTokenizer over a tiny BPE vocabulary (every letter + the words in WORDS)."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in sorted(set("".join(WORDS)) | set("0123456789,.!?'-")):
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges, seen = [], set()
+    for w in WORDS:
+        toks = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(toks) > 1:
+            pair = (toks[0], toks[1])
+            if pair not in seen:
+                seen.add(pair)
+                merges.append(f"{pair[0]} {pair[1]}")
+            toks = [toks[0] + toks[1]] + toks[2:]
+            vocab.setdefault(toks[0], len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=CLIP_MAX)
+    tok.save_pretrained(str(folder))
+    return tok
+
+
+def word_tokenizer(folder: Path, *, bos: bool = False, max_length: int = 512):
+    """A fast word-level tokenizer appending ``</s>`` (T5 / UMT5 style) or prepending ``<s>`` (LLaMA style)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "<s>": 3}
+    for w in WORDS + ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "system", "user"]:
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 3)])
+    else:
+        tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                  bos_token="<s>", model_max_length=max_length)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(folder))
+    return tok, len(vocab)
+
+
+def _clip_model(cls_name: str, vocab_size: int, kind: str = "clip_l"):
+    import transformers
+
+    hidden, proj = CLIP_DIMS[kind]
+    cfg = transformers.CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=CLIP_MAX,
+                                      projection_dim=proj, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return getattr(transformers, cls_name)(cfg)
+
+
+def _t5(cls_name: str, vocab_size: int):
+    import transformers
+
+    cfg_cls = transformers.UMT5Config if cls_name == "UMT5EncoderModel" else transformers.T5Config
+    cfg = cfg_cls(vocab_size=vocab_size, d_model=T5_DIM, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                  relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return getattr(transformers, cls_name)(cfg)
+
+
+def _llama(vocab_size: int):
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=LLAMA_DIM, intermediate_size=48,
+                                   num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+                                   max_position_embeddings=1024, pad_token_id=0, bos_token_id=3, eos_token_id=1)
+    return transformers.LlamaModel(cfg)
+
+
+def tiny_hunyuan_vae():
+    import diffusers
+
+    return diffusers.AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
+        mid_block_add_attention=True)
+
+
+def tiny_wan_vae():
+    import diffusers
+
+    return diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                      temperal_downsample=[False, True, True])
+
+
+def build_tiny_components(family: str, path) -> Dict[str, object]:
+    """Write a tiny ``family`` encoder folder at ``path``; returns the in-memory components (seed 0)."""
+    import transformers
+
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    c: Dict[str, object] = {}
+    base = family.replace("_i2v", "") if family != "hunyuan_i2v" else "hunyuan"
+    if base == "sd":
+        c["tokenizer"] = clip_tokenizer(root / "tokenizer")
+        c["text_encoder"] = _clip_model("CLIPTextModel", len(c["tokenizer"]))
+    elif base == "flux":
+        c["tokenizer"] = clip_tokenizer(root / "tokenizer")
+        c["text_encoder"] = _clip_model("CLIPTextModel", len(c["tokenizer"]))
+        c["tokenizer_2"], n = word_tokenizer(root / "tokenizer_2")
+        c["text_encoder_2"] = _t5("T5EncoderModel", n)
+    elif base == "hunyuan":
+        c["tokenizer"], n = word_tokenizer(root / "tokenizer", bos=True, max_length=1024)
+        c["text_encoder"] = _llama(n)
+        c["tokenizer_2"] = clip_tokenizer(root / "tokenizer_2")
+        c["text_encoder_2"] = _clip_model("CLIPTextModel", len(c["tokenizer_2"]))
+    elif base == "wan":
+        c["tokenizer"], n = word_tokenizer(root / "tokenizer")
+        c["text_encoder"] = _t5("UMT5EncoderModel", n)
+    elif base == "sd3":
+        c["tokenizer"] = clip_tokenizer(root / "tokenizer")
+        c["text_encoder"] = _clip_model("CLIPTextModelWithProjection", len(c["tokenizer"]), "clip_l")
+        c["tokenizer_2"] = clip_tokenizer(root / "tokenizer_2")
+        c["text_encoder_2"] = _clip_model("CLIPTextModelWithProjection", len(c["tokenizer_2"]), "clip_g")
+        c["tokenizer_3"], n = word_tokenizer(root / "tokenizer_3")
+        c["text_encoder_3"] = _t5("T5EncoderModel", n)
+    else:
+        raise ValueError(f"no tiny components for family {family!r}")
+    if family == "hunyuan_i2v":
+        c["vae"] = tiny_hunyuan_vae()
+    if family == "wan_i2v":
+        c["vae"] = tiny_wan_vae()
+        vcfg = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=32, patch_size=8, projection_dim=8)
+        c["image_encoder"] = transformers.CLIPVisionModel(vcfg)
+        c["image_processor"] = transformers.CLIPImageProcessor(size={"shortest_edge": 32},
+                                                               crop_size={"height": 32, "width": 32})
+    for name, obj in c.items():
+        if name.startswith("tokenizer"):
+            continue
+        if isinstance(obj, torch.nn.Module):
+            obj.eval()
+        obj.save_pretrained(str(root / name))
+    return c
