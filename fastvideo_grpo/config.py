@@ -58,7 +58,8 @@ class OptimConfig:
 
 @dataclass
 class RewardConfig:
-    name: str = "toy_geneval"
+    name: str = "toy_geneval"  # registry name of the reward
+    key: Optional[str] = None  # name in logs/advantages; lets one reward appear twice (e.g. VQ and MQ)
     weight: float = 1.0  # weight of this reward's normalised advantage in the sum
     threshold: Optional[float] = None  # set -> binary reward (r >= threshold)
     kwargs: Dict[str, Any] = field(default_factory=dict)
@@ -77,6 +78,60 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu" or "cuda"
     autocast: str = "bf16"  # autocast dtype on GPU: "bf16", "fp16" or "none"
     deterministic: bool = False
+    num_threads: int = 0  # CPU intra-op threads; 0 = torch's default
+    resume: Optional[str] = None  # checkpoint folder, "latest" (error if none) or "auto" (latest if any)
+    keep_last_checkpoints: int = 0  # delete older checkpoints beyond this many; 0 = keep all
+    export: bool = True  # write the trained weights to <output_dir>/export at the end (safetensors)
+
+
+@dataclass
+class ParallelConfig:
+    """Distributed degrees (see fastvideo_grpo/distributed/parallel_dims.py); product = world size."""
+
+    dp_replicate: int = 1  # HSDP replica groups (replicated across, sharded within)
+    dp_shard: int = -1  # FSDP shard degree; -1 = world_size // (dp_replicate * sp)
+    sp: int = 1  # Ulysses sequence-parallel degree (divides heads and tokens)
+    activation_checkpointing: float = 0.0  # fraction of transformer blocks recomputed in backward
+    param_dtype: str = "bf16"  # FSDP compute dtype on GPU (fp32 on CPU always)
+    reduce_dtype: str = "fp32"  # gradient reduce-scatter dtype on GPU
+    cpu_offload: bool = False  # keep sharded params / grads / optimizer state in CPU memory
+    reshard_after_forward: bool = True  # free gathered params after forward (ZeRO-3); False = ZeRO-2
+
+
+@dataclass
+class DataConfig:
+    """Where the training / held-out prompts come from (embeddings precomputed by data_prep)."""
+
+    manifest: Optional[str] = None  # manifest.json (or its folder) from data_prep; None = the adapter encodes prompts itself
+    eval_manifest: Optional[str] = None  # separate held-out manifest; None = split `manifest` by prompt hash
+    eval_fraction: float = 0.0  # share of `manifest` prompts held out for evaluation (by hash), in [0, 1)
+    split_salt: str = ""  # salt of the prompt hash that decides the split (change it for another split)
+    verify_hashes: bool = False  # sha256 every shard at start-up (reads every byte; slow for big sets)
+    dedupe: bool = False  # drop repeated prompts instead of failing
+    max_open_shards: int = 4  # safetensors shards kept open per process (LRU)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation (deterministic ODE sampler) and sample grids during training."""
+
+    samples_per_prompt: int = 1  # ODE samples per held-out prompt (fixed seeds: comparable across checkpoints)
+    batch_size: int = 4  # samples per evaluation forward, per rank
+    seed: int = 1234  # seed of the evaluation noise (same noise for every checkpoint)
+    num_sample_prompts: int = 4  # prompts (rows) in the sample grid saved every train.sample_every iterations
+    max_frames_in_grid: int = 8  # video samples: frames shown per row (evenly spaced)
+    rewards: List[RewardConfig] = field(default_factory=list)  # evaluation rewards; empty = the training rewards
+
+
+@dataclass
+class LogConfig:
+    """Rank-0 logging: console progress bar, metrics.jsonl, TensorBoard / wandb, reward-curve PNG."""
+
+    progress: bool = True  # tqdm bar with ETA on rank 0
+    tensorboard: bool = True  # <output_dir>/tensorboard when tensorboard is installed
+    wandb_project: Optional[str] = None  # log to wandb too (when installed)
+    curve_every: int = 1  # iterations between redraws of reward_curve.png; 0 = only at the end
+    curve_window: int = 10  # moving-average window of the curve, in iterations
 
 
 @dataclass
@@ -87,6 +142,10 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     rewards: List[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     extra: Dict[str, Any] = field(default_factory=dict)  # recipe-specific settings (e.g. toy pretraining)
 
     def validate(self) -> "RunConfig":
@@ -123,6 +182,13 @@ class RunConfig:
             raise ValueError("optim.lr must be > 0")
         if self.train.autocast not in ("bf16", "fp16", "none"):
             raise ValueError("train.autocast must be 'bf16', 'fp16' or 'none'")
+        if not 0.0 <= self.data.eval_fraction < 1.0:
+            raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
+        if self.eval.samples_per_prompt < 1 or self.eval.batch_size < 1:
+            raise ValueError("eval.samples_per_prompt and eval.batch_size must be >= 1")
+        for name in ("save_every", "eval_every", "sample_every", "log_every", "num_iterations"):
+            if getattr(self.train, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self.train, name)}")
         return self
 
     @property
@@ -155,6 +221,17 @@ def _type_ok(value, tp) -> bool:
     return True
 
 
+def _accepts_float(tp) -> bool:
+    return tp is float or (typing.get_origin(tp) is typing.Union and float in typing.get_args(tp))
+
+
+def _float_or_same(value: str):
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
 def _build(cls, data: Dict[str, Any], where: str):
     if not isinstance(data, dict):
         raise ValueError(f"config section '{where or 'root'}' must be a mapping, got {type(data).__name__}")
@@ -175,7 +252,9 @@ def _build(cls, data: Dict[str, Any], where: str):
                 raise ValueError(f"config key '{path}' must be a list")
             kwargs[key] = [_build(inner, v, f"{path}[{i}]") for i, v in enumerate(value)]
         else:
-            if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            if _accepts_float(tp) and isinstance(value, str):
+                value = _float_or_same(value)  # YAML 1.1 reads "1e-5" (no dot) as a string
+            if _accepts_float(tp) and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if not _type_ok(value, tp):
                 raise ValueError(f"config key '{path}' expects {tp}, got {value!r} ({type(value).__name__})")

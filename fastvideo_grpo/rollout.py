@@ -99,7 +99,7 @@ def rollout(
         t = schedule.model_timestep(i, z)
         with _autocast(device, autocast_dtype):
             out = adapter.predict(z, t, cond)
-        z_next, lp, _, _ = schedule.step(i, out, z, generator=generator)
+        z_next, lp, _, _ = schedule.step(i, out, z, generator=generator, need_mean=False)
         z_next = z_next.to(z.dtype)
         b_idx, k_idx = torch.nonzero(keep_cpu == i, as_tuple=True)  # CPU: no device sync
         if b_idx.numel():
@@ -131,7 +131,7 @@ def sample_ode(adapter: PolicyAdapter, schedule, cond: Cond, initial_latents: to
         t = schedule.model_timestep(i, z)
         with _autocast(z.device, autocast_dtype):
             out = adapter.predict(z, t, cond)
-        z = schedule.step(i, out, z, eta=0.0)[0].to(z.dtype)
+        z = schedule.step(i, out, z, eta=0.0, need_mean=False)[0].to(z.dtype)
     return z
 
 

@@ -32,10 +32,10 @@ def build_reward_fns(reward_cfgs) -> Tuple[Dict[str, RewardFn], Dict[str, float]
     fns, weights = {}, {}
     for rc in reward_cfgs:
         fn = REWARDS.build(rc.name, **rc.kwargs)
-        key = rc.name
+        key = rc.key or rc.name
         if rc.threshold is not None:
             fn = _thresholded(fn, rc.threshold)
-            key = f"{rc.name}_bin"
+            key = rc.key or f"{rc.name}_bin"
         if key in fns:
             raise ValueError(f"reward {key!r} is listed twice in the config")
         fns[key] = fn
@@ -93,6 +93,7 @@ def grpo_update(
     totals = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "ratio_mean": 0.0, "kl": 0.0}
     count = 0
     grad_norms = []
+    use_kl = ref_adapter is not None and kl_coef > 0
     module.train()
     for step_chunk in _chunks(K, num_updates):
         optimizer.zero_grad(set_to_none=True)
@@ -106,14 +107,12 @@ def grpo_update(
                 cond = traj.cond if len(row_chunks) == 1 else index_cond(traj.cond, rows_dev)
                 t = schedule.model_timestep(idx, z)
                 out = adapter.predict(z, t, cond)
-                _, logp, mean, std = schedule.step(idx, out, z, prev_sample=z_next)
+                _, logp, mean, std = schedule.step(idx, out, z, prev_sample=z_next, need_mean=use_kl)
                 kl_B = None
-                if ref_adapter is not None and kl_coef > 0:
+                if use_kl:
                     with torch.no_grad():
                         ref_out = ref_adapter.predict(z, t, cond)
                         _, _, ref_mean, _ = schedule.step(idx, ref_out, z, prev_sample=z_next)
-                    if mean is None:
-                        raise ValueError("KL regularisation needs the step mean; disable fused steps")
                     kl_B = grpo.gaussian_kl_same_std(mean, ref_mean, std)
                 old = traj.log_probs_BK[rows_dev, k]
                 if on_first_ratio is not None and count == 0:

@@ -1,6 +1,9 @@
 """The embedded default model: a tiny conditional rectified-flow DiT in pixel space (no downloads).
 
-It predicts the velocity u = eps - x for 3 x S x S images in [-1, 1]. Prompt words are tokens of a
+The network predicts the clean image x_hat (piecewise-constant shapes, easy for a tiny model with
+8x8 patches); the adapter turns it into the rectified-flow velocity the sampler needs,
+u = (z_t - x_hat) / t (from z_t = (1 - t) x + t eps and u = eps - x), with t floored at
+``min_sigma`` so the conversion stays bounded. Images are 3 x S x S in [-1, 1]. Prompt words are tokens of a
 fixed vocabulary (the toy task's grammar), embedded by the model and attended to jointly with the
 image patches (in-context conditioning); the timestep enters through adaLN modulation. It sits
 behind the same ``PolicyAdapter`` protocol as the big models, so the demo exercises the real
@@ -42,7 +45,7 @@ def tokenize(prompts: List[str]) -> torch.Tensor:
 @dataclass
 class TinyDiTConfig:
     image_size: int = 32
-    patch_size: int = 4
+    patch_size: int = 8
     hidden: int = 96
     depth: int = 4
     heads: int = 4
@@ -123,12 +126,20 @@ class TinyDiT(nn.Module):
         return out.reshape(B, g, g, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
 
 
+def velocity_from_clean(x_hat: torch.Tensor, latents: torch.Tensor, timestep_B: torch.Tensor,
+                        min_sigma: float = 0.02) -> torch.Tensor:
+    """u = (z_t - x_hat) / t with t = timestep / 1000 floored at ``min_sigma``."""
+    t = (timestep_B.float() / 1000.0).clamp(min=min_sigma).reshape(-1, *([1] * (latents.ndim - 1)))
+    return (latents - x_hat) / t
+
+
 class ToyAdapter(PolicyAdapter):
     prediction_type = "flow"
 
-    def __init__(self, model: TinyDiT, shift: float = 1.0):
+    def __init__(self, model: TinyDiT, shift: float = 1.0, min_sigma: float = 0.02):
         self.model = model
         self.shift = shift
+        self.min_sigma = min_sigma
 
     def trainable_module(self) -> nn.Module:
         return self.model
@@ -142,7 +153,8 @@ class ToyAdapter(PolicyAdapter):
         return z.to(device or self.device)
 
     def predict(self, latents, timestep_B, cond: Cond):
-        return self.model(latents, timestep_B, cond["tokens"])
+        x_hat = self.model(latents, timestep_B, cond["tokens"])
+        return velocity_from_clean(x_hat, latents, timestep_B, self.min_sigma)
 
     def decode(self, latents):
         return ((latents.float().clamp(-1, 1) + 1) / 2).clamp(0, 1)

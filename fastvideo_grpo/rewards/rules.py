@@ -3,8 +3,9 @@
 * ``toy_geneval``: checks each image against its own prompt (count, colour, shape, position) and
   returns the fraction of checks passed in [0, 1]; ``info["all_correct"]`` is GenEval's strict
   per-image success (every check passed).
-* ``toy_colour_fidelity``: a smooth score in [0, 1]: 1 - the mean distance of each pixel to the
-  nearest colour the prompt allows (background or a prompt colour), normalised by sqrt(3).
+* ``toy_colour_fidelity``: a smooth score in [0, 1] over the drawn pixels (brighter than
+  ``min_brightness``): 1 - their mean distance to the nearest colour the prompt names, normalised
+  by sqrt(3); an empty image scores 0.
 
 Pixels are assigned to the nearest palette colour; objects are 4-connected components of one
 colour with at least ``min_pixels`` pixels. Shape is read from how much of its bounding box a
@@ -125,14 +126,21 @@ def toy_geneval(min_pixels: int = 8):
 
 
 @REWARDS.register("toy_colour_fidelity")
-def toy_colour_fidelity():
+def toy_colour_fidelity(min_brightness: float = 0.15):
+    """Smooth colour score over the drawn (non-background) pixels; an empty image scores 0."""
+
     def reward(images, prompts, **_):
         validate_reward_inputs(images, prompts)
         imgs = images.detach().float().cpu().clamp(0, 1)
         scores = []
         for img, p in zip(imgs, prompts):
-            allowed = torch.tensor([(0.0, 0.0, 0.0)] + [COLOURS[o.colour] for o in parse_prompt(p).objects])
-            d = (img.permute(1, 2, 0).unsqueeze(-2) - allowed).norm(dim=-1).amin(-1)
+            px = img.permute(1, 2, 0).reshape(-1, 3)
+            fg = px[px.amax(-1) > min_brightness]
+            if fg.shape[0] == 0:
+                scores.append(0.0)
+                continue
+            allowed = torch.tensor([COLOURS[o.colour] for o in parse_prompt(p).objects])
+            d = (fg.unsqueeze(1) - allowed).norm(dim=-1).amin(-1)
             scores.append(1.0 - float(d.mean()) / math.sqrt(3.0))
         return torch.tensor(scores), {}
 

@@ -44,6 +44,8 @@ def run_demo(cfg: RunConfig, progress: bool = True, cache_dir: str = "outputs/to
              write_images: bool = True) -> Dict:
     t_start = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     out = Path(cfg.train.output_dir)

@@ -34,7 +34,8 @@ def checkpoint_path(root, settings: Dict) -> Path:
 
 
 def pretrain(prompts, settings: Dict, progress: bool = True) -> TinyDiT:
-    """Rectified-flow training: z_t = (1 - t) x + t eps, regress u = eps - x, t ~ U(0, 1)."""
+    """Rectified-flow noising z_t = (1 - t) x + t eps, t ~ U(0, 1); the network regresses the clean x
+    (the adapter converts its output to the velocity u = eps - x = (z_t - x) / t)."""
     s = settings
     torch.manual_seed(s["seed"])
     model = TinyDiT(TinyDiTConfig(**s["model"]))
@@ -53,7 +54,7 @@ def pretrain(prompts, settings: Dict, progress: bool = True) -> TinyDiT:
         eps = torch.randn(x.shape, generator=g)
         t = torch.rand(x.shape[0], generator=g)
         z = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * eps
-        loss = (model(z, t * 1000, tok) - (eps - x)).square().mean()
+        loss = (model(z, t * 1000, tok) - x).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
