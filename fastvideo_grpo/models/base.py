@@ -19,7 +19,7 @@ Conventions
 from __future__ import annotations
 
 import abc
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -78,6 +78,17 @@ class PolicyAdapter(abc.ABC):
 
     def state_dict_for_export(self) -> Dict[str, torch.Tensor]:
         return self.trainable_module().state_dict()
+
+    def blocks_for_sharding(self) -> Optional[List[nn.Module]]:
+        """The repeated transformer blocks in forward order, each wrapped by FSDP / activation
+        checkpointing (distributed/fsdp.py). None = found by attribute name (``transformer_blocks``,
+        ``single_transformer_blocks``, ``blocks``, ``down_blocks`` / ``up_blocks``, ...)."""
+        return None
+
+    def sequence_parallel_plan(self):
+        """A ``distributed.sequence_parallel.SPPlan`` saying which first-block inputs to shard along
+        the sequence; None = the first positional argument / ``hidden_states`` along dim 1."""
+        return None
 
 
 ADAPTERS: Registry[PolicyAdapter] = Registry("model adapter")

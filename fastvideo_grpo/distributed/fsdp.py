@@ -1,0 +1,152 @@
+"""Apply parallelism to a policy, torchtitan order: activation checkpointing -> sequence parallel ->
+FSDP2 ``fully_shard`` per transformer block, then the root module.
+
+Blocks are found generically: the adapter's ``blocks_for_sharding()`` when it returns a list, else
+every ``nn.ModuleList`` (or single module) under the names in ``BLOCK_ATTRS`` on the trainable module
+(``transformer_blocks`` + ``single_transformer_blocks`` for FLUX / HunyuanVideo, ``blocks`` for Wan and
+the toy DiT, ``down_blocks`` / ``mid_block`` / ``up_blocks`` for UNets). No model-name branches.
+
+Only the trainable module (transformer / UNet, LoRA included) is sharded. Frozen modules -- the VAE,
+text encoders when loaded, reward models -- keep ``requires_grad=False``, are never given to the
+optimiser and stay as full replicas on every rank's device (run under ``no_grad``: their memory is
+the weights only). With LoRA the frozen base weights inside the blocks are sharded together with
+the trainable LoRA weights (FSDP2 shards per parameter, so mixed requires_grad is fine); only the
+LoRA weights get gradients and optimiser state.
+
+Mixed precision: on GPU ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` by default: the
+sharded parameters (and AdamW state) stay in their stored dtype (fp32 master weights when the model
+is loaded in fp32), compute runs in bf16, gradients are reduced in fp32. On CPU everything is fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .parallel_dims import ParallelDims
+
+BLOCK_ATTRS = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers", "down_blocks", "mid_block",
+               "up_blocks")
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "fp32": torch.float32, "float32": torch.float32}
+
+
+def parse_dtype(name) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if str(name).lower() not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[str(name).lower()]
+
+
+def find_blocks(module: nn.Module, attrs: Sequence[str] = BLOCK_ATTRS) -> List[nn.Module]:
+    """The repeated blocks of ``module`` in forward order (see BLOCK_ATTRS)."""
+    blocks: List[nn.Module] = []
+    for name in attrs:
+        child = getattr(module, name, None)
+        if isinstance(child, (nn.ModuleList, nn.Sequential)):
+            blocks.extend(child)
+        elif isinstance(child, nn.Module):
+            blocks.append(child)
+    return blocks
+
+
+def adapter_blocks(adapter) -> List[nn.Module]:
+    hook = getattr(adapter, "blocks_for_sharding", None)
+    blocks = hook() if callable(hook) else None
+    if blocks is None:
+        blocks = find_blocks(adapter.trainable_module())
+    blocks = list(blocks)
+    if not blocks:
+        raise ValueError(
+            f"found no transformer blocks in {type(adapter.trainable_module()).__name__} (looked for attributes "
+            f"{list(BLOCK_ATTRS)}); implement blocks_for_sharding() on {type(adapter).__name__}"
+        )
+    return blocks
+
+
+def checkpointed_indices(num_blocks: int, fraction: float) -> List[int]:
+    """round(fraction * num_blocks) block indices, spread evenly (fraction 1 = every block)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"parallel.activation_checkpointing must be a fraction in [0, 1], got {fraction}")
+    return [i for i in range(num_blocks) if int((i + 1) * fraction + 1e-9) > int(i * fraction + 1e-9)]
+
+
+def _replace_child(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    for parent in root.modules():
+        for name, child in parent.named_children():
+            if child is old:
+                setattr(parent, name, new)  # ModuleList / Sequential accept str indices via setattr
+                return
+    raise AssertionError("block not found under the trainable module")
+
+
+def apply_activation_checkpointing(root: nn.Module, blocks: List[nn.Module], fraction: float) -> List[nn.Module]:
+    """Wrap the chosen blocks in non-reentrant checkpoint wrappers; returns the new block list."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    chosen = set(checkpointed_indices(len(blocks), fraction))
+    out = []
+    for i, b in enumerate(blocks):
+        if i in chosen:
+            w = checkpoint_wrapper(b, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+            _replace_child(root, b, w)
+            b = w
+        out.append(b)
+    return out
+
+
+@dataclass
+class ParallelizeResult:
+    blocks: List[nn.Module]
+    num_checkpointed: int = 0
+    sequence_parallel: Optional[object] = None
+    fsdp: bool = False
+    notes: List[str] = field(default_factory=list)
+
+
+def parallelize(adapter, dims: ParallelDims, pcfg=None, device: Optional[torch.device] = None) -> ParallelizeResult:
+    """AC -> SP -> FSDP2 on ``adapter.trainable_module()`` in place; returns what was applied.
+
+    ``pcfg`` is a ``config.ParallelConfig`` (activation_checkpointing fraction, param_dtype,
+    reduce_dtype, cpu_offload, reshard_after_forward); None = defaults.
+    """
+    from .sequence_parallel import SPPlan, SequenceParallel
+
+    frac = float(getattr(pcfg, "activation_checkpointing", 0.0) or 0.0)
+    module = adapter.trainable_module()
+    blocks = adapter_blocks(adapter)
+    res = ParallelizeResult(blocks=blocks)
+    if frac > 0:
+        blocks = apply_activation_checkpointing(module, blocks, frac)
+        res.blocks, res.num_checkpointed = blocks, len(checkpointed_indices(len(blocks), frac))
+    if dims.sp_enabled:
+        plan_hook = getattr(adapter, "sequence_parallel_plan", None)
+        plan = plan_hook() if callable(plan_hook) else None
+        res.sequence_parallel = SequenceParallel(blocks, dims.group("sp"), plan or SPPlan())
+    if not dims.distributed:
+        return res
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    if device is None:
+        device = next(module.parameters()).device
+    kwargs = {"mesh": dims.fsdp_mesh(), "reshard_after_forward": bool(getattr(pcfg, "reshard_after_forward", True))}
+    param_dtype = parse_dtype(getattr(pcfg, "param_dtype", "bf16"))
+    reduce_dtype = parse_dtype(getattr(pcfg, "reduce_dtype", "fp32"))
+    if torch.device(device).type == "cuda" and (param_dtype != torch.float32 or reduce_dtype != torch.float32):
+        # fp32 outputs: the SDE step and its log-prob run in fp32 on the bf16 model's prediction
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                                                   output_dtype=torch.float32)
+    else:
+        res.notes.append("mixed precision off (CPU or fp32 requested)")
+    if getattr(pcfg, "cpu_offload", False):
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for b in blocks:
+        fully_shard(b, **kwargs)
+    fully_shard(module, **kwargs)
+    res.fsdp = True
+    return res

@@ -1,0 +1,298 @@
+"""Ulysses sequence parallelism: all-to-all between sequence shards and head shards around attention.
+
+Each of the ``sp`` ranks of a group holds 1/sp of the tokens of every sample. Before attention an
+all-to-all turns (B, H, N/sp, d) into (B, H/sp, N, d) -- all tokens, a slice of the heads -- so the
+attention itself is exact; a second all-to-all turns the output back. Everything outside attention
+is token-wise and runs on the local shard.
+
+Gradient bookkeeping (why the results equal single-rank training). The transformer's input is
+split along the sequence before the first block (``shard_sequence``) and gathered after the last
+(``gather_sequence``); everything after the gather (and the loss) is computed identically on every
+sp rank. The backward of the gather returns ``sp * grad[local slice]`` (the sum over the sp ranks of
+their identical output gradients), so each rank's parameter gradient is sp times the part its
+tokens contribute plus, for parameters used after the gather, the full gradient. FSDP shards over
+the flattened (dp_shard, sp) axis and *averages* gradients over it, which turns both into the exact
+gradient of the replicated loss.
+
+``SequenceParallel`` installs this on a model without model-specific code: a forward pre-hook on
+the first transformer block shards the inputs named by a ``SPPlan`` (default: the first positional
+argument / ``hidden_states`` along dim 1; per-block side inputs such as rotary tables as the plan
+says), a forward hook on the last block gathers its output,
+and while a block runs, ``torch.nn.functional.scaled_dot_product_attention`` dispatches to
+``ulysses_attention``. Requirements: heads and the token count divisible by sp; positional
+information applied inside the blocks to the local tokens must be sharded the same way (an
+adapter whose blocks take e.g. rotary tables over all tokens supplies its own ``SPPlan``).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+# ----------------------------------------------------------------------------- all-to-all primitives
+
+
+def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
+    """Split ``x`` into world chunks along scatter_dim, send chunk j to rank j, concatenate the
+    received chunks (in rank order) along gather_dim."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return x
+    if x.shape[scatter_dim] % world:
+        raise ValueError(f"dim {scatter_dim} of size {x.shape[scatter_dim]} is not divisible by the sequence-parallel "
+                         f"degree {world}; choose parallel.sp dividing the number of heads and tokens")
+    send = torch.stack(x.chunk(world, dim=scatter_dim)).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+class _SeqToHead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, seq_dim, head_dim):
+        ctx.group, ctx.seq_dim, ctx.head_dim = group, seq_dim, head_dim
+        return _all_to_all(x, head_dim, seq_dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad.contiguous(), ctx.seq_dim, ctx.head_dim, ctx.group), None, None, None
+
+
+class _HeadToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, seq_dim, head_dim):
+        ctx.group, ctx.seq_dim, ctx.head_dim = group, seq_dim, head_dim
+        return _all_to_all(x, seq_dim, head_dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad.contiguous(), ctx.head_dim, ctx.seq_dim, ctx.group), None, None, None
+
+
+def seq_to_head_all_to_all(x: torch.Tensor, group, seq_dim: int = 2, head_dim: int = 1) -> torch.Tensor:
+    """(.., H, N/sp, ..) sequence-sharded -> (.., H/sp, N, ..) head-sharded; differentiable."""
+    return _SeqToHead.apply(x, group, seq_dim, head_dim)
+
+
+def head_to_seq_all_to_all(x: torch.Tensor, group, seq_dim: int = 2, head_dim: int = 1) -> torch.Tensor:
+    """Inverse of ``seq_to_head_all_to_all``; differentiable."""
+    return _HeadToSeq.apply(x, group, seq_dim, head_dim)
+
+
+# ----------------------------------------------------------------------------- shard / gather tokens
+
+
+def _all_gather_cat(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    world = dist.get_world_size(group)
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+class _Shard(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if x.shape[dim] % world:
+            raise ValueError(f"sequence length {x.shape[dim]} (dim {dim}) is not divisible by the sequence-parallel "
+                             f"degree {world}; change the resolution / frame count or parallel.sp")
+        ctx.group, ctx.dim, ctx.full = group, dim, x.shape[dim]
+        return x.chunk(world, dim=dim)[rank].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        # the local tokens' gradient only; the other ranks hold the rest (see the module docstring)
+        world, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        full_shape = list(grad.shape)
+        full_shape[ctx.dim] = ctx.full
+        out = grad.new_zeros(full_shape)
+        n = ctx.full // world
+        out.narrow(ctx.dim, rank * n, n).copy_(grad)
+        return out, None, None
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim, ctx.n = group, dim, x.shape[dim]
+        return _all_gather_cat(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        world, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        return grad.narrow(ctx.dim, rank * ctx.n, ctx.n) * world, None, None
+
+
+def shard_sequence(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
+    """This rank's contiguous 1/sp slice of ``x`` along ``dim`` (latents, hidden states)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    return _Shard.apply(x, group, dim)
+
+
+def gather_sequence(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
+    """All sp shards concatenated along ``dim`` (in rank order); see the docstring for its backward."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    return _Gather.apply(x, group, dim)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+_sdpa_original = F.scaled_dot_product_attention
+_state = threading.local()
+
+
+def _gather_mask(mask: torch.Tensor, n_local: int, group) -> torch.Tensor:
+    """Bring a (.., Nq, Nk) mask given over local tokens to all tokens; a full-length mask passes."""
+    world = dist.get_world_size(group)
+    if mask.dim() >= 1 and mask.shape[-1] == n_local and n_local * world != n_local:
+        mask = _all_gather_cat(mask, -1, group)
+    if mask.dim() >= 2 and mask.shape[-2] == n_local:
+        mask = _all_gather_cat(mask, -2, group)
+    return mask
+
+
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, attn_mask=None, dropout_p=0.0,
+                      is_causal=False, scale=None, **kwargs) -> torch.Tensor:
+    """Exact attention over all tokens for sequence-sharded (B, H, N/sp, d) q, k, v.
+
+    ``attn_mask`` may be given over all tokens or over the local ones (it is gathered); a per-head
+    mask is sliced to the local heads. Returns the (B, H, N/sp, d) output. Keys of another length
+    than the local queries mean cross-attention to a context every rank holds whole (text
+    embeddings): that is computed locally without communication (so a self-attention must not be
+    called with a replicated, unsharded key sequence).
+    """
+    world = 1 if group is None else dist.get_world_size(group)
+    if world == 1:
+        return _sdpa_original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                              **kwargs)
+    heads, n_local = q.shape[1], q.shape[2]
+    if k.shape[-2] != n_local:
+        # cross-attention to a replicated context (e.g. text tokens): queries are independent, no exchange
+        return _sdpa_original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                              **kwargs)
+    if heads % world or k.shape[1] % world:
+        raise ValueError(f"{heads} query heads / {k.shape[1]} key heads are not divisible by the sequence-parallel "
+                         f"degree {world}; choose parallel.sp dividing the number of attention heads")
+    qh, kh, vh = (seq_to_head_all_to_all(t, group) for t in (q, k, v))
+    if attn_mask is not None:
+        attn_mask = _gather_mask(attn_mask, n_local, group)
+        if attn_mask.dim() == 4 and attn_mask.shape[1] == heads:
+            local = heads // world
+            attn_mask = attn_mask.narrow(1, dist.get_rank(group) * local, local)
+    out = _sdpa_original(qh, kh, vh, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                         **kwargs)
+    return head_to_seq_all_to_all(out, group)
+
+
+def _dispatching_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    group = getattr(_state, "group", None)
+    if group is None:
+        return _sdpa_original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                              scale=scale, **kwargs)
+    return ulysses_attention(query, key, value, group, attn_mask=attn_mask, dropout_p=dropout_p,
+                             is_causal=is_causal, scale=scale, **kwargs)
+
+
+def _install_dispatch() -> None:
+    """Route F.scaled_dot_product_attention through the Ulysses dispatcher (only active inside
+    sequence-parallel blocks; elsewhere it calls the original)."""
+    if F.scaled_dot_product_attention is not _dispatching_sdpa:
+        F.scaled_dot_product_attention = _dispatching_sdpa
+
+
+# ----------------------------------------------------------------------------- applying to a model
+
+
+@dataclass
+class SPPlan:
+    """Which block inputs are sharded along the sequence, and how the last block's output is gathered.
+
+    ``shard_inputs``: inputs of the FIRST block (the hidden states that then flow block to block),
+    as positional index or keyword name -> sequence dim; absent inputs are skipped.
+    ``shard_every_block``: side inputs given to EVERY block over all tokens -- rotary (cos, sin)
+    tables, per-token modulation -- sharded the same way at each block (a tuple has each tensor
+    sharded); a tensor whose size along that dim is not the first block's token count is left
+    whole (so one plan covers both (B, 6, D) and per-token (B, N, 6, D) modulation). ``gather_output_dim``: the sequence dim along which the last block's output (every
+    tensor of a tuple output) is gathered.
+    """
+
+    shard_inputs: Dict[Union[int, str], int] = field(default_factory=lambda: {0: 1, "hidden_states": 1})
+    shard_every_block: Dict[Union[int, str], int] = field(default_factory=dict)
+    gather_output_dim: int = 1
+
+
+class SequenceParallel:
+    """Hooks that run ``blocks`` (in order) sequence-parallel over ``group``; ``remove()`` undoes them."""
+
+    def __init__(self, blocks: Sequence[nn.Module], group, plan: Optional[SPPlan] = None):
+        if not blocks:
+            raise ValueError("sequence parallelism needs at least one transformer block")
+        self.group, self.plan = group, plan or SPPlan()
+        self._full_len: Optional[int] = None  # token count at the first block (set each forward)
+        self._handles: List = []
+        _install_dispatch()
+        inner = [getattr(b, "_checkpoint_wrapped_module", b) for b in blocks]
+        first, last = inner[0], inner[-1]
+        self._handles.append(first.register_forward_pre_hook(self._shard_first, with_kwargs=True))
+        self._handles.append(last.register_forward_hook(self._gather_output))
+        for b in inner:
+            if self.plan.shard_every_block:
+                self._handles.append(b.register_forward_pre_hook(self._shard_side, with_kwargs=True))
+            self._handles.append(b.register_forward_pre_hook(self._enter))
+            self._handles.append(b.register_forward_hook(self._exit, always_call=True))
+
+    def _enter(self, module, args):
+        _state.group = self.group
+
+    def _exit(self, module, args, output):
+        _state.group = None
+        return None
+
+    def _shard_first(self, module, args, kwargs):
+        self._full_len = None
+        return self._shard(self.plan.shard_inputs, args, kwargs, side=False)
+
+    def _shard_side(self, module, args, kwargs):
+        return self._shard(self.plan.shard_every_block, args, kwargs, side=True)
+
+    def _shard(self, which, args, kwargs, side):
+        args = list(args)
+        for key, dim in which.items():
+            if isinstance(key, int) and key < len(args):
+                args[key] = self._shard_value(args[key], dim, side)
+            elif isinstance(key, str) and key in kwargs:
+                kwargs[key] = self._shard_value(kwargs[key], dim, side)
+        return tuple(args), kwargs
+
+    def _shard_value(self, v, dim, side):
+        if isinstance(v, torch.Tensor):
+            if side:  # only tensors spanning all tokens (e.g. not a (B, 6, D) per-sample modulation)
+                return shard_sequence(v, self.group, dim) if v.dim() > dim and v.shape[dim] == self._full_len else v
+            self._full_len = v.shape[dim] if self._full_len is None else self._full_len
+            return shard_sequence(v, self.group, dim)
+        if isinstance(v, (tuple, list)):  # e.g. rotary (cos, sin) tables over all tokens
+            return type(v)(self._shard_value(x, dim, side) for x in v)
+        return v
+
+    def _gather_output(self, module, args, output):
+        dim = self.plan.gather_output_dim
+        if isinstance(output, torch.Tensor):
+            return gather_sequence(output, self.group, dim)
+        if isinstance(output, (tuple, list)):
+            return type(output)(gather_sequence(o, self.group, dim) if isinstance(o, torch.Tensor) and o.dim() > dim
+                                else o for o in output)
+        raise ValueError(f"cannot gather a {type(output).__name__} block output; give the adapter an SPPlan")
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

@@ -1,0 +1,47 @@
+"""Helpers for the distributed tests: a free port and a torchrun launcher that surfaces failures."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKERS = Path(__file__).resolve().parent / "workers"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def torchrun(script: str, *args, nproc: int = 2, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """Run tests/distributed/workers/<script> under torchrun on CPU (gloo); assert it exits 0."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(WORKERS / script), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    _check(script, proc)
+    return proc
+
+
+def python(script: str, *args, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """Run a worker as one plain process (no torchrun variables)."""
+    proc = subprocess.run([sys.executable, str(WORKERS / script), *map(str, args)], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    _check(script, proc)
+    return proc
+
+
+def _check(script: str, proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, (f"{script} failed (rc {proc.returncode})\nSTDOUT:\n{proc.stdout[-4000:]}\n"
+                                  f"STDERR:\n{proc.stderr[-8000:]}")

@@ -1,0 +1,24 @@
+"""2-process CPU (gloo) tests: FSDP2 update == 1-process update, Ulysses attention == local attention,
+per-rank seeding and group-preserving prompt assignment."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _launch import torchrun  # noqa: E402
+
+
+def test_fsdp_grpo_update_matches_single_process():
+    out = torchrun("w_fsdp_update.py").stdout
+    assert "ac=0.0" in out and "ac=0.5" in out, out
+
+
+def test_ulysses_attention_and_sp_update_match_single_rank():
+    out = torchrun("w_ulysses.py").stdout
+    assert "ulysses attention equals" in out and "sp=2 model update equals" in out, out
+
+
+def test_ranks_draw_different_noise_sp_peers_the_same():
+    out = torchrun("w_seeding.py").stdout
+    assert "sp=1" in out and "sp=2" in out, out
