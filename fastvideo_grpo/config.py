@@ -102,7 +102,7 @@ class ParallelConfig:
 class DataConfig:
     """Where the training / held-out prompts come from (embeddings precomputed by data_prep)."""
 
-    manifest: Optional[str] = None  # manifest.json (or its folder) from data_prep; None = the adapter encodes prompts itself
+    manifest: Optional[str] = None  # manifest.json (or its folder) from data_prep; required by fastvideo_grpo.train
     eval_manifest: Optional[str] = None  # separate held-out manifest; None = split `manifest` by prompt hash
     eval_fraction: float = 0.0  # share of `manifest` prompts held out for evaluation (by hash), in [0, 1)
     split_salt: str = ""  # salt of the prompt hash that decides the split (change it for another split)
@@ -176,6 +176,20 @@ class RunConfig:
             raise ValueError("sampling.eta must be >= 0")
         if self.sampling.eta_schedule is not None and len(self.sampling.eta_schedule) != self.sampling.num_steps:
             raise ValueError("sampling.eta_schedule needs one entry per sampling step")
+        if g.timestep_window is not None:
+            w = list(g.timestep_window)
+            if len(w) != 2 or not 0 <= w[0] < w[1] <= self.sampling.num_steps:
+                raise ValueError(f"grpo.timestep_window {w} must be [lo, hi) with 0 <= lo < hi <= "
+                                 f"sampling.num_steps={self.sampling.num_steps}")
+        if self.sampling.eta_schedule is not None:
+            # kept (trained) steps must be stochastic: an eta = 0 step has a point-mass transition, so its
+            # log-prob is 0 and its gradient is 0 -- compute spent for nothing. With eta = 0 outside a
+            # training window (the sliding-window option), set grpo.timestep_window to that window.
+            lo, hi = g.timestep_window or (0, self.sampling.num_steps)
+            dead = [i for i in range(lo, hi) if self.sampling.eta_schedule[i] <= 0]
+            if dead:
+                raise ValueError(f"sampling.eta_schedule is 0 at steps {dead}, which grpo.timestep_window "
+                                 f"{[lo, hi]} lets training pick; restrict the window to the steps with eta > 0")
         if not self.rewards:
             raise ValueError("at least one reward is required under 'rewards'")
         if self.optim.lr <= 0:

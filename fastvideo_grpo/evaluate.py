@@ -66,3 +66,16 @@ def evaluate_policy(
     if return_images:
         out["images"] = torch.cat(images)
     return out
+
+
+def main(argv=None):
+    """``python -m fastvideo_grpo.evaluate``: evaluate / compare checkpoints (see evaluate_cli.py)."""
+    from .evaluate_cli import main as _main
+
+    return _main(argv)
+
+
+if __name__ == "__main__":
+    from .evaluate_cli import cli
+
+    cli()
