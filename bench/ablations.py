@@ -20,20 +20,21 @@ from fastvideo_grpo.toy.demo import run_demo  # noqa: E402
 
 # name -> (paper claim, overrides)
 VARIANTS = {
-    "baseline": ("DanceGRPO defaults: shared noise, tau 0.6, eta 0.3, group advantages", []),
+    "baseline": ("demo config: shared noise, tau 0.6, eta 0.7, group advantages, geneval + its binary form", []),
     "independent_noise": ("different noise per sample led to reward hacking / instability",
                           ["--grpo.shared_noise=false"]),
     "tau_1.0": ("all timesteps: similar reward, more compute", ["--grpo.tau=1.0"]),
     "first_30pct_only": ("training only the first 30% of steps loses quality",
                          ["--grpo.tau=1.0", "--grpo.timestep_window=[0, 3]"]),
-    "eta_0.1": ("eta below 0.3 clearly hurts", ["--sampling.eta=0.1"]),
+    "eta_0.3": ("the paper's eta", ["--sampling.eta=0.3"]),
     "eta_0.5": ("eta above 0.3 sometimes leaves noise", ["--sampling.eta=0.5"]),
+    "eta_1.0": ("(larger noise level)", ["--sampling.eta=1.0"]),
     "global_advantage": ("(DDPO-style batch normalisation instead of group-relative)",
                          ["--grpo.advantage=global"]),
-    "binary_reward": ("thresholded 0/1 rewards still learn",
-                      ["--rewards=[{name: toy_geneval, threshold: 0.99}, {name: toy_colour_fidelity, threshold: 0.97, weight: 0.5}]"]),
+    "continuous_only": ("one continuous reward", ["--rewards=[{name: toy_geneval}]"]),
+    "binary_only": ("thresholded 0/1 rewards still learn", ["--rewards=[{name: toy_geneval, threshold: 0.5}]"]),
     "best_of_n": ("train on top-k + bottom-k of a larger pool: faster convergence, more sampling",
-                  ["--grpo.group_size=16", "--grpo.prompts_per_iteration=2", "--grpo.best_of_n_k=4"]),
+                  ["--grpo.group_size=16", "--grpo.prompts_per_iteration=4", "--grpo.best_of_n_k=4"]),
 }
 
 

@@ -97,7 +97,7 @@ def rollout(
     keep_cpu = keep_steps_BK.cpu()
     for i in range(schedule.num_steps):
         t = schedule.model_timestep(i, z)
-        with _autocast(device, autocast_dtype):
+        with autocast_context(device, autocast_dtype):
             out = adapter.predict(z, t, cond)
         z_next, lp, _, _ = schedule.step(i, out, z, generator=generator, need_mean=False)
         z_next = z_next.to(z.dtype)
@@ -129,13 +129,13 @@ def sample_ode(adapter: PolicyAdapter, schedule, cond: Cond, initial_latents: to
     z = initial_latents
     for i in range(schedule.num_steps):
         t = schedule.model_timestep(i, z)
-        with _autocast(z.device, autocast_dtype):
+        with autocast_context(z.device, autocast_dtype):
             out = adapter.predict(z, t, cond)
         z = schedule.step(i, out, z, eta=0.0, need_mean=False)[0].to(z.dtype)
     return z
 
 
-def _autocast(device, dtype):
+def autocast_context(device, dtype):
     device = torch.device(device)
     if dtype is None or device.type != "cuda":
         return torch.autocast(device_type=device.type, enabled=False)

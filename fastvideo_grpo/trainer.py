@@ -21,7 +21,7 @@ from . import grpo
 from .config import RunConfig
 from .models.base import Cond, PolicyAdapter, index_cond
 from .rewards.base import REWARDS, RewardFn, compute_rewards
-from .rollout import Trajectory, rollout
+from .rollout import Trajectory, autocast_context, rollout
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -76,6 +76,7 @@ def grpo_update(
     kl_coef: float = 0.0,
     lr_scheduler=None,
     on_first_ratio: Optional[Callable[[torch.Tensor], None]] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
 ) -> Dict[str, float]:
     """PPO-clip updates over the kept transitions of ``traj``; returns averaged diagnostics.
 
@@ -106,11 +107,12 @@ def grpo_update(
                 z_next = traj.next_latents_BK[rows_dev, k]
                 cond = traj.cond if len(row_chunks) == 1 else index_cond(traj.cond, rows_dev)
                 t = schedule.model_timestep(idx, z)
-                out = adapter.predict(z, t, cond)
+                with autocast_context(device, autocast_dtype):  # same precision as the rollout: ratio stays 1
+                    out = adapter.predict(z, t, cond)
                 _, logp, mean, std = schedule.step(idx, out, z, prev_sample=z_next, need_mean=use_kl)
                 kl_B = None
                 if use_kl:
-                    with torch.no_grad():
+                    with torch.no_grad(), autocast_context(device, autocast_dtype):
                         ref_out = ref_adapter.predict(z, t, cond)
                         _, _, ref_mean, _ = schedule.step(idx, ref_out, z, prev_sample=z_next)
                     kl_B = grpo.gaussian_kl_same_std(mean, ref_mean, std)
@@ -195,6 +197,8 @@ class GRPOTrainer:
         self.schedule = adapter.make_schedule(cfg.sampling.num_steps, cfg.eta)
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
         self.iteration = 0
+        # autocast applies on CUDA only (rollout._autocast); CPU runs stay in the weights' dtype
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[cfg.train.autocast]
 
     def state_dict(self):
         return {
@@ -221,7 +225,7 @@ class GRPOTrainer:
         keep = grpo.subsample_timesteps(self.schedule.num_steps, g.tau, B, self.generator, window)
         self.adapter.trainable_module().eval()
         traj = rollout(self.adapter, self.schedule, prompts, cond, g.group_size, keep, self.generator,
-                       shared_noise=g.shared_noise)
+                       shared_noise=g.shared_noise, autocast_dtype=self.autocast_dtype)
         t1 = time.perf_counter()
         rewards, _ = compute_rewards(self.reward_fns, traj.decoded, traj.prompts)
         t2 = time.perf_counter()
@@ -240,6 +244,7 @@ class GRPOTrainer:
             clip_range=g.clip_range, adv_clip_max=g.adv_clip_max, num_updates=g.num_updates_per_iteration,
             max_grad_norm=cfg.optim.max_grad_norm, micro_batch_size=g.micro_batch_size,
             ref_adapter=self.ref_adapter, kl_coef=g.kl_coef, lr_scheduler=self.lr_scheduler,
+            autocast_dtype=self.autocast_dtype,
         )
         t3 = time.perf_counter()
         self.iteration += 1

@@ -1,8 +1,8 @@
 """Rule-based rewards for the embedded toy task (a small GenEval of our own), batched in torch.
 
 * ``toy_geneval``: checks each image against its own prompt (count, colour, shape, position) and
-  returns the fraction of checks passed in [0, 1]; ``info["all_correct"]`` is GenEval's strict
-  per-image success (every check passed).
+  returns the mean check score in [0, 1] (counts with partial credit); ``info["all_correct"]`` is
+  GenEval's strict per-image success (every check passed).
 * ``toy_colour_fidelity``: a smooth score in [0, 1] over the drawn pixels (brighter than
   ``min_brightness``): 1 - their mean distance to the nearest colour the prompt names, normalised
   by sqrt(3); an empty image scores 0.
@@ -80,27 +80,31 @@ def classify_shape(fill: float) -> str:
     return "triangle"
 
 
-def score_image(spec: PromptSpec, objects: Dict[str, List[dict]]) -> List[bool]:
-    """The list of pass/fail checks of one image against its prompt."""
+def score_image(spec: PromptSpec, objects: Dict[str, List[dict]]) -> List[float]:
+    """Per-check scores in [0, 1] of one image against its prompt (1.0 = check passed).
+
+    Counts get partial credit (1 - |found - wanted| / wanted, floored at 0) so that "two of three"
+    scores between "none" and "three"; every other check is pass/fail.
+    """
     wanted = {o.colour for o in spec.objects}
-    checks = [all(len(objects[c]) == 0 for c in objects if c not in wanted)]  # no stray colours
+    checks = [float(all(len(objects[c]) == 0 for c in objects if c not in wanted))]  # no stray colours
     if spec.relation is None:
         (o,) = spec.objects
         found = objects[o.colour]
-        checks.append(len(found) == o.count)
-        checks.append(bool(found) and all(classify_shape(f["fill"]) == o.shape for f in found))
+        checks.append(max(0.0, 1.0 - abs(len(found) - o.count) / o.count))
+        checks.append(float(bool(found) and all(classify_shape(f["fill"]) == o.shape for f in found)))
         return checks
     a, b = spec.objects
     fa, fb = objects[a.colour], objects[b.colour]
-    checks += [len(fa) == 1, len(fb) == 1]
-    checks.append(bool(fa) and classify_shape(max(fa, key=lambda f: f["area"])["fill"]) == a.shape)
-    checks.append(bool(fb) and classify_shape(max(fb, key=lambda f: f["area"])["fill"]) == b.shape)
+    checks += [max(0.0, 1.0 - abs(len(fa) - 1)), max(0.0, 1.0 - abs(len(fb) - 1))]
+    checks.append(float(bool(fa) and classify_shape(max(fa, key=lambda f: f["area"])["fill"]) == a.shape))
+    checks.append(float(bool(fb) and classify_shape(max(fb, key=lambda f: f["area"])["fill"]) == b.shape))
     if fa and fb:
         ca = max(fa, key=lambda f: f["area"])["cx"]
         cb = max(fb, key=lambda f: f["area"])["cx"]
-        checks.append(ca < cb)
+        checks.append(float(ca < cb))
     else:
-        checks.append(False)
+        checks.append(0.0)
     return checks
 
 
@@ -119,7 +123,7 @@ def toy_geneval(min_pixels: int = 8):
         for p, o in zip(prompts, objs):
             checks = score_image(parse_prompt(p), o)
             scores.append(sum(checks) / len(checks))
-            strict.append(float(all(checks)))
+            strict.append(float(all(c == 1.0 for c in checks)))
         return torch.tensor(scores), {"all_correct": torch.tensor(strict)}
 
     return reward
