@@ -136,10 +136,11 @@ def velocity_from_clean(x_hat: torch.Tensor, latents: torch.Tensor, timestep_B: 
 class ToyAdapter(PolicyAdapter):
     prediction_type = "flow"
 
-    def __init__(self, model: TinyDiT, shift: float = 1.0, min_sigma: float = 0.02):
+    def __init__(self, model: TinyDiT, shift: float = 1.0, min_sigma: float = 0.02, balance_grad: bool = False):
         self.model = model
         self.shift = shift
         self.min_sigma = min_sigma
+        self.balance_grad = balance_grad
 
     def trainable_module(self) -> nn.Module:
         return self.model
@@ -153,8 +154,20 @@ class ToyAdapter(PolicyAdapter):
         return z.to(device or self.device)
 
     def predict(self, latents, timestep_B, cond: Cond):
+        """Velocity (z - x_hat) / t. With ``balance_grad`` the value is unchanged but the gradient
+        flows as if the network predicted the velocity directly (du/d(output) = -1 instead of -1/t).
+
+        Departure for the toy only: with x-prediction, d mean / d x_hat grows like 1/t^2, so the last
+        steps' log-probs would outweigh the early, layout-deciding steps by ~30x in every update; a
+        velocity-predicting model (FLUX, HunyuanVideo) has uniform sensitivity across steps, which
+        this restores. Sampled values and log-probs are exactly those of the plain conversion.
+        Off by default: in 100-iteration demo runs it did not measurably change the held-out reward.
+        """
         x_hat = self.model(latents, timestep_B, cond["tokens"])
-        return velocity_from_clean(x_hat, latents, timestep_B, self.min_sigma)
+        u = velocity_from_clean(x_hat, latents, timestep_B, self.min_sigma)
+        if self.balance_grad and x_hat.requires_grad:
+            u = u.detach() - (x_hat - x_hat.detach())
+        return u
 
     def decode(self, latents):
         return ((latents.float().clamp(-1, 1) + 1) / 2).clamp(0, 1)
@@ -180,6 +193,7 @@ def load_toy_model(path) -> TinyDiT:
 
 
 @ADAPTERS.register("toy")
-def build_toy(checkpoint: Optional[str] = None, shift: float = 1.0, device: str = "cpu", **model_cfg) -> ToyAdapter:
+def build_toy(checkpoint: Optional[str] = None, shift: float = 1.0, device: str = "cpu",
+              balance_grad: bool = False, **model_cfg) -> ToyAdapter:
     model = load_toy_model(checkpoint) if checkpoint else TinyDiT(TinyDiTConfig(**model_cfg))
-    return ToyAdapter(model.to(device), shift=shift)
+    return ToyAdapter(model.to(device), shift=shift, balance_grad=balance_grad)

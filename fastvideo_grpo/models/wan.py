@@ -45,6 +45,13 @@ class WanAdapter(DiffusersAdapter):
     def _make_schedule(self, num_steps, eta):
         return FlowSchedule.create(num_steps, eta=eta, shift=self.shift)
 
+    def sequence_parallel_plan(self):
+        """Ulysses plan for diffusers' Wan blocks: the rotary (cos, sin) tables (positional args 2, 3 /
+        ``rotary_emb``) cover every image token, so each block gets them sharded like the tokens."""
+        from ..distributed.sequence_parallel import SPPlan
+
+        return SPPlan(shard_every_block={2: 1, 3: 1, "rotary_emb": 1})
+
     def latent_shape(self, cond=None):
         F = (self.num_frames - 1) // self.t_ratio + 1
         return (self.vae.config.z_dim, F, self.height // self.s_ratio, self.width // self.s_ratio)

@@ -56,7 +56,11 @@ def run_demo(cfg: RunConfig, progress: bool = True, cache_dir: str = "outputs/to
     train_prompts, held_prompts = split_prompts(seed=0)
     pre = dict(cfg.extra.get("pretrain", {}))
     model, ckpt, pre_seconds = pretrained_toy_model(train_prompts, pre, cache_dir=cache_dir, progress=progress)
-    adapter = ToyAdapter(model, shift=float(cfg.model.kwargs.get("shift", 1.0)))
+    unknown = set(cfg.model.kwargs) - {"shift", "balance_grad"}
+    if unknown:
+        raise ValueError(f"model.kwargs {sorted(unknown)} are not toy-demo settings (known: shift, balance_grad)")
+    adapter = ToyAdapter(model, shift=float(cfg.model.kwargs.get("shift", 1.0)),
+                         balance_grad=bool(cfg.model.kwargs.get("balance_grad", False)))
 
     reward_fns, weights = build_reward_fns(cfg.rewards)
     eval_fns = _eval_reward_fns(cfg)

@@ -83,6 +83,8 @@ def test_short_demo_runs_end_to_end(tmp_path):
         f"--train.output_dir={tmp_path / 'demo'}", "--train.num_iterations=2", "--train.eval_every=0",
         "--train.num_eval_prompts=4", "--grpo.prompts_per_iteration=2", "--grpo.group_size=4",
         "--sampling.num_steps=3", "--sampling.eval_num_steps=3",
+        # a continuous reward too: the barely-pretrained model's geneval ties within groups (zero advantage)
+        "--rewards=[{name: toy_geneval}, {name: toy_geneval, threshold: 0.99}, {name: toy_colour_fidelity, weight: 0.5}]",
         "--extra.pretrain.steps=3", "--extra.pretrain.num_images=64", "--extra.pretrain.batch_size=8",
         "--extra.pretrain.model={image_size: 16, patch_size: 4, hidden: 32, depth: 1, heads: 2}",
     ])
@@ -91,9 +93,11 @@ def test_short_demo_runs_end_to_end(tmp_path):
     for f in ("summary.json", "reward_curve.png", "samples_before_after.png", "metrics.jsonl", "config.yaml", "policy.pt"):
         assert (out / f).is_file(), f
     s = json.loads((out / "summary.json").read_text())
-    assert set(s["per_reward_after"]) == {"toy_geneval", "toy_colour_fidelity"}
+    assert set(s["per_reward_after"]) == {"toy_geneval", "toy_colour_fidelity"}  # continuous forms only
+    assert "toy_geneval/all_correct" in s["extras_after"]
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train/loss" in r]
+    assert all("reward/toy_geneval_bin/mean" in r for r in train_rows)  # the binary form is aggregated too
     assert len(train_rows) == 2
     # the loss path ran: gradients flowed and were clipped/applied
     assert all(r["train/grad_norm"] > 0 for r in train_rows)

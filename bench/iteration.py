@@ -1,0 +1,491 @@
+"""Cost of one GRPO iteration against the bare model work it contains; prints ONE JSON line.
+
+For each case (a random-init diffusers FLUX-like or HunyuanVideo-like transformer + VAE, saved to a
+temporary folder and loaded through the real adapter), in a fresh subprocess (so peak RSS is per
+case), with interleaved repetitions and medians:
+
+* one ``GRPOTrainer.train_iteration`` split into rollout (SDE sampling + VAE decode), reward (a cheap
+  registered ``bench_mean_brightness`` reward) and training (``grpo_update``);
+* the bare model work of that iteration in plain loops with no GRPO code: T no-grad transformer
+  forwards at the rollout batch, the VAE decode of the final latents (counted in the bare rollout
+  time and also reported alone as ``bare_decode_s``), and K * (row chunks) forward + backward passes
+  at the training micro-batch followed by the same number of ``optimizer.step`` calls as the update
+  (AdamW; reported alone as ``bare_optim_s``; gradient clipping is counted as GRPO overhead).
+
+``overhead_ratio`` = iteration time / bare time, per phase (rollout, train) and overall (reward time
+is pure overhead in the overall ratio). Peak memory is the subprocess's max RSS (CPU) or
+``torch.cuda.max_memory_allocated`` (GPU).
+
+    python bench/iteration.py --json             # tiny + small FLUX / HunyuanVideo cases, ~3 min on 2 CPU cores
+    python bench/iteration.py --json --quick     # tiny cases, 1 repetition (CI)
+    python bench/iteration.py --json --knobs     # per-iteration time of the compute knobs on flux_small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+TEXT_LEN = 16
+
+# name -> model/vae sizes and the GRPO shapes of the iteration
+CASES = {
+    "flux_tiny": dict(family="flux", width=32, double=1, single=1, heads=2, head_dim=16, resolution=32,
+                      prompts=2, group=2, steps=4, tau=0.6, updates=2),
+    "hunyuan_tiny": dict(family="hunyuan_t2v", width=32, double=1, single=1, heads=2, head_dim=16, resolution=32,
+                         num_frames=5, prompts=2, group=2, steps=4, tau=0.6, updates=2),
+    "flux_small": dict(family="flux", width=512, double=2, single=4, heads=8, head_dim=64, resolution=32,
+                       prompts=2, group=2, steps=6, tau=0.6, updates=2),
+    "hunyuan_small": dict(family="hunyuan_t2v", width=512, double=2, single=4, heads=8, head_dim=64, resolution=32,
+                          num_frames=5, prompts=2, group=2, steps=6, tau=0.6, updates=2),
+}
+DEFAULT_CASES = ["flux_tiny", "hunyuan_tiny", "flux_small", "hunyuan_small"]
+QUICK_CASES = ["flux_tiny", "hunyuan_tiny"]
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _vae_2d(diffusers):
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
+        scaling_factor=0.5, shift_factor=0.1,
+    )
+
+
+def _vae_hunyuan(diffusers):
+    return diffusers.AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    )
+
+
+def build_folder(case: dict, root: Path) -> dict:
+    """Write a random-init diffusers folder for ``case``; returns the adapter kwargs."""
+    import diffusers
+
+    torch.manual_seed(0)
+    assert case["heads"] * case["head_dim"] == case["width"] or case["width"] == 32
+    hd = case["head_dim"]
+    if case["family"] == "flux":
+        rope = (hd // 4, 3 * hd // 8, 3 * hd // 8) if hd >= 16 else (4, 6, 6)
+        tr = diffusers.FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=case["double"], num_single_layers=case["single"],
+            attention_head_dim=hd, num_attention_heads=case["heads"], joint_attention_dim=64,
+            pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=rope,
+        )
+        vae = _vae_2d(diffusers)
+        kw = dict(resolution=case["resolution"])
+    else:
+        rope = (hd // 4, 3 * hd // 8, 3 * hd // 8)
+        tr = diffusers.HunyuanVideoTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=case["heads"], attention_head_dim=hd,
+            num_layers=case["double"], num_single_layers=case["single"], num_refiner_layers=1, patch_size=1,
+            patch_size_t=1, guidance_embeds=True, text_embed_dim=64, pooled_projection_dim=32, rope_axes_dim=rope,
+        )
+        vae = _vae_hunyuan(diffusers)
+        kw = dict(resolution=case["resolution"], num_frames=case["num_frames"])
+    tr.save_pretrained(str(root / "transformer"))
+    vae.save_pretrained(str(root / "vae"))
+    return kw
+
+
+def random_encoder(adapter):
+    """A stand-in prompt encoder: fixed random embeddings per prompt (seeded by the prompt's index)."""
+    spec = adapter.cond_spec()
+
+    def encode(prompts):
+        cond = {}
+        for key, trailing in spec.items():
+            rows = []
+            for p in prompts:
+                g = torch.Generator().manual_seed(int(p.split("_")[-1]))
+                shape = tuple(TEXT_LEN if d is None else d for d in trailing)
+                rows.append(torch.ones(shape, dtype=torch.int64) if key.endswith("attention_mask")
+                            else torch.randn(shape, generator=g))
+            cond[key] = torch.stack(rows).to(adapter.device)
+        return cond
+
+    return encode
+
+
+def register_reward():
+    """``bench_mean_brightness``: mean pixel value per sample (cheap, so reward time is not model time)."""
+    from fastvideo_grpo.rewards.base import REWARDS
+
+    if "bench_mean_brightness" in REWARDS.names():
+        return
+
+    @REWARDS.register("bench_mean_brightness")
+    def build(**_):
+        def fn(images, prompts, **meta):
+            return images.flatten(1).mean(1).float().cpu(), {}
+
+        return fn
+
+
+# ----------------------------------------------------------------------------- bare model work
+
+
+def bare_inputs(adapter, z, t, cond):
+    """Keyword arguments of one direct transformer call at latents z (built once, outside the timed loops)."""
+    from fastvideo_grpo.models.flux import image_ids, pack_latents
+
+    c = {k: cond[k] for k in adapter.branch_keys}
+    if type(adapter).__name__ == "FluxAdapter":
+        B, _, H, W = z.shape
+        return dict(hidden_states=pack_latents(z), timestep=t / 1000.0,
+                    guidance=torch.full((B,), adapter.guidance_scale, device=z.device),
+                    pooled_projections=c["pooled_prompt_embeds"], encoder_hidden_states=c["prompt_embeds"],
+                    txt_ids=torch.zeros(c["prompt_embeds"].shape[1], 3, device=z.device),
+                    img_ids=image_ids(H, W, z.device, z.dtype), return_dict=False)
+    return dict(hidden_states=z, timestep=t, encoder_hidden_states=c["prompt_embeds"],
+                encoder_attention_mask=c["prompt_attention_mask"].to(z.dtype),
+                pooled_projections=c["pooled_prompt_embeds"],
+                guidance=torch.full((z.shape[0],), adapter.guidance_scale * 1000.0, device=z.device),
+                return_dict=False)
+
+
+def clock() -> float:
+    """CPU time of this process on CPU runs (robust to other processes on a shared machine: the bench
+    runs one intra-op thread), wall time when a GPU is in use (set by ``--device``)."""
+    return time.perf_counter() if _WALL else time.process_time()
+
+
+_WALL = False
+
+
+class _PhaseClock:
+    """Times the phases of the real ``GRPOTrainer.train_iteration`` by wrapping the functions it calls
+    (``rollout``, ``compute_rewards``, ``grpo_update`` in fastvideo_grpo.trainer) with clocks."""
+
+    @staticmethod
+    def run(trainer) -> dict:
+        import fastvideo_grpo.trainer as tr
+
+        spent = {"reward": 0.0, "train": 0.0}
+        originals = {"compute_rewards": tr.compute_rewards, "grpo_update": tr.grpo_update}
+
+        def timed(key, fn):
+            def wrapper(*a, **k):
+                t = clock()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    spent[key] += clock() - t
+            return wrapper
+
+        tr.compute_rewards = timed("reward", originals["compute_rewards"])
+        tr.grpo_update = timed("train", originals["grpo_update"])
+        try:
+            w0, c0 = time.perf_counter(), clock()
+            trainer.train_iteration()
+            total, wall = clock() - c0, time.perf_counter() - w0
+        finally:
+            tr.compute_rewards, tr.grpo_update = originals["compute_rewards"], originals["grpo_update"]
+        # rollout = everything before the rewards (prompt batch, timestep subsets, sampling, decode)
+        return {"rollout": total - spent["reward"] - spent["train"], "reward": spent["reward"],
+                "train": spent["train"], "total": total, "wall_total": wall}
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bare_rollout(adapter, kw, num_steps, z):
+    """num_steps no-grad transformer forwards + one VAE decode; returns (total_s, decode_s)."""
+    model, dev = adapter.model, z.device
+    model.eval()
+    _sync(dev)
+    t0 = clock()
+    with torch.no_grad():
+        for _ in range(num_steps):
+            model(**kw)
+        _sync(dev)
+        t1 = clock()
+        adapter.vae.decode(z, return_dict=False)
+    _sync(dev)
+    t2 = clock()
+    return t2 - t0, t2 - t1
+
+
+def bare_train(adapter, kw, num_passes, num_optim_steps, optimizer):
+    """num_passes forward+backward passes + num_optim_steps optimiser updates (gradient clipping + AdamW
+    step, what any fine-tuning loop does); returns (total_s, optim_s)."""
+    model = adapter.model
+    model.train()
+    dev = kw["hidden_states"].device
+    per_chunk = [len(r) for r in _chunks(num_passes, num_optim_steps)]
+    optim_s = 0.0
+    _sync(dev)
+    t0 = clock()
+    for n in per_chunk:
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(n):
+            out = model(**kw)[0]
+            out.float().square().mean().backward()
+        _sync(dev)
+        ts = clock()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        _sync(dev)
+        optim_s += clock() - ts
+    _sync(dev)
+    return clock() - t0, optim_s
+
+
+def _chunks(n, parts):
+    from fastvideo_grpo.trainer import _chunks as trainer_chunks
+
+    return trainer_chunks(n, parts)
+
+
+class _NullTransformer(torch.nn.Module):
+    """A zero-cost stand-in for the transformer (output = input * w), to time the GRPO code alone."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.config = config
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (hidden_states * self.w,)
+
+
+def null_model_overhead(trainer, kw_roll, kw_train, num_steps, num_passes, z, reps) -> float:
+    """Seconds of non-model work per iteration, measured with the transformer swapped for a zero-cost
+    stand-in: median(GRPO iteration) - median(the bare loops) with that stand-in (the VAE decode, the
+    same in both, cancels). Low-noise, because almost nothing model-sized runs; it leaves out costs
+    that scale with the parameter count (none in the GRPO path besides the optimiser update)."""
+    adapter = trainer.adapter
+    real = adapter.model
+    adapter.model = _NullTransformer(real.config).to(z.device)
+    its, bares = [], []
+    try:
+        for r in range(reps + 1):
+            it = _PhaseClock.run(trainer)["total"]
+            b = bare_rollout(adapter, kw_roll, num_steps, z)[0] + bare_train(
+                adapter, kw_train, num_passes, trainer.cfg.grpo.num_updates_per_iteration, trainer.optimizer)[0]
+            if r:  # the first round warms up
+                its.append(it)
+                bares.append(b)
+    finally:
+        adapter.model = real
+    return statistics.median(its) - statistics.median(bares)
+
+
+# ----------------------------------------------------------------------------- one case
+
+
+def make_trainer(case: dict, root: Path, overrides=(), adapter_kwargs=None, device="cpu"):
+    from fastvideo_grpo.config import load_config
+    from fastvideo_grpo.models import ADAPTERS
+    from fastvideo_grpo.trainer import GRPOTrainer, PromptSource, build_reward_fns
+
+    register_reward()
+    kw = build_folder(case, root)
+    kw.update(adapter_kwargs or {})
+    adapter = ADAPTERS.build(case["family"], model_path=str(root), device=device, **kw)
+    cfg = load_config(None, [
+        f"--model.name={case['family']}", f"--sampling.num_steps={case['steps']}", "--sampling.eta=0.3",
+        f"--grpo.group_size={case['group']}", f"--grpo.prompts_per_iteration={case['prompts']}",
+        f"--grpo.tau={case['tau']}", f"--grpo.num_updates_per_iteration={case['updates']}",
+        "--grpo.clip_range=1e-4", "--optim.lr=1e-5", "--rewards=[{name: bench_mean_brightness}]",
+        *overrides,
+    ])
+    fns, weights = build_reward_fns(cfg.rewards)
+    prompts = [f"prompt_{i}" for i in range(64)]
+    trainer = GRPOTrainer(cfg, adapter, fns, weights, PromptSource(prompts, random_encoder(adapter), seed=0))
+    return trainer, cfg
+
+
+def _peak_mem(device) -> float:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB -> MiB on Linux
+
+
+def run_case(name: str, reps: int, overrides=(), adapter_kwargs=None, device="cpu", compile_model=False) -> dict:
+    case = CASES[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, cfg = make_trainer(case, Path(tmp), overrides, adapter_kwargs, device)
+    adapter = trainer.adapter
+    compile_s = 0.0
+    if compile_model:
+        adapter.model = torch.compile(adapter.model)  # what an option in the trainer would wrap
+    g = cfg.grpo
+    B = g.prompts_per_iteration * g.group_size
+    T = trainer.schedule.num_steps
+    window = tuple(g.timestep_window) if g.timestep_window else None
+    lo, hi = window or (0, T)
+    from fastvideo_grpo.grpo import num_train_steps
+
+    K = num_train_steps(hi - lo, g.tau)
+    mb = g.micro_batch_size or B
+    row_chunks = math.ceil(B / mb)
+    cond = random_encoder(adapter)([f"prompt_{i}" for i in range(B)])
+    z = adapter.initial_noise(B, torch.Generator().manual_seed(0), device=adapter.device)
+    t = torch.full((B,), 500.0, device=adapter.device)
+    kw_roll = bare_inputs(adapter, z, t, cond)
+    kw_train = bare_inputs(adapter, z[:mb], t[:mb], {k: v[:mb] for k, v in cond.items()})
+    # warm-up (allocator, lazy init, compilation): one no-grad forward, one forward+backward, one decode
+    tc = time.perf_counter()
+    bare_rollout(adapter, kw_roll, 1, z)
+    bare_train(adapter, kw_train, 1, 1, trainer.optimizer)
+    if compile_model:
+        trainer.train_iteration()  # compiles the shapes the GRPO path uses too
+        compile_s = time.perf_counter() - tc
+    rows = {k: [] for k in ("it_rollout", "it_reward", "it_train", "it_total", "it_wall_total", "bare_rollout",
+                            "bare_decode", "bare_train", "bare_optim", "bare_wall_total")}
+    for r in range(reps):
+        order = ("iter", "bare") if r % 2 == 0 else ("bare", "iter")  # interleaved, alternating order
+        for what in order:
+            if what == "iter":
+                ph = _PhaseClock.run(trainer)
+                for k, v in ph.items():
+                    rows["it_" + k].append(v)
+            else:
+                w0 = time.perf_counter()
+                tot, dec = bare_rollout(adapter, kw_roll, T, z)
+                rows["bare_rollout"].append(tot)
+                rows["bare_decode"].append(dec)
+                tot, opt = bare_train(adapter, kw_train, K * row_chunks, g.num_updates_per_iteration, trainer.optimizer)
+                rows["bare_train"].append(tot)
+                rows["bare_optim"].append(opt)
+                rows["bare_wall_total"].append(time.perf_counter() - w0)
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    null = null_model_overhead(trainer, kw_roll, kw_train, T, K * row_chunks, z, max(3, reps))
+    bare_total = med["bare_rollout"] + med["bare_train"]
+    params = sum(p.numel() for p in adapter.model.parameters())
+    out = {
+        "case": name,
+        "config": dict(case, params_M=round(params / 1e6, 2), batch=B, num_steps_T=T, train_steps_K=K, micro_batch=mb,
+                       latent=list(adapter.latent_shape()), window=list(window) if window else None,
+                       overrides=list(overrides), adapter_kwargs=adapter_kwargs or {}, compile=compile_model),
+        "reps": reps,
+        "iteration_s": {"rollout": med["it_rollout"], "reward": med["it_reward"], "train": med["it_train"],
+                        "total": med["it_total"]},
+        "bare_s": {"rollout": med["bare_rollout"], "decode": med["bare_decode"], "train": med["bare_train"],
+                   "optim": med["bare_optim"], "total": bare_total},
+        "overhead_ratio": {"rollout": med["it_rollout"] / med["bare_rollout"],
+                           "train": med["it_train"] / med["bare_train"],
+                           "overall": med["it_total"] / bare_total,
+                           "overall_wall": med["it_wall_total"] / med["bare_wall_total"]},
+        "clock": "wall" if _WALL else "cpu_process_time",
+        "samples_per_s": B / med["it_wall_total"],
+        "grpo_overhead_s_null_model": null,
+        "overhead_ratio_est": 1.0 + null / bare_total,
+        "peak_mem_mib": _peak_mem(adapter.device),
+        "peak_mem_kind": "cuda_max_allocated" if adapter.device.type == "cuda" else "cpu_max_rss_process",
+    }
+    if compile_model:
+        out["compile_s"] = compile_s
+    return out
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _window_knob(T):
+    """Train only the first half of the steps; eta = 0 (deterministic ODE step) after it."""
+    hi = (T + 1) // 2
+    return [f"--grpo.timestep_window=[0, {hi}]", f"--sampling.eta_schedule={[0.3] * hi + [0.0] * (T - hi)}"]
+
+
+KNOBS = {
+    # name -> (case overrides as a function of the case's sampling steps T, adapter kwargs, compile)
+    "baseline_tau0.6": (lambda T: [], {}, False),
+    "tau1.0": (lambda T: ["--grpo.tau=1.0"], {}, False),
+    "window_first_half_eta0_outside": (_window_knob, {}, False),
+    "rollout_steps_two_thirds": (lambda T: [f"--sampling.num_steps={max(1, round(2 * T / 3))}",
+                                            f"--sampling.eval_num_steps={T}"], {}, False),
+    "activation_checkpointing": (lambda T: [], {"gradient_checkpointing": True}, False),
+    "torch_compile": (lambda T: [], {}, True),
+}
+
+
+def _child(args) -> dict:
+    global _WALL
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    _WALL = torch.device(args.device).type == "cuda"
+    spec = json.loads(args.child)
+    return run_case(spec["case"], spec["reps"], spec.get("overrides", ()), spec.get("adapter_kwargs"),
+                    args.device, spec.get("compile", False))
+
+
+def _spawn(spec: dict, args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec), "--threads", str(args.threads),
+           "--device", args.device]
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.case_timeout)
+    if p.returncode != 0:
+        return {"case": spec["case"], "error": (p.stderr or p.stdout)[-2000:]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print one JSON line (the default output anyway)")
+    ap.add_argument("--quick", action="store_true", help="tiny cases, 1 repetition (CI)")
+    ap.add_argument("--knobs", action="store_true", help="time the compute knobs on flux_small instead")
+    ap.add_argument("--cases", default="", help="comma-separated case names (default: all, or tiny with --quick)")
+    ap.add_argument("--reps", type=int, default=0, help="interleaved repetitions per case (default 5; 1 with --quick)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: the machine is shared)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--case-timeout", type=float, default=900.0)
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(args)))
+        return
+    reps = args.reps or (1 if args.quick else 5)
+    t0 = time.perf_counter()
+    result = {"bench": "iteration", "device": args.device, "threads": args.threads, "torch": torch.__version__,
+              "quick": args.quick, "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg()[0]}
+    if args.knobs:
+        base = "flux_tiny" if args.quick else "flux_small"
+        names = [n for n in KNOBS if not args.cases or n in args.cases.split(",")]
+        knobs = {}
+        for n in names:
+            ov_fn, akw, comp = KNOBS[n]
+            ov = ov_fn(CASES[base]["steps"])
+            if args.quick and comp:
+                continue
+            r = _spawn({"case": base, "reps": reps, "overrides": ov, "adapter_kwargs": akw, "compile": comp}, args)
+            knobs[n] = r
+        result["knob_case"] = base
+        result["knobs"] = {n: ({"error": r["error"]} if "error" in r else {
+            "iteration_s": r["iteration_s"]["total"], "rollout_s": r["iteration_s"]["rollout"],
+            "train_s": r["iteration_s"]["train"], "overhead_ratio": r["overhead_ratio"]["overall"],
+            "peak_mem_mib": r["peak_mem_mib"], "train_steps_K": r["config"]["train_steps_K"],
+            "rollout_steps": r["config"]["num_steps_T"], "overrides": r["config"]["overrides"],
+            "adapter_kwargs": r["config"]["adapter_kwargs"],
+            **({"compile_s": r["compile_s"]} if "compile_s" in r else {})}) for n, r in knobs.items()}
+    else:
+        names = args.cases.split(",") if args.cases else (QUICK_CASES if args.quick else DEFAULT_CASES)
+        result["cases"] = [_spawn({"case": n, "reps": reps}, args) for n in names]
+    result["loadavg_end"] = os.getloadavg()[0]
+    result["wall_s"] = time.perf_counter() - t0
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

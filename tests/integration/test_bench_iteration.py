@@ -1,0 +1,61 @@
+"""bench/iteration.py in --quick mode prints one JSON line with finite numbers (timings are not asserted),
+and the training-window option keeps trained steps inside the window where eta > 0."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastvideo_grpo import grpo
+from fastvideo_grpo.config import load_config
+
+pytest.importorskip("diffusers")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _finite_numbers(d, where=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            _finite_numbers(v, f"{where}{k}.")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            assert math.isfinite(v), f"{where}{k} = {v}"
+
+
+def test_quick_bench_prints_json_with_finite_fields():
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "iteration.py"), "--json", "--quick"],
+                       capture_output=True, text=True, cwd=str(ROOT), timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = [l for l in p.stdout.splitlines() if l.strip()]
+    assert len(lines) == 1, p.stdout[-2000:]
+    out = json.loads(lines[0])
+    assert {c["case"] for c in out["cases"]} == {"flux_tiny", "hunyuan_tiny"}
+    for case in out["cases"]:
+        assert "error" not in case, case.get("error")
+        for phase in ("rollout", "reward", "train", "total"):
+            assert case["iteration_s"][phase] >= 0
+        for key in ("rollout", "decode", "train", "optim", "total"):
+            assert case["bare_s"][key] >= 0
+        assert set(case["overhead_ratio"]) >= {"rollout", "train", "overall", "overall_wall"}
+        assert case["samples_per_s"] > 0 and case["peak_mem_mib"] > 0
+        assert case["config"]["params_M"] > 0 and case["config"]["batch"] > 0
+        _finite_numbers(case)
+
+
+def test_window_with_eta_schedule_keeps_only_stochastic_steps():
+    cfg = load_config(None, ["--sampling.num_steps=6", "--grpo.timestep_window=[1, 4]",
+                             "--sampling.eta_schedule=[0.0, 0.3, 0.3, 0.3, 0.0, 0.0]", "--grpo.tau=1.0"])
+    keep = grpo.subsample_timesteps(6, cfg.grpo.tau, 8, torch.Generator().manual_seed(0),
+                                    tuple(cfg.grpo.timestep_window))
+    assert keep.shape == (8, 3) and keep.min() >= 1 and keep.max() <= 3
+    eta = torch.tensor(cfg.eta)
+    assert (eta[keep] > 0).all()
+    with pytest.raises(ValueError, match="eta_schedule is 0"):
+        load_config(None, ["--sampling.num_steps=6", "--sampling.eta_schedule=[0.3, 0.3, 0.3, 0.0, 0.0, 0.0]"])
+    with pytest.raises(ValueError, match="timestep_window"):
+        load_config(None, ["--sampling.num_steps=6", "--grpo.timestep_window=[2, 9]"])
