@@ -70,6 +70,13 @@ class TrainingStopped(RuntimeError):
 # ----------------------------------------------------------------------------- arguments
 
 
+def recipe_path(name: str) -> str:
+    """A recipe path relative to the working directory when it exists there, else to the repository."""
+    if Path(name).is_file():
+        return name
+    return str(Path(__file__).resolve().parents[1] / name)
+
+
 def build_parser(default_config: Optional[str] = None, description: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description or __doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,

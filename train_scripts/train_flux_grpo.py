@@ -25,23 +25,17 @@ A missing piece stops the run at start-up with a message naming it. Outputs go t
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastvideo_grpo.train import cli, main as train_main  # noqa: E402
+from fastvideo_grpo.train import cli, main as train_main, recipe_path  # noqa: E402
 
-DEFAULT_CONFIG = "configs/flux_hps.yaml"
-
-
-def _default_config() -> str:
-    """The recipe relative to the working directory when present, else to the repository."""
-    return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else str(ROOT / DEFAULT_CONFIG)
+DEFAULT_CONFIG = recipe_path("configs/flux_hps.yaml")
 
 
 def main(argv=None):
     """Train (raises on errors); returns the run summary."""
-    return train_main(argv, default_config=_default_config(), description=__doc__)
+    return train_main(argv, default_config=DEFAULT_CONFIG, description=__doc__)
 
 
 if __name__ == "__main__":
-    cli(default_config=_default_config(), description=__doc__)
+    cli(default_config=DEFAULT_CONFIG, description=__doc__)

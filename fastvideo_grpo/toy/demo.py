@@ -86,7 +86,7 @@ def run_demo(cfg: RunConfig, progress: bool = True, cache_dir: str = "outputs/to
             m.update({f"eval/{k}": v for k, v in ev["mean"].items()} | {"eval/reward": _headline(ev)})
         if (it + 1) % max(1, cfg.train.log_every) == 0:
             logger.log(m, step=trainer.iteration)
-        bar.set_postfix({k.split("/")[1][:10]: f"{m[k]:.3f}" for k in curve_keys} | {"clip": f"{m['train/clipfrac']:.2f}"})
+        bar.set_postfix({k.split("/")[1]: f"{m[k]:.3f}" for k in curve_keys} | {"clip": f"{m['train/clipfrac']:.2f}"})
         if write_images and ((it + 1) % 25 == 0 or it + 1 == cfg.train.num_iterations):
             plot_reward_curves(logger.history, curve_keys, out / "reward_curve.png",
                                window=int(cfg.extra.get("curve_window", 10)))
