@@ -71,19 +71,20 @@ def main(argv=None):
 
 
 def table(results, names, seeds) -> str:
-    lines = ["| variant | paper's claim | held-out reward before -> after | geneval | all-correct | colour fidelity | GRPO time |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| variant | paper's claim | held-out toy_geneval before -> after | change | all-checks-passed rate | GRPO time |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for name in names:
         rows = [results.get(f"{name}/seed{s}") for s in seeds]
         rows = [r for r in rows if r]
         if not rows:
             continue
         m = lambda f: sum(f(r) for r in rows) / len(rows)  # noqa: E731
+        before = m(lambda r: r["per_reward_before"]["toy_geneval"])
+        after = m(lambda r: r["per_reward_after"]["toy_geneval"])
         lines.append(
-            f"| {name} | {VARIANTS[name][0]} | {m(lambda r: r['reward_before']):.3f} -> {m(lambda r: r['reward_after']):.3f} "
-            f"| {m(lambda r: r['per_reward_before']['toy_geneval']):.3f} -> {m(lambda r: r['per_reward_after']['toy_geneval']):.3f} "
-            f"| {m(lambda r: r['extras_before'].get('toy_geneval/all_correct', 0)):.3f} -> {m(lambda r: r['extras_after'].get('toy_geneval/all_correct', 0)):.3f} "
-            f"| {m(lambda r: r['per_reward_before']['toy_colour_fidelity']):.3f} -> {m(lambda r: r['per_reward_after']['toy_colour_fidelity']):.3f} "
+            f"| {name} | {VARIANTS[name][0]} | {before:.3f} -> {after:.3f} | {after - before:+.3f} "
+            f"| {m(lambda r: r['extras_before'].get('toy_geneval/all_correct', 0)):.3f} -> "
+            f"{m(lambda r: r['extras_after'].get('toy_geneval/all_correct', 0)):.3f} "
             f"| {m(lambda r: r['grpo_time_s']):.0f} s |"
         )
     lines.append("")
