@@ -95,6 +95,7 @@ def grpo_update(
     count = 0
     grad_norms = []
     use_kl = ref_adapter is not None and kl_coef > 0
+    bad_loss = ""
     module.train()
     for step_chunk in _chunks(K, num_updates):
         optimizer.zero_grad(set_to_none=True)
@@ -120,20 +121,22 @@ def grpo_update(
                 if on_first_ratio is not None and count == 0:
                     on_first_ratio(torch.exp(logp.detach() - old))
                 loss, st = grpo.ppo_clip_loss(logp, old, adv[rows_dev], clip_range, adv_clip_max, kl_B, kl_coef)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite GRPO loss at step index chunk {k}; stopping before the optimiser step "
-                        "(lower the learning rate or check the rewards)"
-                    )
+                if not math.isfinite(st.loss):
+                    bad_loss = bad_loss or f"non-finite GRPO loss at kept step {k}"
+                # backward runs even for a bad loss so that every rank takes part in the same
+                # collectives; the (global) gradient norm below is then non-finite on all ranks
                 (loss / denom).backward()
                 for key in totals:
                     totals[key] += getattr(st, key)
                 count += 1
-        gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # global norm under FSDP
         grad_norms.append(float(gn))
-        if not math.isfinite(grad_norms[-1]):
+        if bad_loss or not math.isfinite(grad_norms[-1]):
             optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError("non-finite gradient norm; optimiser step skipped")
+            raise FloatingPointError(
+                f"{bad_loss or 'non-finite gradient norm'}; optimiser step skipped "
+                "(lower the learning rate or check the rewards)"
+            )
         optimizer.step()
         if lr_scheduler is not None:
             lr_scheduler.step()

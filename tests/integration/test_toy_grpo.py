@@ -129,3 +129,17 @@ def test_grpo_increases_a_simple_reward():
     curve = [trainer.train_iteration()["reward/bright/mean"] for _ in range(40)]
     first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
     assert last > first + 0.04, (first, last, curve)
+
+
+def test_non_finite_loss_stops_before_the_optimiser_step():
+    ad = _adapter(2)
+    sched = ad.make_schedule(3, 0.3)
+    prompts = ["one red square"]
+    g = torch.Generator().manual_seed(0)
+    keep = grpo.subsample_timesteps(3, 1.0, 2, g)
+    traj = rollout(ad, sched, prompts, ad.encode_prompts(prompts), 2, keep, g)
+    before = [p.detach().clone() for p in ad.model.parameters()]
+    opt = torch.optim.AdamW(ad.model.parameters(), lr=1e-2)
+    with pytest.raises(FloatingPointError, match="non-finite GRPO loss"):
+        grpo_update(ad, sched, traj, torch.tensor([float("nan"), 1.0]), opt, clip_range=0.1, adv_clip_max=None)
+    assert all(torch.equal(a, b) for a, b in zip(before, ad.model.parameters()))
