@@ -7,6 +7,7 @@ model with the same seed(s); the table reports held-out reward (ODE sampler) bef
 """
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -48,11 +49,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
     out = Path(args.out)
+    # results are reused only for the same base config and iteration count (a changed recipe reruns)
+    tag = hashlib.sha256((Path(args.config).read_text() + str(args.iterations)).encode()).hexdigest()[:8]
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     for name in names:
         claim, overrides = VARIANTS[name]
         for seed in args.seeds:
-            key = f"{name}/seed{seed}"
+            key = f"{name}/seed{seed}/{tag}"
             if key in results:
                 continue  # resumable: finished runs are kept
             extra = [f"--train.output_dir={out / name / f'seed{seed}'}", f"--train.seed={seed}", "--train.eval_every=0"]
@@ -66,15 +69,15 @@ def main(argv=None):
             results[key]["wall_s"] = time.perf_counter() - t0
             atomic_write_json(out / "results.json", results)
             print(f"{key}: {s['reward_before']:.3f} -> {s['reward_after']:.3f} ({s['grpo_time_s']:.0f}s)", flush=True)
-    atomic_write_text(out / "ablations.md", table(results, names, args.seeds))
+    atomic_write_text(out / "ablations.md", table(results, names, args.seeds, tag))
     print((out / "ablations.md").read_text())
 
 
-def table(results, names, seeds) -> str:
+def table(results, names, seeds, tag) -> str:
     lines = ["| variant | paper's claim | held-out toy_geneval before -> after | change | all-checks-passed rate | GRPO time |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name in names:
-        rows = [results.get(f"{name}/seed{s}") for s in seeds]
+        rows = [results.get(f"{name}/seed{s}/{tag}") for s in seeds]
         rows = [r for r in rows if r]
         if not rows:
             continue
