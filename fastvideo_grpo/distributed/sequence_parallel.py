@@ -22,6 +22,12 @@ and while a block runs, ``torch.nn.functional.scaled_dot_product_attention`` dis
 ``ulysses_attention``. Requirements: heads and the token count divisible by sp; positional
 information applied inside the blocks to the local tokens must be sharded the same way (an
 adapter whose blocks take e.g. rotary tables over all tokens supplies its own ``SPPlan``).
+
+Joint image + text attention (HunyuanVideo, FLUX; ``SPPlan.replicated_tokens``): only the image
+tokens are sharded; the text tokens are computed whole, identically, on every rank. Inside
+attention the text part takes this rank's head slice and its output heads are all-gathered back,
+whose backward is the exact adjoint (a reduce-scatter: each rank's text copy receives the gradients
+all ranks computed for its heads), so the same bookkeeping as above gives exact gradients.
 """
 
 from __future__ import annotations
@@ -161,7 +167,8 @@ def _gather_mask(mask: torch.Tensor, n_local: int, group) -> torch.Tensor:
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, attn_mask=None, dropout_p=0.0,
-                      is_causal=False, scale=None, **kwargs) -> torch.Tensor:
+                      is_causal=False, scale=None, n_replicated: int = 0, replicated_first: bool = False,
+                      **kwargs) -> torch.Tensor:
     """Exact attention over all tokens for sequence-sharded (B, H, N/sp, d) q, k, v.
 
     ``attn_mask`` may be given over all tokens or over the local ones (it is gathered); a per-head
@@ -169,12 +176,22 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, 
     than the local queries mean cross-attention to a context every rank holds whole (text
     embeddings): that is computed locally without communication (so a self-attention must not be
     called with a replicated, unsharded key sequence).
+
+    ``n_replicated`` > 0: joint attention over [sharded tokens; replicated tokens] (or [replicated;
+    sharded] with ``replicated_first``), e.g. HunyuanVideo / FLUX image tokens sharded along the
+    sequence and their text tokens held whole by every rank. The sharded part goes through the
+    all-to-all (all tokens, a slice of the heads); the replicated part just takes this rank's head
+    slice, and its output heads are all-gathered back (backward: the reduce-scatter). A mask over
+    the local tokens (sharded part local) is gathered; one over all tokens passes.
     """
     world = 1 if group is None else dist.get_world_size(group)
     if world == 1:
         return _sdpa_original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                               **kwargs)
     heads, n_local = q.shape[1], q.shape[2]
+    if n_replicated and k.shape[-2] == n_local:
+        return _ulysses_joint(q, k, v, group, int(n_replicated), bool(replicated_first), attn_mask=attn_mask,
+                              dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs)
     if k.shape[-2] != n_local:
         # cross-attention to a replicated context (e.g. text tokens): queries are independent, no exchange
         return _sdpa_original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
@@ -193,13 +210,72 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, 
     return head_to_seq_all_to_all(out, group)
 
 
+class _HeadGather(torch.autograd.Function):
+    """All-gather along the head dim of a tensor each rank computed a head slice of; backward is the
+    adjoint (reduce-scatter: the sum over ranks of their gradients of this rank's heads)."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _all_gather_cat(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        world = dist.get_world_size(ctx.group)
+        send = torch.stack(grad.chunk(world, dim=ctx.dim)).contiguous()
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=ctx.group)
+        return recv.sum(0), None, None
+
+
+def _split_tokens(t: torch.Tensor, n_rep: int, rep_first: bool, dim: int):
+    """(sharded part, replicated part) of ``t`` along ``dim``."""
+    n = t.shape[dim]
+    if rep_first:
+        return t.narrow(dim, n_rep, n - n_rep), t.narrow(dim, 0, n_rep)
+    return t.narrow(dim, 0, n - n_rep), t.narrow(dim, n - n_rep, n_rep)
+
+
+def _join_tokens(sharded: torch.Tensor, rep: torch.Tensor, rep_first: bool, dim: int) -> torch.Tensor:
+    return torch.cat([rep, sharded] if rep_first else [sharded, rep], dim=dim)
+
+
+def _ulysses_joint(q, k, v, group, n_rep, rep_first, attn_mask=None, **kwargs):
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    heads, n_local = q.shape[1], q.shape[2]
+    if not 0 <= n_rep <= n_local:
+        raise ValueError(f"{n_rep} replicated tokens but the attention sees only {n_local} tokens")
+    if heads % world or k.shape[1] % world or v.shape[1] % world:
+        raise ValueError(f"{heads} query heads / {k.shape[1]} key heads are not divisible by the sequence-parallel "
+                         f"degree {world}; choose parallel.sp dividing the number of attention heads")
+
+    def to_heads(t):
+        s, r = _split_tokens(t, n_rep, rep_first, 2)
+        h = t.shape[1] // world
+        return _join_tokens(seq_to_head_all_to_all(s, group), r.narrow(1, rank * h, h), rep_first, 2)
+
+    qh, kh, vh = to_heads(q), to_heads(k), to_heads(v)
+    if attn_mask is not None:
+        for d in (-1, -2):
+            if attn_mask.dim() >= -d and attn_mask.shape[d] == n_local and n_local != n_rep:
+                s, r = _split_tokens(attn_mask, n_rep, rep_first, attn_mask.dim() + d)
+                attn_mask = _join_tokens(_all_gather_cat(s, d, group), r, rep_first, d)
+        if attn_mask.dim() == 4 and attn_mask.shape[1] == heads:
+            local = heads // world
+            attn_mask = attn_mask.narrow(1, rank * local, local)
+    out = _sdpa_original(qh, kh, vh, attn_mask=attn_mask, **kwargs)
+    s, r = _split_tokens(out, n_rep, rep_first, 2)
+    return _join_tokens(head_to_seq_all_to_all(s, group), _HeadGather.apply(r.contiguous(), group, 1), rep_first, 2)
+
+
 def _dispatching_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
     group = getattr(_state, "group", None)
     if group is None:
         return _sdpa_original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                               scale=scale, **kwargs)
     return ulysses_attention(query, key, value, group, attn_mask=attn_mask, dropout_p=dropout_p,
-                             is_causal=is_causal, scale=scale, **kwargs)
+                             is_causal=is_causal, scale=scale, n_replicated=getattr(_state, "n_replicated", 0),
+                             replicated_first=getattr(_state, "replicated_first", False), **kwargs)
 
 
 def _install_dispatch() -> None:
@@ -223,11 +299,24 @@ class SPPlan:
     sharded); a tensor whose size along that dim is not the first block's token count is left
     whole (so one plan covers both (B, 6, D) and per-token (B, N, 6, D) modulation). ``gather_output_dim``: the sequence dim along which the last block's output (every
     tensor of a tuple output) is gathered.
+
+    Joint attention over sharded + replicated tokens (HunyuanVideo, FLUX: image tokens sharded, text
+    tokens whole on every rank): ``replicated_tokens`` names a block input (positional index or
+    keyword -> dim) whose size along that dim is the number of replicated tokens that every
+    self-attention call inside the block carries after (``replicated_first``: before) its local
+    sharded tokens; that attention exchanges only the sharded part (see ``ulysses_attention``).
+    With it, a ``shard_every_block`` side tensor spanning replicated + all sharded tokens (e.g.
+    FLUX's rotary tables over [text; image]) has only its sharded part sharded.
+    ``gather_output_indices``: which elements of a tuple block output are gathered (None = every
+    tensor); the others (e.g. the replicated text stream) pass unchanged.
     """
 
     shard_inputs: Dict[Union[int, str], int] = field(default_factory=lambda: {0: 1, "hidden_states": 1})
     shard_every_block: Dict[Union[int, str], int] = field(default_factory=dict)
     gather_output_dim: int = 1
+    replicated_tokens: Dict[Union[int, str], int] = field(default_factory=dict)
+    replicated_first: bool = False
+    gather_output_indices: Optional[Sequence[int]] = None
 
 
 class SequenceParallel:
@@ -244,7 +333,10 @@ class SequenceParallel:
         first, last = inner[0], inner[-1]
         self._handles.append(first.register_forward_pre_hook(self._shard_first, with_kwargs=True))
         self._handles.append(last.register_forward_hook(self._gather_output))
+        self._n_rep = 0  # replicated tokens of the block being entered
         for b in inner:
+            if self.plan.replicated_tokens:
+                self._handles.append(b.register_forward_pre_hook(self._count_replicated, with_kwargs=True))
             if self.plan.shard_every_block:
                 self._handles.append(b.register_forward_pre_hook(self._shard_side, with_kwargs=True))
             self._handles.append(b.register_forward_pre_hook(self._enter))
@@ -252,9 +344,25 @@ class SequenceParallel:
 
     def _enter(self, module, args):
         _state.group = self.group
+        _state.n_replicated = self._n_rep
+        _state.replicated_first = self.plan.replicated_first
 
     def _exit(self, module, args, output):
         _state.group = None
+        _state.n_replicated = 0
+        return None
+
+    def _count_replicated(self, module, args, kwargs):
+        self._n_rep = 0
+        for key, dim in self.plan.replicated_tokens.items():
+            v = None
+            if isinstance(key, int) and key < len(args):
+                v = args[key]
+            elif isinstance(key, str) and key in kwargs:
+                v = kwargs[key]
+            if isinstance(v, torch.Tensor):
+                self._n_rep = v.shape[dim]
+                break
         return None
 
     def _shard_first(self, module, args, kwargs):
@@ -276,7 +384,15 @@ class SequenceParallel:
     def _shard_value(self, v, dim, side):
         if isinstance(v, torch.Tensor):
             if side:  # only tensors spanning all tokens (e.g. not a (B, 6, D) per-sample modulation)
-                return shard_sequence(v, self.group, dim) if v.dim() > dim and v.shape[dim] == self._full_len else v
+                if v.dim() <= dim or self._full_len is None:
+                    return v
+                if v.shape[dim] == self._full_len:
+                    return shard_sequence(v, self.group, dim)
+                if self._n_rep and v.shape[dim] == self._full_len + self._n_rep:  # [sharded; replicated] table
+                    s, r = _split_tokens(v, self._n_rep, self.plan.replicated_first, dim)
+                    return _join_tokens(shard_sequence(s.contiguous(), self.group, dim), r, self.plan.replicated_first,
+                                        dim)
+                return v
             self._full_len = v.shape[dim] if self._full_len is None else self._full_len
             return shard_sequence(v, self.group, dim)
         if isinstance(v, (tuple, list)):  # e.g. rotary (cos, sin) tables over all tokens
@@ -288,8 +404,10 @@ class SequenceParallel:
         if isinstance(output, torch.Tensor):
             return gather_sequence(output, self.group, dim)
         if isinstance(output, (tuple, list)):
-            return type(output)(gather_sequence(o, self.group, dim) if isinstance(o, torch.Tensor) and o.dim() > dim
-                                else o for o in output)
+            which = self.plan.gather_output_indices
+            return type(output)(gather_sequence(o, self.group, dim)
+                                if isinstance(o, torch.Tensor) and o.dim() > dim and (which is None or i in which)
+                                else o for i, o in enumerate(output))
         raise ValueError(f"cannot gather a {type(output).__name__} block output; give the adapter an SPPlan")
 
     def remove(self) -> None:

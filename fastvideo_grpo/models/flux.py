@@ -63,6 +63,19 @@ class FluxAdapter(DiffusersAdapter):
             raise ValueError(f"transformer in_channels {c.in_channels} != 4 x VAE latent_channels "
                              f"{self.vae.config.latent_channels}: not a FLUX folder?")
 
+    def sequence_parallel_plan(self):
+        """Ulysses plan for diffusers' FLUX blocks (dual- and single-stream, ``block(hidden_states,
+        encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)``, both returning
+        ``(encoder_hidden_states, hidden_states)``): image tokens sharded, text tokens whole on every
+        rank; joint attention runs over [text; image]; the rotary tables span [text; image] tokens
+        ((N_txt + N_img, D)), so only their image rows are sharded; the image stream (output 1) of the
+        last block is gathered."""
+        from ..distributed.sequence_parallel import SPPlan
+
+        return SPPlan(shard_every_block={3: 0, "image_rotary_emb": 0},
+                      replicated_tokens={1: 1, "encoder_hidden_states": 1}, replicated_first=True,
+                      gather_output_indices=(1,))
+
     def _make_schedule(self, num_steps, eta):
         return FlowSchedule.create(num_steps, eta=eta, shift=self.shift)
 

@@ -50,6 +50,20 @@ class HunyuanVideoAdapter(DiffusersAdapter):
     def _make_schedule(self, num_steps, eta):
         return FlowSchedule.create(num_steps, eta=eta, shift=self.shift)
 
+    def sequence_parallel_plan(self):
+        """Ulysses plan for diffusers' HunyuanVideo blocks (dual- and single-stream, both called as
+        ``block(hidden_states, encoder_hidden_states, temb, attention_mask, image_rotary_emb, ...)``):
+        the image tokens are sharded, the text tokens stay whole on every rank. The rotary (cos, sin)
+        tables (positional arg 4 / ``freqs_cis`` / ``image_rotary_emb``, (N_img, D)) are sharded like
+        the image tokens at every block; every joint attention over [image; text] exchanges only the
+        image part (text length = ``encoder_hidden_states``' dim 1); the (B, 1, 1, N_img + N_txt)
+        text-padding mask is over all tokens and passes whole; only the image stream (output 0) of
+        the last block is gathered."""
+        from ..distributed.sequence_parallel import SPPlan
+
+        return SPPlan(shard_every_block={4: 0, "freqs_cis": 0, "image_rotary_emb": 0},
+                      replicated_tokens={1: 1, "encoder_hidden_states": 1}, gather_output_indices=(0,))
+
     def latent_channels(self) -> int:
         return self.vae.config.latent_channels
 

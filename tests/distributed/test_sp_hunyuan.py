@@ -1,0 +1,22 @@
+"""2-process CPU (gloo) tests: Ulysses sequence parallelism with image tokens sharded and text tokens
+replicated (HunyuanVideo, FLUX joint attention) equals single-rank computation, forward and backward."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _launch import torchrun  # noqa: E402
+
+pytest.importorskip("diffusers")
+
+
+def test_ulysses_joint_attention_hunyuan_flux_match_single_rank():
+    out = torchrun("w_ulysses_hunyuan.py", timeout=300.0).stdout
+    assert "joint ulysses attention equals" in out, out
+    assert "tiny HunyuanVideo with sp=2 equals single rank" in out, out
+    assert "tiny FLUX with sp=2 equals single rank" in out, out
+    for name in ("hunyuan_t2v", "hunyuan_t2i", "hunyuan_i2v", "flux"):
+        assert f"{name} adapter with parallelize(sp=2, FSDP) equals single process" in out, out
