@@ -100,7 +100,9 @@ def run_demo(cfg: RunConfig, progress: bool = True, cache_dir: str = "outputs/to
         save_toy_model(model, out / "policy.pt")
         _write_grids(before, after, out, eval_kw["samples_per_prompt"])
         eval_rows = [r for r in logger.history if "eval/reward" in r]
-        plot_reward_curves(eval_rows, ["eval/reward"] + [f"eval/{k}" for k in eval_fns], out / "eval_curve.png",
+        keys = [f"eval/{k}" for k in eval_fns]
+        keys = keys if len(keys) == 1 else ["eval/reward"] + keys  # the headline is their mean
+        plot_reward_curves(eval_rows, keys, out / "eval_curve.png",
                            window=1, title="held-out reward (ODE sampler)")
 
     summary = {
