@@ -150,24 +150,46 @@ def grpo_update(
 
 
 class PromptSource:
-    """Prompts (and their conditioning) drawn without replacement, reshuffled every epoch."""
+    """Whole prompts (hence whole groups) per data-parallel rank, without replacement, reshuffled per epoch.
 
-    def __init__(self, prompts: Sequence[str], encode: Callable[[List[str]], Cond], seed: int = 0):
+    Every rank walks the same global shuffled order (same seed); each call takes the next
+    ``n * dp_size`` prompts and rank ``dp_rank`` keeps the r-th contiguous run of n, so a prompt goes
+    to exactly one dp rank and group-relative advantages need no communication. The state is the
+    position in the global stream, independent of the world size (resumable on any number of ranks).
+    A single process is ``dp_size = 1``.
+    """
+
+    def __init__(self, prompts: Sequence[str], encode: Callable[[List[str]], Cond], seed: int = 0,
+                 dp_rank: int = 0, dp_size: int = 1):
         if not prompts:
             raise ValueError("the training prompt list is empty")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
         self.prompts = list(prompts)
         self.encode = encode
+        self.dp_rank, self.dp_size = dp_rank, dp_size
         self.generator = torch.Generator().manual_seed(seed)
         self._order: List[int] = []
-        self.position = 0  # number of prompts handed out so far (for resume)
+        self.position = 0  # prompts handed out so far, summed over all dp ranks
 
-    def next_batch(self, n: int) -> Tuple[List[str], Cond]:
-        batch = []
-        while len(batch) < n:
+    def _draw(self, n: int) -> List[int]:
+        out = []
+        while len(out) < n:
             if not self._order:
                 self._order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
-            batch.append(self.prompts[self._order.pop()])
-        self.position += n
+            out.append(self._order.pop())
+        return out
+
+    def next_indices(self, n: int) -> List[int]:
+        """Prompt indices of this rank's next ``n`` prompts (advances the global stream by n * dp_size)."""
+        if n < 1:
+            raise ValueError(f"prompts per rank must be >= 1, got {n}")
+        stream = self._draw(n * self.dp_size)
+        self.position += n * self.dp_size
+        return stream[self.dp_rank * n:(self.dp_rank + 1) * n]
+
+    def next_batch(self, n: int) -> Tuple[List[str], Cond]:
+        batch = [self.prompts[i] for i in self.next_indices(n)]
         return batch, self.encode(batch)
 
     def state_dict(self):

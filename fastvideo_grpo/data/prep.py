@@ -32,16 +32,7 @@ from .manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, NEG, NEGATIVE_FILE
 from .prompts import PromptRecord, find_duplicates, read_prompts
 
 SHARD_DIR = "shards"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
-def parse_dtype(name) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if str(name).lower() not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[str(name).lower()]
+from ..dtypes import parse_dtype  # noqa: E402,F401
 
 
 def shard_name(k: int) -> str:

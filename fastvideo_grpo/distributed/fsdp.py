@@ -31,16 +31,7 @@ from .parallel_dims import ParallelDims
 BLOCK_ATTRS = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers", "down_blocks", "mid_block",
                "up_blocks")
 
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "fp32": torch.float32, "float32": torch.float32}
-
-
-def parse_dtype(name) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if str(name).lower() not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[str(name).lower()]
+from ..dtypes import parse_dtype  # noqa: E402,F401
 
 
 def find_blocks(module: nn.Module, attrs: Sequence[str] = BLOCK_ATTRS) -> List[nn.Module]:

@@ -21,7 +21,8 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..models.base import Cond
+from ..models.base import Cond  # noqa: F401
+from ..trainer import PromptSource
 
 _SEED_STRIDE = 1_000_003  # a prime: seed s on rank r never collides with seed s' on rank 0 for small seeds
 
@@ -31,49 +32,9 @@ def rank_seed(seed: int, dp_rank: int) -> int:
     return (int(seed) + _SEED_STRIDE * int(dp_rank)) % (2 ** 63)
 
 
-class DistributedPromptSource:
-    """Whole prompts (hence whole groups) per data-parallel rank, without replacement, reshuffled per epoch."""
-
-    def __init__(self, prompts: Sequence[str], encode: Callable[[List[str]], Cond], seed: int = 0,
-                 dp_rank: int = 0, dp_size: int = 1):
-        if not prompts:
-            raise ValueError("the training prompt list is empty")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
-        self.prompts = list(prompts)
-        self.encode = encode
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self._order: List[int] = []
-        self.position = 0  # prompts handed out so far, summed over all dp ranks
-
-    def _draw(self, n: int) -> List[int]:
-        out = []
-        while len(out) < n:
-            if not self._order:
-                self._order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
-            out.append(self._order.pop())
-        return out
-
-    def next_indices(self, n: int) -> List[int]:
-        """Prompt indices of this rank's next ``n`` prompts (advances the global stream by n * dp_size)."""
-        if n < 1:
-            raise ValueError(f"prompts per rank must be >= 1, got {n}")
-        glob = self._draw(n * self.dp_size)
-        self.position += n * self.dp_size
-        return glob[self.dp_rank * n:(self.dp_rank + 1) * n]
-
-    def next_batch(self, n: int) -> Tuple[List[str], Cond]:
-        batch = [self.prompts[i] for i in self.next_indices(n)]
-        return batch, self.encode(batch)
-
-    def state_dict(self):
-        return {"rng": self.generator.get_state(), "order": list(self._order), "position": self.position}
-
-    def load_state_dict(self, state):
-        self.generator.set_state(state["rng"])
-        self._order = list(state["order"])
-        self.position = state["position"]
+# The group-preserving sampler lives in trainer.py (a single process is dp_size = 1); this name is kept
+# for the distributed entry points.
+DistributedPromptSource = PromptSource
 
 
 def reduce_metrics(metrics: Dict[str, float], group=None, op: str = "mean") -> Dict[str, float]:

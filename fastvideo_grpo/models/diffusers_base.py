@@ -31,21 +31,7 @@ from .base import Cond, PolicyAdapter
 
 NEG = "negative_"
 
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
-
-
-def parse_dtype(dtype) -> torch.dtype:
-    """'bf16' / 'bfloat16' / torch.bfloat16 ... -> torch.dtype."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower().replace("torch.", "")
-    if key not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[key]
+from ..dtypes import parse_dtype  # noqa: E402,F401  (re-exported for adapters)
 
 
 def require_subfolders(model_path, subfolders: Sequence[str]) -> Path:

@@ -23,8 +23,6 @@ import torch.nn.functional as F
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 SCORE_MODES = ("cosine", "logit", "logit/100")
 
@@ -36,12 +34,7 @@ def resolve_device(device: Optional[str]) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
+from ..dtypes import parse_dtype as resolve_dtype  # noqa: E402,F401
 
 
 def require_files(folder: Optional[str], groups: Sequence[Sequence[str]], what: str, hint: str) -> str:
