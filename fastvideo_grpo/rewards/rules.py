@@ -30,9 +30,10 @@ _PALETTE = torch.tensor([(0.0, 0.0, 0.0)] + list(COLOURS.values()))  # (C+1, 3)
 def classify_pixels(images: torch.Tensor, max_dist: float = 0.45) -> torch.Tensor:
     """(B, 3, H, W) -> (B, H, W) palette index (0 = background), -1 where nothing is close."""
     px = images.permute(0, 2, 3, 1).unsqueeze(-2)  # B H W 1 3
-    d = (px - _PALETTE.to(images)).norm(dim=-1)  # B H W C+1
-    dist, idx = d.min(dim=-1)
-    return torch.where(dist <= max_dist, idx, torch.full_like(idx, -1))
+    # squared distances (same nearest colour and threshold as the norm; the norm's kernel is slow here)
+    d2 = (px - _PALETTE.to(images)).square().sum(dim=-1)  # B H W C+1
+    dist2, idx = d2.min(dim=-1)
+    return torch.where(dist2 <= max_dist * max_dist, idx, torch.full_like(idx, -1))
 
 
 def connected_components(mask: torch.Tensor) -> torch.Tensor:
