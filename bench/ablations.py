@@ -12,6 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import List
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -19,17 +20,27 @@ from fastvideo_grpo.config import load_config  # noqa: E402
 from fastvideo_grpo.io import atomic_write_json, atomic_write_text  # noqa: E402
 from fastvideo_grpo.toy.demo import run_demo  # noqa: E402
 
+
+def _early_sde(eta: float) -> List[str]:
+    """The demo's layout (stochastic first 5 steps, all trained) at another noise level."""
+    return [f"--sampling.eta_schedule=[{', '.join([str(eta)] * 5 + ['0.0'] * 5)}]"]
+
+
 # name -> (paper claim, overrides)
 VARIANTS = {
-    "baseline": ("demo config: shared noise, tau 0.6, eta 0.7, group advantages, geneval + its binary form", []),
+    "baseline": ("demo config: shared noise, SDE (eta 1.0) on the first 5 of 10 steps, all 5 trained, "
+                 "group advantages, geneval + its binary form", []),
+    "sde_every_step": ("the paper's sampler: noise at every step, tau 0.6 (eta 0.7 here)",
+                       ["--sampling.eta_schedule=null", "--sampling.eta=0.7", "--grpo.timestep_window=null",
+                        "--grpo.tau=0.6"]),
     "independent_noise": ("different noise per sample led to reward hacking / instability",
                           ["--grpo.shared_noise=false"]),
-    "tau_1.0": ("all timesteps: similar reward, more compute", ["--grpo.tau=1.0"]),
+    "tau_0.6": ("a random 60% of the (stochastic) steps: similar reward, less compute", ["--grpo.tau=0.6"]),
     "first_30pct_only": ("training only the first 30% of steps loses quality",
-                         ["--grpo.tau=1.0", "--grpo.timestep_window=[0, 3]"]),
-    "eta_0.3": ("the paper's eta", ["--sampling.eta=0.3"]),
-    "eta_0.5": ("eta above 0.3 sometimes leaves noise", ["--sampling.eta=0.5"]),
-    "eta_1.0": ("(larger noise level)", ["--sampling.eta=1.0"]),
+                         ["--grpo.timestep_window=[0, 3]"]),
+    "eta_0.3": ("the paper's eta", _early_sde(0.3)),
+    "eta_0.5": ("eta above 0.3 sometimes leaves noise", _early_sde(0.5)),
+    "eta_0.7": ("(between)", _early_sde(0.7)),
     "global_advantage": ("(DDPO-style batch normalisation instead of group-relative)",
                          ["--grpo.advantage=global"]),
     "continuous_only": ("one continuous reward", ["--rewards=[{name: toy_geneval}]"]),

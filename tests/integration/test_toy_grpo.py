@@ -83,6 +83,7 @@ def test_short_demo_runs_end_to_end(tmp_path):
         f"--train.output_dir={tmp_path / 'demo'}", "--train.num_iterations=2", "--train.eval_every=0",
         "--train.num_eval_prompts=4", "--grpo.prompts_per_iteration=2", "--grpo.group_size=4",
         "--sampling.num_steps=3", "--sampling.eval_num_steps=3",
+        "--sampling.eta_schedule=[1.0, 1.0, 0.0]", "--grpo.timestep_window=[0, 2]",  # the demo's layout, shortened
         # a continuous reward too: the barely-pretrained model's geneval ties within groups (zero advantage)
         "--rewards=[{name: toy_geneval}, {name: toy_geneval, threshold: 0.99}, {name: toy_colour_fidelity, weight: 0.5}]",
         "--extra.pretrain.steps=3", "--extra.pretrain.num_images=64", "--extra.pretrain.batch_size=8",
@@ -117,6 +118,8 @@ def test_grpo_increases_a_simple_reward():
     cfg = load_config("configs/toy_cpu.yaml", [
         "--grpo.prompts_per_iteration=2", "--grpo.group_size=8", "--sampling.num_steps=4",
         "--optim.lr=3e-3", "--grpo.clip_range=0.05", "--train.seed=1",
+        # noise at every step, the paper's sampler (the demo's own schedule needs 10 steps)
+        "--sampling.eta_schedule=null", "--sampling.eta=0.7", "--grpo.timestep_window=null", "--grpo.tau=0.6",
     ])
     ad = _adapter(7)
 
