@@ -40,7 +40,7 @@ class GRPOConfig:
     adv_clip_max: float = 5.0  # advantages are clamped to +-this
     num_updates_per_iteration: int = 4  # optimiser steps per iteration (paper: 4, or 1 with CFG)
     micro_batch_size: int = 0  # samples per forward/backward in training; 0 = whole rank batch
-    kl_coef: float = 0.0  # weight of the KL-to-reference term (off in the paper)
+    kl_coef: float = 0.0  # KL to a frozen copy of the starting policy (off in the paper; > 0 holds a 2nd copy)
     shared_noise: bool = True  # one initial noise per group (paper: essential)
     advantage: str = "group"  # "group" (GRPO) or "global" (DDPO-style normalisation; ablation)
     best_of_n_k: int = 0  # >0: train on top-k and bottom-k of each group only (best-of-N)

@@ -10,6 +10,7 @@ The loop of DESIGN.md "The one loop". Departures from the paper's Algorithm 1, s
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict
@@ -201,6 +202,25 @@ class PromptSource:
         self.position = state["position"]
 
 
+def frozen_reference(adapter: PolicyAdapter) -> PolicyAdapter:
+    """A frozen copy of the policy as it is now: the reference model of the KL term (``grpo.kl_coef``).
+
+    Holds a second full copy of the trainable module's weights. Sharded (FSDP2 / DTensor) models are
+    refused: copying them would copy the shards' communication hooks too.
+    """
+    from torch.distributed.tensor import DTensor
+
+    module = adapter.trainable_module()
+    if any(isinstance(p, DTensor) for p in module.parameters()):
+        raise ValueError("grpo.kl_coef > 0 is not supported with a sharded (FSDP) model yet: pass a reference "
+                         "adapter to GRPOTrainer(ref_adapter=...) or set grpo.kl_coef: 0 (the paper uses no KL)")
+    ref = copy.deepcopy(adapter)
+    for p in ref.trainable_module().parameters():
+        p.requires_grad_(False)
+    ref.trainable_module().eval()
+    return ref
+
+
 class GRPOTrainer:
     """Owns the optimiser and the per-iteration logic; logging and saving are injected callbacks."""
 
@@ -211,6 +231,8 @@ class GRPOTrainer:
         self.reward_fns = reward_fns
         self.reward_weights = reward_weights
         self.prompts = prompt_source
+        if cfg.grpo.kl_coef > 0 and ref_adapter is None:
+            ref_adapter = frozen_reference(adapter)
         self.ref_adapter = ref_adapter
         params = [p for p in adapter.trainable_module().parameters() if p.requires_grad]
         o = cfg.optim

@@ -146,3 +146,46 @@ def test_non_finite_loss_stops_before_the_optimiser_step():
     with pytest.raises(FloatingPointError, match="non-finite GRPO loss"):
         grpo_update(ad, sched, traj, torch.tensor([float("nan"), 1.0]), opt, clip_range=0.1, adv_clip_max=None)
     assert all(torch.equal(a, b) for a, b in zip(before, ad.model.parameters()))
+
+
+def test_kl_coef_builds_a_frozen_reference_and_penalises_drift():
+    """grpo.kl_coef > 0 alone (no ref passed) gives a KL term: 0 while the policy equals the reference,
+    then the closed-form Gaussian KL of the moved policy's step means against the frozen start."""
+    from fastvideo_grpo.sde import FlowSchedule
+    from fastvideo_grpo.trainer import GRPOTrainer, PromptSource
+
+    cfg = load_config("configs/toy_cpu.yaml", [
+        "--grpo.prompts_per_iteration=2", "--grpo.group_size=4", "--sampling.num_steps=3",
+        "--sampling.eta_schedule=null", "--sampling.eta=0.7", "--grpo.timestep_window=null", "--grpo.tau=1.0",
+        "--grpo.num_updates_per_iteration=1", "--optim.lr=1e-2", "--grpo.kl_coef=0.5",
+    ])
+    ad = _adapter(3)
+    start = [p.detach().clone() for p in ad.model.parameters()]
+
+    def brightness(images, prompts, **_):
+        return images.mean(dim=(1, 2, 3)), {}
+
+    source = PromptSource(["one red square", "two blue circles"], ad.encode_prompts, seed=0)
+    trainer = GRPOTrainer(cfg, ad, {"bright": brightness}, {"bright": 1.0}, source)
+    ref = trainer.ref_adapter
+    assert ref is not None and ref.model is not ad.model
+    assert not any(p.requires_grad for p in ref.model.parameters())
+    first = trainer.train_iteration()
+    assert first["train/kl"] == 0.0  # one update per iteration: measured before the policy moved
+    second = trainer.train_iteration()
+    assert second["train/kl"] > 0
+    # the reference stayed at the starting weights while the policy moved
+    for p0, pr, p in zip(start, ref.model.parameters(), ad.model.parameters()):
+        torch.testing.assert_close(pr, p0, rtol=0, atol=0)
+    assert any(not torch.equal(p0, p) for p0, p in zip(start, ad.model.parameters()))
+    # independent check of the KL formula on one step: KL(N(m1, s^2) || N(m2, s^2)) = (m1 - m2)^2 / (2 s^2)
+    sched = FlowSchedule.create(3, eta=0.7)
+    z = torch.randn(2, 3, 16, 16)
+    cond = ad.encode_prompts(["one red square", "two blue circles"])
+    t = sched.model_timestep(0, z)
+    with torch.no_grad():
+        _, _, m1, std = sched.step(0, ad.predict(z, t, cond), z, prev_sample=z)
+        _, _, m2, _ = sched.step(0, ref.predict(z, t, cond), z, prev_sample=z)
+    want = torch.distributions.kl_divergence(torch.distributions.Normal(m1, std.view(-1, 1, 1, 1)),
+                                             torch.distributions.Normal(m2, std.view(-1, 1, 1, 1))).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(grpo.gaussian_kl_same_std(m1, m2, std), want, rtol=1e-5, atol=1e-8)
