@@ -45,6 +45,8 @@ VARIANTS = {
                          ["--grpo.advantage=global"]),
     "continuous_only": ("one continuous reward", ["--rewards=[{name: toy_geneval}]"]),
     "binary_only": ("thresholded 0/1 rewards still learn", ["--rewards=[{name: toy_geneval, threshold: 0.5}]"]),
+    "kl_0.1": ("(not in the paper) KL to the starting policy: holds back the unrewarded background drift",
+               ["--grpo.kl_coef=0.1"]),
     "best_of_n": ("train on top-k + bottom-k of a larger pool: faster convergence, more sampling",
                   ["--grpo.group_size=16", "--grpo.prompts_per_iteration=4", "--grpo.best_of_n_k=4"]),
 }
