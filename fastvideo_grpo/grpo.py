@@ -118,11 +118,17 @@ def subsample_timesteps(
 
 @dataclass
 class PPOStats:
-    loss: float
-    clipfrac: float
-    approx_kl: float
-    ratio_mean: float
-    kl: float = 0.0
+    """Diagnostics of one PPO-clip loss as detached 0-dim tensors on the loss's device.
+
+    Kept as tensors so a training loop can sum them over micro-steps and read them back once per
+    update (``float()`` on each would cost a host-device sync per micro-step on GPU).
+    """
+
+    loss: torch.Tensor
+    clipfrac: torch.Tensor
+    approx_kl: torch.Tensor
+    ratio_mean: torch.Tensor
+    kl: torch.Tensor
 
 
 def ppo_clip_loss(
@@ -136,8 +142,8 @@ def ppo_clip_loss(
 ):
     """PPO-clip surrogate to minimise: mean(max(-A rho, -A clip(rho, 1-eps, 1+eps))) [+ kl_coef * KL].
 
-    Returns ``(loss, PPOStats)``; the stats are detached floats (clip fraction, approx KL
-    0.5 * E[(log rho)^2], mean ratio, mean KL).
+    Returns ``(loss, PPOStats)``: clip fraction, approx KL 0.5 * E[(log rho)^2], mean ratio and mean
+    KL, as detached tensors (no host sync here).
     """
     if clip_range <= 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
@@ -149,16 +155,16 @@ def ppo_clip_loss(
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     loss = torch.maximum(unclipped, clipped).mean()
-    kl_val = 0.0
+    kl_val = torch.zeros((), dtype=loss.dtype, device=loss.device)
     if kl_B is not None and kl_coef > 0:
         loss = loss + kl_coef * kl_B.mean()
-        kl_val = float(kl_B.detach().mean())
+        kl_val = kl_B.detach().mean().to(loss.dtype)
     with torch.no_grad():
         stats = PPOStats(
-            loss=float(loss.detach()),
-            clipfrac=float(((ratio - 1.0).abs() > clip_range).float().mean()),
-            approx_kl=float(0.5 * (log_ratio**2).mean()),
-            ratio_mean=float(ratio.mean()),
+            loss=loss.detach(),
+            clipfrac=((ratio - 1.0).abs() > clip_range).to(loss.dtype).mean(),
+            approx_kl=(0.5 * (log_ratio**2)).mean(),
+            ratio_mean=ratio.mean(),
             kl=kl_val,
         )
     return loss, stats

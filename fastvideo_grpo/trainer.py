@@ -92,15 +92,17 @@ def grpo_update(
     adv = advantages_B.to(device=device, dtype=torch.float32)
     mb = micro_batch_size or B
     row_chunks = [torch.arange(s, min(s + mb, B)) for s in range(0, B, mb)]
-    totals = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "ratio_mean": 0.0, "kl": 0.0}
+    # Diagnostics stay on the device and are read back once per update (one sync), not per micro-step.
+    keys = ("loss", "clipfrac", "approx_kl", "ratio_mean", "kl")
+    totals = torch.zeros(len(keys), dtype=torch.float32, device=device)
     count = 0
     grad_norms = []
     use_kl = ref_adapter is not None and kl_coef > 0
-    bad_loss = ""
     module.train()
     for step_chunk in _chunks(K, num_updates):
         optimizer.zero_grad(set_to_none=True)
         denom = len(step_chunk) * len(row_chunks)
+        loss_finite = []  # per micro-step, on the device
         for k in step_chunk:
             for rows in row_chunks:
                 rows_dev = rows.to(device)
@@ -122,26 +124,33 @@ def grpo_update(
                 if on_first_ratio is not None and count == 0:
                     on_first_ratio(torch.exp(logp.detach() - old))
                 loss, st = grpo.ppo_clip_loss(logp, old, adv[rows_dev], clip_range, adv_clip_max, kl_B, kl_coef)
-                if not math.isfinite(st.loss):
-                    bad_loss = bad_loss or f"non-finite GRPO loss at kept step {k}"
+                loss_finite.append(torch.isfinite(st.loss))
                 # backward runs even for a bad loss so that every rank takes part in the same
                 # collectives; the (global) gradient norm below is then non-finite on all ranks
                 (loss / denom).backward()
-                for key in totals:
-                    totals[key] += getattr(st, key)
+                totals += torch.stack([getattr(st, key).float() for key in keys])
                 count += 1
         gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # global norm under FSDP
-        grad_norms.append(float(gn))
-        if bad_loss or not math.isfinite(grad_norms[-1]):
+        if hasattr(gn, "full_tensor"):  # a DTensor when the parameters are sharded
+            gn = gn.full_tensor()
+        # the one host sync of this update: gradient norm and which micro-steps had a finite loss
+        gn_and_flags = torch.cat([gn.detach().float().reshape(1), torch.stack(loss_finite).float()]).tolist()
+        grad_norms.append(gn_and_flags[0])
+        bad = [i for i, ok in enumerate(gn_and_flags[1:]) if not ok]
+        if bad or not math.isfinite(grad_norms[-1]):
             optimizer.zero_grad(set_to_none=True)
+            where = ""
+            if bad:
+                k_bad = list(step_chunk)[bad[0] // len(row_chunks)]
+                where = f"non-finite GRPO loss at kept step {k_bad}"
             raise FloatingPointError(
-                f"{bad_loss or 'non-finite gradient norm'}; optimiser step skipped "
+                f"{where or 'non-finite gradient norm'}; optimiser step skipped "
                 "(lower the learning rate or check the rewards)"
             )
         optimizer.step()
         if lr_scheduler is not None:
             lr_scheduler.step()
-    out = {f"train/{k}": v / max(count, 1) for k, v in totals.items()}
+    out = {f"train/{k}": v / max(count, 1) for k, v in zip(keys, totals.tolist())}
     out["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
     out["train/num_updates"] = len(grad_norms)
     return out
