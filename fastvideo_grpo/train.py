@@ -381,14 +381,12 @@ def run(cfg: RunConfig, manifest: Optional[dict] = None, *, stop_after: Optional
 
 
 def _run(cfg: RunConfig, env, manifest, stop_after) -> Dict:
-    from .checkpoint import export_weights, load_trainer_checkpoint, resolve_resume, save_trainer_checkpoint
-    from .distributed.fsdp import parallelize
-    from .distributed.launch import seed_rank_generators
-    from .distributed.parallel_dims import parallel_dims_from_config
-    from .distributed.sampler import DistributedPromptSource, reduce_metrics
+    from .checkpoint import export_weights, resolve_resume, save_trainer_checkpoint
+    from .distributed.launch import build_trainer, resume_trainer
+    from .distributed.sampler import reduce_metrics
     from .io import atomic_write_json
     from .metrics import MetricsLogger, plot_reward_curves, save_image_grid
-    from .trainer import GRPOTrainer, build_reward_fns
+    from .trainer import build_reward_fns
 
     t_start = time.perf_counter()
     if cfg.train.num_threads:
@@ -406,23 +404,21 @@ def _run(cfg: RunConfig, env, manifest, stop_after) -> Dict:
         save_config(cfg, out / "config.yaml")
 
     # ---- model, data, rewards, trainer (same initial weights on every rank)
-    dims = parallel_dims_from_config(cfg.parallel, env.world_size)
-    dims.build_mesh(env.device.type)
-    dp_rank = dims.dp_rank(env.rank)
     reward_fns, reward_weights = build_reward_fns(cfg.rewards)  # before the policy: missing weights fail fast
     eval_fns = build_eval_reward_fns(cfg, reward_fns)
-    torch.manual_seed(cfg.train.seed)
-    adapter = build_policy(cfg, env.device)
-    train_prompts, held_prompts, encode = build_prompt_sets(cfg, adapter, manifest, env.device)
-    parallelize(adapter, dims, cfg.parallel, env.device)
-    source = DistributedPromptSource(train_prompts, encode, seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dims.dp)
-    trainer = GRPOTrainer(cfg, adapter, reward_fns, reward_weights, source)
-    seed_rank_generators(trainer, cfg.train.seed, dp_rank)
+    prompt_sets: Dict[str, object] = {}
+
+    def training_prompts(adapter):
+        train, held, encode = build_prompt_sets(cfg, adapter, manifest, env.device)
+        prompt_sets.update(train=train, held=held, encode=encode)
+        return train, encode
+
+    trainer, dims = build_trainer(cfg, env, lambda device: build_policy(cfg, device), training_prompts,
+                                  reward_fns, reward_weights)
+    adapter, dp_rank = trainer.adapter, dims.dp_rank(env.rank)
+    train_prompts, held_prompts, encode = prompt_sets["train"], prompt_sets["held"], prompt_sets["encode"]
     if resume is not None:
-        if not load_trainer_checkpoint(trainer, resume):
-            seed_rank_generators(trainer, cfg.train.seed, dp_rank, trainer.iteration)
-        if main_rank:
-            print(f"resumed from {resume} at iteration {trainer.iteration}", flush=True)
+        resume_trainer(trainer, resume, cfg, dims, env)
     last_good = str(resume) if resume is not None else None
 
     # ---- logging (rank 0)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch

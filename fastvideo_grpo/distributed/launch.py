@@ -45,23 +45,36 @@ def seed_rank_generators(trainer, seed: int, dp_rank: int, iteration: int = 0) -
 
 
 def build_trainer(cfg: RunConfig, env: DistEnv, build_adapter: Callable[[torch.device], PolicyAdapter],
-                  prompts: Sequence[str], reward_fns=None, reward_weights=None) -> "tuple[object, ParallelDims]":
-    """ParallelDims + parallelised adapter + GRPOTrainer for this rank (collective)."""
+                  prompts, reward_fns=None, reward_weights=None) -> "tuple[object, ParallelDims]":
+    """ParallelDims + parallelised adapter + GRPOTrainer for this rank (collective).
+
+    ``prompts``: the training prompts (encoded with ``adapter.encode_prompts``), or a callable
+    ``adapter -> (prompts, encode)`` run on the built adapter before it is parallelised (e.g. prompts
+    read from a precomputed-embeddings manifest checked against the adapter).
+    """
     from ..trainer import GRPOTrainer, build_reward_fns
 
     dims = parallel_dims_from_config(cfg.parallel, env.world_size)
     dims.build_mesh(env.device.type)
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    adapter = build_adapter(env.device)
-    parallelize(adapter, dims, cfg.parallel, env.device)
-    dp_rank = dims.dp_rank(env.rank)
-    source = DistributedPromptSource(prompts, adapter.encode_prompts, seed=cfg.train.seed, dp_rank=dp_rank,
-                                     dp_size=dims.dp)
     if reward_fns is None:
         reward_fns, reward_weights = build_reward_fns(cfg.rewards)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    adapter = build_adapter(env.device)
+    train_prompts, encode = prompts(adapter) if callable(prompts) else (prompts, adapter.encode_prompts)
+    parallelize(adapter, dims, cfg.parallel, env.device)
+    dp_rank = dims.dp_rank(env.rank)
+    source = DistributedPromptSource(train_prompts, encode, seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dims.dp)
     trainer = GRPOTrainer(cfg, adapter, reward_fns, reward_weights or {k: 1.0 for k in reward_fns}, source)
     seed_rank_generators(trainer, cfg.train.seed, dp_rank)
     return trainer, dims
+
+
+def resume_trainer(trainer, resume, cfg: RunConfig, dims: ParallelDims, env: DistEnv) -> None:
+    """Load a DCP checkpoint into ``trainer``; on another world size, reseed the per-rank streams."""
+    if not load_trainer_checkpoint(trainer, resume):
+        seed_rank_generators(trainer, cfg.train.seed, dims.dp_rank(env.rank), trainer.iteration)
+    if env.is_main:
+        print(f"resumed from {resume} at iteration {trainer.iteration}", flush=True)
 
 
 def run_distributed(cfg: RunConfig, build_adapter: Callable[[torch.device], PolicyAdapter], prompts: Sequence[str], *,
@@ -96,10 +109,7 @@ def _run(cfg, env, build_adapter, prompts, reward_fns, reward_weights, stop_afte
     resume = resolve_resume(cfg.train.resume, ckpt_root)  # FileNotFoundError before any heavy work
     trainer, dims = build_trainer(cfg, env, build_adapter, prompts, reward_fns, reward_weights)
     if resume is not None:
-        if not load_trainer_checkpoint(trainer, resume):
-            seed_rank_generators(trainer, cfg.train.seed, dims.dp_rank(env.rank), trainer.iteration)
-        if env.is_main:
-            print(f"resumed from {resume} at iteration {trainer.iteration}", flush=True)
+        resume_trainer(trainer, resume, cfg, dims, env)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
