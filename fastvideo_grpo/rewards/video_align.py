@@ -284,6 +284,10 @@ def load_head(path: str, key: str = "weight") -> torch.nn.Linear:
     return head.eval().requires_grad_(False)
 
 
+#: frozen backbones already loaded in this process, by (folder, device, dtype, attention implementation)
+_LOADED: dict = {}
+
+
 @REWARDS.register("video_align")
 def video_align(model_path=None, head_path=None, head_key="weight", device=None, dtype="bfloat16",
                 video_fps=8.0, sample_fps=2.0, max_frames=None, max_pixels=448 * 448, min_pixels=4 * 28 * 28,
@@ -301,9 +305,12 @@ def video_align(model_path=None, head_path=None, head_key="weight", device=None,
     stats = dict(file_cfg)
     stats.update(norm_stats or {})
     device, tdtype = resolve_device(device), resolve_dtype(dtype)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(folder, local_files_only=True,
-                                                            attn_implementation=attn_implementation)
-    model = model.to(device=device, dtype=tdtype).eval().requires_grad_(False)
+    key = (os.path.realpath(folder), str(device), str(tdtype), attn_implementation)
+    model = _LOADED.get(key)
+    if model is None:  # VQ / MQ / TA as separate reward entries share one copy of the 2B model
+        model = Qwen2VLForConditionalGeneration.from_pretrained(folder, local_files_only=True,
+                                                                attn_implementation=attn_implementation)
+        model = _LOADED[key] = model.to(device=device, dtype=tdtype).eval().requires_grad_(False)
     hidden = model.config.get_text_config().hidden_size
     if head.in_features != hidden:
         raise ValueError(f"video_align: head expects hidden size {head.in_features}, model has {hidden}")

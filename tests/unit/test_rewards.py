@@ -439,6 +439,7 @@ def test_video_align_runs_and_is_per_sample(qwen_dir):
     assert not torch.allclose(s_other[0], s[0])  # the prompt reaches the model
     img, _ = fn(torch.rand(2, 3, 56, 70), p[:2])  # an image is a one-frame video
     assert img.shape == (2,)
+    assert one.model is fn.model  # two reward entries on one checkpoint load the backbone once
 
 
 def test_video_align_normalisation_and_dimensions(qwen_dir):
