@@ -16,6 +16,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 
 from . import grpo
 from .config import RunConfig
@@ -233,8 +234,11 @@ class GRPOTrainer:
     """Owns the optimiser and the per-iteration logic; logging and saving are injected callbacks."""
 
     def __init__(self, cfg: RunConfig, adapter: PolicyAdapter, reward_fns: Dict[str, RewardFn],
-                 reward_weights: Dict[str, float], prompt_source: PromptSource, ref_adapter=None):
+                 reward_weights: Dict[str, float], prompt_source: PromptSource, ref_adapter=None, dp_group=None):
+        """``dp_group``: the data-parallel process group (None in one process); only
+        ``grpo.advantage: global`` needs it, to normalise over the global batch."""
         self.cfg = cfg
+        self.dp_group = dp_group
         self.adapter = adapter
         self.reward_fns = reward_fns
         self.reward_weights = reward_weights
@@ -257,6 +261,28 @@ class GRPOTrainer:
         self.iteration = 0
         # autocast applies on CUDA only (rollout._autocast); CPU runs stay in the weights' dtype
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[cfg.train.autocast]
+
+    def advantages(self, rewards: Dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
+        """Weighted sum of per-reward advantages for this rank's samples.
+
+        Group-relative advantages need only the rank's own (whole) groups. ``global`` (DDPO-style)
+        normalisation uses every dp rank's rewards: they are all-gathered, normalised together, and
+        this rank's slice is returned (all ranks hold the same number of samples).
+        """
+        g = self.cfg.grpo
+        if g.advantage != "global" or self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
+            return grpo.aggregate_advantages(rewards, group_size, self.reward_weights, g.advantage)
+        device = self.adapter.device  # NCCL gathers device tensors; gloo CPU ones
+        gathered = {}
+        for name, r in rewards.items():
+            r = r.detach().to(device=device, dtype=torch.float32).contiguous()
+            parts = [torch.empty_like(r) for _ in range(dist.get_world_size(self.dp_group))]
+            dist.all_gather(parts, r, group=self.dp_group)
+            gathered[name] = torch.cat(parts).cpu()
+        total = grpo.aggregate_advantages(gathered, group_size, self.reward_weights, "global")
+        n = next(iter(rewards.values())).numel()
+        start = dist.get_rank(self.dp_group) * n
+        return total[start:start + n]
 
     def state_dict(self):
         return {
@@ -289,14 +315,14 @@ class GRPOTrainer:
         t2 = time.perf_counter()
         group = g.group_size
         if g.best_of_n_k:
-            total = grpo.aggregate_advantages(rewards, group, self.reward_weights, g.advantage)
+            total = self.advantages(rewards, group)
             chosen = grpo.best_of_n_indices(total, group, g.best_of_n_k)
             traj = traj.select(chosen)
             rewards_train = {k: v[chosen] for k, v in rewards.items()}
             group = 2 * g.best_of_n_k
         else:
             rewards_train = rewards
-        adv = grpo.aggregate_advantages(rewards_train, group, self.reward_weights, g.advantage)
+        adv = self.advantages(rewards_train, group)
         stats = grpo_update(
             self.adapter, self.schedule, traj, adv, self.optimizer,
             clip_range=g.clip_range, adv_clip_max=g.adv_clip_max, num_updates=g.num_updates_per_iteration,

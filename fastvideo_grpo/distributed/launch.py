@@ -10,8 +10,8 @@ the trained weights (safetensors) -> barrier + destroy_process_group.
 
 Without torchrun variables it runs as one process (no FSDP, same code path).
 
-Departure stated here: with ``grpo.advantage: global`` the normalisation statistics are per dp rank
-(each rank normalises over its own groups), not over the global batch.
+``grpo.advantage: global`` (DDPO-style ablation) normalises over the global batch: the trainer
+all-gathers the rewards over the dp group. Group-relative advantages need no communication.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def build_trainer(cfg: RunConfig, env: DistEnv, build_adapter: Callable[[torch.d
     parallelize(adapter, dims, cfg.parallel, env.device)
     dp_rank = dims.dp_rank(env.rank)
     source = DistributedPromptSource(train_prompts, encode, seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dims.dp)
-    trainer = GRPOTrainer(cfg, adapter, reward_fns, reward_weights or {k: 1.0 for k in reward_fns}, source)
+    trainer = GRPOTrainer(cfg, adapter, reward_fns, reward_weights or {k: 1.0 for k in reward_fns}, source,
+                          dp_group=dims.group("dp") if dims.dp > 1 else None)
     seed_rank_generators(trainer, cfg.train.seed, dp_rank)
     return trainer, dims
 

@@ -21,4 +21,4 @@ def test_ulysses_attention_and_sp_update_match_single_rank():
 
 def test_ranks_draw_different_noise_sp_peers_the_same():
     out = torchrun("w_seeding.py").stdout
-    assert "sp=1" in out and "sp=2" in out, out
+    assert "sp=1" in out and "sp=2" in out and "global advantage over dp ranks ok" in out, out

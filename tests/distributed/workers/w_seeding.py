@@ -1,6 +1,6 @@
 """Per-rank seeding and prompt assignment under torchrun: with dp=2 the ranks draw different initial
 noise and disjoint whole prompt groups; with sp=2 the two ranks (one dp group) draw the same noise
-and the same prompts."""
+and the same prompts. Global (DDPO-style) advantages are normalised over both dp ranks."""
 
 import common  # noqa: F401
 import torch
@@ -46,12 +46,32 @@ def case(env, sp: int):
         print(f"sp={sp}: dp={dims.dp} prompts {all_prompts} ok")
 
 
+def global_advantage_case(env):
+    """grpo.advantage: global normalises over both dp ranks' rewards, not each rank's own."""
+    cfg = run_config("/tmp/unused", prompts_per_rank=2)
+    cfg.grpo.advantage = "global"
+    trainer, dims = build_trainer(cfg, env, lambda dev: tiny_adapter(dev), PROMPTS, {"red": redness}, {"red": 1.0})
+    check(dims.dp == 2, "expected dp=2")
+    g = torch.Generator().manual_seed(100 + env.rank)
+    rewards = {"red": torch.rand(8, generator=g) + 3.0 * env.rank}  # rank 1's rewards are much larger
+    adv = trainer.advantages(rewards, 4)
+    all_r = torch.cat(gather_obj(rewards["red"]))
+    want = (all_r - all_r.mean()) / all_r.std(unbiased=False)
+    got = torch.cat(gather_obj(adv))
+    check(torch.allclose(got, want, atol=1e-5), f"global advantages {got} != {want}")
+    local = grpo.aggregate_advantages(rewards, 4, normalise="global")
+    check(not torch.allclose(adv, local, atol=1e-3), "global advantages were normalised per rank")
+    if env.rank == 0:
+        print("global advantage over dp ranks ok")
+
+
 def main():
     env = init_distributed("cpu")
     check(env.world_size == 2, "run with 2 processes")
     try:
         case(env, sp=1)
         case(env, sp=2)
+        global_advantage_case(env)
     finally:
         shutdown()
 
