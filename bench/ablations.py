@@ -38,6 +38,7 @@ VARIANTS = {
     "tau_0.6": ("a random 60% of the (stochastic) steps: similar reward, less compute", ["--grpo.tau=0.6"]),
     "first_30pct_only": ("training only the first 30% of steps loses quality",
                          ["--grpo.timestep_window=[0, 3]"]),
+    "eta_0.1": ("too little noise to explore", _early_sde(0.1)),
     "eta_0.3": ("the paper's eta", _early_sde(0.3)),
     "eta_0.5": ("eta above 0.3 sometimes leaves noise", _early_sde(0.5)),
     "eta_0.7": ("(between)", _early_sde(0.7)),
@@ -87,8 +88,9 @@ def main(argv=None):
 
 
 def table(results, names, seeds, tag) -> str:
-    lines = ["| variant | paper's claim | held-out toy_geneval before -> after | change | all-checks-passed rate | GRPO time |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| variant | paper's claim | held-out toy_geneval before -> after | change (mean) | change per seed "
+             "| all-checks-passed rate | GRPO time |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name in names:
         rows = [results.get(f"{name}/seed{s}/{tag}") for s in seeds]
         rows = [r for r in rows if r]
@@ -97,8 +99,10 @@ def table(results, names, seeds, tag) -> str:
         m = lambda f: sum(f(r) for r in rows) / len(rows)  # noqa: E731
         before = m(lambda r: r["per_reward_before"]["toy_geneval"])
         after = m(lambda r: r["per_reward_after"]["toy_geneval"])
+        per_seed = [r["per_reward_after"]["toy_geneval"] - r["per_reward_before"]["toy_geneval"] for r in rows]
         lines.append(
             f"| {name} | {VARIANTS[name][0]} | {before:.3f} -> {after:.3f} | {after - before:+.3f} "
+            f"| {', '.join(f'{d:+.3f}' for d in per_seed)} "
             f"| {m(lambda r: r['extras_before'].get('toy_geneval/all_correct', 0)):.3f} -> "
             f"{m(lambda r: r['extras_after'].get('toy_geneval/all_correct', 0)):.3f} "
             f"| {m(lambda r: r['grpo_time_s']):.0f} s |"
