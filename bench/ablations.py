@@ -16,7 +16,7 @@ from typing import List
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastvideo_grpo.config import load_config  # noqa: E402
+from fastvideo_grpo.config import load_config, to_dict  # noqa: E402
 from fastvideo_grpo.io import atomic_write_json, atomic_write_text  # noqa: E402
 from fastvideo_grpo.toy.demo import run_demo  # noqa: E402
 
@@ -63,8 +63,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
     out = Path(args.out)
-    # results are reused only for the same base config and iteration count (a changed recipe reruns)
-    tag = hashlib.sha256((Path(args.config).read_text() + str(args.iterations)).encode()).hexdigest()[:8]
+    # results are reused only for the same resolved base config and iteration count (a changed
+    # setting reruns; an edited comment does not)
+    resolved = json.dumps(to_dict(load_config(args.config)), sort_keys=True)
+    tag = hashlib.sha256((resolved + str(args.iterations)).encode()).hexdigest()[:8]
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     for name in names:
         claim, overrides = VARIANTS[name]
