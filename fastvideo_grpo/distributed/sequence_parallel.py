@@ -59,36 +59,27 @@ def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> to
     return torch.cat(recv.unbind(0), dim=gather_dim)
 
 
-class _SeqToHead(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """Scatter ``scatter_dim`` and gather ``gather_dim`` over the group; backward is the reverse."""
+
     @staticmethod
-    def forward(ctx, x, group, seq_dim, head_dim):
-        ctx.group, ctx.seq_dim, ctx.head_dim = group, seq_dim, head_dim
-        return _all_to_all(x, head_dim, seq_dim, group)
+    def forward(ctx, x, group, scatter_dim, gather_dim):
+        ctx.group, ctx.scatter_dim, ctx.gather_dim = group, scatter_dim, gather_dim
+        return _all_to_all(x, scatter_dim, gather_dim, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_to_all(grad.contiguous(), ctx.seq_dim, ctx.head_dim, ctx.group), None, None, None
-
-
-class _HeadToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, seq_dim, head_dim):
-        ctx.group, ctx.seq_dim, ctx.head_dim = group, seq_dim, head_dim
-        return _all_to_all(x, seq_dim, head_dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_to_all(grad.contiguous(), ctx.head_dim, ctx.seq_dim, ctx.group), None, None, None
+        return _all_to_all(grad.contiguous(), ctx.gather_dim, ctx.scatter_dim, ctx.group), None, None, None
 
 
 def seq_to_head_all_to_all(x: torch.Tensor, group, seq_dim: int = 2, head_dim: int = 1) -> torch.Tensor:
     """(.., H, N/sp, ..) sequence-sharded -> (.., H/sp, N, ..) head-sharded; differentiable."""
-    return _SeqToHead.apply(x, group, seq_dim, head_dim)
+    return _AllToAll.apply(x, group, head_dim, seq_dim)
 
 
 def head_to_seq_all_to_all(x: torch.Tensor, group, seq_dim: int = 2, head_dim: int = 1) -> torch.Tensor:
     """Inverse of ``seq_to_head_all_to_all``; differentiable."""
-    return _HeadToSeq.apply(x, group, seq_dim, head_dim)
+    return _AllToAll.apply(x, group, seq_dim, head_dim)
 
 
 # ----------------------------------------------------------------------------- shard / gather tokens
