@@ -272,13 +272,9 @@ class GRPOTrainer:
         g = self.cfg.grpo
         if g.advantage != "global" or self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
             return grpo.aggregate_advantages(rewards, group_size, self.reward_weights, g.advantage)
-        device = self.adapter.device  # NCCL gathers device tensors; gloo CPU ones
-        gathered = {}
-        for name, r in rewards.items():
-            r = r.detach().to(device=device, dtype=torch.float32).contiguous()
-            parts = [torch.empty_like(r) for _ in range(dist.get_world_size(self.dp_group))]
-            dist.all_gather(parts, r, group=self.dp_group)
-            gathered[name] = torch.cat(parts).cpu()
+        from .distributed.sampler import all_gather_rewards  # (sampler imports this module)
+
+        gathered = all_gather_rewards({k: r.detach() for k, r in rewards.items()}, self.dp_group)
         total = grpo.aggregate_advantages(gathered, group_size, self.reward_weights, "global")
         n = next(iter(rewards.values())).numel()
         start = dist.get_rank(self.dp_group) * n

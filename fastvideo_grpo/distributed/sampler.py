@@ -60,7 +60,8 @@ def reduce_metrics(metrics: Dict[str, float], group=None, op: str = "mean") -> D
 
 
 def all_gather_rewards(rewards: Dict[str, torch.Tensor], group=None) -> Dict[str, torch.Tensor]:
-    """Concatenate per-rank reward tensors (equal lengths) over ``group`` in rank order, for logging."""
+    """Concatenate per-rank reward tensors (equal lengths) over ``group`` in rank order (for logging and
+    for global advantage normalisation)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return dict(rewards)
     out = {}
