@@ -9,6 +9,7 @@ sampling), so a trajectory costs 2 * K latents per sample instead of T + 1.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -136,7 +137,11 @@ def sample_ode(adapter: PolicyAdapter, schedule, cond: Cond, initial_latents: to
 
 
 def autocast_context(device, dtype):
+    """bf16 / fp16 autocast on CUDA when ``dtype`` is set; elsewhere autocast explicitly off
+    (nothing at all on device types autocast does not know, e.g. ``meta``)."""
     device = torch.device(device)
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
     if dtype is None or device.type != "cuda":
         return torch.autocast(device_type=device.type, enabled=False)
     return torch.autocast(device_type="cuda", dtype=dtype)

@@ -29,6 +29,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import ops as _ops
+from . import rng
 
 Scalar = Union[float, torch.Tensor]
 
@@ -73,7 +74,7 @@ def gaussian_log_prob_mean(x: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
 
 def _draw_or_keep(mean, std, prev_sample, generator):
     if prev_sample is None:
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        noise = rng.randn(mean.shape, generator, device=mean.device, dtype=mean.dtype)
         return mean + std * noise
     if prev_sample.shape != mean.shape:
         raise ValueError(f"prev_sample has shape {tuple(prev_sample.shape)}, expected {tuple(mean.shape)}")

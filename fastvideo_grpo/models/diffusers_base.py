@@ -26,6 +26,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .. import rng
 from . import lora as lora_lib
 from .base import Cond, PolicyAdapter
 
@@ -201,10 +202,8 @@ class DiffusersAdapter(PolicyAdapter):
         ...
 
     def initial_noise(self, num_samples, generator, device=None, cond=None):
-        gen_device = generator.device if generator is not None else "cpu"
-        z = torch.randn((num_samples,) + tuple(self.latent_shape(cond)), generator=generator,
-                        device=gen_device, dtype=torch.float32)
-        return z.to(device if device is not None else self.device)
+        return rng.randn((num_samples,) + tuple(self.latent_shape(cond)), generator,
+                         device=device if device is not None else self.device)
 
     def predict(self, latents, timestep_B, cond):
         self.validate_cond(cond, latents.shape[0])

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import rng
 from ..sde import FlowSchedule
 from ..toy.shapes import COLOURS, COUNT_WORDS, PLURAL, SHAPES
 from .base import ADAPTERS, Cond, PolicyAdapter
@@ -150,8 +151,7 @@ class ToyAdapter(PolicyAdapter):
 
     def initial_noise(self, num_samples, generator, device=None, cond=None):
         s = self.model.cfg.image_size
-        z = torch.randn(num_samples, 3, s, s, generator=generator)
-        return z.to(device or self.device)
+        return rng.randn((num_samples, 3, s, s), generator, device=device or self.device)
 
     def predict(self, latents, timestep_B, cond: Cond):
         """Velocity (z - x_hat) / t. With ``balance_grad`` the value is unchanged but the gradient

@@ -21,6 +21,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import rng
+
 from .reference import (
     _FLOAT_DTYPES,
     compute_dtype,
@@ -239,7 +241,7 @@ def fused_sde_step(
     coefs = [_check_coef(n, v, B, sample.device).to(cd)
              for n, v in (("coef_sample_B", coef_sample_B), ("coef_output_B", coef_output_B), ("std_B", std_B))]
     if prev_sample is None and noise is None:
-        noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=cd)
+        noise = rng.randn(sample.shape, generator, device=sample.device, dtype=cd)
     for name, t in (("noise", noise), ("prev_sample", prev_sample)):
         if t is not None and t.shape != sample.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(sample.shape)}")
