@@ -76,7 +76,7 @@ class TrainConfig:
     num_eval_prompts: int = 32
     sample_every: int = 0  # iterations between saved sample grids; 0 = never
     device: str = "auto"  # "auto", "cpu" or "cuda"
-    autocast: str = "bf16"  # autocast dtype on GPU: "bf16", "fp16" or "none"
+    autocast: str = "bf16"  # autocast dtype on GPU: "bf16" or "none" (fp16 is refused: no gradient scaler)
     deterministic: bool = False
     num_threads: int = 0  # CPU intra-op threads; 0 = torch's default
     resume: Optional[str] = None  # checkpoint folder, "latest" (error if none) or "auto" (latest if any)
@@ -96,6 +96,7 @@ class ParallelConfig:
     reduce_dtype: str = "fp32"  # gradient reduce-scatter dtype on GPU
     cpu_offload: bool = False  # keep sharded params / grads / optimizer state in CPU memory
     reshard_after_forward: bool = True  # free gathered params after forward (ZeRO-3); False = ZeRO-2
+    fsdp_one_process: bool = False  # FSDP2 in a one-process torchrun too (bf16 compute over fp32 master weights, as on many GPUs)
 
 
 @dataclass
@@ -194,8 +195,10 @@ class RunConfig:
             raise ValueError("at least one reward is required under 'rewards'")
         if self.optim.lr <= 0:
             raise ValueError("optim.lr must be > 0")
-        if self.train.autocast not in ("bf16", "fp16", "none"):
-            raise ValueError("train.autocast must be 'bf16', 'fp16' or 'none'")
+        if self.train.autocast not in ("bf16", "none"):
+            raise ValueError(
+                f"train.autocast must be 'bf16' or 'none', got {self.train.autocast!r} (fp16 would need a "
+                "gradient scaler, which the trainer does not have: bf16 has fp32's range and needs none)")
         if not 0.0 <= self.data.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
         if self.eval.samples_per_prompt < 1 or self.eval.batch_size < 1:

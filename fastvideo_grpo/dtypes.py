@@ -11,6 +11,11 @@ _DTYPES = {
 }
 
 
+def autocast_dtype(name: str):
+    """``train.autocast`` ("bf16" / "none") -> the autocast dtype on CUDA, or None."""
+    return None if name == "none" else parse_dtype(name)
+
+
 def parse_dtype(dtype) -> torch.dtype:
     """A torch.dtype passes through; a known name maps to its dtype; anything else is a ValueError."""
     if isinstance(dtype, torch.dtype):

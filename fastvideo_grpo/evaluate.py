@@ -27,8 +27,11 @@ def evaluate_policy(
     seed: int = 1234,
     batch_size: int = 64,
     return_images: bool = False,
+    autocast_dtype: Optional[torch.dtype] = None,
 ) -> Dict:
-    """Mean reward per reward name (and per-sample scores) over prompts x samples_per_prompt."""
+    """Mean reward per reward name (and per-sample scores) over prompts x samples_per_prompt.
+
+    ``autocast_dtype``: the denoiser's autocast dtype on CUDA, as in training (``train.autocast``)."""
     encode = encode or adapter.encode_prompts
     module = adapter.trainable_module()
     was_training = module.training
@@ -43,7 +46,7 @@ def evaluate_policy(
     for s in range(0, len(all_prompts), batch_size):
         batch = all_prompts[s:s + batch_size]
         cond = encode(batch)
-        z = sample_ode(adapter, schedule, cond, noise[s:s + batch_size])
+        z = sample_ode(adapter, schedule, cond, noise[s:s + batch_size], autocast_dtype=autocast_dtype)
         img = adapter.decode(z)
         r, info = compute_rewards(reward_fns, img, batch)
         for k, v in r.items():

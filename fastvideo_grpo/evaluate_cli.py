@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .config import RunConfig, load_config
+from .dtypes import autocast_dtype
 
 BASE = "base"
 
@@ -202,7 +203,8 @@ def main(argv=None) -> Dict:
     spp = args.samples_per_prompt or cfg.eval.samples_per_prompt
     steps = args.num_steps or cfg.sampling.eval_num_steps or cfg.sampling.num_steps
     kw = dict(samples_per_prompt=spp, batch_size=args.batch_size or cfg.eval.batch_size,
-              seed=cfg.eval.seed if args.seed is None else args.seed, dp_rank=0, dp_size=1)
+              seed=cfg.eval.seed if args.seed is None else args.seed, dp_rank=0, dp_size=1,
+              autocast_dtype=autocast_dtype(cfg.train.autocast))
 
     reward_fns = build_eval_reward_fns(cfg, build_reward_fns(cfg.rewards)[0] if not cfg.eval.rewards else {})
     rows: List[Dict] = []

@@ -265,7 +265,8 @@ def _dist_on() -> bool:
 
 def distributed_evaluate(adapter, prompts: Sequence[str], reward_fns: Dict, num_steps: int, encode: Callable, *,
                          samples_per_prompt: int, batch_size: int, seed: int, dp_rank: int, dp_size: int,
-                         return_images: bool = False, max_frames: Optional[int] = 8) -> Dict:
+                         return_images: bool = False, max_frames: Optional[int] = 8,
+                         autocast_dtype: Optional[torch.dtype] = None) -> Dict:
     """ODE evaluation split over data-parallel ranks (collective on every rank, FSDP-safe).
 
     Prompts are cut into fixed batches of ``batch_size // samples_per_prompt`` prompts; batch j uses
@@ -286,7 +287,8 @@ def distributed_evaluate(adapter, prompts: Sequence[str], reward_fns: Dict, num_
         real = j < len(batches)
         ev = evaluate_policy(adapter, batches[j if real else 0], reward_fns, num_steps, encode=encode,
                              samples_per_prompt=samples_per_prompt, seed=seed + (j if real else 0),
-                             batch_size=per * samples_per_prompt, return_images=return_images)
+                             batch_size=per * samples_per_prompt, return_images=return_images,
+                             autocast_dtype=autocast_dtype)
         if real:
             local.append((j, ev["per_sample"], _compact(ev.get("images"), max_frames), ev["extras_mean"]))
     if _dist_on():
@@ -437,7 +439,7 @@ def _run(cfg: RunConfig, env, manifest, stop_after) -> Dict:
     held = held_prompts[: cfg.train.num_eval_prompts] if cfg.train.num_eval_prompts else list(held_prompts)
     grid_prompts = (held or list(train_prompts))[: cfg.eval.num_sample_prompts]
     ev_kw = dict(samples_per_prompt=cfg.eval.samples_per_prompt, batch_size=cfg.eval.batch_size,
-                 seed=cfg.eval.seed, dp_rank=dp_rank, dp_size=dims.dp)
+                 seed=cfg.eval.seed, dp_rank=dp_rank, dp_size=dims.dp, autocast_dtype=trainer.autocast_dtype)
     eval_rows: List[Dict] = [r for r in prior_rows if "eval/reward" in r]
 
     def do_eval(step: int):
