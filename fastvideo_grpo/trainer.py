@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from . import grpo
 from .config import RunConfig
+from .dtypes import autocast_dtype
 from .models.base import Cond, PolicyAdapter, index_cond
 from .rewards.base import REWARDS, RewardFn, compute_rewards
 from .rollout import Trajectory, autocast_context, rollout
@@ -81,7 +82,8 @@ def grpo_update(
 ) -> Dict[str, float]:
     """PPO-clip updates over the kept transitions of ``traj``; returns averaged diagnostics.
 
-    ``on_first_ratio`` (for tests) receives the first micro-batch's ratio before any update.
+    ``on_first_ratio`` (for tests) receives the first micro-batch's ratio before any update; its
+    largest deviation from 1 is reported as ``train/first_ratio_dev``.
     """
     module = adapter.trainable_module()
     params = [p for p in module.parameters() if p.requires_grad]
@@ -96,6 +98,7 @@ def grpo_update(
     keys = ("loss", "clipfrac", "approx_kl", "ratio_mean", "kl")
     totals = torch.zeros(len(keys), dtype=torch.float32, device=device)
     count = 0
+    first_ratio_dev = torch.zeros(1, dtype=torch.float32, device=device)
     grad_norms = []
     use_kl = ref_adapter is not None and kl_coef > 0
     module.train()
@@ -121,8 +124,11 @@ def grpo_update(
                         _, _, ref_mean, _ = schedule.step(idx, ref_out, z, prev_sample=z_next)
                     kl_B = grpo.gaussian_kl_same_std(mean, ref_mean, std)
                 old = traj.log_probs_BK[rows_dev, k]
-                if on_first_ratio is not None and count == 0:
-                    on_first_ratio(torch.exp(logp.detach() - old))
+                if count == 0:  # before any optimiser step: the ratio must be 1 (same weights, same arithmetic)
+                    first_ratio = torch.exp(logp.detach() - old)
+                    first_ratio_dev = (first_ratio - 1.0).abs().max().float().reshape(1)
+                    if on_first_ratio is not None:
+                        on_first_ratio(first_ratio)
                 loss, st = grpo.ppo_clip_loss(logp, old, adv[rows_dev], clip_range, adv_clip_max, kl_B, kl_coef)
                 loss_finite.append(torch.isfinite(st.loss))
                 # backward runs even for a bad loss so that every rank takes part in the same
@@ -150,7 +156,11 @@ def grpo_update(
         optimizer.step()
         if lr_scheduler is not None:
             lr_scheduler.step()
-    out = {f"train/{k}": v / max(count, 1) for k, v in zip(keys, totals.tolist())}
+    *sums, first_dev = torch.cat([totals, first_ratio_dev]).tolist()
+    out = {f"train/{k}": v / max(count, 1) for k, v in zip(keys, sums)}
+    # |ratio - 1| at the first micro-step: 0 when rollout and re-scoring run the same arithmetic; on GPUs,
+    # bf16 kernels chosen by batch shape can make it ~1e-6..1e-5, to compare with grpo.clip_range
+    out["train/first_ratio_dev"] = first_dev
     out["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
     out["train/num_updates"] = len(grad_norms)
     return out
@@ -260,7 +270,7 @@ class GRPOTrainer:
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
         self.iteration = 0
         # autocast applies on CUDA only (rollout._autocast); CPU runs stay in the weights' dtype
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[cfg.train.autocast]
+        self.autocast_dtype = autocast_dtype(cfg.train.autocast)
 
     def advantages(self, rewards: Dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
         """Weighted sum of per-reward advantages for this rank's samples.

@@ -39,7 +39,7 @@ def test_rollout_then_update_ratio_is_exactly_one(prompts_n, group):
     adv = torch.randn(B)
     stats = grpo_update(ad, sched, traj, adv, opt, clip_range=1e-3, num_updates=2,
                         on_first_ratio=ratios.append)
-    assert torch.equal(ratios[0], torch.ones_like(ratios[0]))
+    assert torch.equal(ratios[0], torch.ones_like(ratios[0])) and stats["train/first_ratio_dev"] == 0.0
     assert stats["train/num_updates"] == 2 and torch.isfinite(torch.tensor(stats["train/loss"]))
     assert any(not torch.equal(a, b) for a, b in zip(before, ad.model.parameters()))
 
