@@ -119,7 +119,7 @@ def parallelize(adapter, dims: ParallelDims, pcfg=None, device: Optional[torch.d
         plan_hook = getattr(adapter, "sequence_parallel_plan", None)
         plan = plan_hook() if callable(plan_hook) else None
         res.sequence_parallel = SequenceParallel(blocks, dims.group("sp"), plan or SPPlan())
-    if not dims.distributed:
+    if dims.mesh is None:  # one process without parallel.fsdp_one_process: plain module
         return res
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -136,6 +136,7 @@ def parallelize(adapter, dims: ParallelDims, pcfg=None, device: Optional[torch.d
         res.notes.append("mixed precision off (CPU or fp32 requested)")
     if getattr(pcfg, "cpu_offload", False):
         kwargs["offload_policy"] = CPUOffloadPolicy()
+        adapter.set_compute_device(device)  # the parameters now live on the CPU; compute stays on ``device``
     for b in blocks:
         fully_shard(b, **kwargs)
     fully_shard(module, **kwargs)

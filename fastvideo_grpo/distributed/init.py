@@ -59,7 +59,9 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv
             raise ValueError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs are visible; lower "
                              "--nproc_per_node")
         torch.cuda.set_device(local)
-        dev, backend = torch.device("cuda", local), "nccl"
+        # NCCL for CUDA tensors, gloo for CPU ones (gradient-norm reductions over CPU-offloaded
+        # gradients, objects gathered on the host): one group, dispatched by the tensor's device
+        dev, backend = torch.device("cuda", local), "cuda:nccl,cpu:gloo"
     else:
         dev, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():

@@ -55,7 +55,10 @@ def build_trainer(cfg: RunConfig, env: DistEnv, build_adapter: Callable[[torch.d
     from ..trainer import GRPOTrainer, build_reward_fns
 
     dims = parallel_dims_from_config(cfg.parallel, env.world_size)
-    dims.build_mesh(env.device.type)
+    one_process = bool(cfg.parallel.fsdp_one_process)
+    if one_process and not dist.is_initialized():
+        raise ValueError("parallel.fsdp_one_process needs a process group: launch with torchrun --nproc_per_node=1")
+    dims.build_mesh(env.device.type, one_process=one_process)
     if reward_fns is None:
         reward_fns, reward_weights = build_reward_fns(cfg.rewards)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank

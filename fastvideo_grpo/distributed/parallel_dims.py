@@ -83,9 +83,12 @@ class ParallelDims:
 
     # ------------------------------------------------------------------ the mesh
 
-    def build_mesh(self, device_type: str = "cpu"):
-        """The named DeviceMesh (needs an initialised process group when world_size > 1)."""
-        if not self.distributed:
+    def build_mesh(self, device_type: str = "cpu", one_process: bool = False):
+        """The named DeviceMesh (needs an initialised process group when world_size > 1).
+
+        A one-process run has no mesh (and so no FSDP) unless ``one_process``: then a mesh of one rank
+        is built over the initialised one-process group, and FSDP2 runs exactly as on many GPUs."""
+        if not self.distributed and not one_process:
             return None
         from torch.distributed.device_mesh import init_device_mesh
 

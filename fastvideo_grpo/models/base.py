@@ -68,7 +68,14 @@ class PolicyAdapter(abc.ABC):
 
     @property
     def device(self) -> torch.device:
-        return next(self.trainable_module().parameters()).device
+        """Where the model computes and the rollout keeps its latents: the device given to
+        ``set_compute_device`` (parallelize does, since CPU-offloaded parameters live on the CPU
+        while FSDP2 computes on the GPU), else the first trainable parameter's device."""
+        explicit = getattr(self, "_compute_device", None)
+        return explicit if explicit is not None else next(self.trainable_module().parameters()).device
+
+    def set_compute_device(self, device) -> None:
+        self._compute_device = torch.device(device)
 
     def encode_prompts(self, prompts) -> Cond:
         """Encode prompts on the fly (toy models). Big models read precomputed embeddings instead."""
