@@ -41,7 +41,9 @@ import torch  # noqa: E402
 
 TEXT_LEN = 16
 
-# name -> model/vae sizes and the GRPO shapes of the iteration
+# name -> model/vae sizes and the GRPO shapes of the iteration. Optional keys (defaults in
+# ``build_folder``): latent_channels, vae_levels (VAE down-sampling = 2 ** (levels - 1)), vae_width,
+# patch (spatial patch of the video transformer), text_dim, pooled_dim, text_len, micro_batch.
 CASES = {
     "flux_tiny": dict(family="flux", width=32, double=1, single=1, heads=2, head_dim=16, resolution=32,
                       prompts=2, group=2, steps=4, tau=0.6, updates=2),
@@ -51,6 +53,17 @@ CASES = {
                        prompts=2, group=2, steps=6, tau=0.6, updates=2),
     "hunyuan_small": dict(family="hunyuan_t2v", width=512, double=2, single=4, heads=8, head_dim=64, resolution=32,
                           num_frames=5, prompts=2, group=2, steps=6, tau=0.6, updates=2),
+    # GPU sizes (bench/gpu_check.py): ~1.1B-parameter transformers at the recipes' token counts --
+    # FLUX at 720 px (45 x 45 = 2025 image tokens + 512 text tokens), HunyuanVideo at 480 x 480 x 17
+    # frames (5 x 30 x 30 = 4500 video tokens + 256 text tokens); real latent channels and VAE factors,
+    # narrow VAEs; 16 sampling steps as the recipes
+    "flux_1b_720px": dict(family="flux", width=2048, double=4, single=8, heads=16, head_dim=128, resolution=720,
+                          latent_channels=16, vae_levels=4, vae_width=32, text_dim=4096, pooled_dim=768,
+                          text_len=512, prompts=2, group=4, steps=16, tau=0.6, updates=2, micro_batch=4),
+    "hunyuan_1b_480p_17f": dict(family="hunyuan_t2v", width=2048, double=4, single=8, heads=16, head_dim=128,
+                                resolution=480, num_frames=17, latent_channels=16, vae_levels=4, vae_width=32,
+                                patch=2, text_dim=4096, pooled_dim=768, text_len=256, prompts=1, group=4,
+                                steps=16, tau=0.6, updates=2, micro_batch=2),
 }
 DEFAULT_CASES = ["flux_tiny", "hunyuan_tiny", "flux_small", "hunyuan_small"]
 QUICK_CASES = ["flux_tiny", "hunyuan_tiny"]
@@ -59,54 +72,66 @@ QUICK_CASES = ["flux_tiny", "hunyuan_tiny"]
 # ----------------------------------------------------------------------------- models
 
 
-def _vae_2d(diffusers):
+def _vae_2d(diffusers, latent_channels=4, levels=2, width=8):
     return diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
-        scaling_factor=0.5, shift_factor=0.1,
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(width,) * levels,
+        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels, norm_num_groups=4, scaling_factor=0.5, shift_factor=0.1,
     )
 
 
-def _vae_hunyuan(diffusers):
+def _vae_hunyuan(diffusers, latent_channels=4, width=8):
     return diffusers.AutoencoderKLHunyuanVideo(
-        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
-        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-        norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
-        mid_block_add_attention=True,
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4, up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(width,) * 4, layers_per_block=1, norm_num_groups=4, scaling_factor=0.476986,
+        spatial_compression_ratio=8, temporal_compression_ratio=4, mid_block_add_attention=True,
     )
 
 
-def build_folder(case: dict, root: Path) -> dict:
-    """Write a random-init diffusers folder for ``case``; returns the adapter kwargs."""
+def build_folder(case: dict, root: Path, device="cpu") -> dict:
+    """Write a random-init diffusers folder for ``case``; returns the adapter kwargs.
+
+    ``device``: where the random initialisation runs (a GPU initialises a 1B model in a fraction of the
+    CPU's time); the folder is the same format either way."""
+    with torch.device(device):
+        return _build_folder(case, root)
+
+
+def _build_folder(case: dict, root: Path) -> dict:
     import diffusers
 
     torch.manual_seed(0)
     assert case["heads"] * case["head_dim"] == case["width"] or case["width"] == 32
     hd = case["head_dim"]
+    lc, vw = case.get("latent_channels", 4), case.get("vae_width", 8)
+    text_dim, pooled = case.get("text_dim", 64), case.get("pooled_dim", 32)
     if case["family"] == "flux":
         rope = (hd // 4, 3 * hd // 8, 3 * hd // 8) if hd >= 16 else (4, 6, 6)
         tr = diffusers.FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=case["double"], num_single_layers=case["single"],
-            attention_head_dim=hd, num_attention_heads=case["heads"], joint_attention_dim=64,
-            pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=rope,
+            patch_size=1, in_channels=4 * lc, num_layers=case["double"], num_single_layers=case["single"],
+            attention_head_dim=hd, num_attention_heads=case["heads"], joint_attention_dim=text_dim,
+            pooled_projection_dim=pooled, guidance_embeds=True, axes_dims_rope=rope,
         )
-        vae = _vae_2d(diffusers)
+        vae = _vae_2d(diffusers, lc, case.get("vae_levels", 2), vw)
         kw = dict(resolution=case["resolution"])
     else:
         rope = (hd // 4, 3 * hd // 8, 3 * hd // 8)
+        patch = case.get("patch", 1)
         tr = diffusers.HunyuanVideoTransformer3DModel(
-            in_channels=4, out_channels=4, num_attention_heads=case["heads"], attention_head_dim=hd,
-            num_layers=case["double"], num_single_layers=case["single"], num_refiner_layers=1, patch_size=1,
-            patch_size_t=1, guidance_embeds=True, text_embed_dim=64, pooled_projection_dim=32, rope_axes_dim=rope,
+            in_channels=lc, out_channels=lc, num_attention_heads=case["heads"], attention_head_dim=hd,
+            num_layers=case["double"], num_single_layers=case["single"], num_refiner_layers=1, patch_size=patch,
+            patch_size_t=1, guidance_embeds=True, text_embed_dim=text_dim, pooled_projection_dim=pooled,
+            rope_axes_dim=rope,
         )
-        vae = _vae_hunyuan(diffusers)
+        vae = _vae_hunyuan(diffusers, lc, vw)
         kw = dict(resolution=case["resolution"], num_frames=case["num_frames"])
-    tr.save_pretrained(str(root / "transformer"))
-    vae.save_pretrained(str(root / "vae"))
+    tr.cpu().save_pretrained(str(root / "transformer"))
+    vae.cpu().save_pretrained(str(root / "vae"))
     return kw
 
 
-def random_encoder(adapter):
+def random_encoder(adapter, text_len: int = TEXT_LEN):
     """A stand-in prompt encoder: fixed random embeddings per prompt (seeded by the prompt's index)."""
     spec = adapter.cond_spec()
 
@@ -116,7 +141,7 @@ def random_encoder(adapter):
             rows = []
             for p in prompts:
                 g = torch.Generator().manual_seed(int(p.split("_")[-1]))
-                shape = tuple(TEXT_LEN if d is None else d for d in trailing)
+                shape = tuple(text_len if d is None else d for d in trailing)
                 rows.append(torch.ones(shape, dtype=torch.int64) if key.endswith("attention_mask")
                             else torch.randn(shape, generator=g))
             cond[key] = torch.stack(rows).to(adapter.device)
@@ -181,27 +206,35 @@ class _PhaseClock:
 
         spent = {"reward": 0.0, "train": 0.0}
         originals = {"compute_rewards": tr.compute_rewards, "grpo_update": tr.grpo_update}
+        dev = trainer.adapter.device
 
         def timed(key, fn):
             def wrapper(*a, **k):
+                _sync(dev)  # on a GPU, queued work is charged to the phase that queued it
                 t = clock()
                 try:
                     return fn(*a, **k)
                 finally:
+                    _sync(dev)
                     spent[key] += clock() - t
             return wrapper
 
         tr.compute_rewards = timed("reward", originals["compute_rewards"])
         tr.grpo_update = timed("train", originals["grpo_update"])
         try:
+            _sync(dev)
             w0, c0 = time.perf_counter(), clock()
-            trainer.train_iteration()
+            metrics = trainer.train_iteration()
+            _sync(dev)
             total, wall = clock() - c0, time.perf_counter() - w0
         finally:
             tr.compute_rewards, tr.grpo_update = originals["compute_rewards"], originals["grpo_update"]
+        _PhaseClock.last_metrics = metrics
         # rollout = everything before the rewards (prompt batch, timestep subsets, sampling, decode)
         return {"rollout": total - spent["reward"] - spent["train"], "reward": spent["reward"],
                 "train": spent["train"], "total": total, "wall_total": wall}
+
+    last_metrics: dict = {}
 
 
 def _sync(device):
@@ -209,15 +242,18 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def bare_rollout(adapter, kw, num_steps, z):
+def bare_rollout(adapter, kw, num_steps, z, autocast_dtype=None):
     """num_steps no-grad transformer forwards + one VAE decode; returns (total_s, decode_s)."""
+    from fastvideo_grpo.rollout import autocast_context
+
     model, dev = adapter.model, z.device
     model.eval()
     _sync(dev)
     t0 = clock()
     with torch.no_grad():
         for _ in range(num_steps):
-            model(**kw)
+            with autocast_context(dev, autocast_dtype):
+                model(**kw)
         _sync(dev)
         t1 = clock()
         adapter.vae.decode(z, return_dict=False)
@@ -226,9 +262,11 @@ def bare_rollout(adapter, kw, num_steps, z):
     return t2 - t0, t2 - t1
 
 
-def bare_train(adapter, kw, num_passes, num_optim_steps, optimizer):
+def bare_train(adapter, kw, num_passes, num_optim_steps, optimizer, autocast_dtype=None):
     """num_passes forward+backward passes + num_optim_steps optimiser updates (gradient clipping + AdamW
     step, what any fine-tuning loop does); returns (total_s, optim_s)."""
+    from fastvideo_grpo.rollout import autocast_context
+
     model = adapter.model
     model.train()
     dev = kw["hidden_states"].device
@@ -239,7 +277,8 @@ def bare_train(adapter, kw, num_passes, num_optim_steps, optimizer):
     for n in per_chunk:
         optimizer.zero_grad(set_to_none=True)
         for _ in range(n):
-            out = model(**kw)[0]
+            with autocast_context(dev, autocast_dtype):
+                out = model(**kw)[0]
             out.float().square().mean().backward()
         _sync(dev)
         ts = clock()
@@ -281,8 +320,9 @@ def null_model_overhead(trainer, kw_roll, kw_train, num_steps, num_passes, z, re
     try:
         for r in range(reps + 1):
             it = _PhaseClock.run(trainer)["total"]
-            b = bare_rollout(adapter, kw_roll, num_steps, z)[0] + bare_train(
-                adapter, kw_train, num_passes, trainer.cfg.grpo.num_updates_per_iteration, trainer.optimizer)[0]
+            amp = trainer.autocast_dtype
+            b = bare_rollout(adapter, kw_roll, num_steps, z, amp)[0] + bare_train(
+                adapter, kw_train, num_passes, trainer.cfg.grpo.num_updates_per_iteration, trainer.optimizer, amp)[0]
             if r:  # the first round warms up
                 its.append(it)
                 bares.append(b)
@@ -294,25 +334,39 @@ def null_model_overhead(trainer, kw_roll, kw_train, num_steps, num_passes, z, re
 # ----------------------------------------------------------------------------- one case
 
 
-def make_trainer(case: dict, root: Path, overrides=(), adapter_kwargs=None, device="cpu"):
+def make_trainer(case: dict, root: Path, overrides=(), adapter_kwargs=None, device="cpu", fsdp=False):
+    """GRPOTrainer over a random-init model of ``case`` written to ``root`` and loaded by the real adapter.
+
+    ``fsdp``: shard the transformer with FSDP2 over a one-rank mesh (``parallel.fsdp_one_process``;
+    needs an initialised one-process group): on CUDA that is bf16 compute over fp32 master weights,
+    the multi-GPU code path."""
     from fastvideo_grpo.config import load_config
+    from fastvideo_grpo.distributed.fsdp import parallelize
+    from fastvideo_grpo.distributed.parallel_dims import ParallelDims
     from fastvideo_grpo.models import ADAPTERS
     from fastvideo_grpo.trainer import GRPOTrainer, PromptSource, build_reward_fns
 
     register_reward()
-    kw = build_folder(case, root)
+    kw = build_folder(case, root, device)
     kw.update(adapter_kwargs or {})
     adapter = ADAPTERS.build(case["family"], model_path=str(root), device=device, **kw)
     cfg = load_config(None, [
         f"--model.name={case['family']}", f"--sampling.num_steps={case['steps']}", "--sampling.eta=0.3",
         f"--grpo.group_size={case['group']}", f"--grpo.prompts_per_iteration={case['prompts']}",
         f"--grpo.tau={case['tau']}", f"--grpo.num_updates_per_iteration={case['updates']}",
+        f"--grpo.micro_batch_size={case.get('micro_batch', 0)}",
         "--grpo.clip_range=1e-4", "--optim.lr=1e-5", "--rewards=[{name: bench_mean_brightness}]",
+        f"--parallel.fsdp_one_process={str(bool(fsdp)).lower()}",
         *overrides,
     ])
+    if fsdp:
+        dims = ParallelDims(world_size=1)
+        dims.build_mesh(torch.device(device).type, one_process=True)
+        parallelize(adapter, dims, cfg.parallel, torch.device(device))
     fns, weights = build_reward_fns(cfg.rewards)
     prompts = [f"prompt_{i}" for i in range(64)]
-    trainer = GRPOTrainer(cfg, adapter, fns, weights, PromptSource(prompts, random_encoder(adapter), seed=0))
+    encode = random_encoder(adapter, case.get("text_len", TEXT_LEN))
+    trainer = GRPOTrainer(cfg, adapter, fns, weights, PromptSource(prompts, encode, seed=0))
     return trainer, cfg
 
 
@@ -322,11 +376,20 @@ def _peak_mem(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB -> MiB on Linux
 
 
-def run_case(name: str, reps: int, overrides=(), adapter_kwargs=None, device="cpu", compile_model=False) -> dict:
+def run_case(name: str, reps: int, overrides=(), adapter_kwargs=None, device="cpu", compile_model=False,
+             fsdp=False, keep_trainer=False) -> dict:
+    """Time ``reps`` GRPO iterations and bare loops of case ``name`` (see the module docstring).
+
+    ``fsdp``: FSDP2 over a one-rank mesh (see ``make_trainer``). ``keep_trainer``: return the trainer
+    under "trainer" (not JSON) to keep training it. The first GRPO iteration's ``first_ratio_dev`` and
+    loss are reported: the ratio before any update must be 1."""
     case = CASES[name]
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, cfg = make_trainer(case, Path(tmp), overrides, adapter_kwargs, device)
+        trainer, cfg = make_trainer(case, Path(tmp), overrides, adapter_kwargs, device, fsdp=fsdp)
     adapter = trainer.adapter
+    amp = trainer.autocast_dtype
     compile_s = 0.0
     if compile_model:
         adapter.model = torch.compile(adapter.model)  # what an option in the trainer would wrap
@@ -340,17 +403,19 @@ def run_case(name: str, reps: int, overrides=(), adapter_kwargs=None, device="cp
     K = num_train_steps(hi - lo, g.tau)
     mb = g.micro_batch_size or B
     row_chunks = math.ceil(B / mb)
-    cond = random_encoder(adapter)([f"prompt_{i}" for i in range(B)])
+    cond = random_encoder(adapter, case.get("text_len", TEXT_LEN))([f"prompt_{i}" for i in range(B)])
     z = adapter.initial_noise(B, torch.Generator().manual_seed(0), device=adapter.device)
     t = torch.full((B,), 500.0, device=adapter.device)
     kw_roll = bare_inputs(adapter, z, t, cond)
     kw_train = bare_inputs(adapter, z[:mb], t[:mb], {k: v[:mb] for k, v in cond.items()})
     # warm-up (allocator, lazy init, compilation): one no-grad forward, one forward+backward, one decode
     tc = time.perf_counter()
-    bare_rollout(adapter, kw_roll, 1, z)
-    bare_train(adapter, kw_train, 1, 1, trainer.optimizer)
+    bare_rollout(adapter, kw_roll, 1, z, amp)
+    bare_train(adapter, kw_train, 1, 1, trainer.optimizer, amp)
+    first = None
     if compile_model:
-        trainer.train_iteration()  # compiles the shapes the GRPO path uses too
+        _PhaseClock.run(trainer)  # compiles the shapes the GRPO path uses too
+        first = _PhaseClock.last_metrics
         compile_s = time.perf_counter() - tc
     rows = {k: [] for k in ("it_rollout", "it_reward", "it_train", "it_total", "it_wall_total", "bare_rollout",
                             "bare_decode", "bare_train", "bare_optim", "bare_wall_total")}
@@ -359,14 +424,16 @@ def run_case(name: str, reps: int, overrides=(), adapter_kwargs=None, device="cp
         for what in order:
             if what == "iter":
                 ph = _PhaseClock.run(trainer)
+                first = first or _PhaseClock.last_metrics
                 for k, v in ph.items():
                     rows["it_" + k].append(v)
             else:
                 w0 = time.perf_counter()
-                tot, dec = bare_rollout(adapter, kw_roll, T, z)
+                tot, dec = bare_rollout(adapter, kw_roll, T, z, amp)
                 rows["bare_rollout"].append(tot)
                 rows["bare_decode"].append(dec)
-                tot, opt = bare_train(adapter, kw_train, K * row_chunks, g.num_updates_per_iteration, trainer.optimizer)
+                tot, opt = bare_train(adapter, kw_train, K * row_chunks, g.num_updates_per_iteration, trainer.optimizer,
+                                      amp)
                 rows["bare_train"].append(tot)
                 rows["bare_optim"].append(opt)
                 rows["bare_wall_total"].append(time.perf_counter() - w0)
@@ -378,8 +445,11 @@ def run_case(name: str, reps: int, overrides=(), adapter_kwargs=None, device="cp
         "case": name,
         "config": dict(case, params_M=round(params / 1e6, 2), batch=B, num_steps_T=T, train_steps_K=K, micro_batch=mb,
                        latent=list(adapter.latent_shape()), window=list(window) if window else None,
-                       overrides=list(overrides), adapter_kwargs=adapter_kwargs or {}, compile=compile_model),
+                       overrides=list(overrides), adapter_kwargs=adapter_kwargs or {}, compile=compile_model,
+                       fsdp=fsdp, autocast=str(amp).replace("torch.", "") if amp is not None else None),
         "reps": reps,
+        "first_iteration": {k: first.get(k) for k in ("train/first_ratio_dev", "train/loss", "train/grad_norm",
+                                                      "train/clipfrac")},
         "iteration_s": {"rollout": med["it_rollout"], "reward": med["it_reward"], "train": med["it_train"],
                         "total": med["it_total"]},
         "bare_s": {"rollout": med["bare_rollout"], "decode": med["bare_decode"], "train": med["bare_train"],
@@ -397,6 +467,8 @@ def run_case(name: str, reps: int, overrides=(), adapter_kwargs=None, device="cp
     }
     if compile_model:
         out["compile_s"] = compile_s
+    if keep_trainer:
+        out["trainer"] = trainer
     return out
 
 

@@ -5,7 +5,8 @@ Times, on the same inputs in one run, the flow-matching re-scoring step as resea
 ``fused_sde_step`` (one pass forward, one pass backward), for the latent sizes of FLUX at 1024 px
 (16x128x128) and HunyuanVideo 480p x 53 frames (16x14x60x60), batch 1 and 8, forward and
 forward+backward. A plain ``dst.copy_(src)`` of the same latent size gives the memory-bandwidth
-ceiling. Prints one JSON line with ``--json`` (a table otherwise).
+ceiling, and ``torch.compile`` of the eager formula (what a user would otherwise pick) is timed in the
+same run (``--no-compile`` skips it). Prints one JSON line with ``--json`` (a table otherwise).
 
     python bench/logprob_kernel.py --json [--device cuda] [--reps 5] [--threads N]
 """
@@ -62,7 +63,18 @@ def timeit(fn, device, reps, warmup=1):
     return best
 
 
-def run_case(name, shape, batch, device, dtype, reps):
+_COMPILED = {}
+
+
+def compiled_logprob():
+    """``torch.compile`` of the eager formula: what a user would reach for instead of a custom kernel.
+    Dynamic shapes, so one compilation per pass (no-grad / grad) serves every case."""
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(eager_logprob, dynamic=True)
+    return _COMPILED["fn"]
+
+
+def run_case(name, shape, batch, device, dtype, reps, compiled=True):
     g = torch.Generator(device="cpu").manual_seed(0)
     full = (batch,) + shape
     z = torch.randn(full, generator=g).to(device, dtype)
@@ -95,16 +107,24 @@ def run_case(name, shape, batch, device, dtype, reps):
 
         t_eager = timeit(make(eager_logprob), device, reps)
         t_fused = timeit(make(fused_logprob), device, reps)
+        t_comp = timeit(make(compiled_logprob()), device, reps, warmup=2) if compiled else None
         # fused traffic: forward reads u, z, prev; backward reads u, z, prev and writes grad_u
         bytes_moved = numel * elt * (3 if pass_ == "fwd" else 7)
         out.append({
             "case": name, "shape": list(full), "batch": batch, "pass": pass_, "dtype": str(dtype).replace("torch.", ""),
             "eager_ms": round(t_eager * 1e3, 3), "fused_ms": round(t_fused * 1e3, 3),
             "speedup_vs_eager": round(t_eager / t_fused, 2),
+            "compiled_ms": round(t_comp * 1e3, 3) if compiled else None,
+            "speedup_vs_compiled": round(t_comp / t_fused, 2) if compiled else None,
             "fused_bytes_per_s": round(bytes_moved / t_fused), "copy_bytes_per_s": round(copy_bw),
             "fraction_of_copy_bw": round(bytes_moved / t_fused / copy_bw, 3),
         })
     return out
+
+
+def _geomean(values):
+    v = list(values)
+    return round(math.exp(sum(math.log(x) for x in v) / len(v)), 2)
 
 
 def main(argv=None):
@@ -115,6 +135,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per case (best is reported)")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: torch's default)")
+    ap.add_argument("--no-compile", action="store_true", help="skip timing torch.compile of the eager formula")
     args = ap.parse_args(argv)
     if args.reps < 1:
         raise ValueError("--reps must be >= 1")
@@ -128,7 +149,7 @@ def main(argv=None):
     cases = []
     for name, shape in SHAPES.items():
         for batch in (int(b) for b in args.batches.split(",")):
-            cases += run_case(name, shape, batch, device, dtype, args.reps)
+            cases += run_case(name, shape, batch, device, dtype, args.reps, compiled=not args.no_compile)
     result = {
         "bench": "logprob_kernel",
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
@@ -139,14 +160,16 @@ def main(argv=None):
         "kernel_used": kernel_supports(torch.empty(0, device=device)),
         "cases": cases,
         "min_speedup_vs_eager": min(c["speedup_vs_eager"] for c in cases),
-        "geomean_speedup_vs_eager": round(math.exp(sum(math.log(c["speedup_vs_eager"]) for c in cases) / len(cases)), 2),
+        "geomean_speedup_vs_eager": _geomean(c["speedup_vs_eager"] for c in cases),
+        "geomean_speedup_vs_compiled": (None if args.no_compile else _geomean(c["speedup_vs_compiled"] for c in cases)),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     if args.json:
         print(json.dumps(result))
     else:
         for c in cases:
-            print(f"{c['case']:>18} B={c['batch']} {c['pass']:>7}: eager {c['eager_ms']:9.2f} ms  fused "
+            comp = f"  compiled {c['compiled_ms']:9.2f} ms" if c["compiled_ms"] is not None else ""
+            print(f"{c['case']:>18} B={c['batch']} {c['pass']:>7}: eager {c['eager_ms']:9.2f} ms{comp}  fused "
                   f"{c['fused_ms']:9.2f} ms  x{c['speedup_vs_eager']:.2f}  {c['fraction_of_copy_bw']:.2f} of copy bw")
     return result
 

@@ -1,0 +1,500 @@
+"""The GPU acceptance check: one command from a fresh checkout, at most 8 minutes on one H100 / H200.
+
+    python bench/gpu_check.py --out outputs/gpu_check.json            # on a GPU machine (= make gpu-check)
+    python bench/gpu_check.py --dry-run --out outputs/gpu_check.json  # on a CPU machine: every check at tiny size
+    python bench/gpu_check.py --list                                  # what is checked, nothing run
+
+Checks, in order. Each runs on its own (a failure is recorded with its traceback and the next check
+runs) and the JSON file is rewritten after every check, so a run cut short keeps what it measured.
+
+  environment         versions of python / torch / CUDA / diffusers / transformers / peft, the GPU; says
+                      which wheels to bring when a package is missing (GPU machines are often offline)
+  extension_build     builds fastvideo_grpo._C in place (setup.py build_ext --inplace; the CUDA kernel
+                      with nvcc) and checks that the CUDA kernel is what the op dispatches to
+  kernel_correctness  the compiled kernel against the PyTorch reference, forward (rollout and re-scoring)
+                      and backward, fp32 and bf16, odd shapes, batch > 1 with per-sample coefficients;
+                      errors measured against a float64 reference, the kernel's within 2x the eager
+                      reference's own error (+ a float32 rounding floor)
+  grpo_flux           one full GRPO iteration (bench/iteration.py's ``run_case``) on a ~1.1B FLUX-like
+  grpo_hunyuan        transformer at 720 px / a ~1.1B HunyuanVideo-like one at 480 x 480 x 17 frames:
+                      bf16 autocast, FSDP2 over a one-GPU NCCL group (fp32 master weights), fused AdamW;
+                      |ratio - 1| at the first micro-step (rollout at the full batch, training at the
+                      micro-batch), finite loss, seconds split into rollout / reward / training, samples/s,
+                      peak memory, overhead against the bare model work
+  learning            20 iterations on a brightness reward (the same 1.1B FLUX-like model at 256 px):
+                      the training reward's slope and the held-out reward (fixed prompts and noise,
+                      before vs after) must rise
+  checkpoint_dcp      DCP save of the FSDP2 trainer with CUDA tensors, load into a fresh trainer, one more
+                      iteration on each: identical weights and metrics
+  cpu_offload         parallel.cpu_offload (FSDP2 CPUOffloadPolicy): one iteration on the GPU with the
+                      parameters, gradients and optimiser state in host memory
+  cuda_tests          the test suite's CUDA tests (pytest -k cuda on the files that hold them)
+  kernel_speed        bench/logprob_kernel.py's cases: fused kernel vs eager formula vs torch.compile of
+                      it vs a plain device copy (achieved bandwidth); last, as the least critical
+
+``--dry-run`` runs all of them on the CPU at tiny sizes (gloo instead of NCCL; no build: the installed
+extension is checked; no CUDA tests), which is what CI runs. ``--only a,b`` runs a subset; ``--budget-s``
+skips the checks not yet started after that many seconds (the JSON then says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+
+CHECKS = ["environment", "extension_build", "kernel_correctness", "grpo_flux", "grpo_hunyuan", "learning",
+          "checkpoint_dcp", "cpu_offload", "cuda_tests", "kernel_speed"]
+# what each check runs at: (GPU, dry run)
+SIZES = {
+    "grpo_flux": ("flux_1b_720px", "flux_tiny"),
+    "grpo_hunyuan": ("hunyuan_1b_480p_17f", "hunyuan_tiny"),
+}
+REQUIRED = {"diffusers": "diffusers", "transformers": "transformers", "safetensors": "safetensors",
+            "yaml": "pyyaml", "einops": "einops", "importlib_metadata": "importlib_metadata"}
+OPTIONAL = {"peft": "peft", "tqdm": "tqdm", "matplotlib": "matplotlib"}
+
+
+class Skip(Exception):
+    """A check that does not apply here (reason in the message)."""
+
+
+def _version(mod: str):
+    try:
+        m = __import__(mod)
+    except Exception:  # noqa: BLE001 - any import failure means "missing" here
+        return None
+    return getattr(m, "__version__", "present")
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_environment(ctx):
+    out = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+           "cuda_available": torch.cuda.is_available(), "dry_run": ctx["dry"]}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        out.update(gpu=p.name, gpu_mem_gib=round(p.total_memory / 2**30, 1), sm_count=p.multi_processor_count,
+                   capability=f"{p.major}.{p.minor}", gpu_count=torch.cuda.device_count())
+    out["packages"] = {name: _version(mod) for mod, name in {**REQUIRED, **OPTIONAL}.items()}
+    missing = [name for mod, name in REQUIRED.items() if _version(mod) is None]
+    if missing:
+        out["missing"] = missing
+        out["how_to_fix"] = (
+            "on a machine with internet: python3 -m pip download --no-deps --only-binary=:all: --python-version "
+            f"{sys.version_info.major}.{sys.version_info.minor} -d wheels " + " ".join(missing) +
+            "; copy wheels/ over, then: pip install --no-index --no-deps wheels/*.whl (see docs/performance.md)")
+        raise RuntimeError(f"missing packages: {missing}. {out['how_to_fix']}")
+    return out
+
+
+def check_extension_build(ctx):
+    out = {}
+    if not ctx["dry"]:
+        env = dict(os.environ, MAX_JOBS=str(os.cpu_count() or 4))
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=str(ROOT), env=env,
+                           capture_output=True, text=True, timeout=600)
+        out["build_s"] = round(time.perf_counter() - t0, 1)
+        out["build_log_tail"] = (p.stdout + p.stderr)[-1500:]
+        if p.returncode != 0:
+            raise RuntimeError(f"setup.py build_ext failed (exit {p.returncode}): {out['build_log_tail']}")
+    from fastvideo_grpo.ops import extension_available, kernel_supports
+    from fastvideo_grpo.ops import fused
+
+    out["extension_loaded"] = extension_available()
+    out["has_cuda_kernel"] = bool(extension_available() and fused._C.has_cuda())
+    dev = ctx["device"]
+    out["kernel_dispatched_on_" + dev.type] = kernel_supports(torch.empty(0, device=dev))
+    if not out["extension_loaded"]:
+        raise RuntimeError("fastvideo_grpo._C did not load: the PyTorch reference would run instead")
+    if dev.type == "cuda" and not out["has_cuda_kernel"]:
+        raise RuntimeError("the extension was built without its CUDA kernel (nvcc or a CUDA torch missing at build)")
+    return out
+
+
+def _kernel_inputs(shape, dtype, device, g):
+    B = shape[0]
+    u = torch.randn(shape, generator=g).to(device, dtype)
+    z = torch.randn(shape, generator=g).to(device, dtype)
+    noise = torch.randn(shape, generator=g).to(device, torch.float32)
+    sigma = torch.rand(B, generator=g, dtype=torch.float64) * 0.7 + 0.25
+    sigma_next = sigma - torch.rand(B, generator=g, dtype=torch.float64) * 0.1 - 0.01
+    eta = torch.rand(B, generator=g, dtype=torch.float64) * 0.9 + 0.1
+    return u, z, noise, sigma, sigma_next, eta
+
+
+def _err(a, b):
+    """Largest absolute difference relative to the largest magnitude of the reference."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+def check_kernel_correctness(ctx):
+    from fastvideo_grpo.ops import flow_coefficients, fused_sde_step, kernel_supports
+    from fastvideo_grpo.ops.reference import reference_sde_step
+
+    dev = ctx["device"]
+    if not kernel_supports(torch.empty(0, device=dev)):
+        raise RuntimeError(f"the compiled kernel does not serve {dev}: nothing to compare")
+    shapes = [(1, 3, 5, 7), (3, 16, 45, 45), (2, 16, 5, 30, 31), (4, 7, 13, 17)]
+    if not ctx["dry"]:
+        shapes.append((8, 16, 90, 90))
+    g = torch.Generator().manual_seed(0)
+    rows, worst = [], 0.0
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in shapes:
+            u, z, noise, s, sn, e = _kernel_inputs(shape, dtype, dev, g)
+            A, C, S = flow_coefficients(s, sn, e, batch_size=shape[0], device=dev)
+            # truth: the reference in float64 on the same (rounded) inputs
+            A64, C64, S64 = (t.to(torch.float64) for t in (A, C, S))
+            prev64, lp64, _ = reference_sde_step(u.double(), z.double(), A64, C64, S64, noise=noise.double())
+            prev_k, lp_k = fused_sde_step(u, z, A, C, S, noise=noise)
+            prev_r, lp_r, _ = reference_sde_step(u, z, A, C, S, noise=noise)
+            # re-scoring a stored transition and its gradient w.r.t. the model output
+            stored = prev64.to(dtype)
+            uk = u.detach().clone().requires_grad_()
+            lpk2 = fused_sde_step(uk, z, A, C, S, prev_sample=stored)[1]
+            lpk2.sum().backward()
+            ur = u.detach().clone().requires_grad_()
+            lpr2 = reference_sde_step(ur, z, A, C, S, prev_sample=stored)[1]
+            lpr2.sum().backward()
+            u64 = u.detach().double().requires_grad_()
+            lp642 = reference_sde_step(u64, z.double(), A64, C64, S64, prev_sample=stored.double())[1]
+            lp642.sum().backward()
+            floor = 4 * torch.finfo(torch.float32).eps
+            row = {"dtype": str(dtype).replace("torch.", ""), "shape": list(shape)}
+            ok = True
+            for what, k, r, t in (("prev", prev_k, prev_r, prev64), ("log_prob", lp_k, lp_r, lp64),
+                                  ("rescore_log_prob", lpk2, lpr2, lp642), ("grad_u", uk.grad, ur.grad, u64.grad)):
+                ek, er = _err(k, t), _err(r, t)
+                row[what] = {"kernel_err": ek, "reference_err": er}
+                ok &= ek <= 2 * er + floor
+                worst = max(worst, ek / (2 * er + floor))
+            row["ok"] = bool(ok)
+            rows.append(row)
+    bad = [r for r in rows if not r["ok"]]
+    out = {"cases": rows, "worst_error_over_bound": worst, "num_cases": len(rows)}
+    if bad:
+        raise RuntimeError(f"kernel error above 2x the reference's on {len(bad)} case(s): {bad[:2]}")
+    return out
+
+
+def check_kernel_speed(ctx):
+    import logprob_kernel as lk
+
+    dev = ctx["device"]
+    cases = []
+    if ctx["dry"]:
+        cases += lk.run_case("tiny", (4, 8, 8), 2, dev, torch.float32, reps=1, compiled=False)
+    else:
+        for dtype in (torch.float32, torch.bfloat16):
+            for name, shape in lk.SHAPES.items():
+                for batch in (1, 8):
+                    cases += lk.run_case(name, shape, batch, dev, dtype, reps=5)
+    out = {"cases": cases, "geomean_speedup_vs_eager": lk._geomean(c["speedup_vs_eager"] for c in cases)}
+    comp = [c["speedup_vs_compiled"] for c in cases if c["speedup_vs_compiled"]]
+    if comp:
+        out["geomean_speedup_vs_compiled"] = lk._geomean(comp)
+        out["min_speedup_vs_compiled"] = min(comp)
+    out["max_fraction_of_copy_bw"] = max(c["fraction_of_copy_bw"] for c in cases)
+    return out
+
+
+def _ensure_process_group(ctx):
+    """One-process group (NCCL + gloo on CUDA, gloo on CPU) through the package's own set-up."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from fastvideo_grpo.distributed.init import init_distributed
+
+    env = init_distributed(ctx["device"].type)
+    ctx["backend"] = env.backend
+
+
+def _grpo_case(ctx, key):
+    import iteration as it
+
+    _ensure_process_group(ctx)
+    it._WALL = ctx["device"].type == "cuda"
+    name = SIZES[key][1 if ctx["dry"] else 0]
+    res = it.run_case(name, reps=1 if ctx["dry"] else 2, device=str(ctx["device"]), fsdp=True, keep_trainer=True)
+    trainer = res.pop("trainer")
+    # the ratio at the first micro-step when the rollout batch equals the training micro-batch too
+    trainer.cfg.grpo.micro_batch_size = 0
+    m = trainer.train_iteration()
+    res["first_ratio_dev_microbatch_eq_rollout_batch"] = m["train/first_ratio_dev"]
+    res["backend"] = ctx.get("backend")
+    first = res["first_iteration"]
+    res["ratio_within_1e-6"] = first["train/first_ratio_dev"] is not None and first["train/first_ratio_dev"] <= 1e-6
+    res["loss_finite"] = first["train/loss"] is not None and math.isfinite(first["train/loss"])
+    del trainer
+    _free()
+    if not res["loss_finite"]:
+        raise RuntimeError(f"non-finite loss in the first iteration: {first}")
+    return res
+
+
+def _free():
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def check_grpo_flux(ctx):
+    return _grpo_case(ctx, "grpo_flux")
+
+
+def check_grpo_hunyuan(ctx):
+    return _grpo_case(ctx, "grpo_hunyuan")
+
+
+def _learning_case(ctx):
+    import iteration as it
+
+    base = dict(it.CASES["flux_1b_720px"]) if not ctx["dry"] else dict(it.CASES["flux_tiny"])
+    base.update(resolution=256 if not ctx["dry"] else 32, text_len=64 if not ctx["dry"] else 16, prompts=2, group=8,
+                steps=10, tau=0.6, updates=1, micro_batch=0)
+    return base
+
+
+@torch.no_grad()
+def _condition_vae(adapter, target_std=0.5):
+    """Scale the random VAE decoder's last convolution so decoded pixels spread over the range
+    (std ``target_std`` in [-1, 1] units): a default-initialised decoder maps every latent to almost
+    the same grey, which leaves a pixel reward nothing to learn. Returns the std before scaling."""
+    vae = adapter.vae
+    z = torch.randn((4,) + tuple(adapter.latent_shape()), generator=torch.Generator().manual_seed(0))
+    z = z.to(adapter.device, vae.dtype) / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", 0) or 0)
+    x = vae.decode(z, return_dict=False)[0].float()
+    std = float(x.std())
+    conv = vae.decoder.conv_out
+    conv.weight.mul_(target_std / max(std, 1e-6))
+    if conv.bias is not None:
+        conv.bias.zero_()
+    return std
+
+
+def check_learning(ctx):
+    """Train on the brightness reward; the reward must rise on the training batches (slope) and on
+    fixed held-out prompts and noise (ODE sampler, the same samples before and after: a paired
+    comparison, free of the iteration-to-iteration noise of the training curve)."""
+    import iteration as it
+
+    from fastvideo_grpo.evaluate import evaluate_policy
+
+    _ensure_process_group(ctx)
+    n = ctx["iterations"]
+    case = _learning_case(ctx)
+    lr = "1e-3" if ctx["dry"] else "1e-4"
+    overrides = [f"--optim.lr={lr}", "--grpo.clip_range=1e-3", "--sampling.eta=0.7"]
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, _ = it.make_trainer(case, Path(tmp), overrides, device=str(ctx["device"]), fsdp=True)
+    vae_std = _condition_vae(trainer.adapter)
+    held = [f"prompt_{i}" for i in range(100, 104)]
+
+    def held_out():
+        ev = evaluate_policy(trainer.adapter, held, trainer.reward_fns, case["steps"], encode=trainer.prompts.encode,
+                             samples_per_prompt=4, seed=7, autocast_dtype=trainer.autocast_dtype)
+        return ev["mean"]["bench_mean_brightness"]
+
+    before = held_out()
+    rewards, secs = [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        m = trainer.train_iteration()
+        _sync()
+        secs.append(time.perf_counter() - t0)
+        rewards.append(m["reward/bench_mean_brightness/mean"])
+        if not math.isfinite(m["train/loss"]):
+            raise RuntimeError(f"non-finite loss at iteration {len(rewards)}")
+    after = held_out()
+    xs = list(range(n))
+    mx, my = sum(xs) / n, sum(rewards) / n
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, rewards)) / max(1e-12, sum((x - mx) ** 2 for x in xs))
+    out = {"iterations": n, "rewards": rewards, "slope_per_iteration": slope, "held_out_before": before,
+           "held_out_after": after, "rising": bool(after > before and slope > 0),
+           "seconds_per_iteration": sorted(secs)[len(secs) // 2],
+           "settings": {"case": case, "overrides": overrides, "vae_pixel_std_before_conditioning": vae_std}}
+    del trainer
+    _free()
+    if not out["rising"]:
+        raise RuntimeError(f"the brightness reward did not rise over {n} iterations: held-out {before:.4f} -> "
+                           f"{after:.4f}, training slope {slope:.2e} per iteration")
+    return out
+
+
+def _small_trainer(ctx, tmp, extra=()):
+    import iteration as it
+
+    case = dict(it.CASES["flux_small" if not ctx["dry"] else "flux_tiny"])
+    return it.make_trainer(case, Path(tmp), list(extra), device=str(ctx["device"]), fsdp=True)[0]
+
+
+def check_checkpoint_dcp(ctx):
+    from torch.distributed.tensor import DTensor
+
+    from fastvideo_grpo.checkpoint import load_trainer_checkpoint, save_trainer_checkpoint
+
+    _ensure_process_group(ctx)
+    with tempfile.TemporaryDirectory() as tmp:
+        a = _small_trainer(ctx, Path(tmp) / "m")
+        a.train_iteration()
+        t0 = time.perf_counter()
+        path = save_trainer_checkpoint(a, Path(tmp) / "ckpt")
+        save_s = time.perf_counter() - t0
+        torch.manual_seed(123)  # a different initialisation for the fresh trainer
+        b = _small_trainer(ctx, Path(tmp) / "m2")
+        t0 = time.perf_counter()
+        exact_rng = load_trainer_checkpoint(b, path)
+        load_s = time.perf_counter() - t0
+
+    def full(p):
+        return (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+
+    pa = [full(p) for p in a.adapter.trainable_module().parameters()]
+    pb = [full(p) for p in b.adapter.trainable_module().parameters()]
+    on_cuda = all(p.device.type == ctx["device"].type for p in pb)
+    same_weights = all(torch.equal(x, y) for x, y in zip(pa, pb))
+    ma, mb = a.train_iteration(), b.train_iteration()
+    keys = ["train/loss", "train/grad_norm", "reward/bench_mean_brightness/mean"]
+    diff = {k: abs(ma[k] - mb[k]) for k in keys}
+    out = {"save_s": round(save_s, 2), "load_s": round(load_s, 2), "rng_restored": exact_rng,
+           "weights_identical_after_load": same_weights, "params_on_device": on_cuda,
+           "next_iteration_abs_diff": diff, "next_iteration_identical": all(v == 0 for v in diff.values())}
+    del a, b
+    _free()
+    if not same_weights:
+        raise RuntimeError("weights differ after a DCP save / load round trip")
+    return out
+
+
+def check_cpu_offload(ctx):
+    if ctx["dry"]:
+        raise Skip("CPU offload keeps parameters on the host while computing on the GPU: needs CUDA")
+    _ensure_process_group(ctx)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = _small_trainer(ctx, tmp, ["--parallel.cpu_offload=true"])
+    param_dev = next(trainer.adapter.trainable_module().parameters()).device.type
+    m = trainer.train_iteration()
+    out = {"param_device": param_dev, "compute_device": str(trainer.adapter.device), "loss": m["train/loss"],
+           "first_ratio_dev": m["train/first_ratio_dev"]}
+    del trainer
+    _free()
+    if not math.isfinite(out["loss"]):
+        raise RuntimeError(f"non-finite loss with CPU offload: {out}")
+    return out
+
+
+def check_cuda_tests(ctx):
+    if ctx["dry"]:
+        raise Skip("the CUDA tests skip themselves without a GPU")
+    files = ["tests/unit/test_device_draws.py", "tests/unit/test_ops.py"]
+    t0 = time.perf_counter()
+    # (the nvcc compile-only test is left out: extension_build has built the real thing)
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files,
+                        "-k", "cuda and not nvcc"],
+                       cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    out = {"files": files, "exit_code": p.returncode, "seconds": round(time.perf_counter() - t0, 1),
+           "tail": p.stdout[-1500:]}
+    if p.returncode != 0:
+        raise RuntimeError(f"CUDA tests failed: {p.stdout[-1500:]}")
+    return out
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="outputs/gpu_check.json", help="JSON report (rewritten after every check)")
+    ap.add_argument("--dry-run", action="store_true", help="CPU: every check at tiny size, no build, no CUDA tests")
+    ap.add_argument("--only", default="", help="comma-separated checks to run (default: all)")
+    ap.add_argument("--iterations", type=int, default=0, help="iterations of the learning check (default 20)")
+    ap.add_argument("--list", action="store_true", help="print the checks and exit")
+    ap.add_argument("--budget-s", type=float, default=0, help="skip the checks not started after this many seconds")
+    args = ap.parse_args(argv)
+    if args.list:
+        print("\n".join(CHECKS))
+        return 0
+    only = [c for c in args.only.split(",") if c]
+    unknown = sorted(set(only) - set(CHECKS))
+    if unknown:
+        raise ValueError(f"unknown checks {unknown}; choose from {CHECKS}")
+    if not args.dry_run and not torch.cuda.is_available():
+        raise ValueError("no CUDA device: run with --dry-run on a CPU machine")
+    if args.iterations < 0:
+        raise ValueError("--iterations must be >= 0")
+    ctx = {"dry": args.dry_run, "device": torch.device("cpu" if args.dry_run else "cuda"),
+           "iterations": args.iterations or 20}
+    if args.dry_run:
+        torch.set_num_threads(1)
+    out_path = Path(args.out)
+    report = {"bench": "gpu_check", "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "dry_run": args.dry_run,
+              "checks": {}}
+    t_all = time.perf_counter()
+    for name in CHECKS:
+        if only and name not in only:
+            continue
+        t0 = time.perf_counter()
+        try:
+            if args.budget_s and t0 - t_all > args.budget_s:
+                raise Skip(f"time budget of {args.budget_s:.0f} s spent before this check")
+            res = globals()["check_" + name](ctx)
+            entry = {"status": "ok", **res}
+        except Skip as e:
+            entry = {"status": "skipped", "reason": str(e)}
+        except Exception as e:  # noqa: BLE001 - every failure is recorded and the next check runs
+            entry = {"status": "failed", "error": f"{type(e).__name__}: {e}"[:3000],
+                     "traceback": traceback.format_exc()[-3000:]}
+            _free()
+        entry["seconds"] = round(time.perf_counter() - t0, 1)
+        report["checks"][name] = entry
+        report["wall_s"] = round(time.perf_counter() - t_all, 1)
+        report["summary"] = {k: v["status"] for k, v in report["checks"].items()}
+        from fastvideo_grpo.io import atomic_write_json
+
+        atomic_write_json(out_path, report)
+        print(f"[gpu_check] {name}: {entry['status']} ({entry['seconds']} s)"
+              + (f" -- {entry.get('error', entry.get('reason', ''))[:300]}" if entry["status"] != "ok" else ""),
+              flush=True)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    failed = [k for k, v in report["checks"].items() if v["status"] == "failed"]
+    print(json.dumps({"summary": report["summary"], "wall_s": report["wall_s"], "out": str(out_path)}))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
