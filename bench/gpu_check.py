@@ -58,15 +58,16 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
-CHECKS = ["environment", "extension_build", "kernel_correctness", "grpo_flux", "grpo_hunyuan", "learning",
-          "checkpoint_dcp", "cpu_offload", "cuda_tests", "kernel_speed"]
+CHECKS = ["environment", "extension_build", "kernel_correctness", "fsdp_probe", "grpo_flux", "grpo_hunyuan",
+          "learning", "checkpoint_dcp", "cpu_offload", "cuda_tests", "kernel_speed"]
+PROBES = ["plain_fp32", "plain_bf16_autocast", "fsdp_bf16"]
 # what each check runs at: (GPU, dry run)
 SIZES = {
     "grpo_flux": ("flux_1b_720px", "flux_tiny"),
     "grpo_hunyuan": ("hunyuan_1b_480p_17f", "hunyuan_tiny"),
 }
 REQUIRED = {"diffusers": "diffusers", "transformers": "transformers", "safetensors": "safetensors",
-            "yaml": "pyyaml", "einops": "einops", "importlib_metadata": "importlib_metadata"}
+            "yaml": "pyyaml", "einops": "einops"}
 OPTIONAL = {"peft": "peft", "tqdm": "tqdm", "matplotlib": "matplotlib"}
 
 
@@ -211,8 +212,7 @@ def check_kernel_speed(ctx):
     else:
         for dtype in (torch.float32, torch.bfloat16):
             for name, shape in lk.SHAPES.items():
-                for batch in (1, 8):
-                    cases += lk.run_case(name, shape, batch, dev, dtype, reps=5)
+                cases += lk.run_case(name, shape, 8, dev, dtype, reps=5)
     out = {"cases": cases, "geomean_speedup_vs_eager": lk._geomean(c["speedup_vs_eager"] for c in cases)}
     comp = [c["speedup_vs_compiled"] for c in cases if c["speedup_vs_compiled"]]
     if comp:
@@ -220,6 +220,96 @@ def check_kernel_speed(ctx):
         out["min_speedup_vs_compiled"] = min(comp)
     out["max_fraction_of_copy_bw"] = max(c["fraction_of_copy_bw"] for c in cases)
     return out
+
+
+def _probe_model(device, tiny=False):
+    """The 1.1B FLUX-like transformer of ``flux_1b_720px`` (random init on ``device``) and the inputs of one
+    training micro-batch (4 samples, 2025 image + 512 text tokens); ``tiny``: a 2-block model for the dry run."""
+    import diffusers
+
+    from fastvideo_grpo.models.flux import image_ids
+
+    torch.manual_seed(0)
+    width, hd, layers, text, txt_len, h = (4, 16, 1, 64, 16, 8) if tiny else (16, 128, 4, 4096, 512, 90)
+    with torch.device(device):
+        model = diffusers.FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=layers, num_single_layers=2 * layers, attention_head_dim=hd,
+            num_attention_heads=width, joint_attention_dim=text, pooled_projection_dim=768, guidance_embeds=True,
+            axes_dims_rope=(hd // 4, 3 * hd // 8, 3 * hd // 8))
+        B = 4
+        kw = dict(hidden_states=torch.randn(B, (h // 2) ** 2, 64), timestep=torch.full((B,), 0.5),
+                  guidance=torch.full((B,), 3.5), pooled_projections=torch.randn(B, 768),
+                  encoder_hidden_states=torch.randn(B, txt_len, text), txt_ids=torch.zeros(txt_len, 3),
+                  img_ids=image_ids(h, h, device, torch.float32), return_dict=False)
+    return model, kw
+
+
+def run_probe(variant, ctx):
+    """One forward + backward + clip + AdamW step of the 1.1B model in one configuration."""
+    from fastvideo_grpo.rollout import autocast_context
+
+    dev = ctx["device"]
+    model, kw = _probe_model(dev, tiny=ctx["dry"])
+    if variant.startswith("fsdp"):
+        from fastvideo_grpo.config import ParallelConfig
+        from fastvideo_grpo.distributed.fsdp import parallelize
+        from fastvideo_grpo.distributed.parallel_dims import ParallelDims
+
+        class _Holder:  # the adapter protocol parallelize needs
+            def trainable_module(self):
+                return model
+
+            def set_compute_device(self, d):
+                pass
+
+        _ensure_process_group(ctx)
+        dims = ParallelDims(world_size=1)
+        dims.build_mesh(dev.type, one_process=True)
+        parallelize(_Holder(), dims, ParallelConfig(), dev)
+    opt = torch.optim.AdamW([p for p in model.parameters()], lr=1e-6, fused=dev.type == "cuda")
+    t0 = time.perf_counter()
+    with autocast_context(dev, None if variant == "plain_fp32" else torch.bfloat16):
+        out = model(**kw)[0]
+    out.float().square().mean().backward()
+    gn = torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+    gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+    opt.step()
+    _sync()
+    return {"variant": variant, "grad_norm": float(gn), "seconds": round(time.perf_counter() - t0, 2),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if dev.type == "cuda" else None}
+
+
+def check_fsdp_probe(ctx):
+    """Each configuration of the 1.1B model's training step in its own process (CUDA_LAUNCH_BLOCKING=1, so
+    a device fault names the kernel): tells a fault of FSDP2 from one of the model or the GRPO code."""
+    results = {}
+    for variant in PROBES:
+        results[variant] = _run_child(["--probe", variant], ctx, env={"CUDA_LAUNCH_BLOCKING": "1"}, timeout=240)
+    ctx["fsdp_ok"] = results.get("fsdp_bf16", {}).get("status") == "ok"
+    out = {"variants": results, "fsdp_ok": ctx["fsdp_ok"]}
+    if any(r.get("status") == "failed" for r in results.values()):
+        raise RuntimeError("probe failures: " + json.dumps({k: v.get("error", "")[:600] for k, v in results.items()
+                                                              if v.get("status") == "failed"}))
+    return out
+
+
+def _run_child(args, ctx, env=None, timeout=600):
+    """Run ``gpu_check.py <args>`` in a fresh process; returns its JSON result (status failed on a crash)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        res_file = Path(tmp) / "res.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *args, "--child-out", str(res_file),
+               "--fsdp", "on" if ctx.get("fsdp_ok", True) else "off"]
+        if ctx["dry"]:
+            cmd.append("--dry-run")
+        try:
+            p = subprocess.run(cmd, cwd=str(ROOT), env=dict(os.environ, **(env or {})), capture_output=True,
+                               text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"status": "failed", "error": f"timed out after {timeout} s"}
+        if res_file.is_file():
+            return json.loads(res_file.read_text())
+        tail = (p.stdout + p.stderr)[-3000:]
+        return {"status": "failed", "error": f"process died (exit {p.returncode}): {tail}"}
 
 
 def _ensure_process_group(ctx):
@@ -244,7 +334,7 @@ def _grpo_case(ctx, key):
     _ensure_process_group(ctx)
     it._WALL = ctx["device"].type == "cuda"
     name = SIZES[key][1 if ctx["dry"] else 0]
-    res = it.run_case(name, reps=1 if ctx["dry"] else 2, device=str(ctx["device"]), fsdp=True, keep_trainer=True)
+    res = it.run_case(name, reps=1, device=str(ctx["device"]), fsdp=ctx.get("fsdp_ok", True), keep_trainer=True)
     trainer = res.pop("trainer")
     # the ratio at the first micro-step when the rollout batch equals the training micro-batch too
     trainer.cfg.grpo.micro_batch_size = 0
@@ -317,7 +407,8 @@ def check_learning(ctx):
     lr = "1e-3" if ctx["dry"] else "1e-4"
     overrides = [f"--optim.lr={lr}", "--grpo.clip_range=1e-3", "--sampling.eta=0.7"]
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, _ = it.make_trainer(case, Path(tmp), overrides, device=str(ctx["device"]), fsdp=True)
+        trainer, _ = it.make_trainer(case, Path(tmp), overrides, device=str(ctx["device"]),
+                                     fsdp=ctx.get("fsdp_ok", True))
     vae_std = _condition_vae(trainer.adapter)
     held = [f"prompt_{i}" for i in range(100, 104)]
 
@@ -356,7 +447,7 @@ def _small_trainer(ctx, tmp, extra=()):
     import iteration as it
 
     case = dict(it.CASES["flux_small" if not ctx["dry"] else "flux_tiny"])
-    return it.make_trainer(case, Path(tmp), list(extra), device=str(ctx["device"]), fsdp=True)[0]
+    return it.make_trainer(case, Path(tmp), list(extra), device=str(ctx["device"]), fsdp=ctx.get("fsdp_ok", True))[0]
 
 
 def check_checkpoint_dcp(ctx):
@@ -433,6 +524,34 @@ def check_cuda_tests(ctx):
 # ----------------------------------------------------------------------------- driver
 
 
+IN_PARENT = ("environment", "extension_build", "fsdp_probe")  # the rest run in a child each on a GPU
+
+
+def _run_check(name, ctx, budget_left=None) -> dict:
+    """One check in this process: its entry (status ok / skipped / failed)."""
+    t0 = time.perf_counter()
+    try:
+        if budget_left is not None and budget_left <= 0:
+            raise Skip("the time budget (--budget-s) was spent before this check")
+        entry = {"status": "ok", **globals()["check_" + name](ctx)}
+    except Skip as e:
+        entry = {"status": "skipped", "reason": str(e)}
+    except Exception as e:  # noqa: BLE001 - every failure is recorded and the next check runs
+        entry = {"status": "failed", "error": f"{type(e).__name__}: {e}"[:3000],
+                 "traceback": traceback.format_exc()[-3000:]}
+        _free()
+    entry["seconds"] = round(time.perf_counter() - t0, 1)
+    return entry
+
+
+def _shutdown_group():
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="outputs/gpu_check.json", help="JSON report (rewritten after every check)")
@@ -441,6 +560,13 @@ def main(argv=None):
     ap.add_argument("--iterations", type=int, default=0, help="iterations of the learning check (default 20)")
     ap.add_argument("--list", action="store_true", help="print the checks and exit")
     ap.add_argument("--budget-s", type=float, default=0, help="skip the checks not started after this many seconds")
+    ap.add_argument("--isolate", default="auto", choices=["auto", "on", "off"],
+                    help="run the checks after the build each in a fresh process, so that a device fault in one "
+                         "cannot poison the next (auto: on a GPU)")
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--probe", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--fsdp", default="on", choices=["on", "off"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.list:
         print("\n".join(CHECKS))
@@ -454,43 +580,46 @@ def main(argv=None):
     if args.iterations < 0:
         raise ValueError("--iterations must be >= 0")
     ctx = {"dry": args.dry_run, "device": torch.device("cpu" if args.dry_run else "cuda"),
-           "iterations": args.iterations or 20}
+           "iterations": args.iterations or 20, "fsdp_ok": args.fsdp == "on"}
     if args.dry_run:
         torch.set_num_threads(1)
+    from fastvideo_grpo.io import atomic_write_json
+
+    if args.child or args.probe:  # a child process: one check (or probe), its entry to --child-out
+        if args.probe:
+            try:
+                entry = {"status": "ok", **run_probe(args.probe, ctx)}
+            except Exception as e:  # noqa: BLE001
+                entry = {"status": "failed", "error": f"{type(e).__name__}: {e}"[:3000],
+                         "traceback": traceback.format_exc()[-3000:]}
+        else:
+            entry = _run_check(args.child, ctx)
+        atomic_write_json(args.child_out, entry)
+        _shutdown_group()
+        return 0
+    isolate = args.isolate == "on" or (args.isolate == "auto" and not args.dry_run)
     out_path = Path(args.out)
     report = {"bench": "gpu_check", "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "dry_run": args.dry_run,
-              "checks": {}}
+              "isolated_processes": isolate, "checks": {}}
     t_all = time.perf_counter()
     for name in CHECKS:
         if only and name not in only:
             continue
-        t0 = time.perf_counter()
-        try:
-            if args.budget_s and t0 - t_all > args.budget_s:
-                raise Skip(f"time budget of {args.budget_s:.0f} s spent before this check")
-            res = globals()["check_" + name](ctx)
-            entry = {"status": "ok", **res}
-        except Skip as e:
-            entry = {"status": "skipped", "reason": str(e)}
-        except Exception as e:  # noqa: BLE001 - every failure is recorded and the next check runs
-            entry = {"status": "failed", "error": f"{type(e).__name__}: {e}"[:3000],
-                     "traceback": traceback.format_exc()[-3000:]}
-            _free()
-        entry["seconds"] = round(time.perf_counter() - t0, 1)
+        left = args.budget_s - (time.perf_counter() - t_all) if args.budget_s else None
+        if isolate and name not in IN_PARENT and (left is None or left > 0):
+            t0 = time.perf_counter()
+            entry = _run_child(["--child", name, "--iterations", str(ctx["iterations"])], ctx)
+            entry["seconds"] = round(time.perf_counter() - t0, 1)
+        else:
+            entry = _run_check(name, ctx, left)
         report["checks"][name] = entry
         report["wall_s"] = round(time.perf_counter() - t_all, 1)
         report["summary"] = {k: v["status"] for k, v in report["checks"].items()}
-        from fastvideo_grpo.io import atomic_write_json
-
         atomic_write_json(out_path, report)
         print(f"[gpu_check] {name}: {entry['status']} ({entry['seconds']} s)"
               + (f" -- {entry.get('error', entry.get('reason', ''))[:300]}" if entry["status"] != "ok" else ""),
               flush=True)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    _shutdown_group()
     failed = [k for k, v in report["checks"].items() if v["status"] == "failed"]
     print(json.dumps({"summary": report["summary"], "wall_s": report["wall_s"], "out": str(out_path)}))
     return 1 if failed else 0
