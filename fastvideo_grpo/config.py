@@ -77,6 +77,7 @@ class TrainConfig:
     sample_every: int = 0  # iterations between saved sample grids; 0 = never
     device: str = "auto"  # "auto", "cpu" or "cuda"
     autocast: str = "bf16"  # autocast dtype on GPU: "bf16" or "none" (fp16 is refused: no gradient scaler)
+    cudnn_attention: bool = False  # allow cuDNN's SDPA backend (failed on an H200 with torch 2.11; see cuda_settings.py)
     deterministic: bool = False
     num_threads: int = 0  # CPU intra-op threads; 0 = torch's default
     resume: Optional[str] = None  # checkpoint folder, "latest" (error if none) or "auto" (latest if any)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from . import grpo
 from .config import RunConfig
+from .cuda_settings import configure_attention
 from .dtypes import autocast_dtype
 from .models.base import Cond, PolicyAdapter, index_cond
 from .rewards.base import REWARDS, RewardFn, compute_rewards
@@ -248,6 +249,7 @@ class GRPOTrainer:
         """``dp_group``: the data-parallel process group (None in one process); only
         ``grpo.advantage: global`` needs it, to normalise over the global batch."""
         self.cfg = cfg
+        configure_attention(cfg.train.cudnn_attention)
         self.dp_group = dp_group
         self.adapter = adapter
         self.reward_fns = reward_fns
