@@ -22,3 +22,8 @@ def test_ulysses_attention_and_sp_update_match_single_rank():
 def test_ranks_draw_different_noise_sp_peers_the_same():
     out = torchrun("w_seeding.py").stdout
     assert "sp=1" in out and "sp=2" in out and "global advantage over dp ranks ok" in out, out
+
+
+def test_fsdp_in_one_process_matches_the_unsharded_trainer():
+    out = torchrun("w_one_process_fsdp.py", nproc=1).stdout
+    assert "ONE_PROCESS_FSDP_OK" in out and "REFUSED_OK" in out

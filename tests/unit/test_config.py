@@ -69,6 +69,7 @@ def test_script_flags_map_to_config_fields():
     ({"rewards": []}, r"at least one reward"),
     ({"rewards": [{"name": "hps", "wieght": 1}]}, r"unknown config key\(s\) \['wieght'\] in section 'rewards\[0\]'"),
     ({"train": {"save_every": -1}}, r"train.save_every must be >= 0"),
+    ({"train": {"autocast": "fp16"}}, r"train.autocast must be 'bf16' or 'none'.*gradient scaler"),
 ])
 def test_bad_configs_are_rejected(tmp_path, data, match):
     with pytest.raises(ValueError, match=match):

@@ -57,6 +57,15 @@ def _adapter(device="cpu"):
     return ToyAdapter(m.to(device))
 
 
+def test_compute_device_overrides_the_parameters_device():
+    """With CPU offload the parameters live on the CPU while FSDP2 computes on the GPU; the rollout
+    allocates on ``adapter.device``, which parallelize then sets to the compute device."""
+    ad = _adapter("cpu")
+    assert ad.device == torch.device("cpu")
+    ad.set_compute_device("meta")
+    assert ad.device == torch.device("meta") and next(ad.model.parameters()).device.type == "cpu"
+
+
 def test_strict_fixture_catches_a_cross_device_draw(strict_draws):
     g = torch.Generator().manual_seed(0)
     with pytest.raises(GeneratorDeviceMismatch):
