@@ -5,7 +5,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.fvg-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench ablations lint clean-venv
+.PHONY: install demo test test-fast bench ablations lint clean-venv gpu-check
 
 $(STAMP): setup.py Makefile $(wildcard csrc/*)
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,11 @@ ablations: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/logprob_kernel.py --json
 	$(PY) bench/iteration.py --json
+
+# The GPU acceptance check (5-7 min on one H100 / H200); docs/performance.md. On a machine whose
+# Python already has a CUDA torch, `python bench/gpu_check.py --out outputs/gpu_check.json` does the same.
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py --out outputs/gpu_check.json
 
 clean-venv:
 	rm -rf $(VENV)
