@@ -96,15 +96,15 @@ def rollout(
     kept_next = torch.empty_like(kept)
     kept_lp = torch.empty((B, K), dtype=torch.float32, device=device)
     keep_cpu = keep_steps_BK.cpu()
+    kept_rows = _kept_rows_per_step(keep_cpu, schedule.num_steps, device)
     for i in range(schedule.num_steps):
         t = schedule.model_timestep(i, z)
         with autocast_context(device, autocast_dtype):
             out = adapter.predict(z, t, cond)
         z_next, lp, _, _ = schedule.step(i, out, z, generator=generator, need_mean=False)
         z_next = z_next.to(z.dtype)
-        b_idx, k_idx = torch.nonzero(keep_cpu == i, as_tuple=True)  # CPU: no device sync
-        if b_idx.numel():
-            b_dev, k_dev = b_idx.to(device), k_idx.to(device)
+        b_dev, k_dev = kept_rows[i]
+        if b_dev.numel():
             kept[b_dev, k_dev] = z[b_dev]
             kept_next[b_dev, k_dev] = z_next[b_dev]
             kept_lp[b_dev, k_dev] = lp[b_dev].to(torch.float32)
@@ -121,6 +121,17 @@ def rollout(
         decoded=decoded,
         group_size=group_size,
     )
+
+
+def _kept_rows_per_step(keep_BK: torch.Tensor, num_steps: int, device):
+    """For each step i, the (sample, slot) indices where ``keep_BK == i``, on ``device``.
+
+    Found on the CPU and copied in one transfer (a copy from pageable memory waits for the GPU, so
+    one per step would stall the host at every step of the rollout)."""
+    parts = [torch.stack(torch.nonzero(keep_BK == i, as_tuple=True)) for i in range(num_steps)]
+    counts = [p.shape[1] for p in parts]
+    flat = torch.cat(parts, dim=1).to(device)
+    return [(p[0], p[1]) for p in torch.split(flat, counts, dim=1)]
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
@@ -218,11 +218,36 @@ def eta_per_step(eta: Union[float, Sequence[float], torch.Tensor], num_steps: in
     return e
 
 
-def _gather(table: torch.Tensor, index, like: torch.Tensor):
-    """table[index] for an int or a (B,) index tensor, moved to ``like``'s device."""
+class _DeviceTables:
+    """Copies of a schedule's small tables on each device they are used on, made once.
+
+    A copy from pageable host memory to a GPU waits for the GPU's queued work, so copying a sigma
+    or an eta to the device at every step would stall the host once per step (several times per
+    step). The copies are keyed by the table's identity and version: reassigning or editing a table
+    makes a new copy."""
+
+    def __init__(self):
+        self._copies = {}
+
+    def get(self, table: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if table.device == device:
+            return table
+        key = (id(table), table._version, device)
+        hit = self._copies.get(key)
+        if hit is None or hit[0] is not table:
+            hit = (table, table.to(device))
+            self._copies[key] = hit
+        return hit[1]
+
+
+def _gather(table: torch.Tensor, index, like: torch.Tensor, tables: Optional[_DeviceTables] = None):
+    """table[index] for an int or a (B,) index tensor, on ``like``'s device."""
+    if tables is None:
+        tables = _DeviceTables()
+    on_device = tables.get(table, like.device)
     if isinstance(index, int):
-        return table[index].to(like.device)
-    return table.to(like.device)[index.to(like.device)]
+        return on_device[index]
+    return on_device[index.to(like.device)]
 
 
 def _fused_ok(model_output, sample) -> bool:
@@ -247,6 +272,7 @@ class FlowSchedule:
     eta: torch.Tensor  # (T,)
     timestep_scale: float = 1000.0
     prediction_type: str = "flow"
+    _tables: _DeviceTables = field(default_factory=_DeviceTables, init=False, repr=False, compare=False)
 
     @classmethod
     def create(cls, num_steps: int, eta=0.0, shift: float = 1.0, timestep_scale: float = 1000.0):
@@ -257,7 +283,7 @@ class FlowSchedule:
         return self.sigmas.numel() - 1
 
     def model_timestep(self, index, like: torch.Tensor) -> torch.Tensor:
-        t = _gather(self.sigmas, index, like) * self.timestep_scale
+        t = _gather(self.sigmas, index, like, self._tables) * self.timestep_scale
         return t.to(torch.float32).expand(like.shape[0]) if t.ndim == 0 else t.to(torch.float32)
 
     def step(self, index, model_output, sample, *, prev_sample=None, generator=None, eta=None, need_mean=True):
@@ -266,8 +292,9 @@ class FlowSchedule:
         Returns ``(prev_sample, log_prob_B, mean, std_B)`` like ``flow_sde_step`` (mean is None when
         ``need_mean=False`` on the fused path, which saves one write of the latent).
         """
-        e = _gather(self.eta, index, sample) if eta is None else eta
-        s, s_next = _gather(self.sigmas, index, sample), _gather(self.sigmas, index + 1, sample)
+        e = _gather(self.eta, index, sample, self._tables) if eta is None else eta
+        s = _gather(self.sigmas, index, sample, self._tables)
+        s_next = _gather(self.sigmas, index + 1, sample, self._tables)
         if not _fused_ok(model_output, sample):
             return flow_sde_step(model_output, sample, s, s_next, e, prev_sample=prev_sample, generator=generator)
         coefs = _ops.flow_coefficients(s, s_next, e, batch_size=sample.shape[0], device=sample.device)
@@ -284,6 +311,7 @@ class DDIMSchedule:
     alpha_prev: torch.Tensor  # (T,)
     eta: torch.Tensor  # (T,)
     prediction_type: str = "eps"
+    _tables: _DeviceTables = field(default_factory=_DeviceTables, init=False, repr=False, compare=False)
 
     @classmethod
     def create(cls, num_steps: int, eta=0.0, alphas_cumprod: Optional[torch.Tensor] = None,
@@ -304,13 +332,14 @@ class DDIMSchedule:
         return self.timesteps.numel()
 
     def model_timestep(self, index, like: torch.Tensor) -> torch.Tensor:
-        t = _gather(self.timesteps, index, like)
+        t = _gather(self.timesteps, index, like, self._tables)
         return t.expand(like.shape[0]) if t.ndim == 0 else t
 
     def step(self, index, model_output, sample, *, prev_sample=None, generator=None, eta=None, need_mean=True):
         """DDIM SDE step at step ``index``; same contract as ``FlowSchedule.step``."""
-        e = _gather(self.eta, index, sample) if eta is None else eta
-        a_t, a_prev = _gather(self.alpha_t, index, sample), _gather(self.alpha_prev, index, sample)
+        e = _gather(self.eta, index, sample, self._tables) if eta is None else eta
+        a_t = _gather(self.alpha_t, index, sample, self._tables)
+        a_prev = _gather(self.alpha_prev, index, sample, self._tables)
         if not _fused_ok(model_output, sample):
             return ddim_sde_step(model_output, sample, a_t, a_prev, e, prev_sample=prev_sample, generator=generator)
         coefs = _ops.ddim_coefficients(a_t, a_prev, e, batch_size=sample.shape[0], device=sample.device)

@@ -147,3 +147,19 @@ def test_cuda_iteration_with_bf16_autocast_keeps_ratio_one_and_matches_cpu_noise
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     assert torch.equal(trainer.adapter.initial_noise(2, g1, device="cuda").cpu(),
                        trainer.adapter.initial_noise(2, g2, device="cpu"))
+
+
+def test_schedule_tables_are_copied_to_a_device_once_and_again_after_an_edit():
+    from fastvideo_grpo.sde import FlowSchedule
+
+    sched = FlowSchedule.create(4, eta=0.5, shift=3.0)
+    like = torch.empty(2, 3, device="meta")
+    for i in range(4):
+        sched.model_timestep(i, like)
+        sched.step(i, torch.empty(2, 3, device="meta"), like)
+    assert len(sched._tables._copies) == 2  # sigmas and eta, each copied once for all 4 steps
+    sched.eta[0] = 0.1  # an in-place edit bumps the version: a fresh copy
+    sched.step(0, torch.empty(2, 3, device="meta"), like)
+    assert len(sched._tables._copies) == 3
+    cpu = torch.zeros(2, 3)
+    assert sched._tables.get(sched.sigmas, cpu.device) is sched.sigmas  # same device: no copy
