@@ -1,5 +1,6 @@
 """Test-session settings: one intra-op thread (tiny models run much faster without thread
-hand-offs, and CI shares two cores), fixed default seed."""
+hand-offs, and CI shares two cores), fixed default seed, and the ``tiny`` fixture (tiny real-model runs
+from tests/support/tiny_runs.py; tests/ is on sys.path, so test modules import ``support.*``)."""
 
 import pytest
 import torch
@@ -16,3 +17,19 @@ def _single_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """family -> (model folder, model kwargs, manifest path) of a tiny real-model run, built once per
+    session (tests/support/tiny_runs.py)."""
+    from support.tiny_runs import build_tiny_run
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = build_tiny_run(tmp_path_factory.mktemp(f"tiny_{name}"), name)
+        return cache[name]
+
+    return get

@@ -11,7 +11,6 @@ without a new checkpoint; the evaluation CLI (single checkpoint and --compare).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -23,171 +22,8 @@ import yaml
 
 diffusers = pytest.importorskip("diffusers")
 
-from fastvideo_grpo.data.prep import PrepJob  # noqa: E402
-from fastvideo_grpo.data.prompts import PromptRecord  # noqa: E402
-from fastvideo_grpo.models import ADAPTERS  # noqa: E402
 from fastvideo_grpo.rewards.base import REWARDS  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[2]
-PROMPTS = [f"a {c} {s} photo" for c in ("red", "blue", "green", "white") for s in ("cat", "dog", "city")]
-SEQ = 5  # text length of variable-length embeddings
-
-
-# ----------------------------------------------------------------------------- a cheap test reward
-
-
-def _brightness(images, prompts, **meta):
-    x = images.float()
-    dims = tuple(range(1, x.ndim))
-    score = x.mean(dims)
-    if any(p.startswith("NaN") for p in prompts):
-        score = score * float("nan")
-    return score, {}
-
-
-if "test_brightness" not in REWARDS.names():
-    REWARDS.register("test_brightness")(lambda **kw: _brightness)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-# ----------------------------------------------------------------------------- tiny model folders
-
-
-def _vae2d(**kw):
-    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                                   layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
-                                   up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, **kw)
-
-
-def _hunyuan(in_channels):
-    return diffusers.HunyuanVideoTransformer3DModel(
-        in_channels=in_channels, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
-        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
-        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 2))
-
-
-def _hunyuan_vae():
-    from fastvideo_grpo.data.tiny_models import tiny_hunyuan_vae
-
-    return tiny_hunyuan_vae()
-
-
-def _components(name):
-    """subfolder -> tiny model, and the model.kwargs overrides for it."""
-    torch.manual_seed(0)
-    if name == "sd":
-        unet = diffusers.UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8)
-        return {"unet": unet, "vae": _vae2d(scaling_factor=0.18215)}, dict(resolution=16, max_sequence_length=SEQ)
-    if name == "flux":
-        tr = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                              pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
-        return {"transformer": tr, "vae": _vae2d(scaling_factor=0.5, shift_factor=0.1)}, dict(resolution=16)
-    if name == "hunyuan_t2v":
-        return {"transformer": _hunyuan(4), "vae": _hunyuan_vae()}, dict(resolution=16, num_frames=5)
-    if name == "hunyuan_t2i":
-        return {"transformer": _hunyuan(4), "vae": _hunyuan_vae()}, dict(resolution=16, num_frames=1)
-    if name == "hunyuan_i2v":
-        return {"transformer": _hunyuan(8), "vae": _hunyuan_vae()}, dict(resolution=16, num_frames=5)
-    if name == "wan":
-        from fastvideo_grpo.data.tiny_models import tiny_wan_vae
-
-        tr = diffusers.WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-            text_dim=32, freq_dim=32, ffn_dim=32, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=32)
-        return {"transformer": tr, "vae": tiny_wan_vae()}, dict(resolution=16, num_frames=5)
-    raise KeyError(name)
-
-
-class _SyntheticEncoder:
-    """Duck-typed FamilyEncoder for PrepJob: deterministic random tensors of the adapter's cond_spec shapes."""
-
-    def __init__(self, spec):
-        self.family = "synthetic"
-        self.spec = {k: v for k, v in spec.items() if not k.startswith("negative_")}
-        self.ids = {"synthetic": {"class": "random"}}
-
-    def tensor_sources(self):
-        return {k: "synthetic" for k in self.spec}
-
-    def settings(self):
-        return {"seq": SEQ}
-
-    def encode_text(self, prompts):
-        out = {}
-        for k, trailing in self.spec.items():
-            shape = tuple(SEQ if d is None else d for d in trailing)
-            rows = []
-            for p in prompts:
-                g = torch.Generator().manual_seed(sum(map(ord, p + k)))
-                if k.endswith("attention_mask"):
-                    rows.append(torch.ones(shape, dtype=torch.int64))
-                else:
-                    rows.append(torch.randn(shape, generator=g))
-            out[k] = torch.stack(rows)
-        return out
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """family -> (model folder, model kwargs, manifest path), built once per module."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            root = tmp_path_factory.mktemp(f"tiny_{name}")
-            comps, kw = _components(name)
-            for sub, m in comps.items():
-                m.save_pretrained(str(root / "model" / sub))
-            adapter = ADAPTERS.build(name, model_path=str(root / "model"), **kw)
-            spec = adapter.cond_spec()
-            neg = "" if any(k.startswith("negative_") for k in spec) else None
-            job = PrepJob(_SyntheticEncoder(spec), [PromptRecord(p) for p in PROMPTS], root / "emb",
-                          shard_size=8, batch_size=4, negative_prompt=neg, progress=False)
-            job.write_negative()
-            job.run_shards()
-            job.merge_manifest()
-            cache[name] = (root / "model", kw, root / "emb" / "manifest.json")
-        return cache[name]
-
-    return get
-
-
-# ----------------------------------------------------------------------------- running the scripts
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"_ts_{name}", ROOT / "train_scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _overrides(folder, kw, manifest, out, **extra):
-    args = [f"--model.kwargs.model_path={folder}", f"--data.manifest={manifest}", f"--train.output_dir={out}",
-            "--data.eval_fraction=0.25", "--sampling.num_steps=2", "--sampling.eval_num_steps=2",
-            "--grpo.group_size=2", "--grpo.prompts_per_iteration=1", "--grpo.micro_batch_size=0",
-            "--train.num_iterations=2", "--train.save_every=1", "--train.eval_every=1", "--train.sample_every=2",
-            "--train.num_eval_prompts=2", "--train.device=cpu", "--eval.batch_size=2", "--eval.num_sample_prompts=2",
-            "--rewards=[{name: test_brightness, key: bright}]", "--parallel.activation_checkpointing=0.0",
-            "--log.progress=false", "--optim.lr=1e-3"]
-    for k, v in kw.items():
-        args.append(f"--model.kwargs.{k}={json.dumps(v)}")
-    args += [f"--{k}={v}" for k, v in extra.items()]
-    return args
-
+from support.tiny_runs import ROOT, brightness, run_overrides, train_script  # noqa: E402
 
 CASES = [  # (script, recipe, adapter family)
     ("train_sd_grpo", "configs/sd_hps.yaml", "sd"),
@@ -203,8 +39,8 @@ CASES = [  # (script, recipe, adapter family)
 def test_train_script_two_iterations(tiny, tmp_path, script, recipe, family):
     folder, kw, manifest = tiny(family)
     out = tmp_path / "run"
-    mod = _script(script)
-    summary = mod.main(["--config", str(ROOT / recipe)] + _overrides(folder, kw, manifest, out, **{"parallel.sp": 1}))
+    mod = train_script(script)
+    summary = mod.main(["--config", str(ROOT / recipe)] + run_overrides(folder, kw, manifest, out, **{"parallel.sp": 1}))
     assert summary["iteration"] == 2 and summary["iterations_run"] == 2
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train/loss" in r]
@@ -223,9 +59,9 @@ def test_train_script_two_iterations(tiny, tmp_path, script, recipe, family):
 
 def test_resume_continues_and_latest_missing_fails(tiny, tmp_path):
     folder, kw, manifest = tiny("sd")
-    mod = _script("train_sd_grpo")
+    mod = train_script("train_sd_grpo")
     out = tmp_path / "run"
-    base = ["--config", str(ROOT / "configs/sd_hps.yaml")] + _overrides(folder, kw, manifest, out)
+    base = ["--config", str(ROOT / "configs/sd_hps.yaml")] + run_overrides(folder, kw, manifest, out)
     with pytest.raises(FileNotFoundError, match="no checkpoint found"):
         mod.main(base + ["--resume", "latest"])
     mod.main(base + ["--train.num_iterations=1"])
@@ -241,7 +77,7 @@ def test_resume_continues_and_latest_missing_fails(tiny, tmp_path):
 def test_missing_files_fail_fast_with_message(tmp_path, monkeypatch):
     """The recipes' default paths are absent here: one message lists model, embeddings and reward weights."""
     monkeypatch.chdir(tmp_path)
-    mod = _script("train_hunyuan_grpo")
+    mod = train_script("train_hunyuan_grpo")
     with pytest.raises(FileNotFoundError) as e:
         mod.main([])
     msg = str(e.value)
@@ -264,34 +100,34 @@ def test_missing_model_subfolder_fails_fast(tiny, tmp_path):
     _, kw, manifest = tiny("sd")
     empty = tmp_path / "empty_model"
     (empty / "vae").mkdir(parents=True)
-    mod = _script("train_sd_grpo")
+    mod = train_script("train_sd_grpo")
     with pytest.raises(FileNotFoundError, match="unet/config.json"):
-        mod.main(["--config", str(ROOT / "configs/sd_hps.yaml")] + _overrides(empty, kw, manifest, tmp_path / "r"))
+        mod.main(["--config", str(ROOT / "configs/sd_hps.yaml")] + run_overrides(empty, kw, manifest, tmp_path / "r"))
 
 
 def test_embeddings_for_another_model_are_rejected(tiny, tmp_path):
     folder, kw, _ = tiny("sd")
     _, _, flux_manifest = tiny("flux")
-    mod = _script("train_sd_grpo")
+    mod = train_script("train_sd_grpo")
     with pytest.raises(ValueError, match="prompt_embeds"):
         mod.main(["--config", str(ROOT / "configs/sd_hps.yaml")]
-                 + _overrides(folder, kw, flux_manifest, tmp_path / "r"))
+                 + run_overrides(folder, kw, flux_manifest, tmp_path / "r"))
 
 
 def test_nan_reward_stops_without_new_checkpoint(tiny, tmp_path):
     from fastvideo_grpo.train import EXIT_DIVERGED, TrainingStopped
 
     folder, kw, manifest = tiny("sd")
-    mod = _script("train_sd_grpo")
+    mod = train_script("train_sd_grpo")
     out = tmp_path / "run"
-    base = ["--config", str(ROOT / "configs/sd_hps.yaml")] + _overrides(folder, kw, manifest, out)
+    base = ["--config", str(ROOT / "configs/sd_hps.yaml")] + run_overrides(folder, kw, manifest, out)
     mod.main(base + ["--train.num_iterations=1"])
 
     calls = {"n": 0}
 
     def nan_on_second(images, prompts, **meta):
         calls["n"] += 1
-        s, info = _brightness(images, prompts)
+        s, info = brightness(images, prompts)
         return (s * float("nan") if calls["n"] >= 1 else s), info
 
     if "test_nan_reward" not in REWARDS.names():
@@ -308,9 +144,9 @@ def test_evaluate_cli_single_and_compare(tiny, tmp_path):
     from fastvideo_grpo import evaluate
 
     folder, kw, manifest = tiny("sd")
-    mod = _script("train_sd_grpo")
+    mod = train_script("train_sd_grpo")
     out = tmp_path / "run"
-    mod.main(["--config", str(ROOT / "configs/sd_hps.yaml")] + _overrides(folder, kw, manifest, out))
+    mod.main(["--config", str(ROOT / "configs/sd_hps.yaml")] + run_overrides(folder, kw, manifest, out))
     ev_out = tmp_path / "ev"
     res = evaluate.main(["--compare", "base", str(out / "export"), "--config", str(out / "config.yaml"),
                          "--out", str(ev_out), "--num-prompts", "3", "--split", "all",
@@ -332,9 +168,9 @@ def test_lora_training_exports_adapter_weights_that_evaluate_loads(tiny, tmp_pat
     from fastvideo_grpo import evaluate
 
     folder, kw, manifest = tiny("flux")
-    mod = _script("train_flux_grpo")
+    mod = train_script("train_flux_grpo")
     out = tmp_path / "run"
-    mod.main(["--config", str(ROOT / "configs/flux_hps.yaml")] + _overrides(folder, kw, manifest, out)
+    mod.main(["--config", str(ROOT / "configs/flux_hps.yaml")] + run_overrides(folder, kw, manifest, out)
              + ["--model.kwargs.lora_rank=4", "--optim.lr=0.05", "--train.eval_every=0"])
     assert (out / "export" / "pytorch_lora_weights.safetensors").is_file()
     res = evaluate.main(["--compare", "base", str(out / "export"), "--out", str(tmp_path / "ev"), "--num-prompts", "2",
@@ -361,7 +197,7 @@ def test_two_processes_under_torchrun(tiny, tmp_path, family, extra):
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            "--master-addr=127.0.0.1", f"--master-port={port}", str(Path(__file__).parent / "_train_worker.py"),
-           "--config", str(ROOT / recipe)] + _overrides(folder, kw, manifest, out, **{"parallel.sp": 1}) + extra
+           "--config", str(ROOT / recipe)] + run_overrides(folder, kw, manifest, out, **{"parallel.sp": 1}) + extra
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
@@ -387,8 +223,8 @@ def test_cuda_oom_is_reported_with_the_memory_knobs(tiny, tmp_path, monkeypatch)
     monkeypatch.setattr(GRPOTrainer, "train_iteration", oom)
     folder, kw, manifest = tiny("sd")
     with pytest.raises(TrainingStopped) as e:
-        _script("train_sd_grpo").main(["--config", str(ROOT / "configs/sd_hps.yaml")]
-                                      + _overrides(folder, kw, manifest, tmp_path / "r", **{"train.eval_every": 0}))
+        train_script("train_sd_grpo").main(["--config", str(ROOT / "configs/sd_hps.yaml")]
+                                      + run_overrides(folder, kw, manifest, tmp_path / "r", **{"train.eval_every": 0}))
     assert e.value.exit_code == EXIT_OOM
     for knob in ("parallel.sp", "parallel.activation_checkpointing", "parallel.cpu_offload", "num_frames",
                  "grpo.micro_batch_size", "lora_rank", "Tried to allocate"):
