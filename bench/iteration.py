@@ -344,7 +344,9 @@ def make_trainer(case: dict, root: Path, overrides=(), adapter_kwargs=None, devi
     from fastvideo_grpo.distributed.fsdp import parallelize
     from fastvideo_grpo.distributed.parallel_dims import ParallelDims
     from fastvideo_grpo.models import ADAPTERS
-    from fastvideo_grpo.trainer import GRPOTrainer, PromptSource, build_reward_fns
+    from fastvideo_grpo.data.prompt_source import PromptSource
+    from fastvideo_grpo.rewards.build import build_reward_fns
+    from fastvideo_grpo.trainer import GRPOTrainer
 
     register_reward()
     kw = build_folder(case, root, device)

@@ -25,7 +25,6 @@ else ``model.safetensors``; for LoRA only the adapter weights (``pytorch_lora_we
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -180,26 +179,18 @@ def load_checkpoint(path: Union[str, Path], model: nn.Module, optimizer=None) ->
 
 
 def save_trainer_checkpoint(trainer, root: Union[str, Path], keep_last: int = 0) -> Path:
-    """Everything ``GRPOTrainer`` needs to continue bit-for-bit (collective)."""
-    extra = {
-        "iteration": trainer.iteration,
-        "lr_scheduler": trainer.lr_scheduler.state_dict(),
-        "prompts": trainer.prompts.state_dict(),
-        "generator": trainer.generator.get_state(),
-    }
-    return save_checkpoint(root, trainer.iteration, trainer.adapter.trainable_module(), trainer.optimizer, extra,
-                           keep_last=keep_last)
+    """Everything ``GRPOTrainer`` needs to continue bit-for-bit (collective): model and optimiser through
+    DCP, ``trainer.state_dict()`` in this rank's extra file."""
+    return save_checkpoint(root, trainer.iteration, trainer.adapter.trainable_module(), trainer.optimizer,
+                           trainer.state_dict(), keep_last=keep_last)
 
 
 def load_trainer_checkpoint(trainer, path: Union[str, Path]) -> bool:
     """Restore ``trainer`` from ``path`` (collective). Returns True when the RNG states were restored
     exactly; False when the world size changed and the caller must reseed (see module docstring)."""
     extra = load_checkpoint(path, trainer.adapter.trainable_module(), trainer.optimizer)
-    trainer.iteration = int(extra["iteration"])
-    trainer.lr_scheduler.load_state_dict(extra["lr_scheduler"])
-    trainer.prompts.load_state_dict(extra["prompts"])
+    trainer.load_state_dict(extra, restore_generator=bool(extra["rng_matches"]))
     if extra["rng_matches"]:
-        trainer.generator.set_state(extra["generator"])
         set_rng_state(extra["rng"])
     return bool(extra["rng_matches"])
 
@@ -217,9 +208,6 @@ def _plain_class(module: nn.Module) -> type:
         if not issubclass(cls, FSDPModule):
             return cls
     return type(module)
-
-
-_LORA_ADAPTER_NAME = re.compile(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)\.[^.]+(\.|$)")
 
 
 def export_weights(adapter, out_dir: Union[str, Path], lora_only: Optional[bool] = None) -> Optional[Path]:
@@ -242,16 +230,12 @@ def export_weights(adapter, out_dir: Union[str, Path], lora_only: Optional[bool]
         out.mkdir(parents=True, exist_ok=True)
         full = {k: v.detach().contiguous().clone() for k, v in full.items()}
         if lora_only:
-            prefix = getattr(adapter, "model_subfolder", None)
-            lora = {}
-            for k, v in full.items():
-                if "lora_" not in k:
-                    continue
-                k = _LORA_ADAPTER_NAME.sub(lambda m: f".{m.group(1)}{m.group(2)}", k)
-                lora[f"{prefix}.{k}" if prefix else k] = v
+            from .models.lora import LORA_FILE, to_file_keys
+
+            lora = to_file_keys(full, getattr(adapter, "model_subfolder", None))
             if not lora:
                 raise ValueError("lora_only export but the model has no lora_ weights")
-            save_file(lora, str(out / "pytorch_lora_weights.safetensors"))
+            save_file(lora, str(out / LORA_FILE))
         else:
             cls = _plain_class(module)
             if hasattr(cls, "save_pretrained") and hasattr(cls, "from_config") and hasattr(module, "config"):

@@ -1,14 +1,18 @@
 """Held-out evaluation with the deterministic ODE sampler (eta = 0) and any set of rewards.
 
-``evaluate_policy`` is what the trainer and the demo call; fixed seeds make "before" and "after"
-comparable sample by sample (same initial noise per prompt and sample index).
+``evaluate_policy`` evaluates prompts in one process; ``distributed_evaluate`` splits fixed batches over
+data-parallel ranks (what the training loop and the evaluation CLI call). Fixed seeds make "before" and
+"after" comparable sample by sample (same initial noise per prompt and sample index).
+``python -m fastvideo_grpo.evaluate`` is the command line (evaluate_cli.py).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+import math
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 
 from .models.base import Cond, PolicyAdapter
 from .rewards.base import RewardFn, compute_rewards
@@ -71,14 +75,87 @@ def evaluate_policy(
     return out
 
 
-def main(argv=None):
-    """``python -m fastvideo_grpo.evaluate``: evaluate / compare checkpoints (see evaluate_cli.py)."""
-    from .evaluate_cli import main as _main
-
-    return _main(argv)
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-if __name__ == "__main__":
+def distributed_evaluate(adapter, prompts: Sequence[str], reward_fns: Dict, num_steps: int, encode: Callable, *,
+                         samples_per_prompt: int, batch_size: int, seed: int, dp_rank: int, dp_size: int,
+                         return_images: bool = False, max_frames: Optional[int] = 8,
+                         autocast_dtype: Optional[torch.dtype] = None) -> Dict:
+    """ODE evaluation split over data-parallel ranks (collective on every rank, FSDP-safe).
+
+    Prompts are cut into fixed batches of ``batch_size // samples_per_prompt`` prompts; batch j uses
+    noise seed ``seed + j`` whatever the world size, so results are comparable across runs and
+    checkpoints. Batches go round-robin to dp ranks; every rank runs the same number of batches
+    (padding with repeats that are dropped), then per-sample scores are gathered on all ranks.
+    ``return_images``: also gather the samples as uint8 (videos cut to ``max_frames`` evenly spaced
+    frames first), returned as floats in [0, 1] under "images".
+    """
+    per = max(1, batch_size // samples_per_prompt)
+    batches = [list(prompts[i:i + per]) for i in range(0, len(prompts), per)]
+    rounds = math.ceil(len(batches) / dp_size) if batches else 0
+    local = []
+    for r in range(rounds):
+        j = r * dp_size + dp_rank
+        real = j < len(batches)
+        ev = evaluate_policy(adapter, batches[j if real else 0], reward_fns, num_steps, encode=encode,
+                             samples_per_prompt=samples_per_prompt, seed=seed + (j if real else 0),
+                             batch_size=per * samples_per_prompt, return_images=return_images,
+                             autocast_dtype=autocast_dtype)
+        if real:
+            local.append((j, ev["per_sample"], _compact(ev.get("images"), max_frames), ev["extras_mean"]))
+    if _dist_on():
+        gathered: List = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        allb = {}
+        for part in gathered:
+            for j, s, im, ex in part:
+                allb.setdefault(j, (s, im, ex))  # sp peers computed the same batch: keep one
+    else:
+        allb = {j: (s, im, ex) for j, s, im, ex in local}
+    order = sorted(allb)
+    per_sample: Dict[str, List[float]] = {}
+    extras: Dict[str, List[float]] = {}  # per-batch means of the rewards' extra per-sample values, weighted
+    for j in order:
+        for k, v in allb[j][0].items():
+            per_sample.setdefault(k, []).extend(v)
+        for k, v in allb[j][2].items():
+            extras.setdefault(k, []).extend([v] * len(batches[j]))
+    out = {
+        "num_samples": sum(len(batches[j]) for j in order) * samples_per_prompt,
+        "mean": {k: float(sum(v) / len(v)) for k, v in per_sample.items() if v},
+        "extras_mean": {k: float(sum(v) / len(v)) for k, v in extras.items() if v},
+        "per_sample": per_sample,
+        "prompts": [p for j in order for p in batches[j] for _ in range(samples_per_prompt)],
+    }
+    if return_images and order:
+        out["images"] = torch.cat([allb[j][1] for j in order]).float() / 255.0
+    return out
+
+
+def _compact(images: Optional[torch.Tensor], max_frames: Optional[int]) -> Optional[torch.Tensor]:
+    """Samples for gathering / grids: uint8 on CPU, videos cut to ``max_frames`` evenly spaced frames."""
+    if images is None:
+        return None
+    if images.ndim == 5 and max_frames and images.shape[1] > max_frames:
+        idx = torch.linspace(0, images.shape[1] - 1, max_frames).round().long()
+        images = images[:, idx]
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
+def frames_for_grid(images: torch.Tensor, max_frames: int) -> Tuple[torch.Tensor, int]:
+    """(N, 3, H, W) -> itself, nrow 1; videos (N, F, 3, H, W) -> frame strips (N * f, 3, H, W), nrow f."""
+    if images.ndim == 4:
+        return images, 1
+    F = images.shape[1]
+    f = max(1, min(max_frames, F))
+    idx = torch.linspace(0, F - 1, f).round().long()
+    strips = images[:, idx]
+    return strips.reshape(-1, *strips.shape[2:]), f
+
+
+if __name__ == "__main__":  # python -m fastvideo_grpo.evaluate: the command line (evaluate_cli.py)
     from .evaluate_cli import cli
 
     cli()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -72,24 +71,17 @@ def resolve_checkpoint(spec: str) -> "tuple[str, Optional[Path]]":
                             f"file, a 'latest' pointer, or a run folder with export/ or checkpoints/")
 
 
-_LORA_KEY = re.compile(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)(\.|$)")
-
-
 def load_exported(adapter, folder: Path) -> None:
     """Load weights written by ``checkpoint.export_weights`` / ``save_pretrained`` into the trainable module."""
     from safetensors.torch import load_file
 
+    from .models.lora import LORA_FILE, from_file_keys
+
     module = adapter.trainable_module()
-    lora_file = folder / "pytorch_lora_weights.safetensors"
+    lora_file = folder / LORA_FILE
     if lora_file.is_file():
         own = dict(module.named_parameters())
-        prefix = getattr(adapter, "model_subfolder", None)
-        sd = {}
-        for k, v in load_file(str(lora_file)).items():
-            if prefix and k.startswith(prefix + "."):
-                k = k[len(prefix) + 1:]
-            named = _LORA_KEY.sub(lambda m: f".{m.group(1)}.default{m.group(2)}", k, count=1)
-            sd[named if named in own else k] = v
+        sd = from_file_keys(load_file(str(lora_file)), getattr(adapter, "model_subfolder", None), own)
         missing = [k for k in sd if k not in own]
         if missing or not any("lora_" in n for n in own):
             raise ValueError(f"{lora_file} does not match the model's LoRA layers (set model.kwargs.lora_rank / "
@@ -107,7 +99,7 @@ def load_exported(adapter, folder: Path) -> None:
 
 
 def load_policy(cfg: RunConfig, kind: str, path: Optional[Path], device):
-    from .train import build_policy
+    from .models import build_policy
 
     adapter = build_policy(cfg, device)
     if kind == "export":
@@ -173,8 +165,10 @@ def main(argv=None) -> Dict:
     from .data.dataset import PromptEmbeddingDataset
     from .io import atomic_write_json, atomic_write_text
     from .metrics import save_image_grid
-    from .train import EmbeddingLookup, build_eval_reward_fns, distributed_evaluate, frames_for_grid, preflight
-    from .trainer import build_reward_fns
+    from .data.embedding_lookup import EmbeddingLookup
+    from .evaluate import distributed_evaluate, frames_for_grid
+    from .preflight import preflight
+    from .rewards.build import build_eval_reward_fns, build_reward_fns
 
     args, overrides = build_parser().parse_known_args(argv)
     specs = list(args.compare) if args.compare else list(args.checkpoints)

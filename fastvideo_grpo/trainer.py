@@ -22,36 +22,10 @@ from . import grpo
 from .config import RunConfig
 from .cuda_settings import configure_attention
 from .dtypes import autocast_dtype
-from .models.base import Cond, PolicyAdapter, index_cond
-from .rewards.base import REWARDS, RewardFn, compute_rewards
+from .data.prompt_source import PromptSource
+from .models.base import PolicyAdapter, index_cond
+from .rewards.base import RewardFn, compute_rewards
 from .rollout import Trajectory, autocast_context, rollout
-
-
-# ----------------------------------------------------------------------------- rewards
-
-
-def build_reward_fns(reward_cfgs) -> Tuple[Dict[str, RewardFn], Dict[str, float]]:
-    """Instantiate rewards from config; thresholded ones become binary (named '<name>_bin')."""
-    fns, weights = {}, {}
-    for rc in reward_cfgs:
-        fn = REWARDS.build(rc.name, **rc.kwargs)
-        key = rc.key or rc.name
-        if rc.threshold is not None:
-            fn = _thresholded(fn, rc.threshold)
-            key = rc.key or f"{rc.name}_bin"
-        if key in fns:
-            raise ValueError(f"reward {key!r} is listed twice in the config")
-        fns[key] = fn
-        weights[key] = rc.weight
-    return fns, weights
-
-
-def _thresholded(fn: RewardFn, threshold: float) -> RewardFn:
-    def binary_reward(images, prompts, **meta):
-        scores, info = fn(images, prompts, **meta)
-        return grpo.binarize(torch.as_tensor(scores, dtype=torch.float32), threshold), dict(info, raw=scores)
-
-    return binary_reward
 
 
 # ----------------------------------------------------------------------------- the update
@@ -170,58 +144,6 @@ def grpo_update(
 # ----------------------------------------------------------------------------- the trainer
 
 
-class PromptSource:
-    """Whole prompts (hence whole groups) per data-parallel rank, without replacement, reshuffled per epoch.
-
-    Every rank walks the same global shuffled order (same seed); each call takes the next
-    ``n * dp_size`` prompts and rank ``dp_rank`` keeps the r-th contiguous run of n, so a prompt goes
-    to exactly one dp rank and group-relative advantages need no communication. The state is the
-    position in the global stream, independent of the world size (resumable on any number of ranks).
-    A single process is ``dp_size = 1``.
-    """
-
-    def __init__(self, prompts: Sequence[str], encode: Callable[[List[str]], Cond], seed: int = 0,
-                 dp_rank: int = 0, dp_size: int = 1):
-        if not prompts:
-            raise ValueError("the training prompt list is empty")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
-        self.prompts = list(prompts)
-        self.encode = encode
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self._order: List[int] = []
-        self.position = 0  # prompts handed out so far, summed over all dp ranks
-
-    def _draw(self, n: int) -> List[int]:
-        out = []
-        while len(out) < n:
-            if not self._order:
-                self._order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
-            out.append(self._order.pop())
-        return out
-
-    def next_indices(self, n: int) -> List[int]:
-        """Prompt indices of this rank's next ``n`` prompts (advances the global stream by n * dp_size)."""
-        if n < 1:
-            raise ValueError(f"prompts per rank must be >= 1, got {n}")
-        stream = self._draw(n * self.dp_size)
-        self.position += n * self.dp_size
-        return stream[self.dp_rank * n:(self.dp_rank + 1) * n]
-
-    def next_batch(self, n: int) -> Tuple[List[str], Cond]:
-        batch = [self.prompts[i] for i in self.next_indices(n)]
-        return batch, self.encode(batch)
-
-    def state_dict(self):
-        return {"rng": self.generator.get_state(), "order": list(self._order), "position": self.position}
-
-    def load_state_dict(self, state):
-        self.generator.set_state(state["rng"])
-        self._order = list(state["order"])
-        self.position = state["position"]
-
-
 def frozen_reference(adapter: PolicyAdapter) -> PolicyAdapter:
     """A frozen copy of the policy as it is now: the reference model of the KL term (``grpo.kl_coef``).
 
@@ -284,7 +206,7 @@ class GRPOTrainer:
         g = self.cfg.grpo
         if g.advantage != "global" or self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
             return grpo.aggregate_advantages(rewards, group_size, self.reward_weights, g.advantage)
-        from .distributed.sampler import all_gather_rewards  # (sampler imports this module)
+        from .distributed.collectives import all_gather_rewards
 
         gathered = all_gather_rewards({k: r.detach() for k, r in rewards.items()}, self.dp_group)
         total = grpo.aggregate_advantages(gathered, group_size, self.reward_weights, "global")
@@ -293,20 +215,23 @@ class GRPOTrainer:
         return total[start:start + n]
 
     def state_dict(self):
+        """Everything the trainer owns besides the model and optimiser tensors (which checkpoint.py
+        writes sharded with DCP): the iteration, LR schedule, noise generator and prompt position."""
         return {
             "iteration": self.iteration,
-            "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "prompts": self.prompts.state_dict(),
         }
 
-    def load_state_dict(self, state):
-        self.iteration = state["iteration"]
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_state_dict(self, state, restore_generator: bool = True):
+        """Inverse of ``state_dict``. ``restore_generator=False`` keeps the current generator (a checkpoint
+        from another world size: its per-rank streams cannot be matched to ranks; see checkpoint.py)."""
+        self.iteration = int(state["iteration"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.generator.set_state(state["generator"])
         self.prompts.load_state_dict(state["prompts"])
+        if restore_generator:
+            self.generator.set_state(state["generator"])
 
     def train_iteration(self) -> Dict[str, float]:
         cfg, g = self.cfg, self.cfg.grpo

@@ -11,8 +11,9 @@ Resume after a kill (same or different number of processes):
 Sequence parallel (both ranks share each sample's tokens):
     torchrun --nproc_per_node=2 train_scripts/train_toy_distributed.py --config configs/toy_cpu.yaml --parallel.sp=2
 
-grpo.prompts_per_iteration is per data-parallel rank. Writes metrics.jsonl, config.yaml,
-checkpoints/step_N/ + checkpoints/latest and export/model.safetensors under train.output_dir.
+grpo.prompts_per_iteration is per data-parallel rank. The same loop as every other entry point
+(fastvideo_grpo/runner.py): metrics.jsonl, config.yaml, held-out evaluations, checkpoints/step_N/ +
+checkpoints/latest and export/ under train.output_dir.
 """
 
 import argparse
@@ -21,13 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
 from fastvideo_grpo.config import load_config  # noqa: E402
-from fastvideo_grpo.distributed.init import barrier, get_rank  # noqa: E402
-from fastvideo_grpo.distributed.launch import run_distributed  # noqa: E402
-from fastvideo_grpo.models.toy import ToyAdapter  # noqa: E402
-from fastvideo_grpo.rewards import rules  # noqa: E402,F401  (registers the toy rewards)
-from fastvideo_grpo.toy.pretrain import pretrained_toy_model  # noqa: E402
+from fastvideo_grpo.runner import PromptSets, run  # noqa: E402
+from fastvideo_grpo.toy.demo import toy_adapter_factory  # noqa: E402
 from fastvideo_grpo.toy.shapes import split_prompts  # noqa: E402
 
 
@@ -39,18 +36,8 @@ def main(argv=None):
     if args.resume is not None:
         overrides = list(overrides) + [f"--train.resume={args.resume}"]
     cfg = load_config(args.config, overrides)
-    train_prompts, _ = split_prompts(seed=0)
-
-    def build_adapter(device):
-        pre = dict(cfg.extra.get("pretrain", {}))
-        if get_rank() == 0:  # rank 0 pretrains (or loads) the cached base model first, the others then load it
-            model, _, _ = pretrained_toy_model(train_prompts, pre, progress=True)
-        barrier()
-        if get_rank() != 0:
-            model, _, _ = pretrained_toy_model(train_prompts, pre, progress=False)
-        return ToyAdapter(model.to(device), shift=float(cfg.model.kwargs.get("shift", 1.0)))
-
-    run_distributed(cfg, build_adapter, train_prompts, progress=True)
+    train_prompts, held_prompts = split_prompts(seed=0)
+    return run(cfg, toy_adapter_factory(cfg, train_prompts), PromptSets(train_prompts, held_prompts))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Distributed training: torchrun init, ParallelDims / DeviceMesh, FSDP2 + activation checkpointing,
-Ulysses sequence parallelism, a group-preserving prompt sampler, and the distributed entry point.
+Ulysses sequence parallelism, per-rank seeding and the collectives of the training loop.
 
 See docs/distributed.md for launch commands and memory estimates.
 """
 
+from .collectives import all_gather_rewards, reduce_metrics
 from .init import DistEnv, init_distributed, shutdown
 from .parallel_dims import ParallelDims, parallel_dims_from_config
-from .sampler import DistributedPromptSource, rank_seed, reduce_metrics
+from .seeding import rank_seed, seed_rank_generators
 
 __all__ = ["DistEnv", "init_distributed", "shutdown", "ParallelDims", "parallel_dims_from_config",
-           "DistributedPromptSource", "rank_seed", "reduce_metrics"]
+           "rank_seed", "seed_rank_generators", "reduce_metrics", "all_gather_rewards"]

@@ -12,3 +12,10 @@ from . import hunyuan_video  # noqa: F401
 from . import hunyuan_i2v  # noqa: F401
 from . import wan  # noqa: F401
 from . import sd3  # noqa: F401
+
+
+def build_policy(cfg, device):
+    """The adapter named by ``model.name`` with ``model.kwargs`` (plus ``device`` unless given there)."""
+    kwargs = dict(cfg.model.kwargs)
+    kwargs.setdefault("device", str(device))
+    return ADAPTERS.build(cfg.model.name, **kwargs)

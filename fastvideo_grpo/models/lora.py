@@ -10,18 +10,52 @@ layer, ``base_layer.`` prefixes removed) without touching the live model, one la
 ``save_merged`` writes it as a ``save_pretrained`` folder loadable by the model class directly.
 (This is what peft's ``merge_and_unload`` produces, computed non-destructively so training can
 continue after an export.)
+
+``to_file_keys`` / ``from_file_keys`` translate LoRA parameter names both ways between peft's live
+names (``...to_q.lora_A.default.weight``) and the file layout diffusers' ``load_lora_weights`` reads
+(``transformer.<module>.to_q.lora_A.weight``): export writes one, evaluation reads it back.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
 
 #: attention projections shared by diffusers' UNets and transformers
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+_LIVE_NAME = re.compile(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)\.[^.]+(\.|$)")
+_FILE_NAME = re.compile(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)(\.|$)")
+
+
+def to_file_keys(state: Dict[str, torch.Tensor], prefix: Optional[str]) -> Dict[str, torch.Tensor]:
+    """The LoRA entries of a live state dict under file names: peft's adapter name dropped,
+    ``prefix.`` (the model's subfolder, e.g. ``transformer``) prepended."""
+    out = {}
+    for k, v in state.items():
+        if "lora_" not in k:
+            continue
+        k = _LIVE_NAME.sub(lambda m: f".{m.group(1)}{m.group(2)}", k)
+        out[f"{prefix}.{k}" if prefix else k] = v
+    return out
+
+
+def from_file_keys(state: Dict[str, torch.Tensor], prefix: Optional[str], own_names: Iterable[str],
+                   adapter_name: str = "default") -> Dict[str, torch.Tensor]:
+    """Inverse of ``to_file_keys`` against a live model's parameter names (``own_names``)."""
+    own = set(own_names)
+    out = {}
+    for k, v in state.items():
+        if prefix and k.startswith(prefix + "."):
+            k = k[len(prefix) + 1:]
+        named = _FILE_NAME.sub(lambda m: f".{m.group(1)}.{adapter_name}{m.group(2)}", k, count=1)
+        out[named if named in own else k] = v
+    return out
 
 
 def add_lora(model: nn.Module, rank: int, alpha: Optional[float] = None,

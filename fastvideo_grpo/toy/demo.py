@@ -1,38 +1,57 @@
 """The embedded demo: pretrain-if-needed -> evaluate -> GRPO -> evaluate, with plots and a summary.
 
-Used by ``train_scripts/train_toy_grpo.py`` (``make demo``) and by the ablation script. Output
-folder (``train.output_dir``): config.yaml, metrics.jsonl, reward_curve.png, eval_curve.png,
-samples_before_after.png, summary.json, policy.pt.
+It is an ordinary run of the one loop (``runner.run``) on the toy model, plus ``DemoReport``: the
+before / after sample grid, ``policy.pt`` and the before / after numbers in summary.json. Used by
+``train_scripts/train_toy_grpo.py`` (``make demo``) and by the ablation script; ``toy_adapter_factory``
+also serves ``train_scripts/train_toy_distributed.py``. Output folder (``train.output_dir``):
+config.yaml, metrics.jsonl, reward_curve.png, eval_curve.png, eval/, samples_before_after.png,
+summary.json, policy.pt, checkpoints/, export/.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict
 
 import torch
-from tqdm.auto import tqdm
 
-from ..config import RunConfig, save_config, to_dict
-from ..evaluate import evaluate_policy
-from ..io import atomic_write_json
-from ..metrics import MetricsLogger, plot_reward_curves, save_image_grid
+from ..config import RunConfig, to_dict
+from ..distributed.init import barrier, get_rank
+from ..loop import Component
+from ..metrics import save_image_grid
 from ..models.toy import ToyAdapter, save_toy_model
 from ..rewards import rules  # noqa: F401  (registers the toy rewards)
-from ..rewards.base import REWARDS
-from ..trainer import GRPOTrainer, PromptSource, build_reward_fns
+from ..runner import PromptSets, RunParts, run
 from .pretrain import pretrained_toy_model
 from .shapes import split_prompts
 
+_TOY_MODEL_KWARGS = {"shift", "balance_grad"}
 
-def _eval_reward_fns(cfg: RunConfig):
-    """Held-out evaluation always reports the continuous form of every configured reward."""
-    names = []
-    for rc in cfg.rewards:
-        if rc.name not in names:
-            names.append(rc.name)
-    return {n: REWARDS.build(n, **next(rc.kwargs for rc in cfg.rewards if rc.name == n)) for n in names}
+
+def toy_adapter_factory(cfg: RunConfig, train_prompts, cache_dir: str = "outputs/toy_pretrained",
+                        progress: bool = True, record: Dict = None) -> Callable[[torch.device], ToyAdapter]:
+    """``device -> ToyAdapter`` over the cached pretrained toy model (``extra.pretrain`` settings): rank 0
+    pretrains (or loads) it first, the other ranks then load it. ``record`` receives the checkpoint
+    path and the seconds spent pretraining."""
+    unknown = set(cfg.model.kwargs) - _TOY_MODEL_KWARGS
+    if unknown:
+        raise ValueError(f"model.kwargs {sorted(unknown)} are not toy settings (known: {sorted(_TOY_MODEL_KWARGS)})")
+    pre = dict(cfg.extra.get("pretrain", {}))
+
+    def build(device) -> ToyAdapter:
+        if get_rank() == 0:
+            model, ckpt, seconds = pretrained_toy_model(train_prompts, pre, cache_dir=cache_dir, progress=progress)
+        barrier()
+        if get_rank() != 0:
+            model, ckpt, seconds = pretrained_toy_model(train_prompts, pre, cache_dir=cache_dir, progress=False)
+        if record is not None:
+            record.update(checkpoint=str(ckpt), pretrain_time_s=seconds)
+        return ToyAdapter(model.to(device), shift=float(cfg.model.kwargs.get("shift", 1.0)),
+                          balance_grad=bool(cfg.model.kwargs.get("balance_grad", False)))
+
+    return build
 
 
 def _headline(ev: Dict) -> float:
@@ -40,90 +59,60 @@ def _headline(ev: Dict) -> float:
     return sum(ev["mean"].values()) / len(ev["mean"])
 
 
+class DemoReport(Component):
+    """The demo's own outputs: before / after grid and policy.pt (``write_images``), and the before /
+    after numbers, timings and settings in the summary."""
+
+    def __init__(self, parts: RunParts, write_images: bool, t_start: float, pretrain: Dict):
+        self.parts, self.write_images, self.t_start, self.pretrain = parts, write_images, t_start, pretrain
+        self.grpo_seconds = 0.0
+
+    def on_iteration(self, state, it, metrics):
+        self.grpo_seconds += metrics.get("time/iteration", 0.0)
+
+    def on_end(self, state):
+        ev = self.parts.evaluator
+        if self.write_images and state.is_main and ev.first and ev.last:
+            save_toy_model(self.parts.trainer.adapter.model, state.out / "policy.pt")
+            _write_grids(ev.first, ev.last, state.out, self.parts.cfg.eval.samples_per_prompt)
+        return {}
+
+    def summary(self) -> Dict:
+        ev = self.parts.evaluator
+        if not (ev.first and ev.last):
+            return {}
+        before, after = _headline(ev.first), _headline(ev.last)
+        return {
+            "reward_before": before,
+            "reward_after": after,
+            "improvement_abs": after - before,
+            "improvement_rel": (after - before) / max(before, 1e-8),
+            "per_reward_before": ev.first["mean"],
+            "per_reward_after": ev.last["mean"],
+            "extras_before": ev.first.get("extras_mean", {}),
+            "extras_after": ev.last.get("extras_mean", {}),
+            "num_eval_samples": ev.first["num_samples"],
+            "wall_time_s": time.perf_counter() - self.t_start,
+            "pretrain_time_s": self.pretrain.get("pretrain_time_s", 0.0),
+            "grpo_time_s": self.grpo_seconds,
+            "eval_time_s": ev.seconds[0] if ev.seconds else 0.0,
+            "pretrained_checkpoint": self.pretrain.get("checkpoint"),
+            "settings": to_dict(self.parts.cfg),
+        }
+
+
 def run_demo(cfg: RunConfig, progress: bool = True, cache_dir: str = "outputs/toy_pretrained",
              write_images: bool = True) -> Dict:
+    """The demo run; returns its summary (also in ``<output_dir>/summary.json``)."""
     t_start = time.perf_counter()
-    torch.manual_seed(cfg.train.seed)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
-    out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    save_config(cfg, out / "config.yaml")
-
+    if not progress:
+        cfg = copy.deepcopy(cfg)
+        cfg.log.progress = False
     train_prompts, held_prompts = split_prompts(seed=0)
-    pre = dict(cfg.extra.get("pretrain", {}))
-    model, ckpt, pre_seconds = pretrained_toy_model(train_prompts, pre, cache_dir=cache_dir, progress=progress)
-    unknown = set(cfg.model.kwargs) - {"shift", "balance_grad"}
-    if unknown:
-        raise ValueError(f"model.kwargs {sorted(unknown)} are not toy-demo settings (known: shift, balance_grad)")
-    adapter = ToyAdapter(model, shift=float(cfg.model.kwargs.get("shift", 1.0)),
-                         balance_grad=bool(cfg.model.kwargs.get("balance_grad", False)))
-
-    reward_fns, weights = build_reward_fns(cfg.rewards)
-    eval_fns = _eval_reward_fns(cfg)
-    eval_steps = cfg.sampling.eval_num_steps or cfg.sampling.num_steps
-    held = held_prompts[: cfg.train.num_eval_prompts] if cfg.train.num_eval_prompts else held_prompts
-    eval_kw = dict(samples_per_prompt=int(cfg.extra.get("eval_samples_per_prompt", 2)), seed=cfg.train.seed + 10_000)
-
-    t_eval = time.perf_counter()
-    before = evaluate_policy(adapter, held, eval_fns, eval_steps, return_images=write_images, **eval_kw)
-    eval_seconds = time.perf_counter() - t_eval
-
-    logger = MetricsLogger(out, tensorboard=bool(cfg.extra.get("tensorboard", False)))
-    logger.log({f"eval/{k}": v for k, v in before["mean"].items()} | {"eval/reward": _headline(before)}, step=0)
-    source = PromptSource(train_prompts, adapter.encode_prompts, seed=cfg.train.seed)
-    trainer = GRPOTrainer(cfg, adapter, reward_fns, weights, source)
-    curve_keys = [f"reward/{k}/mean" for k in reward_fns]
-    bar = tqdm(range(cfg.train.num_iterations), desc="GRPO", disable=not progress, dynamic_ncols=True)
-    t_train = time.perf_counter()
-    for it in bar:
-        m = trainer.train_iteration()
-        if cfg.train.eval_every and (it + 1) % cfg.train.eval_every == 0 and it + 1 < cfg.train.num_iterations:
-            ev = evaluate_policy(adapter, held, eval_fns, eval_steps, **eval_kw)
-            m.update({f"eval/{k}": v for k, v in ev["mean"].items()} | {"eval/reward": _headline(ev)})
-        if (it + 1) % max(1, cfg.train.log_every) == 0:
-            logger.log(m, step=trainer.iteration)
-        bar.set_postfix({k.split("/")[1]: f"{m[k]:.3f}" for k in curve_keys} | {"clip": f"{m['train/clipfrac']:.2f}"})
-        if write_images and ((it + 1) % 25 == 0 or it + 1 == cfg.train.num_iterations):
-            plot_reward_curves(logger.history, curve_keys, out / "reward_curve.png",
-                               window=int(cfg.extra.get("curve_window", 10)))
-    train_seconds = time.perf_counter() - t_train
-
-    after = evaluate_policy(adapter, held, eval_fns, eval_steps, return_images=write_images, **eval_kw)
-    logger.log({f"eval/{k}": v for k, v in after["mean"].items()} | {"eval/reward": _headline(after)},
-               step=trainer.iteration)
-    logger.close()
-    if write_images:
-        save_toy_model(model, out / "policy.pt")
-        _write_grids(before, after, out, eval_kw["samples_per_prompt"])
-        eval_rows = [r for r in logger.history if "eval/reward" in r]
-        keys = [f"eval/{k}" for k in eval_fns]
-        keys = keys if len(keys) == 1 else ["eval/reward"] + keys  # the headline is their mean
-        plot_reward_curves(eval_rows, keys, out / "eval_curve.png",
-                           window=1, title="held-out reward (ODE sampler)")
-
-    summary = {
-        "reward_before": _headline(before),
-        "reward_after": _headline(after),
-        "improvement_abs": _headline(after) - _headline(before),
-        "improvement_rel": (_headline(after) - _headline(before)) / max(_headline(before), 1e-8),
-        "per_reward_before": before["mean"],
-        "per_reward_after": after["mean"],
-        "extras_before": before["extras_mean"],
-        "extras_after": after["extras_mean"],
-        "num_eval_samples": before["num_samples"],
-        "wall_time_s": time.perf_counter() - t_start,
-        "pretrain_time_s": pre_seconds,
-        "grpo_time_s": train_seconds,
-        "eval_time_s": eval_seconds,
-        "pretrained_checkpoint": str(ckpt),
-        "settings": to_dict(cfg),
-    }
-    atomic_write_json(out / "summary.json", summary)
-    return summary
+    pretrain: Dict = {}
+    factory = toy_adapter_factory(cfg, train_prompts, cache_dir, progress, record=pretrain)
+    return run(cfg, factory, PromptSets(train_prompts, held_prompts), keep_eval_images=write_images,
+               extra_components=lambda parts: [DemoReport(parts, write_images, t_start, pretrain)])
 
 
 def _write_grids(before: Dict, after: Dict, out: Path, samples_per_prompt: int, max_prompts: int = 12) -> None:

@@ -113,7 +113,8 @@ def test_grpo_increases_a_simple_reward():
 
     (A reward with an obvious direction; the toy GenEval reward moves much more slowly, see README.)
     """
-    from fastvideo_grpo.trainer import GRPOTrainer, PromptSource
+    from fastvideo_grpo.data.prompt_source import PromptSource
+    from fastvideo_grpo.trainer import GRPOTrainer
 
     cfg = load_config("configs/toy_cpu.yaml", [
         "--grpo.prompts_per_iteration=2", "--grpo.group_size=8", "--sampling.num_steps=4",
@@ -152,7 +153,8 @@ def test_kl_coef_builds_a_frozen_reference_and_penalises_drift():
     """grpo.kl_coef > 0 alone (no ref passed) gives a KL term: 0 while the policy equals the reference,
     then the closed-form Gaussian KL of the moved policy's step means against the frozen start."""
     from fastvideo_grpo.sde import FlowSchedule
-    from fastvideo_grpo.trainer import GRPOTrainer, PromptSource
+    from fastvideo_grpo.data.prompt_source import PromptSource
+    from fastvideo_grpo.trainer import GRPOTrainer
 
     cfg = load_config("configs/toy_cpu.yaml", [
         "--grpo.prompts_per_iteration=2", "--grpo.group_size=4", "--sampling.num_steps=3",

@@ -141,7 +141,7 @@ def test_nan_reward_stops_without_new_checkpoint(tiny, tmp_path):
 
 
 def test_evaluate_cli_single_and_compare(tiny, tmp_path):
-    from fastvideo_grpo import evaluate
+    from fastvideo_grpo import evaluate_cli as evaluate
 
     folder, kw, manifest = tiny("sd")
     mod = train_script("train_sd_grpo")
@@ -165,7 +165,7 @@ def test_evaluate_cli_single_and_compare(tiny, tmp_path):
 
 def test_lora_training_exports_adapter_weights_that_evaluate_loads(tiny, tmp_path):
     pytest.importorskip("peft")
-    from fastvideo_grpo import evaluate
+    from fastvideo_grpo import evaluate_cli as evaluate
 
     folder, kw, manifest = tiny("flux")
     mod = train_script("train_flux_grpo")

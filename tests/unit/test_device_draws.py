@@ -14,7 +14,9 @@ from fastvideo_grpo import grpo, rng
 from fastvideo_grpo.config import load_config
 from fastvideo_grpo.models.toy import TinyDiT, TinyDiTConfig, ToyAdapter
 from fastvideo_grpo.rollout import rollout, sample_ode
-from fastvideo_grpo.trainer import GRPOTrainer, PromptSource, build_reward_fns
+from fastvideo_grpo.data.prompt_source import PromptSource
+from fastvideo_grpo.rewards.build import build_reward_fns
+from fastvideo_grpo.trainer import GRPOTrainer
 
 TINY = dict(image_size=16, patch_size=4, hidden=32, depth=1, heads=2)
 PROMPTS = ["two red circles", "one blue square"]

@@ -6,10 +6,10 @@ import torch
 
 from fastvideo_grpo.checkpoint import resolve_resume
 from fastvideo_grpo.config import load_config
-from fastvideo_grpo.distributed import DistributedPromptSource, ParallelDims, rank_seed
+from fastvideo_grpo.data.prompt_source import PromptSource
+from fastvideo_grpo.distributed import ParallelDims, rank_seed
 from fastvideo_grpo.distributed.fsdp import checkpointed_indices, find_blocks
 from fastvideo_grpo.models.toy import TinyDiT, TinyDiTConfig
-from fastvideo_grpo.trainer import PromptSource
 
 
 # ----------------------------------------------------------------------------- ParallelDims
@@ -46,7 +46,7 @@ def test_parallel_config_section_loads():
 
 def test_sampler_gives_whole_disjoint_prompts_per_dp_rank():
     prompts = [f"p{i}" for i in range(12)]
-    srcs = [DistributedPromptSource(prompts, list, seed=4, dp_rank=r, dp_size=3) for r in range(3)]
+    srcs = [PromptSource(prompts, list, seed=4, dp_rank=r, dp_size=3) for r in range(3)]
     seen = []
     for _ in range(8):
         batches = [s.next_batch(2)[0] for s in srcs]
@@ -60,18 +60,15 @@ def test_sampler_gives_whole_disjoint_prompts_per_dp_rank():
     assert srcs[0].state_dict()["position"] == 48
 
 
-def test_sampler_with_one_rank_equals_prompt_source_and_state_is_world_size_free():
+def test_sampler_state_is_world_size_free():
     prompts = [f"p{i}" for i in range(7)]
-    a, b = PromptSource(prompts, list, seed=1), DistributedPromptSource(prompts, list, seed=1)
-    for _ in range(5):
-        assert a.next_batch(3)[0] == b.next_batch(3)[0]
-    two = [DistributedPromptSource(prompts, list, seed=1, dp_rank=r, dp_size=2) for r in range(2)]
-    one = DistributedPromptSource(prompts, list, seed=1)
+    two = [PromptSource(prompts, list, seed=1, dp_rank=r, dp_size=2) for r in range(2)]
+    one = PromptSource(prompts, list, seed=1)
     for s in two:
         s.next_batch(2)
     one.next_batch(4)
     assert one.state_dict()["position"] == two[0].state_dict()["position"] == 4
-    resumed = DistributedPromptSource(prompts, list, seed=99)
+    resumed = PromptSource(prompts, list, seed=99)
     resumed.load_state_dict(two[0].state_dict())
     assert resumed.next_batch(4)[0] == one.next_batch(4)[0]
 
@@ -118,17 +115,20 @@ def test_single_process_stop_and_resume_and_export(tmp_path, monkeypatch):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed" / "workers"))
     from common import PROMPTS, redness, run_config, tiny_adapter
 
-    from fastvideo_grpo.distributed.launch import run_distributed
+    from fastvideo_grpo.metrics import read_jsonl
+    from fastvideo_grpo.runner import PromptSets, run
 
     for k in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
     rf = dict(reward_fns={"red": redness}, reward_weights={"red": 1.0})
-    full = run_distributed(run_config(tmp_path / "full", 3, save_every=1), tiny_adapter, PROMPTS, **rf)
-    part = run_distributed(run_config(tmp_path / "part", 3, save_every=1), tiny_adapter, PROMPTS, stop_after=1, **rf)
-    assert len(part) == 1 and not (tmp_path / "part" / "export").exists()
-    rest = run_distributed(run_config(tmp_path / "part", 3, save_every=1, resume="latest"), tiny_adapter, PROMPTS, **rf)
-    drop = lambda m: {k: v for k, v in m.items() if not k.startswith("time/") and k != "samples_per_s"}  # noqa: E731
-    assert [drop(m) for m in part + rest] == [drop(m) for m in full]
+    full = run(run_config(tmp_path / "full", 3, save_every=1), tiny_adapter, PromptSets(PROMPTS), **rf)
+    part = run(run_config(tmp_path / "part", 3, save_every=1), tiny_adapter, PromptSets(PROMPTS), stop_after=1, **rf)
+    assert part["iterations_run"] == 1 and not (tmp_path / "part" / "export").exists()
+    rest = run(run_config(tmp_path / "part", 3, save_every=1, resume="latest"), tiny_adapter, PromptSets(PROMPTS), **rf)
+    assert full["iterations_run"] == 3 and rest["iterations_run"] == 2
+    drop = lambda m: {k: v for k, v in m.items() if not k.startswith("time/") and "samples_per_s" not in k}  # noqa: E731
+    assert [drop(m) for m in read_jsonl(tmp_path / "part" / "metrics.jsonl")] == \
+        [drop(m) for m in read_jsonl(tmp_path / "full" / "metrics.jsonl")]
     exported = load_file(str(tmp_path / "part" / "export" / "model.safetensors"))
     ref = load_file(str(tmp_path / "full" / "export" / "model.safetensors"))
     assert exported.keys() == ref.keys() and all(torch.equal(exported[k], ref[k]) for k in ref)

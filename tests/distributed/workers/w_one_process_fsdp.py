@@ -11,7 +11,7 @@ from torch.distributed.tensor import DTensor
 from common import PROMPTS, check, redness, run_config, tiny_adapter
 from fastvideo_grpo.distributed import init_distributed, shutdown
 from fastvideo_grpo.distributed.init import DistEnv
-from fastvideo_grpo.distributed.launch import build_trainer
+from fastvideo_grpo.runner import build_trainer
 
 
 def main():
@@ -25,7 +25,7 @@ def main():
     rewards = {"redness": redness}
     results = {}
     for name, c in (("plain", plain_cfg), ("sharded", sharded_cfg)):
-        trainer, _ = build_trainer(c, env, lambda device: copy.deepcopy(base), PROMPTS, rewards, {"redness": 1.0})
+        trainer, _, _ = build_trainer(c, env, lambda device: copy.deepcopy(base), PROMPTS, rewards, {"redness": 1.0})
         params = list(trainer.adapter.trainable_module().parameters())
         check(all(isinstance(p, DTensor) for p in params) == (name == "sharded"),
               f"{name}: DTensor parameters {[type(p).__name__ for p in params[:2]]}")

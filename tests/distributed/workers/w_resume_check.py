@@ -11,7 +11,7 @@ import torch
 from common import PROMPTS, check, redness, run_config, tiny_adapter
 from fastvideo_grpo.checkpoint import load_trainer_checkpoint, resolve_resume
 from fastvideo_grpo.distributed import init_distributed, shutdown
-from fastvideo_grpo.distributed.launch import build_trainer
+from fastvideo_grpo.runner import build_trainer
 from w_train import full_state
 
 
@@ -35,7 +35,7 @@ def main():
     env = init_distributed("cpu")
     try:
         cfg = run_config(out, num_iterations=10, prompts_per_rank=per_rank)
-        trainer, dims = build_trainer(cfg, env, tiny_adapter, PROMPTS, {"red": redness}, {"red": 1.0})
+        trainer, dims, _ = build_trainer(cfg, env, tiny_adapter, PROMPTS, {"red": redness}, {"red": 1.0})
         exact = load_trainer_checkpoint(trainer, resolve_resume(ckpt, out))
         check(not exact or env.world_size == 2, "RNG reported exact across a world-size change")
         state = full_state(trainer)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from common import PROMPTS, check, redness, run_config, tiny_adapter
 from fastvideo_grpo import grpo
 from fastvideo_grpo.distributed import init_distributed, shutdown
-from fastvideo_grpo.distributed.launch import build_trainer
+from fastvideo_grpo.runner import build_trainer
 from fastvideo_grpo.rollout import rollout
 
 
@@ -22,7 +22,7 @@ def gather_obj(x):
 def case(env, sp: int):
     cfg = run_config("/tmp/unused", prompts_per_rank=2)
     cfg.parallel.sp = sp
-    trainer, dims = build_trainer(cfg, env, lambda dev: tiny_adapter(dev), PROMPTS, {"red": redness}, {"red": 1.0})
+    trainer, dims, _ = build_trainer(cfg, env, lambda dev: tiny_adapter(dev), PROMPTS, {"red": redness}, {"red": 1.0})
     noise = trainer.adapter.initial_noise(1, trainer.generator)
     noises = gather_obj(noise)
     prompts, cond = trainer.prompts.next_batch(2)
@@ -50,7 +50,7 @@ def global_advantage_case(env):
     """grpo.advantage: global normalises over both dp ranks' rewards, not each rank's own."""
     cfg = run_config("/tmp/unused", prompts_per_rank=2)
     cfg.grpo.advantage = "global"
-    trainer, dims = build_trainer(cfg, env, lambda dev: tiny_adapter(dev), PROMPTS, {"red": redness}, {"red": 1.0})
+    trainer, dims, _ = build_trainer(cfg, env, lambda dev: tiny_adapter(dev), PROMPTS, {"red": redness}, {"red": 1.0})
     check(dims.dp == 2, "expected dp=2")
     g = torch.Generator().manual_seed(100 + env.rank)
     rewards = {"red": torch.rand(8, generator=g) + 3.0 * env.rank}  # rank 1's rewards are much larger

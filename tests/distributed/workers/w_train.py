@@ -1,4 +1,4 @@
-"""Train the tiny toy DiT with run_distributed; rank 0 writes the per-iteration metrics to
+"""Train the tiny toy DiT with runner.run (the one loop); rank 0 writes the per-iteration metrics to
 OUT/metrics_<tag>.json and, at iteration DUMP_AT, the full model + optimizer state to OUT/full_<it>.pt.
 
 usage: w_train.py OUT_DIR NUM_ITERATIONS SAVE_EVERY RESUME PROMPTS_PER_RANK TAG [DUMP_AT]
@@ -13,7 +13,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from common import PROMPTS, redness, run_config, tiny_adapter
 from fastvideo_grpo.distributed.init import get_rank
-from fastvideo_grpo.distributed.launch import run_distributed
+from fastvideo_grpo.loop import Component
+from fastvideo_grpo.runner import PromptSets, run
 
 
 def full_state(trainer):
@@ -30,17 +31,21 @@ def main():
     cfg = run_config(out, num_iterations=int(iters), save_every=int(save_every),
                      resume=None if resume == "none" else resume, prompts_per_rank=int(per_rank))
 
-    def on_metrics(m, trainer):
-        if trainer.iteration == dump_at:
-            state = full_state(trainer)
-            if get_rank() == 0:
-                torch.save(state, f"{out}/full_{dump_at}.pt")
+    hist = []
 
-    hist = run_distributed(cfg, tiny_adapter, PROMPTS, reward_fns={"red": redness}, reward_weights={"red": 1.0},
-                           on_metrics=on_metrics)
+    class Record(Component):  # every rank: the rank-averaged metrics, and the full state at DUMP_AT
+        def on_iteration(self, state, it, m):
+            hist.append(dict(m))
+            if it == dump_at:
+                full = full_state(state.trainer)  # collective
+                if get_rank() == 0:
+                    torch.save(full, f"{out}/full_{dump_at}.pt")
+
+    run(cfg, tiny_adapter, PromptSets(PROMPTS), reward_fns={"red": redness}, reward_weights={"red": 1.0},
+        extra_components=lambda parts: [Record()])
     if get_rank() == 0:
         rows = [{k: v for k, v in m.items() if isinstance(v, (int, float)) and not k.startswith("time/")
-                 and k != "samples_per_s"} for m in hist]
+                 and "samples_per_s" not in k} for m in hist]
         with open(f"{out}/metrics_{tag}.json", "w") as f:
             json.dump(rows, f)
 

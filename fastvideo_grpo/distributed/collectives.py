@@ -1,40 +1,15 @@
-"""Distributed prompt sampling, per-rank seeding, and metric reduction across ranks.
+"""Small collectives of the training loop: metrics averaged over ranks, rewards gathered from ranks.
 
-``DistributedPromptSource`` has the interface of ``trainer.PromptSource`` (``next_batch(n)``,
-``state_dict`` / ``load_state_dict``). Every rank walks the same global shuffled order (same seed);
-each iteration the next ``n * dp_size`` prompts are taken and data-parallel rank r keeps the r-th
-contiguous run of n. A prompt is therefore given to exactly one dp rank, which generates its whole
-group of G samples (groups are never split, so group-relative advantages are computed locally),
-and all sequence-parallel ranks of one dp group get the same prompts. The state is the position
-in the global stream, so it does not depend on the world size: a checkpoint resumes on any number
-of ranks, and with dp_size = 1 the stream equals ``PromptSource``'s.
-
-Seeding: ``rank_seed(seed, dp_rank)`` gives every dp group its own noise / timestep generator while sp
-peers share one (they must compute the same rollout); dp rank 0 keeps ``seed`` itself, so a
-single-process run is unchanged.
+Both are no-ops in one process. On CUDA the process group also has a gloo backend for CPU tensors
+(distributed/init.py), so they run on CPU tensors whatever the device.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Dict
 
 import torch
 import torch.distributed as dist
-
-from ..models.base import Cond  # noqa: F401
-from ..trainer import PromptSource
-
-_SEED_STRIDE = 1_000_003  # a prime: seed s on rank r never collides with seed s' on rank 0 for small seeds
-
-
-def rank_seed(seed: int, dp_rank: int) -> int:
-    """Seed of data-parallel group ``dp_rank`` (sp peers of one group use the same)."""
-    return (int(seed) + _SEED_STRIDE * int(dp_rank)) % (2 ** 63)
-
-
-# The group-preserving sampler lives in trainer.py (a single process is dp_size = 1); this name is kept
-# for the distributed entry points.
-DistributedPromptSource = PromptSource
 
 
 def reduce_metrics(metrics: Dict[str, float], group=None, op: str = "mean") -> Dict[str, float]:

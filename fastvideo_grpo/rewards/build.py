@@ -1,0 +1,53 @@
+"""Reward functions from config: the training rewards (thresholded ones become binary) and the
+held-out evaluation rewards (``eval.rewards``, or the training rewards in their continuous form)."""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+from .. import grpo
+from .base import REWARDS, RewardFn
+
+
+def build_reward_fns(reward_cfgs) -> Tuple[Dict[str, RewardFn], Dict[str, float]]:
+    """Instantiate rewards from config; thresholded ones become binary (named '<name>_bin')."""
+    fns, weights = {}, {}
+    for rc in reward_cfgs:
+        fn = REWARDS.build(rc.name, **rc.kwargs)
+        key = rc.key or rc.name
+        if rc.threshold is not None:
+            fn = _thresholded(fn, rc.threshold)
+            key = rc.key or f"{rc.name}_bin"
+        if key in fns:
+            raise ValueError(f"reward {key!r} is listed twice in the config")
+        fns[key] = fn
+        weights[key] = rc.weight
+    return fns, weights
+
+
+def _thresholded(fn: RewardFn, threshold: float) -> RewardFn:
+    def binary_reward(images, prompts, **meta):
+        scores, info = fn(images, prompts, **meta)
+        return grpo.binarize(torch.as_tensor(scores, dtype=torch.float32), threshold), dict(info, raw=scores)
+
+    return binary_reward
+
+
+def build_eval_reward_fns(cfg, train_fns: Dict[str, RewardFn]) -> Dict[str, RewardFn]:
+    """``eval.rewards`` when given; else the training rewards in continuous form (thresholds dropped).
+    Without thresholded rewards these are the training instances themselves (no second model copy)."""
+    from ..config import RewardConfig
+
+    if cfg.eval.rewards:
+        return build_reward_fns(cfg.eval.rewards)[0]
+    plain = [RewardConfig(name=rc.name, key=rc.key or rc.name, weight=rc.weight, kwargs=rc.kwargs)
+             for rc in cfg.rewards if rc.threshold is not None]
+    if not plain:
+        return train_fns
+    fns = dict(train_fns)
+    for k in [k for k in fns if k.endswith("_bin")]:
+        del fns[k]
+    fns.update(build_reward_fns(plain)[0])
+    return fns
