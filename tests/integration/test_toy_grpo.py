@@ -163,6 +163,7 @@ def test_kl_coef_builds_a_frozen_reference_and_penalises_drift():
     ])
     ad = _adapter(3)
     start = [p.detach().clone() for p in ad.model.parameters()]
+    start_adapter = _adapter(3)  # the same initial weights, kept aside
 
     def brightness(images, prompts, **_):
         return images.mean(dim=(1, 2, 3)), {}
@@ -174,8 +175,41 @@ def test_kl_coef_builds_a_frozen_reference_and_penalises_drift():
     assert not any(p.requires_grad for p in ref.model.parameters())
     first = trainer.train_iteration()
     assert first["train/kl"] == 0.0  # one update per iteration: measured before the policy moved
-    second = trainer.train_iteration()
-    assert second["train/kl"] > 0
+    # the second iteration's KL, recomputed independently: the unfused SDE step's means of the policy as it
+    # was before that iteration's update and of the start, on the transitions that iteration trained on
+    import copy
+
+    from fastvideo_grpo import trainer as trainer_mod
+    from fastvideo_grpo.sde import flow_sde_step
+
+    policy_before = copy.deepcopy(ad)
+    seen = {}
+    original = trainer_mod.grpo_update
+
+    def spy(adapter, schedule, traj, *a, **k):
+        seen["traj"], seen["schedule"] = traj, schedule
+        return original(adapter, schedule, traj, *a, **k)
+
+    trainer_mod.grpo_update = spy
+    try:
+        second = trainer.train_iteration()
+    finally:
+        trainer_mod.grpo_update = original
+    traj, sch = seen["traj"], seen["schedule"]
+    kls = []
+    with torch.no_grad():
+        for k in range(traj.steps_BK.shape[1]):
+            idx = traj.steps_BK[:, k]
+            z, z_next = traj.latents_BK[:, k], traj.next_latents_BK[:, k]
+            t = sch.sigmas[idx].float() * 1000.0
+            s, s_next, e = sch.sigmas[idx], sch.sigmas[idx + 1], sch.eta[idx]
+            m_pol = flow_sde_step(policy_before.predict(z, t, traj.cond), z, s, s_next, e, prev_sample=z_next)[2]
+            m_ref = flow_sde_step(start_adapter.predict(z, t, traj.cond), z, s, s_next, e, prev_sample=z_next)[2]
+            std = e * (s - s_next).sqrt()
+            kl = ((m_pol - m_ref) ** 2).mean(dim=(1, 2, 3)) / (2 * std**2)
+            kls.append(kl.mean())
+    expected = float(torch.stack(kls).mean())
+    assert expected > 1e-9 and second["train/kl"] == pytest.approx(expected, rel=1e-4)
     # the reference stayed at the starting weights while the policy moved
     for p0, pr, p in zip(start, ref.model.parameters(), ad.model.parameters()):
         torch.testing.assert_close(pr, p0, rtol=0, atol=0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -110,10 +109,3 @@ def test_recipes_hold_the_paper_settings(name):
     assert cfg.data.manifest and cfg.model.kwargs.get("model_path")
     if "hunyuan_t2v" in name or "i2v" in name:
         assert cfg.model.kwargs["resolution"] == 480 and cfg.model.kwargs["num_frames"] == 53
-    # every key line in the YAML carries a comment saying what it is (units / per rank / paper value)
-    body = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    scalar_lines = [ln for ln in body if ln.strip().split(":", 1)[-1].strip() not in ("",) and
-                    not ln.lstrip().startswith("- ") and ln.startswith("  ")]
-    undocumented = [ln for ln in scalar_lines if "#" not in ln]
-    assert not undocumented, undocumented
-    assert math.isfinite(cfg.optim.lr)
