@@ -17,14 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from fastvideo_grpo.data import load_manifest, validate_manifest  # noqa: E402
 from fastvideo_grpo.data.prep import main as prep_main  # noqa: E402
-from fastvideo_grpo.data.tiny_models import build_tiny_components  # noqa: E402
+from support.tiny_encoders import build_tiny_components  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red circle", "two blue squares on the left", "the cat and the dog", "a photo of a star",

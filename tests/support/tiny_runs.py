@@ -59,7 +59,7 @@ def _hunyuan(in_channels):
 
 
 def _hunyuan_vae():
-    from fastvideo_grpo.data.tiny_models import tiny_hunyuan_vae
+    from support.tiny_encoders import tiny_hunyuan_vae
 
     return tiny_hunyuan_vae()
 
@@ -86,7 +86,7 @@ def tiny_components(name):
     if name == "hunyuan_i2v":
         return {"transformer": _hunyuan(8), "vae": _hunyuan_vae()}, dict(resolution=16, num_frames=5)
     if name == "wan":
-        from fastvideo_grpo.data.tiny_models import tiny_wan_vae
+        from support.tiny_encoders import tiny_wan_vae
 
         tr = diffusers.WanTransformer3DModel(
             patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,

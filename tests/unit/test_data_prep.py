@@ -17,8 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -27,7 +25,7 @@ from fastvideo_grpo.data import (PromptEmbeddingDataset, collate_prompt_embeddin
                                  load_manifest, read_prompts, validate_manifest)
 from fastvideo_grpo.data.encoders import HUNYUAN_PROMPT_TEMPLATE, FamilyEncoder, load_family_encoder  # noqa: E402
 from fastvideo_grpo.data.prep import main as prep_main  # noqa: E402
-from fastvideo_grpo.data.tiny_models import CLIP_DIMS, LLAMA_DIM, T5_DIM, build_tiny_components  # noqa: E402
+from support.tiny_encoders import CLIP_DIMS, LLAMA_DIM, T5_DIM, build_tiny_components  # noqa: E402
 
 PROMPTS = ["a red circle", "two blue squares on the left", "the cat and the dog", "a photo of a star",
            "three green triangles", "a big dark forest"]

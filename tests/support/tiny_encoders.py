@@ -1,4 +1,4 @@
-"""Tiny random-init text encoders / tokenizers / VAEs in a diffusers-format folder, for tests and CPU demos.
+"""Tiny random-init text encoders / tokenizers / VAEs in a diffusers-format folder, for the tests.
 
 ``build_tiny_family_folder(family, path)`` writes the subfolders ``load_family_encoder`` reads
 (``tokenizer*/``, ``text_encoder*/``, ``vae/``, ``image_encoder/`` + ``image_processor/``) with the
