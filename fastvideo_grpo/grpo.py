@@ -1,6 +1,6 @@
 """GRPO objective pieces: group advantages, reward aggregation, best-of-N, timestep subsets, PPO-clip.
 
-All follow ``shared/reference/METHOD.md`` section 3. Samples of one prompt group are laid out
+All follow ``docs/method.md`` section 3. Samples of one prompt group are laid out
 contiguously: a batch of B = num_groups * group_size samples, group g owning rows
 [g * group_size, (g + 1) * group_size).
 """
@@ -49,7 +49,7 @@ def aggregate_advantages(
 ) -> torch.Tensor:
     """Normalise each reward within its group, then take the weighted sum of advantages.
 
-    Rewards live on different scales, so they are never added raw (METHOD.md section 3).
+    Rewards live on different scales, so they are never added raw (docs/method.md section 3).
     ``normalise`` is "group" (GRPO) or "global" (DDPO-style, for ablations).
     """
     if not rewards:

@@ -1,7 +1,7 @@
 """The sampling math: stochastic (SDE) and deterministic (ODE) steps with Gaussian log-probs.
 
 Pure functions and two small schedule classes; no model code. Everything follows
-``shared/reference/METHOD.md`` sections 1-2.
+``docs/method.md`` sections 1-2.
 
 Contract of every step function (after ddpo-pytorch):
     ``step(model_output, sample, <schedule values>, eta, *, prev_sample=None, generator=None)``
@@ -97,7 +97,7 @@ def flow_sde_step(
     """One Euler-Maruyama step of the rectified-flow reverse SDE from ``sigma`` down to ``sigma_next``.
 
     model_output is the velocity u = eps - x. With x_hat = z - sigma * u and
-    score = -(z - (1 - sigma) x_hat) / sigma^2 (METHOD.md section 2):
+    score = -(z - (1 - sigma) x_hat) / sigma^2 (docs/method.md section 2):
         mean = z + (u - eta^2 / 2 * score) * (sigma_next - sigma)
         std  = eta * sqrt(sigma - sigma_next)
     """

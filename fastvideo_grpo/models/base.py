@@ -12,7 +12,7 @@ Conventions
 * Latents have a leading batch dim; video latents are (B, C, F, H, W).
 * ``predict`` returns the policy's output for the SDE step: a velocity for ``prediction_type ==
   "flow"``, an eps for ``"eps"``. For CFG-trained models it is already the CFG combination of the
-  conditional and unconditional branches, both differentiable (METHOD.md section 4).
+  conditional and unconditional branches, both differentiable (docs/method.md section 4).
 * ``decode`` returns float pixels in [0, 1]: (B, 3, H, W) for images, (B, F, 3, H, W) for videos.
 """
 

@@ -11,7 +11,7 @@ rest the same way for all of them:
   LoRA layers added when ``lora_rank > 0`` (see lora.py);
 * classifier-free guidance: with a CFG scale s > 1 the policy output is
   ``uncond + s * (cond - uncond)``, computed in ONE batched forward over [uncond; cond] so both
-  branches are differentiable and trained together (METHOD.md section 4). Negative conditioning
+  branches are differentiable and trained together (docs/method.md section 4). Negative conditioning
   comes in ``cond`` under the same names prefixed with ``negative_``;
 * ``cond_spec()`` / ``validate_cond()``: the expected conditioning names and trailing shapes.
 """

@@ -4,7 +4,7 @@ Latents are stored unpacked, (B, C, h, w) with h = 2 * (height // (2 * vae_scale
 packs them into 2x2 patches (B, h/2 * w/2, 4C) with img_ids (0, row, col) and txt_ids zeros, as
 diffusers' FluxPipeline does, and unpacks the predicted velocity. The transformer gets the
 timestep divided by 1000 and the guidance-distilled model its guidance scale as an input
-(embedded guidance, default 3.5); there is no CFG by default (METHOD.md section 4); set
+(embedded guidance, default 3.5); there is no CFG by default (docs/method.md section 4); set
 ``true_cfg_scale > 1`` with negative_* embeddings for true CFG.
 
 Sigmas: linspace(1, 0, T + 1) with the static shift 3 (DanceGRPO's FLUX recipe), where diffusers'

@@ -7,7 +7,7 @@ has in_channels = 2 * latent_channels and predicts the velocity of the C noisy c
 The image latent is the same for both CFG branches and is never noised.
 
 CFG is on by default (``true_cfg_scale`` 6.0, the SkyReels pipeline's default): the policy is the CFG
-combination with both branches trained (METHOD.md section 4); embedded guidance (``guidance_scale``)
+combination with both branches trained (docs/method.md section 4); embedded guidance (``guidance_scale``)
 defaults to 1.0 as in that pipeline.
 
 Not covered: the official HunyuanVideo-I2V checkpoint (``image_condition_type`` "latent_concat" /

@@ -4,7 +4,7 @@ Latents are (B, C, F', h, w) with F' = (num_frames - 1) // 4 + 1 and h = height 
 compression ratios are read from its config); T2I ("hunyuan_t2i") is the same model with
 num_frames = 1, i.e. one latent frame, and decodes to images (B, 3, H, W) instead of videos
 (B, F, 3, H, W). The guidance-distilled model gets guidance * 1000 as an input (embedded
-guidance, as diffusers' HunyuanVideoPipeline); no CFG by default (METHOD.md section 4), or
+guidance, as diffusers' HunyuanVideoPipeline); no CFG by default (docs/method.md section 4), or
 ``true_cfg_scale > 1`` with negative_* conditioning.
 
 Sigmas: linspace(1, 0, T + 1) with a static shift (default 5.0, DanceGRPO's HunyuanVideo recipe;

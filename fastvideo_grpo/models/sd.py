@@ -3,7 +3,7 @@
 The schedule's ``alphas_cumprod`` come from the folder's scheduler/scheduler_config.json (beta
 schedule, steps_offset, set_alpha_to_one) when present, else SD's scaled_linear default. CFG
 (default scale 5, as DanceGRPO's SD recipe) is used in rollout AND training: the policy output is
-``uncond + s * (cond - uncond)`` from one batched forward, both branches trained (METHOD.md 4).
+``uncond + s * (cond - uncond)`` from one batched forward, both branches trained (docs/method.md 4).
 cond: ``prompt_embeds`` (B, 77, cross_attention_dim) and ``negative_prompt_embeds`` (same shape).
 """
 

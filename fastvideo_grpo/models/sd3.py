@@ -1,7 +1,7 @@
 """Stable Diffusion 3 / 3.5: ``SD3Transformer2DModel`` + ``AutoencoderKL``, rectified flow with shift, CFG.
 
 Not a model of the DanceGRPO paper; added as the common flow-matching T2I baseline. CFG (default
-4.5) is applied in rollout and training with both branches trained, as for SD v1.4 (METHOD.md 4).
+4.5) is applied in rollout and training with both branches trained, as for SD v1.4 (docs/method.md 4).
 Sigmas: linspace(1, 0, T + 1) with the static shift 3.0 of SD3.5's scheduler config (diffusers'
 own schedule is linspace over timesteps 1000..1 with the same shift: equal up to the spacing).
 cond: ``prompt_embeds`` (B, L, joint_attention_dim) (CLIP-L/G + T5, L = 77 + 256 by default),

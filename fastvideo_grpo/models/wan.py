@@ -3,7 +3,7 @@
 Not a model of the DanceGRPO paper. Latents are (B, 16, F', h, w), F' = (num_frames - 1) // 4 + 1,
 h = height // 8, normalised per channel with the VAE's latents_mean / latents_std (undone in
 ``decode``). CFG (default 5.0, Wan's default) in rollout and training, both branches trained
-(METHOD.md 4). Sigmas: linspace(1, 0, T + 1) with a static shift (default 3.0, Wan's 480p value);
+(docs/method.md 4). Sigmas: linspace(1, 0, T + 1) with a static shift (default 3.0, Wan's 480p value);
 diffusers' WanPipeline samples with UniPC by default -- this is the Euler / SDE sampler instead.
 cond: ``prompt_embeds`` (B, L, text_dim) from UMT5 (L = 512 padded) and ``negative_prompt_embeds``.
 

@@ -105,3 +105,41 @@ def test_train_entry_point_is_a_thin_cli():
     assert len((PKG / "train.py").read_text().splitlines()) <= 200
     loops = [f.name for f in PKG.rglob("*.py") if "train_iteration()" in f.read_text()]
     assert loops == ["loop.py"], f"training iterations are driven outside the one loop: {loops}"
+
+
+LAYERS = [  # docs/architecture.md, "Who may import whom": a module imports only from its layer or below
+    ["registry", "dtypes", "io", "rng", "cuda_settings", "ops", "sde", "config", "toy.shapes"],
+    ["models", "rewards", "distributed"],
+    ["grpo", "rollout", "trainer", "evaluate", "data", "rewards.build"],
+    ["loop", "checkpoint", "metrics", "preflight", "runner", "toy"],
+    ["train", "evaluate_cli"],
+]
+
+
+def _layer(module: str) -> int:
+    """The layer of the longest LAYERS entry that ``module`` (relative to the package) starts with."""
+    rel = module.split(".", 1)[1] if "." in module else ""
+    best, layer = -1, -1
+    for i, names in enumerate(LAYERS):
+        for n in names:
+            if (rel == n or rel.startswith(n + ".")) and len(n) > best:
+                best, layer = len(n), i
+    return layer
+
+
+def test_modules_import_only_from_their_layer_or_below():
+    graph = _graph()
+    unplaced = sorted(m for m in graph if m != "fastvideo_grpo" and _layer(m) < 0)
+    assert not unplaced, f"modules missing from LAYERS (and docs/architecture.md): {unplaced}"
+    upward = [(m, n) for m, deps in graph.items() for n in deps
+              if n != "fastvideo_grpo" and _layer(m) >= 0 and _layer(n) > _layer(m)]
+    assert not upward, f"imports from a higher layer: {upward}"
+
+
+def test_no_reference_outside_the_repository():
+    """Docs and code point at docs/method.md, not at files a user's clone does not have."""
+    root = PKG.parent
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*") if p.suffix in (".py", ".md", ".yaml", ".sh")
+                 and ".venv" not in p.parts and p.is_file() and p.name != "test_layout.py"
+                 and ("shared/reference" in p.read_text(errors="ignore") or "METHOD.md" in p.read_text(errors="ignore"))]
+    assert not offenders, offenders
