@@ -1,47 +1,19 @@
 """Start-up checks, before anything heavy is loaded: the files a run needs exist.
 
-Every path in ``model.kwargs`` and the reward kwargs (by name: ``*_path``, ``checkpoint``, ``*_dir``,
-``*_file``), the model folder's subfolders, and the embeddings manifest with its shard files. A missing
-piece is one FileNotFoundError listing everything missing and what to do.
+``model.kwargs`` and every reward's kwargs are checked against what the adapter / reward accepts
+(unknown keys are a ValueError naming the accepted ones), the paths they declare at registration
+(``ADAPTERS.register(..., paths=...)``, registry.py) must exist, the adapter checks its model folder
+(``missing_model_files``: e.g. a diffusers folder's subfolders), and the embeddings manifest and its
+shard files must exist. Missing pieces are one FileNotFoundError listing all of them and what to do.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 from .config import RunConfig
-
-#: model.kwargs / reward kwargs whose names end like this are paths that must exist at start-up
-_PATH_SUFFIXES = ("_path", "checkpoint", "_dir", "_file")
-
-
-def _path_like_values(kwargs: Dict, where: str):
-    for k, v in (kwargs or {}).items():
-        if isinstance(v, str) and v and (k.endswith(_PATH_SUFFIXES) or k == "checkpoint"):
-            yield f"{where}.{k}", v
-
-
-def _missing_subfolders(factory, model_path: str) -> List[str]:
-    """Subfolders the adapter will load (``model_subfolder`` + ``vae``), read from the class the factory
-    returns (its return annotation): checked here so that nothing heavy is loaded before the message."""
-    import typing
-
-    try:
-        cls = typing.get_type_hints(factory).get("return")
-    except Exception:
-        return []
-    sub = getattr(cls, "model_subfolder", None)
-    if not isinstance(cls, type) or not sub or not getattr(cls, "vae_class", None):
-        return []
-    from .models.diffusers_base import require_subfolders
-
-    try:
-        require_subfolders(model_path, (sub, "vae"))
-    except (FileNotFoundError, ValueError) as e:
-        return [str(e)]
-    return []
-
 
 def preflight(cfg: RunConfig) -> dict:
     """Cheap start-up checks; raises FileNotFoundError / ValueError naming what is missing.
@@ -51,20 +23,23 @@ def preflight(cfg: RunConfig) -> dict:
     from .models import ADAPTERS
     from .rewards import REWARDS
 
-    factory = ADAPTERS.get(cfg.model.name)  # unknown adapter -> ValueError listing the known ones
     problems: List[str] = []
-    for where, path in _path_like_values(cfg.model.kwargs, "model.kwargs"):
-        if not Path(path).expanduser().exists():
-            problems.append(f"{where} = {path!r} does not exist (the model weights folder; download it first, "
-                            f"e.g. `huggingface-cli download <repo> --local-dir {path}`, see docs/recipes.md)")
-        elif where.endswith(".model_path"):
-            problems += _missing_subfolders(factory, path)
+    # unknown adapter or key -> ValueError listing the known ones
+    paths = ADAPTERS.check_kwargs(cfg.model.name, {k: v for k, v in cfg.model.kwargs.items() if k != "device"},
+                                  "model.kwargs")
+    missing_paths = [w for w, p in paths.items() if not Path(p).expanduser().exists()]
+    for where in missing_paths:
+        path = paths[where]
+        problems.append(f"{where} = {path!r} does not exist (the model weights folder; download it first, "
+                        f"e.g. `huggingface-cli download <repo> --local-dir {path}`, see docs/recipes.md)")
+    adapter_cls = ADAPTERS.signature_of(cfg.model.name)
+    if not missing_paths and inspect.isclass(adapter_cls):
+        problems += adapter_cls.missing_model_files(cfg.model.kwargs)
     reward_cfgs = list(cfg.rewards) + list(cfg.eval.rewards)
     for i, rc in enumerate(reward_cfgs):
-        REWARDS.get(rc.name)
         n = len(cfg.rewards)
         where = f"rewards[{i}] ({rc.key or rc.name})" if i < n else f"eval.rewards[{i - n}]"
-        for w, path in _path_like_values(rc.kwargs, where + ".kwargs"):
+        for w, path in REWARDS.check_kwargs(rc.name, rc.kwargs, where + ".kwargs").items():
             if not Path(path).expanduser().exists():
                 problems.append(f"{w} = {path!r} does not exist (reward model weights; see docs/rewards.md)")
     if not cfg.data.manifest:

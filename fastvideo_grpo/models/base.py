@@ -66,6 +66,12 @@ class PolicyAdapter(abc.ABC):
 
     # ---- optional hooks with sensible defaults
 
+    @classmethod
+    def missing_model_files(cls, kwargs) -> List[str]:
+        """Start-up check of the files the adapter will load from ``kwargs`` (its declared paths exist
+        already): one message per missing piece. Nothing is loaded."""
+        return []
+
     @property
     def device(self) -> torch.device:
         """Where the model computes and the rollout keeps its latents: the device given to

@@ -19,7 +19,6 @@ rest the same way for all of them:
 from __future__ import annotations
 
 import abc
-import inspect
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from .. import rng
+from ..registry import accepted_parameters
 from . import lora as lora_lib
 from .base import Cond, PolicyAdapter
 
@@ -84,16 +84,7 @@ def resolve_size(resolution, height, width, default: Tuple[int, int]) -> Tuple[i
 
 def build_adapter(cls, kwargs):
     """``cls(**kwargs)`` with a ValueError naming unknown keys (config typos) and the accepted ones."""
-    accepted = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None or klass is object:
-            continue
-        for p in inspect.signature(init).parameters.values():
-            if p.name != "self" and p.kind is not p.VAR_KEYWORD:
-                accepted.add(p.name)
-        if klass is DiffusersAdapter:
-            break
+    accepted = accepted_parameters(cls)
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
         raise ValueError(f"{cls.__name__} does not take {unknown} (check model.kwargs in the config); "
@@ -141,6 +132,15 @@ class DiffusersAdapter(PolicyAdapter):
         if device is not None:
             self.model.to(device)
             self.vae.to(device)
+
+    @classmethod
+    def missing_model_files(cls, kwargs) -> "list[str]":
+        """The subfolders this family loads (``model_subfolder`` and ``vae``), each with a config.json."""
+        try:
+            require_subfolders(kwargs.get("model_path"), (cls.model_subfolder, "vae"))
+        except (FileNotFoundError, ValueError) as e:
+            return [str(e)]
+        return []
 
     # ------------------------------------------------------------------ what subclasses provide
 

@@ -110,6 +110,6 @@ class FluxAdapter(DiffusersAdapter):
         return to_unit(self.vae.decode(z, return_dict=False)[0])
 
 
-@ADAPTERS.register("flux")
+@ADAPTERS.register("flux", paths=("model_path",), signature_of=FluxAdapter)
 def build_flux(**kwargs) -> FluxAdapter:
     return build_adapter(FluxAdapter, kwargs)

@@ -50,6 +50,6 @@ class HunyuanI2VAdapter(HunyuanVideoAdapter):
         return torch.cat([latents, torch.cat([img, pad], dim=2)], dim=1)
 
 
-@ADAPTERS.register("hunyuan_i2v")
+@ADAPTERS.register("hunyuan_i2v", paths=("model_path",), signature_of=HunyuanI2VAdapter)
 def build_hunyuan_i2v(**kwargs) -> HunyuanI2VAdapter:
     return build_adapter(HunyuanI2VAdapter, kwargs)

@@ -101,12 +101,12 @@ class HunyuanVideoAdapter(DiffusersAdapter):
         return video.permute(0, 2, 1, 3, 4).contiguous()
 
 
-@ADAPTERS.register("hunyuan_t2v")
+@ADAPTERS.register("hunyuan_t2v", paths=("model_path",), signature_of=HunyuanVideoAdapter)
 def build_hunyuan_t2v(**kwargs) -> HunyuanVideoAdapter:
     return build_adapter(HunyuanVideoAdapter, kwargs)
 
 
-@ADAPTERS.register("hunyuan_t2i")
+@ADAPTERS.register("hunyuan_t2i", paths=("model_path",), signature_of=HunyuanVideoAdapter)
 def build_hunyuan_t2i(**kwargs) -> HunyuanVideoAdapter:
     """HunyuanVideo-T2I: the video model with one latent frame (num_frames=1)."""
     kwargs.setdefault("num_frames", 1)

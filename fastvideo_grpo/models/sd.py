@@ -77,6 +77,6 @@ class StableDiffusionAdapter(DiffusersAdapter):
         return to_unit(self.vae.decode(z, return_dict=False)[0])
 
 
-@ADAPTERS.register("sd")
+@ADAPTERS.register("sd", paths=("model_path",), signature_of=StableDiffusionAdapter)
 def build_sd(**kwargs) -> StableDiffusionAdapter:
     return build_adapter(StableDiffusionAdapter, kwargs)

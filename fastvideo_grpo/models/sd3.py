@@ -55,6 +55,6 @@ class SD3Adapter(DiffusersAdapter):
         return to_unit(self.vae.decode(z, return_dict=False)[0])
 
 
-@ADAPTERS.register("sd3")
+@ADAPTERS.register("sd3", paths=("model_path",), signature_of=SD3Adapter)
 def build_sd3(**kwargs) -> SD3Adapter:
     return build_adapter(SD3Adapter, kwargs)

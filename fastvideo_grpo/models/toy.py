@@ -192,7 +192,7 @@ def load_toy_model(path) -> TinyDiT:
     return model
 
 
-@ADAPTERS.register("toy")
+@ADAPTERS.register("toy", paths=("checkpoint",))
 def build_toy(checkpoint: Optional[str] = None, shift: float = 1.0, device: str = "cpu",
               balance_grad: bool = False, **model_cfg) -> ToyAdapter:
     model = load_toy_model(checkpoint) if checkpoint else TinyDiT(TinyDiTConfig(**model_cfg))

@@ -111,11 +111,11 @@ class WanI2VAdapter(WanAdapter):
         return c.get("image_embeds")
 
 
-@ADAPTERS.register("wan")
+@ADAPTERS.register("wan", paths=("model_path",), signature_of=WanAdapter)
 def build_wan(**kwargs) -> WanAdapter:
     return build_adapter(WanAdapter, kwargs)
 
 
-@ADAPTERS.register("wan_i2v")
+@ADAPTERS.register("wan_i2v", paths=("model_path",), signature_of=WanI2VAdapter)
 def build_wan_i2v(**kwargs) -> WanI2VAdapter:
     return build_adapter(WanI2VAdapter, kwargs)

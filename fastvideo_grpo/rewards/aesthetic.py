@@ -50,7 +50,7 @@ def load_head(path: str) -> AestheticHead:
     return head.eval().requires_grad_(False)
 
 
-@REWARDS.register("aesthetic")
+@REWARDS.register("aesthetic", paths=("model_path", "head_path"))
 def aesthetic(model_path=None, head_path=None, device=None, dtype="float32", batch_size=32):
     from ._clip_utils import ClipScorer, to_frames
 

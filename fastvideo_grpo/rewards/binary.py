@@ -16,7 +16,7 @@ from .base import REWARDS, check_scores, validate_reward_inputs
 PAPER_THRESHOLDS = {"hps": 0.28, "clip_score": 0.39}
 
 
-@REWARDS.register("binary")
+@REWARDS.register("binary", wraps="reward")
 def binary(reward=None, threshold=None, **inner_config):
     if not reward or not isinstance(reward, str):
         raise ValueError("binary: set reward= to the registry name of the reward to threshold "

@@ -16,7 +16,7 @@ HINT = ("Download a CLIP checkpoint beforehand, e.g. `huggingface-cli download "
         "(config.json, model.safetensors, tokenizer.json/vocab.json+merges.txt, preprocessor_config.json).")
 
 
-@REWARDS.register("clip_score")
+@REWARDS.register("clip_score", paths=("model_path",))
 def clip_score(model_path=None, device=None, dtype="float32", batch_size=32, score_mode="cosine"):
     from ._clip_utils import ClipScorer
 

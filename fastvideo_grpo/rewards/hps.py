@@ -48,7 +48,7 @@ HINT = ("Get HPS_v2.1_compressed.pt from huggingface.co/xswu/HPSv2 and a CLIP to
         "--out <dir>` and pass model_path=<out dir>, or pass checkpoint= and tokenizer_path= directly.")
 
 
-@REWARDS.register("hps")
+@REWARDS.register("hps", paths=("model_path", "checkpoint", "tokenizer_path"))
 def hps(model_path=None, checkpoint=None, tokenizer_path=None, device=None, dtype="float32", batch_size=32,
         score_mode="cosine", vision_head_width=80, text_head_width=64, hidden_act="gelu"):
     """``model_path``: a converted transformers folder; or ``checkpoint`` (OpenCLIP .pt) + ``tokenizer_path``."""

@@ -17,7 +17,7 @@ HINT = ("Download `yuvalkirstain/PickScore_v1` (config.json, model.safetensors) 
         "`laion/CLIP-ViT-H-14-laion2B-s32B-b79K` into one folder and pass it as model_path.")
 
 
-@REWARDS.register("pickscore")
+@REWARDS.register("pickscore", paths=("model_path", "tokenizer_path"))
 def pickscore(model_path=None, device=None, dtype="float32", batch_size=32, score_mode="logit",
               tokenizer_path=None):
     from ._clip_utils import ClipScorer

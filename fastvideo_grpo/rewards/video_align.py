@@ -288,7 +288,7 @@ def load_head(path: str, key: str = "weight") -> torch.nn.Linear:
 _LOADED: dict = {}
 
 
-@REWARDS.register("video_align")
+@REWARDS.register("video_align", paths=("model_path", "head_path"))
 def video_align(model_path=None, head_path=None, head_key="weight", device=None, dtype="bfloat16",
                 video_fps=8.0, sample_fps=2.0, max_frames=None, max_pixels=448 * 448, min_pixels=4 * 28 * 28,
                 prompt_template=None, pooling="special", normalize=False, norm_stats=None,
