@@ -28,7 +28,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -121,8 +121,11 @@ def set_rng_state(state: Dict) -> None:
 
 
 def save_checkpoint(root: Union[str, Path], step: int, model: nn.Module, optimizer=None,
-                    extra: Optional[Dict] = None, keep_last: int = 0) -> Path:
-    """Collective: write model / optimizer (DCP) + this rank's ``extra`` dict; returns the folder."""
+                    extra: Optional[Dict] = None) -> Path:
+    """Collective: write model / optimizer (DCP) + this rank's ``extra`` dict; returns the folder.
+
+    A failed write (a full disk) removes its partial ``step_N.tmp`` folder before re-raising, so that
+    it does not keep the disk full; ``latest`` still names the previous complete checkpoint."""
     import torch.distributed.checkpoint as dcp
 
     root = Path(root)
@@ -133,23 +136,42 @@ def save_checkpoint(root: Union[str, Path], step: int, model: nn.Module, optimiz
             shutil.rmtree(tmp)
         (tmp / "extra").mkdir(parents=True)
     _barrier()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(_state(model, optimizer), checkpoint_id=str(tmp))
-    blob = dict(extra or {}, rank=_rank(), world_size=_world(), rng=rng_state())
-    torch.save(blob, tmp / "extra" / f"rank_{_rank()}.pt")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(_state(model, optimizer), checkpoint_id=str(tmp))
+        blob = dict(extra or {}, rank=_rank(), world_size=_world(), rng=rng_state())
+        torch.save(blob, tmp / "extra" / f"rank_{_rank()}.pt")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _barrier()
     if _rank() == 0:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         atomic_write_text(root / LATEST, final.name + "\n")
-        if keep_last > 0:
-            done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-            for old in done[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def checkpoints_up_to(root: Union[str, Path], step: int) -> List[Path]:
+    """Complete checkpoint folders under ``root`` at or before ``step``, oldest first."""
+    root = Path(root)
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
+                  and (p / ".metadata").is_file() and int(p.name.split("_")[1]) <= step)
+
+
+def prune_checkpoints(own: Sequence[Path], keep_last: int) -> List[Path]:
+    """Delete all but the newest ``keep_last`` of ``own`` (0: keep all) on rank 0; returns what is kept.
+    Only the folders passed in are ever touched: another run's checkpoints in the same root are not."""
+    own = sorted(set(Path(p) for p in own), key=lambda p: p.name)
+    if keep_last <= 0 or len(own) <= keep_last:
+        return own
+    if _rank() == 0:
+        for old in own[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return own[-keep_last:]
 
 
 def load_checkpoint(path: Union[str, Path], model: nn.Module, optimizer=None) -> Dict:
@@ -178,11 +200,11 @@ def load_checkpoint(path: Union[str, Path], model: nn.Module, optimizer=None) ->
 # ----------------------------------------------------------------------------- the trainer
 
 
-def save_trainer_checkpoint(trainer, root: Union[str, Path], keep_last: int = 0) -> Path:
+def save_trainer_checkpoint(trainer, root: Union[str, Path]) -> Path:
     """Everything ``GRPOTrainer`` needs to continue bit-for-bit (collective): model and optimiser through
     DCP, ``trainer.state_dict()`` in this rank's extra file."""
     return save_checkpoint(root, trainer.iteration, trainer.adapter.trainable_module(), trainer.optimizer,
-                           trainer.state_dict(), keep_last=keep_last)
+                           trainer.state_dict())
 
 
 def load_trainer_checkpoint(trainer, path: Union[str, Path]) -> bool:

@@ -8,6 +8,7 @@ offending key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,7 @@ class TrainConfig:
     resume: Optional[str] = None  # checkpoint folder, "latest" (error if none) or "auto" (latest if any)
     keep_last_checkpoints: int = 0  # delete older checkpoints beyond this many; 0 = keep all
     export: bool = True  # write the trained weights to <output_dir>/export at the end (safetensors)
+    overwrite: bool = False  # start over in an output_dir that holds a run (deletes its outputs); else refused
 
 
 @dataclass
@@ -97,6 +99,7 @@ class ParallelConfig:
     reduce_dtype: str = "fp32"  # gradient reduce-scatter dtype on GPU
     cpu_offload: bool = False  # keep sharded params / grads / optimizer state in CPU memory
     reshard_after_forward: bool = True  # free gathered params after forward (ZeRO-3); False = ZeRO-2
+    timeout_s: float = 1800.0  # collective timeout: how long the other ranks wait for a stopped (not killed) rank
     fsdp_one_process: bool = False  # FSDP2 in a one-process torchrun too (bf16 compute over fp32 master weights, as on many GPUs)
 
 
@@ -174,8 +177,11 @@ class RunConfig:
             raise ValueError(f"grpo.best_of_n_k must be in [1, group_size // 2], got {g.best_of_n_k}")
         if self.sampling.num_steps < 1:
             raise ValueError("sampling.num_steps must be >= 1")
-        if self.sampling.eta < 0:
-            raise ValueError("sampling.eta must be >= 0")
+        if not math.isfinite(self.sampling.eta) or self.sampling.eta < 0:
+            raise ValueError(f"sampling.eta must be a finite number >= 0, got {self.sampling.eta}")
+        if self.sampling.eta_schedule is not None and not all(
+                math.isfinite(e) and e >= 0 for e in self.sampling.eta_schedule):
+            raise ValueError(f"sampling.eta_schedule entries must be finite and >= 0, got {self.sampling.eta_schedule}")
         if self.sampling.eta_schedule is not None and len(self.sampling.eta_schedule) != self.sampling.num_steps:
             raise ValueError("sampling.eta_schedule needs one entry per sampling step")
         if g.timestep_window is not None:
@@ -194,8 +200,19 @@ class RunConfig:
                                  f"{[lo, hi]} lets training pick; restrict the window to the steps with eta > 0")
         if not self.rewards:
             raise ValueError("at least one reward is required under 'rewards'")
-        if self.optim.lr <= 0:
-            raise ValueError("optim.lr must be > 0")
+        if not self.optim.lr > 0 or not math.isfinite(self.optim.lr):
+            raise ValueError(f"optim.lr must be a finite number > 0, got {self.optim.lr}")
+        if not self.optim.max_grad_norm > 0 or not math.isfinite(self.optim.max_grad_norm):
+            raise ValueError(
+                f"optim.max_grad_norm must be a finite number > 0, got {self.optim.max_grad_norm} (a negative norm "
+                "reverses every update and 0 freezes the weights; the paper uses 1.0)")
+        if not g.kl_coef >= 0:
+            raise ValueError(f"grpo.kl_coef must be >= 0 (0 = no KL term), got {g.kl_coef}")
+        if not self.parallel.timeout_s > 0:
+            raise ValueError(f"parallel.timeout_s must be > 0 seconds, got {self.parallel.timeout_s}")
+        if self.train.keep_last_checkpoints < 0:
+            raise ValueError(f"train.keep_last_checkpoints must be >= 0 (0 = keep all), got "
+                             f"{self.train.keep_last_checkpoints}")
         if self.train.autocast not in ("bf16", "none"):
             raise ValueError(
                 f"train.autocast must be 'bf16' or 'none', got {self.train.autocast!r} (fp16 would need a "
@@ -287,18 +304,27 @@ def to_dict(cfg) -> Dict[str, Any]:
 def _set_path(d: Dict[str, Any], dotted: str, value):
     keys = dotted.split(".")
     cur = d
-    for k in keys[:-1]:
+    for depth, k in enumerate(keys[:-1]):
         if k.isdigit() and isinstance(cur, list):
-            cur = cur[int(k)]
+            cur = cur[_list_index(cur, k, dotted, keys[:depth])]
             continue
         cur = cur.setdefault(k, {})
         if not isinstance(cur, (dict, list)):
             raise ValueError(f"override '{dotted}': '{k}' is not a section")
     last = keys[-1]
     if last.isdigit() and isinstance(cur, list):
-        cur[int(last)] = value
+        cur[_list_index(cur, last, dotted, keys[:-1])] = value
     else:
         cur[last] = value
+
+
+def _list_index(lst: list, key: str, dotted: str, parent) -> int:
+    i = int(key)
+    if i >= len(lst):
+        where = ".".join(parent)
+        raise ValueError(f"override '--{dotted}': {where} has {len(lst)} entr{'y' if len(lst) == 1 else 'ies'} "
+                         f"(indices 0..{len(lst) - 1}); set the whole list instead, e.g. --{where}='[...]'")
+    return i
 
 
 def parse_overrides(args: Sequence[str]) -> List[tuple]:
@@ -328,7 +354,14 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), cls=R
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file {p} not found")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"config file {p} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+        if loaded is None:
+            raise ValueError(f"config file {p} is empty; a recipe sets at least model: and rewards: (see configs/)")
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {p} must hold a mapping at top level")
         _merge(data, loaded)

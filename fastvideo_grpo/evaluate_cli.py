@@ -171,6 +171,13 @@ def main(argv=None) -> Dict:
     from .rewards.build import build_eval_reward_fns, build_reward_fns
 
     args, overrides = build_parser().parse_known_args(argv)
+    for flag, v in (("--samples-per-prompt", args.samples_per_prompt), ("--num-steps", args.num_steps),
+                    ("--batch-size", args.batch_size)):
+        if v is not None and v < 1:
+            raise ValueError(f"{flag} must be >= 1, got {v}")
+    for flag, v in (("--num-prompts", args.num_prompts), ("--grid-prompts", args.grid_prompts)):
+        if v < 0:
+            raise ValueError(f"{flag} must be >= 0 (0 = all / no grid), got {v}")
     specs = list(args.compare) if args.compare else list(args.checkpoints)
     if not specs:
         raise ValueError("give at least one checkpoint (or --compare A B); 'base' = the untrained model")

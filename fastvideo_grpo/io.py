@@ -1,6 +1,8 @@
 """Atomic file writes: write to a temporary file in the same folder, fsync, then rename.
 
-A crash mid-write leaves the previous file intact, never a truncated one.
+A crash mid-write leaves the previous file intact, never a truncated one. The file gets the mode an
+ordinary ``open(path, "w")`` would give (0666 minus the umask): the temporary file is created 0600,
+which would lock other users of a shared cluster filesystem out of the outputs.
 """
 
 from __future__ import annotations
@@ -23,10 +25,17 @@ def atomic_path(path):
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path, text: str) -> None:

@@ -317,17 +317,23 @@ class Logger(Component):
 
 
 class Checkpointer(Component):
-    """A DCP checkpoint (``checkpoint.save_trainer_checkpoint``) every ``every`` iterations and at the end
-    (also when the loop stops early), keeping the newest ``keep_last`` (0: all)."""
+    """A DCP checkpoint (``checkpoint.save_trainer_checkpoint``) every ``every`` iterations and at the end,
+    keeping the newest ``keep_last`` (0: all) of this run's own checkpoints: those it writes and, when
+    resumed, the ones up to the resumed step. Nothing else in the folder is ever deleted."""
 
     def __init__(self, root, every: int, keep_last: int = 0, resumed_at: Optional[int] = None):
+        from .checkpoint import checkpoints_up_to
+
         self.root, self.every, self.keep_last = Path(root), int(every), int(keep_last)
         self.last_saved = resumed_at if resumed_at is not None else -1
+        self.own = checkpoints_up_to(self.root, resumed_at) if resumed_at is not None else []
 
     def _save(self, state):
-        from .checkpoint import save_trainer_checkpoint
+        from .checkpoint import prune_checkpoints, save_trainer_checkpoint
 
-        state.last_checkpoint = str(save_trainer_checkpoint(state.trainer, self.root, keep_last=self.keep_last))
+        path = save_trainer_checkpoint(state.trainer, self.root)
+        state.last_checkpoint = str(path)
+        self.own = prune_checkpoints(self.own + [path], self.keep_last)
         self.last_saved = state.iteration
 
     def on_iteration(self, state, it, metrics):

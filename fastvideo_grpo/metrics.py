@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import warnings
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -49,8 +51,7 @@ class MetricsLogger:
             return
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self.history.append(row)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(self.path, json.dumps(row))
         for k, v in row.items():
             if isinstance(v, (int, float)) and k != "step":
                 if self._tb is not None:
@@ -69,11 +70,42 @@ def _plain(v):
     return v
 
 
+def append_line(path, line: str) -> None:
+    """Append ``line`` and a newline in one write; if the write fails part-way (a full disk), the file
+    is cut back to its previous length, so it only ever holds whole lines."""
+    data = (line + "\n").encode()
+    fd = os.open(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(f"short write to {path}: {written} of {len(data)} bytes")
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
 def read_jsonl(path) -> List[Dict]:
+    """The rows of a JSON-lines file. A cut-off last line (a crash mid-write by an older version, or a
+    full disk) is dropped with a warning naming the file; a damaged line elsewhere is a ValueError."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(i + 1, line) for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
+    rows = []
+    for n, (lineno, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n == len(lines) - 1:
+                warnings.warn(f"{path}: dropping the cut-off last line {lineno} ({e.msg}); the run continues from "
+                              f"the rows before it", stacklevel=2)
+                break
+            raise ValueError(f"{path} line {lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
+    return rows
 
 
 def moving_average(values: Sequence[float], window: int) -> List[float]:

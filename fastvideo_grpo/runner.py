@@ -4,7 +4,8 @@
 process) -> ParallelDims checked against the world size -> named mesh -> identical model init on every
 rank (``torch.manual_seed(train.seed)`` before ``build_adapter``) -> prompt sets -> parallelisation
 (AC -> SP -> FSDP2) -> ``GRPOTrainer`` (its AdamW over the sharded parameters) -> per-dp-rank seeding ->
-resume (``train.resume``) -> the output folder (config.yaml, metrics.jsonl trimmed on resume) -> the
+resume (``train.resume``) -> the output folder (one run at a time: a lock; a used folder only with
+``--resume`` / ``--overwrite``; config.yaml recorded once built; metrics.jsonl trimmed on resume) -> the
 standard components (NaN guard, evaluator, sample writer, logger, checkpointer, exporter) plus any the
 caller adds -> ``fit`` -> summary.json -> barrier + destroy_process_group.
 
@@ -21,8 +22,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from .config import RunConfig, save_config
-from .distributed.collectives import reduce_metrics
+from .config import RunConfig
+from .distributed.collectives import any_rank, reduce_metrics
 from .distributed.fsdp import parallelize
 from .distributed.init import DistEnv, init_distributed, shutdown
 from .distributed.parallel_dims import ParallelDims, parallel_dims_from_config
@@ -30,6 +31,7 @@ from .distributed.seeding import seed_rank_generators
 from .loop import (Checkpointer, Component, Evaluator, Exporter, Logger, NaNGuard, SampleWriter, fit,
                    prepare_metrics_file)
 from .models.base import PolicyAdapter
+from .run_folder import RunLock, check_fresh_start, check_resume_settings, clear_run, record_config
 
 
 @dataclass
@@ -90,14 +92,49 @@ def build_trainer(cfg: RunConfig, env: DistEnv, build_adapter: Callable[[torch.d
     return trainer, dims, sets
 
 
-def resume_trainer(trainer, resume, cfg: RunConfig, dims: ParallelDims, env: DistEnv) -> None:
-    """Load a DCP checkpoint into ``trainer``; on another world size, reseed the per-rank streams."""
-    from .checkpoint import load_trainer_checkpoint
+_MISMATCH = ("Missing key", "Unexpected key", "size mismatch", "shape mismatch", "does not match")
 
-    if not load_trainer_checkpoint(trainer, resume):
-        seed_rank_generators(trainer, cfg.train.seed, dims.dp_rank(env.rank), trainer.iteration)
-    if env.is_main:
-        print(f"resumed from {resume} at iteration {trainer.iteration}", flush=True)
+
+def resume_trainer(trainer, resume: Path, cfg: RunConfig, dims: ParallelDims, env: DistEnv) -> Path:
+    """Load a DCP checkpoint into ``trainer``; on another world size, reseed the per-rank streams.
+
+    A checkpoint that cannot be read (a truncated shard or extra file) is named with the error and the
+    previous checkpoint; with ``train.resume: auto`` the newest readable older one is used instead,
+    with a warning. A checkpoint of another model (LoRA toggled, another family) is a ValueError saying
+    so. Returns the checkpoint actually loaded."""
+    import warnings
+
+    from .checkpoint import checkpoints_up_to, load_trainer_checkpoint
+
+    step = int(resume.name.split("_")[1]) if resume.name.startswith("step_") else None
+    older = [p for p in reversed(checkpoints_up_to(resume.parent, step - 1))] if step is not None else []
+    candidates = [resume] + (older if cfg.train.resume == "auto" else [])
+    for i, path in enumerate(candidates):
+        error = None
+        try:
+            exact = load_trainer_checkpoint(trainer, path)
+        except Exception as e:  # noqa: BLE001 - every failure to read is reported below
+            error = e
+        if not any_rank(error is not None):
+            if not exact:
+                seed_rank_generators(trainer, cfg.train.seed, dims.dp_rank(env.rank), trainer.iteration)
+            if env.is_main:
+                print(f"resumed from {path} at iteration {trainer.iteration}", flush=True)
+            return path
+        what = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}" if error else "failed on another rank"
+        if error is not None and any(m in str(error) for m in _MISMATCH):
+            raise ValueError(f"checkpoint {path} does not match the model of this config ({what}); was it written "
+                             "with other model.kwargs (LoRA on/off, lora_rank, another model)? Resume with the run's "
+                             "own config.yaml, or start a fresh run") from error
+        if i + 1 < len(candidates):
+            warnings.warn(f"checkpoint {path} cannot be read ({what}); --resume auto falls back to "
+                          f"{candidates[i + 1]}", stacklevel=2)
+            continue
+        prev = older[0] if older and cfg.train.resume != "auto" else None
+        hint = (f"; the previous checkpoint is {prev}: resume from it with --resume {prev} (or --resume auto, "
+                "which falls back by itself)") if prev else "; no older readable checkpoint is left"
+        raise ValueError(f"checkpoint {path} cannot be read ({what}){hint}") from error
+    raise AssertionError("unreachable")
 
 
 def run(cfg: RunConfig, build_adapter: Callable[[torch.device], PolicyAdapter], prompts: Prompts, *,
@@ -109,7 +146,7 @@ def run(cfg: RunConfig, build_adapter: Callable[[torch.device], PolicyAdapter], 
     ``stop_after``: stop once this iteration is done, as a preempted job would (tests of resume).
     ``keep_eval_images``: the evaluator keeps the first and last evaluations' samples.
     """
-    env = init_distributed(cfg.train.device)
+    env = init_distributed(cfg.train.device, timeout_s=cfg.parallel.timeout_s)
     try:
         summary = _run(cfg, env, build_adapter, prompts, reward_fns, reward_weights, eval_fns, stop_after,
                        extra_components, keep_eval_images, on_built)
@@ -124,10 +161,6 @@ def run(cfg: RunConfig, build_adapter: Callable[[torch.device], PolicyAdapter], 
 def _run(cfg, env, build_adapter, prompts, reward_fns, reward_weights, eval_fns, stop_after, extra_components,
          keep_eval_images, on_built) -> Dict:
     from .checkpoint import resolve_resume
-    from .evaluate import distributed_evaluate, frames_for_grid
-    from .io import atomic_write_json
-    from .metrics import save_image_grid
-    from .rewards.build import build_eval_reward_fns, build_reward_fns
 
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -137,16 +170,36 @@ def _run(cfg, env, build_adapter, prompts, reward_fns, reward_weights, eval_fns,
     ckpt_root = out / "checkpoints"
     resume = resolve_resume(cfg.train.resume, ckpt_root)  # FileNotFoundError before the model is loaded
     main_rank = env.is_main
-    if main_rank:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    check_fresh_start(out, resuming=resume is not None, overwrite=cfg.train.overwrite)
+    if resume is not None:
+        check_resume_settings(cfg, out)
+    lock = RunLock(out, enabled=main_rank).acquire()
+    try:
+        return _run_locked(cfg, env, build_adapter, prompts, reward_fns, reward_weights, eval_fns, stop_after,
+                           extra_components, keep_eval_images, on_built, out, ckpt_root, resume)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg, env, build_adapter, prompts, reward_fns, reward_weights, eval_fns, stop_after,
+                extra_components, keep_eval_images, on_built, out, ckpt_root, resume) -> Dict:
+    from .evaluate import distributed_evaluate, frames_for_grid
+    from .io import atomic_write_json
+    from .metrics import save_image_grid
+    from .rewards.build import build_eval_reward_fns, build_reward_fns
+
+    main_rank = env.is_main
     if reward_fns is None:  # before the policy: missing reward weights fail fast
         reward_fns, reward_weights = build_reward_fns(cfg.rewards)
     if eval_fns is None:
         eval_fns = build_eval_reward_fns(cfg, reward_fns)
     trainer, dims, sets = build_trainer(cfg, env, build_adapter, prompts, reward_fns, reward_weights)
     if resume is not None:
-        resume_trainer(trainer, resume, cfg, dims, env)
+        resume = resume_trainer(trainer, resume, cfg, dims, env)
+    if main_rank:  # everything is built and loaded: only now does the folder change
+        if cfg.train.overwrite and resume is None:
+            clear_run(out)
+        record_config(cfg, out, resumed=resume is not None)
     adapter, dp_rank = trainer.adapter, dims.dp_rank(env.rank)
     prior_rows = prepare_metrics_file(out, trainer.iteration if resume is not None else None) if main_rank else []
 

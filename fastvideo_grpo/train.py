@@ -70,6 +70,9 @@ def build_parser(default_config: Optional[str] = None, description: Optional[str
                    help="checkpoint folder, 'latest' (error when there is none) or 'auto' (latest if any); "
                         "sets train.resume")
     p.add_argument("--output-dir", default=None, help="sets train.output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output folder that holds a run (deletes its checkpoints, metrics, "
+                        "evaluations, export); sets train.overwrite")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (sets log.progress=false)")
     p.add_argument("--check", action="store_true",
                    help="only resolve the config and run the start-up checks (files present), then exit")
@@ -86,6 +89,8 @@ def parse_args(argv=None, default_config: Optional[str] = None, description: Opt
         overrides.append(f"--train.output_dir={args.output_dir}")
     if args.no_progress:
         overrides.append("--log.progress=false")
+    if args.overwrite:
+        overrides.append("--train.overwrite=true")
     cfg = load_config(args.config, overrides)
     return args, cfg
 

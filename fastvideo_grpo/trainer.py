@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -232,6 +233,18 @@ class GRPOTrainer:
         self.prompts.load_state_dict(state["prompts"])
         if restore_generator:
             self.generator.set_state(state["generator"])
+        self._apply_optim_config()
+
+    def _apply_optim_config(self) -> None:
+        """The optimiser settings of ``cfg.optim`` over those restored from a checkpoint: a resumed run
+        trains with the lr (and betas, eps, weight decay) its config says, as config.yaml records.
+        The schedule position (warm-up) continues."""
+        o = self.cfg.optim
+        self.lr_scheduler.base_lrs = [o.lr for _ in self.optimizer.param_groups]
+        factor = self.lr_scheduler.lr_lambdas[0](self.lr_scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=o.lr, lr=o.lr * factor, betas=tuple(o.betas), eps=o.eps,
+                         weight_decay=o.weight_decay)
 
     def train_iteration(self) -> Dict[str, float]:
         cfg, g = self.cfg, self.cfg.grpo
@@ -256,6 +269,12 @@ class GRPOTrainer:
         else:
             rewards_train = rewards
         adv = self.advantages(rewards_train, group)
+        # groups whose samples all got the same rewards have zero advantages: no learning signal from them
+        zero_groups = float((adv.detach().reshape(-1, group).abs().amax(dim=1) == 0).float().mean())
+        if zero_groups == 1.0:
+            warnings.warn(f"iteration {self.iteration + 1}: every group's samples got identical rewards, so every "
+                          "advantage is 0 and this iteration learns nothing; a reward that cannot tell the samples of "
+                          "a prompt apart (thresholded too high or low, saturated) gives no signal", stacklevel=2)
         stats = grpo_update(
             self.adapter, self.schedule, traj, adv, self.optimizer,
             clip_range=g.clip_range, adv_clip_max=g.adv_clip_max, num_updates=g.num_updates_per_iteration,
@@ -270,6 +289,7 @@ class GRPOTrainer:
         metrics.update(stats)
         metrics.update({
             "adv/mean": float(adv.mean()), "adv/std": float(adv.std(unbiased=False)), "adv/abs_max": float(adv.abs().max()),
+            "adv/zero_groups": zero_groups,
             "lr": self.optimizer.param_groups[0]["lr"],
             "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2,
             "samples_per_s": B / (t3 - t0),

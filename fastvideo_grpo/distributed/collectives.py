@@ -49,3 +49,14 @@ def all_gather_rewards(rewards: Dict[str, torch.Tensor], group=None) -> Dict[str
         dist.all_gather(parts, v.contiguous(), group=group)
         out[k] = torch.cat(parts).cpu()
     return out
+
+
+def any_rank(flag: bool, group=None) -> bool:
+    """True on every rank when ``flag`` is True on any rank (collective; no-op in one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0])  # a CPU tensor: gloo, or the gloo half of cuda:nccl,cpu:gloo
+    if dist.get_backend(group) == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item() > 0)

@@ -64,7 +64,7 @@ def test_toy_trainer_golden():
         "--model.name=toy", "--sampling.num_steps=6", "--sampling.eta=0.7", "--grpo.group_size=4",
         "--grpo.prompts_per_iteration=3", "--grpo.tau=0.6", "--grpo.num_updates_per_iteration=2",
         "--grpo.clip_range=1e-3", "--optim.lr=1e-3", "--train.seed=11",
-        "--rewards=[{name: toy_geneval}, {name: toy_geneval, threshold: 0.99}]",
+        "--rewards=[{name: toy_geneval}, {name: toy_geneval, threshold: 0.99}, {name: toy_colour_fidelity}]",
     ])
     torch.manual_seed(0)
     model = TinyDiT(TinyDiTConfig(image_size=16, patch_size=4, hidden=32, depth=2, heads=2))

@@ -109,3 +109,35 @@ def test_recipes_hold_the_paper_settings(name):
     assert cfg.data.manifest and cfg.model.kwargs.get("model_path")
     if "hunyuan_t2v" in name or "i2v" in name:
         assert cfg.model.kwargs["resolution"] == 480 and cfg.model.kwargs["num_frames"] == 53
+
+
+@pytest.mark.parametrize("override,match", [
+    ("--optim.max_grad_norm=-1", r"optim.max_grad_norm must be a finite number > 0.*reverses every update"),
+    ("--optim.max_grad_norm=0", r"optim.max_grad_norm must be a finite number > 0.*0 freezes the weights"),
+    ("--grpo.kl_coef=-0.1", r"grpo.kl_coef must be >= 0"),
+    ("--train.keep_last_checkpoints=-2", r"train.keep_last_checkpoints must be >= 0"),
+    ("--sampling.eta=.nan", r"sampling.eta must be a finite number >= 0"),
+    ("--sampling.eta=.inf", r"sampling.eta must be a finite number >= 0"),
+    ("--rewards.3.weight=0.5", r"override '--rewards.3.weight': rewards has 1 entry \(indices 0..0\)"),
+])
+def test_harmful_settings_are_refused(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, [override])
+
+
+def test_empty_and_broken_yaml_name_the_file_and_line(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here\n")
+    with pytest.raises(ValueError, match=r"empty.yaml is empty"):
+        load_config(str(empty))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  name: toy\ngrpo: {group_size: 4\n")
+    with pytest.raises(ValueError, match=r"broken.yaml is not valid YAML at line \d+, column \d+"):
+        load_config(str(broken))
+
+
+def test_evaluate_cli_refuses_bad_counts():
+    from fastvideo_grpo.evaluate_cli import main
+
+    with pytest.raises(ValueError, match="--samples-per-prompt must be >= 1"):
+        main(["base", "--samples-per-prompt", "-1"])

@@ -111,7 +111,7 @@ LAYERS = [  # docs/architecture.md, "Who may import whom": a module imports only
     ["registry", "dtypes", "io", "rng", "cuda_settings", "ops", "sde", "config", "toy.shapes"],
     ["models", "rewards", "distributed"],
     ["grpo", "rollout", "trainer", "evaluate", "data", "rewards.build"],
-    ["loop", "checkpoint", "metrics", "preflight", "runner", "toy"],
+    ["loop", "checkpoint", "metrics", "preflight", "runner", "run_folder", "toy"],
     ["train", "evaluate_cli"],
 ]
 
