@@ -112,6 +112,7 @@ class DataConfig:
     eval_fraction: float = 0.0  # share of `manifest` prompts held out for evaluation (by hash), in [0, 1)
     split_salt: str = ""  # salt of the prompt hash that decides the split (change it for another split)
     verify_hashes: bool = False  # sha256 every shard at start-up (reads every byte; slow for big sets)
+    verify_on_read: bool = True  # sha256 of each shard when a process first reads it (~1 s per GB, once)
     dedupe: bool = False  # drop repeated prompts instead of failing
     max_open_shards: int = 4  # safetensors shards kept open per process (LRU)
 

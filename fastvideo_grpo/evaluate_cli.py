@@ -219,7 +219,8 @@ def main(argv=None) -> Dict:
             own_eval_set = bool(d.eval_manifest and args.split == "eval")
             src, split = (d.eval_manifest, "all") if own_eval_set else (manifest, args.split)
             ds = PromptEmbeddingDataset(src, split=split, eval_fraction=d.eval_fraction, split_salt=d.split_salt,
-                                        names=list(spec) if spec else None, expected=spec, dedupe=d.dedupe)
+                                        names=list(spec) if spec else None, expected=spec, dedupe=d.dedupe,
+                                        verify_on_read=d.verify_on_read)
             prompts = ds.prompts[: args.num_prompts] if args.num_prompts else ds.prompts
             if not prompts:
                 raise ValueError(f"the {args.split!r} split has no prompts (data.eval_fraction={d.eval_fraction}); "

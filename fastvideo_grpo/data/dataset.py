@@ -39,7 +39,7 @@ class PromptEmbeddingDataset(Dataset):
 
     def __init__(self, manifest, *, split: str = "all", eval_fraction: float = 0.0, split_salt: str = "",
                  include_negative: bool = True, names: Optional[Sequence[str]] = None, max_open_shards: int = 4,
-                 expected=None, verify_hashes: bool = False, dedupe: bool = False):
+                 expected=None, verify_hashes: bool = False, dedupe: bool = False, verify_on_read: bool = True):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if max_open_shards < 1:
@@ -58,6 +58,11 @@ class PromptEmbeddingDataset(Dataset):
         self.names = list(names) if names is not None else None
         self.max_open_shards = int(max_open_shards)
         self._open: "OrderedDict[str, object]" = OrderedDict()
+        # a shard whose bytes changed but whose header is intact would be read silently: its sha256 is
+        # checked the first time this process opens it (docs/data_prep.md gives the cost)
+        self.verify_on_read = bool(verify_on_read)
+        self._sha = {s["file"]: s.get("sha256") for s in m.get("shards", [])}
+        self._verified: set = set()
         self._negative: Optional[Dict[str, torch.Tensor]] = None
         neg = m["header"].get("negative")
         self.include_negative = bool(include_negative and neg)
@@ -85,6 +90,14 @@ class PromptEmbeddingDataset(Dataset):
         p = self.root / rel
         if not p.is_file():
             raise FileNotFoundError(f"shard {str(p)!r} is missing; rerun data_prep with the same arguments")
+        if self.verify_on_read and rel not in self._verified and self._sha.get(rel):
+            from .manifest import file_sha256
+
+            if file_sha256(p) != self._sha[rel]:
+                raise ValueError(f"shard {str(p)!r} changed since data_prep wrote it (its sha256 differs from the "
+                                 f"manifest's): rerun data_prep with the same arguments, or set "
+                                 f"data.verify_on_read: false to use it anyway")
+            self._verified.add(rel)
         try:
             f = safe_open(str(p), framework="pt")
         except Exception as e:

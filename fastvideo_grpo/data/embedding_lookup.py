@@ -34,7 +34,8 @@ def build_prompt_sets(cfg, adapter, manifest: Optional[dict], device):
     """(train prompts, held-out prompts, encode fn) from ``data.*``; validated against ``cond_spec()``."""
     spec = adapter.cond_spec() if hasattr(adapter, "cond_spec") else None
     names = list(spec) if spec is not None else None
-    common = dict(names=names, expected=spec, max_open_shards=cfg.data.max_open_shards, dedupe=cfg.data.dedupe)
+    common = dict(names=names, expected=spec, max_open_shards=cfg.data.max_open_shards, dedupe=cfg.data.dedupe,
+                  verify_on_read=cfg.data.verify_on_read)
     d = cfg.data
     if d.eval_manifest:
         train = PromptEmbeddingDataset(manifest, split="all", **common)

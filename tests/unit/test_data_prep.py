@@ -533,3 +533,20 @@ def test_sd_embeddings_feed_the_adapter(tiny, tmp_path):
     no_neg = PromptEmbeddingDataset(tmp_path / "out", include_negative=False)
     with pytest.raises(ValueError, match="negative_prompt_embeds is missing"):
         adapter.predict(z, torch.tensor([500, 500]), collate_prompt_embeddings([no_neg[0], no_neg[1]])["cond"])
+
+
+def test_changed_shard_bytes_are_caught_at_first_read(sd_run):
+    """Bytes changed inside a shard's data (header intact, so it still opens) are refused the first time a
+    process reads that shard, unless data.verify_on_read is off (then the changed values come back)."""
+    _, _, out, _ = sd_run
+    ds = PromptEmbeddingDataset(out, include_negative=False)
+    same = [i for i in range(len(ds)) if ds.records[i]["shard"] == ds.records[0]["shard"]]
+    clean = [ds[i]["cond"]["prompt_embeds"].clone() for i in same]
+    shard = out / ds.records[0]["shard"]
+    data = bytearray(shard.read_bytes())
+    data[-64:] = bytes(64)  # zero the end of the tensor data
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"changed since data_prep wrote it .*verify_on_read: false"):
+        PromptEmbeddingDataset(out, include_negative=False)[0]
+    unchecked = PromptEmbeddingDataset(out, include_negative=False, verify_on_read=False)
+    assert any(not torch.equal(unchecked[i]["cond"]["prompt_embeds"], c) for i, c in zip(same, clean))
