@@ -12,4 +12,4 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fastvideo_grpo.data.prep import main  # noqa: E402
 
 if __name__ == "__main__":
-    main(["--family", "wan"] + sys.argv[1:])
+    main(sys.argv[1:], family="wan")

@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastvideo_grpo.config import load_config  # noqa: E402
+from fastvideo_grpo.train import recipe_path  # noqa: E402
 from fastvideo_grpo.runner import PromptSets, run  # noqa: E402
 from fastvideo_grpo.toy.demo import toy_adapter_factory  # noqa: E402
 from fastvideo_grpo.toy.shapes import split_prompts  # noqa: E402
@@ -30,7 +31,8 @@ from fastvideo_grpo.toy.shapes import split_prompts  # noqa: E402
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/toy_cpu.yaml", help="YAML recipe")
+    parser.add_argument("--config", default=recipe_path("configs/toy_cpu.yaml"),
+                        help="YAML recipe (default: %(default)s, found from any working folder)")
     parser.add_argument("--resume", default=None, help="checkpoint folder, 'latest' or 'auto' (sets train.resume)")
     args, overrides = parser.parse_known_args(argv)
     if args.resume is not None:

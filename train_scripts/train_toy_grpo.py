@@ -17,12 +17,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastvideo_grpo.config import load_config  # noqa: E402
+from fastvideo_grpo.train import recipe_path  # noqa: E402
 from fastvideo_grpo.toy.demo import run_demo  # noqa: E402
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/toy_cpu.yaml", help="YAML recipe")
+    parser.add_argument("--config", default=recipe_path("configs/toy_cpu.yaml"),
+                        help="YAML recipe (default: %(default)s, found from any working folder)")
     parser.add_argument("--no-progress", action="store_true", help="disable progress bars")
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(args.config, overrides)

@@ -223,10 +223,15 @@ class PrepJob:
 # ----------------------------------------------------------------------------- CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(family: Optional[str] = None) -> argparse.ArgumentParser:
+    """The CLI; a per-family wrapper (data_prep/prep_<family>.py) passes its ``family``, which is then
+    neither asked for nor listed."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--family", required=True, choices=FAMILIES)
+    if family is None:
+        p.add_argument("--family", required=True, choices=FAMILIES)
+    else:
+        p.set_defaults(family=family)
     p.add_argument("--model-path", required=True, help="local diffusers-format model folder (see docs/data_prep.md)")
     p.add_argument("--prompts", required=True, help=".txt (one per line), .jsonl or .csv prompt file")
     p.add_argument("--out", required=True, help="output folder (manifest.json, shards/, negative.safetensors)")
@@ -265,9 +270,9 @@ def _dist_info():
     return rank, world, local
 
 
-def main(argv=None) -> dict:
+def main(argv=None, family: Optional[str] = None) -> dict:
     """CLI entry point; returns {"manifest": path or None (ranks > 0), "written": n, "skipped": n}."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(family).parse_args(argv)
     rank, world, local = _dist_info()
     dist = None
     if world > 1:
