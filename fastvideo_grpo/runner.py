@@ -95,6 +95,14 @@ def build_trainer(cfg: RunConfig, env: DistEnv, build_adapter: Callable[[torch.d
 _MISMATCH = ("Missing key", "Unexpected key", "size mismatch", "shape mismatch", "does not match")
 
 
+def _describe(error: BaseException) -> str:
+    """One line for a load error: DCP wraps the cause in a multi-line CheckpointException."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    cause = next((ln for ln in lines if any(m in ln for m in _MISMATCH)), None)
+    cause = cause or next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), None) or (lines or [""])[0]
+    return f"{type(error).__name__}: {cause[:300]}"
+
+
 def resume_trainer(trainer, resume: Path, cfg: RunConfig, dims: ParallelDims, env: DistEnv) -> Path:
     """Load a DCP checkpoint into ``trainer``; on another world size, reseed the per-rank streams.
 
@@ -103,6 +111,8 @@ def resume_trainer(trainer, resume: Path, cfg: RunConfig, dims: ParallelDims, en
     with a warning. A checkpoint of another model (LoRA toggled, another family) is a ValueError saying
     so. Returns the checkpoint actually loaded."""
     import warnings
+
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from .checkpoint import checkpoints_up_to, load_trainer_checkpoint
 
@@ -113,7 +123,7 @@ def resume_trainer(trainer, resume: Path, cfg: RunConfig, dims: ParallelDims, en
         error = None
         try:
             exact = load_trainer_checkpoint(trainer, path)
-        except Exception as e:  # noqa: BLE001 - every failure to read is reported below
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             error = e
         if not any_rank(error is not None):
             if not exact:
@@ -121,7 +131,7 @@ def resume_trainer(trainer, resume: Path, cfg: RunConfig, dims: ParallelDims, en
             if env.is_main:
                 print(f"resumed from {path} at iteration {trainer.iteration}", flush=True)
             return path
-        what = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}" if error else "failed on another rank"
+        what = _describe(error) if error is not None else "failed on another rank"
         if error is not None and any(m in str(error) for m in _MISMATCH):
             raise ValueError(f"checkpoint {path} does not match the model of this config ({what}); was it written "
                              "with other model.kwargs (LoRA on/off, lora_rank, another model)? Resume with the run's "

@@ -262,3 +262,16 @@ def test_kill_and_resume_through_a_real_model_script_is_bit_exact(tiny, tmp_path
     assert rows(b) == rows(a) and len(rows(a)) >= 2  # every logged float equal, the final eval row included
     wa, wb = (load_file(str(o / "export" / "diffusion_pytorch_model.safetensors")) for o in (a, b))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_with_another_model_is_a_clear_error(tiny, tmp_path):
+    """A checkpoint written with LoRA resumed without it (another state dict): a message, not a DCP traceback."""
+    pytest.importorskip("peft")
+    folder, kw, manifest = tiny("flux")
+    mod = train_script("train_flux_grpo")
+    out = tmp_path / "run"
+    base = ["--config", str(ROOT / "configs/flux_hps.yaml")] + run_overrides(folder, kw, manifest, out) + [
+        "--train.num_iterations=1", "--train.eval_every=0", "--train.sample_every=0"]
+    mod.main(base + ["--model.kwargs.lora_rank=4"])
+    with pytest.raises(ValueError, match=r"does not match the model of this config .*LoRA on/off"):
+        mod.main(base + ["--resume", "latest", "--train.num_iterations=2"])
