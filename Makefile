@@ -5,7 +5,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.fvg-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench ablations lint clean-venv gpu-check
+.PHONY: install demo test test-fast bench ablations lint clean-venv gpu-check plan
 
 $(STAMP): setup.py Makefile $(wildcard csrc/*)
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -35,6 +35,12 @@ bench: $(STAMP)
 # Python already has a CUDA torch, `python bench/gpu_check.py --out outputs/gpu_check.json` does the same.
 gpu-check: $(STAMP)
 	$(PY) bench/gpu_check.py --out outputs/gpu_check.json
+
+# Per-GPU memory, FLOPs and time of a recipe at real scale, planned on the CPU (docs/recipes.md).
+CONFIG ?= configs/flux_hps.yaml
+GPUS ?= 8
+plan: $(STAMP)
+	$(PY) -m fastvideo_grpo.plan --config $(CONFIG) --gpus $(GPUS)
 
 clean-venv:
 	rm -rf $(VENV)

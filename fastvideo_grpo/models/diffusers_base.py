@@ -64,6 +64,15 @@ def load_component(class_name: str, root: Path, subfolder: str, dtype: torch.dty
     return cls.from_pretrained(str(root), subfolder=subfolder, torch_dtype=dtype, local_files_only=True)
 
 
+def component_from_config(class_name: str, config: Dict) -> nn.Module:
+    """diffusers.<class_name>.from_config(config): the module without weights (config -> module, the step
+    loading does before reading weights). Built on the current default device (``torch.device("meta")``
+    for a module of any size in no time)."""
+    import diffusers
+
+    return getattr(diffusers, class_name).from_config(config)
+
+
 def resolve_size(resolution, height, width, default: Tuple[int, int]) -> Tuple[int, int]:
     """(height, width) from explicit height/width, else ``resolution`` (int or [h, w]), else default."""
     if resolution is not None:
@@ -111,14 +120,21 @@ class DiffusersAdapter(PolicyAdapter):
 
     def __init__(self, model_path, *, cfg_scale: float = 1.0, dtype="float32", device=None,
                  lora_rank: int = 0, lora_alpha: Optional[float] = None, lora_target_modules=None,
-                 lora_dropout: float = 0.0, gradient_checkpointing: bool = False):
+                 lora_dropout: float = 0.0, gradient_checkpointing: bool = False,
+                 components: Optional[Tuple[nn.Module, nn.Module]] = None):
+        """``components``: an already built (denoiser, VAE) pair instead of loading ``model_path`` -- the
+        planner builds them from architecture configs on the meta device (``modules_from_configs``)."""
         self.cfg_scale = float(cfg_scale)
         if self.cfg_scale < 1.0:
             raise ValueError(f"the CFG scale must be >= 1 (1 disables CFG), got {cfg_scale}")
         self.dtype = parse_dtype(dtype)
-        self.root = require_subfolders(model_path, (self.model_subfolder, "vae"))
-        self.model: nn.Module = load_component(self.model_class, self.root, self.model_subfolder, self.dtype)
-        self.vae: nn.Module = load_component(self.vae_class, self.root, "vae", self.dtype)
+        if components is None:
+            self.root = require_subfolders(model_path, (self.model_subfolder, "vae"))
+            self.model: nn.Module = load_component(self.model_class, self.root, self.model_subfolder, self.dtype)
+            self.vae: nn.Module = load_component(self.vae_class, self.root, "vae", self.dtype)
+        else:
+            self.root = None
+            self.model, self.vae = components
         self.vae.requires_grad_(False).eval()
         if gradient_checkpointing:
             self.model.enable_gradient_checkpointing()

@@ -35,8 +35,10 @@ class StableDiffusionAdapter(DiffusersAdapter):
         self._sched_cfg = self._read_scheduler_config()
 
     def _read_scheduler_config(self) -> dict:
-        path = self.root / "scheduler" / "scheduler_config.json"
-        cfg = json.loads(path.read_text()) if path.is_file() else {}
+        """The folder's scheduler config; SD v1.x's defaults when there is none (or no folder: built
+        from modules, as the planner does)."""
+        path = self.root / "scheduler" / "scheduler_config.json" if self.root is not None else None
+        cfg = json.loads(path.read_text()) if path is not None and path.is_file() else {}
         pred = cfg.get("prediction_type", "epsilon")
         if pred != "epsilon":
             raise ValueError(f"{path}: prediction_type {pred!r} is not supported (only eps-prediction SD v1.x)")

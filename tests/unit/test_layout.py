@@ -112,7 +112,7 @@ LAYERS = [  # docs/architecture.md, "Who may import whom": a module imports only
     ["models", "rewards", "distributed"],
     ["grpo", "rollout", "trainer", "evaluate", "data", "rewards.build"],
     ["loop", "checkpoint", "metrics", "preflight", "runner", "run_folder", "toy"],
-    ["train", "evaluate_cli"],
+    ["train", "evaluate_cli", "plan"],
 ]
 
 
