@@ -473,3 +473,58 @@ def test_cond_spec_shapes(folders):
     cond["pooled_prompt_embeds"] = torch.zeros(2, 9)
     with pytest.raises(ValueError, match="pooled_prompt_embeds"):
         adapter.validate_cond(cond)
+
+
+# ----------------------------------------------------------------------------- VAE memory (issue 23)
+
+
+VIDEO_FAMILIES = ["hunyuan_t2i", "hunyuan_t2v", "hunyuan_i2v", "wan", "wan_i2v"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_vae_tiling_and_slicing_are_on_by_default_for_the_video_vaes(folders, name):
+    adapter = _build(folders, name)
+    video = name in VIDEO_FAMILIES
+    assert (adapter.vae_tiling, adapter.vae_slicing) == (video, video)
+    assert (adapter.vae.use_tiling, adapter.vae.use_slicing) == (video, video)
+    off = _build(folders, name, vae_tiling=False, vae_slicing=False)
+    assert not off.vae.use_tiling and not off.vae.use_slicing
+    on = _build(folders, name, vae_tiling=True, vae_slicing=True)
+    assert on.vae.use_tiling and on.vae.use_slicing
+    assert on.decoder_modules() == [on.vae]
+
+
+# tiles small enough to cut the tiny models' 32 x 32 frames (diffusers' defaults: 256 px, stride 192)
+SMALL_TILES = dict(tile_sample_min_height=16, tile_sample_min_width=16, tile_sample_stride_height=8,
+                   tile_sample_stride_width=8)
+
+
+@pytest.mark.parametrize("name", ["hunyuan_t2v", "wan"])
+def test_vae_tile_sizes_reach_the_vae_and_slicing_keeps_pixels(folders, name):
+    """Tiled decoding (dict of ``enable_tiling`` arguments) really runs: the pixels move. How far they
+    move depends on tile size against the decoder's receptive field (global, through the mid-block
+    attention of HunyuanVideo's VAE): bench/vae_tiling.py measures it at diffusers' default tiles,
+    docs/performance.md states it. Sliced decoding is exactly the per-sample decode."""
+    plain = _build(folders, name, vae_tiling=False, vae_slicing=False)
+    tiled = _build(folders, name, vae_tiling=SMALL_TILES, vae_slicing=False)
+    assert (tiled.vae.tile_sample_min_height, tiled.vae.tile_sample_stride_width) == (16, 8)
+    z = plain.initial_noise(2, torch.Generator().manual_seed(21))
+    with torch.no_grad():
+        ref = plain.decode(z)
+        out = tiled.decode(z)
+        per_sample = torch.cat([plain.decode(z[i:i + 1]) for i in range(2)])
+        sliced = _build(folders, name, vae_tiling=False, vae_slicing=True).decode(z)
+    assert out.shape == ref.shape and out.min() >= 0 and out.max() <= 1
+    assert (out - ref).abs().max() > 1e-3  # tiling ran
+    assert torch.equal(sliced, per_sample)
+
+
+def test_vae_tiling_options_are_checked(folders):
+    with pytest.raises(ValueError, match="does not take"):
+        _build(folders, "hunyuan_t2v", vae_tiling={"tile_size": 3})
+    with pytest.raises(ValueError, match="accepted: nothing"):
+        _build(folders, "flux", vae_tiling={"tile_sample_min_height": 16})
+    with pytest.raises(ValueError, match="vae_tiling must be"):
+        _build(folders, "flux", vae_tiling="yes")
+    with pytest.raises(ValueError, match="vae_slicing must be"):
+        _build(folders, "flux", vae_slicing=1)
