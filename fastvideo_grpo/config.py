@@ -28,6 +28,11 @@ class SamplingConfig:
     eval_num_steps: int = 0  # ODE steps for evaluation; 0 = same as num_steps
     eta: float = 0.3  # noise level e_t of the SDE (paper: 0.3); a list gives a per-step schedule
     eta_schedule: Optional[List[float]] = None  # per-step eta; overrides eta when set
+    # Memory of the rollout / evaluation phases (docs/performance.md, "Memory at real sizes"). None of
+    # them changes a result: chunked runs are bit-identical to whole-batch runs on CPU.
+    rollout_batch_size: int = 0  # samples per denoiser forward in rollout and evaluation, per rank; 0 = whole batch
+    decode_batch_size: int = 0  # samples per VAE decode call, per rank; 0 = whole batch
+    offload_vae: bool = False  # keep the VAE in host memory between decodes (copied to the GPU for each decode)
 
 
 @dataclass
@@ -192,6 +197,10 @@ class RunConfig:
             if dead:
                 raise ValueError(f"sampling.eta_schedule is 0 at steps {dead}, which grpo.timestep_window "
                                  f"{[lo, hi]} lets training pick; restrict the window to the steps with eta > 0")
+        s = self.sampling
+        for name in ("rollout_batch_size", "decode_batch_size"):
+            if getattr(s, name) < 0:
+                raise ValueError(f"sampling.{name} must be >= 0 (0 = the whole batch), got {getattr(s, name)}")
         if not self.rewards:
             raise ValueError("at least one reward is required under 'rewards'")
         if self.optim.lr <= 0:

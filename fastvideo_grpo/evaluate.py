@@ -12,7 +12,7 @@ import torch
 
 from .models.base import Cond, PolicyAdapter
 from .rewards.base import RewardFn, compute_rewards
-from .rollout import sample_ode
+from .rollout import decode_latents, sample_ode
 
 
 @torch.no_grad()
@@ -28,10 +28,16 @@ def evaluate_policy(
     batch_size: int = 64,
     return_images: bool = False,
     autocast_dtype: Optional[torch.dtype] = None,
+    rollout_batch_size: int = 0,
+    decode_batch_size: int = 0,
+    offload_vae: bool = False,
 ) -> Dict:
     """Mean reward per reward name (and per-sample scores) over prompts x samples_per_prompt.
 
-    ``autocast_dtype``: the denoiser's autocast dtype on CUDA, as in training (``train.autocast``)."""
+    ``autocast_dtype``: the denoiser's autocast dtype on CUDA, as in training (``train.autocast``).
+    ``batch_size`` samples are encoded, sampled, decoded and scored together; within that batch the
+    denoiser runs ``rollout_batch_size`` samples per forward and the VAE ``decode_batch_size`` per call
+    (``rollout.sampling_memory(cfg.sampling)`` gives them from a config): the scores do not depend on them."""
     encode = encode or adapter.encode_prompts
     module = adapter.trainable_module()
     was_training = module.training
@@ -46,8 +52,9 @@ def evaluate_policy(
     for s in range(0, len(all_prompts), batch_size):
         batch = all_prompts[s:s + batch_size]
         cond = encode(batch)
-        z = sample_ode(adapter, schedule, cond, noise[s:s + batch_size], autocast_dtype=autocast_dtype)
-        img = adapter.decode(z)
+        z = sample_ode(adapter, schedule, cond, noise[s:s + batch_size], autocast_dtype=autocast_dtype,
+                       rollout_batch_size=rollout_batch_size)
+        img = decode_latents(adapter, z, decode_batch_size, offload_vae)
         r, info = compute_rewards(reward_fns, img, batch)
         for k, v in r.items():
             scores.setdefault(k, []).append(v)

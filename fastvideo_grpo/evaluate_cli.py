@@ -174,6 +174,7 @@ def main(argv=None) -> Dict:
     from .io import atomic_write_json, atomic_write_text
     from .metrics import save_image_grid
     from .train import EmbeddingLookup, build_eval_reward_fns, distributed_evaluate, frames_for_grid, preflight
+    from .rollout import sampling_memory
     from .trainer import build_reward_fns
 
     args, overrides = build_parser().parse_known_args(argv)
@@ -204,7 +205,7 @@ def main(argv=None) -> Dict:
     steps = args.num_steps or cfg.sampling.eval_num_steps or cfg.sampling.num_steps
     kw = dict(samples_per_prompt=spp, batch_size=args.batch_size or cfg.eval.batch_size,
               seed=cfg.eval.seed if args.seed is None else args.seed, dp_rank=0, dp_size=1,
-              autocast_dtype=autocast_dtype(cfg.train.autocast))
+              autocast_dtype=autocast_dtype(cfg.train.autocast), **sampling_memory(cfg.sampling))
 
     reward_fns = build_eval_reward_fns(cfg, build_reward_fns(cfg.rewards)[0] if not cfg.eval.rewards else {})
     rows: List[Dict] = []

@@ -266,7 +266,7 @@ def _dist_on() -> bool:
 def distributed_evaluate(adapter, prompts: Sequence[str], reward_fns: Dict, num_steps: int, encode: Callable, *,
                          samples_per_prompt: int, batch_size: int, seed: int, dp_rank: int, dp_size: int,
                          return_images: bool = False, max_frames: Optional[int] = 8,
-                         autocast_dtype: Optional[torch.dtype] = None) -> Dict:
+                         autocast_dtype: Optional[torch.dtype] = None, **memory) -> Dict:
     """ODE evaluation split over data-parallel ranks (collective on every rank, FSDP-safe).
 
     Prompts are cut into fixed batches of ``batch_size // samples_per_prompt`` prompts; batch j uses
@@ -274,7 +274,8 @@ def distributed_evaluate(adapter, prompts: Sequence[str], reward_fns: Dict, num_
     checkpoints. Batches go round-robin to dp ranks; every rank runs the same number of batches
     (padding with repeats that are dropped), then per-sample scores are gathered on all ranks.
     ``return_images``: also gather the samples as uint8 (videos cut to ``max_frames`` evenly spaced
-    frames first), returned as floats in [0, 1] under "images".
+    frames first), returned as floats in [0, 1] under "images". ``memory``: chunk sizes and VAE residency
+    (``rollout.sampling_memory``), passed to ``evaluate_policy``.
     """
     from .evaluate import evaluate_policy
 
@@ -288,7 +289,7 @@ def distributed_evaluate(adapter, prompts: Sequence[str], reward_fns: Dict, num_
         ev = evaluate_policy(adapter, batches[j if real else 0], reward_fns, num_steps, encode=encode,
                              samples_per_prompt=samples_per_prompt, seed=seed + (j if real else 0),
                              batch_size=per * samples_per_prompt, return_images=return_images,
-                             autocast_dtype=autocast_dtype)
+                             autocast_dtype=autocast_dtype, **memory)
         if real:
             local.append((j, ev["per_sample"], _compact(ev.get("images"), max_frames), ev["extras_mean"]))
     if _dist_on():
@@ -439,7 +440,8 @@ def _run(cfg: RunConfig, env, manifest, stop_after) -> Dict:
     held = held_prompts[: cfg.train.num_eval_prompts] if cfg.train.num_eval_prompts else list(held_prompts)
     grid_prompts = (held or list(train_prompts))[: cfg.eval.num_sample_prompts]
     ev_kw = dict(samples_per_prompt=cfg.eval.samples_per_prompt, batch_size=cfg.eval.batch_size,
-                 seed=cfg.eval.seed, dp_rank=dp_rank, dp_size=dims.dp, autocast_dtype=trainer.autocast_dtype)
+                 seed=cfg.eval.seed, dp_rank=dp_rank, dp_size=dims.dp, autocast_dtype=trainer.autocast_dtype,
+                 **trainer.memory)
     eval_rows: List[Dict] = [r for r in prior_rows if "eval/reward" in r]
 
     def do_eval(step: int):

@@ -21,6 +21,7 @@ from ..metrics import MetricsLogger, plot_reward_curves, save_image_grid
 from ..models.toy import ToyAdapter, save_toy_model
 from ..rewards import rules  # noqa: F401  (registers the toy rewards)
 from ..rewards.base import REWARDS
+from ..rollout import sampling_memory
 from ..trainer import GRPOTrainer, PromptSource, build_reward_fns
 from .pretrain import pretrained_toy_model
 from .shapes import split_prompts
@@ -66,7 +67,8 @@ def run_demo(cfg: RunConfig, progress: bool = True, cache_dir: str = "outputs/to
     eval_fns = _eval_reward_fns(cfg)
     eval_steps = cfg.sampling.eval_num_steps or cfg.sampling.num_steps
     held = held_prompts[: cfg.train.num_eval_prompts] if cfg.train.num_eval_prompts else held_prompts
-    eval_kw = dict(samples_per_prompt=int(cfg.extra.get("eval_samples_per_prompt", 2)), seed=cfg.train.seed + 10_000)
+    eval_kw = dict(samples_per_prompt=int(cfg.extra.get("eval_samples_per_prompt", 2)), seed=cfg.train.seed + 10_000,
+                   **sampling_memory(cfg.sampling))
 
     t_eval = time.perf_counter()
     before = evaluate_policy(adapter, held, eval_fns, eval_steps, return_images=write_images, **eval_kw)
