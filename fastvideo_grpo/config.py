@@ -33,6 +33,7 @@ class SamplingConfig:
     rollout_batch_size: int = 0  # samples per denoiser forward in rollout and evaluation, per rank; 0 = whole batch
     decode_batch_size: int = 0  # samples per VAE decode call, per rank; 0 = whole batch
     offload_vae: bool = False  # keep the VAE in host memory between decodes (copied to the GPU for each decode)
+    offload_rewards: bool = False  # default of rewards[*].offload: reward models in host memory between calls
 
 
 @dataclass
@@ -67,7 +68,9 @@ class RewardConfig:
     key: Optional[str] = None  # name in logs/advantages; lets one reward appear twice (e.g. VQ and MQ)
     weight: float = 1.0  # weight of this reward's normalised advantage in the sum
     threshold: Optional[float] = None  # set -> binary reward (r >= threshold)
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 0  # samples per call of the reward (the decoded batch is scored in chunks); 0 = whole batch
+    offload: Optional[bool] = None  # model in host memory between calls; None = sampling.offload_rewards
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # factory arguments (weights folder, dtype: bfloat16, ...)
 
 
 @dataclass
@@ -203,6 +206,12 @@ class RunConfig:
                 raise ValueError(f"sampling.{name} must be >= 0 (0 = the whole batch), got {getattr(s, name)}")
         if not self.rewards:
             raise ValueError("at least one reward is required under 'rewards'")
+        for where, rcs in (("rewards", self.rewards), ("eval.rewards", self.eval.rewards)):
+            for i, rc in enumerate(rcs):
+                if rc.batch_size < 0:
+                    raise ValueError(f"{where}[{i}].batch_size must be >= 0 (0 = the whole batch), got {rc.batch_size}")
+                if rc.offload is None:  # resolved here so that build_reward_fns sees one value per reward
+                    rc.offload = s.offload_rewards
         if self.optim.lr <= 0:
             raise ValueError("optim.lr must be > 0")
         if self.train.autocast not in ("bf16", "none"):

@@ -23,7 +23,7 @@ from .config import RunConfig
 from .cuda_settings import configure_attention
 from .dtypes import autocast_dtype
 from .models.base import Cond, PolicyAdapter, index_cond
-from .rewards.base import REWARDS, RewardFn, compute_rewards
+from .rewards.base import REWARDS, ConfiguredReward, RewardFn, compute_rewards
 from . import residency
 from .rollout import Trajectory, autocast_context, decode_latents, rollout, sampling_memory
 
@@ -32,10 +32,15 @@ from .rollout import Trajectory, autocast_context, decode_latents, rollout, samp
 
 
 def build_reward_fns(reward_cfgs) -> Tuple[Dict[str, RewardFn], Dict[str, float]]:
-    """Instantiate rewards from config; thresholded ones become binary (named '<name>_bin')."""
+    """Instantiate rewards from config; thresholded ones become binary (named '<name>_bin').
+
+    A reward with ``batch_size`` > 0 or ``offload`` scores through ``ConfiguredReward`` (chunks of
+    ``batch_size`` samples; models in host memory between calls)."""
     fns, weights = {}, {}
     for rc in reward_cfgs:
         fn = REWARDS.build(rc.name, **rc.kwargs)
+        if rc.batch_size or rc.offload:
+            fn = ConfiguredReward(fn, batch_size=rc.batch_size, offload=bool(rc.offload))
         key = rc.key or rc.name
         if rc.threshold is not None:
             fn = _thresholded(fn, rc.threshold)

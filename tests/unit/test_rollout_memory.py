@@ -1,4 +1,4 @@
-"""Memory options of the rollout and decode (issue 23): chunking and residency.
+"""Memory options of the rollout, decode and rewards (issue 23): chunking and residency.
 
 The sampler side of chunking is checked against the unchunked path bit for bit with an adapter whose
 denoiser and decoder are elementwise per sample (so any difference can only come from the chunking
@@ -18,9 +18,10 @@ from torch import nn
 from fastvideo_grpo import grpo, residency
 from fastvideo_grpo.config import load_config
 from fastvideo_grpo.models.base import PolicyAdapter
+from fastvideo_grpo.rewards.base import ConfiguredReward, compute_rewards, merge_infos, score_in_chunks
 from fastvideo_grpo.rollout import decode_latents, rollout, sample_ode
 from fastvideo_grpo.sde import FlowSchedule
-from fastvideo_grpo.trainer import grpo_update
+from fastvideo_grpo.trainer import build_reward_fns, grpo_update
 
 
 class Elementwise(PolicyAdapter):
@@ -211,9 +212,69 @@ def test_trainer_offloads_the_vae_and_passes_the_chunk_sizes(monkeypatch):
     assert math.isfinite(m["train/loss"]) and m["time/decode"] >= 0
 
 
+# ----------------------------------------------------------------------------- rewards
+
+
+def _reward_with_model(device="cpu"):
+    model = nn.Linear(3, 1).requires_grad_(False)
+    calls = []
+
+    def fn(images, prompts, **meta):
+        calls.append((images.shape[0], model.weight.device.type, meta.get("ids")))
+        s = images.flatten(2).mean(-1) @ torch.tensor([1.0, 2.0, 3.0])  # (B,)
+        return s, {"per_sample": s.clone(), "names": list(prompts), "mean": float(s.mean()), "tag": "x"}
+
+    fn.modules, fn.device = [model], torch.device(device)
+    return fn, calls
+
+
+def test_reward_chunks_give_the_whole_batch_scores_and_merged_infos():
+    fn, calls = _reward_with_model()
+    imgs = torch.rand(5, 3, 4, 4)
+    prompts = list("abcde")
+    ref, ref_info = fn(imgs, prompts)
+    got, info = score_in_chunks(fn, imgs, prompts, 2, ids=torch.arange(5))
+    assert [c[0] for c in calls[1:]] == [2, 2, 1]
+    assert [c[2].tolist() for c in calls[1:]] == [[0, 1], [2, 3], [4]]  # per-sample metadata cut along
+    assert torch.equal(got, ref)
+    assert torch.equal(info["per_sample"], ref_info["per_sample"]) and info["names"] == prompts
+    assert info["mean"] == pytest.approx(ref_info["mean"], abs=1e-6) and info["tag"] == ["x", "x", "x"]
+    assert merge_infos([{"a": 1}], [3]) == {"a": 1}
+
+
+def test_configured_reward_offloads_its_models_between_calls():
+    fn, calls = _reward_with_model(device="meta")  # computes on "meta" (a GPU stand-in), model on the host
+    host = _tensor_ids(fn.modules[0])
+    wrapped = ConfiguredReward(fn, batch_size=3, offload=True)
+    scores, _ = wrapped(torch.rand(4, 3, 2, 2), list("abcd"))
+    assert [c[:2] for c in calls] == [(3, "meta"), (1, "meta")]  # on the device while scoring
+    assert _tensor_ids(fn.modules[0]) == host and scores.shape == (4,)
+    kept = ConfiguredReward(fn, batch_size=0, offload=False)  # without offload: nothing moves
+    kept(torch.rand(2, 3, 2, 2), list("ab"))
+    assert calls[-1][:2] == (2, "cpu")
+
+
+def test_reward_config_batch_size_and_offload_reach_the_reward():
+    cfg = load_config(None, ["--rewards=[{name: toy_geneval, batch_size: 3}, {name: toy_colour_fidelity}]",
+                             "--sampling.offload_rewards=true"])
+    assert [rc.offload for rc in cfg.rewards] == [True, True]
+    fns, _ = build_reward_fns(cfg.rewards)
+    assert isinstance(fns["toy_geneval"], ConfiguredReward) and fns["toy_geneval"].batch_size == 3
+    imgs = torch.rand(5, 3, 32, 32)
+    prompts = ["two red circles"] * 5
+    plain, _ = build_reward_fns(load_config(None, ["--rewards=[{name: toy_geneval}]"]).rewards)
+    assert not isinstance(plain["toy_geneval"], ConfiguredReward)
+    a, _ = compute_rewards(fns, imgs, prompts)
+    b, _ = compute_rewards(plain, imgs, prompts)
+    assert torch.equal(a["toy_geneval"], b["toy_geneval"])
+    cfg = load_config(None, ["--rewards=[{name: toy_geneval, offload: false}]", "--sampling.offload_rewards=true"])
+    assert cfg.rewards[0].offload is False
+
+
 @pytest.mark.parametrize("override,match", [
     ("--sampling.rollout_batch_size=-1", "rollout_batch_size"),
     ("--sampling.decode_batch_size=-2", "decode_batch_size"),
+    ("--rewards=[{name: toy_geneval, batch_size: -1}]", r"rewards\[0\].batch_size"),
 ])
 def test_negative_chunk_sizes_are_value_errors(override, match):
     with pytest.raises(ValueError, match=match):
