@@ -206,7 +206,14 @@ def test_trainer_offloads_the_vae_and_passes_the_chunk_sizes(monkeypatch):
     fns = {"mean": lambda im, pr, **_: (im.flatten(1).mean(1), {})}
     tr = GRPOTrainer(cfg, ad, fns, {"mean": 1.0}, PromptSource(["a", "b", "c"], enc))
     assert offloaded == [[ad.vae]]  # at start
+    import fastvideo_grpo.trainer as trainer_mod
+
+    seen = []
+    real_update = trainer_mod.grpo_update
+    monkeypatch.setattr(trainer_mod, "grpo_update", lambda ad_, s_, traj, *a, **k: (
+        seen.append(traj.decoded), real_update(ad_, s_, traj, *a, **k))[1])
     m = tr.train_iteration()
+    assert seen == [None]  # the decoded pixels are freed before the update
     assert len(offloaded) == 2 and offloaded[1] == [ad.vae]  # and after the decode
     assert ad.predict_sizes[:3] == [3, 1, 3] and ad.decode_sizes == [1, 1, 1, 1]
     assert math.isfinite(m["train/loss"]) and m["time/decode"] >= 0
