@@ -28,8 +28,9 @@ class SamplingConfig:
     eval_num_steps: int = 0  # ODE steps for evaluation; 0 = same as num_steps
     eta: float = 0.3  # noise level e_t of the SDE (paper: 0.3); a list gives a per-step schedule
     eta_schedule: Optional[List[float]] = None  # per-step eta; overrides eta when set
-    # Memory of the rollout / evaluation phases (docs/performance.md, "Memory at real sizes"). None of
-    # them changes a result: chunked runs are bit-identical to whole-batch runs on CPU.
+    # Memory of the rollout / evaluation phases (docs/performance.md, "Memory at real sizes"). The noise is
+    # the same whatever the chunking; samples differ only by the kernels' batch-shape rounding (last bits).
+    # Set rollout_batch_size = grpo.micro_batch_size: re-scoring then sees the rollout's shapes (ratio 1).
     rollout_batch_size: int = 0  # samples per denoiser forward in rollout and evaluation, per rank; 0 = whole batch
     decode_batch_size: int = 0  # samples per VAE decode call, per rank; 0 = whole batch
     offload_vae: bool = False  # keep the VAE in host memory between decodes (copied to the GPU for each decode)

@@ -37,7 +37,8 @@ def evaluate_policy(
     ``autocast_dtype``: the denoiser's autocast dtype on CUDA, as in training (``train.autocast``).
     ``batch_size`` samples are encoded, sampled, decoded and scored together; within that batch the
     denoiser runs ``rollout_batch_size`` samples per forward and the VAE ``decode_batch_size`` per call
-    (``rollout.sampling_memory(cfg.sampling)`` gives them from a config): the scores do not depend on them."""
+    (``rollout.sampling_memory(cfg.sampling)`` gives them from a config): the scores depend on them only
+    through the kernels' batch-shape rounding."""
     encode = encode or adapter.encode_prompts
     module = adapter.trainable_module()
     was_training = module.training

@@ -9,9 +9,11 @@ sampling), so a trajectory costs 2 * K latents per sample instead of T + 1.
 Memory (docs/performance.md, "Memory at real sizes"): the batch is cut into chunks of
 ``rollout_batch_size`` samples for the denoiser forwards only; everything else of a step -- the SDE
 step, its noise draw, the kept transitions -- runs on the whole batch, so the noise each sample gets
-is the same whatever the chunk size and chunked runs are bit-identical to whole-batch runs wherever
-the denoiser's forward is batch-invariant (it is on CPU for every adapter; tested). ``decode_latents``
-decodes in chunks of ``decode_batch_size`` and can keep the VAE in host memory between decodes.
+is the same whatever the chunk size. The samples are then those of the whole-batch run up to the
+kernels' own batch-shape-dependent rounding (CPU: MKL GEMMs below 4 rows, oneDNN convolutions; last
+bits only, measured in docs/performance.md); the PPO ratio is exactly 1 when the training micro-batch
+equals the rollout chunk (same shapes). ``decode_latents`` decodes in chunks of ``decode_batch_size``
+and can keep the VAE in host memory between decodes.
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ def rollout(
 
     keep_steps_BK (int64, CPU) names, per sample, the steps whose transitions are stored.
     ``rollout_batch_size``: samples per denoiser forward (0 = all B); ``decode_batch_size`` /
-    ``offload_vae``: see ``decode_latents``. None of them changes the result.
+    ``offload_vae``: see ``decode_latents``. None of them changes the noise; the samples only by the
+    kernels' batch-shape rounding (module docstring).
     """
     num_prompts = len(prompts)
     B = num_prompts * group_size
@@ -152,7 +155,8 @@ def sample_ode(adapter: PolicyAdapter, schedule, cond: Cond, initial_latents: to
                autocast_dtype: Optional[torch.dtype] = None, rollout_batch_size: int = 0) -> torch.Tensor:
     """Deterministic (eta = 0) sampling from given initial latents; returns final latents.
 
-    ``rollout_batch_size``: samples per denoiser forward (0 = all); the result does not depend on it."""
+    ``rollout_batch_size``: samples per denoiser forward (0 = all); the result depends on it only through
+    the kernels' batch-shape rounding."""
     z = initial_latents
     for i in range(schedule.num_steps):
         t = schedule.model_timestep(i, z)
@@ -189,8 +193,8 @@ def predict_in_chunks(adapter: PolicyAdapter, z: torch.Tensor, t: torch.Tensor, 
 def decode_latents(adapter: PolicyAdapter, z: torch.Tensor, batch_size: int = 0, offload: bool = False) -> torch.Tensor:
     """``adapter.decode`` over ``batch_size`` samples at a time (0 = all at once), concatenated.
 
-    Decoding is per sample, so chunking does not change the pixels (VAE tiling does, slightly: it is an
-    adapter setting, ``vae_tiling``). ``offload``: the adapter's ``decoder_modules()`` (the VAE) live
+    Decoding is per sample, so chunking changes the pixels only by the kernels' batch-shape rounding
+    (VAE tiling changes them more: an adapter setting, ``vae_tiling``). ``offload``: the adapter's ``decoder_modules()`` (the VAE) live
     in host memory between decodes -- copied to the device for this call and dropped after it (the
     first call moves them to the host). Decoders that are already in host memory are copied to the
     device for the call either way."""

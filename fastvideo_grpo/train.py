@@ -245,7 +245,8 @@ def build_eval_reward_fns(cfg: RunConfig, train_fns: Dict):
 
     if cfg.eval.rewards:
         return build_reward_fns(cfg.eval.rewards)[0]
-    plain = [RewardConfig(name=rc.name, key=rc.key or rc.name, weight=rc.weight, kwargs=rc.kwargs)
+    plain = [RewardConfig(name=rc.name, key=rc.key or rc.name, weight=rc.weight, kwargs=rc.kwargs,
+                          batch_size=rc.batch_size, offload=rc.offload)
              for rc in cfg.rewards if rc.threshold is not None]
     if not plain:
         return train_fns  # no binary rewards: the same instances (no second copy of the reward models)

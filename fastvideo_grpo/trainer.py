@@ -18,13 +18,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from . import grpo
+from . import grpo, residency
 from .config import RunConfig
 from .cuda_settings import configure_attention
 from .dtypes import autocast_dtype
 from .models.base import Cond, PolicyAdapter, index_cond
 from .rewards.base import REWARDS, ConfiguredReward, RewardFn, compute_rewards
-from . import residency
 from .rollout import Trajectory, autocast_context, decode_latents, rollout, sampling_memory
 
 

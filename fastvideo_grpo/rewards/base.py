@@ -13,8 +13,8 @@ A reward backed by models exposes them as ``fn.modules`` (frozen ``nn.Module``s)
 as ``fn.device``, so that ``ConfiguredReward`` can keep them in host memory between calls.
 
 Memory (docs/performance.md): ``ConfiguredReward`` applies a reward config's ``batch_size`` (the
-decoded batch is scored ``batch_size`` samples per call; per-sample scores are concatenated, so they do
-not depend on it) and ``offload`` (models copied to the device for each call, in host memory between).
+decoded batch is scored ``batch_size`` samples per call; per-sample scores are concatenated, so they
+depend on it only through the reward model's batch-shape rounding) and ``offload`` (models copied to the device for each call, in host memory between).
 """
 
 from __future__ import annotations
