@@ -577,6 +577,7 @@ MEMORY = {
     "decode_bs1": (["--sampling.decode_batch_size=1"], _PLAIN_VAE),
     "vae_slicing": ([], {"vae_tiling": False, "vae_slicing": True}),
     "vae_tiling_slicing": ([], {"vae_tiling": _TILES, "vae_slicing": True}),
+    "image_recipe": (["--sampling.rollout_batch_size=2", "--sampling.decode_batch_size=4"], _PLAIN_VAE),  # FLUX's set
     "video_recipe": (["--sampling.rollout_batch_size=1", "--sampling.decode_batch_size=1",
                       "--sampling.offload_vae=true", "--sampling.offload_rewards=true"],
                      {"vae_tiling": _TILES, "vae_slicing": True}),
