@@ -19,8 +19,10 @@ runs) and the JSON file is rewritten after every check, so a run cut short keeps
   grpo_hunyuan        transformer at 720 px / a ~1.1B HunyuanVideo-like one at 480 x 480 x 17 frames:
                       bf16 autocast, FSDP2 over a one-GPU NCCL group (fp32 master weights), fused AdamW;
                       |ratio - 1| at the first micro-step (rollout at the full batch, training at the
-                      micro-batch), finite loss, seconds split into rollout / reward / training, samples/s,
-                      peak memory, overhead against the bare model work
+                      micro-batch; and rollout in chunks of the micro-batch, decode one sample at a time),
+                      finite loss, seconds split into rollout / decode / reward / training, samples/s, peak
+                      memory overall and per phase (torch.cuda.max_memory_allocated reset at each phase),
+                      overhead against the bare model work
   learning            20 iterations on a brightness reward (the same 1.1B FLUX-like model at 256 px):
                       the training reward's slope and the held-out reward (fixed prompts and noise,
                       before vs after) must rise
@@ -340,9 +342,19 @@ def _grpo_case(ctx, key):
     res = it.run_case(name, reps=1, device=str(ctx["device"]), fsdp=ctx.get("fsdp_ok", True), keep_trainer=True)
     trainer = res.pop("trainer")
     # the ratio at the first micro-step when the rollout batch equals the training micro-batch too
+    mb = trainer.cfg.grpo.micro_batch_size
     trainer.cfg.grpo.micro_batch_size = 0
     m = trainer.train_iteration()
     res["first_ratio_dev_microbatch_eq_rollout_batch"] = m["train/first_ratio_dev"]
+    # the memory settings of the video recipes: rollout in chunks of the training micro-batch, one sample per
+    # decode; same kernel shapes in rollout and re-scoring, so the ratio must be 1 again; peaks per phase
+    trainer.cfg.grpo.micro_batch_size = mb or 1
+    trainer.memory.update(rollout_batch_size=mb or 1, decode_batch_size=1)
+    it._PhaseClock.run(trainer)
+    m = it._PhaseClock.last_metrics
+    res["first_ratio_dev_rollout_chunk_eq_microbatch"] = m["train/first_ratio_dev"]
+    res["phase_peak_mem_mib_chunked"] = dict(it._PhaseClock.last_peaks, rollout_batch_size=mb or 1,
+                                             decode_batch_size=1)
     res["backend"] = ctx.get("backend")
     first = res["first_iteration"]
     res["ratio_within_1e-6"] = first["train/first_ratio_dev"] is not None and first["train/first_ratio_dev"] <= 1e-6

@@ -19,6 +19,12 @@ is pure overhead in the overall ratio). Peak memory is the subprocess's max RSS 
     python bench/iteration.py --json             # tiny + small FLUX / HunyuanVideo cases, ~3 min on 2 CPU cores
     python bench/iteration.py --json --quick     # tiny cases, 1 repetition (CI)
     python bench/iteration.py --json --knobs     # per-iteration time of the compute knobs on flux_small
+    python bench/iteration.py --json --memory    # the memory knobs on a video case: time and peak memory per phase
+    python bench/iteration.py --json --memory --quick --cases whole_batch,video_recipe   # (CI: tiny case)
+
+Peak memory per phase (rollout forwards, decode, reward, training) is reported as ``phase_peak_mem_mib``:
+``torch.cuda.max_memory_allocated`` reset at each phase's start on a GPU, the process's peak resident set
+reset the same way on a Linux CPU (/proc/self/clear_refs), which includes the weights and allocator caches.
 """
 
 from __future__ import annotations
@@ -65,6 +71,11 @@ CASES = {
                                 patch=2, text_dim=4096, pooled_dim=768, text_len=256, prompts=1, group=4,
                                 steps=16, tau=0.6, updates=2, micro_batch=2),
 }
+# the memory sweep's video case (``--memory``): activations large against the weights on a CPU -- 128 x 128
+# frames, 9 frames (3 latent frames), 8 videos per rank -- so that the chunk sizes show in the phases' peaks
+CASES["hunyuan_mem"] = dict(family="hunyuan_t2v", width=128, double=1, single=1, heads=2, head_dim=64,
+                            resolution=128, num_frames=9, prompts=2, group=4, steps=4, tau=0.5, updates=1,
+                            micro_batch=1)
 DEFAULT_CASES = ["flux_tiny", "hunyuan_tiny", "flux_small", "hunyuan_small"]
 QUICK_CASES = ["flux_tiny", "hunyuan_tiny"]
 
@@ -196,31 +207,81 @@ def clock() -> float:
 _WALL = False
 
 
+class _PhasePeak:
+    """Peak memory of one phase: ``torch.cuda.max_memory_allocated`` since the phase began on a GPU;
+    on the CPU the process's peak resident set since it began (Linux: writing 5 to /proc/self/clear_refs
+    resets VmHWM; None where that is not available). Both counters are reset per phase, so the largest
+    value seen over the run is kept here for the run's overall figure (``_peak_mem``)."""
+
+    overall_mib = 0.0
+
+    @staticmethod
+    def _read(device):
+        if torch.device(device).type == "cuda":
+            return torch.cuda.max_memory_allocated() / 2**20
+        try:
+            with open("/proc/self/status") as f:
+                line = next(l for l in f if l.startswith("VmHWM:"))
+            return int(line.split()[1]) / 1024.0
+        except (OSError, StopIteration, ValueError):
+            return None
+
+    @classmethod
+    def start(cls, device):
+        now = cls._read(device)
+        if now is not None:
+            cls.overall_mib = max(cls.overall_mib, now)
+        if torch.device(device).type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+    @classmethod
+    def stop(cls, device):
+        now = cls._read(device)
+        if now is not None:
+            cls.overall_mib = max(cls.overall_mib, now)
+        return now
+
+
 class _PhaseClock:
     """Times the phases of the real ``GRPOTrainer.train_iteration`` by wrapping the functions it calls
-    (``rollout``, ``compute_rewards``, ``grpo_update`` in fastvideo_grpo.trainer) with clocks."""
+    (``rollout``, ``decode_latents``, ``compute_rewards``, ``grpo_update`` in fastvideo_grpo.trainer)
+    with clocks, and records each phase's peak memory (``_PhasePeak``) in ``last_peaks``."""
+
+    PHASES = {"rollout": "rollout_forward", "decode_latents": "decode", "compute_rewards": "reward",
+              "grpo_update": "train"}
 
     @staticmethod
     def run(trainer) -> dict:
         import fastvideo_grpo.trainer as tr
 
-        spent = {"reward": 0.0, "train": 0.0}
-        originals = {"compute_rewards": tr.compute_rewards, "grpo_update": tr.grpo_update}
+        spent = {key: 0.0 for key in _PhaseClock.PHASES.values()}
+        peaks = {}
+        originals = {name: getattr(tr, name) for name in _PhaseClock.PHASES}
         dev = trainer.adapter.device
 
         def timed(key, fn):
             def wrapper(*a, **k):
                 _sync(dev)  # on a GPU, queued work is charged to the phase that queued it
+                _PhasePeak.start(dev)
                 t = clock()
                 try:
                     return fn(*a, **k)
                 finally:
                     _sync(dev)
                     spent[key] += clock() - t
+                    peak = _PhasePeak.stop(dev)
+                    if peak is not None:
+                        peaks[key] = max(peaks.get(key, 0.0), peak)
             return wrapper
 
-        tr.compute_rewards = timed("reward", originals["compute_rewards"])
-        tr.grpo_update = timed("train", originals["grpo_update"])
+        for name, key in _PhaseClock.PHASES.items():
+            setattr(tr, name, timed(key, originals[name]))
         try:
             _sync(dev)
             w0, c0 = time.perf_counter(), clock()
@@ -228,13 +289,16 @@ class _PhaseClock:
             _sync(dev)
             total, wall = clock() - c0, time.perf_counter() - w0
         finally:
-            tr.compute_rewards, tr.grpo_update = originals["compute_rewards"], originals["grpo_update"]
+            for name, fn in originals.items():
+                setattr(tr, name, fn)
         _PhaseClock.last_metrics = metrics
+        _PhaseClock.last_peaks = peaks
         # rollout = everything before the rewards (prompt batch, timestep subsets, sampling, decode)
-        return {"rollout": total - spent["reward"] - spent["train"], "reward": spent["reward"],
-                "train": spent["train"], "total": total, "wall_total": wall}
+        return {"rollout": total - spent["reward"] - spent["train"], "decode": spent["decode"],
+                "reward": spent["reward"], "train": spent["train"], "total": total, "wall_total": wall}
 
     last_metrics: dict = {}
+    last_peaks: dict = {}
 
 
 def _sync(device):
@@ -373,9 +437,12 @@ def make_trainer(case: dict, root: Path, overrides=(), adapter_kwargs=None, devi
 
 
 def _peak_mem(device) -> float:
+    """The run's peak: the largest per-phase peak seen (the phase counters are reset) or the counter now."""
     if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB -> MiB on Linux
+        now = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB -> MiB on Linux
+    return max(now, _PhasePeak.overall_mib)
 
 
 def run_case(name: str, reps: int, overrides=(), adapter_kwargs=None, device="cpu", compile_model=False,
@@ -419,8 +486,9 @@ def run_case(name: str, reps: int, overrides=(), adapter_kwargs=None, device="cp
         _PhaseClock.run(trainer)  # compiles the shapes the GRPO path uses too
         first = _PhaseClock.last_metrics
         compile_s = time.perf_counter() - tc
-    rows = {k: [] for k in ("it_rollout", "it_reward", "it_train", "it_total", "it_wall_total", "bare_rollout",
-                            "bare_decode", "bare_train", "bare_optim", "bare_wall_total")}
+    rows = {k: [] for k in ("it_rollout", "it_decode", "it_reward", "it_train", "it_total", "it_wall_total",
+                            "bare_rollout", "bare_decode", "bare_train", "bare_optim", "bare_wall_total")}
+    phase_peaks = {}
     for r in range(reps):
         order = ("iter", "bare") if r % 2 == 0 else ("bare", "iter")  # interleaved, alternating order
         for what in order:
@@ -429,6 +497,8 @@ def run_case(name: str, reps: int, overrides=(), adapter_kwargs=None, device="cp
                 first = first or _PhaseClock.last_metrics
                 for k, v in ph.items():
                     rows["it_" + k].append(v)
+                for k, v in _PhaseClock.last_peaks.items():
+                    phase_peaks[k] = max(phase_peaks.get(k, 0.0), v)
             else:
                 w0 = time.perf_counter()
                 tot, dec = bare_rollout(adapter, kw_roll, T, z, amp)
@@ -452,8 +522,8 @@ def run_case(name: str, reps: int, overrides=(), adapter_kwargs=None, device="cp
         "reps": reps,
         "first_iteration": {k: first.get(k) for k in ("train/first_ratio_dev", "train/loss", "train/grad_norm",
                                                       "train/clipfrac")},
-        "iteration_s": {"rollout": med["it_rollout"], "reward": med["it_reward"], "train": med["it_train"],
-                        "total": med["it_total"]},
+        "iteration_s": {"rollout": med["it_rollout"], "decode": med["it_decode"], "reward": med["it_reward"],
+                        "train": med["it_train"], "total": med["it_total"]},
         "bare_s": {"rollout": med["bare_rollout"], "decode": med["bare_decode"], "train": med["bare_train"],
                    "optim": med["bare_optim"], "total": bare_total},
         "overhead_ratio": {"rollout": med["it_rollout"] / med["bare_rollout"],
@@ -466,6 +536,8 @@ def run_case(name: str, reps: int, overrides=(), adapter_kwargs=None, device="cp
         "overhead_ratio_est": 1.0 + null / bare_total,
         "peak_mem_mib": _peak_mem(adapter.device),
         "peak_mem_kind": "cuda_max_allocated" if adapter.device.type == "cuda" else "cpu_max_rss_process",
+        # per phase of the GRPO iteration (rollout forwards, decode, reward, training): the peak while it ran
+        "phase_peak_mem_mib": phase_peaks,
     }
     if compile_model:
         out["compile_s"] = compile_s
@@ -495,12 +567,57 @@ KNOBS = {
 }
 
 
+# the memory sweep (``--memory``): name -> (overrides, adapter kwargs). Small VAE tiles (32 px, stride 24)
+# so that tiling cuts the case's 128-px frames the way diffusers' 256-px tiles cut 480-px ones.
+_TILES = {"tile_sample_min_height": 32, "tile_sample_min_width": 32, "tile_sample_stride_height": 24,
+          "tile_sample_stride_width": 24}
+_PLAIN_VAE = {"vae_tiling": False, "vae_slicing": False}
+MEMORY = {
+    "whole_batch": ([], _PLAIN_VAE),  # before issue 23: one denoiser batch, one VAE call
+    "rollout_bs4": (["--sampling.rollout_batch_size=4"], _PLAIN_VAE),
+    "rollout_bs1": (["--sampling.rollout_batch_size=1"], _PLAIN_VAE),  # = grpo.micro_batch_size: ratio exactly 1
+    "decode_bs1": (["--sampling.decode_batch_size=1"], _PLAIN_VAE),
+    "vae_slicing": ([], {"vae_tiling": False, "vae_slicing": True}),
+    "vae_tiling_slicing": ([], {"vae_tiling": _TILES, "vae_slicing": True}),
+    "image_recipe": (["--sampling.rollout_batch_size=2", "--sampling.decode_batch_size=4"], _PLAIN_VAE),  # FLUX's set
+    "video_recipe": (["--sampling.rollout_batch_size=1", "--sampling.decode_batch_size=1",
+                      "--sampling.offload_vae=true", "--sampling.offload_rewards=true"],
+                     {"vae_tiling": _TILES, "vae_slicing": True}),
+}
+
+
+def run_memory_setting(case_name: str, reps: int, overrides=(), adapter_kwargs=None, device="cpu") -> dict:
+    """GRPO iterations only (no bare loops): seconds and peak memory per phase, median / max over ``reps``
+    after one warm-up iteration; the largest |ratio - 1| at the first micro-step over them."""
+    case = CASES[case_name]
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, cfg = make_trainer(case, Path(tmp), overrides, adapter_kwargs, device)
+    _PhaseClock.run(trainer)  # warm-up
+    times, peaks, ratio_dev = {}, {}, 0.0
+    for _ in range(reps):
+        for k, v in _PhaseClock.run(trainer).items():
+            times.setdefault(k, []).append(v)
+        for k, v in _PhaseClock.last_peaks.items():
+            peaks[k] = max(peaks.get(k, 0.0), v)
+        ratio_dev = max(ratio_dev, _PhaseClock.last_metrics["train/first_ratio_dev"])
+    g = cfg.grpo
+    return {"case": case_name, "overrides": list(overrides), "adapter_kwargs": adapter_kwargs or {},
+            "batch": g.prompts_per_iteration * g.group_size, "micro_batch": g.micro_batch_size, "reps": reps,
+            "iteration_s": {k: statistics.median(v) for k, v in times.items()},
+            "phase_peak_mem_mib": peaks, "peak_mem_mib": _peak_mem(trainer.adapter.device),
+            "peak_mem_kind": "cuda_max_allocated" if trainer.adapter.device.type == "cuda" else "cpu_peak_rss",
+            "first_ratio_dev_max": ratio_dev, "clock": "wall" if _WALL else "cpu_process_time"}
+
+
 def _child(args) -> dict:
     global _WALL
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     _WALL = torch.device(args.device).type == "cuda"
     spec = json.loads(args.child)
+    if spec.get("memory"):
+        return run_memory_setting(spec["case"], spec["reps"], spec.get("overrides", ()), spec.get("adapter_kwargs"),
+                                  args.device)
     return run_case(spec["case"], spec["reps"], spec.get("overrides", ()), spec.get("adapter_kwargs"),
                     args.device, spec.get("compile", False))
 
@@ -520,6 +637,9 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="print one JSON line (the default output anyway)")
     ap.add_argument("--quick", action="store_true", help="tiny cases, 1 repetition (CI)")
     ap.add_argument("--knobs", action="store_true", help="time the compute knobs on flux_small instead")
+    ap.add_argument("--memory", action="store_true",
+                    help="the memory knobs (chunk sizes, VAE tiling / slicing, offload) on hunyuan_mem instead: "
+                         "seconds and peak memory per phase")
     ap.add_argument("--cases", default="", help="comma-separated case names (default: all, or tiny with --quick)")
     ap.add_argument("--reps", type=int, default=0, help="interleaved repetitions per case (default 5; 1 with --quick)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: the machine is shared)")
@@ -534,7 +654,16 @@ def main(argv=None):
     t0 = time.perf_counter()
     result = {"bench": "iteration", "device": args.device, "threads": args.threads, "torch": torch.__version__,
               "quick": args.quick, "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg()[0]}
-    if args.knobs:
+    if args.memory:
+        names = [n for n in MEMORY if not args.cases or n in args.cases.split(",")]
+        base = "hunyuan_tiny" if args.quick else "hunyuan_mem"
+        result["memory_case"] = base
+        result["memory"] = {}
+        for n in names:
+            ov, akw = MEMORY[n]
+            result["memory"][n] = _spawn({"case": base, "reps": reps, "overrides": ov, "adapter_kwargs": akw,
+                                          "memory": True}, args)
+    elif args.knobs:
         base = "flux_tiny" if args.quick else "flux_small"
         names = [n for n in KNOBS if not args.cases or n in args.cases.split(",")]
         knobs = {}

@@ -29,6 +29,13 @@ class SamplingConfig:
     eval_num_steps: int = 0  # ODE steps for evaluation; 0 = same as num_steps
     eta: float = 0.3  # noise level e_t of the SDE (paper: 0.3); a list gives a per-step schedule
     eta_schedule: Optional[List[float]] = None  # per-step eta; overrides eta when set
+    # Memory of the rollout / evaluation phases (docs/performance.md, "Memory at real sizes"). The noise is
+    # the same whatever the chunking; samples differ only by the kernels' batch-shape rounding (last bits).
+    # Set rollout_batch_size = grpo.micro_batch_size: re-scoring then sees the rollout's shapes (ratio 1).
+    rollout_batch_size: int = 0  # samples per denoiser forward in rollout and evaluation, per rank; 0 = whole batch
+    decode_batch_size: int = 0  # samples per VAE decode call, per rank; 0 = whole batch
+    offload_vae: bool = False  # keep the VAE in host memory between decodes (copied to the GPU for each decode)
+    offload_rewards: bool = False  # default of rewards[*].offload: reward models in host memory between calls
 
 
 @dataclass
@@ -63,7 +70,9 @@ class RewardConfig:
     key: Optional[str] = None  # name in logs/advantages; lets one reward appear twice (e.g. VQ and MQ)
     weight: float = 1.0  # weight of this reward's normalised advantage in the sum
     threshold: Optional[float] = None  # set -> binary reward (r >= threshold)
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 0  # samples per call of the reward (the decoded batch is scored in chunks); 0 = whole batch
+    offload: Optional[bool] = None  # model in host memory between calls; None = sampling.offload_rewards
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # factory arguments (weights folder, dtype: bfloat16, ...)
 
 
 @dataclass
@@ -199,8 +208,18 @@ class RunConfig:
             if dead:
                 raise ValueError(f"sampling.eta_schedule is 0 at steps {dead}, which grpo.timestep_window "
                                  f"{[lo, hi]} lets training pick; restrict the window to the steps with eta > 0")
+        s = self.sampling
+        for name in ("rollout_batch_size", "decode_batch_size"):
+            if getattr(s, name) < 0:
+                raise ValueError(f"sampling.{name} must be >= 0 (0 = the whole batch), got {getattr(s, name)}")
         if not self.rewards:
             raise ValueError("at least one reward is required under 'rewards'")
+        for where, rcs in (("rewards", self.rewards), ("eval.rewards", self.eval.rewards)):
+            for i, rc in enumerate(rcs):
+                if rc.batch_size < 0:
+                    raise ValueError(f"{where}[{i}].batch_size must be >= 0 (0 = the whole batch), got {rc.batch_size}")
+                if rc.offload is None:  # resolved here so that build_reward_fns sees one value per reward
+                    rc.offload = s.offload_rewards
         if not self.optim.lr > 0 or not math.isfinite(self.optim.lr):
             raise ValueError(f"optim.lr must be a finite number > 0, got {self.optim.lr}")
         if not self.optim.max_grad_norm > 0 or not math.isfinite(self.optim.max_grad_norm):

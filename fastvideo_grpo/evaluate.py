@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .models.base import Cond, PolicyAdapter
 from .rewards.base import RewardFn, compute_rewards
-from .rollout import sample_ode
+from .rollout import decode_latents, sample_ode
 
 
 @torch.no_grad()
@@ -32,10 +32,17 @@ def evaluate_policy(
     batch_size: int = 64,
     return_images: bool = False,
     autocast_dtype: Optional[torch.dtype] = None,
+    rollout_batch_size: int = 0,
+    decode_batch_size: int = 0,
+    offload_vae: bool = False,
 ) -> Dict:
     """Mean reward per reward name (and per-sample scores) over prompts x samples_per_prompt.
 
-    ``autocast_dtype``: the denoiser's autocast dtype on CUDA, as in training (``train.autocast``)."""
+    ``autocast_dtype``: the denoiser's autocast dtype on CUDA, as in training (``train.autocast``).
+    ``batch_size`` samples are encoded, sampled, decoded and scored together; within that batch the
+    denoiser runs ``rollout_batch_size`` samples per forward and the VAE ``decode_batch_size`` per call
+    (``rollout.sampling_memory(cfg.sampling)`` gives them from a config): the scores depend on them only
+    through the kernels' batch-shape rounding."""
     encode = encode or adapter.encode_prompts
     module = adapter.trainable_module()
     was_training = module.training
@@ -50,8 +57,9 @@ def evaluate_policy(
     for s in range(0, len(all_prompts), batch_size):
         batch = all_prompts[s:s + batch_size]
         cond = encode(batch)
-        z = sample_ode(adapter, schedule, cond, noise[s:s + batch_size], autocast_dtype=autocast_dtype)
-        img = adapter.decode(z)
+        z = sample_ode(adapter, schedule, cond, noise[s:s + batch_size], autocast_dtype=autocast_dtype,
+                       rollout_batch_size=rollout_batch_size)
+        img = decode_latents(adapter, z, decode_batch_size, offload_vae)
         r, info = compute_rewards(reward_fns, img, batch)
         for k, v in r.items():
             scores.setdefault(k, []).append(v)
@@ -82,7 +90,7 @@ def _dist_on() -> bool:
 def distributed_evaluate(adapter, prompts: Sequence[str], reward_fns: Dict, num_steps: int, encode: Callable, *,
                          samples_per_prompt: int, batch_size: int, seed: int, dp_rank: int, dp_size: int,
                          return_images: bool = False, max_frames: Optional[int] = 8,
-                         autocast_dtype: Optional[torch.dtype] = None) -> Dict:
+                         autocast_dtype: Optional[torch.dtype] = None, **memory) -> Dict:
     """ODE evaluation split over data-parallel ranks (collective on every rank, FSDP-safe).
 
     Prompts are cut into fixed batches of ``batch_size // samples_per_prompt`` prompts; batch j uses
@@ -90,7 +98,8 @@ def distributed_evaluate(adapter, prompts: Sequence[str], reward_fns: Dict, num_
     checkpoints. Batches go round-robin to dp ranks; every rank runs the same number of batches
     (padding with repeats that are dropped), then per-sample scores are gathered on all ranks.
     ``return_images``: also gather the samples as uint8 (videos cut to ``max_frames`` evenly spaced
-    frames first), returned as floats in [0, 1] under "images".
+    frames first), returned as floats in [0, 1] under "images". ``memory``: chunk sizes and VAE residency
+    (``rollout.sampling_memory``), passed to ``evaluate_policy``.
     """
     per = max(1, batch_size // samples_per_prompt)
     batches = [list(prompts[i:i + per]) for i in range(0, len(prompts), per)]
@@ -102,7 +111,7 @@ def distributed_evaluate(adapter, prompts: Sequence[str], reward_fns: Dict, num_
         ev = evaluate_policy(adapter, batches[j if real else 0], reward_fns, num_steps, encode=encode,
                              samples_per_prompt=samples_per_prompt, seed=seed + (j if real else 0),
                              batch_size=per * samples_per_prompt, return_images=return_images,
-                             autocast_dtype=autocast_dtype)
+                             autocast_dtype=autocast_dtype, **memory)
         if real:
             local.append((j, ev["per_sample"], _compact(ev.get("images"), max_frames), ev["extras_mean"]))
     if _dist_on():

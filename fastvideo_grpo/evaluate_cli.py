@@ -169,6 +169,7 @@ def main(argv=None) -> Dict:
     from .evaluate import distributed_evaluate, frames_for_grid
     from .preflight import preflight
     from .rewards.build import build_eval_reward_fns, build_reward_fns
+    from .rollout import sampling_memory
 
     args, overrides = build_parser().parse_known_args(argv)
     for flag, v in (("--samples-per-prompt", args.samples_per_prompt), ("--num-steps", args.num_steps),
@@ -205,7 +206,7 @@ def main(argv=None) -> Dict:
     steps = args.num_steps or cfg.sampling.eval_num_steps or cfg.sampling.num_steps
     kw = dict(samples_per_prompt=spp, batch_size=args.batch_size or cfg.eval.batch_size,
               seed=cfg.eval.seed if args.seed is None else args.seed, dp_rank=0, dp_size=1,
-              autocast_dtype=autocast_dtype(cfg.train.autocast))
+              autocast_dtype=autocast_dtype(cfg.train.autocast), **sampling_memory(cfg.sampling))
 
     reward_fns = build_eval_reward_fns(cfg, build_reward_fns(cfg.rewards)[0] if not cfg.eval.rewards else {})
     rows: List[Dict] = []

@@ -5,6 +5,15 @@ step will re-score (the per-sample subsets chosen by ``grpo.subsample_timesteps`
 sampling), so a trajectory costs 2 * K latents per sample instead of T + 1.
 
 ``sample_ode`` is the deterministic sampler used for evaluation.
+
+Memory (docs/performance.md, "Memory at real sizes"): the batch is cut into chunks of
+``rollout_batch_size`` samples for the denoiser forwards only; everything else of a step -- the SDE
+step, its noise draw, the kept transitions -- runs on the whole batch, so the noise each sample gets
+is the same whatever the chunk size. The samples are then those of the whole-batch run up to the
+kernels' own batch-shape-dependent rounding (CPU: MKL GEMMs below 4 rows, oneDNN convolutions; last
+bits only, measured in docs/performance.md); the PPO ratio is exactly 1 when the training micro-batch
+equals the rollout chunk (same shapes). ``decode_latents`` decodes in chunks of ``decode_batch_size``
+and can keep the VAE in host memory between decodes.
 """
 
 from __future__ import annotations
@@ -15,7 +24,8 @@ from typing import List, Optional
 
 import torch
 
-from .models.base import Cond, PolicyAdapter, index_cond
+from . import residency
+from .models.base import Cond, PolicyAdapter, index_cond, slice_cond
 
 
 @dataclass
@@ -78,10 +88,16 @@ def rollout(
     shared_noise: bool = True,
     decode: bool = True,
     autocast_dtype: Optional[torch.dtype] = None,
+    rollout_batch_size: int = 0,
+    decode_batch_size: int = 0,
+    offload_vae: bool = False,
 ) -> Trajectory:
     """Sample group_size trajectories for each of the P prompts with the SDE sampler.
 
     keep_steps_BK (int64, CPU) names, per sample, the steps whose transitions are stored.
+    ``rollout_batch_size``: samples per denoiser forward (0 = all B); ``decode_batch_size`` /
+    ``offload_vae``: see ``decode_latents``. None of them changes the noise; the samples only by the
+    kernels' batch-shape rounding (module docstring).
     """
     num_prompts = len(prompts)
     B = num_prompts * group_size
@@ -99,8 +115,8 @@ def rollout(
     kept_rows = _kept_rows_per_step(keep_cpu, schedule.num_steps, device)
     for i in range(schedule.num_steps):
         t = schedule.model_timestep(i, z)
-        with autocast_context(device, autocast_dtype):
-            out = adapter.predict(z, t, cond)
+        out = predict_in_chunks(adapter, z, t, cond, rollout_batch_size, autocast_dtype)
+        # the step (and its noise draw) on the whole batch: each sample's noise is independent of the chunking
         z_next, lp, _, _ = schedule.step(i, out, z, generator=generator, need_mean=False)
         z_next = z_next.to(z.dtype)
         b_dev, k_dev = kept_rows[i]
@@ -109,7 +125,7 @@ def rollout(
             kept_next[b_dev, k_dev] = z_next[b_dev]
             kept_lp[b_dev, k_dev] = lp[b_dev].to(torch.float32)
         z = z_next
-    decoded = adapter.decode(z) if decode else None
+    decoded = decode_latents(adapter, z, decode_batch_size, offload_vae) if decode else None
     return Trajectory(
         prompts=[p for p in prompts for _ in range(group_size)],
         cond=cond,
@@ -136,15 +152,60 @@ def _kept_rows_per_step(keep_BK: torch.Tensor, num_steps: int, device):
 
 @torch.no_grad()
 def sample_ode(adapter: PolicyAdapter, schedule, cond: Cond, initial_latents: torch.Tensor,
-               autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Deterministic (eta = 0) sampling from given initial latents; returns final latents."""
+               autocast_dtype: Optional[torch.dtype] = None, rollout_batch_size: int = 0) -> torch.Tensor:
+    """Deterministic (eta = 0) sampling from given initial latents; returns final latents.
+
+    ``rollout_batch_size``: samples per denoiser forward (0 = all); the result depends on it only through
+    the kernels' batch-shape rounding."""
     z = initial_latents
     for i in range(schedule.num_steps):
         t = schedule.model_timestep(i, z)
-        with autocast_context(z.device, autocast_dtype):
-            out = adapter.predict(z, t, cond)
+        out = predict_in_chunks(adapter, z, t, cond, rollout_batch_size, autocast_dtype)
         z = schedule.step(i, out, z, eta=0.0, need_mean=False)[0].to(z.dtype)
     return z
+
+
+def sampling_memory(sampling_cfg) -> dict:
+    """The keyword arguments of ``rollout`` / ``evaluate_policy`` set by a ``config.SamplingConfig``:
+    samples per denoiser forward and per VAE decode, and where the VAE lives between decodes."""
+    return dict(rollout_batch_size=sampling_cfg.rollout_batch_size, decode_batch_size=sampling_cfg.decode_batch_size,
+                offload_vae=sampling_cfg.offload_vae)
+
+
+def predict_in_chunks(adapter: PolicyAdapter, z: torch.Tensor, t: torch.Tensor, cond: Cond, batch_size: int = 0,
+                      autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``adapter.predict(z, t, cond)`` run ``batch_size`` samples at a time (0 = all at once) and
+    concatenated. Chunks are views of the batch (no copies, no host-device sync); only one chunk's
+    activations are alive at a time, which is what bounds the rollout's memory."""
+    B = z.shape[0]
+    if not batch_size or batch_size >= B:
+        with autocast_context(z.device, autocast_dtype):
+            return adapter.predict(z, t, cond)
+    outs = []
+    for s in range(0, B, batch_size):
+        e = min(B, s + batch_size)
+        with autocast_context(z.device, autocast_dtype):
+            outs.append(adapter.predict(z[s:e], t[s:e], slice_cond(cond, s, e)))
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def decode_latents(adapter: PolicyAdapter, z: torch.Tensor, batch_size: int = 0, offload: bool = False) -> torch.Tensor:
+    """``adapter.decode`` over ``batch_size`` samples at a time (0 = all at once), concatenated.
+
+    Decoding is per sample, so chunking changes the pixels only by the kernels' batch-shape rounding
+    (VAE tiling changes them more: an adapter setting, ``vae_tiling``). ``offload``: the adapter's ``decoder_modules()`` (the VAE) live
+    in host memory between decodes -- copied to the device for this call and dropped after it (the
+    first call moves them to the host). Decoders that are already in host memory are copied to the
+    device for the call either way."""
+    modules = adapter.decoder_modules()
+    B = z.shape[0]
+    step = batch_size if batch_size and batch_size < B else B
+    with residency.on_device(modules, z.device):
+        out = torch.cat([adapter.decode(z[s:s + step]) for s in range(0, B, step)]) if step < B else adapter.decode(z)
+    if offload:
+        residency.to_host(modules, pin=z.device.type == "cuda")
+    return out
 
 
 def autocast_context(device, dtype):

@@ -219,7 +219,7 @@ def _run_locked(cfg, env, build_adapter, prompts, reward_fns, reward_weights, ev
     grid_prompts = (held or list(sets.train))[: cfg.eval.num_sample_prompts]
     ev_kw = dict(samples_per_prompt=cfg.eval.samples_per_prompt, batch_size=cfg.eval.batch_size,
                  seed=cfg.eval.seed, dp_rank=dp_rank, dp_size=dims.dp, autocast_dtype=trainer.autocast_dtype,
-                 max_frames=cfg.eval.max_frames_in_grid)
+                 max_frames=cfg.eval.max_frames_in_grid, **trainer.memory)
 
     def evaluate(images: bool) -> Dict:
         return distributed_evaluate(adapter, held, eval_fns, eval_steps, sets.encode, return_images=images,

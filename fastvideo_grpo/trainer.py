@@ -19,14 +19,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from . import grpo
+from . import grpo, residency
 from .config import RunConfig
 from .cuda_settings import configure_attention
 from .dtypes import autocast_dtype
 from .data.prompt_source import PromptSource
 from .models.base import PolicyAdapter, index_cond
 from .rewards.base import RewardFn, compute_rewards
-from .rollout import Trajectory, autocast_context, rollout
+from .rollout import Trajectory, autocast_context, decode_latents, rollout, sampling_memory
 
 
 # ----------------------------------------------------------------------------- the update
@@ -196,6 +196,10 @@ class GRPOTrainer:
         self.iteration = 0
         # autocast applies on CUDA only (rollout._autocast); CPU runs stay in the weights' dtype
         self.autocast_dtype = autocast_dtype(cfg.train.autocast)
+        # chunk sizes of the rollout and the decode, and where the VAE lives between decodes
+        self.memory = sampling_memory(cfg.sampling)
+        if cfg.sampling.offload_vae:
+            residency.to_host(adapter.decoder_modules(), pin=adapter.device.type == "cuda")
 
     def advantages(self, rewards: Dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
         """Weighted sum of per-reward advantages for this rank's samples.
@@ -254,10 +258,15 @@ class GRPOTrainer:
         window = tuple(g.timestep_window) if g.timestep_window else None
         keep = grpo.subsample_timesteps(self.schedule.num_steps, g.tau, B, self.generator, window)
         self.adapter.trainable_module().eval()
+        m = self.memory
         traj = rollout(self.adapter, self.schedule, prompts, cond, g.group_size, keep, self.generator,
-                       shared_noise=g.shared_noise, autocast_dtype=self.autocast_dtype)
+                       shared_noise=g.shared_noise, autocast_dtype=self.autocast_dtype, decode=False,
+                       rollout_batch_size=m["rollout_batch_size"])
+        t_dec = time.perf_counter()
+        traj.decoded = decode_latents(self.adapter, traj.final_latents, m["decode_batch_size"], m["offload_vae"])
         t1 = time.perf_counter()
         rewards, _ = compute_rewards(self.reward_fns, traj.decoded, traj.prompts)
+        traj.decoded = None  # the update does not need the pixels: free them (several GB for a video batch)
         t2 = time.perf_counter()
         group = g.group_size
         if g.best_of_n_k:
@@ -291,7 +300,7 @@ class GRPOTrainer:
             "adv/mean": float(adv.mean()), "adv/std": float(adv.std(unbiased=False)), "adv/abs_max": float(adv.abs().max()),
             "adv/zero_groups": zero_groups,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2,
+            "time/rollout": t1 - t0, "time/decode": t1 - t_dec, "time/reward": t2 - t1, "time/train": t3 - t2,
             "samples_per_s": B / (t3 - t0),
         })
         return metrics

@@ -38,6 +38,11 @@ def index_cond(cond: Cond, index: torch.Tensor) -> Cond:
     return out
 
 
+def slice_cond(cond: Cond, start: int, end: int) -> Cond:
+    """Rows ``start:end`` of every tensor in ``cond`` as views (no copy); None values pass through."""
+    return {k: v[start:end] if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
+
+
 class PolicyAdapter(abc.ABC):
     """One model family behind one small protocol."""
 
@@ -82,6 +87,11 @@ class PolicyAdapter(abc.ABC):
 
     def set_compute_device(self, device) -> None:
         self._compute_device = torch.device(device)
+
+    def decoder_modules(self) -> List[nn.Module]:
+        """The frozen modules only ``decode`` uses (the VAE), which ``sampling.offload_vae`` keeps in host
+        memory between decodes; [] = nothing to offload (e.g. a pixel-space model)."""
+        return []
 
     def encode_prompts(self, prompts) -> Cond:
         """Encode prompts on the fly (toy models). Big models read precomputed embeddings instead."""

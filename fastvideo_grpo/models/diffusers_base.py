@@ -13,14 +13,20 @@ rest the same way for all of them:
   ``uncond + s * (cond - uncond)``, computed in ONE batched forward over [uncond; cond] so both
   branches are differentiable and trained together (docs/method.md section 4). Negative conditioning
   comes in ``cond`` under the same names prefixed with ``negative_``;
-* ``cond_spec()`` / ``validate_cond()``: the expected conditioning names and trailing shapes.
+* ``cond_spec()`` / ``validate_cond()``: the expected conditioning names and trailing shapes;
+* VAE memory: ``vae_tiling`` / ``vae_slicing`` switch on diffusers' tiled decoding (overlapping
+  spatial tiles, blended: changes pixels slightly, docs/performance.md gives the measured size) and
+  sliced decoding (one sample per decoder call: same pixels). ``None`` = the family's default
+  (``default_vae_tiling`` / ``default_vae_slicing``: on for the video VAEs, off for the image VAEs);
+  ``vae_tiling`` may also be a dict of the VAE's ``enable_tiling`` arguments (tile sizes, strides).
 """
 
 from __future__ import annotations
 
 import abc
+import inspect
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -101,6 +107,31 @@ def build_adapter(cls, kwargs):
     return cls(**kwargs)
 
 
+def configure_vae_memory(vae, tiling: Union[bool, Dict], slicing: bool) -> Tuple[bool, bool]:
+    """Switch on diffusers' tiled (``tiling``: True or a dict of ``enable_tiling`` arguments) and sliced
+    decoding of ``vae``; returns (tiling on, slicing on). A VAE without the method is a ValueError."""
+    name = type(vae).__name__
+    if not isinstance(tiling, (bool, dict)):
+        raise ValueError(f"model.kwargs.vae_tiling must be true, false or a dict of tile sizes, got {tiling!r}")
+    if not isinstance(slicing, bool):
+        raise ValueError(f"model.kwargs.vae_slicing must be true or false, got {slicing!r}")
+    if isinstance(tiling, dict) or tiling:
+        if not callable(getattr(vae, "enable_tiling", None)):
+            raise ValueError(f"{name} has no tiled decoding: set model.kwargs.vae_tiling: false")
+        args = dict(tiling) if isinstance(tiling, dict) else {}
+        accepted = [p for p in inspect.signature(vae.enable_tiling).parameters if p != "self"]
+        unknown = sorted(set(args) - set(accepted))
+        if unknown:
+            raise ValueError(f"model.kwargs.vae_tiling: {name}.enable_tiling does not take {unknown}; "
+                             f"accepted: {accepted or 'nothing (use true)'}")
+        vae.enable_tiling(**args)
+    if slicing:
+        if not callable(getattr(vae, "enable_slicing", None)):
+            raise ValueError(f"{name} has no sliced decoding: set model.kwargs.vae_slicing: false")
+        vae.enable_slicing()
+    return bool(isinstance(tiling, dict) or tiling), bool(slicing)
+
+
 def to_unit(pixels: torch.Tensor) -> torch.Tensor:
     """VAE output in [-1, 1] -> float32 in [0, 1]."""
     return ((pixels.float() + 1.0) * 0.5).clamp(0.0, 1.0)
@@ -117,13 +148,17 @@ class DiffusersAdapter(PolicyAdapter):
     #: conditioning names shared by both branches (e.g. an I2V reference-image latent)
     shared_keys: Tuple[str, ...] = ()
     default_num_steps: int = 25
+    #: VAE tiling / slicing when the config does not say (``vae_tiling`` / ``vae_slicing`` = None)
+    default_vae_tiling: bool = False
+    default_vae_slicing: bool = False
 
     def __init__(self, model_path, *, cfg_scale: float = 1.0, dtype="float32", device=None,
                  lora_rank: int = 0, lora_alpha: Optional[float] = None, lora_target_modules=None,
                  lora_dropout: float = 0.0, gradient_checkpointing: bool = False,
+                 vae_tiling: Union[None, bool, Dict] = None, vae_slicing: Optional[bool] = None,
                  components: Optional[Tuple[nn.Module, nn.Module]] = None):
         """``components``: an already built (denoiser, VAE) pair instead of loading ``model_path`` -- the
-        planner builds them from architecture configs on the meta device (``modules_from_configs``)."""
+        planner builds them from architecture configs on the meta device (``component_from_config``)."""
         self.cfg_scale = float(cfg_scale)
         if self.cfg_scale < 1.0:
             raise ValueError(f"the CFG scale must be >= 1 (1 disables CFG), got {cfg_scale}")
@@ -136,6 +171,9 @@ class DiffusersAdapter(PolicyAdapter):
             self.root = None
             self.model, self.vae = components
         self.vae.requires_grad_(False).eval()
+        self.vae_tiling, self.vae_slicing = configure_vae_memory(
+            self.vae, self.default_vae_tiling if vae_tiling is None else vae_tiling,
+            self.default_vae_slicing if vae_slicing is None else vae_slicing)
         if gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         self.lora_rank = int(lora_rank or 0)
@@ -183,6 +221,9 @@ class DiffusersAdapter(PolicyAdapter):
 
     def trainable_module(self) -> nn.Module:
         return self.model
+
+    def decoder_modules(self):
+        return [self.vae]
 
     def cond_spec(self) -> Dict[str, Tuple[Optional[int], ...]]:
         """Names -> trailing shapes of the conditioning this adapter consumes (None = variable)."""

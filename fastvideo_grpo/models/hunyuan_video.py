@@ -28,6 +28,10 @@ class HunyuanVideoAdapter(DiffusersAdapter):
     vae_class = "AutoencoderKLHunyuanVideo"
     branch_keys = ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds")
     default_num_steps = 25
+    # a 3D VAE decodes a whole video at once: spatial tiles (diffusers' defaults: 256 px, stride 192) and
+    # one video per decoder call bound its activations (docs/performance.md)
+    default_vae_tiling = True
+    default_vae_slicing = True
 
     def __init__(self, model_path, *, num_frames: int = 53, guidance_scale: float = 6.0, true_cfg_scale: float = 1.0,
                  shift: float = 5.0, resolution=None, height=None, width=None, **kwargs):

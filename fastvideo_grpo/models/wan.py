@@ -27,6 +27,10 @@ class WanAdapter(DiffusersAdapter):
     model_class = "WanTransformer3DModel"
     vae_class = "AutoencoderKLWan"
     default_num_steps = 25
+    # a 3D VAE decodes a whole video at once: spatial tiles (diffusers' defaults: 256 px, stride 192) and
+    # one video per decoder call bound its activations (docs/performance.md)
+    default_vae_tiling = True
+    default_vae_slicing = True
 
     def __init__(self, model_path, *, num_frames: int = 81, guidance_scale: float = 5.0, shift: float = 3.0,
                  resolution=None, height=None, width=None, **kwargs):

@@ -72,4 +72,5 @@ def aesthetic(model_path=None, head_path=None, device=None, dtype="float32", bat
         return s, {"aesthetic_mean": float(s.mean())}
 
     fn.scorer, fn.head = scorer, head
+    fn.modules, fn.device = [scorer.model, head], scorer.device
     return fn

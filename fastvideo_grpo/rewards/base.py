@@ -9,15 +9,24 @@ A reward is a callable ``fn(images, prompts, **metadata) -> (scores_B, info)``:
 
 Factories are registered by name with ``@REWARDS.register("name")`` and receive their config
 fields as keyword arguments; heavy imports (transformers, open_clip) happen inside the factory.
+A reward backed by models exposes them as ``fn.modules`` (frozen ``nn.Module``s) and where they compute
+as ``fn.device``, so that ``ConfiguredReward`` can keep them in host memory between calls.
+
+Memory (docs/performance.md): ``ConfiguredReward`` applies a reward config's ``batch_size`` (the
+decoded batch is scored ``batch_size`` samples per call; per-sample scores are concatenated, so they
+depend on it only through the reward model's batch-shape rounding) and ``offload`` (models copied to the device for each call, in host memory between).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
+from .. import residency
 from ..registry import Registry
 
 RewardOutput = Tuple[torch.Tensor, Dict]
@@ -57,7 +66,10 @@ def check_scores(name: str, scores: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def compute_rewards(reward_fns: Dict[str, RewardFn], images: torch.Tensor, prompts: List[str], **metadata) -> Tuple[Dict[str, torch.Tensor], Dict]:
-    """Run every named reward on one batch; returns ({name: scores_B}, {name: info})."""
+    """Run every named reward on one batch; returns ({name: scores_B}, {name: info}).
+
+    Rewards built from a config (``trainer.build_reward_fns``) score in chunks of their ``batch_size``
+    and move their models in and out of the device themselves (``ConfiguredReward``)."""
     validate_reward_inputs(images, prompts)
     scores, infos = {}, {}
     for name, fn in reward_fns.items():
@@ -65,3 +77,83 @@ def compute_rewards(reward_fns: Dict[str, RewardFn], images: torch.Tensor, promp
         scores[name] = check_scores(name, s, images.shape[0])
         infos[name] = info
     return scores, infos
+
+
+# ----------------------------------------------------------------------------- chunked scoring, residency
+
+
+def _rows(value, start: int, end: int, batch: int):
+    """``value[start:end]`` for per-sample metadata (a tensor or list with ``batch`` rows), else ``value``."""
+    if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch:
+        return value[start:end]
+    if isinstance(value, (list, tuple)) and len(value) == batch:
+        return value[start:end]
+    return value
+
+
+def merge_infos(infos: List[Dict], sizes: List[int]) -> Dict:
+    """One info dict from the infos of consecutive chunks of sizes ``sizes``: per-sample values (tensors
+    or lists with one row per sample of their chunk) are concatenated, numbers are averaged weighted by
+    chunk size (rewards report batch means such as ``hps_mean``), anything else becomes the list of the
+    chunks' values."""
+    if len(infos) == 1:
+        return infos[0]
+    out = {}
+    for key in infos[0] or {}:
+        vals = [(i or {}).get(key) for i in infos]
+        if all(isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n for v, n in zip(vals, sizes)):
+            out[key] = torch.cat([v.to(vals[0].device) for v in vals])
+        elif all(isinstance(v, list) and len(v) == n for v, n in zip(vals, sizes)):
+            out[key] = [x for v in vals for x in v]
+        elif all(isinstance(v, numbers.Number) and not isinstance(v, bool) for v in vals):
+            out[key] = sum(float(v) * n for v, n in zip(vals, sizes)) / sum(sizes)
+        else:
+            out[key] = vals
+    return out
+
+
+def score_in_chunks(fn: RewardFn, images: torch.Tensor, prompts: Sequence[str], batch_size: int = 0,
+                    **metadata) -> RewardOutput:
+    """``fn`` on ``batch_size`` samples at a time (0 = all at once); scores concatenated, infos merged
+    (``merge_infos``). Per-sample metadata (one row per sample) is cut along with the images."""
+    b = images.shape[0]
+    if not batch_size or batch_size >= b:
+        return fn(images, prompts, **metadata)
+    scores, infos, sizes = [], [], []
+    for s in range(0, b, batch_size):
+        e = min(b, s + batch_size)
+        meta = {k: _rows(v, s, e, b) for k, v in metadata.items()}
+        sc, info = fn(images[s:e], list(prompts[s:e]), **meta)
+        scores.append(torch.as_tensor(sc).detach().reshape(-1))
+        infos.append(info)
+        sizes.append(e - s)
+    return torch.cat([x.to(scores[0].device) for x in scores]), merge_infos(infos, sizes)
+
+
+class ConfiguredReward:
+    """A reward with a config's memory settings (``RewardConfig.batch_size`` / ``offload``).
+
+    ``batch_size``: samples per call of the wrapped reward (0 = the whole batch). ``offload``: the
+    reward's ``fn.modules`` live in host memory (pinned on a GPU machine) and are copied to ``fn.device``
+    for each call, dropped after it (residency.py). A reward without ``fn.modules`` (rules, remote
+    servers) has nothing to offload. Other attributes (``scorer``, ``model``) are the wrapped reward's.
+    """
+
+    def __init__(self, fn: RewardFn, batch_size: int = 0, offload: bool = False):
+        if batch_size < 0:
+            raise ValueError(f"reward batch_size must be >= 0 (0 = the whole batch), got {batch_size}")
+        self.fn, self.batch_size, self.offload = fn, int(batch_size), bool(offload)
+        self.modules = [m for m in (getattr(fn, "modules", None) or []) if m is not None]
+        self.device = torch.device(getattr(fn, "device", None) or "cpu")
+        if self.offload and self.modules:
+            residency.to_host(self.modules, pin=self.device.type == "cuda")
+
+    def __getattr__(self, name):
+        if name == "fn":  # not set yet (during unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.fn, name)
+
+    def __call__(self, images, prompts, **metadata) -> RewardOutput:
+        resident = residency.on_device(self.modules, self.device) if self.offload else contextlib.nullcontext()
+        with resident:
+            return score_in_chunks(self.fn, images, prompts, self.batch_size, **metadata)

@@ -40,4 +40,5 @@ def binary(reward=None, threshold=None, **inner_config):
                         "inner": info}
 
     fn.inner = inner
+    fn.modules, fn.device = getattr(inner, "modules", None), getattr(inner, "device", None)  # for offloading
     return fn

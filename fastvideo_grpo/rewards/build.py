@@ -8,14 +8,19 @@ from typing import Dict, Tuple
 import torch
 
 from .. import grpo
-from .base import REWARDS, RewardFn
+from .base import REWARDS, ConfiguredReward, RewardFn
 
 
 def build_reward_fns(reward_cfgs) -> Tuple[Dict[str, RewardFn], Dict[str, float]]:
-    """Instantiate rewards from config; thresholded ones become binary (named '<name>_bin')."""
+    """Instantiate rewards from config; thresholded ones become binary (named '<name>_bin').
+
+    A reward with ``batch_size`` > 0 or ``offload`` scores through ``ConfiguredReward`` (chunks of
+    ``batch_size`` samples; models in host memory between calls)."""
     fns, weights = {}, {}
     for rc in reward_cfgs:
         fn = REWARDS.build(rc.name, **rc.kwargs)
+        if rc.batch_size or rc.offload:
+            fn = ConfiguredReward(fn, batch_size=rc.batch_size, offload=bool(rc.offload))
         key = rc.key or rc.name
         if rc.threshold is not None:
             fn = _thresholded(fn, rc.threshold)
@@ -42,7 +47,8 @@ def build_eval_reward_fns(cfg, train_fns: Dict[str, RewardFn]) -> Dict[str, Rewa
 
     if cfg.eval.rewards:
         return build_reward_fns(cfg.eval.rewards)[0]
-    plain = [RewardConfig(name=rc.name, key=rc.key or rc.name, weight=rc.weight, kwargs=rc.kwargs)
+    plain = [RewardConfig(name=rc.name, key=rc.key or rc.name, weight=rc.weight, kwargs=rc.kwargs,
+                          batch_size=rc.batch_size, offload=rc.offload)
              for rc in cfg.rewards if rc.threshold is not None]
     if not plain:
         return train_fns

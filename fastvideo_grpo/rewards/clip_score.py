@@ -28,5 +28,5 @@ def clip_score(model_path=None, device=None, dtype="float32", batch_size=32, sco
         scores = check_scores("clip_score", scorer.pair_scores(images, prompts), images.shape[0])
         return scores, {"clip_score_mean": float(scores.mean())}
 
-    fn.scorer = scorer
+    fn.scorer, fn.modules, fn.device = scorer, [scorer.model], scorer.device
     return fn

@@ -73,5 +73,5 @@ def hps(model_path=None, checkpoint=None, tokenizer_path=None, device=None, dtyp
         scores = check_scores("hps", scorer.pair_scores(images, prompts), images.shape[0])
         return scores, {"hps_mean": float(scores.mean())}
 
-    fn.scorer = scorer
+    fn.scorer, fn.modules, fn.device = scorer, [scorer.model], scorer.device
     return fn

@@ -37,5 +37,5 @@ def pickscore(model_path=None, device=None, dtype="float32", batch_size=32, scor
         scores = check_scores("pickscore", scorer.pair_scores(images, prompts), images.shape[0])
         return scores, {"pickscore_mean": float(scores.mean())}
 
-    fn.scorer = scorer
+    fn.scorer, fn.modules, fn.device = scorer, [scorer.model], scorer.device
     return fn

@@ -329,4 +329,5 @@ def video_align(model_path=None, head_path=None, head_key="weight", device=None,
         return check_scores("video_align", score, images.shape[0]), info
 
     fn.scorer, fn.model = scorer, model
+    fn.modules, fn.device = [model, scorer.head], device
     return fn

@@ -22,7 +22,7 @@ import torch
 from fastvideo_grpo import grpo
 from fastvideo_grpo.models import ADAPTERS
 from fastvideo_grpo.models.diffusers_base import NEG
-from fastvideo_grpo.rollout import rollout, sample_ode
+from fastvideo_grpo.rollout import decode_latents, rollout, sample_ode
 from fastvideo_grpo.trainer import grpo_update
 
 diffusers = pytest.importorskip("diffusers")
@@ -473,3 +473,133 @@ def test_cond_spec_shapes(folders):
     cond["pooled_prompt_embeds"] = torch.zeros(2, 9)
     with pytest.raises(ValueError, match="pooled_prompt_embeds"):
         adapter.validate_cond(cond)
+
+
+# ----------------------------------------------------------------------------- memory (issue 23)
+
+
+def _record_sizes(adapter, method):
+    """Wrap ``adapter.<method>`` to record the batch size of every call."""
+    sizes, original = [], getattr(adapter, method)
+
+    def wrapper(z, *args, **kwargs):
+        sizes.append(z.shape[0])
+        return original(z, *args, **kwargs)
+
+    setattr(adapter, method, wrapper)
+    return sizes
+
+
+def _record_draws(monkeypatch):
+    from fastvideo_grpo import rng
+
+    draws, original = [], rng.randn
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        draws.append(out.clone())
+        return out
+
+    monkeypatch.setattr(rng, "randn", spy)
+    return draws
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_chunked_rollout_matches_the_whole_batch(folders, name, monkeypatch):
+    """``rollout_batch_size`` / ``decode_batch_size``: every sample gets the same noise as in the whole
+    batch and the same result up to the CPU kernels' batch-size-dependent rounding (MKL takes another
+    GEMM path below 4 rows, oneDNN picks convolution algorithms by batch size, sigmoid / silu round a
+    tensor's tail elements differently: docs/performance.md); the PPO ratio before the first update is
+    exactly 1 when the training micro-batch equals the rollout chunk (same kernel shapes)."""
+    adapter = _build(folders, name)
+    P, G = 2, 2
+    B = P * G
+    cond = _random_cond(adapter, P)
+    schedule = adapter.make_schedule(NUM_STEPS, eta=0.3)
+    draws = _record_draws(monkeypatch)
+
+    def run(rb, db):
+        gen = torch.Generator().manual_seed(1)
+        keep = grpo.subsample_timesteps(NUM_STEPS, 0.6, B, gen)
+        start = len(draws)
+        traj = rollout(adapter, schedule, ["a", "b"], cond, G, keep, gen, rollout_batch_size=rb, decode_batch_size=db)
+        return traj, draws[start:]
+
+    ref, ref_draws = run(0, 0)
+    sizes, dec_sizes = _record_sizes(adapter, "predict"), _record_sizes(adapter, "decode")
+    got, got_draws = run(1, 3)
+    assert sizes == [1] * (B * NUM_STEPS) and dec_sizes == [3, 1]  # the chunking really happened
+    assert len(got_draws) == len(ref_draws) == 1 + NUM_STEPS
+    assert all(torch.equal(a, b) for a, b in zip(ref_draws, got_draws))  # the same noise, bit for bit
+    for f in ("latents_BK", "next_latents_BK", "final_latents", "decoded"):
+        torch.testing.assert_close(getattr(got, f), getattr(ref, f), rtol=0, atol=2e-5)
+    torch.testing.assert_close(got.log_probs_BK, ref.log_probs_BK, rtol=0, atol=1e-4)
+    # decoding in chunks: per-sample decodes (VAE slicing, on for the video VAEs) give the same pixels
+    chunked = decode_latents(adapter, ref.final_latents, 3)
+    if adapter.vae_slicing:
+        assert torch.equal(chunked, ref.decoded)
+    torch.testing.assert_close(chunked, ref.decoded, rtol=0, atol=1e-5)
+    # evaluation sampler in chunks
+    z0 = adapter.initial_noise(B, torch.Generator().manual_seed(4))
+    cond_B = _random_cond(adapter, B, seed=5)
+    ode_sched = adapter.make_schedule(NUM_STEPS, eta=0.0)
+    torch.testing.assert_close(sample_ode(adapter, ode_sched, cond_B, z0, rollout_batch_size=3),
+                               sample_ode(adapter, ode_sched, cond_B, z0), rtol=0, atol=2e-5)
+    # PPO ratio exactly 1: micro-batch = rollout chunk
+    opt = torch.optim.SGD([p for p in adapter.trainable_module().parameters() if p.requires_grad], lr=0.0)
+    ratios = []
+    stats = grpo_update(adapter, schedule, got, torch.tensor([1.0, -1.0, -1.0, 1.0]), opt, clip_range=1e-4,
+                        micro_batch_size=1, on_first_ratio=ratios.append)
+    assert torch.equal(ratios[0], torch.ones_like(ratios[0])) and stats["train/first_ratio_dev"] == 0.0
+
+
+VIDEO_FAMILIES = ["hunyuan_t2i", "hunyuan_t2v", "hunyuan_i2v", "wan", "wan_i2v"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_vae_tiling_and_slicing_are_on_by_default_for_the_video_vaes(folders, name):
+    adapter = _build(folders, name)
+    video = name in VIDEO_FAMILIES
+    assert (adapter.vae_tiling, adapter.vae_slicing) == (video, video)
+    assert (adapter.vae.use_tiling, adapter.vae.use_slicing) == (video, video)
+    off = _build(folders, name, vae_tiling=False, vae_slicing=False)
+    assert not off.vae.use_tiling and not off.vae.use_slicing
+    on = _build(folders, name, vae_tiling=True, vae_slicing=True)
+    assert on.vae.use_tiling and on.vae.use_slicing
+    assert on.decoder_modules() == [on.vae]
+
+
+# tiles small enough to cut the tiny models' 32 x 32 frames (diffusers' defaults: 256 px, stride 192)
+SMALL_TILES = dict(tile_sample_min_height=16, tile_sample_min_width=16, tile_sample_stride_height=8,
+                   tile_sample_stride_width=8)
+
+
+@pytest.mark.parametrize("name", ["hunyuan_t2v", "wan"])
+def test_vae_tile_sizes_reach_the_vae_and_slicing_keeps_pixels(folders, name):
+    """Tiled decoding (dict of ``enable_tiling`` arguments) really runs: the pixels move. How far they
+    move depends on tile size against the decoder's receptive field (global, through the mid-block
+    attention of HunyuanVideo's VAE): bench/vae_tiling.py measures it at diffusers' default tiles,
+    docs/performance.md states it. Sliced decoding is exactly the per-sample decode."""
+    plain = _build(folders, name, vae_tiling=False, vae_slicing=False)
+    tiled = _build(folders, name, vae_tiling=SMALL_TILES, vae_slicing=False)
+    assert (tiled.vae.tile_sample_min_height, tiled.vae.tile_sample_stride_width) == (16, 8)
+    z = plain.initial_noise(2, torch.Generator().manual_seed(21))
+    with torch.no_grad():
+        ref = plain.decode(z)
+        out = tiled.decode(z)
+        per_sample = torch.cat([plain.decode(z[i:i + 1]) for i in range(2)])
+        sliced = _build(folders, name, vae_tiling=False, vae_slicing=True).decode(z)
+    assert out.shape == ref.shape and out.min() >= 0 and out.max() <= 1
+    assert (out - ref).abs().max() > 1e-3  # tiling ran
+    assert torch.equal(sliced, per_sample)
+
+
+def test_vae_tiling_options_are_checked(folders):
+    with pytest.raises(ValueError, match="does not take"):
+        _build(folders, "hunyuan_t2v", vae_tiling={"tile_size": 3})
+    with pytest.raises(ValueError, match="accepted: nothing"):
+        _build(folders, "flux", vae_tiling={"tile_sample_min_height": 16})
+    with pytest.raises(ValueError, match="vae_tiling must be"):
+        _build(folders, "flux", vae_tiling="yes")
+    with pytest.raises(ValueError, match="vae_slicing must be"):
+        _build(folders, "flux", vae_slicing=1)

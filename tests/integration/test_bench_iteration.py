@@ -1,5 +1,6 @@
 """bench/iteration.py in --quick mode prints one JSON line with finite numbers (timings are not asserted),
-and the training-window option keeps trained steps inside the window where eta > 0."""
+and the training-window option keeps trained steps inside the window where eta > 0; its memory sweep and
+bench/vae_tiling.py run and report what they measure."""
 
 from __future__ import annotations
 
@@ -47,6 +48,39 @@ def test_quick_bench_prints_json_with_finite_fields():
         assert case["samples_per_s"] > 0 and case["peak_mem_mib"] > 0
         assert case["config"]["params_M"] > 0 and case["config"]["batch"] > 0
         _finite_numbers(case)
+
+
+def _one_json_line(cmd):
+    p = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=str(ROOT), timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = [l for l in p.stdout.splitlines() if l.strip()]
+    assert len(lines) == 1, p.stdout[-2000:]
+    return json.loads(lines[0])
+
+
+def test_memory_sweep_reports_time_and_peak_per_phase():
+    out = _one_json_line([str(ROOT / "bench" / "iteration.py"), "--memory", "--quick",
+                          "--cases", "whole_batch,video_recipe"])
+    assert set(out["memory"]) == {"whole_batch", "video_recipe"}
+    for name, r in out["memory"].items():
+        assert "error" not in r, r.get("error")
+        assert set(r["phase_peak_mem_mib"]) == {"rollout_forward", "decode", "reward", "train"}
+        assert all(v > 0 for v in r["phase_peak_mem_mib"].values())
+        assert r["iteration_s"]["decode"] > 0 and r["iteration_s"]["total"] >= r["iteration_s"]["decode"]
+        _finite_numbers(r)
+    # rollout in chunks of the training micro-batch (1): re-scoring sees the rollout's kernel shapes
+    assert out["memory"]["video_recipe"]["first_ratio_dev_max"] == 0.0
+
+
+def test_vae_tiling_bench_measures_pixel_differences():
+    out = _one_json_line([str(ROOT / "bench" / "vae_tiling.py"), "--quick"])
+    kinds = {c["kind"] for c in out["cases"]}
+    assert kinds == {"autoencoder_kl", "hunyuan_video"}
+    for c in out["cases"]:
+        assert c["sliced"]["max_abs_diff"] < 1e-3  # same per-sample decode, up to batch-size rounding
+        assert c["tiled"]["max_abs_diff"] > 1e-3  # the frame is larger than a tile: tiling ran
+        assert 0 <= c["tiled"]["share_over_1_of_255"] <= 1
+        _finite_numbers(c)
 
 
 def test_window_with_eta_schedule_keeps_only_stochastic_steps():

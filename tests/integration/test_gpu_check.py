@@ -33,6 +33,9 @@ def test_dry_run_runs_every_cpu_check(tmp_path):
         assert c["config"]["fsdp"] is True and c["backend"] == "gloo"
         assert c["first_iteration"]["train/first_ratio_dev"] == 0.0 and c["ratio_within_1e-6"]
         assert c["first_ratio_dev_microbatch_eq_rollout_batch"] == 0.0
+        assert c["first_ratio_dev_rollout_chunk_eq_microbatch"] == 0.0
+        assert set(c["phase_peak_mem_mib"]) == {"rollout_forward", "decode", "reward", "train"}
+        assert set(c["phase_peak_mem_mib_chunked"]) >= {"rollout_forward", "decode", "reward", "train"}
     learn = checks["learning"]
     assert learn["rising"] and learn["held_out_after"] > learn["held_out_before"] and len(learn["rewards"]) == 12
     assert checks["checkpoint_dcp"]["weights_identical_after_load"]

@@ -76,6 +76,42 @@ def test_micro_batching_gives_the_same_update_as_one_batch():
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("rb", [1, 3])
+def test_chunked_rollout_same_noise_close_samples_and_ratio_one(rb):
+    """sampling.rollout_batch_size on the toy model: the same noise per sample as the whole batch (one
+    draw per step, sliced), samples equal up to the CPU GEMM's batch-size-dependent rounding, and the
+    PPO ratio exactly 1 when the training micro-batch equals the rollout chunk."""
+    from fastvideo_grpo import rng
+
+    prompts = ["two red circles", "one blue square", "a red square left of a green circle"]
+    results = []
+    for chunk in (0, rb):
+        ad = _adapter(4)
+        sched = ad.make_schedule(4, 0.3)
+        g = torch.Generator().manual_seed(2)
+        keep = grpo.subsample_timesteps(4, 0.5, 6, g)
+        draws, orig = [], rng.randn
+        rng.randn = lambda *a, **k: draws.append(orig(*a, **k)) or draws[-1]
+        try:
+            traj = rollout(ad, sched, prompts, ad.encode_prompts(prompts), 2, keep, g, rollout_batch_size=chunk,
+                           decode_batch_size=chunk)
+        finally:
+            rng.randn = orig
+        results.append((ad, sched, traj, draws))
+    (_, _, ref, ref_draws), (ad, sched, got, got_draws) = results
+    assert len(ref_draws) == len(got_draws) == 5 and all(torch.equal(a, b) for a, b in zip(ref_draws, got_draws))
+    for f in ("latents_BK", "next_latents_BK", "final_latents", "decoded"):
+        torch.testing.assert_close(getattr(got, f), getattr(ref, f), rtol=0, atol=1e-5)
+    ratios = []
+    opt = torch.optim.SGD(ad.model.parameters(), lr=0.0)
+    grpo_update(ad, sched, got, torch.randn(6), opt, clip_range=1e-4, micro_batch_size=rb if 6 % rb == 0 else 0,
+                on_first_ratio=ratios.append)
+    if 6 % rb == 0:
+        assert torch.equal(ratios[0], torch.ones_like(ratios[0]))
+    else:  # re-scored at another batch size than sampled: equal up to rounding only
+        torch.testing.assert_close(ratios[0], torch.ones_like(ratios[0]), rtol=0, atol=1e-5)
+
+
 def test_short_demo_runs_end_to_end(tmp_path):
     from fastvideo_grpo.toy.demo import run_demo
 
