@@ -400,8 +400,8 @@ def plan(cfg, gpus: int, gpu_mem_gib: float = 80.0, arch_path=None, mfu: float =
     rank_batch = g.prompts_per_iteration * g.group_size
     micro = g.micro_batch_size or rank_batch
     seq = int(text_len) if text_len else _text_len(cfg, adapter)
-    decode_batch = int(getattr(s, "decode_batch_size", 0) or rank_batch)
-    roll_batch = int(getattr(s, "rollout_batch_size", 0) or rank_batch)
+    decode_batch = min(rank_batch, int(s.decode_batch_size or rank_batch))
+    roll_batch = min(rank_batch, int(s.rollout_batch_size or rank_batch))
     if measured is None:
         measured = measure(cfg, arch, micro, roll_batch, decode_batch, seq)
     m = measured
@@ -469,7 +469,7 @@ def plan(cfg, gpus: int, gpu_mem_gib: float = 80.0, arch_path=None, mfu: float =
                 "rank_batch": rank_batch, "micro_batch": micro, "cfg": cfg_mult == 2, "trained_steps_K": K,
                 "sampling_steps": s.num_steps, "text_len": seq, "tokens_per_sample": adapter_tokens(adapter),
                 "activation_checkpointing": frac, "mfu": mfu, "reserve_gib": RESERVE_GIB,
-                "lora_rank": int(cfg.model.kwargs.get("lora_rank", 0) or 0)}
+                "lora_rank": int(cfg.model.kwargs.get("lora_rank", 0) or 0), "arch_file": arch.get("_path", "")}
     return Plan(recipe, arch["name"], gpus, gpu_mem_gib, {k: v for k, v in params.items()}, mem_gib, flops, seconds,
                 fits, suggestions, settings, m.seconds, m)
 
@@ -506,6 +506,10 @@ def suggest(cfg, mem, params, budget, dims, adapter, arch, m, gpus) -> List[str]
     """The smallest single changes (each estimated with the same model) that bring the peak under budget."""
     out = []
     trials = []
+    if mem["peak_decode"] >= mem["peak"] and cfg.sampling.decode_batch_size != 1:
+        trials.append(("sampling.decode_batch_size=1", {"sampling.decode_batch_size": 1}))
+    if mem["peak_rollout"] >= mem["peak"] and cfg.sampling.rollout_batch_size != 1:
+        trials.append(("sampling.rollout_batch_size=1", {"sampling.rollout_batch_size": 1}))
     if float(cfg.parallel.activation_checkpointing or 0) < 1.0:
         trials.append(("parallel.activation_checkpointing=1.0", {"parallel.activation_checkpointing": 1.0}))
     if cfg.grpo.micro_batch_size != 1:
@@ -573,24 +577,45 @@ def render(p: Plan) -> str:
 SETUPS = [(8, 80.0), (8, 141.0), (32, 80.0)]  # the docs/recipes.md table: 8 x 80 GB, 8 x 141 GB, 32 x 80 GB
 
 
+def assumed_gpus(path) -> Optional[int]:
+    """The GPU count a recipe's header comment says it assumes ("Assumes 32 GPUs")."""
+    import re
+
+    m = re.search(r"[Aa]ssumes (\d+) GPUs", Path(path).read_text())
+    return int(m.group(1)) if m else None
+
+
+def with_global_batch(cfg, gpus: int, global_prompts: int):
+    """``cfg`` with ``grpo.prompts_per_iteration`` per rank set so that ``gpus`` GPUs draw ``global_prompts``
+    prompts per iteration (rounded up to whole prompts per data-parallel rank)."""
+    c = copy.deepcopy(cfg)
+    dp = max(1, gpus // max(1, c.parallel.sp))
+    c.grpo.prompts_per_iteration = max(1, math.ceil(global_prompts / dp))
+    return c
+
+
 def table(configs, mfu: float = DEFAULT_MFU) -> str:
-    """Markdown: per recipe and setup, the per-GPU peak, the verdict and the projected seconds per iteration."""
+    """Markdown: per recipe and setup, the per-GPU peak, the verdict and the projected seconds per iteration,
+    at the recipe's global batch (its prompts per rank x the GPUs its header assumes)."""
     from .config import load_config
 
-    rows = ["| recipe | model | GPUs | per-GPU peak (GiB) | verdict | s / iteration (H100 / H200) | largest phase |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| recipe | architecture | GPUs | prompts / rank | per-GPU peak (GiB) | verdict | s / iteration | "
+            "largest phase |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for path in configs:
-        cfg = load_config(str(path))
+        base = load_config(str(path))
+        n0 = assumed_gpus(path) or 8
+        global_prompts = base.grpo.prompts_per_iteration * max(1, n0 // base.parallel.sp)
         measured = None
         for gpus, mem in SETUPS:
+            cfg = with_global_batch(base, gpus, global_prompts)
             p = plan(cfg, gpus, mem, mfu=mfu, measured=measured, recipe=Path(path).name)
-            if measured is None:
-                measured = p._measured
+            measured = p._measured
             m = p.memory_gib
             phase = max(("rollout", "decode", "train"), key=lambda k: m[f"peak_{k}"])
             verdict = "fits" if p.fits else "does not fit: " + (p.suggestions[0] if p.suggestions else "")
-            rows.append(f"| {Path(path).name} | {p.arch} | {gpus} x {mem:.0f} GB | {m['peak']:.1f} | {verdict} | "
-                        f"{p.seconds['H100']:.0f} / {p.seconds['H200']:.0f} | {phase} |")
+            arch = Path(p.settings["arch_file"]).stem
+            rows.append(f"| {Path(path).name} | {arch} | {gpus} x {mem:.0f} GB | {cfg.grpo.prompts_per_iteration} | "
+                        f"{m['peak']:.1f} | {verdict} | {p.seconds['H100']:.0f} | {phase} |")
     return "\n".join(rows) + "\n"
 
 
@@ -607,6 +632,9 @@ def main(argv=None) -> Dict:
     ap.add_argument("--arch", default=None, help="architecture file (default: found from model.kwargs.model_path)")
     ap.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="model FLOPs utilisation for the projection")
     ap.add_argument("--text-len", type=int, default=0, help="text tokens per sample (default: the family's usual)")
+    ap.add_argument("--global-prompts", type=int, default=0,
+                    help="prompts per iteration over all GPUs: sets grpo.prompts_per_iteration per rank for --gpus "
+                         "(default: the recipe's per-rank count as it is)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args, overrides = ap.parse_known_args(argv)
     if args.table is not None:
@@ -621,6 +649,8 @@ def main(argv=None) -> Dict:
     if not 0 < args.mfu <= 1:
         raise ValueError("--mfu must be in (0, 1]")
     cfg = load_config(args.config, overrides)
+    if args.global_prompts:
+        cfg = with_global_batch(cfg, args.gpus, args.global_prompts)
     p = plan(cfg, args.gpus, args.gpu_mem_gib, args.arch, args.mfu, recipe=Path(args.config).name,
              text_len=args.text_len or None)
     print(json.dumps(p.as_dict()) if args.json else render(p), flush=True)
