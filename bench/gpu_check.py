@@ -356,6 +356,12 @@ def _grpo_case(ctx, key):
     res["phase_peak_mem_mib_chunked"] = dict(it._PhaseClock.last_peaks, rollout_batch_size=mb or 1,
                                              decode_batch_size=1)
     res["backend"] = ctx.get("backend")
+    try:  # the real-scale planner's estimate of this run's peak (python -m fastvideo_grpo.plan)
+        planned = it.plan_case(it.CASES[name], 141.0).memory_gib["peak"]
+        res["planned_peak_gib"] = planned
+        res["planned_over_measured_peak"] = planned / (res["peak_mem_mib"] / 1024)
+    except Exception as e:  # noqa: BLE001 - a planner failure is reported, not fatal to the GPU check
+        res["planned_peak_error"] = f"{type(e).__name__}: {e}"[:500]
     first = res["first_iteration"]
     res["ratio_within_1e-6"] = first["train/first_ratio_dev"] is not None and first["train/first_ratio_dev"] <= 1e-6
     res["loss_finite"] = first["train/loss"] is not None and math.isfinite(first["train/loss"])

@@ -83,21 +83,51 @@ QUICK_CASES = ["flux_tiny", "hunyuan_tiny"]
 # ----------------------------------------------------------------------------- models
 
 
-def _vae_2d(diffusers, latent_channels=4, levels=2, width=8):
-    return diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(width,) * levels,
-        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels, norm_num_groups=4, scaling_factor=0.5, shift_factor=0.1,
-    )
+def vae_arch(family: str, latent_channels: int = 4, width: int = 8, levels: int = 2):
+    """(diffusers class name, config) of a narrow VAE with the real one's latent channels and compression:
+    ``AutoencoderKL`` (2 ** (levels - 1) x spatial) or HunyuanVideo's (8 x spatial, 4 x temporal)."""
+    if family == "flux":
+        return "AutoencoderKL", dict(
+            in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=[width] * levels,
+            layers_per_block=1, down_block_types=["DownEncoderBlock2D"] * levels,
+            up_block_types=["UpDecoderBlock2D"] * levels, norm_num_groups=4, scaling_factor=0.5, shift_factor=0.1)
+    return "AutoencoderKLHunyuanVideo", dict(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, down_block_types=["HunyuanVideoDownBlock3D"] * 4,
+        up_block_types=["HunyuanVideoUpBlock3D"] * 4, block_out_channels=[width] * 4, layers_per_block=1,
+        norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
+        mid_block_add_attention=True)
 
 
-def _vae_hunyuan(diffusers, latent_channels=4, width=8):
-    return diffusers.AutoencoderKLHunyuanVideo(
-        in_channels=3, out_channels=3, latent_channels=latent_channels,
-        down_block_types=("HunyuanVideoDownBlock3D",) * 4, up_block_types=("HunyuanVideoUpBlock3D",) * 4,
-        block_out_channels=(width,) * 4, layers_per_block=1, norm_num_groups=4, scaling_factor=0.476986,
-        spatial_compression_ratio=8, temporal_compression_ratio=4, mid_block_add_attention=True,
-    )
+def case_arch(case: dict) -> dict:
+    """The case's architecture in the planner's format (``fastvideo_grpo.plan``): diffusers class names and
+    configs of the transformer and the (narrow) VAE, and the repeated-block lists."""
+    hd = case["head_dim"]
+    lc, vw, levels = case.get("latent_channels", 4), case.get("vae_width", 8), case.get("vae_levels", 2)
+    text_dim, pooled = case.get("text_dim", 64), case.get("pooled_dim", 32)
+    blocks = {"num_layers": "transformer_blocks", "num_single_layers": "single_transformer_blocks"}
+    if case["family"] == "flux":
+        rope = [hd // 4, 3 * hd // 8, 3 * hd // 8] if hd >= 16 else [4, 6, 6]
+        tr = ("FluxTransformer2DModel", dict(
+            patch_size=1, in_channels=4 * lc, num_layers=case["double"], num_single_layers=case["single"],
+            attention_head_dim=hd, num_attention_heads=case["heads"], joint_attention_dim=text_dim,
+            pooled_projection_dim=pooled, guidance_embeds=True, axes_dims_rope=rope))
+        vae = vae_arch("flux", lc, vw, levels)
+    else:
+        tr = ("HunyuanVideoTransformer3DModel", dict(
+            in_channels=lc, out_channels=lc, num_attention_heads=case["heads"], attention_head_dim=hd,
+            num_layers=case["double"], num_single_layers=case["single"], num_refiner_layers=1,
+            patch_size=case.get("patch", 1), patch_size_t=1, guidance_embeds=True, text_embed_dim=text_dim,
+            pooled_projection_dim=pooled, rope_axes_dim=[hd // 4, 3 * hd // 8, 3 * hd // 8]))
+        vae = vae_arch("hunyuan_t2v", lc, vw)
+    return {"name": case.get("name", case["family"]), "_path": "", "blocks": blocks,
+            "transformer": {"class": tr[0], "config": tr[1]}, "vae": {"class": vae[0], "config": vae[1]}}
+
+
+def case_adapter_kwargs(case: dict) -> dict:
+    kw = dict(resolution=case["resolution"])
+    if case["family"] != "flux":
+        kw["num_frames"] = case["num_frames"]
+    return kw
 
 
 def build_folder(case: dict, root: Path, device="cpu") -> dict:
@@ -110,36 +140,16 @@ def build_folder(case: dict, root: Path, device="cpu") -> dict:
 
 
 def _build_folder(case: dict, root: Path) -> dict:
-    import diffusers
+    from fastvideo_grpo.models.diffusers_base import component_from_config
 
     torch.manual_seed(0)
     assert case["heads"] * case["head_dim"] == case["width"] or case["width"] == 32
-    hd = case["head_dim"]
-    lc, vw = case.get("latent_channels", 4), case.get("vae_width", 8)
-    text_dim, pooled = case.get("text_dim", 64), case.get("pooled_dim", 32)
-    if case["family"] == "flux":
-        rope = (hd // 4, 3 * hd // 8, 3 * hd // 8) if hd >= 16 else (4, 6, 6)
-        tr = diffusers.FluxTransformer2DModel(
-            patch_size=1, in_channels=4 * lc, num_layers=case["double"], num_single_layers=case["single"],
-            attention_head_dim=hd, num_attention_heads=case["heads"], joint_attention_dim=text_dim,
-            pooled_projection_dim=pooled, guidance_embeds=True, axes_dims_rope=rope,
-        )
-        vae = _vae_2d(diffusers, lc, case.get("vae_levels", 2), vw)
-        kw = dict(resolution=case["resolution"])
-    else:
-        rope = (hd // 4, 3 * hd // 8, 3 * hd // 8)
-        patch = case.get("patch", 1)
-        tr = diffusers.HunyuanVideoTransformer3DModel(
-            in_channels=lc, out_channels=lc, num_attention_heads=case["heads"], attention_head_dim=hd,
-            num_layers=case["double"], num_single_layers=case["single"], num_refiner_layers=1, patch_size=patch,
-            patch_size_t=1, guidance_embeds=True, text_embed_dim=text_dim, pooled_projection_dim=pooled,
-            rope_axes_dim=rope,
-        )
-        vae = _vae_hunyuan(diffusers, lc, vw)
-        kw = dict(resolution=case["resolution"], num_frames=case["num_frames"])
+    arch = case_arch(case)
+    tr = component_from_config(arch["transformer"]["class"], arch["transformer"]["config"])
+    vae = component_from_config(arch["vae"]["class"], arch["vae"]["config"])
     tr.cpu().save_pretrained(str(root / "transformer"))
     vae.cpu().save_pretrained(str(root / "vae"))
-    return kw
+    return case_adapter_kwargs(case)
 
 
 def random_encoder(adapter, text_len: int = TEXT_LEN):
@@ -398,6 +408,29 @@ def null_model_overhead(trainer, kw_roll, kw_train, num_steps, num_passes, z, re
 # ----------------------------------------------------------------------------- one case
 
 
+def case_overrides(case: dict, fsdp: bool = False) -> list:
+    """The run config of a case, as command-line overrides (the trainer's and the planner's)."""
+    return [
+        f"--model.name={case['family']}", f"--sampling.num_steps={case['steps']}", "--sampling.eta=0.3",
+        f"--grpo.group_size={case['group']}", f"--grpo.prompts_per_iteration={case['prompts']}",
+        f"--grpo.tau={case['tau']}", f"--grpo.num_updates_per_iteration={case['updates']}",
+        f"--grpo.micro_batch_size={case.get('micro_batch', 0)}",
+        "--grpo.clip_range=1e-4", "--optim.lr=1e-5", "--rewards=[{name: bench_mean_brightness}]",
+        f"--parallel.fsdp_one_process={str(bool(fsdp)).lower()}", "--parallel.activation_checkpointing=0.0",
+    ]
+
+
+def plan_case(case: dict, gpu_mem_gib: float = 80.0):
+    """The planner's estimate (``fastvideo_grpo.plan``) for one GPU running ``case`` (full fine-tuning, FSDP2)."""
+    from fastvideo_grpo import plan as P
+    from fastvideo_grpo.config import load_config
+
+    register_reward()
+    kw = ", ".join(f"{k}: {v}" for k, v in case_adapter_kwargs(case).items())
+    cfg = load_config(None, case_overrides(case, fsdp=True) + [f"--model.kwargs={{model_path: none, {kw}}}"])
+    return P.plan(cfg, 1, gpu_mem_gib, arch=case_arch(case), text_len=case.get("text_len", TEXT_LEN))
+
+
 def make_trainer(case: dict, root: Path, overrides=(), adapter_kwargs=None, device="cpu", fsdp=False):
     """GRPOTrainer over a random-init model of ``case`` written to ``root`` and loaded by the real adapter.
 
@@ -416,15 +449,7 @@ def make_trainer(case: dict, root: Path, overrides=(), adapter_kwargs=None, devi
     kw = build_folder(case, root, device)
     kw.update(adapter_kwargs or {})
     adapter = ADAPTERS.build(case["family"], model_path=str(root), device=device, **kw)
-    cfg = load_config(None, [
-        f"--model.name={case['family']}", f"--sampling.num_steps={case['steps']}", "--sampling.eta=0.3",
-        f"--grpo.group_size={case['group']}", f"--grpo.prompts_per_iteration={case['prompts']}",
-        f"--grpo.tau={case['tau']}", f"--grpo.num_updates_per_iteration={case['updates']}",
-        f"--grpo.micro_batch_size={case.get('micro_batch', 0)}",
-        "--grpo.clip_range=1e-4", "--optim.lr=1e-5", "--rewards=[{name: bench_mean_brightness}]",
-        f"--parallel.fsdp_one_process={str(bool(fsdp)).lower()}",
-        *overrides,
-    ])
+    cfg = load_config(None, case_overrides(case, fsdp) + list(overrides))
     if fsdp:
         dims = ParallelDims(world_size=1)
         dims.build_mesh(torch.device(device).type, one_process=True)

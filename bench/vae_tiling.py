@@ -46,16 +46,18 @@ def _vae_wan(diffusers, width=8):
 
 
 def build(kind: str, diffusers):
-    from iteration import _vae_2d, _vae_hunyuan
+    from iteration import vae_arch
+
+    from fastvideo_grpo.models.diffusers_base import component_from_config
 
     torch.manual_seed(0)
     if kind == "autoencoder_kl":
-        vae = _vae_2d(diffusers, latent_channels=16, levels=4, width=8)
+        vae = component_from_config(*vae_arch("flux", latent_channels=16, width=8, levels=4))
         vae.tile_sample_min_size = 256  # the config's sample_size (1024 for FLUX's VAE, 512 for SD's)
         vae.tile_latent_min_size = 256 // 8
         return vae
     if kind == "hunyuan_video":
-        return _vae_hunyuan(diffusers, latent_channels=16, width=8)
+        return component_from_config(*vae_arch("hunyuan_t2v", latent_channels=16, width=8))
     if kind == "wan":
         return _vae_wan(diffusers)
     raise KeyError(kind)

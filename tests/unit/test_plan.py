@@ -90,25 +90,7 @@ def test_peak_agrees_with_the_h200_measurement():
     sys.path.insert(0, str(ROOT / "bench"))
     import iteration as it
 
-    case = it.CASES["flux_1b_720px"]
-    hd, lc = case["head_dim"], case["latent_channels"]
-    arch = {"name": "flux_1b_720px", "_path": "",
-            "blocks": {"num_layers": "transformer_blocks", "num_single_layers": "single_transformer_blocks"},
-            "transformer": {"class": "FluxTransformer2DModel", "config": dict(
-                patch_size=1, in_channels=4 * lc, num_layers=case["double"], num_single_layers=case["single"],
-                attention_head_dim=hd, num_attention_heads=case["heads"], joint_attention_dim=case["text_dim"],
-                pooled_projection_dim=case["pooled_dim"], guidance_embeds=True,
-                axes_dims_rope=[hd // 4, 3 * hd // 8, 3 * hd // 8])},
-            "vae": {"class": "AutoencoderKL", "config": dict(
-                in_channels=3, out_channels=3, latent_channels=lc, block_out_channels=[case["vae_width"]] * 4,
-                layers_per_block=1, down_block_types=["DownEncoderBlock2D"] * 4,
-                up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=4, scaling_factor=0.5, shift_factor=0.1)}}
-    cfg = load_config(None, ["--model.name=flux", f"--model.kwargs={{model_path: x, resolution: {case['resolution']}}}",
-                             f"--sampling.num_steps={case['steps']}", f"--grpo.group_size={case['group']}",
-                             f"--grpo.prompts_per_iteration={case['prompts']}", f"--grpo.tau={case['tau']}",
-                             f"--grpo.micro_batch_size={case['micro_batch']}", "--rewards=[{name: toy_geneval}]",
-                             "--parallel.activation_checkpointing=0.0"])
-    planned = P.plan(cfg, 1, 141, arch=arch, text_len=case["text_len"]).memory_gib["peak"]
+    planned = it.plan_case(it.CASES["flux_1b_720px"], 141).memory_gib["peak"]
     run = json.loads((ROOT / "docs" / "gpu_runs" / "2026-11-28_h200_run3.json").read_text())
     measured = run["checks"]["grpo_flux"]["peak_mem_mib"] / 1024
     assert abs(planned - measured) / measured < 0.15, (planned, measured)
