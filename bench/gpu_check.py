@@ -22,7 +22,8 @@ runs) and the JSON file is rewritten after every check, so a run cut short keeps
                       micro-batch; and rollout in chunks of the micro-batch, decode one sample at a time),
                       finite loss, seconds split into rollout / decode / reward / training, samples/s, peak
                       memory overall and per phase (torch.cuda.max_memory_allocated reset at each phase),
-                      overhead against the bare model work
+                      overhead against the bare model work, and the real-scale planner's estimate of the peak
+                      (planned_over_measured_peak; meaningful on a GPU only)
   learning            20 iterations on a brightness reward (the same 1.1B FLUX-like model at 256 px):
                       the training reward's slope and the held-out reward (fixed prompts and noise,
                       before vs after) must rise
