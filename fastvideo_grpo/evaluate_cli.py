@@ -266,10 +266,6 @@ def main(argv=None) -> Dict:
 
 
 def cli(argv=None) -> None:
-    import sys
+    from .loop import run_cli
 
-    try:
-        main(argv)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_cli(main, argv)

@@ -45,6 +45,21 @@ class TrainingStopped(RuntimeError):
         self.exit_code = exit_code
 
 
+def run_cli(main: Callable, *args) -> None:
+    """``main(*args)`` for a command line: a user error (FileNotFoundError / ValueError) prints one
+    ``error:`` line and exits 2, a ``TrainingStopped`` exits with its code; no traceback for either."""
+    import sys
+
+    try:
+        main(*args)
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+
+
 @dataclass
 class LoopState:
     """What components see: the trainer, where the run writes, and how far it is."""

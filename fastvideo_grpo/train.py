@@ -30,14 +30,13 @@ checkpoints/latest, export/ (diffusers-format weights of the trained denoiser, o
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
 
 from .config import RunConfig, load_config
-from .loop import EXIT_DIVERGED, EXIT_OOM, EXIT_USER_ERROR, TrainingStopped  # noqa: F401  (the scripts' API)
+from .loop import EXIT_DIVERGED, EXIT_OOM, EXIT_USER_ERROR, TrainingStopped, run_cli  # noqa: F401  (the scripts' API)
 from .preflight import preflight
 
 OOM_HINT = (
@@ -133,14 +132,7 @@ def main(argv=None, default_config: Optional[str] = None, description: Optional[
 
 def cli(argv=None, default_config: Optional[str] = None, description: Optional[str] = None) -> None:
     """``main`` for scripts: user errors print one clear message and exit non-zero (no traceback)."""
-    try:
-        main(argv, default_config, description)
-    except TrainingStopped as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(e.exit_code)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USER_ERROR)
+    run_cli(main, argv, default_config, description)
 
 
 if __name__ == "__main__":
