@@ -67,7 +67,6 @@ setup(
         "numpy",
         "diffusers>=0.32",
         "transformers>=4.46",
-        "einops",
         "safetensors",
         "tqdm",
         "pyyaml",
@@ -78,7 +77,8 @@ setup(
         "test": ["pytest>=7", "pytest-timeout", "peft"],
         "lora": ["peft"],
         "logging": ["tensorboard"],
-        "gpu": ["flash-attn", "deepspeed"],
+        # parallel.attention_backend: flash (FlashAttention 2 through diffusers' attention dispatcher)
+        "gpu": ["flash-attn"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -32,6 +32,8 @@ runs) and the JSON file is rewritten after every check, so a run cut short keeps
   cpu_offload         parallel.cpu_offload (FSDP2 CPUOffloadPolicy): one iteration on the GPU with the
                       parameters, gradients and optimiser state in host memory
   cuda_tests          the test suite's CUDA tests (pytest -k cuda on the files that hold them)
+  attention_backends  one training step of the 1.1B FLUX-like model with each parallel.attention_backend
+                      (torch's SDPA kernels, FlashAttention 2 when flash-attn is installed): time per step
   kernel_speed        bench/logprob_kernel.py's cases: fused kernel vs eager formula vs torch.compile of
                       it vs a plain device copy (achieved bandwidth); last, as the least critical
 
@@ -62,7 +64,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 
 CHECKS = ["environment", "extension_build", "kernel_correctness", "fsdp_probe", "grpo_flux", "grpo_hunyuan",
-          "learning", "checkpoint_dcp", "cpu_offload", "cuda_tests", "kernel_speed"]
+          "learning", "checkpoint_dcp", "cpu_offload", "cuda_tests", "attention_backends", "kernel_speed"]
 PROBES = ["plain_fp32", "plain_bf16_autocast", "fsdp_bf16", "plain_bf16_autocast_cudnn"]
 # what each check runs at: (GPU, dry run)
 SIZES = {
@@ -70,7 +72,7 @@ SIZES = {
     "grpo_hunyuan": ("hunyuan_1b_480p_17f", "hunyuan_tiny"),
 }
 REQUIRED = {"diffusers": "diffusers", "transformers": "transformers", "safetensors": "safetensors",
-            "yaml": "pyyaml", "einops": "einops"}
+            "yaml": "pyyaml"}
 OPTIONAL = {"peft": "peft", "tqdm": "tqdm", "matplotlib": "matplotlib"}
 
 
@@ -203,6 +205,35 @@ def check_kernel_correctness(ctx):
     if bad:
         raise RuntimeError(f"kernel error above 2x the reference's on {len(bad)} case(s): {bad[:2]}")
     return out
+
+
+def check_attention_backends(ctx):
+    from fastvideo_grpo.distributed.fsdp import set_attention_backend
+    from fastvideo_grpo.rollout import autocast_context
+
+    dev = ctx["device"]
+    backends = ["native", "_native_math"] if ctx["dry"] else ["native", "_native_flash", "_native_efficient", "flash"]
+    model, kw = _probe_model(dev, tiny=ctx["dry"])
+    out = {}
+    for name in backends:
+        try:
+            set_attention_backend(model, name)
+            times = []
+            for _ in range(3):
+                _sync()
+                t0 = time.perf_counter()
+                with autocast_context(dev, torch.bfloat16):
+                    y = model(**kw)[0]
+                y.float().square().mean().backward()
+                _sync()
+                times.append(time.perf_counter() - t0)
+            model.zero_grad(set_to_none=True)
+            out[name] = {"ms_per_step": round(1000 * min(times[1:]), 2)}
+        except Exception as e:  # noqa: BLE001 - an unavailable backend is reported, the others still run
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    if "ms_per_step" not in out.get("native", {}):
+        raise RuntimeError(f"the native attention backend failed: {out['native']}")
+    return {"backends": out}
 
 
 def check_kernel_speed(ctx):

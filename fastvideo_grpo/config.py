@@ -108,6 +108,7 @@ class ParallelConfig:
     reduce_dtype: str = "fp32"  # gradient reduce-scatter dtype on GPU
     cpu_offload: bool = False  # keep sharded params / grads / optimizer state in CPU memory
     reshard_after_forward: bool = True  # free gathered params after forward (ZeRO-3); False = ZeRO-2
+    attention_backend: str = "native"  # diffusers' attention dispatcher: native (torch SDPA), flash, _flash_3, sage, ...
     timeout_s: float = 1800.0  # collective timeout: how long the other ranks wait for a stopped (not killed) rank
     fsdp_one_process: bool = False  # FSDP2 in a one-process torchrun too (bf16 compute over fp32 master weights, as on many GPUs)
 

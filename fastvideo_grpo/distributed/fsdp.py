@@ -60,6 +60,28 @@ def adapter_blocks(adapter) -> List[nn.Module]:
     return blocks
 
 
+def set_attention_backend(module: nn.Module, backend: str, sp: int = 1) -> None:
+    """``parallel.attention_backend``: the kernel diffusers' attention dispatcher calls in every attention
+    layer (``native`` = torch's scaled_dot_product_attention, ``flash`` = FlashAttention 2, ...).
+
+    Ulysses sequence parallelism (sp > 1) runs through torch's scaled_dot_product_attention, so another
+    backend would attend over each rank's local tokens only: that combination is refused."""
+    if backend == "native":
+        return
+    if sp > 1:
+        raise ValueError(f"parallel.attention_backend={backend!r} with parallel.sp={sp}: Ulysses sequence parallelism "
+                         "works through torch's scaled_dot_product_attention; use attention_backend: native with sp > 1")
+    setter = getattr(module, "set_attention_backend", None)
+    if setter is None:
+        raise ValueError(f"parallel.attention_backend={backend!r}: {type(module).__name__} has no diffusers attention "
+                         "dispatcher; use native")
+    try:
+        setter(backend)
+    except (ValueError, RuntimeError, ImportError) as e:
+        raise ValueError(f"parallel.attention_backend={backend!r} is not available here ({e}); install its package "
+                         "(e.g. pip install flash-attn for flash) or use native") from None
+
+
 def checkpointed_indices(num_blocks: int, fraction: float) -> List[int]:
     """round(fraction * num_blocks) block indices, spread evenly (fraction 1 = every block)."""
     if not 0.0 <= fraction <= 1.0:
@@ -110,6 +132,7 @@ def parallelize(adapter, dims: ParallelDims, pcfg=None, device: Optional[torch.d
 
     frac = float(getattr(pcfg, "activation_checkpointing", 0.0) or 0.0)
     module = adapter.trainable_module()
+    set_attention_backend(module, str(getattr(pcfg, "attention_backend", "native") or "native"), dims.sp)
     blocks = adapter_blocks(adapter)
     res = ParallelizeResult(blocks=blocks)
     if frac > 0:

@@ -181,3 +181,37 @@ def test_export_diffusers_save_pretrained_and_lora(tmp_path):
     out = export_weights(_Stub(lmodel), tmp_path / "lora")
     sd = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert sd and all(k.startswith("transformer.") and ".lora_" in k and ".default" not in k for k in sd), list(sd)[:4]
+
+
+def test_attention_backend_reaches_every_attention_call(monkeypatch):
+    """parallel.attention_backend goes through diffusers' dispatcher to the attention calls; refused with sp > 1."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.models import attention_dispatch
+
+    from fastvideo_grpo.distributed.fsdp import set_attention_backend
+
+    model = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                             pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    seen = []
+    original = attention_dispatch.dispatch_attention_fn
+
+    def spy(*args, backend=None, **kwargs):
+        seen.append(str(getattr(backend, "value", backend)))
+        return original(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(attention_dispatch, "dispatch_attention_fn", spy)
+    for mod in ("attention_processor", "transformers.transformer_flux"):
+        target = __import__(f"diffusers.models.{mod}", fromlist=["x"])
+        if hasattr(target, "dispatch_attention_fn"):
+            monkeypatch.setattr(target, "dispatch_attention_fn", spy)
+    set_attention_backend(model, "_native_math")
+    with torch.no_grad():
+        model(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 4, 32),
+              pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]),
+              img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(4, 3))
+    assert len(seen) == 2 and set(seen) == {"_native_math"}  # one double + one single block
+    with pytest.raises(ValueError, match="Ulysses sequence parallelism works through torch"):
+        set_attention_backend(model, "flash", sp=2)
+    with pytest.raises(ValueError, match="not available here"):
+        set_attention_backend(model, "no_such_backend")
