@@ -65,7 +65,10 @@ def set_attention_backend(module: nn.Module, backend: str, sp: int = 1) -> None:
     layer (``native`` = torch's scaled_dot_product_attention, ``flash`` = FlashAttention 2, ...).
 
     Ulysses sequence parallelism (sp > 1) runs through torch's scaled_dot_product_attention, so another
-    backend would attend over each rank's local tokens only: that combination is refused."""
+    backend would attend over each rank's local tokens only: that combination is refused.
+
+    diffusers also makes the backend the process-wide default, so every other diffusers model in the process
+    (reference policy, VAE, diffusers-based rewards) attends with it too."""
     if backend == "native":
         return
     if sp > 1:

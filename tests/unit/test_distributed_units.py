@@ -201,6 +201,10 @@ def test_attention_backend_reaches_every_attention_call(monkeypatch):
         return original(*args, backend=backend, **kwargs)
 
     monkeypatch.setattr(attention_dispatch, "dispatch_attention_fn", spy)
+    # diffusers' set_attention_backend also sets the process-wide active backend; restore it after the test so
+    # later tests (the planner's memory checks) attend with the default kernel again.
+    registry = attention_dispatch._AttentionBackendRegistry
+    monkeypatch.setattr(registry, "_active_backend", registry._active_backend)
     for mod in ("attention_processor", "transformers.transformer_flux"):
         target = __import__(f"diffusers.models.{mod}", fromlist=["x"])
         if hasattr(target, "dispatch_attention_fn"):
