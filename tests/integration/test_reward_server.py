@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -38,8 +39,12 @@ def _mean_reward(images, prompts, **metadata):
     return s, {"per_sample": s.tolist(), "mean": float(s.mean()), "seed": metadata.get("seed", [])}
 
 
+_RELEASE_SLOW = threading.Event()
+
+
 def _slow_reward(images, prompts, **metadata):
-    time.sleep(1.5)
+    """Answers only once the test releases it (at most 60 s): no client timeout can race its answer."""
+    _RELEASE_SLOW.wait(60)
     return torch.zeros(images.shape[0]), {}
 
 
@@ -173,27 +178,32 @@ def test_remote_errors_are_clear(server):
         REWARDS.build("remote", port=port)
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_down_server_is_a_connection_error_naming_the_address():
-    port = _free_port()  # bound then released: nothing listens there
-    t0 = time.time()
-    with pytest.raises(ConnectionError, match=rf"127\.0\.0\.1:{port}.*fastvideo_grpo\.rewards\.server"):
-        REWARDS.build("remote", reward="hps", port=port, retries=2, backoff=0.01)
-    assert time.time() - t0 < 10
+    # A port bound but not listening refuses connections, and holding it for the whole test keeps any
+    # other process from taking it (a port picked free and released could be reused by then).
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionError, match=rf"127\.0\.0\.1:{port}.*fastvideo_grpo\.rewards\.server"):
+            REWARDS.build("remote", reward="hps", port=port, retries=2, backoff=0.01)
+        assert time.monotonic() - t0 < 10  # 3 refused connects + 0.03 s back-off; no hang
 
 
 def test_timeout_is_bounded(server):
     port, _ = server
-    fn = REWARDS.build("remote", reward="slow", port=port, timeout=0.3, retries=1, backoff=0.01)
-    t0 = time.time()
-    with pytest.raises(TimeoutError, match=rf"127\.0\.0\.1:{port}"):
-        fn(_imgs(1), PROMPTS[:1])
-    assert time.time() - t0 < 5
+    # check_on_build=False: the build-time health check would run under the same 0.3 s limit, which a
+    # loaded machine can miss; the limit under test is the scoring request's.
+    fn = REWARDS.build("remote", reward="slow", port=port, timeout=0.3, retries=1, backoff=0.01, check_on_build=False)
+    _RELEASE_SLOW.clear()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match=rf"127\.0\.0\.1:{port}.*2 tries"):
+            fn(_imgs(1), PROMPTS[:1])
+        # 2 tries x 0.3 s + 0.01 s back-off, while the server would hold the answer for 60 s
+        assert time.monotonic() - t0 < 5
+    finally:
+        _RELEASE_SLOW.set()  # the abandoned requests finish now and free the service
 
 
 def test_cli_server_subprocess_matches_in_process(clip_dir, tmp_path):
