@@ -92,11 +92,16 @@ def _handler(service: RewardService):
 
         def _send(self, code: int, obj: dict):
             body = json.dumps(obj).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout): one line
+                self.close_connection = True
+                print(f"[reward server] client {self.client_address[0]}:{self.client_address[1]} left before "
+                      f"the answer to {self.command} {self.path} (client timeout?)", file=sys.stderr, flush=True)
 
         def do_GET(self):
             if self.path.rstrip("/") == "/health":

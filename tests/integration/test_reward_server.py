@@ -204,6 +204,9 @@ def test_timeout_is_bounded(server):
         assert time.monotonic() - t0 < 5
     finally:
         _RELEASE_SLOW.set()  # the abandoned requests finish now and free the service
+    # answering clients that left costs the server one log line each, and it keeps serving
+    local, _ = _mean_reward(_imgs(1), PROMPTS[:1])
+    assert torch.equal(REWARDS.build("remote", reward="mean", port=port)(_imgs(1), PROMPTS[:1])[0], local)
 
 
 def test_cli_server_subprocess_matches_in_process(clip_dir, tmp_path):
