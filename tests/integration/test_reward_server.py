@@ -4,6 +4,7 @@ count, chunking, error mapping, down server, timeout."""
 
 import json
 import os
+import queue
 import socket
 import subprocess
 import sys
@@ -218,20 +219,31 @@ def test_cli_server_subprocess_matches_in_process(clip_dir, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "fastvideo_grpo.rewards.server", "--config", str(cfg),
                              "--host", "127.0.0.1", "--port", "0", "--threads", str(threads)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    lines: "queue.Queue[str]" = queue.Queue()
+
+    def pump():  # a reader thread: the wait below stays bounded even if the server stalls mid-line
+        for out_line in proc.stdout:
+            lines.put(out_line)
+
+    threading.Thread(target=pump, daemon=True).start()
     try:
-        port, lines, deadline = None, [], time.time() + 90
-        while time.time() < deadline and port is None:  # bounded wait for the ready line
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
+        # start-up (imports, model load) took ~20 s on a loaded 2-core machine; 300 s only guards a hang
+        port, seen, deadline = None, [], time.monotonic() + 300
+        while port is None and time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=1.0)
+            except queue.Empty:
+                if proc.poll() is not None and lines.empty():
+                    break  # exited without the ready line
+                continue
+            seen.append(line)
             if line.startswith("reward server ready on http://127.0.0.1:"):
                 port = int(line.split(":")[2].split()[0])
-        assert port is not None, "server did not start:\n" + "".join(lines)
-        assert lines[-1].rstrip().endswith(f"threads={threads}")
+        assert port is not None, "server did not start:\n" + "".join(seen)
+        assert seen[-1].rstrip().endswith(f"threads={threads}")
         assert RewardClient(port=port).health()["num_threads"] == threads
         x = _imgs()
-        remote, _ = REWARDS.build("remote", reward="clip", port=port, timeout=60)(x, PROMPTS)
+        remote, _ = REWARDS.build("remote", reward="clip", port=port, timeout=300)(x, PROMPTS)
         local, _ = REWARDS.build("clip_score", model_path=clip_dir, device="cpu")(x, PROMPTS)
         # Another process: same inputs (float32 wire is lossless), same weights, same thread count, but
         # nothing makes its math libraries pick the same kernels (alignment, process state), so a float32
