@@ -49,7 +49,6 @@ import json
 import math
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -355,10 +354,9 @@ def _ensure_process_group(ctx):
 
     if dist.is_initialized():
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # MASTER_PORT=0: the one process's store binds a port the OS picks at bind time (a port found free
+    # and released first could be taken by another process before the store binds it)
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
     from fastvideo_grpo.distributed.init import init_distributed
 
     env = init_distributed(ctx["device"].type)

@@ -22,6 +22,7 @@ import time
 import torch
 
 from fastvideo_grpo.ops import extension_available, flow_coefficients, fused_sde_step, kernel_supports
+from fastvideo_grpo.threads import set_num_threads
 
 SHAPES = {"flux_1024px": (16, 128, 128), "hunyuan_480p_53f": (16, 14, 60, 60)}
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -139,10 +140,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.reps < 1:
         raise ValueError("--reps must be >= 1")
-    if args.threads < 0:
-        raise ValueError("--threads must be >= 0")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_num_threads(args.threads, "--threads")  # the trainer's rule; a negative count is a ValueError
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()

@@ -242,7 +242,7 @@ class RunConfig:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
         if self.eval.samples_per_prompt < 1 or self.eval.batch_size < 1:
             raise ValueError("eval.samples_per_prompt and eval.batch_size must be >= 1")
-        for name in ("save_every", "eval_every", "sample_every", "log_every", "num_iterations"):
+        for name in ("save_every", "eval_every", "sample_every", "log_every", "num_iterations", "num_threads"):
             if getattr(self.train, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self.train, name)}")
         return self

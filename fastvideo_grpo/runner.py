@@ -32,6 +32,7 @@ from .loop import (Checkpointer, Component, Evaluator, Exporter, Logger, NaNGuar
                    prepare_metrics_file)
 from .models.base import PolicyAdapter
 from .run_folder import RunLock, check_fresh_start, check_resume_settings, clear_run, record_config
+from .threads import set_num_threads
 
 
 @dataclass
@@ -172,8 +173,7 @@ def _run(cfg, env, build_adapter, prompts, reward_fns, reward_weights, eval_fns,
          keep_eval_images, on_built) -> Dict:
     from .checkpoint import resolve_resume
 
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+    set_num_threads(cfg.train.num_threads)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     out = Path(cfg.train.output_dir)

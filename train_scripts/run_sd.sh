@@ -9,6 +9,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CONFIG=${CONFIG:-$HERE/../configs/sd_hps.yaml}
 SCRIPT=${SCRIPT:-$HERE/train_sd_grpo.py}
-exec torchrun --nnodes=${NNODES:-1} --nproc_per_node=${NGPU:-8} \
-    ${MASTER_ADDR:+--rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:${MASTER_PORT:-29500}} \
+# one node: --standalone lets the rendezvous bind a free port (a fixed 29500 collides with other jobs)
+RDZV=(--standalone)
+if [ -n "${MASTER_ADDR:-}" ]; then RDZV=(--rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}"); fi
+exec torchrun --nnodes=${NNODES:-1} --nproc_per_node=${NGPU:-8} "${RDZV[@]}" \
     "$SCRIPT" --config "$CONFIG" "$@"

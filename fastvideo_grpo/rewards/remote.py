@@ -6,8 +6,10 @@ The client talks only to the configured host (default 127.0.0.1; proxies are byp
 timeout, bounded retries with exponential back-off, and clear errors: ConnectionError naming
 host:port and the start command when the server is down, TimeoutError when it does not answer,
 ValueError when it rejects the input (HTTP 400/404), RuntimeError when the reward fails (500).
-``wire_dtype="uint8"`` quarters the traffic (images quantised to 1/255); the default float32 gives
-bit-identical scores to in-process scoring. ``chunk_size`` splits big batches into several requests.
+``wire_dtype="uint8"`` quarters the traffic (images quantised to 1/255); the default float32 sends
+the images losslessly: a server in the same process scoring with the same torch thread count gives
+bit-identical scores, one in another process or on another machine equal scores up to float32
+rounding (see server.py). ``chunk_size`` splits big batches into several requests.
 """
 
 from __future__ import annotations

@@ -187,17 +187,14 @@ def test_two_processes_under_torchrun(tiny, tmp_path, family, extra):
 
     (Ulysses sp = 2 is not exercised: no real-model adapter supplies an SPPlan for its rotary tables yet.)"""
     import os
-    import socket
 
     folder, kw, manifest = tiny(family)
     recipe = dict(CASES_BY_FAMILY)[family]
     out = tmp_path / "run"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--master-addr=127.0.0.1", f"--master-port={port}", str(Path(__file__).parent / "_train_worker.py"),
-           "--config", str(ROOT / recipe)] + run_overrides(folder, kw, manifest, out, **{"parallel.sp": 1}) + extra
+    # --standalone: the rendezvous store binds port 0 itself (no free-port-then-bind race)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).parent / "_train_worker.py"), "--config", str(ROOT / recipe)
+           ] + run_overrides(folder, kw, manifest, out, **{"parallel.sp": 1}) + extra
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"

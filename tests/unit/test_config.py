@@ -69,10 +69,39 @@ def test_script_flags_map_to_config_fields():
     ({"rewards": [{"name": "hps", "wieght": 1}]}, r"unknown config key\(s\) \['wieght'\] in section 'rewards\[0\]'"),
     ({"train": {"save_every": -1}}, r"train.save_every must be >= 0"),
     ({"train": {"autocast": "fp16"}}, r"train.autocast must be 'bf16' or 'none'.*gradient scaler"),
+    ({"train": {"num_threads": -2}}, r"train.num_threads must be >= 0"),
 ])
 def test_bad_configs_are_rejected(tmp_path, data, match):
     with pytest.raises(ValueError, match=match):
         load_config(_write(tmp_path, data))
+
+
+def test_thread_count_rule_is_per_calling_thread_and_restored():
+    import threading
+
+    import torch
+
+    from fastvideo_grpo.threads import resolve_num_threads, set_num_threads, thread_count
+
+    caller = torch.get_num_threads()
+    assert resolve_num_threads(0) == caller and resolve_num_threads(3) == 3
+    assert set_num_threads(0) == caller == torch.get_num_threads()  # 0 keeps torch's default
+    seen = {}
+
+    def worker():
+        with thread_count(2) as n:
+            seen["inside"] = (n, torch.get_num_threads())
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen["inside"] == (2, 2) and torch.get_num_threads() == caller
+    with thread_count(2):
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == caller
+    for bad in (-1, 1.5, "2", True):
+        with pytest.raises(ValueError, match="--threads must be an integer >= 0"):
+            resolve_num_threads(bad, "--threads")
 
 
 def test_bad_override_and_missing_file(tmp_path):

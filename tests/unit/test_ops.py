@@ -16,6 +16,7 @@ import torch
 from fastvideo_grpo import sde
 from fastvideo_grpo.ops import fused, reference
 from fastvideo_grpo.ops import ddim_coefficients, flow_coefficients, fused_sde_step, reference_sde_step
+from fastvideo_grpo.threads import thread_count
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_ext = pytest.mark.skipif(not fused.extension_available(),
@@ -232,13 +233,12 @@ def test_rescoring_reproduces_rollout_log_prob_bit_for_bit(kind, use_kernel, mon
     for out_dtype in (torch.float32, torch.bfloat16):
         u = torch.randn(z.shape, generator=g).to(out_dtype)
         idx = torch.tensor([0, 3, 6])
-        prev, lp, _, _ = sched.step(idx, u, z, generator=g)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # a different thread count must not change the reduction
-        try:
+        # a different thread count must not change the reduction: roll out with 2 threads, re-score
+        # with 1 (the session runs at 1, so setting 1 for the re-score alone would compare 1 with 1)
+        with thread_count(2):
+            prev, lp, _, _ = sched.step(idx, u, z, generator=g)
+        with thread_count(1):
             _, lp2, _, _ = sched.step(idx, u, z, prev_sample=prev)
-        finally:
-            torch.set_num_threads(threads)
         assert torch.equal(lp, lp2)
         assert torch.equal(torch.exp(lp2 - lp), torch.ones_like(lp))
 
