@@ -29,14 +29,18 @@ class SamplingConfig:
     eval_num_steps: int = 0  # ODE steps for evaluation; 0 = same as num_steps
     eta: float = 0.3  # noise level e_t of the SDE (paper: 0.3); a list gives a per-step schedule
     eta_schedule: Optional[List[float]] = None  # per-step eta; overrides eta when set
+    # eta = 0 at the last step. null = the schedule's default: yes for flow models (the step to sigma 0 is
+    # then the clean prediction z - sigma * u, the image the released code rewards), no for DDIM (released SD)
+    deterministic_last_step: Optional[bool] = None
 
 
 @dataclass
 class GRPOConfig:
     group_size: int = 8  # G: samples per prompt, all from one initial noise (paper: 12)
     prompts_per_iteration: int = 4  # prompts per rank per iteration (paper: 32 global)
-    tau: float = 0.6  # fraction of sampling steps trained on, ceil(tau * T) (paper: 0.6)
+    tau: float = 0.6  # fraction of the trainable steps trained on: int(tau * (T - 1)) (paper: 0.6)
     timestep_window: Optional[List[int]] = None  # [lo, hi): train only steps in this range (ablations)
+    train_last_step: bool = False  # also train the last sampling step (the released code never does)
     clip_range: float = 1e-4  # PPO clip epsilon (paper: 1e-4)
     adv_clip_max: float = 5.0  # advantages are clamped to +-this
     num_updates_per_iteration: int = 4  # optimiser steps per iteration (paper: 4, or 1 with CFG)
@@ -190,11 +194,24 @@ class RunConfig:
             if len(w) != 2 or not 0 <= w[0] < w[1] <= self.sampling.num_steps:
                 raise ValueError(f"grpo.timestep_window {w} must be [lo, hi) with 0 <= lo < hi <= "
                                  f"sampling.num_steps={self.sampling.num_steps}")
+        if not g.train_last_step and self.sampling.num_steps < 2:
+            raise ValueError("sampling.num_steps must be >= 2 while the last step is not trained "
+                             "(grpo.train_last_step: false); or set grpo.train_last_step: true")
+        # the steps training may pick (as grpo.trainable_window): the window without the last step
+        lo, hi = g.timestep_window or (0, self.sampling.num_steps)
+        if not g.train_last_step:
+            hi = min(hi, self.sampling.num_steps - 1)
+            if hi <= lo:
+                raise ValueError(f"grpo.timestep_window {[lo, hi + 1]} holds only the last step, which is not trained "
+                                 "(grpo.train_last_step: false, as the released code); widen the window or set "
+                                 "grpo.train_last_step: true")
+        if self.sampling.deterministic_last_step and hi == self.sampling.num_steps:
+            raise ValueError("sampling.deterministic_last_step makes the last step deterministic (eta 0), but "
+                             "grpo.train_last_step lets training pick it; set one of them to false")
         if self.sampling.eta_schedule is not None:
             # kept (trained) steps must be stochastic: an eta = 0 step has a point-mass transition, so its
             # log-prob is 0 and its gradient is 0 -- compute spent for nothing. With eta = 0 outside a
             # training window (the sliding-window option), set grpo.timestep_window to that window.
-            lo, hi = g.timestep_window or (0, self.sampling.num_steps)
             dead = [i for i in range(lo, hi) if self.sampling.eta_schedule[i] <= 0]
             if dead:
                 raise ValueError(f"sampling.eta_schedule is 0 at steps {dead}, which grpo.timestep_window "

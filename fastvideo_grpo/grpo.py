@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -88,11 +88,36 @@ def best_of_n_indices(rewards_B: torch.Tensor, group_size: int, k: int) -> torch
     return (chosen + offsets).reshape(-1)
 
 
-def num_train_steps(num_steps: int, tau: float) -> int:
-    """ceil(tau * T) with a guard against float noise (0.6 * 10 = 6.000000000000001)."""
+def num_train_steps(num_candidates: int, tau: float) -> int:
+    """int(tau * n): how many of ``n`` candidate steps each sample trains on, at least 1.
+
+    The released DanceGRPO code trains ``int(len(timesteps) * timestep_fraction)`` steps, its timesteps
+    being the T - 1 steps before the last, so with n = T - 1 (``trainable_window``) this is its count
+    (FLUX, T = 16, tau 0.6: 9). The product is rounded to 9 decimals first, so float noise cannot drop
+    a step (0.29 * 100 = 28.999999999999996 gives 29, where the released ``int()`` gives 28).
+    """
     if not 0.0 < tau <= 1.0:
         raise ValueError(f"timestep fraction tau must be in (0, 1], got {tau}")
-    return max(1, math.ceil(round(tau * num_steps, 9)))
+    if num_candidates < 1:
+        raise ValueError(f"there must be at least one step to train on, got {num_candidates}")
+    return max(1, math.floor(round(tau * num_candidates, 9)))
+
+
+def trainable_window(num_steps: int, window: Optional[Sequence[int]] = None,
+                     train_last_step: bool = False) -> Tuple[int, int]:
+    """The steps ``[lo, hi)`` that training may pick from: ``window`` (default all T steps), without the
+    last step unless ``train_last_step`` (the released code never trains it: ``[:, :-1]`` on the
+    timesteps, latents and log-probs of every trajectory). ValueError when nothing is left."""
+    lo, hi = (0, num_steps) if window is None else (int(window[0]), int(window[1]))
+    if not 0 <= lo < hi <= num_steps:
+        raise ValueError(f"timestep window {list(window)} must satisfy 0 <= lo < hi <= {num_steps}")
+    if not train_last_step:
+        hi = min(hi, num_steps - 1)
+        if hi <= lo:
+            raise ValueError(f"no step left to train on: the window [{lo}, {hi + 1}) of {num_steps} steps holds only "
+                             "the last step, which is not trained (grpo.train_last_step: false, as the released "
+                             "code); widen grpo.timestep_window or set grpo.train_last_step: true")
+    return lo, hi
 
 
 def subsample_timesteps(
@@ -102,11 +127,12 @@ def subsample_timesteps(
     generator: Optional[torch.Generator] = None,
     window: Optional[tuple] = None,
 ) -> torch.Tensor:
-    """Per-sample random subsets of ceil(tau * T) step indices: an int64 (B, K) CPU tensor.
+    """Per-sample random subsets of ``num_train_steps(hi - lo, tau)`` step indices in ``[lo, hi)``:
+    an int64 (B, K) CPU tensor.
 
     Each sample draws its own subset (as the reference implementation does), in random order.
-    ``window=(lo, hi)`` restricts choices to steps lo..hi-1 (e.g. the first 30% for ablations);
-    then K = ceil(tau * (hi - lo)).
+    ``window=(lo, hi)`` restricts choices to steps lo..hi-1; the trainer passes ``trainable_window``
+    (which leaves out the last step by default). Without a window all ``num_steps`` are candidates.
     """
     lo, hi = (0, num_steps) if window is None else window
     if not 0 <= lo < hi <= num_steps:

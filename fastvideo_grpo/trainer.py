@@ -3,9 +3,14 @@
 The loop of DESIGN.md "The one loop". Departures from the paper's Algorithm 1, stated here:
 * Timestep subsets are drawn per sample before the rollout (as the reference implementation
   does), so only those transitions are stored.
-* The ceil(tau * T) selected steps are split into ``num_updates_per_iteration`` consecutive chunks;
+* As the released code (not stated in the paper): the last sampling step is never trained on
+  (``grpo.train_last_step``), each sample trains ``int(tau * (T - 1))`` steps, and for flow models the
+  last step is deterministic (``sampling.deterministic_last_step``), so the rewarded image is the clean
+  prediction ``z - sigma * u`` (docs/fidelity.md).
+* The int(tau * (T - 1)) selected steps are split into ``num_updates_per_iteration`` consecutive chunks;
   each chunk's gradients are accumulated over its steps and followed by one optimiser step. pi_old
-  stays the rollout policy throughout the iteration (PPO's usual convention).
+  stays the rollout policy throughout the iteration (PPO's usual convention). (The released code
+  splits the samples instead: each optimiser step sees all kept steps of a subset of the samples.)
 """
 
 from __future__ import annotations
@@ -164,6 +169,31 @@ def frozen_reference(adapter: PolicyAdapter) -> PolicyAdapter:
     return ref
 
 
+def build_schedule(cfg: RunConfig, adapter: PolicyAdapter):
+    """The adapter's sampling schedule for ``cfg.sampling``, with the last step made deterministic when
+    ``sampling.deterministic_last_step`` says so (null: the schedule's own default, see sde.py).
+
+    ValueError when a step that training may pick (``grpo.trainable_window``) has eta = 0: its
+    transition is a point mass, with no log-prob to train."""
+    from .sde import with_deterministic_last_step
+
+    s = cfg.sampling
+    schedule = adapter.make_schedule(s.num_steps, cfg.eta)
+    last = s.deterministic_last_step
+    if last is None:
+        last = type(schedule).deterministic_last_step_default
+    if last:
+        schedule = with_deterministic_last_step(schedule)
+    lo, hi = grpo.trainable_window(schedule.num_steps, cfg.grpo.timestep_window, cfg.grpo.train_last_step)
+    dead = [i for i in range(lo, hi) if float(schedule.eta[i]) <= 0]
+    if dead:
+        why = (" (the last step is deterministic: sampling.deterministic_last_step; set grpo.train_last_step: "
+               "false, as the released code)" if dead == [schedule.num_steps - 1] else "")
+        raise ValueError(f"steps {dead} have eta = 0 but training may pick them (window [{lo}, {hi})){why}; "
+                         "set sampling.eta > 0 there or narrow grpo.timestep_window")
+    return schedule
+
+
 class GRPOTrainer:
     """Owns the optimiser and the per-iteration logic; logging and saving are injected callbacks."""
 
@@ -191,7 +221,7 @@ class GRPOTrainer:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
         )
-        self.schedule = adapter.make_schedule(cfg.sampling.num_steps, cfg.eta)
+        self.schedule = build_schedule(cfg, adapter)
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
         self.iteration = 0
         # autocast applies on CUDA only (rollout._autocast); CPU runs stay in the weights' dtype
@@ -251,7 +281,7 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         prompts, cond = self.prompts.next_batch(g.prompts_per_iteration)
         B = len(prompts) * g.group_size
-        window = tuple(g.timestep_window) if g.timestep_window else None
+        window = grpo.trainable_window(self.schedule.num_steps, g.timestep_window, g.train_last_step)
         keep = grpo.subsample_timesteps(self.schedule.num_steps, g.tau, B, self.generator, window)
         self.adapter.trainable_module().eval()
         traj = rollout(self.adapter, self.schedule, prompts, cond, g.group_size, keep, self.generator,

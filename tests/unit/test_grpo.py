@@ -59,13 +59,35 @@ def test_best_of_n_selects_top_and_bottom_k_per_group():
         grpo.best_of_n_indices(r, 6, 4)
 
 
+def test_trained_step_count_is_the_released_int_tau_t_minus_1():
+    """Released: timesteps[:, :-1] (T - 1 steps, the last dropped), then int(len * timestep_fraction)."""
+    for T, tau in [(16, 0.6), (25, 0.6), (50, 1.0), (20, 0.6), (10, 0.5), (16, 1.0), (6, 0.6)]:
+        lo, hi = grpo.trainable_window(T)
+        assert (lo, hi) == (0, T - 1)
+        released = int(len(list(range(T))[:-1]) * tau)
+        assert grpo.num_train_steps(hi - lo, tau) == released, (T, tau)
+    assert grpo.num_train_steps(15, 0.6) == 9 and grpo.num_train_steps(24, 0.6) == 14
+    assert grpo.num_train_steps(10, 0.01) == 1  # at least one step
+    # float noise does not drop a step where tau * n is a whole number
+    assert grpo.num_train_steps(100, 0.29) == 29
+    # the last step only when asked; a window is cut to leave it out
+    assert grpo.trainable_window(10, train_last_step=True) == (0, 10)
+    assert grpo.trainable_window(10, (0, 5)) == (0, 5)
+    assert grpo.trainable_window(10, (3, 10)) == (3, 9)
+    with pytest.raises(ValueError, match="only the last step"):
+        grpo.trainable_window(10, (9, 10))
+    with pytest.raises(ValueError, match="window"):
+        grpo.trainable_window(10, (4, 11))
+
+
 def test_subsample_timesteps_counts_and_ranges():
     g = torch.Generator().manual_seed(0)
     sel = grpo.subsample_timesteps(10, 0.6, 5, g)
     assert sel.shape == (5, 6)
     for row in sel:
         assert len(set(row.tolist())) == 6 and row.min() >= 0 and row.max() < 10
-    assert grpo.num_train_steps(25, 0.6) == 15 and grpo.num_train_steps(10, 0.6) == 6
+    last_out = grpo.subsample_timesteps(16, 0.6, 50, g, window=grpo.trainable_window(16))
+    assert last_out.shape == (50, 9) and last_out.max() == 14  # step 15 (the last) is never picked
     win = grpo.subsample_timesteps(20, 1.0, 3, g, window=(0, 6))
     assert win.shape == (3, 6) and win.max() < 6
     with pytest.raises(ValueError, match="tau"):
