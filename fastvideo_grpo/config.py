@@ -48,6 +48,7 @@ class GRPOConfig:
     kl_coef: float = 0.0  # KL to a frozen copy of the starting policy (off in the paper; > 0 holds a 2nd copy)
     shared_noise: bool = True  # one initial noise per group (paper: essential)
     advantage: str = "group"  # "group" (GRPO) or "global" (DDPO-style normalisation; ablation)
+    advantage_std: str = "bessel"  # std of the normalisation: "bessel" (n - 1, + 1e-8: released code) or "population"
     best_of_n_k: int = 0  # >0: train on top-k and bottom-k of each group only (best-of-N)
 
 
@@ -178,6 +179,8 @@ class RunConfig:
             )
         if g.advantage not in ("group", "global"):
             raise ValueError(f"grpo.advantage must be 'group' or 'global', got {g.advantage!r}")
+        if g.advantage_std not in ("bessel", "population"):
+            raise ValueError(f"grpo.advantage_std must be 'bessel' or 'population', got {g.advantage_std!r}")
         if g.best_of_n_k and not 1 <= g.best_of_n_k <= g.group_size // 2:
             raise ValueError(f"grpo.best_of_n_k must be in [1, group_size // 2], got {g.best_of_n_k}")
         if self.sampling.num_steps < 1:

@@ -24,21 +24,37 @@ def _check_groups(rewards_B: torch.Tensor, group_size: int) -> torch.Tensor:
     return rewards_B.reshape(-1, group_size)
 
 
-def group_advantages(rewards_B: torch.Tensor, group_size: int, eps: float = 1e-8) -> torch.Tensor:
-    """A_i = (r_i - mean(group)) / std(group); a group whose rewards are all equal gets 0 (not NaN).
+#: how the std of a group is estimated: "bessel" (unbiased, n - 1; the released code's ``group_rewards.std()``)
+#: or "population" (n)
+STD_ESTIMATORS = ("bessel", "population")
 
-    std is the population std (unbiased=False) so a group of 1 is well defined (advantage 0).
+
+def group_advantages(rewards_B: torch.Tensor, group_size: int, eps: float = 1e-8, std: str = "bessel") -> torch.Tensor:
+    """A_i = (r_i - mean(group)) / std(group).
+
+    ``std="bessel"`` (default) is the released DanceGRPO code's formula exactly,
+    ``(r - mean) / (r.std() + 1e-8)`` with torch's unbiased (n - 1) std; a group whose rewards are all
+    equal gets 0. ``std="population"`` divides by the population (n) std instead, larger advantages by
+    sqrt(n / (n - 1)) (1.04 at G = 12), and gives 0 to a group whose std is below ``eps``.
+    The paper writes std(group) without saying which.
     """
+    if std not in STD_ESTIMATORS:
+        raise ValueError(f"std must be one of {STD_ESTIMATORS}, got {std!r}")
     r = _check_groups(rewards_B.to(torch.float64), group_size)
     mean = r.mean(dim=1, keepdim=True)
-    std = r.std(dim=1, unbiased=False, keepdim=True)
-    adv = torch.where(std > eps, (r - mean) / std.clamp(min=eps), torch.zeros_like(r))
+    if std == "bessel":
+        if group_size < 2:
+            raise ValueError("the Bessel-corrected std needs at least 2 samples per group (grpo.group_size >= 2)")
+        adv = (r - mean) / (r.std(dim=1, unbiased=True, keepdim=True) + eps)
+    else:
+        sd = r.std(dim=1, unbiased=False, keepdim=True)
+        adv = torch.where(sd > eps, (r - mean) / sd.clamp(min=eps), torch.zeros_like(r))
     return adv.reshape(-1).to(torch.float32)
 
 
-def global_advantages(rewards_B: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def global_advantages(rewards_B: torch.Tensor, eps: float = 1e-8, std: str = "bessel") -> torch.Tensor:
     """DDPO-style normalisation over the whole batch (ignores groups); for ablations."""
-    return group_advantages(rewards_B, rewards_B.numel(), eps)
+    return group_advantages(rewards_B, rewards_B.numel(), eps, std)
 
 
 def aggregate_advantages(
@@ -46,11 +62,13 @@ def aggregate_advantages(
     group_size: int,
     weights: Optional[Mapping[str, float]] = None,
     normalise: str = "group",
+    std: str = "bessel",
 ) -> torch.Tensor:
     """Normalise each reward within its group, then take the weighted sum of advantages.
 
     Rewards live on different scales, so they are never added raw (docs/method.md section 3).
-    ``normalise`` is "group" (GRPO) or "global" (DDPO-style, for ablations).
+    ``normalise`` is "group" (GRPO) or "global" (DDPO-style, for ablations); ``std`` as in
+    ``group_advantages``.
     """
     if not rewards:
         raise ValueError("at least one reward is needed")
@@ -62,7 +80,7 @@ def aggregate_advantages(
         raise ValueError(f"normalise must be 'group' or 'global', got {normalise!r}")
     total = None
     for name, r in rewards.items():
-        a = group_advantages(r, group_size) if normalise == "group" else global_advantages(r)
+        a = group_advantages(r, group_size, std=std) if normalise == "group" else global_advantages(r, std=std)
         a = a * float(weights.get(name, 1.0))
         total = a if total is None else total + a
     return total

@@ -236,11 +236,11 @@ class GRPOTrainer:
         """
         g = self.cfg.grpo
         if g.advantage != "global" or self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
-            return grpo.aggregate_advantages(rewards, group_size, self.reward_weights, g.advantage)
+            return grpo.aggregate_advantages(rewards, group_size, self.reward_weights, g.advantage, g.advantage_std)
         from .distributed.collectives import all_gather_rewards
 
         gathered = all_gather_rewards({k: r.detach() for k, r in rewards.items()}, self.dp_group)
-        total = grpo.aggregate_advantages(gathered, group_size, self.reward_weights, "global")
+        total = grpo.aggregate_advantages(gathered, group_size, self.reward_weights, "global", g.advantage_std)
         n = next(iter(rewards.values())).numel()
         start = dist.get_rank(self.dp_group) * n
         return total[start:start + n]
