@@ -50,6 +50,9 @@ class GRPOConfig:
     advantage: str = "group"  # "group" (GRPO) or "global" (DDPO-style normalisation; ablation)
     advantage_std: str = "bessel"  # std of the normalisation: "bessel" (n - 1, + 1e-8: released code) or "population"
     best_of_n_k: int = 0  # >0: train on top-k and bottom-k of each group only (best-of-N)
+    # best-of-N advantages: "group" = computed over the whole group, then the 2k selected (released code);
+    # "selected" = recomputed over the 2k selected samples only
+    best_of_n_advantages: str = "group"
 
 
 @dataclass
@@ -181,6 +184,8 @@ class RunConfig:
             raise ValueError(f"grpo.advantage must be 'group' or 'global', got {g.advantage!r}")
         if g.advantage_std not in ("bessel", "population"):
             raise ValueError(f"grpo.advantage_std must be 'bessel' or 'population', got {g.advantage_std!r}")
+        if g.best_of_n_advantages not in ("group", "selected"):
+            raise ValueError(f"grpo.best_of_n_advantages must be 'group' or 'selected', got {g.best_of_n_advantages!r}")
         if g.best_of_n_k and not 1 <= g.best_of_n_k <= g.group_size // 2:
             raise ValueError(f"grpo.best_of_n_k must be in [1, group_size // 2], got {g.best_of_n_k}")
         if self.sampling.num_steps < 1:

@@ -291,14 +291,17 @@ class GRPOTrainer:
         t2 = time.perf_counter()
         group = g.group_size
         if g.best_of_n_k:
+            # best-of-N: rank the group by its total advantage, keep the k best and k worst
             total = self.advantages(rewards, group)
             chosen = grpo.best_of_n_indices(total, group, g.best_of_n_k)
             traj = traj.select(chosen)
-            rewards_train = {k: v[chosen] for k, v in rewards.items()}
             group = 2 * g.best_of_n_k
+            if g.best_of_n_advantages == "group":  # released code: the whole group's advantages, selected
+                adv = total[chosen.to(total.device)]
+            else:  # "selected": normalised again over the 2k selected samples
+                adv = self.advantages({k: v[chosen.to(v.device)] for k, v in rewards.items()}, group)
         else:
-            rewards_train = rewards
-        adv = self.advantages(rewards_train, group)
+            adv = self.advantages(rewards, group)
         # groups whose samples all got the same rewards have zero advantages: no learning signal from them
         zero_groups = float((adv.detach().reshape(-1, group).abs().amax(dim=1) == 0).float().mean())
         if zero_groups == 1.0:

@@ -225,3 +225,60 @@ def test_kl_coef_builds_a_frozen_reference_and_penalises_drift():
     want = torch.distributions.kl_divergence(torch.distributions.Normal(m1, std.view(-1, 1, 1, 1)),
                                              torch.distributions.Normal(m2, std.view(-1, 1, 1, 1))).mean(dim=(1, 2, 3))
     torch.testing.assert_close(grpo.gaussian_kl_same_std(m1, m2, std), want, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("mode", ["group", "selected"])
+def test_best_of_n_trains_the_released_advantages(mode):
+    """Best-of-N (released train_grpo_hunyuan.py): advantages over the whole group of N, then the top k and
+    bottom k by advantage are kept with those advantages ("group", the default); "selected" normalises
+    again over the 2k kept samples. Reference: the released formula on plain floats."""
+    import statistics
+
+    from fastvideo_grpo import trainer as trainer_mod
+    from fastvideo_grpo.data.prompt_source import PromptSource
+    from fastvideo_grpo.trainer import GRPOTrainer
+
+    scores = [0.1, 0.9, 0.5, 0.3, 0.7, 0.2]
+    cfg = load_config("configs/toy_cpu.yaml", [
+        "--grpo.prompts_per_iteration=1", "--grpo.group_size=6", "--grpo.best_of_n_k=2",
+        f"--grpo.best_of_n_advantages={mode}", "--sampling.num_steps=3", "--sampling.eta_schedule=null",
+        "--sampling.eta=0.7", "--grpo.timestep_window=null", "--grpo.tau=1.0", "--grpo.num_updates_per_iteration=1",
+    ])
+    ad = _adapter(4)
+
+    shown = {}
+
+    def fixed(images, prompts, **_):
+        shown["images"] = images.clone()
+        return torch.tensor(scores), {}
+
+    trainer = GRPOTrainer(cfg, ad, {"r": fixed}, {"r": 1.0}, PromptSource(["one red square"], ad.encode_prompts, seed=0))
+    seen = {}
+    original = trainer_mod.grpo_update
+
+    def spy(adapter, schedule, traj, adv, *a, **k):
+        seen["traj"], seen["adv"] = traj, adv.clone()
+        return original(adapter, schedule, traj, adv, *a, **k)
+
+    trainer_mod.grpo_update = spy
+    try:
+        trainer.train_iteration()
+    finally:
+        trainer_mod.grpo_update = original
+
+    def released_adv(xs):
+        m, s = statistics.fmean(xs), statistics.stdev(xs)
+        return [(x - m) / (s + 1e-8) for x in xs]
+
+    full = released_adv(scores)
+    order = sorted(range(6), key=lambda i: full[i])
+    kept = sorted(order[-2:] + order[:2])
+    assert kept == [0, 1, 4, 5]
+    assert seen["traj"].batch_size == 4
+    # which sample each trained row is: its decoded image among the six the reward saw
+    rows = [next(i for i in range(6) if torch.equal(img, shown["images"][i])) for img in seen["traj"].decoded]
+    got = dict(zip(rows, seen["adv"].tolist()))
+    want = dict(zip(kept, [full[i] for i in kept] if mode == "group" else released_adv([scores[i] for i in kept])))
+    assert got.keys() == want.keys()
+    for i in kept:
+        assert got[i] == pytest.approx(want[i], rel=1e-5), (mode, i)

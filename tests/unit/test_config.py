@@ -70,6 +70,7 @@ def test_script_flags_map_to_config_fields():
     ({"train": {"save_every": -1}}, r"train.save_every must be >= 0"),
     ({"train": {"autocast": "fp16"}}, r"train.autocast must be 'bf16' or 'none'.*gradient scaler"),
     ({"grpo": {"advantage_std": "unbiased"}}, r"grpo.advantage_std must be 'bessel' or 'population'"),
+    ({"grpo": {"best_of_n_advantages": "top"}}, r"grpo.best_of_n_advantages must be 'group' or 'selected'"),
     ({"sampling": {"num_steps": 10}, "grpo": {"timestep_window": [9, 10]}}, r"only the last step.*train_last_step"),
     ({"sampling": {"num_steps": 1}}, r"num_steps must be >= 2 while the last step is not trained"),
     ({"sampling": {"deterministic_last_step": True}, "grpo": {"train_last_step": True}},
