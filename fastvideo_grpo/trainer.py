@@ -28,6 +28,7 @@ from . import grpo
 from .config import RunConfig
 from .cuda_settings import configure_attention
 from .dtypes import autocast_dtype
+from .ema import WeightEMA
 from .data.prompt_source import PromptSource
 from .models.base import PolicyAdapter, index_cond
 from .rewards.base import RewardFn, compute_rewards
@@ -222,6 +223,9 @@ class GRPOTrainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
         )
         self.schedule = build_schedule(cfg, adapter)
+        # EMA of the weights (train.ema_decay), cloned from the parameters as they are now (sharded under FSDP2);
+        # loop.EMAUpdate updates it after every iteration, checkpoint.py saves it
+        self.ema = WeightEMA(adapter.trainable_module(), cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
         self.iteration = 0
         # autocast applies on CUDA only (rollout._autocast); CPU runs stay in the weights' dtype
