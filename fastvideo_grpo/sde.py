@@ -173,8 +173,9 @@ def ddim_sde_step(
     """One DDIM step with stochasticity ``eta`` for an eps-prediction model (DDIM paper eq. 12/16).
 
     alpha_prod values are diffusers' ``alphas_cumprod`` at the current and previous timestep
-    (``final_alpha_cumprod`` past the end). eta is DDIM's eta (fraction of the DDPM posterior std),
-    as in DDPO / DanceGRPO's Stable Diffusion recipe:
+    (``final_alpha_cumprod`` past the end). eta is DDIM's eta (fraction of the DDPM posterior std; 1 = DDPM),
+    as in DDPO and DanceGRPO's released Stable Diffusion code, whose config samples with eta = 1.0
+    (fastvideo/config_sd/base.py, ``sample.eta``), as configs/sd_hps*.yaml do:
         x_hat = (z - sqrt(1 - a_t) eps) / sqrt(a_t)
         std   = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
         mean  = sqrt(a_prev) x_hat + sqrt(1 - a_prev - std^2) eps
