@@ -82,7 +82,8 @@ class WeightEMA:
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
-        """Within the block the parameters hold the average; the trained weights are restored after."""
+        """Within the block the parameters hold the average; the trained weights are restored after (a copy of
+        them, sharded like the parameters, is held meanwhile: one more copy of the trainable weights)."""
         with torch.no_grad():
             backup = [p.detach().clone() for _, p in self.params]
             for name, p in self.params:
