@@ -30,7 +30,8 @@ def _early_sde(eta: float) -> List[str]:
 VARIANTS = {
     "baseline": ("demo config: shared noise, SDE (eta 1.0) on the first 5 of 10 steps, all 5 trained, "
                  "group advantages, geneval + its binary form", []),
-    "sde_every_step": ("the paper's sampler: noise at every step, tau 0.6 (eta 0.7 here)",
+    "sde_every_step": ("the paper's sampler: noise at every step but the last (deterministic, as the released code), "
+                       "tau 0.6 (eta 0.7 here)",
                        ["--sampling.eta_schedule=null", "--sampling.eta=0.7", "--grpo.timestep_window=null",
                         "--grpo.tau=0.6"]),
     "independent_noise": ("different noise per sample led to reward hacking / instability",
@@ -48,7 +49,8 @@ VARIANTS = {
     "binary_only": ("thresholded 0/1 rewards still learn", ["--rewards=[{name: toy_geneval, threshold: 0.5}]"]),
     "kl_0.1": ("(not in the paper) KL to the starting policy: holds back the unrewarded background drift",
                ["--grpo.kl_coef=0.1"]),
-    "best_of_n": ("train on top-k + bottom-k of a larger pool: faster convergence, more sampling",
+    "best_of_n": ("train on top-k + bottom-k of a larger pool (with the whole group's advantages, as the released "
+                  "code): faster convergence, more sampling",
                   ["--grpo.group_size=16", "--grpo.prompts_per_iteration=4", "--grpo.best_of_n_k=4"]),
 }
 

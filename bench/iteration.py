@@ -490,9 +490,9 @@ def run_case(name: str, reps: int, overrides=(), adapter_kwargs=None, device="cp
     g = cfg.grpo
     B = g.prompts_per_iteration * g.group_size
     T = trainer.schedule.num_steps
-    window = tuple(g.timestep_window) if g.timestep_window else None
-    lo, hi = window or (0, T)
-    from fastvideo_grpo.grpo import num_train_steps
+    from fastvideo_grpo.grpo import num_train_steps, trainable_window
+
+    lo, hi = trainable_window(T, g.timestep_window, g.train_last_step)
 
     K = num_train_steps(hi - lo, g.tau)
     mb = g.micro_batch_size or B
@@ -541,7 +541,7 @@ def run_case(name: str, reps: int, overrides=(), adapter_kwargs=None, device="cp
     out = {
         "case": name,
         "config": dict(case, params_M=round(params / 1e6, 2), batch=B, num_steps_T=T, train_steps_K=K, micro_batch=mb,
-                       latent=list(adapter.latent_shape()), window=list(window) if window else None,
+                       latent=list(adapter.latent_shape()), window=[lo, hi],
                        overrides=list(overrides), adapter_kwargs=adapter_kwargs or {}, compile=compile_model,
                        fsdp=fsdp, autocast=str(amp).replace("torch.", "") if amp is not None else None),
         "reps": reps,

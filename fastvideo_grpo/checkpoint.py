@@ -11,6 +11,9 @@ Atomicity: every rank writes into ``step_N.tmp/``; after a barrier rank 0 rename
 and then rewrites ``latest`` atomically (io.atomic_write_text). A crash at any point leaves the
 previous ``latest`` pointing at a complete checkpoint; stale ``*.tmp`` folders are ignored.
 
+The trainer's weight EMA (``train.ema_decay``, ema.py), when it keeps one, is a third DCP entry
+(``ema``), sharded like the parameters; ``load_ema_weights`` puts it into a model for evaluation.
+
 Model and optimiser go through ``get_model_state_dict`` / ``get_optimizer_state_dict`` (FQN-keyed,
 the same for FSDP2 and plain modules, checkpoint-wrapper prefixes removed), so DCP reshards on load:
 a checkpoint written by 2 ranks resumes on 1 (or 8). RNG states are per rank; when the world size
@@ -98,13 +101,23 @@ def _checked(path: Path) -> Path:
 # ----------------------------------------------------------------------------- model + optimiser (DCP)
 
 
-def _state(model: nn.Module, optimizer=None):
+def _state(model: nn.Module, optimizer=None, ema: Optional[Dict[str, torch.Tensor]] = None):
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
+    if ema is not None:
+        state["ema"] = ema
     return state
+
+
+def has_ema(path: Union[str, Path]) -> bool:
+    """Whether the DCP checkpoint at ``path`` holds a weight EMA (``train.ema_decay`` was set)."""
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return any(k.startswith("ema.") for k in keys)
 
 
 def rng_state() -> Dict:
@@ -121,8 +134,8 @@ def set_rng_state(state: Dict) -> None:
 
 
 def save_checkpoint(root: Union[str, Path], step: int, model: nn.Module, optimizer=None,
-                    extra: Optional[Dict] = None) -> Path:
-    """Collective: write model / optimizer (DCP) + this rank's ``extra`` dict; returns the folder.
+                    extra: Optional[Dict] = None, ema: Optional[Dict[str, torch.Tensor]] = None) -> Path:
+    """Collective: write model / optimizer / ``ema`` (DCP) + this rank's ``extra`` dict; returns the folder.
 
     A failed write (a full disk) removes its partial ``step_N.tmp`` folder before re-raising, so that
     it does not keep the disk full; ``latest`` still names the previous complete checkpoint."""
@@ -139,7 +152,7 @@ def save_checkpoint(root: Union[str, Path], step: int, model: nn.Module, optimiz
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(_state(model, optimizer), checkpoint_id=str(tmp))
+            dcp.save(_state(model, optimizer, ema), checkpoint_id=str(tmp))
         blob = dict(extra or {}, rank=_rank(), world_size=_world(), rng=rng_state())
         torch.save(blob, tmp / "extra" / f"rank_{_rank()}.pt")
     except BaseException:
@@ -174,14 +187,17 @@ def prune_checkpoints(own: Sequence[Path], keep_last: int) -> List[Path]:
     return own[-keep_last:]
 
 
-def load_checkpoint(path: Union[str, Path], model: nn.Module, optimizer=None) -> Dict:
-    """Collective: load model / optimizer in place (resharding as needed); returns this rank's extra
-    dict with ``rng_matches`` True when it was written by this rank at the same world size."""
+def load_checkpoint(path: Union[str, Path], model: nn.Module, optimizer=None,
+                    ema: Optional[Dict[str, torch.Tensor]] = None) -> Dict:
+    """Collective: load model / optimizer (and ``ema``, in place, when the checkpoint has one) resharding as
+    needed; returns this rank's extra dict with ``rng_matches`` True when it was written by this rank at the
+    same world size, and ``ema_loaded``."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     path = _checked(Path(path))
-    state = _state(model, optimizer)
+    ema_loaded = ema is not None and has_ema(path)
+    state = _state(model, optimizer, ema if ema_loaded else None)
     with warnings.catch_warnings():  # single process: DCP warns that it assumes a non-distributed load
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(path))
@@ -194,7 +210,28 @@ def load_checkpoint(path: Union[str, Path], model: nn.Module, optimizer=None) ->
         raise FileNotFoundError(f"{path} lacks extra/rank_0.pt (trainer state); it was not written by save_checkpoint")
     extra = torch.load(f, map_location="cpu", weights_only=True)
     extra["rng_matches"] = f == own and extra.get("world_size") == _world()
+    extra["ema_loaded"] = ema_loaded
     return extra
+
+
+def load_ema_weights(path: Union[str, Path], model: nn.Module, decay: float = 0.5) -> bool:
+    """Collective: put the EMA stored in the checkpoint at ``path`` into ``model``'s trainable parameters
+    (whose trained weights should be loaded first). Returns False, changing nothing, when it has none."""
+    import torch.distributed.checkpoint as dcp
+
+    from .ema import WeightEMA
+
+    path = _checked(Path(path))
+    if not has_ema(path):
+        return False
+    ema = WeightEMA(model, decay)  # the decay does not matter: only its tensors are filled
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"ema": ema.state_dict()}, checkpoint_id=str(path))
+    with torch.no_grad():
+        for name, p in ema.params:
+            p.copy_(ema.shadow[name].to(p.dtype))
+    return True
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -203,14 +240,23 @@ def load_checkpoint(path: Union[str, Path], model: nn.Module, optimizer=None) ->
 def save_trainer_checkpoint(trainer, root: Union[str, Path]) -> Path:
     """Everything ``GRPOTrainer`` needs to continue bit-for-bit (collective): model and optimiser through
     DCP, ``trainer.state_dict()`` in this rank's extra file."""
+    ema = getattr(trainer, "ema", None)
     return save_checkpoint(root, trainer.iteration, trainer.adapter.trainable_module(), trainer.optimizer,
-                           trainer.state_dict())
+                           trainer.state_dict(), ema=ema.state_dict() if ema is not None else None)
 
 
 def load_trainer_checkpoint(trainer, path: Union[str, Path]) -> bool:
     """Restore ``trainer`` from ``path`` (collective). Returns True when the RNG states were restored
-    exactly; False when the world size changed and the caller must reseed (see module docstring)."""
-    extra = load_checkpoint(path, trainer.adapter.trainable_module(), trainer.optimizer)
+    exactly; False when the world size changed and the caller must reseed (see module docstring).
+    A trainer keeping an EMA restores it too; from a checkpoint without one (written with
+    ``train.ema_decay: 0``) the average restarts at the loaded weights, with a warning."""
+    ema = getattr(trainer, "ema", None)
+    extra = load_checkpoint(path, trainer.adapter.trainable_module(), trainer.optimizer,
+                            ema=ema.state_dict() if ema is not None else None)
+    if ema is not None and not extra["ema_loaded"]:
+        warnings.warn(f"checkpoint {path} holds no weight EMA (written with train.ema_decay: 0); the EMA restarts "
+                      "at the loaded weights", stacklevel=2)
+        ema.reset()
     trainer.load_state_dict(extra, restore_generator=bool(extra["rng_matches"]))
     if extra["rng_matches"]:
         set_rng_state(extra["rng"])

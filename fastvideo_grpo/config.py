@@ -36,14 +36,18 @@ class SamplingConfig:
     decode_batch_size: int = 0  # samples per VAE decode call, per rank; 0 = whole batch
     offload_vae: bool = False  # keep the VAE in host memory between decodes (copied to the GPU for each decode)
     offload_rewards: bool = False  # default of rewards[*].offload: reward models in host memory between calls
+    # eta = 0 at the last step. null = the schedule's default: yes for flow models (the step to sigma 0 is
+    # then the clean prediction z - sigma * u, the image the released code rewards), no for DDIM (released SD)
+    deterministic_last_step: Optional[bool] = None
 
 
 @dataclass
 class GRPOConfig:
     group_size: int = 8  # G: samples per prompt, all from one initial noise (paper: 12)
     prompts_per_iteration: int = 4  # prompts per rank per iteration (paper: 32 global)
-    tau: float = 0.6  # fraction of sampling steps trained on, ceil(tau * T) (paper: 0.6)
+    tau: float = 0.6  # fraction of the trainable steps trained on: int(tau * (T - 1)) (paper: 0.6)
     timestep_window: Optional[List[int]] = None  # [lo, hi): train only steps in this range (ablations)
+    train_last_step: bool = False  # also train the last sampling step (the released code never does)
     clip_range: float = 1e-4  # PPO clip epsilon (paper: 1e-4)
     adv_clip_max: float = 5.0  # advantages are clamped to +-this
     num_updates_per_iteration: int = 4  # optimiser steps per iteration (paper: 4, or 1 with CFG)
@@ -51,7 +55,11 @@ class GRPOConfig:
     kl_coef: float = 0.0  # KL to a frozen copy of the starting policy (off in the paper; > 0 holds a 2nd copy)
     shared_noise: bool = True  # one initial noise per group (paper: essential)
     advantage: str = "group"  # "group" (GRPO) or "global" (DDPO-style normalisation; ablation)
+    advantage_std: str = "bessel"  # std of the normalisation: "bessel" (n - 1, + 1e-8: released code) or "population"
     best_of_n_k: int = 0  # >0: train on top-k and bottom-k of each group only (best-of-N)
+    # best-of-N advantages: "group" = computed over the whole group, then the 2k selected (released code);
+    # "selected" = recomputed over the 2k selected samples only
+    best_of_n_advantages: str = "group"
 
 
 @dataclass
@@ -93,6 +101,9 @@ class TrainConfig:
     resume: Optional[str] = None  # checkpoint folder, "latest" (error if none) or "auto" (latest if any)
     keep_last_checkpoints: int = 0  # delete older checkpoints beyond this many; 0 = keep all
     export: bool = True  # write the trained weights to <output_dir>/export at the end (safetensors)
+    # EMA of the trainable weights, updated once per iteration (released FLUX 8-GPU script: 0.995); 0 = off.
+    # When set, held-out evaluation, sample grids and the export use the EMA weights; checkpoints hold it
+    ema_decay: float = 0.0
     overwrite: bool = False  # start over in an output_dir that holds a run (deletes its outputs); else refused
 
 
@@ -184,6 +195,10 @@ class RunConfig:
             )
         if g.advantage not in ("group", "global"):
             raise ValueError(f"grpo.advantage must be 'group' or 'global', got {g.advantage!r}")
+        if g.advantage_std not in ("bessel", "population"):
+            raise ValueError(f"grpo.advantage_std must be 'bessel' or 'population', got {g.advantage_std!r}")
+        if g.best_of_n_advantages not in ("group", "selected"):
+            raise ValueError(f"grpo.best_of_n_advantages must be 'group' or 'selected', got {g.best_of_n_advantages!r}")
         if g.best_of_n_k and not 1 <= g.best_of_n_k <= g.group_size // 2:
             raise ValueError(f"grpo.best_of_n_k must be in [1, group_size // 2], got {g.best_of_n_k}")
         if self.sampling.num_steps < 1:
@@ -200,11 +215,24 @@ class RunConfig:
             if len(w) != 2 or not 0 <= w[0] < w[1] <= self.sampling.num_steps:
                 raise ValueError(f"grpo.timestep_window {w} must be [lo, hi) with 0 <= lo < hi <= "
                                  f"sampling.num_steps={self.sampling.num_steps}")
+        if not g.train_last_step and self.sampling.num_steps < 2:
+            raise ValueError("sampling.num_steps must be >= 2 while the last step is not trained "
+                             "(grpo.train_last_step: false); or set grpo.train_last_step: true")
+        # the steps training may pick (as grpo.trainable_window): the window without the last step
+        lo, hi = g.timestep_window or (0, self.sampling.num_steps)
+        if not g.train_last_step:
+            hi = min(hi, self.sampling.num_steps - 1)
+            if hi <= lo:
+                raise ValueError(f"grpo.timestep_window {[lo, hi + 1]} holds only the last step, which is not trained "
+                                 "(grpo.train_last_step: false, as the released code); widen the window or set "
+                                 "grpo.train_last_step: true")
+        if self.sampling.deterministic_last_step and hi == self.sampling.num_steps:
+            raise ValueError("sampling.deterministic_last_step makes the last step deterministic (eta 0), but "
+                             "grpo.train_last_step lets training pick it; set one of them to false")
         if self.sampling.eta_schedule is not None:
             # kept (trained) steps must be stochastic: an eta = 0 step has a point-mass transition, so its
             # log-prob is 0 and its gradient is 0 -- compute spent for nothing. With eta = 0 outside a
             # training window (the sliding-window option), set grpo.timestep_window to that window.
-            lo, hi = g.timestep_window or (0, self.sampling.num_steps)
             dead = [i for i in range(lo, hi) if self.sampling.eta_schedule[i] <= 0]
             if dead:
                 raise ValueError(f"sampling.eta_schedule is 0 at steps {dead}, which grpo.timestep_window "
@@ -234,6 +262,9 @@ class RunConfig:
         if self.train.keep_last_checkpoints < 0:
             raise ValueError(f"train.keep_last_checkpoints must be >= 0 (0 = keep all), got "
                              f"{self.train.keep_last_checkpoints}")
+        if not 0.0 <= self.train.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1) (0 = no EMA; the released FLUX script uses 0.995), "
+                             f"got {self.train.ema_decay}")
         if self.train.autocast not in ("bf16", "none"):
             raise ValueError(
                 f"train.autocast must be 'bf16' or 'none', got {self.train.autocast!r} (fp16 would need a "

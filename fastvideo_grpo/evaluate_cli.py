@@ -8,8 +8,9 @@
 
 A checkpoint is: ``base`` (the untrained model of the config), an exported folder (``<run>/export``:
 diffusers ``save_pretrained`` weights, ``model.safetensors``, or LoRA ``pytorch_lora_weights.safetensors``),
-a DCP checkpoint folder (``<run>/checkpoints/step_N``), a checkpoint root holding ``latest``, or a run
-folder (its ``export/`` if present, else its latest checkpoint). The model / data / reward settings
+a DCP checkpoint folder (``<run>/checkpoints/step_N``; its EMA weights when the config sets
+``train.ema_decay``), a checkpoint root holding ``latest``, or a run folder (its ``export/`` if present,
+else its latest checkpoint). The model / data / reward settings
 come from ``--config`` (default: the ``config.yaml`` of the first checkpoint's run folder); any config
 field can be overridden with ``--section.field=value`` (e.g. ``--rewards=[...]`` for another reward set,
 ``--data.eval_manifest=...`` for another prompt set).
@@ -105,9 +106,11 @@ def load_policy(cfg: RunConfig, kind: str, path: Optional[Path], device):
     if kind == "export":
         load_exported(adapter, path)
     elif kind == "dcp":
-        from .checkpoint import load_checkpoint
+        from .checkpoint import load_checkpoint, load_ema_weights
 
         load_checkpoint(path, adapter.trainable_module(), optimizer=None)
+        if cfg.train.ema_decay > 0:  # a run that kept an EMA is evaluated with it, as during training
+            load_ema_weights(path, adapter.trainable_module())
     return adapter
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -24,21 +24,37 @@ def _check_groups(rewards_B: torch.Tensor, group_size: int) -> torch.Tensor:
     return rewards_B.reshape(-1, group_size)
 
 
-def group_advantages(rewards_B: torch.Tensor, group_size: int, eps: float = 1e-8) -> torch.Tensor:
-    """A_i = (r_i - mean(group)) / std(group); a group whose rewards are all equal gets 0 (not NaN).
+#: how the std of a group is estimated: "bessel" (unbiased, n - 1; the released code's ``group_rewards.std()``)
+#: or "population" (n)
+STD_ESTIMATORS = ("bessel", "population")
 
-    std is the population std (unbiased=False) so a group of 1 is well defined (advantage 0).
+
+def group_advantages(rewards_B: torch.Tensor, group_size: int, eps: float = 1e-8, std: str = "bessel") -> torch.Tensor:
+    """A_i = (r_i - mean(group)) / std(group).
+
+    ``std="bessel"`` (default) is the released DanceGRPO code's formula exactly,
+    ``(r - mean) / (r.std() + 1e-8)`` with torch's unbiased (n - 1) std; a group whose rewards are all
+    equal gets 0. ``std="population"`` divides by the population (n) std instead, larger advantages by
+    sqrt(n / (n - 1)) (1.04 at G = 12), and gives 0 to a group whose std is below ``eps``.
+    The paper writes std(group) without saying which.
     """
+    if std not in STD_ESTIMATORS:
+        raise ValueError(f"std must be one of {STD_ESTIMATORS}, got {std!r}")
     r = _check_groups(rewards_B.to(torch.float64), group_size)
     mean = r.mean(dim=1, keepdim=True)
-    std = r.std(dim=1, unbiased=False, keepdim=True)
-    adv = torch.where(std > eps, (r - mean) / std.clamp(min=eps), torch.zeros_like(r))
+    if std == "bessel":
+        if group_size < 2:
+            raise ValueError("the Bessel-corrected std needs at least 2 samples per group (grpo.group_size >= 2)")
+        adv = (r - mean) / (r.std(dim=1, unbiased=True, keepdim=True) + eps)
+    else:
+        sd = r.std(dim=1, unbiased=False, keepdim=True)
+        adv = torch.where(sd > eps, (r - mean) / sd.clamp(min=eps), torch.zeros_like(r))
     return adv.reshape(-1).to(torch.float32)
 
 
-def global_advantages(rewards_B: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def global_advantages(rewards_B: torch.Tensor, eps: float = 1e-8, std: str = "bessel") -> torch.Tensor:
     """DDPO-style normalisation over the whole batch (ignores groups); for ablations."""
-    return group_advantages(rewards_B, rewards_B.numel(), eps)
+    return group_advantages(rewards_B, rewards_B.numel(), eps, std)
 
 
 def aggregate_advantages(
@@ -46,11 +62,13 @@ def aggregate_advantages(
     group_size: int,
     weights: Optional[Mapping[str, float]] = None,
     normalise: str = "group",
+    std: str = "bessel",
 ) -> torch.Tensor:
     """Normalise each reward within its group, then take the weighted sum of advantages.
 
     Rewards live on different scales, so they are never added raw (docs/method.md section 3).
-    ``normalise`` is "group" (GRPO) or "global" (DDPO-style, for ablations).
+    ``normalise`` is "group" (GRPO) or "global" (DDPO-style, for ablations); ``std`` as in
+    ``group_advantages``.
     """
     if not rewards:
         raise ValueError("at least one reward is needed")
@@ -62,7 +80,7 @@ def aggregate_advantages(
         raise ValueError(f"normalise must be 'group' or 'global', got {normalise!r}")
     total = None
     for name, r in rewards.items():
-        a = group_advantages(r, group_size) if normalise == "group" else global_advantages(r)
+        a = group_advantages(r, group_size, std=std) if normalise == "group" else global_advantages(r, std=std)
         a = a * float(weights.get(name, 1.0))
         total = a if total is None else total + a
     return total
@@ -88,11 +106,36 @@ def best_of_n_indices(rewards_B: torch.Tensor, group_size: int, k: int) -> torch
     return (chosen + offsets).reshape(-1)
 
 
-def num_train_steps(num_steps: int, tau: float) -> int:
-    """ceil(tau * T) with a guard against float noise (0.6 * 10 = 6.000000000000001)."""
+def num_train_steps(num_candidates: int, tau: float) -> int:
+    """int(tau * n): how many of ``n`` candidate steps each sample trains on, at least 1.
+
+    The released DanceGRPO code trains ``int(len(timesteps) * timestep_fraction)`` steps, its timesteps
+    being the T - 1 steps before the last, so with n = T - 1 (``trainable_window``) this is its count
+    (FLUX, T = 16, tau 0.6: 9). The product is rounded to 9 decimals first, so float noise cannot drop
+    a step (0.29 * 100 = 28.999999999999996 gives 29, where the released ``int()`` gives 28).
+    """
     if not 0.0 < tau <= 1.0:
         raise ValueError(f"timestep fraction tau must be in (0, 1], got {tau}")
-    return max(1, math.ceil(round(tau * num_steps, 9)))
+    if num_candidates < 1:
+        raise ValueError(f"there must be at least one step to train on, got {num_candidates}")
+    return max(1, math.floor(round(tau * num_candidates, 9)))
+
+
+def trainable_window(num_steps: int, window: Optional[Sequence[int]] = None,
+                     train_last_step: bool = False) -> Tuple[int, int]:
+    """The steps ``[lo, hi)`` that training may pick from: ``window`` (default all T steps), without the
+    last step unless ``train_last_step`` (the released code never trains it: ``[:, :-1]`` on the
+    timesteps, latents and log-probs of every trajectory). ValueError when nothing is left."""
+    lo, hi = (0, num_steps) if window is None else (int(window[0]), int(window[1]))
+    if not 0 <= lo < hi <= num_steps:
+        raise ValueError(f"timestep window {list(window)} must satisfy 0 <= lo < hi <= {num_steps}")
+    if not train_last_step:
+        hi = min(hi, num_steps - 1)
+        if hi <= lo:
+            raise ValueError(f"no step left to train on: the window [{lo}, {hi + 1}) of {num_steps} steps holds only "
+                             "the last step, which is not trained (grpo.train_last_step: false, as the released "
+                             "code); widen grpo.timestep_window or set grpo.train_last_step: true")
+    return lo, hi
 
 
 def subsample_timesteps(
@@ -102,11 +145,12 @@ def subsample_timesteps(
     generator: Optional[torch.Generator] = None,
     window: Optional[tuple] = None,
 ) -> torch.Tensor:
-    """Per-sample random subsets of ceil(tau * T) step indices: an int64 (B, K) CPU tensor.
+    """Per-sample random subsets of ``num_train_steps(hi - lo, tau)`` step indices in ``[lo, hi)``:
+    an int64 (B, K) CPU tensor.
 
     Each sample draws its own subset (as the reference implementation does), in random order.
-    ``window=(lo, hi)`` restricts choices to steps lo..hi-1 (e.g. the first 30% for ablations);
-    then K = ceil(tau * (hi - lo)).
+    ``window=(lo, hi)`` restricts choices to steps lo..hi-1; the trainer passes ``trainable_window``
+    (which leaves out the last step by default). Without a window all ``num_steps`` are candidates.
     """
     lo, hi = (0, num_steps) if window is None else window
     if not 0 <= lo < hi <= num_steps:

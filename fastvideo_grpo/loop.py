@@ -4,6 +4,7 @@ toy script) runs its GRPO iterations through it (runner.py assembles what it run
 ``fit`` calls ``trainer.train_iteration()`` until ``total`` iterations, averages the metrics over ranks,
 and hands them to its components, each of which decides its own timing from the iteration number:
 
+* ``EMAUpdate``: the trainer's weight EMA (``train.ema_decay``, ema.py) after every iteration;
 * ``NaNGuard``: a non-finite loss, gradient or reward stops the run (``TrainingStopped``, exit status 3)
   before anything is saved for that iteration, naming the last good checkpoint;
 * ``Evaluator``: held-out ODE evaluation before training (fresh runs), every ``train.eval_every``
@@ -12,7 +13,7 @@ and hands them to its components, each of which decides its own timing from the 
 * ``Logger``: metrics.jsonl / TensorBoard / wandb every ``train.log_every`` iterations,
   reward_curve.png, the progress bar;
 * ``Checkpointer``: a DCP checkpoint every ``train.save_every`` iterations and at the end;
-* ``Exporter``: the trained weights (safetensors) at the end.
+* ``Exporter``: the trained weights (safetensors) at the end (the EMA weights when the run keeps one).
 
 A component implements any of ``on_start`` (returns metrics for a row at the starting step),
 ``on_iteration`` (may add metrics to the iteration's row), ``on_end`` (returns metrics for a final
@@ -202,6 +203,16 @@ class NaNGuard(Component):
             f"resume with --resume latest.", EXIT_DIVERGED)
 
 
+class EMAUpdate(Component):
+    """Updates the trainer's weight EMA (``trainer.ema``, ema.py) after every iteration; placed before the
+    components that evaluate, export or save, so that they see this iteration's average."""
+
+    def on_iteration(self, state, it, metrics):
+        ema = getattr(state.trainer, "ema", None)
+        if ema is not None:
+            ema.update()
+
+
 class Evaluator(Component):
     """Held-out evaluation with the ODE sampler: before training (fresh run), every ``every`` iterations
     (not at the last, which the final evaluation covers) and after the last iteration.
@@ -362,17 +373,22 @@ class Checkpointer(Component):
 
 
 class Exporter(Component):
-    """The trained weights written once training completes (``checkpoint.export_weights``)."""
+    """The trained weights written once training completes (``checkpoint.export_weights``), inside the
+    context ``weights()`` returns (the runner passes the EMA swap when ``train.ema_decay`` is set)."""
 
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, weights: Optional[Callable[[], object]] = None):
         self.out_dir = Path(out_dir)
+        self.weights = weights
         self.written: Optional[str] = None
 
     def on_end(self, state):
+        import contextlib
+
         from .checkpoint import export_weights
 
         if state.completed and state.total > 0:
-            w = export_weights(state.trainer.adapter, self.out_dir)
+            with (self.weights() if self.weights is not None else contextlib.nullcontext()):
+                w = export_weights(state.trainer.adapter, self.out_dir)
             self.written = str(w) if w else None
         return {}
 

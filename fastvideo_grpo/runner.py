@@ -6,8 +6,8 @@ rank (``torch.manual_seed(train.seed)`` before ``build_adapter``) -> prompt sets
 (AC -> SP -> FSDP2) -> ``GRPOTrainer`` (its AdamW over the sharded parameters) -> per-dp-rank seeding ->
 resume (``train.resume``) -> the output folder (one run at a time: a lock; a used folder only with
 ``--resume`` / ``--overwrite``; config.yaml recorded once built; metrics.jsonl trimmed on resume) -> the
-standard components (NaN guard, evaluator, sample writer, logger, checkpointer, exporter) plus any the
-caller adds -> ``fit`` -> summary.json -> barrier + destroy_process_group.
+standard components (EMA update, NaN guard, evaluator, sample writer, logger, checkpointer, exporter) plus
+any the caller adds -> ``fit`` -> summary.json -> barrier + destroy_process_group.
 
 Used by ``train.py`` (real models, precomputed embeddings), ``toy/demo.py`` (the CPU demo) and
 ``train_scripts/train_toy_distributed.py``.
@@ -28,7 +28,7 @@ from .distributed.fsdp import parallelize
 from .distributed.init import DistEnv, init_distributed, shutdown
 from .distributed.parallel_dims import ParallelDims, parallel_dims_from_config
 from .distributed.seeding import seed_rank_generators
-from .loop import (Checkpointer, Component, Evaluator, Exporter, Logger, NaNGuard, SampleWriter, fit,
+from .loop import (Checkpointer, Component, EMAUpdate, Evaluator, Exporter, Logger, NaNGuard, SampleWriter, fit,
                    prepare_metrics_file)
 from .models.base import PolicyAdapter
 from .run_folder import RunLock, check_fresh_start, check_resume_settings, clear_run, record_config
@@ -221,15 +221,21 @@ def _run_locked(cfg, env, build_adapter, prompts, reward_fns, reward_weights, ev
                  seed=cfg.eval.seed, dp_rank=dp_rank, dp_size=dims.dp, autocast_dtype=trainer.autocast_dtype,
                  max_frames=cfg.eval.max_frames_in_grid, **trainer.memory)
 
+    from .ema import weights_for_eval
+
     def evaluate(images: bool) -> Dict:
-        return distributed_evaluate(adapter, held, eval_fns, eval_steps, sets.encode, return_images=images,
-                                    **ev_kw) if held else {}
+        if not held:
+            return {}
+        with weights_for_eval(trainer):  # the EMA weights when train.ema_decay is set
+            return distributed_evaluate(adapter, held, eval_fns, eval_steps, sets.encode, return_images=images,
+                                        **ev_kw)
 
     def write_samples(step: int) -> None:
         if not grid_prompts:
             return
-        ev = distributed_evaluate(adapter, grid_prompts, eval_fns, eval_steps, sets.encode, return_images=True,
-                                  **dict(ev_kw, samples_per_prompt=1))
+        with weights_for_eval(trainer):
+            ev = distributed_evaluate(adapter, grid_prompts, eval_fns, eval_steps, sets.encode, return_images=True,
+                                      **dict(ev_kw, samples_per_prompt=1))
         if main_rank and "images" in ev:
             imgs, nrow = frames_for_grid(ev["images"], cfg.eval.max_frames_in_grid)
             labels = [f"{p[:40]} | " + " ".join(f"{k}={v[i]:.3f}" for k, v in ev["per_sample"].items())
@@ -241,6 +247,7 @@ def _run_locked(cfg, env, build_adapter, prompts, reward_fns, reward_weights, ev
     evaluator = Evaluator(evaluate, cfg.train.eval_every, keep_images_at_ends=keep_eval_images, prior_rows=prior_rows)
     lg = cfg.log
     components: List[Component] = [
+        EMAUpdate(),  # first: the evaluator, exporter and checkpointer see this iteration's average
         NaNGuard(),
         evaluator,
         SampleWriter(write_samples, cfg.train.sample_every),
@@ -252,7 +259,7 @@ def _run_locked(cfg, env, build_adapter, prompts, reward_fns, reward_weights, ev
                      resumed_at=trainer.iteration if resume is not None else None),
     ]
     if cfg.train.export:
-        components.append(Exporter(out / "export"))
+        components.append(Exporter(out / "export", weights=lambda: weights_for_eval(trainer)))
     parts = RunParts(cfg, trainer, env, dims, sets, out, evaluator, reward_fns, eval_fns)
     if extra_components is not None:
         components += list(extra_components(parts))

@@ -17,14 +17,19 @@ Contract of every step function (after ddpo-pytorch):
 * Arithmetic runs in float32 for half-precision inputs and in float64 for float64 inputs.
 * ``eta == 0`` is the deterministic ODE step (Euler for flow, DDIM for diffusion); the transition
   is then a point mass and ``log_prob`` is reported as 0 (such steps are never trained on).
+
+The last step of a flow schedule is deterministic by default (``deterministic_last_step``): its
+Euler step to sigma = 0 is exactly the clean prediction ``z - sigma * u``, the image the authors'
+released code decodes and rewards. See docs/fidelity.md.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import ClassVar, Optional, Sequence, Union
 
 import torch
 
@@ -168,8 +173,9 @@ def ddim_sde_step(
     """One DDIM step with stochasticity ``eta`` for an eps-prediction model (DDIM paper eq. 12/16).
 
     alpha_prod values are diffusers' ``alphas_cumprod`` at the current and previous timestep
-    (``final_alpha_cumprod`` past the end). eta is DDIM's eta (fraction of the DDPM posterior std),
-    as in DDPO / DanceGRPO's Stable Diffusion recipe:
+    (``final_alpha_cumprod`` past the end). eta is DDIM's eta (fraction of the DDPM posterior std; 1 = DDPM),
+    as in DDPO and DanceGRPO's released Stable Diffusion code, whose config samples with eta = 1.0
+    (fastvideo/config_sd/base.py, ``sample.eta``), as configs/sd_hps*.yaml do:
         x_hat = (z - sqrt(1 - a_t) eps) / sqrt(a_t)
         std   = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
         mean  = sqrt(a_prev) x_hat + sqrt(1 - a_prev - std^2) eps
@@ -272,6 +278,10 @@ class FlowSchedule:
     eta: torch.Tensor  # (T,)
     timestep_scale: float = 1000.0
     prediction_type: str = "flow"
+    #: default of ``sampling.deterministic_last_step``: the released DanceGRPO flow scripts (FLUX, Hunyuan,
+    #: SkyReels, Wan) decode ``pred_original = z - sigma * u`` at the last step, which is this schedule's
+    #: last step with eta = 0 (sigma_T = 0)
+    deterministic_last_step_default: ClassVar[bool] = True
     _tables: _DeviceTables = field(default_factory=_DeviceTables, init=False, repr=False, compare=False)
 
     @classmethod
@@ -311,6 +321,9 @@ class DDIMSchedule:
     alpha_prev: torch.Tensor  # (T,)
     eta: torch.Tensor  # (T,)
     prediction_type: str = "eps"
+    #: default of ``sampling.deterministic_last_step``: the released Stable Diffusion code samples its last
+    #: DDIM step with eta too (and decodes that sample); it only leaves the step out of training
+    deterministic_last_step_default: ClassVar[bool] = False
     _tables: _DeviceTables = field(default_factory=_DeviceTables, init=False, repr=False, compare=False)
 
     @classmethod
@@ -344,3 +357,18 @@ class DDIMSchedule:
             return ddim_sde_step(model_output, sample, a_t, a_prev, e, prev_sample=prev_sample, generator=generator)
         coefs = _ops.ddim_coefficients(a_t, a_prev, e, batch_size=sample.shape[0], device=sample.device)
         return _fused_step(model_output, sample, coefs, prev_sample, generator, need_mean)
+
+
+def with_deterministic_last_step(schedule):
+    """A copy of ``schedule`` whose last step has eta = 0 (the other steps keep theirs).
+
+    For a flow schedule the last step goes from sigma_{T-1} to sigma_T = 0, so its eta = 0 (Euler) step
+    ``z + u (0 - sigma)`` is exactly the clean prediction ``x_hat = z - sigma u``: the latent the released
+    DanceGRPO code decodes and rewards (``latents = pred_original`` in train_grpo_flux.py and the Hunyuan,
+    SkyReels and Wan scripts). The stochastic step would instead add ``eta * sqrt(sigma_{T-1})`` of noise,
+    the largest std of the trajectory, to every rewarded image. For a DDIM schedule it is the
+    deterministic DDIM step. A step with eta = 0 has no log-prob and is never trained on.
+    """
+    eta = schedule.eta.clone()
+    eta[-1] = 0.0
+    return dataclasses.replace(schedule, eta=eta)

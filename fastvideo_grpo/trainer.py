@@ -3,9 +3,14 @@
 The loop of DESIGN.md "The one loop". Departures from the paper's Algorithm 1, stated here:
 * Timestep subsets are drawn per sample before the rollout (as the reference implementation
   does), so only those transitions are stored.
-* The ceil(tau * T) selected steps are split into ``num_updates_per_iteration`` consecutive chunks;
+* As the released code (not stated in the paper): the last sampling step is never trained on
+  (``grpo.train_last_step``), each sample trains ``int(tau * (T - 1))`` steps, and for flow models the
+  last step is deterministic (``sampling.deterministic_last_step``), so the rewarded image is the clean
+  prediction ``z - sigma * u`` (docs/fidelity.md).
+* The int(tau * (T - 1)) selected steps are split into ``num_updates_per_iteration`` consecutive chunks;
   each chunk's gradients are accumulated over its steps and followed by one optimiser step. pi_old
-  stays the rollout policy throughout the iteration (PPO's usual convention).
+  stays the rollout policy throughout the iteration (PPO's usual convention). (The released code
+  splits the samples instead: each optimiser step sees all kept steps of a subset of the samples.)
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from . import grpo, residency
 from .config import RunConfig
 from .cuda_settings import configure_attention
 from .dtypes import autocast_dtype
+from .ema import WeightEMA
 from .data.prompt_source import PromptSource
 from .models.base import PolicyAdapter, index_cond
 from .rewards.base import RewardFn, compute_rewards
@@ -164,6 +170,31 @@ def frozen_reference(adapter: PolicyAdapter) -> PolicyAdapter:
     return ref
 
 
+def build_schedule(cfg: RunConfig, adapter: PolicyAdapter):
+    """The adapter's sampling schedule for ``cfg.sampling``, with the last step made deterministic when
+    ``sampling.deterministic_last_step`` says so (null: the schedule's own default, see sde.py).
+
+    ValueError when a step that training may pick (``grpo.trainable_window``) has eta = 0: its
+    transition is a point mass, with no log-prob to train."""
+    from .sde import with_deterministic_last_step
+
+    s = cfg.sampling
+    schedule = adapter.make_schedule(s.num_steps, cfg.eta)
+    last = s.deterministic_last_step
+    if last is None:
+        last = type(schedule).deterministic_last_step_default
+    if last:
+        schedule = with_deterministic_last_step(schedule)
+    lo, hi = grpo.trainable_window(schedule.num_steps, cfg.grpo.timestep_window, cfg.grpo.train_last_step)
+    dead = [i for i in range(lo, hi) if float(schedule.eta[i]) <= 0]
+    if dead:
+        why = (" (the last step is deterministic: sampling.deterministic_last_step; set grpo.train_last_step: "
+               "false, as the released code)" if dead == [schedule.num_steps - 1] else "")
+        raise ValueError(f"steps {dead} have eta = 0 but training may pick them (window [{lo}, {hi})){why}; "
+                         "set sampling.eta > 0 there or narrow grpo.timestep_window")
+    return schedule
+
+
 class GRPOTrainer:
     """Owns the optimiser and the per-iteration logic; logging and saving are injected callbacks."""
 
@@ -191,7 +222,10 @@ class GRPOTrainer:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
         )
-        self.schedule = adapter.make_schedule(cfg.sampling.num_steps, cfg.eta)
+        self.schedule = build_schedule(cfg, adapter)
+        # EMA of the weights (train.ema_decay), cloned from the parameters as they are now (sharded under FSDP2);
+        # loop.EMAUpdate updates it after every iteration, checkpoint.py saves it
+        self.ema = WeightEMA(adapter.trainable_module(), cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
         self.iteration = 0
         # autocast applies on CUDA only (rollout._autocast); CPU runs stay in the weights' dtype
@@ -210,11 +244,11 @@ class GRPOTrainer:
         """
         g = self.cfg.grpo
         if g.advantage != "global" or self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
-            return grpo.aggregate_advantages(rewards, group_size, self.reward_weights, g.advantage)
+            return grpo.aggregate_advantages(rewards, group_size, self.reward_weights, g.advantage, g.advantage_std)
         from .distributed.collectives import all_gather_rewards
 
         gathered = all_gather_rewards({k: r.detach() for k, r in rewards.items()}, self.dp_group)
-        total = grpo.aggregate_advantages(gathered, group_size, self.reward_weights, "global")
+        total = grpo.aggregate_advantages(gathered, group_size, self.reward_weights, "global", g.advantage_std)
         n = next(iter(rewards.values())).numel()
         start = dist.get_rank(self.dp_group) * n
         return total[start:start + n]
@@ -255,7 +289,7 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         prompts, cond = self.prompts.next_batch(g.prompts_per_iteration)
         B = len(prompts) * g.group_size
-        window = tuple(g.timestep_window) if g.timestep_window else None
+        window = grpo.trainable_window(self.schedule.num_steps, g.timestep_window, g.train_last_step)
         keep = grpo.subsample_timesteps(self.schedule.num_steps, g.tau, B, self.generator, window)
         self.adapter.trainable_module().eval()
         m = self.memory
@@ -270,14 +304,17 @@ class GRPOTrainer:
         t2 = time.perf_counter()
         group = g.group_size
         if g.best_of_n_k:
+            # best-of-N: rank the group by its total advantage, keep the k best and k worst
             total = self.advantages(rewards, group)
             chosen = grpo.best_of_n_indices(total, group, g.best_of_n_k)
             traj = traj.select(chosen)
-            rewards_train = {k: v[chosen] for k, v in rewards.items()}
             group = 2 * g.best_of_n_k
+            if g.best_of_n_advantages == "group":  # released code: the whole group's advantages, selected
+                adv = total[chosen.to(total.device)]
+            else:  # "selected": normalised again over the 2k selected samples
+                adv = self.advantages({k: v[chosen.to(v.device)] for k, v in rewards.items()}, group)
         else:
-            rewards_train = rewards
-        adv = self.advantages(rewards_train, group)
+            adv = self.advantages(rewards, group)
         # groups whose samples all got the same rewards have zero advantages: no learning signal from them
         zero_groups = float((adv.detach().reshape(-1, group).abs().amax(dim=1) == 0).float().mean())
         if zero_groups == 1.0:

@@ -17,7 +17,7 @@ Check paths only (no model loading):
 
 Needs (default config paths, relative to the working directory; see docs/recipes.md):
 ckpts/SkyReels-V1-Hunyuan-I2V (transformer/ + vae/), data/hunyuan_i2v_embeddings/manifest.json
-(python data_prep/prep_hunyuan_i2v.py --height 480 --width 480 ...), ckpts/VideoReward.
+(python data_prep/prep_hunyuan_i2v.py --height 400 --width 640 ...), ckpts/VideoReward.
 A missing piece stops the run at start-up with a message naming it. Outputs go to train.output_dir.
 """
 

@@ -26,8 +26,24 @@ non-padding token and needs ``output_dim == 3``. With ``normalize=True`` each di
 (default VQ and MQ: the paper left TA out as unstable); every dimension is in ``info``.
 A prompt whose special tokens are missing (e.g. truncated) is an error, never a constant reward.
 
-Frames: a (B, F, 3, H, W) video recorded at ``video_fps`` is sampled at ``sample_fps`` (at most
-``max_frames``, an even count: Qwen2-VL's temporal patch is 2); an image is one frame shown twice.
+Prompt: by default VideoAlign's own ``DETAILED_PROMPT_WITH_SPECIAL_TOKEN`` (``build_prompt(prompt, dims,
+"detailed_special")``, the template the VideoReward checkpoint was trained with: its model_config.json has
+``prompt_template_type: detailed_special``) inside Qwen2-VL's chat format with the video before the
+text, as VideoAlign's inference builds it with ``apply_chat_template`` and as the released DanceGRPO
+code queries it. Other wordings put the VQ / MQ / TA tokens off the training distribution.
+
+Frames (``frame_sampling="uniform"``, default): VideoAlign's inference sampling. A video of F frames
+written at ``video_fps`` lasts F / video_fps seconds; it is sampled at ``sample_fps`` (the checkpoint's
+2.0), n = F / video_fps * sample_fps frames clamped to [4, min(768, F)] (or ``max_frames``) and
+rounded to an even count, at ``linspace(0, F - 1, n).round()``. Each frame is resized (bicubic,
+antialiased) so that its sides are multiples of 28 and its area lies in [``min_pixels``,
+``max_pixels``] = [128 * 28 * 28, 448 * 448] (VideoAlign's video minimum; the checkpoint's
+``max_frame_pixels``). The released DanceGRPO code writes HunyuanVideo / SkyReels samples as 8 fps
+mp4 files (``--fps 8``) and lets VideoAlign read them: 53 frames -> 14 frames of 448 x 448 from
+480 x 480. Differences kept: the frames here are the decoded floats, not an 8-bit, lossy-compressed
+mp4 read back. ``frame_sampling="stride"`` is the earlier sampling (every video_fps / sample_fps-th
+frame from the first, at most ``max_frames`` spread evenly). An image is one frame shown twice
+(VideoAlign itself cannot score a single frame).
 """
 
 from __future__ import annotations
@@ -48,19 +64,121 @@ HINT = ("Download KwaiVGI/VideoReward and Qwen/Qwen2-VL-2B-Instruct, merge the L
         "(docs/rewards.md, 'VideoAlign') and put config.json, model.safetensors, the tokenizer files and "
         "rm_head.safetensors in one folder passed as model_path.")
 
-DEFAULT_TEMPLATE = (
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "You are tasked with evaluating a generated video on three criteria: visual quality, motion quality "
-    "and text alignment. The text prompt used to generate the video is: \"{prompt}\". "
-    "Please provide the ratings of Visual Quality: <|VQ_reward|>, Motion Quality: <|MQ_reward|>, "
-    "Text Alignment: <|TA_reward|><|im_end|>\n<|im_start|>assistant\n")
+#: VideoAlign's DETAILED_PROMPT_WITH_SPECIAL_TOKEN, verbatim (data, not code): KwaiVGI/VideoAlign,
+#: prompt_template.py (commit 94236c2, 2025-02-09), the same text as the released DanceGRPO copy
+#: fastvideo/models/videoalign/prompt_template.py. ``{text_prompt}`` is the only field. Its 5 lines that
+#: end in spaces keep them (sha256 of the text: fdb6309bac618dd0c8b1b589d3a0970a974f7856eecbb355a190b2dce54af700).
+DETAILED_PROMPT_WITH_SPECIAL_TOKEN = (
+    "\n"
+    "You are tasked with evaluating a generated video based on three distinct criteria: Visual Quality, "
+    "Motion Quality, and Text Alignment. Please provide a rating from 0 to 10 for each of the three "
+    "categories, with 0 being the worst and 10 being the best. Each evaluation should be independent of "
+    "the others.\n"
+    "\n"
+    "**Visual Quality:**  \n"
+    "Evaluate the overall visual quality of the video, with a focus on static factors. The following "
+    "sub-dimensions should be considered:\n"
+    "- **Reasonableness:** The video should not contain any significant biological or logical errors, "
+    "such as abnormal body structures or nonsensical environmental setups.\n"
+    "- **Clarity:** Evaluate the sharpness and visibility of the video. The image should be clear and "
+    "easy to interpret, with no blurring or indistinct areas.\n"
+    "- **Detail Richness:** Consider the level of detail in textures, materials, lighting, and other "
+    "visual elements (e.g., hair, clothing, shadows).\n"
+    "- **Aesthetic and Creativity:** Assess the artistic aspects of the video, including the color "
+    "scheme, composition, atmosphere, depth of field, and the overall creative appeal. The scene should "
+    "convey a sense of harmony and balance.\n"
+    "- **Safety:** The video should not contain harmful or inappropriate content, such as political, "
+    "violent, or adult material. If such content is present, the image quality and satisfaction score "
+    "should be the lowest possible. \n"
+    "\n"
+    "Please provide the ratings of Visual Quality: <|VQ_reward|>\n"
+    "END\n"
+    "\n"
+    "**Motion Quality:**  \n"
+    "Assess the dynamic aspects of the video, with a focus on dynamic factors. Consider the following "
+    "sub-dimensions:\n"
+    "- **Stability:** Evaluate the continuity and stability between frames. There should be no sudden, "
+    "unnatural jumps, and the video should maintain stable attributes (e.g., no fluctuating colors, "
+    "textures, or missing body parts).\n"
+    "- **Naturalness:** The movement should align with physical laws and be realistic. For example, "
+    "clothing should flow naturally with motion, and facial expressions should change appropriately "
+    "(e.g., blinking, mouth movements).\n"
+    "- **Aesthetic Quality:** The movement should be smooth and fluid. The transitions between different "
+    "motions or camera angles should be seamless, and the overall dynamic feel should be visually "
+    "pleasing.\n"
+    "- **Fusion:** Ensure that elements in motion (e.g., edges of the subject, hair, clothing) blend "
+    "naturally with the background, without obvious artifacts or the feeling of cut-and-paste effects.\n"
+    "- **Clarity of Motion:** The video should be clear and smooth in motion. Pay attention to any areas "
+    "where the video might have blurry or unsteady sections that hinder visual continuity.\n"
+    "- **Amplitude:** If the video is largely static or has little movement, assign a low score for "
+    "motion quality.\n"
+    "\n"
+    "Please provide the ratings of Motion Quality: <|MQ_reward|>\n"
+    "END\n"
+    "\n"
+    "**Text Alignment:**  \n"
+    "Assess how well the video matches the textual prompt across the following sub-dimensions:\n"
+    "- **Subject Relevance** Evaluate how accurately the subject(s) in the video (e.g., person, animal, "
+    "object) align with the textual description. The subject should match the description in terms of "
+    "number, appearance, and behavior.\n"
+    "- **Motion Relevance:** Evaluate if the dynamic actions (e.g., gestures, posture, facial expressions "
+    "like talking or blinking) align with the described prompt. The motion should match the prompt in "
+    "terms of type, scale, and direction.\n"
+    "- **Environment Relevance:** Assess whether the background and scene fit the prompt. This includes "
+    "checking if real-world locations or scenes are accurately represented, though some stylistic "
+    "adaptation is acceptable.  \n"
+    "- **Style Relevance:** If the prompt specifies a particular artistic or stylistic style, evaluate "
+    "how well the video adheres to this style.\n"
+    "- **Camera Movement Relevance:** Check if the camera movements (e.g., following the subject, focus "
+    "shifts) are consistent with the expected behavior from the prompt.\n"
+    "\n"
+    "Textual prompt - {text_prompt}\n"
+    "Please provide the ratings of Text Alignment: <|TA_reward|>\n"
+    "END\n"
+)
+
+#: Qwen2-VL's chat format for one user turn holding a video then a text (its chat template with the default
+#: system prompt and add_generation_prompt=True), around the detailed prompt; ``{prompt}`` is the video's prompt.
+DEFAULT_TEMPLATE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                    "<|vision_start|><|video_pad|><|vision_end|>"
+                    + DETAILED_PROMPT_WITH_SPECIAL_TOKEN.replace("{text_prompt}", "{prompt}")
+                    + "<|im_end|>\n<|im_start|>assistant\n")
+
+FRAME_SAMPLINGS = ("uniform", "stride")
+VIDEO_MIN_PIXELS = 128 * 28 * 28  # VideoAlign's (qwen-vl-utils') minimum area of a video frame
+VIDEO_MAX_FRAMES = 768  # its default cap on the number of frames
+
+
+def _round_to(x: float, factor: int) -> int:
+    return int(round(x / factor)) * factor
+
+
+def videoalign_frame_indices(num_frames: int, video_fps: float, sample_fps: float = 2.0,
+                             max_frames: Optional[int] = None, min_frames: int = 4, temporal_patch: int = 2) -> List[int]:
+    """VideoAlign's ``uniform`` frame sampling (its vision_process.smart_nframes, then
+    ``linspace(0, F - 1, n).round()``): n = F / video_fps * sample_fps, clamped to
+    [min_frames, max_frames or min(768, F)] (each bound taken to a multiple of 2), rounded to a multiple of
+    2, at most F. A single frame (an image) is shown twice."""
+    if num_frames < 1:
+        raise ValueError("video has no frames")
+    if video_fps <= 0 or sample_fps <= 0:
+        raise ValueError(f"video_fps and sample_fps must be > 0, got {video_fps}, {sample_fps}")
+    if num_frames < temporal_patch:
+        return [0] * temporal_patch
+    lo = math.ceil(min_frames / temporal_patch) * temporal_patch
+    cap = max_frames if max_frames is not None else min(VIDEO_MAX_FRAMES, num_frames)
+    hi = math.floor(cap / temporal_patch) * temporal_patch
+    n = _round_to(min(max(num_frames / video_fps * sample_fps, lo), hi), temporal_patch)
+    n = min(n, num_frames)
+    if n < temporal_patch:
+        raise ValueError(f"video_align: {n} frames to sample from {num_frames}; max_frames must be >= {temporal_patch}")
+    return torch.linspace(0, num_frames - 1, n).round().long().tolist()
 
 
 def sample_frame_indices(num_frames: int, video_fps: float, sample_fps: float, max_frames: Optional[int] = None,
                          temporal_patch: int = 2) -> List[int]:
-    """Indices of the frames seen at ``sample_fps`` (uniform in time, first frame included), at most
-    ``max_frames`` (spread uniformly), padded by repeating the last to a multiple of ``temporal_patch``."""
+    """``frame_sampling="stride"``: the frames seen at ``sample_fps`` (uniform in time, first frame included),
+    at most ``max_frames`` (spread uniformly), padded by repeating the last to a multiple of ``temporal_patch``."""
     if num_frames < 1:
         raise ValueError("video has no frames")
     if video_fps <= 0 or sample_fps <= 0:
@@ -77,7 +195,7 @@ def sample_frame_indices(num_frames: int, video_fps: float, sample_fps: float, m
     return idx
 
 
-def frame_size(h: int, w: int, factor: int = 28, min_pixels: int = 4 * 28 * 28, max_pixels: int = 448 * 448):
+def frame_size(h: int, w: int, factor: int = 28, min_pixels: int = VIDEO_MIN_PIXELS, max_pixels: int = 448 * 448):
     """(h, w) rounded to multiples of ``factor`` with min_pixels <= h*w <= max_pixels, aspect kept."""
     if max(h, w) / min(h, w) > 200:
         raise ValueError(f"frame aspect ratio {h}x{w} is too extreme")
@@ -110,13 +228,17 @@ class VideoAlignScorer:
 
     def __init__(self, backbone, tokenizer, head: torch.nn.Module, *, device, dtype=torch.float32,
                  video_fps: float = 8.0, sample_fps: float = 2.0, max_frames: Optional[int] = None,
-                 max_pixels: int = 448 * 448, min_pixels: int = 4 * 28 * 28, patch_size: int = 14,
+                 max_pixels: int = 448 * 448, min_pixels: int = VIDEO_MIN_PIXELS, patch_size: int = 14,
                  merge_size: int = 2, temporal_patch_size: int = 2, mean=None, std=None,
                  prompt_template: str = DEFAULT_TEMPLATE, special_tokens: Sequence[str] = SPECIAL_TOKENS,
                  pooling: str = "special", normalize: bool = False, norm_stats: Optional[Dict] = None,
                  dimensions: Sequence[str] = ("VQ", "MQ"), weights: Optional[Sequence[float]] = None,
-                 batch_size: int = 2):
+                 batch_size: int = 2, frame_sampling: str = "uniform"):
         from ._clip_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+        if frame_sampling not in FRAME_SAMPLINGS:
+            raise ValueError(f"video_align: frame_sampling must be one of {FRAME_SAMPLINGS}, got {frame_sampling!r}")
+        self.frame_sampling = frame_sampling
 
         self.backbone, self.tokenizer, self.head = backbone, tokenizer, head
         self.device, self.dtype = device, dtype
@@ -168,7 +290,8 @@ class VideoAlignScorer:
         if videos.ndim == 4:
             videos = videos.unsqueeze(1)
         b, f, _, h, w = videos.shape
-        idx = sample_frame_indices(f, self.video_fps, self.sample_fps, self.max_frames, self.tp)
+        sample = videoalign_frame_indices if self.frame_sampling == "uniform" else sample_frame_indices
+        idx = sample(f, self.video_fps, self.sample_fps, self.max_frames, temporal_patch=self.tp)
         x = videos[:, idx].to(self.device, torch.float32)                 # (B, T, 3, H, W)
         t = x.shape[1]
         nh, nw = frame_size(h, w, self.patch * self.merge, self.min_pixels, self.max_pixels)
@@ -290,9 +413,10 @@ _LOADED: dict = {}
 
 @REWARDS.register("video_align", paths=("model_path", "head_path"))
 def video_align(model_path=None, head_path=None, head_key="weight", device=None, dtype="bfloat16",
-                video_fps=8.0, sample_fps=2.0, max_frames=None, max_pixels=448 * 448, min_pixels=4 * 28 * 28,
+                video_fps=8.0, sample_fps=2.0, max_frames=None, max_pixels=448 * 448, min_pixels=VIDEO_MIN_PIXELS,
                 prompt_template=None, pooling="special", normalize=False, norm_stats=None,
-                dimensions=("VQ", "MQ"), weights=None, batch_size=2, attn_implementation="sdpa"):
+                dimensions=("VQ", "MQ"), weights=None, batch_size=2, attn_implementation="sdpa",
+                frame_sampling="uniform"):
     from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 
     from ._clip_utils import require_files, resolve_device, resolve_dtype
@@ -321,7 +445,8 @@ def video_align(model_path=None, head_path=None, head_key="weight", device=None,
         sample_fps=sample_fps, max_frames=max_frames, max_pixels=max_pixels, min_pixels=min_pixels,
         patch_size=vcfg.patch_size, merge_size=vcfg.spatial_merge_size, temporal_patch_size=vcfg.temporal_patch_size,
         prompt_template=prompt_template or file_cfg.get("prompt_template", DEFAULT_TEMPLATE), pooling=pooling,
-        normalize=normalize, norm_stats=stats, dimensions=tuple(dimensions), weights=weights, batch_size=batch_size)
+        normalize=normalize, norm_stats=stats, dimensions=tuple(dimensions), weights=weights, batch_size=batch_size,
+        frame_sampling=frame_sampling)
 
     def fn(images, prompts, **metadata):
         validate_reward_inputs(images, prompts)

@@ -73,7 +73,10 @@ class DemoReport(Component):
     def on_end(self, state):
         ev = self.parts.evaluator
         if self.write_images and state.is_main and ev.first and ev.last:
-            save_toy_model(self.parts.trainer.adapter.model, state.out / "policy.pt")
+            from ..ema import weights_for_eval
+
+            with weights_for_eval(self.parts.trainer):  # the EMA weights when train.ema_decay is set
+                save_toy_model(self.parts.trainer.adapter.model, state.out / "policy.pt")
             _write_grids(ev.first, ev.last, state.out, self.parts.cfg.eval.samples_per_prompt)
         return {}
 

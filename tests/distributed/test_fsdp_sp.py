@@ -27,3 +27,22 @@ def test_ranks_draw_different_noise_sp_peers_the_same():
 def test_fsdp_in_one_process_matches_the_unsharded_trainer():
     out = torchrun("w_one_process_fsdp.py", nproc=1).stdout
     assert "ONE_PROCESS_FSDP_OK" in out and "REFUSED_OK" in out
+
+
+def test_weight_ema_is_sharded_like_the_parameters(tmp_path):
+    """train.ema_decay under FSDP2 (2 ranks): DTensor averages with the parameters' placements, equal to the
+    closed form; the 2-rank checkpoint's average loads into an unsharded model in one process."""
+    import torch
+
+    from fastvideo_grpo.checkpoint import load_ema_weights
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
+    from common import tiny_adapter
+
+    out = torchrun("w_ema.py", tmp_path).stdout
+    assert "EMA_SHARDED_OK" in out, out
+    want = torch.load(tmp_path / "ema_full.pt", weights_only=True)
+    ad = tiny_adapter()
+    assert load_ema_weights(tmp_path / "checkpoints" / "step_00000003", ad.model)
+    for name, p in ad.model.named_parameters():
+        assert torch.equal(p.detach(), want[name]), name

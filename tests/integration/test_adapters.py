@@ -167,7 +167,7 @@ def _rollout_and_update(adapter, lr=1e-3):
     keep = grpo.subsample_timesteps(NUM_STEPS, 0.6, B, gen)
     cond = _random_cond(adapter, P)
     traj = rollout(adapter, schedule, ["a", "b"], cond, G, keep, gen)
-    K = math.ceil(0.6 * NUM_STEPS)
+    K = max(1, int(0.6 * NUM_STEPS))  # no window: all NUM_STEPS are candidates
     latent = adapter.latent_shape(cond)
     assert traj.latents_BK.shape == (B, K) + latent
     assert traj.next_latents_BK.shape == (B, K) + latent
@@ -201,6 +201,41 @@ def test_rollout_and_grpo_update(folders, name):
     assert changed, "no parameter changed"
     # frozen parts stay frozen
     assert not any(p.requires_grad for p in adapter.vae.parameters())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_rewarded_sample_is_the_released_codes(folders, name):
+    """What the trainer rewards. Flow models (the released flux_step, FLUX / Hunyuan / SkyReels / Wan scripts):
+    the last step is deterministic and the decoded latent is pred_original = z - sigma * model_output at the
+    last step, re-derived here from the stored z_{T-1}. Stable Diffusion (released train_grpo_sd.py): the last
+    DDIM step keeps its eta and the decoded latent is that stochastic sample."""
+    from fastvideo_grpo.config import load_config
+    from fastvideo_grpo.trainer import build_schedule
+
+    adapter = _build(folders, name)
+    cfg = load_config(None, ["--sampling.num_steps=%d" % NUM_STEPS, "--sampling.eta=0.3"])
+    schedule = build_schedule(cfg, adapter)
+    flow = adapter.prediction_type == "flow"
+    assert schedule.eta[:-1].tolist() == [0.3] * (NUM_STEPS - 1)
+    assert float(schedule.eta[-1]) == (0.0 if flow else 0.3)
+    B, last = 2, NUM_STEPS - 1
+    cond = _random_cond(adapter, 1)
+    keep = torch.full((B, 1), last, dtype=torch.int64)  # store the last transition to re-derive it
+    traj = rollout(adapter, schedule, ["a"], cond, B, keep, torch.Generator().manual_seed(3))
+    z = traj.latents_BK[:, 0]
+    with torch.no_grad():
+        u = adapter.predict(z, schedule.model_timestep(last, z), traj.cond).float()
+    if flow:
+        sigma = float(schedule.sigmas[last])
+        assert sigma > 0 and float(schedule.sigmas[-1]) == 0.0
+        pred_original = z.float() - sigma * u
+        torch.testing.assert_close(traj.final_latents.float(), pred_original, rtol=1e-5, atol=1e-5)
+        assert torch.equal(traj.log_probs_BK, torch.zeros_like(traj.log_probs_BK))  # a point mass: nothing to train
+    else:
+        ode = schedule.step(last, u, z, eta=0.0)[0]
+        assert (traj.final_latents.float() - ode).abs().max() > 1e-4  # noise was added at the last step
+        assert (traj.log_probs_BK != 0).all()
+    torch.testing.assert_close(traj.decoded, adapter.decode(traj.final_latents), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- against diffusers

@@ -261,3 +261,143 @@ def test_kl_coef_builds_a_frozen_reference_and_penalises_drift():
     want = torch.distributions.kl_divergence(torch.distributions.Normal(m1, std.view(-1, 1, 1, 1)),
                                              torch.distributions.Normal(m2, std.view(-1, 1, 1, 1))).mean(dim=(1, 2, 3))
     torch.testing.assert_close(grpo.gaussian_kl_same_std(m1, m2, std), want, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("mode", ["group", "selected"])
+def test_best_of_n_trains_the_released_advantages(mode):
+    """Best-of-N (released train_grpo_hunyuan.py): advantages over the whole group of N, then the top k and
+    bottom k by advantage are kept with those advantages ("group", the default); "selected" normalises
+    again over the 2k kept samples. Reference: the released formula on plain floats."""
+    import statistics
+
+    from fastvideo_grpo import trainer as trainer_mod
+    from fastvideo_grpo.data.prompt_source import PromptSource
+    from fastvideo_grpo.trainer import GRPOTrainer
+
+    scores = [0.1, 0.9, 0.5, 0.3, 0.7, 0.2]
+    cfg = load_config("configs/toy_cpu.yaml", [
+        "--grpo.prompts_per_iteration=1", "--grpo.group_size=6", "--grpo.best_of_n_k=2",
+        f"--grpo.best_of_n_advantages={mode}", "--sampling.num_steps=3", "--sampling.eta_schedule=null",
+        "--sampling.eta=0.7", "--grpo.timestep_window=null", "--grpo.tau=1.0", "--grpo.num_updates_per_iteration=1",
+    ])
+    ad = _adapter(4)
+
+    shown = {}
+
+    def fixed(images, prompts, **_):
+        shown["images"] = images.clone()
+        return torch.tensor(scores), {}
+
+    trainer = GRPOTrainer(cfg, ad, {"r": fixed}, {"r": 1.0}, PromptSource(["one red square"], ad.encode_prompts, seed=0))
+    seen = {}
+    original = trainer_mod.grpo_update
+
+    def spy(adapter, schedule, traj, adv, *a, **k):
+        seen["traj"], seen["adv"] = traj, adv.clone()
+        return original(adapter, schedule, traj, adv, *a, **k)
+
+    trainer_mod.grpo_update = spy
+    try:
+        trainer.train_iteration()
+    finally:
+        trainer_mod.grpo_update = original
+
+    def released_adv(xs):
+        m, s = statistics.fmean(xs), statistics.stdev(xs)
+        return [(x - m) / (s + 1e-8) for x in xs]
+
+    full = released_adv(scores)
+    order = sorted(range(6), key=lambda i: full[i])
+    kept = sorted(order[-2:] + order[:2])
+    assert kept == [0, 1, 4, 5]
+    assert seen["traj"].batch_size == 4
+    # which sample each trained row is: its decoded image among the six the reward saw
+    rows = [next(i for i in range(6) if torch.equal(img, shown["images"][i])) for img in seen["traj"].decoded]
+    got = dict(zip(rows, seen["adv"].tolist()))
+    want = dict(zip(kept, [full[i] for i in kept] if mode == "group" else released_adv([scores[i] for i in kept])))
+    assert got.keys() == want.keys()
+    for i in kept:
+        assert got[i] == pytest.approx(want[i], rel=1e-5), (mode, i)
+
+
+def test_ema_run_evaluates_exports_and_resumes_with_the_average(tmp_path):
+    """train.ema_decay through the runner: the export and the evaluations hold the closed-form EMA of the
+    weights after each iteration; a checkpoint holds it, and a resumed run ends bit-identical."""
+    from safetensors.torch import load_file
+
+    from fastvideo_grpo.checkpoint import has_ema, load_ema_weights
+    from fastvideo_grpo.loop import Component
+    from fastvideo_grpo.runner import PromptSets, run
+
+    decay = 0.6
+    built = {}
+
+    def factory(device):
+        built["adapter"] = _adapter(5)
+        return built["adapter"]
+
+    def flat():
+        return torch.cat([p.detach().flatten().double() for p in built["adapter"].model.parameters()])
+
+    seen_at_eval = []
+
+    def bright(images, prompts, **_):
+        return images.mean(dim=(1, 2, 3)), {}
+
+    def spy(images, prompts, **_):  # an evaluation reward: records the weights the evaluation runs with
+        seen_at_eval.append(flat())
+        return images.mean(dim=(1, 2, 3)), {}
+
+    hist = []
+
+    class Record(Component):
+        def on_start(self, state):
+            hist.append(flat())
+            return {}
+
+        def on_iteration(self, state, it, m):
+            hist.append(flat())
+
+    def cfg_for(out, resume=None):
+        over = [f"--train.output_dir={out}", "--train.num_iterations=3", "--train.save_every=1", "--train.eval_every=0",
+                f"--train.ema_decay={decay}", "--train.device=cpu", "--grpo.prompts_per_iteration=2",
+                "--grpo.group_size=2", "--sampling.num_steps=3", "--sampling.eval_num_steps=2", "--optim.lr=1e-2",
+                "--grpo.clip_range=0.1", "--eval.samples_per_prompt=1", "--log.progress=false", "--train.seed=2"]
+        return load_config(None, over + ([f"--train.resume={resume}"] if resume else []))
+
+    prompts = PromptSets(["one red square", "two blue circles", "a green circle"], ["one blue square"])
+    run(cfg_for(tmp_path / "A"), factory, prompts, reward_fns={"b": bright}, reward_weights={"b": 1.0},
+        eval_fns={"b": spy}, extra_components=lambda parts: [Record()])
+    assert len(hist) == 4  # initial weights + after each of 3 iterations
+
+    def closed_form(n):
+        out = decay ** n * hist[0]
+        for i in range(1, n + 1):
+            out = out + (1 - decay) * decay ** (n - i) * hist[i]
+        return out
+
+    assert not torch.allclose(closed_form(3), hist[3], atol=1e-4)  # the average is not the last weights
+    # evaluation before training and after the last iteration ran with the average
+    torch.testing.assert_close(seen_at_eval[0], hist[0])
+    torch.testing.assert_close(seen_at_eval[-1], closed_form(3), rtol=1e-5, atol=1e-6)
+    names = [n for n, _ in built["adapter"].model.named_parameters()]
+    exported = load_file(str(tmp_path / "A" / "export" / "model.safetensors"))
+    torch.testing.assert_close(torch.cat([exported[n].flatten().double() for n in names]), closed_form(3),
+                               rtol=1e-5, atol=1e-6)
+    # the checkpoint of iteration 2 holds the average of iteration 2; the evaluation CLI's loader reads it
+    ck = tmp_path / "A" / "checkpoints" / "step_00000002"
+    assert has_ema(ck)
+    fresh = _adapter(5)
+    assert load_ema_weights(ck, fresh.model)
+    torch.testing.assert_close(torch.cat([p.detach().flatten().double() for p in fresh.model.parameters()]),
+                               closed_form(2), rtol=1e-5, atol=1e-6)
+    # resume from iteration 2: the same export, bit for bit
+    (tmp_path / "B" / "checkpoints").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(ck, tmp_path / "B" / "checkpoints" / "step_00000002")
+    (tmp_path / "B" / "checkpoints" / "latest").write_text("step_00000002\n")
+    run(cfg_for(tmp_path / "B", resume="latest"), factory, prompts, reward_fns={"b": bright},
+        reward_weights={"b": 1.0}, eval_fns={"b": spy})
+    again = load_file(str(tmp_path / "B" / "export" / "model.safetensors"))
+    assert all(torch.equal(again[n], exported[n]) for n in names)

@@ -32,15 +32,18 @@ CASES = [  # (script, recipe, adapter family)
     ("train_hunyuan_grpo", "configs/hunyuan_t2i_hps.yaml", "hunyuan_t2i"),
     ("train_i2v_grpo", "configs/hunyuan_i2v_mq.yaml", "hunyuan_i2v"),
     ("train_wan_grpo", "configs/wan_t2v.yaml", "wan"),
+    ("train_wan_grpo", "configs/wan_t2i_hps.yaml", "wan"),  # the released Wan recipe: one frame
 ]
+EXTRA = {"configs/wan_t2i_hps.yaml": {"model.kwargs.num_frames": 1}}
 
 
-@pytest.mark.parametrize("script,recipe,family", CASES, ids=[c[2] for c in CASES])
+@pytest.mark.parametrize("script,recipe,family", CASES, ids=[Path(c[1]).stem for c in CASES])
 def test_train_script_two_iterations(tiny, tmp_path, script, recipe, family):
     folder, kw, manifest = tiny(family)
     out = tmp_path / "run"
     mod = train_script(script)
-    summary = mod.main(["--config", str(ROOT / recipe)] + run_overrides(folder, kw, manifest, out, **{"parallel.sp": 1}))
+    extra = {"parallel.sp": 1, **EXTRA.get(recipe, {})}
+    summary = mod.main(["--config", str(ROOT / recipe)] + run_overrides(folder, kw, manifest, out, **extra))
     assert summary["iteration"] == 2 and summary["iterations_run"] == 2
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train/loss" in r]
@@ -52,6 +55,8 @@ def test_train_script_two_iterations(tiny, tmp_path, script, recipe, family):
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["model"]["name"] == family and saved["train"]["num_iterations"] == 2
     assert saved["model"]["kwargs"]["model_path"] == str(folder)
+    for k, v in EXTRA.get(recipe, {}).items():
+        assert saved["model"]["kwargs"][k.split(".")[-1]] == v
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert (out / "reward_curve.png").is_file() and (out / "samples" / "iter_000002.png").is_file()
     assert (out / "export" / "config.json").is_file()

@@ -1,6 +1,7 @@
 """grpo.py: advantages, aggregation, best-of-N, timestep subsets, PPO-clip gradients."""
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -10,10 +11,32 @@ from fastvideo_grpo import grpo
 
 def test_group_advantages_closed_form():
     r = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 13.0])
-    adv = grpo.group_advantages(r, 3)
+    adv = grpo.group_advantages(r, 3, std="population")
     for g in range(2):
         x = r[3 * g:3 * g + 3].double()
         torch.testing.assert_close(adv[3 * g:3 * g + 3].double(), (x - x.mean()) / x.std(unbiased=False))
+
+
+def test_default_std_is_the_released_bessel_formula():
+    """The released code: for each group, (r - mean) / (r.std() + 1e-8), torch's std being unbiased (n - 1).
+    Reference: Python's statistics module on plain floats, group by group."""
+    r = [0.31, 0.27, 0.35, 0.29, 0.30, 0.33, 1.0, 0.0, 0.5, 0.5, 0.25, 0.75]
+    adv = grpo.group_advantages(torch.tensor(r, dtype=torch.float64), 6)
+    want = []
+    for g in range(2):
+        x = r[6 * g:6 * g + 6]
+        m, s = statistics.fmean(x), statistics.stdev(x)  # stdev = n - 1
+        want += [(v - m) / (s + 1e-8) for v in x]
+    torch.testing.assert_close(adv.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    # population std gives advantages larger by sqrt(n / (n - 1))
+    pop = grpo.group_advantages(torch.tensor(r, dtype=torch.float64), 6, std="population")
+    torch.testing.assert_close(pop.double(), adv.double() * math.sqrt(6 / 5), rtol=1e-5, atol=1e-6)
+    # an all-equal group: 0 / (0 + 1e-8) = 0 in both
+    assert torch.equal(grpo.group_advantages(torch.full((4,), 0.3), 4), torch.zeros(4))
+    with pytest.raises(ValueError, match="std must be"):
+        grpo.group_advantages(torch.zeros(4), 2, std="unbiased")
+    with pytest.raises(ValueError, match="at least 2"):
+        grpo.group_advantages(torch.zeros(4), 1)
 
 
 def test_zero_variance_group_gives_zero_not_nan():
@@ -38,7 +61,11 @@ def test_summed_normalised_advantages_are_scale_free():
 def test_aggregate_weights_and_errors():
     r = {"a": torch.tensor([0.0, 1.0]), "b": torch.tensor([1.0, 0.0])}
     torch.testing.assert_close(grpo.aggregate_advantages(r, 2, {"a": 1.0, "b": 1.0}), torch.zeros(2))
-    torch.testing.assert_close(grpo.aggregate_advantages(r, 2, {"a": 2.0, "b": 1.0}), torch.tensor([-1.0, 1.0]))
+    torch.testing.assert_close(grpo.aggregate_advantages(r, 2, {"a": 2.0, "b": 1.0}, std="population"),
+                               torch.tensor([-1.0, 1.0]))
+    # Bessel std of {0, 1} is 1 / sqrt(2): advantages -+1 / sqrt(2) per reward
+    torch.testing.assert_close(grpo.aggregate_advantages(r, 2, {"a": 2.0, "b": 1.0}),
+                               torch.tensor([-1.0, 1.0]) / math.sqrt(2))
     with pytest.raises(ValueError, match="not computed"):
         grpo.aggregate_advantages(r, 2, {"c": 1.0})
     with pytest.raises(ValueError, match="whole number of groups"):
@@ -59,13 +86,35 @@ def test_best_of_n_selects_top_and_bottom_k_per_group():
         grpo.best_of_n_indices(r, 6, 4)
 
 
+def test_trained_step_count_is_the_released_int_tau_t_minus_1():
+    """Released: timesteps[:, :-1] (T - 1 steps, the last dropped), then int(len * timestep_fraction)."""
+    for T, tau in [(16, 0.6), (25, 0.6), (50, 1.0), (20, 0.6), (10, 0.5), (16, 1.0), (6, 0.6)]:
+        lo, hi = grpo.trainable_window(T)
+        assert (lo, hi) == (0, T - 1)
+        released = int(len(list(range(T))[:-1]) * tau)
+        assert grpo.num_train_steps(hi - lo, tau) == released, (T, tau)
+    assert grpo.num_train_steps(15, 0.6) == 9 and grpo.num_train_steps(24, 0.6) == 14
+    assert grpo.num_train_steps(10, 0.01) == 1  # at least one step
+    # float noise does not drop a step where tau * n is a whole number
+    assert grpo.num_train_steps(100, 0.29) == 29
+    # the last step only when asked; a window is cut to leave it out
+    assert grpo.trainable_window(10, train_last_step=True) == (0, 10)
+    assert grpo.trainable_window(10, (0, 5)) == (0, 5)
+    assert grpo.trainable_window(10, (3, 10)) == (3, 9)
+    with pytest.raises(ValueError, match="only the last step"):
+        grpo.trainable_window(10, (9, 10))
+    with pytest.raises(ValueError, match="window"):
+        grpo.trainable_window(10, (4, 11))
+
+
 def test_subsample_timesteps_counts_and_ranges():
     g = torch.Generator().manual_seed(0)
     sel = grpo.subsample_timesteps(10, 0.6, 5, g)
     assert sel.shape == (5, 6)
     for row in sel:
         assert len(set(row.tolist())) == 6 and row.min() >= 0 and row.max() < 10
-    assert grpo.num_train_steps(25, 0.6) == 15 and grpo.num_train_steps(10, 0.6) == 6
+    last_out = grpo.subsample_timesteps(16, 0.6, 50, g, window=grpo.trainable_window(16))
+    assert last_out.shape == (50, 9) and last_out.max() == 14  # step 15 (the last) is never picked
     win = grpo.subsample_timesteps(20, 1.0, 3, g, window=(0, 6))
     assert win.shape == (3, 6) and win.max() < 6
     with pytest.raises(ValueError, match="tau"):

@@ -494,17 +494,77 @@ def test_video_align_pooling_with_injected_backbone():
         head.weight.copy_(torch.arange(18.0).reshape(3, 6))
     bb = _FakeBackbone()
     sc = va.VideoAlignScorer(bb, tok, head, device=torch.device("cpu"), video_fps=8, sample_fps=2,
-                             max_pixels=56 * 56, prompt_template=VA_TEMPLATE, dimensions=("VQ", "MQ", "TA"))
+                             max_pixels=56 * 56, min_pixels=28 * 28, prompt_template=VA_TEMPLATE,
+                             dimensions=("VQ", "MQ", "TA"))
     s, info = sc(torch.rand(2, 9, 3, 56, 56), ["a cat", "the red dog"])
     # expected: output k of the head at the k-th special token (the diagonal)
     exp = [float(head.weight.detach()[k] @ (F.one_hot(torch.tensor(i % 6), 6).float() * (1 + i))) for k, i in enumerate(ids)]
     assert info["raw"][0] == pytest.approx(exp) and info["raw"][1] == pytest.approx(exp)
     assert s.tolist() == pytest.approx([sum(exp)] * 2)
     (shape_ids, shape_pix, grid), = bb.calls
-    assert grid == [[2, 4, 4], [2, 4, 4]]        # 9 frames at 8 fps -> 3 at 2 fps -> padded to 4 -> t=2
+    assert grid == [[2, 4, 4], [2, 4, 4]]        # 9 frames at 8 fps -> 2.25 at 2 fps -> VideoAlign's minimum 4 -> t=2
     assert shape_pix == (2 * 2 * 4 * 4, 3 * 2 * 14 * 14)
     n_video = (torch.tensor(tok(VA_TEMPLATE.replace("<|video_pad|>", "<|video_pad|>" * 8).replace("{prompt}", "a cat"))["input_ids"]) == tok.convert_tokens_to_ids("<|video_pad|>")).sum()
     assert n_video == 2 * 4 * 4 // 4
+
+
+# VideoAlign's prompt_template.py (KwaiVGI/VideoAlign 94236c2): sha256 of DETAILED_PROMPT_WITH_SPECIAL_TOKEN,
+# computed from that file, so that no character of the quoted template (trailing spaces included) can drift
+DETAILED_SHA256 = "fdb6309bac618dd0c8b1b589d3a0970a974f7856eecbb355a190b2dce54af700"
+
+
+def test_default_prompt_is_videoaligns_detailed_special_template():
+    import hashlib
+
+    assert hashlib.sha256(va.DETAILED_PROMPT_WITH_SPECIAL_TOKEN.encode()).hexdigest() == DETAILED_SHA256
+    prompt = "a red cat"
+    # VideoAlign's build_prompt(prompt, dims, "detailed_special") is DETAILED_PROMPT_WITH_SPECIAL_TOKEN.format(...)
+    built = va.DETAILED_PROMPT_WITH_SPECIAL_TOKEN.format(text_prompt=prompt)
+    # inside Qwen2-VL's chat template: system turn, user turn with the video first, then the generation prompt
+    chat = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+            "<|vision_start|><|video_pad|><|vision_end|>" + built + "<|im_end|>\n<|im_start|>assistant\n")
+    assert va.DEFAULT_TEMPLATE.replace("{prompt}", prompt) == chat
+    assert "Textual prompt - a red cat\nPlease provide the ratings of Text Alignment: <|TA_reward|>\nEND\n" in chat
+
+
+def test_default_template_tokenised_layout():
+    """The tokens the scorer feeds the model: one block of video pads inside vision_start / vision_end
+    before the text, and exactly one VQ, MQ, TA token, in that order, after it (where the head is read)."""
+    tok = _qwen_tokenizer()
+    head = torch.nn.Linear(6, 3, bias=False)
+    sc = va.VideoAlignScorer(_FakeBackbone(), tok, head, device=torch.device("cpu"), video_fps=8, max_pixels=56 * 56,
+                             min_pixels=28 * 28)
+    assert sc.template == va.DEFAULT_TEMPLATE
+    ids, mask = sc.text_inputs(["a red cat", "the blue dog"], n_video_tokens=5)
+    tid = tok.convert_tokens_to_ids
+    for row, m in zip(ids.tolist(), mask.tolist()):
+        row = [t for t, keep in zip(row, m) if keep]
+        start, end = row.index(tid("<|vision_start|>")), row.index(tid("<|vision_end|>"))
+        assert row[start + 1:end] == [tid("<|video_pad|>")] * 5 and row.count(tid("<|video_pad|>")) == 5
+        pos = [row.index(tid(t)) for t in ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")]
+        assert all(row.count(tid(t)) == 1 for t in ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>"))
+        assert end < pos[0] < pos[1] < pos[2]
+        assert row[:1] == [tid("<|im_start|>")] and row.count(tid("<|im_start|>")) == 3
+    s, info = sc(torch.rand(2, 9, 3, 56, 56), ["a red cat", "the blue dog"])  # pooling finds the three tokens
+    assert s.shape == (2,) and len(info["raw"][0]) == 3
+
+
+def test_frame_sampling_is_videoaligns():
+    """VideoAlign's inference sampling (vision_process.smart_nframes, then linspace(0, F - 1, n).round()),
+    worked out by hand: the released code's 53-frame HunyuanVideo / SkyReels samples, written at 8 fps and
+    read at the checkpoint's 2 fps, give 53 / 8 * 2 = 13.25 -> 14 frames, every 4th."""
+    assert va.videoalign_frame_indices(53, 8, 2) == list(range(0, 53, 4))
+    assert va.videoalign_frame_indices(53, 24, 2) == [0, 17, 35, 52]  # 4.4 -> 4 (the minimum is 4)
+    assert va.videoalign_frame_indices(9, 8, 2) == [0, 3, 5, 8]  # 2.25 -> at least 4: linspace 0, 2.67, 5.33, 8
+    assert va.videoalign_frame_indices(53, 8, 2, max_frames=8) == [0, 7, 15, 22, 30, 37, 45, 52]
+    assert va.videoalign_frame_indices(2, 8, 2) == [0, 1]  # at most the video's frames
+    assert va.videoalign_frame_indices(1, 8, 2) == [0, 0]  # an image: one frame shown twice
+    # the frame size: 480 x 480 -> 448 x 448 (the checkpoint's max_frame_pixels 448 * 448); 400 x 640 -> 336 x 560
+    assert va.frame_size(480, 480) == (448, 448) and va.frame_size(400, 640) == (336, 560)
+    assert va.frame_size(200, 200) == (336, 336)  # up to VideoAlign's video minimum 128 * 28 * 28
+    with pytest.raises(ValueError, match="frame_sampling"):
+        va.VideoAlignScorer(_FakeBackbone(), _qwen_tokenizer(), torch.nn.Linear(6, 3, bias=False),
+                            device=torch.device("cpu"), frame_sampling="random")
 
 
 def test_frame_sampling_and_sizes():
