@@ -604,8 +604,10 @@ MEMORY = {
     "decode_bs1": (["--sampling.decode_batch_size=1"], _PLAIN_VAE),
     "vae_slicing": ([], {"vae_tiling": False, "vae_slicing": True}),
     "vae_tiling_slicing": ([], {"vae_tiling": _TILES, "vae_slicing": True}),
-    "image_recipe": (["--sampling.rollout_batch_size=2", "--sampling.decode_batch_size=4"], _PLAIN_VAE),  # FLUX's set
-    "video_recipe": (["--sampling.rollout_batch_size=1", "--sampling.decode_batch_size=1",
+    # the recipes' sets, training micro-batch included (= rollout chunk: the PPO ratio is exactly 1 whatever the case)
+    "image_recipe": (["--sampling.rollout_batch_size=2", "--sampling.decode_batch_size=4", "--grpo.micro_batch_size=2"],
+                     _PLAIN_VAE),  # FLUX's set
+    "video_recipe": (["--sampling.rollout_batch_size=1", "--sampling.decode_batch_size=1", "--grpo.micro_batch_size=1",
                       "--sampling.offload_vae=true", "--sampling.offload_rewards=true"],
                      {"vae_tiling": _TILES, "vae_slicing": True}),
 }

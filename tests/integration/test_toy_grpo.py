@@ -296,11 +296,17 @@ def test_best_of_n_trains_the_released_advantages(mode):
         seen["traj"], seen["adv"] = traj, adv.clone()
         return original(adapter, schedule, traj, adv, *a, **k)
 
-    trainer_mod.grpo_update = spy
+    original_decode = trainer_mod.decode_latents
+
+    def decode_spy(adapter, z, *a, **k):
+        shown["latents"] = z.clone()
+        return original_decode(adapter, z, *a, **k)
+
+    trainer_mod.grpo_update, trainer_mod.decode_latents = spy, decode_spy
     try:
         trainer.train_iteration()
     finally:
-        trainer_mod.grpo_update = original
+        trainer_mod.grpo_update, trainer_mod.decode_latents = original, original_decode
 
     def released_adv(xs):
         m, s = statistics.fmean(xs), statistics.stdev(xs)
@@ -311,8 +317,10 @@ def test_best_of_n_trains_the_released_advantages(mode):
     kept = sorted(order[-2:] + order[:2])
     assert kept == [0, 1, 4, 5]
     assert seen["traj"].batch_size == 4
-    # which sample each trained row is: its decoded image among the six the reward saw
-    rows = [next(i for i in range(6) if torch.equal(img, shown["images"][i])) for img in seen["traj"].decoded]
+    # which sample each trained row is: its final latent among the six decoded for the reward (the trainer
+    # frees the pixels before the update)
+    assert shown["images"].shape[0] == 6
+    rows = [next(i for i in range(6) if torch.equal(z, shown["latents"][i])) for z in seen["traj"].final_latents]
     got = dict(zip(rows, seen["adv"].tolist()))
     want = dict(zip(kept, [full[i] for i in kept] if mode == "group" else released_adv([scores[i] for i in kept])))
     assert got.keys() == want.keys()
