@@ -24,101 +24,16 @@ from fastvideo_grpo.models import ADAPTERS
 from fastvideo_grpo.models.diffusers_base import NEG
 from fastvideo_grpo.rollout import decode_latents, rollout, sample_ode
 from fastvideo_grpo.trainer import grpo_update
+from support.tiny_models import FAMILIES, TEXT_LEN, tiny_components
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 NUM_STEPS = 3
-TEXT_LEN = 6
 
 
-# ----------------------------------------------------------------------------- tiny models
-
-
-def _tiny_vae_2d(**kw):
-    return diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, **kw,
-    )
-
-
-def _tiny_hunyuan_vae():
-    return diffusers.AutoencoderKLHunyuanVideo(
-        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
-        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-        norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
-        mid_block_add_attention=True,
-    )
-
-
-def _tiny_hunyuan(in_channels):
-    return diffusers.HunyuanVideoTransformer3DModel(
-        in_channels=in_channels, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
-        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
-        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 2),
-    )
-
-
-def _tiny_wan(in_channels=16, **kw):
-    return diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_channels, out_channels=16,
-        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32, **kw,
-    )
-
-
-def _tiny_wan_vae():
-    return diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                      temperal_downsample=[False, True, True])
-
-
-def _components(name):
-    """(subfolder -> model) for a family's tiny folder, plus the adapter kwargs for it."""
-    torch.manual_seed(0)
-    if name == "sd":
-        unet = diffusers.UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
-        )
-        return {"unet": unet, "vae": _tiny_vae_2d(scaling_factor=0.18215)}, dict(resolution=16, max_sequence_length=TEXT_LEN)
-    if name == "flux":
-        tr = diffusers.FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6),
-        )
-        return {"transformer": tr, "vae": _tiny_vae_2d(scaling_factor=0.5, shift_factor=0.1)}, dict(resolution=16)
-    if name in ("hunyuan_t2v", "hunyuan_t2i"):
-        kw = dict(resolution=32) if name == "hunyuan_t2i" else dict(resolution=32, num_frames=5)
-        return {"transformer": _tiny_hunyuan(4), "vae": _tiny_hunyuan_vae()}, kw
-    if name == "hunyuan_i2v":
-        return {"transformer": _tiny_hunyuan(8), "vae": _tiny_hunyuan_vae()}, dict(resolution=32, num_frames=5)
-    if name == "wan":
-        return {"transformer": _tiny_wan(), "vae": _tiny_wan_vae()}, dict(resolution=32, num_frames=5)
-    if name == "wan_i2v":
-        tr = _tiny_wan(in_channels=36, image_dim=8, added_kv_proj_dim=24)
-        return {"transformer": tr, "vae": _tiny_wan_vae()}, dict(resolution=32, num_frames=5)
-    if name == "sd3":
-        tr = diffusers.SD3Transformer2DModel(
-            sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
-            caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=16, out_channels=4,
-        )
-        return {"transformer": tr, "vae": _tiny_vae_2d(scaling_factor=1.5305, shift_factor=0.0609)}, dict(resolution=16)
-    raise KeyError(name)
-
-
-ALL = ["sd", "flux", "hunyuan_t2i", "hunyuan_t2v", "hunyuan_i2v", "wan", "wan_i2v", "sd3"]
+ALL = list(FAMILIES)
 CFG_FAMILIES = ["sd", "hunyuan_i2v", "wan", "sd3"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only add contention (40x slower seen)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +43,7 @@ def folders(tmp_path_factory):
     def get(name):
         if name not in cache:
             root = tmp_path_factory.mktemp(name)
-            comps, kw = _components(name)
+            comps, kw = tiny_components(name)
             for sub, m in comps.items():
                 m.save_pretrained(str(root / sub))
             cache[name] = (root, kw)

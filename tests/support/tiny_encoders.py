@@ -16,6 +16,8 @@ from typing import Dict
 
 import torch
 
+from support.tiny_models import tiny_hunyuan_vae, tiny_wan_vae
+
 WORDS = ("a an the of on in and with left right above below photo video cat dog red green blue yellow purple "
          "orange white black circle square triangle star one two three four small big bright dark sky sea forest "
          "city man woman running flying cinematic").split()
@@ -98,23 +100,6 @@ def _llama(vocab_size: int):
                                    num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
                                    max_position_embeddings=1024, pad_token_id=0, bos_token_id=3, eos_token_id=1)
     return transformers.LlamaModel(cfg)
-
-
-def tiny_hunyuan_vae():
-    import diffusers
-
-    return diffusers.AutoencoderKLHunyuanVideo(
-        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
-        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-        norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
-        mid_block_add_attention=True)
-
-
-def tiny_wan_vae():
-    import diffusers
-
-    return diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                      temperal_downsample=[False, True, True])
 
 
 def build_tiny_components(family: str, path) -> Dict[str, object]:

@@ -13,13 +13,13 @@ import importlib.util
 import json
 from pathlib import Path
 
-import diffusers
 import torch
 
 from fastvideo_grpo.data.prep import PrepJob
 from fastvideo_grpo.data.prompts import PromptRecord
 from fastvideo_grpo.models import ADAPTERS
 from fastvideo_grpo.rewards.base import REWARDS
+from support import tiny_models
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [f"a {c} {s} photo" for c in ("red", "blue", "green", "white") for s in ("cat", "dog", "city")]
@@ -45,55 +45,22 @@ if "test_brightness" not in REWARDS.names():
 # ----------------------------------------------------------------------------- tiny model folders
 
 
-def _vae2d(**kw):
-    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                                   layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
-                                   up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, **kw)
-
-
-def _hunyuan(in_channels):
-    return diffusers.HunyuanVideoTransformer3DModel(
-        in_channels=in_channels, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
-        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
-        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 2))
-
-
-def _hunyuan_vae():
-    from support.tiny_encoders import tiny_hunyuan_vae
-
-    return tiny_hunyuan_vae()
+RUN_KWARGS = {  # smaller shapes than the adapter tests': a few training iterations per test
+    "flux": dict(resolution=16),
+    "sd": dict(resolution=16, max_sequence_length=SEQ),
+    "hunyuan_t2v": dict(resolution=16, num_frames=5),
+    "hunyuan_t2i": dict(resolution=16, num_frames=1),
+    "hunyuan_i2v": dict(resolution=16, num_frames=5),
+    "wan": dict(resolution=16, num_frames=5),
+}
 
 
 def tiny_components(name):
-    """subfolder -> tiny model, and the model.kwargs overrides for it."""
-    torch.manual_seed(0)
-    if name == "sd":
-        unet = diffusers.UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8)
-        return {"unet": unet, "vae": _vae2d(scaling_factor=0.18215)}, dict(resolution=16, max_sequence_length=SEQ)
-    if name == "flux":
-        tr = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                              pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
-        return {"transformer": tr, "vae": _vae2d(scaling_factor=0.5, shift_factor=0.1)}, dict(resolution=16)
-    if name == "hunyuan_t2v":
-        return {"transformer": _hunyuan(4), "vae": _hunyuan_vae()}, dict(resolution=16, num_frames=5)
-    if name == "hunyuan_t2i":
-        return {"transformer": _hunyuan(4), "vae": _hunyuan_vae()}, dict(resolution=16, num_frames=1)
-    if name == "hunyuan_i2v":
-        return {"transformer": _hunyuan(8), "vae": _hunyuan_vae()}, dict(resolution=16, num_frames=5)
-    if name == "wan":
-        from support.tiny_encoders import tiny_wan_vae
-
-        tr = diffusers.WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-            text_dim=32, freq_dim=32, ffn_dim=32, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=32)
-        return {"transformer": tr, "vae": tiny_wan_vae()}, dict(resolution=16, num_frames=5)
-    raise KeyError(name)
+    """subfolder -> tiny model (tests/support/tiny_models.py), and the model.kwargs of a tiny run."""
+    if name not in RUN_KWARGS:
+        raise KeyError(f"no tiny run for {name!r}; families: {sorted(RUN_KWARGS)}")
+    comps, _ = tiny_models.tiny_components(name)
+    return comps, dict(RUN_KWARGS[name])
 
 
 class SyntheticEncoder:

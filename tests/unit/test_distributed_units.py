@@ -138,13 +138,11 @@ def test_single_process_stop_and_resume_and_export(tmp_path, monkeypatch):
 
 
 def _tiny_flux():
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
+    from support.tiny_models import tiny_flux
+
     torch.manual_seed(0)
-    return diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6),
-    )
+    return tiny_flux()
 
 
 class _Stub:
@@ -185,14 +183,12 @@ def test_export_diffusers_save_pretrained_and_lora(tmp_path):
 
 def test_attention_backend_reaches_every_attention_call(monkeypatch):
     """parallel.attention_backend goes through diffusers' dispatcher to the attention calls; refused with sp > 1."""
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     from diffusers.models import attention_dispatch
 
     from fastvideo_grpo.distributed.fsdp import set_attention_backend
 
-    model = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                             pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    model = _tiny_flux()
     seen = []
     original = attention_dispatch.dispatch_attention_fn
 

@@ -21,15 +21,6 @@ from fastvideo_grpo.rewards import video_align as va
 PROMPTS = ["a red cat", "a blue dog", "green tree", "the sun"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only add contention (70x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------ fixtures
 
 def write_clip_tokenizer(d):

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: the shared tiny builders (support.*)
 torch.set_num_threads(1)
 
 from fastvideo_grpo.config import RunConfig  # noqa: E402

@@ -16,6 +16,7 @@ from fastvideo_grpo.distributed import init_distributed, shutdown
 from fastvideo_grpo.distributed.sequence_parallel import SequenceParallel, ulysses_attention
 from fastvideo_grpo.models.flux import FluxAdapter
 from fastvideo_grpo.models.hunyuan_video import HunyuanVideoAdapter
+from support.tiny_models import tiny_components, tiny_flux, tiny_hunyuan
 
 TOL = dict(atol=1e-10, rtol=1e-8)
 
@@ -106,13 +107,8 @@ def _compare(m, ref, run, plan, blocks, group, what, n_img):
 
 
 def hunyuan_case(env, group, checkpointing: bool):
-    import diffusers
-
     torch.manual_seed(0)
-    m = _randomize(diffusers.HunyuanVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
-        num_single_layers=2, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
-        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 2)).double())
+    m = _randomize(tiny_hunyuan(4, num_layers=2, num_single_layers=2).double())
     if checkpointing:
         m.enable_gradient_checkpointing()
     ref = copy.deepcopy(m)
@@ -135,13 +131,8 @@ def hunyuan_case(env, group, checkpointing: bool):
 
 
 def flux_case(env, group):
-    import diffusers
-
     torch.manual_seed(0)
-    m = _randomize(diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6)).double())
+    m = _randomize(tiny_flux(num_layers=2, num_single_layers=2).double())
     ref = copy.deepcopy(m)
     g = torch.Generator().manual_seed(1)
     B, h, w, L = 2, 4, 4, 5
@@ -164,28 +155,8 @@ def flux_case(env, group):
 
 
 def _adapter_components(name):
-    import diffusers
-
-    if name == "flux":
-        tr = diffusers.FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6))
-        vae = diffusers.AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            norm_num_groups=4, scaling_factor=0.5, shift_factor=0.1)
-        return tr, vae, dict(resolution=16)
-    tr = diffusers.HunyuanVideoTransformer3DModel(
-        in_channels=8 if name == "hunyuan_i2v" else 4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
-        num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
-        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 2))
-    vae = diffusers.AutoencoderKLHunyuanVideo(
-        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
-        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-        norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
-        mid_block_add_attention=True)
-    return tr, vae, dict(resolution=32) if name == "hunyuan_t2i" else dict(resolution=32, num_frames=5)
+    comps, kw = tiny_components(name)
+    return comps["transformer"], comps["vae"], kw
 
 
 def adapter_case(env, name, tmp):

@@ -1,0 +1,105 @@
+"""The tiny random-init denoisers and VAEs of every model family, built from diffusers' own classes at toy
+sizes: the one place the tests (adapters, tiny training runs, distributed workers, export) get them.
+
+``tiny_components(family)`` -> ({subfolder: model}, adapter kwargs), seeded, ready for ``save_pretrained``
+into a diffusers-format folder that the adapter's real ``from_pretrained`` path loads. The per-class
+builders (``tiny_flux`` ...) take the few sizes that callers vary.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+TEXT_LEN = 6  # text tokens of the SD tokenizer stand-in (max_sequence_length)
+FAMILIES = ("sd", "flux", "hunyuan_t2i", "hunyuan_t2v", "hunyuan_i2v", "wan", "wan_i2v", "sd3")
+
+
+def _diffusers():
+    import diffusers
+
+    return diffusers
+
+
+def tiny_vae_2d(**kw):
+    """SD / FLUX / SD3-style AutoencoderKL: 4 latent channels, 2x spatial compression."""
+    return _diffusers().AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, **kw)
+
+
+def tiny_hunyuan_vae():
+    """HunyuanVideo's causal 3D VAE: 8x spatial, 4x temporal compression."""
+    return _diffusers().AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
+        mid_block_add_attention=True)
+
+
+def tiny_wan_vae():
+    """Wan 2.1's VAE: 16 latent channels, 8x spatial, 4x temporal compression."""
+    return _diffusers().AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                         temperal_downsample=[False, True, True])
+
+
+def tiny_sd_unet():
+    return _diffusers().UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8)
+
+
+def tiny_flux(num_layers: int = 1, num_single_layers: int = 1):
+    return _diffusers().FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+
+
+def tiny_hunyuan(in_channels: int = 4, num_layers: int = 1, num_single_layers: int = 1):
+    """in_channels 4 for text-to-video / image, 8 for image-to-video (latents + image latents)."""
+    return _diffusers().HunyuanVideoTransformer3DModel(
+        in_channels=in_channels, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=num_layers,
+        num_single_layers=num_single_layers, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 2))
+
+
+def tiny_wan(in_channels: int = 16, **kw):
+    """in_channels 16 for text-to-video; 36 with image_dim / added_kv_proj_dim for image-to-video."""
+    return _diffusers().WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_channels, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32, **kw)
+
+
+def tiny_sd3():
+    return _diffusers().SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=16, out_channels=4)
+
+
+def tiny_components(family: str) -> Tuple[Dict[str, torch.nn.Module], dict]:
+    """({subfolder: tiny model}, adapter kwargs) of ``family``, built under seed 0."""
+    torch.manual_seed(0)
+    video = dict(resolution=32, num_frames=5)
+    if family == "sd":
+        return {"unet": tiny_sd_unet(), "vae": tiny_vae_2d(scaling_factor=0.18215)}, dict(
+            resolution=16, max_sequence_length=TEXT_LEN)
+    if family == "flux":
+        return {"transformer": tiny_flux(), "vae": tiny_vae_2d(scaling_factor=0.5, shift_factor=0.1)}, dict(resolution=16)
+    if family == "hunyuan_t2i":
+        return {"transformer": tiny_hunyuan(4), "vae": tiny_hunyuan_vae()}, dict(resolution=32)
+    if family == "hunyuan_t2v":
+        return {"transformer": tiny_hunyuan(4), "vae": tiny_hunyuan_vae()}, video
+    if family == "hunyuan_i2v":
+        return {"transformer": tiny_hunyuan(8), "vae": tiny_hunyuan_vae()}, video
+    if family == "wan":
+        return {"transformer": tiny_wan(), "vae": tiny_wan_vae()}, video
+    if family == "wan_i2v":
+        return {"transformer": tiny_wan(in_channels=36, image_dim=8, added_kv_proj_dim=24), "vae": tiny_wan_vae()}, video
+    if family == "sd3":
+        return {"transformer": tiny_sd3(), "vae": tiny_vae_2d(scaling_factor=1.5305, shift_factor=0.0609)}, dict(
+            resolution=16)
+    raise KeyError(f"no tiny components for {family!r}; families: {FAMILIES}")
