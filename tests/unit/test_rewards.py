@@ -367,7 +367,7 @@ def test_importing_rewards_is_cheap():
     assert out.returncode == 0, out.stderr
     names = out.stdout.strip().split(",")
     for n in ("clip_score", "hps", "pickscore", "aesthetic", "video_align", "binary", "remote", "vlm_judge",
-              "image_reward"):
+              "image_reward", "hpsv3"):
         assert n in names
 
 
