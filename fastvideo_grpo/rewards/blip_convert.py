@@ -58,7 +58,8 @@ _VIS_BLOCK = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_
               "attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$")
 _TEXT_KEY = re.compile(r"^(embeddings\.(word_embeddings|position_embeddings|LayerNorm)\.(weight|bias)"
-                       r"|encoder\.layer\.\d+\.(attention|crossattention)\.(self\.(query|key|value)|output\.(dense|LayerNorm))"
+                       r"|encoder\.layer\.\d+\.(attention|crossattention)\."
+                       r"(self\.(query|key|value)|output\.(dense|LayerNorm))"
                        r"\.(weight|bias)"
                        r"|encoder\.layer\.\d+\.(intermediate\.dense|output\.dense|output\.LayerNorm)\.(weight|bias))$")
 _HEAD = re.compile(r"^mlp\.layers\.(0|2|4|6|7)\.(weight|bias)$")
@@ -159,7 +160,8 @@ class ImageRewardModel(nn.Module):
     def image_size(self) -> int:
         return int(self.vision.config.image_size)
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> torch.Tensor:
         """Normalised reward (B,) for (already pre-processed) images and tokenised prompts."""
         image_embeds = self.vision(pixel_values=pixel_values).last_hidden_state
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)

@@ -248,7 +248,8 @@ def hpsv3(model_path=None, device=None, dtype="bfloat16", batch_size=4, pixels=H
         raise ValueError(f"hpsv3: {REWARD_TOKEN} has id {rid} but the checkpoint has {rows} embedding rows; "
                          "use Qwen2-VL-7B-Instruct's tokenizer files")
     if head[0].in_features != text_cfg.hidden_size:
-        raise ValueError(f"hpsv3: head expects hidden size {head[0].in_features}, the config has {text_cfg.hidden_size}")
+        raise ValueError(f"hpsv3: head expects hidden size {head[0].in_features}, "
+                         f"the config has {text_cfg.hidden_size}")
     dev, tdtype = resolve_device(device), resolve_dtype(dtype)
     dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     model = Qwen2VLForConditionalGeneration.from_pretrained(folder, config=cfg, local_files_only=True,

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from fastvideo_grpo.rewards import REWARDS
-from fastvideo_grpo.rewards import _clip_utils as cu
 from fastvideo_grpo.rewards import hpsv3 as h3
 from fastvideo_grpo.rewards import video_align as va
 
