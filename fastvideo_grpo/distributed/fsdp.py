@@ -60,20 +60,22 @@ def adapter_blocks(adapter) -> List[nn.Module]:
     return blocks
 
 
-def set_attention_backend(module: nn.Module, backend: str, sp: int = 1) -> None:
+def set_attention_backend(module: nn.Module, backend: str, sp: int = 1) -> Optional[str]:
     """``parallel.attention_backend``: the kernel diffusers' attention dispatcher calls in every attention
     layer (``native`` = torch's scaled_dot_product_attention, ``flash`` = FlashAttention 2, ...).
 
-    Ulysses sequence parallelism (sp > 1) runs through torch's scaled_dot_product_attention, so another
-    backend would attend over each rank's local tokens only: that combination is refused.
-
-    diffusers also makes the backend the process-wide default, so every other diffusers model in the process
-    (reference policy, VAE, diffusers-based rewards) attends with it too."""
+    sp = 1: set on the module (diffusers also makes it the process-wide default, so every other diffusers
+    model in the process - reference policy, VAE, diffusers-based rewards - attends with it too); returns
+    None. sp > 1: the module keeps the native backend, whose scaled_dot_product_attention call the Ulysses
+    dispatch intercepts; the backend is checked and returned, for ``SequenceParallel`` to run the attention
+    after the all-to-all with it (sequence_parallel.py)."""
     if backend == "native":
-        return
+        return None
     if sp > 1:
-        raise ValueError(f"parallel.attention_backend={backend!r} with parallel.sp={sp}: Ulysses sequence parallelism "
-                         "works through torch's scaled_dot_product_attention; use attention_backend: native with sp > 1")
+        from .sequence_parallel import resolve_attention_backend
+
+        resolve_attention_backend(backend)
+        return backend
     setter = getattr(module, "set_attention_backend", None)
     if setter is None:
         raise ValueError(f"parallel.attention_backend={backend!r}: {type(module).__name__} has no diffusers attention "
@@ -83,6 +85,7 @@ def set_attention_backend(module: nn.Module, backend: str, sp: int = 1) -> None:
     except (ValueError, RuntimeError, ImportError) as e:
         raise ValueError(f"parallel.attention_backend={backend!r} is not available here ({e}); install its package "
                          "(e.g. pip install flash-attn for flash) or use native") from None
+    return None
 
 
 def checkpointed_indices(num_blocks: int, fraction: float) -> List[int]:
@@ -135,7 +138,8 @@ def parallelize(adapter, dims: ParallelDims, pcfg=None, device: Optional[torch.d
 
     frac = float(getattr(pcfg, "activation_checkpointing", 0.0) or 0.0)
     module = adapter.trainable_module()
-    set_attention_backend(module, str(getattr(pcfg, "attention_backend", "native") or "native"), dims.sp)
+    sp_backend = set_attention_backend(module, str(getattr(pcfg, "attention_backend", "native") or "native"),
+                                       dims.sp)
     blocks = adapter_blocks(adapter)
     res = ParallelizeResult(blocks=blocks)
     if frac > 0:
@@ -144,7 +148,8 @@ def parallelize(adapter, dims: ParallelDims, pcfg=None, device: Optional[torch.d
     if dims.sp_enabled:
         plan_hook = getattr(adapter, "sequence_parallel_plan", None)
         plan = plan_hook() if callable(plan_hook) else None
-        res.sequence_parallel = SequenceParallel(blocks, dims.group("sp"), plan or SPPlan())
+        res.sequence_parallel = SequenceParallel(blocks, dims.group("sp"), plan or SPPlan(),
+                                                 attention_backend=sp_backend)
     if dims.mesh is None:  # one process without parallel.fsdp_one_process: plain module
         return res
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard

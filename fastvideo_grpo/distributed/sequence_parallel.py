@@ -23,6 +23,13 @@ and while a block runs, ``torch.nn.functional.scaled_dot_product_attention`` dis
 information applied inside the blocks to the local tokens must be sharded the same way (an
 adapter whose blocks take e.g. rotary tables over all tokens supplies its own ``SPPlan``).
 
+Attention kernel (``parallel.attention_backend``): after the all-to-all each rank holds every token
+of a slice of the heads, so any kernel computes that attention exactly. ``SequenceParallel(...,
+attention_backend=name)`` runs it through diffusers' attention dispatcher with that backend
+(``flash``, ``_flash_3``, ``sage``, ``_native_math``, ...); None = torch's scaled_dot_product_attention.
+The model's own attention layers stay on diffusers' native backend, whose call to
+``scaled_dot_product_attention`` is what the Ulysses dispatch intercepts.
+
 Joint image + text attention (HunyuanVideo, FLUX; ``SPPlan.replicated_tokens``): only the image
 tokens are sharded; the text tokens are computed whole, identically, on every rank. Inside
 attention the text part takes this rank's head slice and its output heads are all-gathered back,
@@ -157,6 +164,43 @@ def _gather_mask(mask: torch.Tensor, n_local: int, group) -> torch.Tensor:
     return mask
 
 
+def resolve_attention_backend(name: Optional[str]):
+    """A diffusers backend name -> its ``AttentionBackendName`` after checking that its package is
+    installed (ValueError naming what to install otherwise); None / "native" -> None (torch SDPA)."""
+    if name in (None, "", "native"):
+        return None
+    try:
+        from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+    except ImportError as e:  # diffusers too old for the dispatcher
+        raise ValueError(f"parallel.attention_backend={name!r} needs diffusers' attention dispatcher ({e})") from None
+    try:
+        backend = AttentionBackendName(name)
+        _check_attention_backend_requirements(backend)
+    except (ValueError, RuntimeError, ImportError) as e:
+        raise ValueError(f"parallel.attention_backend={name!r} is not available here ({e}); install its package "
+                         "(e.g. pip install flash-attn for flash) or use native") from None
+    return backend
+
+
+def _kernel(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    """The attention on (B, H, N, d) tensors every rank computes after the exchange: torch SDPA, or the
+    block's diffusers backend (called in its (B, N, H, d) layout)."""
+    backend = getattr(_state, "backend", None)
+    if backend is None:
+        return _sdpa_original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                              **kwargs)
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    _state.inner = True  # a backend that itself calls scaled_dot_product_attention must reach torch's
+    try:
+        out = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
+                                    dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                                    enable_gqa=bool(kwargs.get("enable_gqa", False)), backend=backend)
+    finally:
+        _state.inner = False
+    return out.transpose(1, 2)
+
+
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, attn_mask=None, dropout_p=0.0,
                       is_causal=False, scale=None, n_replicated: int = 0, replicated_first: bool = False,
                       **kwargs) -> torch.Tensor:
@@ -177,7 +221,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, 
     """
     world = 1 if group is None else dist.get_world_size(group)
     if world == 1:
-        return _sdpa_original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+        return _kernel(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                               **kwargs)
     heads, n_local = q.shape[1], q.shape[2]
     if n_replicated and k.shape[-2] == n_local:
@@ -185,7 +229,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, 
                               dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs)
     if k.shape[-2] != n_local:
         # cross-attention to a replicated context (e.g. text tokens): queries are independent, no exchange
-        return _sdpa_original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+        return _kernel(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                               **kwargs)
     if heads % world or k.shape[1] % world:
         raise ValueError(f"{heads} query heads / {k.shape[1]} key heads are not divisible by the sequence-parallel "
@@ -196,7 +240,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, 
         if attn_mask.dim() == 4 and attn_mask.shape[1] == heads:
             local = heads // world
             attn_mask = attn_mask.narrow(1, dist.get_rank(group) * local, local)
-    out = _sdpa_original(qh, kh, vh, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+    out = _kernel(qh, kh, vh, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                          **kwargs)
     return head_to_seq_all_to_all(out, group)
 
@@ -254,14 +298,14 @@ def _ulysses_joint(q, k, v, group, n_rep, rep_first, attn_mask=None, **kwargs):
         if attn_mask.dim() == 4 and attn_mask.shape[1] == heads:
             local = heads // world
             attn_mask = attn_mask.narrow(1, rank * local, local)
-    out = _sdpa_original(qh, kh, vh, attn_mask=attn_mask, **kwargs)
+    out = _kernel(qh, kh, vh, attn_mask=attn_mask, **kwargs)
     s, r = _split_tokens(out, n_rep, rep_first, 2)
     return _join_tokens(head_to_seq_all_to_all(s, group), _HeadGather.apply(r.contiguous(), group, 1), rep_first, 2)
 
 
 def _dispatching_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
     group = getattr(_state, "group", None)
-    if group is None:
+    if group is None or getattr(_state, "inner", False):
         return _sdpa_original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                               scale=scale, **kwargs)
     return ulysses_attention(query, key, value, group, attn_mask=attn_mask, dropout_p=dropout_p,
@@ -311,12 +355,15 @@ class SPPlan:
 
 
 class SequenceParallel:
-    """Hooks that run ``blocks`` (in order) sequence-parallel over ``group``; ``remove()`` undoes them."""
+    """Hooks that run ``blocks`` (in order) sequence-parallel over ``group``; ``remove()`` undoes them.
+    ``attention_backend``: the diffusers backend of the attention inside the blocks (None = torch SDPA)."""
 
-    def __init__(self, blocks: Sequence[nn.Module], group, plan: Optional[SPPlan] = None):
+    def __init__(self, blocks: Sequence[nn.Module], group, plan: Optional[SPPlan] = None,
+                 attention_backend: Optional[str] = None):
         if not blocks:
             raise ValueError("sequence parallelism needs at least one transformer block")
         self.group, self.plan = group, plan or SPPlan()
+        self.backend = resolve_attention_backend(attention_backend)
         self._full_len: Optional[int] = None  # token count at the first block (set each forward)
         self._handles: List = []
         _install_dispatch()
@@ -335,11 +382,13 @@ class SequenceParallel:
 
     def _enter(self, module, args):
         _state.group = self.group
+        _state.backend = self.backend
         _state.n_replicated = self._n_rep
         _state.replicated_first = self.plan.replicated_first
 
     def _exit(self, module, args, output):
         _state.group = None
+        _state.backend = None
         _state.n_replicated = 0
         return None
 

@@ -20,3 +20,10 @@ def test_ulysses_joint_attention_hunyuan_flux_match_single_rank():
     assert "tiny FLUX with sp=2 equals single rank" in out, out
     for name in ("hunyuan_t2v", "hunyuan_t2i", "hunyuan_i2v", "flux"):
         assert f"{name} adapter with parallelize(sp=2, FSDP) equals single process" in out, out
+
+
+def test_ulysses_with_a_diffusers_attention_backend_matches_single_rank():
+    """parallel.attention_backend with sp=2: the attention after the all-to-all runs the chosen backend."""
+    out = torchrun("w_ulysses_backend.py", timeout=300.0).stdout
+    assert "tiny FLUX with sp=2 and attention_backend=_native_math equals single rank" in out, out
+    assert "flux adapter with parallelize(sp=2, FSDP, attention_backend=_native_math) equals single process" in out, out

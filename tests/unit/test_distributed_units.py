@@ -182,7 +182,8 @@ def test_export_diffusers_save_pretrained_and_lora(tmp_path):
 
 
 def test_attention_backend_reaches_every_attention_call(monkeypatch):
-    """parallel.attention_backend goes through diffusers' dispatcher to the attention calls; refused with sp > 1."""
+    """parallel.attention_backend goes through diffusers' dispatcher to the attention calls; with sp > 1 it is
+    handed to the Ulysses attention instead of the module."""
     pytest.importorskip("diffusers")
     from diffusers.models import attention_dispatch
 
@@ -211,7 +212,12 @@ def test_attention_backend_reaches_every_attention_call(monkeypatch):
               pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]),
               img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(4, 3))
     assert len(seen) == 2 and set(seen) == {"_native_math"}  # one double + one single block
-    with pytest.raises(ValueError, match="Ulysses sequence parallelism works through torch"):
-        set_attention_backend(model, "flash", sp=2)
     with pytest.raises(ValueError, match="not available here"):
         set_attention_backend(model, "no_such_backend")
+    # sp > 1: checked and handed to the Ulysses attention (tests/distributed/test_sp_hunyuan.py); the module
+    # keeps the native backend, whose SDPA call the Ulysses dispatch intercepts
+    fresh = _tiny_flux()
+    assert set_attention_backend(fresh, "_native_math", sp=2) == "_native_math"
+    assert all(getattr(p, "_attention_backend", None) is None for p in fresh.attn_processors.values())
+    with pytest.raises(ValueError, match="not available here"):
+        set_attention_backend(fresh, "no_such_backend", sp=2)

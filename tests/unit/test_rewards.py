@@ -357,7 +357,8 @@ def test_importing_rewards_is_cheap():
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr
     names = out.stdout.strip().split(",")
-    for n in ("clip_score", "hps", "pickscore", "aesthetic", "video_align", "binary", "remote"):
+    for n in ("clip_score", "hps", "pickscore", "aesthetic", "video_align", "binary", "remote", "vlm_judge",
+              "image_reward", "hpsv3"):
         assert n in names
 
 

@@ -71,10 +71,10 @@ def _randomize(m):
     return m
 
 
-def _compare(m, ref, run, plan, blocks, group, what, n_img):
+def _compare(m, ref, run, plan, blocks, group, what, n_img, attention_backend=None):
     r = run(ref)
     (r ** 2).sum().backward()
-    sp = SequenceParallel(blocks, group, plan)
+    sp = SequenceParallel(blocks, group, plan, attention_backend=attention_backend)
     seen = []  # token counts the blocks see (registered after the sharding hook: runs after it)
 
     def record(module, args, kwargs):
@@ -130,7 +130,7 @@ def hunyuan_case(env, group, checkpointing: bool):
              f"hunyuan (checkpointing={checkpointing})", n_img=2 * 4 * 6)
 
 
-def flux_case(env, group):
+def flux_case(env, group, attention_backend=None):
     torch.manual_seed(0)
     m = _randomize(tiny_flux(num_layers=2, num_single_layers=2).double())
     ref = copy.deepcopy(m)
@@ -151,7 +151,8 @@ def flux_case(env, group):
                      return_dict=False)[0]
 
     blocks = list(m.transformer_blocks) + list(m.single_transformer_blocks)
-    _compare(m, ref, run, FluxAdapter.sequence_parallel_plan(None), blocks, group, "flux", n_img=h * w)
+    _compare(m, ref, run, FluxAdapter.sequence_parallel_plan(None), blocks, group, f"flux ({attention_backend})",
+             n_img=h * w, attention_backend=attention_backend)
 
 
 def _adapter_components(name):
@@ -159,7 +160,7 @@ def _adapter_components(name):
     return comps["transformer"], comps["vae"], kw
 
 
-def adapter_case(env, name, tmp):
+def adapter_case(env, name, tmp, attention_backend="native"):
     """The registered adapter through ``parallelize`` (AC + SP with the adapter's plan + FSDP over the
     sp axis): predict() and the parameter gradients of a scalar loss equal the plain adapter's."""
     from torch.distributed.tensor import DTensor
@@ -194,7 +195,8 @@ def adapter_case(env, name, tmp):
     (r.float() ** 2).sum().backward()
     dims = ParallelDims(dp_shard=1, sp=2, world_size=env.world_size)
     dims.build_mesh("cpu")
-    res = parallelize(ad, dims, ParallelConfig(activation_checkpointing=1.0), env.device)
+    res = parallelize(ad, dims, ParallelConfig(activation_checkpointing=1.0, attention_backend=attention_backend),
+                      env.device)
     check(res.sequence_parallel is not None and res.fsdp, f"{res}")
     o = ad.predict(z, t, cond)
     (o.float() ** 2).sum().backward()
