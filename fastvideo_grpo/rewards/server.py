@@ -20,6 +20,15 @@ request into chunks of ``max_batch`` samples (per-sample metadata lists are spli
 runs one request at a time (models are not thread-safe). Input errors answer 400 (the client raises
 ValueError), unknown rewards 404 (ValueError), failures 500 (RuntimeError).
 
+Across machines (docs/rewards.md, "Across machines"): with a token (``$FVG_REWARD_TOKEN`` or
+``--token-file``, never on the command line) every request needs ``Authorization: Bearer <token>``
+or gets 401, loopback included; a non-loopback ``--host`` without a token is refused unless
+``--insecure``. Limits (server_guard.ServerLimits): ``--max-body-mb`` (413 from the headers, before
+the body is read), ``--read-timeout`` (one request's headers + body; 408 and close), ``--max-connections``
+(503 and close), ``--max-queue`` (scoring requests admitted at once; 429) and ``--queue-timeout``
+(an admitted request's wait for the models; 503). The standard library's threaded server is kept:
+these limits are small additions to it, and one model call at a time, not HTTP, bounds throughput.
+
 Every request is handled on its own thread, and torch's intra-op thread count is a per-thread
 setting (see fastvideo_grpo/threads.py), so each scoring call sets ``num_threads`` (``--threads``)
 in the thread that runs it: a different count may split float reductions differently. A service in

@@ -391,6 +391,14 @@ def test_oversized_body_is_refused_before_it_is_read(guarded):
     t0 = time.monotonic()
     code, text = _raw(port, _post_head(cap + 1))  # no body sent at all: the answer comes from the headers
     assert code == 413 and "--max-body-mb" in text and time.monotonic() - t0 < 5
+    # a client asking first (Expect: 100-continue) gets the 413 instead of the go-ahead
+    code, text = _raw(port, _post_head(cap + 1).replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"))
+    assert code == 413 and "100 Continue" not in text
+    code, text = _raw(port, _post_head(1).replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\nConnection: close"
+                                                              b"\r\n\r\n"), b"{")
+    assert code == 100 and "HTTP/1.1 400" in text  # within the limit: go ahead, then the answer
+    code, text = _raw(port, _post_head(5).replace(b"Content-Length: 5", b"Transfer-Encoding: chunked"))
+    assert code == 411
     x = torch.rand(1, 3, 700, 700)  # ~8 MB as base64 JSON: more than the socket buffers hold
     client = RewardClient(port=port, token=TOKEN, retries=0)
     with pytest.raises(ValueError, match="HTTP 413.*chunk_size.*uint8"):  # sent in full, drained, answered
