@@ -419,14 +419,16 @@ def _int_arg(lo: int, hi: Optional[int] = None, note: str = ""):
     return parse
 
 
-def _positive_float_arg(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
-    return v
+def _positive_arg(unit: str):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of {unit}, got {text!r}") from None
+        if not v > 0 or v == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a number of {unit} > 0, got {text}")
+        return v
+    return parse
 
 
 def _pick(cli, cfg: dict, key: str, default):
@@ -469,9 +471,9 @@ def main(argv=None):
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback bind without a token (trusted networks only)")
     d = ServerLimits()
-    p.add_argument("--max-body-mb", type=_positive_float_arg, default=None,
+    p.add_argument("--max-body-mb", type=_positive_arg("MiB"), default=None,
                    help=f"largest request body in MiB (default {d.max_body_bytes / 2 ** 20:g}); larger: HTTP 413")
-    p.add_argument("--read-timeout", type=_positive_float_arg, default=None,
+    p.add_argument("--read-timeout", type=_positive_arg("seconds"), default=None,
                    help=f"seconds one request (headers + body) may take to arrive (default {d.read_timeout:g}); "
                         "slower: HTTP 408 and the connection closed")
     p.add_argument("--max-connections", type=_int_arg(1), default=None,
@@ -479,7 +481,7 @@ def main(argv=None):
     p.add_argument("--max-queue", type=_int_arg(1), default=None,
                    help=f"scoring requests admitted at once, the one scoring included (default {d.max_queue}); "
                         "more: HTTP 429")
-    p.add_argument("--queue-timeout", type=_positive_float_arg, default=None,
+    p.add_argument("--queue-timeout", type=_positive_arg("seconds"), default=None,
                    help=f"seconds an admitted request waits for the models (default {d.queue_timeout:g}); "
                         "longer: HTTP 503")
     a = p.parse_args(argv)

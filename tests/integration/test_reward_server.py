@@ -371,7 +371,7 @@ def test_non_loopback_bind_needs_a_token_or_insecure(monkeypatch, capsys):
     (["--threads", "-1"], "--threads: must be >= 0"),
     (["--read-timeout", "0"], "--read-timeout: must be a number of seconds > 0"),
     (["--max-queue", "0"], "--max-queue: must be >= 1"),
-    (["--max-body-mb", "-5"], "--max-body-mb: must be a number of seconds > 0"),
+    (["--max-body-mb", "-5"], "--max-body-mb: must be a number of MiB > 0"),
     (["--token", TOKEN], "command lines are visible"),
     (["--token-file", "/nonexistent/token"], "token file '/nonexistent/token' does not exist"),
 ])
@@ -382,6 +382,24 @@ def test_cli_refuses_nonsense_values(args, message, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main(["--reward", "clip_score", "--set", "model_path=/nonexistent", *args])
     assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"max_batch": 0}, "max_batch must be an integer >= 1"),
+    ({"max_queue": 0}, "max_queue must be an integer > 0"),
+    ({"read_timeout": "soon"}, "read_timeout must be a number > 0"),
+    ({"maxbatch": 4}, "unknown keys ['maxbatch']"),
+    ({"token": TOKEN}, "do not put the token in the config"),
+])
+def test_cli_refuses_nonsense_config_values(extra, message, tmp_path, capsys, monkeypatch):
+    from fastvideo_grpo.rewards.server import main
+
+    monkeypatch.delenv("FVG_REWARD_TOKEN", raising=False)
+    cfg = tmp_path / "rewards.json"
+    cfg.write_text(json.dumps({"rewards": {"clip": {"type": "clip_score", "model_path": "/nonexistent"}}, **extra}))
+    with pytest.raises(SystemExit):
+        main(["--config", str(cfg)])
     assert message in capsys.readouterr().err
 
 
