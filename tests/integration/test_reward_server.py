@@ -500,9 +500,12 @@ def test_load_and_faults_lose_no_response(guarded):
 
     def killed():
         proc = _half_body_client(port)
+        guard = threading.Timer(30, proc.kill)  # bounds the readline below should the child hang
+        guard.start()
         try:
             faults["killed_sent"] = proc.stdout.readline().strip()
         finally:
+            guard.cancel()
             proc.kill()
             proc.wait(timeout=10)
 
