@@ -20,6 +20,15 @@ request into chunks of ``max_batch`` samples (per-sample metadata lists are spli
 runs one request at a time (models are not thread-safe). Input errors answer 400 (the client raises
 ValueError), unknown rewards 404 (ValueError), failures 500 (RuntimeError).
 
+Across machines (docs/rewards.md, "Across machines"): with a token (``$FVG_REWARD_TOKEN`` or
+``--token-file``, never on the command line) every request needs ``Authorization: Bearer <token>``
+or gets 401, loopback included; a non-loopback ``--host`` without a token is refused unless
+``--insecure``. Limits (server_guard.ServerLimits): ``--max-body-mb`` (413 from the headers, before
+the body is read), ``--read-timeout`` (one request's headers + body; 408 and close), ``--max-connections``
+(503 and close), ``--max-queue`` (scoring requests admitted at once; 429) and ``--queue-timeout``
+(an admitted request's wait for the models; 503). The standard library's threaded server is kept:
+these limits are small additions to it, and one model call at a time, not HTTP, bounds throughput.
+
 Every request is handled on its own thread, and torch's intra-op thread count is a per-thread
 setting (see fastvideo_grpo/threads.py), so each scoring call sets ``num_threads`` (``--threads``)
 in the thread that runs it: a different count may split float reductions differently. A service in
@@ -34,9 +43,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import json
+import socket
 import sys
 import threading
+import time
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, Optional, Sequence
 
@@ -45,8 +58,14 @@ import torch
 from ..threads import resolve_num_threads, thread_count
 from .base import REWARDS, RewardFn, check_scores, validate_reward_inputs
 from .remote import DEFAULT_HOST, DEFAULT_PORT, _jsonable, _merge_infos, decode_tensor
+from .server_guard import (TOKEN_ENV, DeadlineReader, ServerLimits, check_bind, check_token, load_token,
+                           token_matches)
 
 # ---------------------------------------------------------------- server
+
+class ServiceBusy(RuntimeError):
+    """The models stayed busy for longer than the caller was willing to wait."""
+
 
 class RewardService:
     """Named reward functions scored in chunks of ``max_batch``, one request at a time, each with
@@ -65,14 +84,25 @@ class RewardService:
         self.num_threads = resolve_num_threads(num_threads, "the reward server's num_threads (--threads)")
         self._lock = threading.Lock()
 
-    def score(self, name: str, images: torch.Tensor, prompts: Sequence[str], metadata: Optional[dict] = None):
+    def score(self, name: str, images: torch.Tensor, prompts: Sequence[str], metadata: Optional[dict] = None,
+              wait: Optional[float] = None):
+        """Scores and merged info; ``wait``: seconds to wait for the models (ServiceBusy after), None = no limit."""
         if name not in self.rewards:
             raise KeyError(name)
         validate_reward_inputs(images, prompts)
         metadata = metadata or {}
+        if not self._lock.acquire(timeout=-1 if wait is None else max(float(wait), 0.0)):
+            raise ServiceBusy(f"reward server busy: the models stayed busy for {wait:g} s (--queue-timeout); "
+                              "retry later, add a server, or raise --queue-timeout")
+        try:
+            return self._score_locked(name, images, prompts, metadata)
+        finally:
+            self._lock.release()
+
+    def _score_locked(self, name, images, prompts, metadata):
         b = images.shape[0]
         scores, infos, sizes = [], [], []
-        with self._lock, thread_count(self.num_threads):
+        with thread_count(self.num_threads):
             for s in range(0, b, self.max_batch):
                 e = min(b, s + self.max_batch)
                 md = {k: (v[s:e] if isinstance(v, list) and len(v) == b else v) for k, v in metadata.items()}
@@ -83,6 +113,70 @@ class RewardService:
         return torch.cat(scores), _merge_infos(infos, sizes)
 
 
+def _reason(code: int) -> str:
+    try:
+        return HTTPStatus(code).phrase
+    except ValueError:
+        return "Error"
+
+
+class RewardHTTPServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a cap on open connections (beyond it: 503 and close, answered by the
+    accepting thread, no worker started) and the shared state of the handlers: the token, the limits
+    and the admission semaphore (at most ``max_queue`` scoring requests past the header checks)."""
+
+    daemon_threads = True
+    request_queue_size = 64  # listen backlog
+
+    def __init__(self, address, handler, limits: ServerLimits, token: Optional[str]):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.limits, self.token = limits, token
+        self.admitted = threading.BoundedSemaphore(limits.max_queue)
+        self._count_lock = threading.Lock()
+        self.open_connections = 0
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        with self._count_lock:
+            full = self.open_connections >= self.limits.max_connections
+            if not full:
+                self.open_connections += 1
+        if full:
+            body = json.dumps({"error": f"reward server busy: {self.limits.max_connections} connections open "
+                                        "(--max-connections); retry later"}).encode()
+            head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()
+            try:
+                request.settimeout(1.0)  # ~200 bytes: fits any send buffer, never blocks the accept loop long
+                request.sendall(head + body)
+                request.shutdown(socket.SHUT_WR)
+                request.setblocking(False)
+                request.recv(1 << 16)  # what already arrived: closing on unread data resets the connection
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release_connection()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release_connection()
+
+    def _release_connection(self):
+        with self._count_lock:
+            self.open_connections -= 1
+
+    def handle_error(self, request, client_address):  # one line, not a traceback; keep serving
+        e = sys.exc_info()[1]
+        print(f"[reward server] connection {client_address}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+
+
 def _handler(service: RewardService):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -90,39 +184,151 @@ def _handler(service: RewardService):
         def log_message(self, fmt, *args):  # quiet: one line per error only
             pass
 
-        def _send(self, code: int, obj: dict):
+        def setup(self):
+            super().setup()
+            self.rfile.close()  # replaced by a reader with a per-request deadline
+            self._reader = DeadlineReader(self.connection)
+            self.rfile = io.BufferedReader(self._reader, 65536)
+
+        def handle_one_request(self):
+            # the whole request (request line, headers, body) must arrive within read_timeout of the
+            # moment the server starts waiting for it; an idle keep-alive connection is closed then too
+            self._reader.deadline = time.monotonic() + self.server.limits.read_timeout
+            try:
+                super().handle_one_request()
+            except OSError:  # reset by the client, or timed out mid-headers: nothing to answer
+                self.close_connection = True
+
+        def _send(self, code: int, obj: dict, close: bool = False, headers: Sequence = ()):
             body = json.dumps(obj).encode()
             try:
-                self.send_response(code)
+                self.connection.settimeout(self.server.limits.read_timeout)  # bounds a client that does not read
+                self.send_response(code, _reason(code))
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
+                for k, v in headers:
+                    self.send_header(k, v)
+                if close:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
                 self.end_headers()
                 self.wfile.write(body)
-            except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout): one line
+            except OSError:  # the client gave up (its timeout) or vanished: one line
                 self.close_connection = True
                 print(f"[reward server] client {self.client_address[0]}:{self.client_address[1]} left before "
                       f"the answer to {self.command} {self.path} (client timeout?)", file=sys.stderr, flush=True)
 
+        def _refuse(self, code: int, msg: str, unread: int = 0, headers: Sequence = ()):
+            """Answer ``code`` and close. A body left unread is drained for a short while first
+            ("lingering close"): closing a socket with unread data sends a reset, which can destroy the
+            answer before the client reads it."""
+            self._send(code, {"error": msg}, close=True, headers=headers)
+            if unread <= 0:
+                return
+            try:
+                self.connection.shutdown(socket.SHUT_WR)
+                self._reader.deadline = time.monotonic() + min(5.0, self.server.limits.read_timeout)
+                while unread > 0:
+                    chunk = self.rfile.read1(min(unread, 1 << 20))
+                    if not chunk:
+                        break
+                    unread -= len(chunk)
+            except OSError:
+                pass
+
+        def _check_headers(self):
+            """(code, message, headers) refusing the request from its headers alone, or None."""
+            token = self.server.token
+            if token is not None and not token_matches(self.headers.get("Authorization"), token):
+                what = "a wrong token" if self.headers.get("Authorization") else "no token"
+                return (401, f"this reward server needs its token and got {what}: send 'Authorization: Bearer "
+                             f"<token>' (the remote reward reads ${TOKEN_ENV} or token_file)",
+                        [("WWW-Authenticate", "Bearer")])
+            if self.command != "POST":
+                return None
+            if self.headers.get("Transfer-Encoding"):
+                return 411, "send the body with a Content-Length (chunked transfer is not accepted)", []
+            length = self.headers.get("Content-Length")
+            if length is None or not length.strip().isdigit():
+                return 411, f"send a Content-Length header (got {length!r})", []
+            n, cap = int(length), self.server.limits.max_body_bytes
+            if n > cap:
+                return (413, f"request body of {n} bytes is over this server's limit of {cap} bytes "
+                             f"(--max-body-mb {cap / 2 ** 20:g}): send fewer samples per request (chunk_size), "
+                             f"use wire_dtype uint8, or raise the server's --max-body-mb", [])
+            return None
+
+        def _content_length(self) -> int:
+            value = self.headers.get("Content-Length", "0").strip()
+            return int(value) if value.isdigit() else 0
+
+        def handle_expect_100(self):  # refuse from the headers before the client sends the body
+            refusal = self._check_headers()
+            if refusal:
+                self._refuse(refusal[0], refusal[1], headers=refusal[2])
+                return False
+            return super().handle_expect_100()
+
         def do_GET(self):
-            if self.path.rstrip("/") == "/health":
+            refusal = self._check_headers()
+            if refusal:
+                self._refuse(refusal[0], refusal[1], headers=refusal[2])
+            elif self.path.rstrip("/") == "/health":
+                limits = self.server.limits
                 self._send(200, {"rewards": sorted(service.rewards), "max_batch": service.max_batch,
-                                 "num_threads": service.num_threads})
+                                 "num_threads": service.num_threads, "max_body_bytes": limits.max_body_bytes,
+                                 "max_queue": limits.max_queue, "auth": self.server.token is not None})
             else:
                 self._send(404, {"error": f"unknown path {self.path}; use GET /health or POST /score"})
 
         def do_POST(self):
+            refusal = self._check_headers()
+            if refusal:
+                self._refuse(refusal[0], refusal[1], unread=self._content_length(), headers=refusal[2])
+                return
+            n = self._content_length()
             if self.path.rstrip("/") != "/score":
-                self._send(404, {"error": f"unknown path {self.path}; use POST /score"})
+                self._refuse(404, f"unknown path {self.path}; use POST /score", unread=n)
+                return
+            limits = self.server.limits
+            if not self.server.admitted.acquire(blocking=False):
+                self._refuse(429, f"reward server busy: {limits.max_queue} requests already admitted "
+                                  "(--max-queue); retry later", unread=n, headers=[("Retry-After", "1")])
                 return
             try:
-                n = int(self.headers.get("Content-Length", "0"))
-                req = json.loads(self.rfile.read(n))
+                self._score(n)
+            finally:
+                self.server.admitted.release()
+
+        def _score(self, n: int):
+            try:
+                raw = self.rfile.read(n)
+            except TimeoutError:
+                self._refuse(408, f"the request body did not arrive within {self.server.limits.read_timeout:g} s "
+                                  "(--read-timeout): send fewer samples per request or raise --read-timeout")
+                return
+            except OSError:  # the client vanished mid-body
+                self.close_connection = True
+                return
+            if len(raw) < n:  # the client closed the connection mid-body: nobody to answer
+                self.close_connection = True
+                print(f"[reward server] client {self.client_address[0]}:{self.client_address[1]} closed after "
+                      f"{len(raw)} of {n} body bytes", file=sys.stderr, flush=True)
+                return
+            try:
+                req = json.loads(raw)
+                del raw
+                if not isinstance(req, dict):
+                    raise ValueError("the request must be a JSON object")
                 name = req.get("reward")
                 images = decode_tensor(req.get("images") or {})
                 prompts = req.get("prompts")
                 if not isinstance(prompts, list) or not all(isinstance(x, str) for x in prompts):
                     raise ValueError("prompts must be a JSON list of strings")
-                scores, info = service.score(name, images, prompts, req.get("metadata") or {})
+                scores, info = service.score(name, images, prompts, req.get("metadata") or {},
+                                             wait=self.server.limits.queue_timeout)
+            except ServiceBusy as e:
+                self._send(503, {"error": str(e)}, headers=[("Retry-After", "1")])
             except KeyError as e:
                 self._send(404, {"error": f"reward {e.args[0]!r} is not served here; served: {sorted(service.rewards)}"})
             except (ValueError, json.JSONDecodeError) as e:
@@ -136,17 +342,27 @@ def _handler(service: RewardService):
     return Handler
 
 
-def make_server(service: RewardService, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> ThreadingHTTPServer:
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"[reward server] WARNING: binding {host}: the API has no authentication", file=sys.stderr)
-    server = ThreadingHTTPServer((host, int(port)), _handler(service))
-    server.daemon_threads = True
-    return server
+def make_server(service: RewardService, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                token: Optional[str] = None, limits: Optional[ServerLimits] = None,
+                insecure: bool = False) -> RewardHTTPServer:
+    """Bind the server (not yet serving). ``token``: the shared secret every request must carry
+    (see server_guard.load_token). A non-loopback ``host`` without a token is refused unless
+    ``insecure``."""
+    if token is not None:
+        token = check_token(token, "the token argument")
+    if check_bind(host, token, insecure):
+        if token is None:
+            print(f"[reward server] WARNING: binding {host} without a token (--insecure)", file=sys.stderr)
+        else:
+            print(f"[reward server] note: binding {host}: the token and images travel unencrypted; on untrusted "
+                  "networks put a TLS-terminating proxy in front (docs/rewards.md)", file=sys.stderr)
+    return RewardHTTPServer((host, int(port)), _handler(service), limits or ServerLimits(), token)
 
 
-def serve_in_thread(service: RewardService, host: str = DEFAULT_HOST, port: int = 0):
-    """Start a server on a background thread; returns (server, thread). Stop: server.shutdown()."""
-    server = make_server(service, host, port)
+def serve_in_thread(service: RewardService, host: str = DEFAULT_HOST, port: int = 0, **kwargs):
+    """Start a server on a background thread; returns (server, thread). Stop: server.shutdown().
+    ``kwargs``: make_server's (token, limits, insecure)."""
+    server = make_server(service, host, port, **kwargs)
     t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     t.start()
     return server, t
@@ -186,27 +402,120 @@ def build_rewards(reward_cfgs: Dict[str, dict]) -> Dict[str, RewardFn]:
     return out
 
 
+CONFIG_KEYS = {"rewards", "host", "port", "max_batch", "num_threads", "token_file", "max_body_mb", "read_timeout",
+               "max_connections", "max_queue", "queue_timeout"}
+
+
+def _int_arg(lo: int, hi: Optional[int] = None, note: str = ""):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"must be {rng}{note}, got {v}")
+        return v
+    return parse
+
+
+def _positive_arg(unit: str):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of {unit}, got {text!r}") from None
+        if not v > 0 or v == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a number of {unit} > 0, got {text}")
+        return v
+    return parse
+
+
+def _pick(cli, cfg: dict, key: str, default):
+    return cli if cli is not None else cfg.get(key, default)
+
+
+def limits_from(a, cfg: dict) -> ServerLimits:
+    d = ServerLimits()
+    mb = _pick(a.max_body_mb, cfg, "max_body_mb", d.max_body_bytes / 2 ** 20)
+    if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not mb > 0:
+        raise ValueError(f"max_body_mb must be a number > 0, got {mb!r}")
+    return ServerLimits(max_body_bytes=int(mb * 2 ** 20),
+                        read_timeout=_pick(a.read_timeout, cfg, "read_timeout", d.read_timeout),
+                        max_connections=_pick(a.max_connections, cfg, "max_connections", d.max_connections),
+                        max_queue=_pick(a.max_queue, cfg, "max_queue", d.max_queue),
+                        queue_timeout=_pick(a.queue_timeout, cfg, "queue_timeout", d.queue_timeout))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Serve reward models over HTTP (see the module docstring)")
-    p.add_argument("--config", help="YAML/JSON file: {rewards: {name: {type: ..., ...}}, host, port, max_batch, "
-                                     "num_threads}")
+    p.add_argument("--config", help="YAML/JSON file: {rewards: {name: {type: ..., ...}}, and optionally host, port, "
+                                     "max_batch, num_threads, token_file and the limits below}")
     p.add_argument("--reward", help="serve one registered reward (instead of --config)")
     p.add_argument("--name", help="name to serve --reward under (default: the registry name)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config field for --reward (JSON values parsed), repeatable")
     p.add_argument("--import", dest="imports", action="append", default=[],
                    help="extra module to import first (registers custom rewards), repeatable")
-    p.add_argument("--host", default=None, help=f"bind address (default {DEFAULT_HOST})")
-    p.add_argument("--port", type=int, default=None, help=f"port (default {DEFAULT_PORT}; 0 = any free port)")
-    p.add_argument("--max-batch", type=int, default=None, help="samples per model call (default 16)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--host", default=None, help=f"bind address (default {DEFAULT_HOST}; any other address needs a "
+                                                f"token, or --insecure)")
+    p.add_argument("--port", type=_int_arg(0, 65535), default=None,
+                   help=f"port (default {DEFAULT_PORT}; 0 = any free port)")
+    p.add_argument("--max-batch", type=_int_arg(1, note=" (samples per model call)"), default=None,
+                   help="samples per model call (default 16)")
+    p.add_argument("--threads", type=_int_arg(0, note=" (0 = torch's default)"), default=None,
                    help="torch intra-op threads per scoring call (default 0 = torch's default, as train.num_threads)")
+    p.add_argument("--token-file", default=None,
+                   help=f"file holding the shared token (default: ${TOKEN_ENV}); every request must carry it")
+    p.add_argument("--token", dest="token_on_cli", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback bind without a token (trusted networks only)")
+    d = ServerLimits()
+    p.add_argument("--max-body-mb", type=_positive_arg("MiB"), default=None,
+                   help=f"largest request body in MiB (default {d.max_body_bytes / 2 ** 20:g}); larger: HTTP 413")
+    p.add_argument("--read-timeout", type=_positive_arg("seconds"), default=None,
+                   help=f"seconds one request (headers + body) may take to arrive (default {d.read_timeout:g}); "
+                        "slower: HTTP 408 and the connection closed")
+    p.add_argument("--max-connections", type=_int_arg(1), default=None,
+                   help=f"open connections at once (default {d.max_connections}); more: HTTP 503")
+    p.add_argument("--max-queue", type=_int_arg(1), default=None,
+                   help=f"scoring requests admitted at once, the one scoring included (default {d.max_queue}); "
+                        "more: HTTP 429")
+    p.add_argument("--queue-timeout", type=_positive_arg("seconds"), default=None,
+                   help=f"seconds an admitted request waits for the models (default {d.queue_timeout:g}); "
+                        "longer: HTTP 503")
     a = p.parse_args(argv)
+    if a.token_on_cli is not None:
+        p.error(f"--token is not accepted: command lines are visible to every user of the machine (ps). Put the "
+                f"token in ${TOKEN_ENV} or in a file given with --token-file")
+
+    def fail(msg):
+        p.exit(2, f"{p.prog}: error: {msg}\n")
+
+    # everything that can be checked is checked before any model is loaded
+    try:
+        cfg = load_server_config(a.config) if a.config else {}
+        unknown = sorted(set(cfg) - CONFIG_KEYS)
+        if "token" in cfg:
+            raise ValueError(f"{a.config}: do not put the token in the config; use ${TOKEN_ENV} or token_file")
+        if unknown:
+            raise ValueError(f"{a.config}: unknown keys {unknown}; known: {sorted(CONFIG_KEYS)}")
+        limits = limits_from(a, cfg)
+        token = load_token(a.token_file or cfg.get("token_file"))
+        host = a.host or cfg.get("host", DEFAULT_HOST)
+        port = _int_arg(0, 65535)(str(_pick(a.port, cfg, "port", DEFAULT_PORT)))
+        max_batch = _pick(a.max_batch, cfg, "max_batch", 16)
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1 (samples per model call), got {max_batch!r}")
+        threads = _pick(a.threads, cfg, "num_threads", 0)
+        resolve_num_threads(threads, "num_threads (--threads)")
+        check_bind(host, token, a.insecure)  # make_server checks again; here before the models load
+    except (ValueError, FileNotFoundError, argparse.ArgumentTypeError) as e:
+        fail(str(e))
 
     importlib.import_module("fastvideo_grpo.rewards")  # registers the built-in rewards
     for mod in a.imports:
         importlib.import_module(mod)
-    cfg = load_server_config(a.config) if a.config else {}
     rewards_cfg = dict(cfg.get("rewards", {}))
     if a.reward:
         fields = {}
@@ -218,14 +527,13 @@ def main(argv=None):
         rewards_cfg[a.name or a.reward] = {"type": a.reward, **fields}
     if not rewards_cfg:
         p.error("nothing to serve: give --config with a 'rewards' section or --reward NAME")
-    host = a.host or cfg.get("host", DEFAULT_HOST)
-    port = a.port if a.port is not None else int(cfg.get("port", DEFAULT_PORT))
-    threads = a.threads if a.threads is not None else cfg.get("num_threads", 0)
-    service = RewardService(build_rewards(rewards_cfg), max_batch=a.max_batch or int(cfg.get("max_batch", 16)),
-                            num_threads=threads)
-    server = make_server(service, host, port)
+    service = RewardService(build_rewards(rewards_cfg), max_batch=max_batch, num_threads=threads)
+    try:
+        server = make_server(service, host, port, token=token, limits=limits, insecure=a.insecure)
+    except (ValueError, OSError) as e:
+        fail(f"cannot serve on {host}:{port}: {e}")
     print(f"reward server ready on http://{host}:{server.server_address[1]} rewards={sorted(service.rewards)} "
-          f"threads={service.num_threads}", flush=True)
+          f"auth={'token' if token else 'none'} threads={service.num_threads}", flush=True)
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:

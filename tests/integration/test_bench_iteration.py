@@ -1,6 +1,6 @@
 """bench/iteration.py in --quick mode prints one JSON line with finite numbers (timings are not asserted),
 and the training-window option keeps trained steps inside the window where eta > 0; its memory sweep and
-bench/vae_tiling.py run and report what they measure."""
+bench/vae_tiling.py run and report what they measure; bench/reward_server_load.py answers every request."""
 
 from __future__ import annotations
 
@@ -95,3 +95,11 @@ def test_window_with_eta_schedule_keeps_only_stochastic_steps():
         load_config(None, ["--sampling.num_steps=6", "--sampling.eta_schedule=[0.3, 0.3, 0.3, 0.0, 0.0, 0.0]"])
     with pytest.raises(ValueError, match="timestep_window"):
         load_config(None, ["--sampling.num_steps=6", "--grpo.timestep_window=[2, 9]"])
+
+
+def test_reward_server_load_bench_answers_every_request():
+    out = _one_json_line([str(ROOT / "bench" / "reward_server_load.py"), "--clients", "2", "--requests", "2",
+                          "--batch", "2", "--size", "8"])
+    assert (out["requests"], out["answered"], out["mismatches"], out["errors"]) == (4, 4, 0, 0)
+    assert out["images_per_s"] > 0 and out["p50_ms"] <= out["p99_ms"] <= out["max_ms"]
+    _finite_numbers({k: v for k, v in out.items() if k != "first_error"})

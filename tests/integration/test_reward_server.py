@@ -1,11 +1,16 @@
 """The reward server end to end on 127.0.0.1: remote scores equal in-process scores (threaded server
 and the real CLI in a subprocess with a tiny CLIP), handler threads scoring with the service's thread
-count, chunking, error mapping, down server, timeout."""
+count, chunking, error mapping, down server, timeout; the token, each limit's refusal (401, 411, 413,
+408, 429, 503), the CLI's refusals, a bounded load test with faults (no lost or mismatched answer),
+the client's errors for answers that are not the reward API's, and https."""
 
 import json
 import os
 import queue
+import select
 import socket
+import socketserver
+import struct
 import subprocess
 import sys
 import threading
@@ -260,3 +265,394 @@ def test_cli_server_subprocess_matches_in_process(clip_dir, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+# ---------------------------------------------------------------- authentication, limits, load
+
+TOKEN = "test-token-0123456789abcdef"
+SMALL = 8  # images of 3 x 8 x 8: the load test measures the server, not the reward
+
+
+def _raw(port, head: bytes, body: bytes = b"", timeout=10.0):
+    """Send ``head`` (+ ``body``) on a fresh connection; (status, headers+body text) of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(head + body)
+        data = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            data += chunk
+    text = data.decode("latin-1")
+    return (int(text.split()[1]) if text.startswith("HTTP/") else None), text
+
+
+def _post_head(length, token=TOKEN, path="/score"):
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+@pytest.fixture
+def guarded(monkeypatch):
+    """A token-protected server with small limits; yields (port, server)."""
+    monkeypatch.delenv("FVG_REWARD_TOKEN", raising=False)
+    from fastvideo_grpo.rewards.server_guard import ServerLimits
+
+    limits = ServerLimits(max_body_bytes=256 * 1024, read_timeout=1.5, max_connections=32, max_queue=16,
+                          queue_timeout=30.0)
+    service = RewardService({"mean": _mean_reward}, max_batch=2, num_threads=torch.get_num_threads())
+    srv, thread = serve_in_thread(service, "127.0.0.1", 0, token=TOKEN, limits=limits)
+    yield srv.server_address[1], srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=10)
+
+
+def test_token_is_required_on_loopback_and_errors_say_what_to_do(guarded, tmp_path, monkeypatch):
+    port, _ = guarded
+    with pytest.raises(ValueError, match="needs a token.*FVG_REWARD_TOKEN"):
+        RewardClient(port=port).health()
+    with pytest.raises(ValueError, match="refused the token"):
+        RewardClient(port=port, token="wrong-token-0123456789").health()
+    x, prompts = _imgs(3), PROMPTS[:3]
+    local, _ = _mean_reward(x, prompts)
+    monkeypatch.setenv("FVG_REWARD_TOKEN", TOKEN)  # the environment ...
+    assert torch.equal(REWARDS.build("remote", reward="mean", port=port)(x, prompts)[0], local)
+    monkeypatch.delenv("FVG_REWARD_TOKEN")
+    f = tmp_path / "token"
+    f.write_text(TOKEN + "\n")  # ... or a file (trailing newline stripped)
+    assert torch.equal(REWARDS.build("remote", reward="mean", port=port, token_file=str(f))(x, prompts)[0], local)
+    with pytest.raises(ValueError, match="do not put the token in the config"):
+        REWARDS.build("remote", reward="mean", port=port, token=TOKEN)
+    # refused from the headers: a claimed 1 GB body is never sent, the 401 comes anyway
+    code, text = _raw(port, _post_head(10 ** 9, token="wrong-token-0123456789"))
+    assert code == 401 and "WWW-Authenticate: Bearer" in text
+    code, _ = _raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert code == 401  # every path, loopback included
+
+
+def test_token_helpers():
+    from fastvideo_grpo.rewards.server_guard import load_token, token_matches
+
+    assert token_matches(f"Bearer {TOKEN}", TOKEN)
+    assert not token_matches(f"Bearer {TOKEN}x", TOKEN) and not token_matches(TOKEN, TOKEN)
+    assert not token_matches(None, TOKEN) and not token_matches("Basic abc", TOKEN)
+    assert load_token(environ={}) is None
+    assert load_token(environ={"FVG_REWARD_TOKEN": f" {TOKEN}\n"}) == TOKEN
+    with pytest.raises(ValueError, match="at least 16.*secrets"):
+        load_token(environ={"FVG_REWARD_TOKEN": "short"})
+    with pytest.raises(FileNotFoundError, match="token file"):
+        load_token("/nonexistent/token")
+
+
+def test_non_loopback_bind_needs_a_token_or_insecure(monkeypatch, capsys):
+    from fastvideo_grpo.rewards.server import main, make_server
+
+    monkeypatch.delenv("FVG_REWARD_TOKEN", raising=False)
+    service = RewardService({"mean": _mean_reward})
+    with pytest.raises(ValueError, match="refusing to bind '0.0.0.0' without a token.*--insecure"):
+        make_server(service, "0.0.0.0", 0)
+    for kwargs in ({"token": TOKEN}, {"insecure": True}):
+        make_server(service, "0.0.0.0", 0, **kwargs).server_close()
+    # the CLI refuses before loading any model (the model path does not exist)
+    with pytest.raises(SystemExit):
+        main(["--reward", "clip_score", "--set", "model_path=/nonexistent", "--host", "0.0.0.0", "--port", "0"])
+    assert "refusing to bind '0.0.0.0' without a token" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-batch", "0"], "--max-batch: must be >= 1"),
+    (["--max-batch", "two"], "--max-batch: expected an integer"),
+    (["--port", "70000"], "--port: must be in [0, 65535]"),
+    (["--threads", "-1"], "--threads: must be >= 0"),
+    (["--read-timeout", "0"], "--read-timeout: must be a number of seconds > 0"),
+    (["--max-queue", "0"], "--max-queue: must be >= 1"),
+    (["--max-body-mb", "-5"], "--max-body-mb: must be a number of MiB > 0"),
+    (["--token", TOKEN], "command lines are visible"),
+    (["--token-file", "/nonexistent/token"], "token file '/nonexistent/token' does not exist"),
+])
+def test_cli_refuses_nonsense_values(args, message, capsys, monkeypatch):
+    from fastvideo_grpo.rewards.server import main
+
+    monkeypatch.delenv("FVG_REWARD_TOKEN", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["--reward", "clip_score", "--set", "model_path=/nonexistent", *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"max_batch": 0}, "max_batch must be an integer >= 1"),
+    ({"max_queue": 0}, "max_queue must be an integer > 0"),
+    ({"read_timeout": "soon"}, "read_timeout must be a number > 0"),
+    ({"maxbatch": 4}, "unknown keys ['maxbatch']"),
+    ({"token": TOKEN}, "do not put the token in the config"),
+])
+def test_cli_refuses_nonsense_config_values(extra, message, tmp_path, capsys, monkeypatch):
+    from fastvideo_grpo.rewards.server import main
+
+    monkeypatch.delenv("FVG_REWARD_TOKEN", raising=False)
+    cfg = tmp_path / "rewards.json"
+    cfg.write_text(json.dumps({"rewards": {"clip": {"type": "clip_score", "model_path": "/nonexistent"}}, **extra}))
+    with pytest.raises(SystemExit):
+        main(["--config", str(cfg)])
+    assert message in capsys.readouterr().err
+
+
+def test_oversized_body_is_refused_before_it_is_read(guarded):
+    port, srv = guarded
+    cap = srv.limits.max_body_bytes
+    t0 = time.monotonic()
+    code, text = _raw(port, _post_head(cap + 1))  # no body sent at all: the answer comes from the headers
+    assert code == 413 and "--max-body-mb" in text and time.monotonic() - t0 < 5
+    # a client asking first (Expect: 100-continue) gets the 413 instead of the go-ahead
+    code, text = _raw(port, _post_head(cap + 1).replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"))
+    assert code == 413 and "100 Continue" not in text
+    code, text = _raw(port, _post_head(1).replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\nConnection: close"
+                                                              b"\r\n\r\n"), b"{")
+    assert code == 100 and "HTTP/1.1 400" in text  # within the limit: go ahead, then the answer
+    code, text = _raw(port, _post_head(5).replace(b"Content-Length: 5", b"Transfer-Encoding: chunked"))
+    assert code == 411
+    x = torch.rand(1, 3, 700, 700)  # ~8 MB as base64 JSON: more than the socket buffers hold
+    client = RewardClient(port=port, token=TOKEN, retries=0)
+    with pytest.raises(ValueError, match="HTTP 413.*chunk_size.*uint8"):  # sent in full, drained, answered
+        client.score("mean", x, PROMPTS[:1])
+    client.health()  # learns the limit: refused before sending
+    with pytest.raises(ValueError, match="over the limit.*GET /health.*chunk_size"):
+        client.score("mean", x, PROMPTS[:1])
+
+
+def _drip(port, head: bytes, dripped: bytes = b" ", every=0.1, limit=10.0):
+    """Send ``head``, then ``dripped`` (repeated) one byte per ``every`` s -- each byte well within any
+    per-recv timeout -- until the server answers or closes; (seconds, answer)."""
+    t0 = time.monotonic()
+    data = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=limit) as s:
+        s.sendall(head)
+        i = 0
+        while time.monotonic() - t0 < limit:
+            try:
+                s.sendall(dripped[i % len(dripped):i % len(dripped) + 1])
+            except OSError:
+                break
+            i += 1
+            if select.select([s], [], [], every)[0]:
+                try:
+                    while chunk := s.recv(65536):
+                        data += chunk
+                except (ConnectionResetError, TimeoutError):
+                    pass
+                break
+    return time.monotonic() - t0, data.decode("latin-1")
+
+
+def test_slow_senders_are_cut_off_at_the_read_deadline(guarded):
+    port, srv = guarded
+    rt = srv.limits.read_timeout
+    body_drip = threading.Thread(target=lambda: out.__setitem__("body", _drip(port, _post_head(1000))))
+    out = {}
+    body_drip.start()
+    head_secs, head_answer = _drip(port, b"", b"POST /score HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 200)
+    body_drip.join(timeout=30)
+    body_secs, body_answer = out["body"]
+    assert body_answer.startswith("HTTP/1.1 408") and "--read-timeout" in body_answer
+    assert head_answer == ""  # dripping headers: the connection is closed, nothing to answer
+    for secs in (head_secs, body_secs):
+        assert rt - 0.2 < secs < rt + 4  # cut at the deadline, though a byte came every 0.1 s
+
+
+def _half_body_client(port, n=100_000):
+    """A subprocess that sends the headers and half the body of a request, then waits to be killed."""
+    code = ("import socket, sys\n"
+            f"s = socket.create_connection(('127.0.0.1', {port}))\n"
+            f"s.sendall({_post_head(n)!r} + b'{{' + b' ' * {n // 2})\n"
+            "print('sent', flush=True)\n"
+            "sys.stdin.read()\n")
+    return subprocess.Popen([sys.executable, "-S", "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+
+
+def test_load_and_faults_lose_no_response(guarded):
+    """N concurrent clients score distinct batches while a client is killed mid-body, another resets
+    mid-body, one sends an oversized body, one drips and one has the wrong token: every answer belongs
+    to its own request, and the server serves afterwards with all its slots released."""
+    port, srv = guarded
+    n_clients, per_client, b = 6, 5, 3  # 30 requests of 3 samples, split 2 + 1 by the server
+    results, errors = {}, []
+
+    def client(c):
+        try:
+            cl = RewardClient(port=port, token=TOKEN, timeout=60, retries=3, backoff=0.05)
+            for r in range(per_client):
+                x = torch.rand(b, 3, SMALL, SMALL, generator=torch.Generator().manual_seed(1000 * c + r))
+                prompts = [f"client {c} request {r} sample {i}" + "!" * (c + r + i) for i in range(b)]
+                ids = [[c, r, i] for i in range(b)]
+                scores, info = cl.score("mean", x, prompts, seed=ids)
+                results[(c, r)] = (x, prompts, ids, scores, info)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    faults = {}
+
+    def killed():
+        proc = _half_body_client(port)
+        guard = threading.Timer(30, proc.kill)  # bounds the readline below should the child hang
+        guard.start()
+        try:
+            faults["killed_sent"] = proc.stdout.readline().strip()
+        finally:
+            guard.cancel()
+            proc.kill()
+            proc.wait(timeout=10)
+
+    def reset():
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(_post_head(50_000) + b"{" + b" " * 20_000)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+
+    jobs = [threading.Thread(target=client, args=(c,)) for c in range(n_clients)]
+    jobs += [threading.Thread(target=killed), threading.Thread(target=reset),
+             threading.Thread(target=lambda: faults.__setitem__("big", _raw(port, _post_head(10 ** 9))[0])),
+             threading.Thread(target=lambda: faults.__setitem__("token", _raw(port, _post_head(10, "x" * 20))[0])),
+             threading.Thread(target=lambda: faults.__setitem__("drip", _drip(port, _post_head(500))[1][:12]))]
+    t0 = time.monotonic()
+    for j in jobs:
+        j.start()
+    for j in jobs:
+        j.join(timeout=max(1.0, 60 - (time.monotonic() - t0)))
+    assert not any(j.is_alive() for j in jobs), "load test did not finish within 60 s"
+    assert not errors, errors
+    assert faults == {"killed_sent": "sent", "big": 413, "token": 401, "drip": "HTTP/1.1 408"}
+    assert len(results) == n_clients * per_client
+    for (c, r), (x, prompts, ids, scores, info) in results.items():
+        expected, einfo = _mean_reward(x, prompts)
+        assert torch.equal(scores, expected), (c, r)  # its own images and prompts, nobody else's
+        assert info["seed"] == ids and info["per_sample"] == pytest.approx(einfo["per_sample"])
+    # still serving, and every admission slot and connection was given back
+    x = _imgs(2)
+    assert torch.equal(RewardClient(port=port, token=TOKEN).score("mean", x, PROMPTS[:2])[0],
+                       _mean_reward(x, PROMPTS[:2])[0])
+    deadline = time.monotonic() + 10
+    while srv.open_connections and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.open_connections == 0
+    taken = [srv.admitted.acquire(blocking=False) for _ in range(srv.limits.max_queue)]
+    assert all(taken)
+    for _ in taken:
+        srv.admitted.release()
+
+
+def test_busy_server_answers_429_503_and_caps_connections(monkeypatch):
+    from fastvideo_grpo.rewards.server_guard import ServerLimits
+
+    monkeypatch.delenv("FVG_REWARD_TOKEN", raising=False)
+    release = threading.Event()
+
+    def blocking(images, prompts, **metadata):
+        release.wait(30)
+        return _mean_reward(images, prompts)
+
+    service = RewardService({"block": blocking, "mean": _mean_reward}, num_threads=torch.get_num_threads())
+    # two servers on one service (one model lock): one admits a single request, the other waits 0.3 s
+    one, t1 = serve_in_thread(service, "127.0.0.1", 0, limits=ServerLimits(max_queue=1, max_connections=2))
+    two, t2 = serve_in_thread(service, "127.0.0.1", 0, limits=ServerLimits(queue_timeout=0.3))
+    p1, p2 = one.server_address[1], two.server_address[1]
+    held = {}
+    x = _imgs(2)
+    first = threading.Thread(target=lambda: held.__setitem__(
+        "scores", RewardClient(port=p1, timeout=60).score("block", x, PROMPTS[:2])[0]))
+    first.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not service._lock.locked() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert service._lock.locked()
+        with pytest.raises(ConnectionError, match=r"HTTP 429.*2 tries.*--max-queue"):
+            RewardClient(port=p1, retries=1, backoff=0.01).score("mean", x, PROMPTS[:2])
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionError, match=r"HTTP 503.*--queue-timeout"):
+            RewardClient(port=p2, retries=1, backoff=0.01).score("mean", x, PROMPTS[:2])
+        assert time.monotonic() - t0 < 10  # two 0.3 s waits, not the 30 s the models stay busy
+        with socket.create_connection(("127.0.0.1", p1), timeout=10) as idle:  # the 2nd connection of 2
+            deadline = time.monotonic() + 10
+            while one.open_connections < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            code, text = _raw(p1, b"")  # the 3rd: answered by the accepting thread, then closed
+            assert code == 503 and "--max-connections" in text
+            idle.close()
+    finally:
+        release.set()
+        first.join(timeout=30)
+    assert torch.equal(held["scores"], _mean_reward(x, PROMPTS[:2])[0])
+    assert torch.equal(RewardClient(port=p1).score("mean", x, PROMPTS[:2])[0], _mean_reward(x, PROMPTS[:2])[0])
+    for srv, t in ((one, t1), (two, t2)):
+        srv.shutdown()
+        srv.server_close()
+        t.join(timeout=10)
+
+
+class _CannedHandler(socketserver.StreamRequestHandler):
+    """Reads one HTTP request and answers the server's canned bytes: a stand-in for a wrong service,
+    a proxy's error page or a server that dies mid-answer."""
+
+    def handle(self):
+        length = 0
+        while (line := self.rfile.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        self.rfile.read(length)
+        self.wfile.write(self.server.canned)
+
+
+@pytest.mark.parametrize("canned, exc, message", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n<html>hi</ht>", ValueError, "not the reward API's JSON"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{\"a\":1}", ValueError, "without a 'scores' list"),
+    (b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 9\r\n\r\n<h1>x</h1", ConnectionError, "proxy.*HTTP 502.*start"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"scores\"", ConnectionError, "broke off.*server log"),
+    (b"garbage\r\n\r\n", ConnectionError, "broke off or garbled"),
+    (b"HTTP/1.1 418 I'm a teapot\r\nContent-Length: 2\r\n\r\n{}", RuntimeError, "HTTP 418"),
+])
+def test_client_turns_bad_answers_into_clear_errors(canned, exc, message, monkeypatch):
+    monkeypatch.delenv("FVG_REWARD_TOKEN", raising=False)
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), _CannedHandler) as stub:
+        stub.daemon_threads, stub.canned = True, canned
+        threading.Thread(target=stub.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        try:
+            client = RewardClient(port=stub.server_address[1], retries=1, backoff=0.01, timeout=10)
+            with pytest.raises(exc, match=message):
+                client.score("mean", _imgs(1), PROMPTS[:1])
+        finally:
+            stub.shutdown()
+
+
+def test_https_client_through_tls(tmp_path, monkeypatch):
+    """The client's https path against the server behind TLS (standing in for a TLS-terminating proxy)."""
+    import shutil
+    import ssl
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    monkeypatch.delenv("FVG_REWARD_TOKEN", raising=False)
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
+    service = RewardService({"mean": _mean_reward}, num_threads=torch.get_num_threads())
+    srv, thread = serve_in_thread(service, "127.0.0.1", 0, token=TOKEN)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(key))
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    try:
+        port, x = srv.server_address[1], _imgs(2)
+        scores, _ = RewardClient(port=port, token=TOKEN, https=True, ca_file=str(cert)).score("mean", x, PROMPTS[:2])
+        assert torch.equal(scores, _mean_reward(x, PROMPTS[:2])[0])
+        with pytest.raises(ConnectionError, match="TLS.*ca_file"):  # an untrusted certificate
+            RewardClient(port=port, token=TOKEN, https=True, retries=0).health()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=10)

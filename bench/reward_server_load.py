@@ -1,0 +1,148 @@
+"""Load on the reward server over loopback: throughput and latency; prints ONE JSON line.
+
+Starts the real server CLI in a subprocess (token from ``$FVG_REWARD_TOKEN``, a fresh random one)
+serving ``bench_mean``, a reward registered by importing this file: the mean pixel value times the
+prompt length, so the numbers measure the server and the wire (JSON + base64, HTTP, threads), not
+a model. ``--clients`` threads each send ``--requests`` batches of ``--batch`` images of
+``3 x size x size`` through :class:`RewardClient`; every request's images are distinct and every
+answer is checked against the score computed locally (``mismatches`` must be 0).
+
+Reported: ``images_per_s`` (all images / wall time of the load), ``requests_per_s``, latency per
+request (client encode + send + queue + score + answer + decode) ``p50_ms`` / ``p99_ms`` / ``max_ms``,
+and ``errors``. Client threads share one Python process (the GIL); on a machine with few cores the
+clients compete with the server for them.
+
+    python bench/reward_server_load.py                                   # 8 clients x 10 x 8 images of 64 px
+    python bench/reward_server_load.py --size 512 --wire-dtype uint8     # real image sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from fastvideo_grpo.rewards import REWARDS  # noqa: E402
+from fastvideo_grpo.rewards.remote import RewardClient  # noqa: E402
+
+
+def bench_mean(images, prompts, **metadata):
+    x = images.reshape(images.shape[0], -1).mean(-1)
+    return x * torch.tensor([1.0 + len(p) for p in prompts]), {}
+
+
+@REWARDS.register("bench_mean")
+def _bench_mean_factory():
+    return bench_mean
+
+
+def _percentile(values, q):
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, round(q / 100 * (len(v) - 1))))]
+
+
+def start_server(token: str, args) -> tuple:
+    env = dict(os.environ, FVG_REWARD_TOKEN=token,
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "fastvideo_grpo.rewards.server", "--import", "reward_server_load",
+           "--reward", "bench_mean", "--host", "127.0.0.1", "--port", "0", "--threads", str(args.server_threads),
+           "--max-batch", str(args.batch), "--max-queue", str(max(16, args.clients)),
+           "--max-connections", str(max(64, 2 * args.clients))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    lines: "queue.Queue[str]" = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    deadline, seen = time.monotonic() + 300, []
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
+            if proc.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        if line.startswith("reward server ready on http://127.0.0.1:"):
+            return proc, int(line.split(":")[2].split()[0])
+    proc.kill()
+    raise RuntimeError("the reward server did not start:\n" + "".join(seen))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--requests", type=int, default=10, help="requests per client")
+    p.add_argument("--batch", type=int, default=8, help="images per request")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "uint8"])
+    p.add_argument("--server-threads", type=int, default=1, help="the server's --threads")
+    a = p.parse_args(argv)
+    if min(a.clients, a.requests, a.batch, a.size) < 1:
+        p.error("--clients, --requests, --batch and --size must be >= 1")
+    torch.set_num_threads(1)
+    token = secrets.token_urlsafe(32)
+    proc, port = start_server(token, a)
+    latencies, mismatches, errors = [], [0], []
+    lock = threading.Lock()
+
+    def client(c):
+        cl = RewardClient(port=port, token=token, wire_dtype=a.wire_dtype, timeout=300, retries=3)
+        for r in range(a.requests):
+            x = torch.rand(a.batch, 3, a.size, a.size, generator=torch.Generator().manual_seed(1 + c * 100003 + r))
+            prompts = [f"client {c} request {r} sample {i}" for i in range(a.batch)]
+            seen = {"uint8": lambda v: (v * 255).round() / 255, "float16": lambda v: v.half().float(),
+                    "float32": lambda v: v}[a.wire_dtype](x)  # what the server decodes
+            expected, _ = bench_mean(seen, prompts)
+            t0 = time.perf_counter()
+            try:
+                scores, _ = cl.score("bench_mean", x, prompts)
+            except Exception as e:  # noqa: BLE001 - counted, reported
+                with lock:
+                    errors.append(repr(e)[:200])
+                continue
+            dt = time.perf_counter() - t0
+            with lock:
+                latencies.append(dt)
+                if not torch.allclose(scores, expected, rtol=1e-5, atol=1e-6):
+                    mismatches[0] += 1
+
+    try:
+        RewardClient(port=port, token=token).health()
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(a.clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    done = len(latencies)
+    ms = [1000 * x for x in latencies] or [float("nan")]
+    print(json.dumps({
+        "clients": a.clients, "requests": a.clients * a.requests, "answered": done, "batch": a.batch,
+        "image": [3, a.size, a.size], "wire_dtype": a.wire_dtype,
+        "request_mb": round(a.batch * 3 * a.size ** 2 * {"float32": 4, "float16": 2, "uint8": 1}[a.wire_dtype]
+                            * 4 / 3 / 2 ** 20, 3),
+        "images_per_s": round(done * a.batch / wall, 1), "requests_per_s": round(done / wall, 2),
+        "p50_ms": round(_percentile(ms, 50), 1), "p99_ms": round(_percentile(ms, 99), 1), "max_ms": round(max(ms), 1),
+        "mismatches": mismatches[0], "errors": len(errors), "first_error": errors[0] if errors else None,
+        "wall_s": round(wall, 2), "cpus": os.cpu_count(), "auth": "token"}))
+
+
+if __name__ == "__main__":
+    main()
