@@ -39,6 +39,23 @@ class SamplingConfig:
     # eta = 0 at the last step. null = the schedule's default: yes for flow models (the step to sigma 0 is
     # then the clean prediction z - sigma * u, the image the released code rewards), no for DDIM (released SD)
     deterministic_last_step: Optional[bool] = None
+    # solver of the deterministic (eta 0) rollout steps: "euler" or "dpmpp_2m" (DPM-Solver++(2M), flow models
+    # only; MixGRPO-Flash). Stochastic steps and evaluation always use the SDE / Euler steps
+    ode_solver: str = "euler"
+
+
+@dataclass
+class SDEWindowConfig:
+    """A window of ``size`` consecutive steps, changing with the iteration, that alone is sampled with the SDE
+    and trained (eta 0 outside it); it lies inside the trainable steps (grpo.timestep_window without the last
+    step). See fastvideo_grpo/sde_window.py and docs/algorithms.md."""
+
+    mode: str = "off"  # "off" (static), "sliding" (MixGRPO) or "random" (Flow-GRPO-Fast: new position each iteration)
+    size: int = 4  # W: steps in the window (MixGRPO: 4; Flow-GRPO-Fast: 1 or 2)
+    start: int = 0  # sliding: first position, in steps after the start of the trainable steps
+    stride: int = 1  # sliding: steps the window moves at each shift
+    shift_every: int = 25  # sliding: iterations between shifts (MixGRPO: 25)
+    roll_back: bool = False  # sliding: after the last position, start again from `start` (else stay at the end)
 
 
 @dataclass
@@ -60,6 +77,7 @@ class GRPOConfig:
     # best-of-N advantages: "group" = computed over the whole group, then the 2k selected (released code);
     # "selected" = recomputed over the 2k selected samples only
     best_of_n_advantages: str = "group"
+    sde_window: SDEWindowConfig = field(default_factory=SDEWindowConfig)  # per-iteration SDE/training window
 
 
 @dataclass
@@ -237,7 +255,10 @@ class RunConfig:
             if dead:
                 raise ValueError(f"sampling.eta_schedule is 0 at steps {dead}, which grpo.timestep_window "
                                  f"{[lo, hi]} lets training pick; restrict the window to the steps with eta > 0")
+        self._validate_window(lo, hi)
         s = self.sampling
+        if s.ode_solver not in ("euler", "dpmpp_2m"):
+            raise ValueError(f"sampling.ode_solver must be 'euler' or 'dpmpp_2m', got {s.ode_solver!r}")
         for name in ("rollout_batch_size", "decode_batch_size"):
             if getattr(s, name) < 0:
                 raise ValueError(f"sampling.{name} must be >= 0 (0 = the whole batch), got {getattr(s, name)}")
@@ -277,6 +298,22 @@ class RunConfig:
             if getattr(self.train, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self.train, name)}")
         return self
+
+    def _validate_window(self, lo: int, hi: int) -> None:
+        w = self.grpo.sde_window
+        if w.mode not in ("off", "sliding", "random"):
+            raise ValueError(f"grpo.sde_window.mode must be 'off', 'sliding' or 'random', got {w.mode!r}")
+        if w.mode == "off":
+            return
+        for name in ("size", "stride", "shift_every"):
+            if getattr(w, name) < 1:
+                raise ValueError(f"grpo.sde_window.{name} must be >= 1, got {getattr(w, name)}")
+        if w.start < 0:
+            raise ValueError(f"grpo.sde_window.start must be >= 0, got {w.start}")
+        first = lo + (w.start if w.mode == "sliding" else 0)
+        if first + w.size > hi:
+            raise ValueError(f"grpo.sde_window (size {w.size}, start {w.start}) does not fit in the trainable steps "
+                             f"[{lo}, {hi}) (grpo.timestep_window without the last step); lower its size or start")
 
     @property
     def eta(self):

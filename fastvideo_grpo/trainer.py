@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from . import grpo, residency
+from . import grpo, residency, sde_window
 from .config import RunConfig
 from .cuda_settings import configure_attention
 from .dtypes import autocast_dtype
@@ -185,6 +185,9 @@ def build_schedule(cfg: RunConfig, adapter: PolicyAdapter):
         last = type(schedule).deterministic_last_step_default
     if last:
         schedule = with_deterministic_last_step(schedule)
+    if s.ode_solver != "euler" and schedule.prediction_type != "flow":
+        raise ValueError(f"sampling.ode_solver: {s.ode_solver} needs a flow-matching model; "
+                         f"{cfg.model.name} samples with a {schedule.prediction_type} schedule (use 'euler')")
     lo, hi = grpo.trainable_window(schedule.num_steps, cfg.grpo.timestep_window, cfg.grpo.train_last_step)
     dead = [i for i in range(lo, hi) if float(schedule.eta[i]) <= 0]
     if dead:
@@ -284,18 +287,29 @@ class GRPOTrainer:
             group.update(initial_lr=o.lr, lr=o.lr * factor, betas=tuple(o.betas), eps=o.eps,
                          weight_decay=o.weight_decay)
 
+    def iteration_schedule(self):
+        """The schedule and the trainable window ``[lo, hi)`` of the coming iteration: the static ones, or with
+        ``grpo.sde_window`` the window of this iteration (sde_window.py) and the schedule with eta 0 outside it.
+        The random mode draws its position from the trainer's generator (saved in checkpoints)."""
+        g = self.cfg.grpo
+        window = grpo.trainable_window(self.schedule.num_steps, g.timestep_window, g.train_last_step)
+        moving = sde_window.window_for_iteration(g.sde_window, self.iteration, window, self.generator)
+        if moving is None:
+            return self.schedule, window
+        return sde_window.only_in_window(self.schedule, moving), moving
+
     def train_iteration(self) -> Dict[str, float]:
         cfg, g = self.cfg, self.cfg.grpo
         t0 = time.perf_counter()
         prompts, cond = self.prompts.next_batch(g.prompts_per_iteration)
         B = len(prompts) * g.group_size
-        window = grpo.trainable_window(self.schedule.num_steps, g.timestep_window, g.train_last_step)
-        keep = grpo.subsample_timesteps(self.schedule.num_steps, g.tau, B, self.generator, window)
+        schedule, window = self.iteration_schedule()
+        keep = grpo.subsample_timesteps(schedule.num_steps, g.tau, B, self.generator, window)
         self.adapter.trainable_module().eval()
         m = self.memory
-        traj = rollout(self.adapter, self.schedule, prompts, cond, g.group_size, keep, self.generator,
+        traj = rollout(self.adapter, schedule, prompts, cond, g.group_size, keep, self.generator,
                        shared_noise=g.shared_noise, autocast_dtype=self.autocast_dtype, decode=False,
-                       rollout_batch_size=m["rollout_batch_size"])
+                       rollout_batch_size=m["rollout_batch_size"], ode_solver=cfg.sampling.ode_solver)
         t_dec = time.perf_counter()
         traj.decoded = decode_latents(self.adapter, traj.final_latents, m["decode_batch_size"], m["offload_vae"])
         t1 = time.perf_counter()
@@ -322,7 +336,7 @@ class GRPOTrainer:
                           "advantage is 0 and this iteration learns nothing; a reward that cannot tell the samples of "
                           "a prompt apart (thresholded too high or low, saturated) gives no signal", stacklevel=2)
         stats = grpo_update(
-            self.adapter, self.schedule, traj, adv, self.optimizer,
+            self.adapter, schedule, traj, adv, self.optimizer,
             clip_range=g.clip_range, adv_clip_max=g.adv_clip_max, num_updates=g.num_updates_per_iteration,
             max_grad_norm=cfg.optim.max_grad_norm, micro_batch_size=g.micro_batch_size,
             ref_adapter=self.ref_adapter, kl_coef=g.kl_coef, lr_scheduler=self.lr_scheduler,
@@ -333,6 +347,8 @@ class GRPOTrainer:
         metrics = {"iteration": self.iteration}
         metrics.update(grpo.summarize_rewards(rewards))
         metrics.update(stats)
+        if g.sde_window.mode != "off":  # where the SDE ran and training happened this iteration
+            metrics.update({"sde_window/start": window[0], "sde_window/end": window[1]})
         metrics.update({
             "adv/mean": float(adv.mean()), "adv/std": float(adv.std(unbiased=False)), "adv/abs_max": float(adv.abs().max()),
             "adv/zero_groups": zero_groups,
