@@ -29,6 +29,9 @@ class SamplingConfig:
     eval_num_steps: int = 0  # ODE steps for evaluation; 0 = same as num_steps
     eta: float = 0.3  # noise level e_t of the SDE (paper: 0.3); a list gives a per-step schedule
     eta_schedule: Optional[List[float]] = None  # per-step eta; overrides eta when set
+    # "constant": eta as given; "flow_grpo": eta (or each eta_schedule entry) is Flow-GRPO's a, and the SDE's
+    # eta at a step from sigma is a * sqrt(sigma / (1 - sigma)) (flow models only; Flow-GRPO: a = 0.7)
+    eta_form: str = "constant"
     # Memory of the rollout / evaluation phases (docs/performance.md, "Memory at real sizes"). The noise is
     # the same whatever the chunking; samples differ only by the kernels' batch-shape rounding (last bits).
     # Set rollout_batch_size = grpo.micro_batch_size: re-scoring then sees the rollout's shapes (ratio 1).
@@ -257,6 +260,8 @@ class RunConfig:
                                  f"{[lo, hi]} lets training pick; restrict the window to the steps with eta > 0")
         self._validate_window(lo, hi)
         s = self.sampling
+        if s.eta_form not in ("constant", "flow_grpo"):
+            raise ValueError(f"sampling.eta_form must be 'constant' or 'flow_grpo', got {s.eta_form!r}")
         if s.ode_solver not in ("euler", "dpmpp_2m"):
             raise ValueError(f"sampling.ode_solver must be 'euler' or 'dpmpp_2m', got {s.ode_solver!r}")
         for name in ("rollout_batch_size", "decode_batch_size"):

@@ -131,6 +131,22 @@ def flow_ode_step(model_output: torch.Tensor, sample: torch.Tensor, sigma: Scala
     return (z + model_output.to(dt_) * (s_next - s)).to(sample.dtype)
 
 
+def flow_grpo_eta(sigmas: torch.Tensor, noise_level: Union[float, torch.Tensor]) -> torch.Tensor:
+    """Flow-GRPO's noise level as a per-step eta of ``flow_sde_step`` (Liu et al. 2025, its SDE sampler).
+
+    Flow-GRPO samples x_{t+dt} = x_t + [v + sigma_t^2 / (2t) (x_t + (1 - t) v)] dt + sigma_t sqrt(-dt) eps with
+    sigma_t = a sqrt(t / (1 - t)). ``flow_sde_step``'s score term is -eta^2/2 * score with
+    score = -(x_t + (1 - t) v) / t, and its std is eta sqrt(-dt): the same step with eta_t = sigma_t. At
+    t = 1 (where t / (1 - t) is infinite) the released code uses the second sigma of the grid in the
+    denominator, as here. ``noise_level`` is a (scalar or per-step) a; returns eta of shape (T,).
+    """
+    s = sigmas[:-1].to(torch.float64)
+    if sigmas.numel() < 3:
+        raise ValueError("Flow-GRPO's noise level needs at least 2 sampling steps")
+    denom = 1.0 - torch.where(s >= 1.0, sigmas[1].to(torch.float64), s)
+    return torch.as_tensor(noise_level, dtype=torch.float64) * torch.sqrt(s / denom)
+
+
 def flow_dpmpp_2m_step(model_output: torch.Tensor, sample: torch.Tensor, sigma: float, sigma_next: float,
                        x0_prev: Optional[torch.Tensor] = None, sigma_prev: Optional[float] = None):
     """One deterministic DPM-Solver++(2M) step of a rectified flow from ``sigma`` down to ``sigma_next``.

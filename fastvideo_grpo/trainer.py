@@ -16,6 +16,7 @@ The loop of DESIGN.md "The one loop". Departures from the paper's Algorithm 1, s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 import warnings
@@ -176,10 +177,15 @@ def build_schedule(cfg: RunConfig, adapter: PolicyAdapter):
 
     ValueError when a step that training may pick (``grpo.trainable_window``) has eta = 0: its
     transition is a point mass, with no log-prob to train."""
-    from .sde import with_deterministic_last_step
+    from .sde import flow_grpo_eta, with_deterministic_last_step
 
     s = cfg.sampling
     schedule = adapter.make_schedule(s.num_steps, cfg.eta)
+    if s.eta_form == "flow_grpo":
+        if schedule.prediction_type != "flow":
+            raise ValueError(f"sampling.eta_form: flow_grpo needs a flow-matching model; {cfg.model.name} samples "
+                             f"with a {schedule.prediction_type} schedule (use 'constant')")
+        schedule = dataclasses.replace(schedule, eta=flow_grpo_eta(schedule.sigmas, schedule.eta))
     last = s.deterministic_last_step
     if last is None:
         last = type(schedule).deterministic_last_step_default
