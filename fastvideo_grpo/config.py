@@ -81,6 +81,10 @@ class GRPOConfig:
     # "selected" = recomputed over the 2k selected samples only
     best_of_n_advantages: str = "group"
     sde_window: SDEWindowConfig = field(default_factory=SDEWindowConfig)  # per-iteration SDE/training window
+    # the update: "grpo" (PPO-clip on the SDE's log-probs) or "nft" (DiffusionNFT: flow matching on the clean
+    # samples, contrasting implicit positive / negative policies; no log-probs, so any sampler, eta 0 included)
+    objective: str = "grpo"
+    nft_beta: float = 1.0  # DiffusionNFT's beta: v+- = v_old +- beta (v_theta - v_old)
 
 
 @dataclass
@@ -250,7 +254,18 @@ class RunConfig:
         if self.sampling.deterministic_last_step and hi == self.sampling.num_steps:
             raise ValueError("sampling.deterministic_last_step makes the last step deterministic (eta 0), but "
                              "grpo.train_last_step lets training pick it; set one of them to false")
-        if self.sampling.eta_schedule is not None:
+        if g.objective not in ("grpo", "nft"):
+            raise ValueError(f"grpo.objective must be 'grpo' or 'nft' (DiffusionNFT), got {g.objective!r}")
+        if g.objective == "nft" and not (g.nft_beta > 0 and math.isfinite(g.nft_beta)):
+            raise ValueError(f"grpo.nft_beta must be a finite number > 0, got {g.nft_beta}")
+        etas = self.sampling.eta_schedule if self.sampling.eta_schedule is not None else [self.sampling.eta]
+        if g.objective == "nft" and g.shared_noise and all(e <= 0 for e in etas):
+            raise ValueError("grpo.objective: nft with a deterministic sampler (sampling.eta 0) and one shared initial "
+                             "noise per group gives G identical samples, hence zero advantages; set "
+                             "grpo.shared_noise: false (or sampling.eta > 0)")
+        if g.objective == "nft" and g.kl_coef > 0:
+            raise ValueError("grpo.kl_coef is a KL between SDE steps, which grpo.objective: nft does not use; set it to 0")
+        if self.sampling.eta_schedule is not None and g.objective == "grpo":
             # kept (trained) steps must be stochastic: an eta = 0 step has a point-mass transition, so its
             # log-prob is 0 and its gradient is 0 -- compute spent for nothing. With eta = 0 outside a
             # training window (the sliding-window option), set grpo.timestep_window to that window.

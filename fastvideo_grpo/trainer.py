@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from . import grpo, residency, sde_window
+from . import grpo, nft, residency, sde_window
 from .config import RunConfig
 from .cuda_settings import configure_attention
 from .dtypes import autocast_dtype
@@ -195,7 +195,8 @@ def build_schedule(cfg: RunConfig, adapter: PolicyAdapter):
         raise ValueError(f"sampling.ode_solver: {s.ode_solver} needs a flow-matching model; "
                          f"{cfg.model.name} samples with a {schedule.prediction_type} schedule (use 'euler')")
     lo, hi = grpo.trainable_window(schedule.num_steps, cfg.grpo.timestep_window, cfg.grpo.train_last_step)
-    dead = [i for i in range(lo, hi) if float(schedule.eta[i]) <= 0]
+    # (DiffusionNFT needs no log-probs: its rollouts may be deterministic)
+    dead = [i for i in range(lo, hi) if float(schedule.eta[i]) <= 0] if cfg.grpo.objective == "grpo" else []
     if dead:
         why = (" (the last step is deterministic: sampling.deterministic_last_step; set grpo.train_last_step: "
                "false, as the released code)" if dead == [schedule.num_steps - 1] else "")
@@ -341,15 +342,31 @@ class GRPOTrainer:
             warnings.warn(f"iteration {self.iteration + 1}: every group's samples got identical rewards, so every "
                           "advantage is 0 and this iteration learns nothing; a reward that cannot tell the samples of "
                           "a prompt apart (thresholded too high or low, saturated) gives no signal", stacklevel=2)
-        stats = grpo_update(
+        if g.objective == "nft":
+            stats = nft.nft_update(
+                self.adapter, schedule, traj, adv, self.optimizer, self.generator, beta=g.nft_beta,
+                num_updates=g.num_updates_per_iteration, max_grad_norm=cfg.optim.max_grad_norm,
+                micro_batch_size=g.micro_batch_size, lr_scheduler=self.lr_scheduler,
+                autocast_dtype=self.autocast_dtype)
+        else:
+            stats = self._grpo_update(schedule, traj, adv)
+        t3 = time.perf_counter()
+        self.iteration += 1
+        return self._metrics(rewards, stats, adv, zero_groups, window, B, (t0, t_dec, t1, t2, t3))
+
+    def _grpo_update(self, schedule, traj, adv):
+        cfg, g = self.cfg, self.cfg.grpo
+        return grpo_update(
             self.adapter, schedule, traj, adv, self.optimizer,
             clip_range=g.clip_range, adv_clip_max=g.adv_clip_max, num_updates=g.num_updates_per_iteration,
             max_grad_norm=cfg.optim.max_grad_norm, micro_batch_size=g.micro_batch_size,
             ref_adapter=self.ref_adapter, kl_coef=g.kl_coef, lr_scheduler=self.lr_scheduler,
             autocast_dtype=self.autocast_dtype,
         )
-        t3 = time.perf_counter()
-        self.iteration += 1
+
+    def _metrics(self, rewards, stats, adv, zero_groups, window, B, times):
+        g = self.cfg.grpo
+        t0, t_dec, t1, t2, t3 = times
         metrics = {"iteration": self.iteration}
         metrics.update(grpo.summarize_rewards(rewards))
         metrics.update(stats)
