@@ -7,8 +7,9 @@ steps outside it (``grpo.sde_window``, docs/algorithms.md):
 * ``sliding`` (MixGRPO, Li et al. 2025): the window starts at ``start`` and moves by ``stride`` steps
   every ``shift_every`` iterations, from early (noisy) steps to late ones. At the last position it stays
   there, or goes back to ``start`` with ``roll_back`` (the released MixGRPO script's setting).
-* ``random`` (Flow-GRPO-Fast, Liu et al. 2025): a new position every iteration, drawn uniformly from
-  the trainer's generator (one draw per iteration, shared by the whole batch).
+* ``random`` (Flow-GRPO-Fast, Liu et al. 2025): a new position every iteration, drawn uniformly with a
+  generator seeded by (train.seed, iteration) (``window_seed``): shared by the whole batch on every
+  data-parallel rank, reproduced on resume, and independent of the rollout's noise stream.
 
 In both, the window lies inside the steps training may pick (``grpo.trainable_window``: the static
 ``grpo.timestep_window``, without the last step unless ``grpo.train_last_step``), eta is set to 0 outside
@@ -41,6 +42,11 @@ def sliding_window_start(iteration: int, lo: int, hi: int, size: int, start: int
     shift = iteration // shift_every
     shift = shift % positions if roll_back else min(shift, positions - 1)
     return first + stride * shift
+
+
+def window_seed(seed: int, iteration: int) -> int:
+    """Seed of the random window's draw at ``iteration`` (the same on every rank)."""
+    return (int(seed) * 1_000_003 + int(iteration) * 7_919 + 12_345) % (2**63 - 1)
 
 
 def random_window_start(lo: int, hi: int, size: int, generator: Optional[torch.Generator]) -> int:

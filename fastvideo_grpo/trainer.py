@@ -297,10 +297,12 @@ class GRPOTrainer:
     def iteration_schedule(self):
         """The schedule and the trainable window ``[lo, hi)`` of the coming iteration: the static ones, or with
         ``grpo.sde_window`` the window of this iteration (sde_window.py) and the schedule with eta 0 outside it.
-        The random mode draws its position from the trainer's generator (saved in checkpoints)."""
+        The random mode draws its position from a generator seeded by (train.seed, iteration): the same window
+        on every data-parallel rank, the same after a resume, and the rollout noise stream untouched."""
         g = self.cfg.grpo
         window = grpo.trainable_window(self.schedule.num_steps, g.timestep_window, g.train_last_step)
-        moving = sde_window.window_for_iteration(g.sde_window, self.iteration, window, self.generator)
+        draw = torch.Generator().manual_seed(sde_window.window_seed(self.cfg.train.seed, self.iteration))
+        moving = sde_window.window_for_iteration(g.sde_window, self.iteration, window, draw)
         if moving is None:
             return self.schedule, window
         return sde_window.only_in_window(self.schedule, moving), moving

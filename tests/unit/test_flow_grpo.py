@@ -80,12 +80,15 @@ def test_flow_grpo_fast_sde_and_training_at_random_steps_shared_by_the_batch():
     prompts, _ = split_prompts(seed=0)
     trainer = GRPOTrainer(cfg, ad, fns, weights, PromptSource(prompts, ad.encode_prompts, seed=3))
     starts = set()
-    for _ in range(30):
+    for k in range(30):
+        trainer.iteration = k
         sched, (a, b) = trainer.iteration_schedule()
+        assert trainer.iteration_schedule()[1] == (a, b)  # a function of (seed, iteration): same on every rank
         assert b - a == 2 and 0 <= a and b <= 5  # inside the trainable steps (the last step is never trained)
         assert (sched.eta[a:b] > 0).all() and (sched.eta[:a] == 0).all() and (sched.eta[b:] == 0).all()
         starts.add(a)
     assert starts == {0, 1, 2, 3}
+    trainer.iteration = 0
     # one iteration: the trained steps are the window's two steps for every sample
     seen = []
     import fastvideo_grpo.trainer as tr
