@@ -29,6 +29,9 @@ class SamplingConfig:
     eval_num_steps: int = 0  # ODE steps for evaluation; 0 = same as num_steps
     eta: float = 0.3  # noise level e_t of the SDE (paper: 0.3); a list gives a per-step schedule
     eta_schedule: Optional[List[float]] = None  # per-step eta; overrides eta when set
+    # "constant": eta as given; "flow_grpo": eta (or each eta_schedule entry) is Flow-GRPO's a, and the SDE's
+    # eta at a step from sigma is a * sqrt(sigma / (1 - sigma)) (flow models only; Flow-GRPO: a = 0.7)
+    eta_form: str = "constant"
     # Memory of the rollout / evaluation phases (docs/performance.md, "Memory at real sizes"). The noise is
     # the same whatever the chunking; samples differ only by the kernels' batch-shape rounding (last bits).
     # Set rollout_batch_size = grpo.micro_batch_size: re-scoring then sees the rollout's shapes (ratio 1).
@@ -39,6 +42,23 @@ class SamplingConfig:
     # eta = 0 at the last step. null = the schedule's default: yes for flow models (the step to sigma 0 is
     # then the clean prediction z - sigma * u, the image the released code rewards), no for DDIM (released SD)
     deterministic_last_step: Optional[bool] = None
+    # solver of the deterministic (eta 0) rollout steps: "euler" or "dpmpp_2m" (DPM-Solver++(2M), flow models
+    # only; MixGRPO-Flash). Stochastic steps and evaluation always use the SDE / Euler steps
+    ode_solver: str = "euler"
+
+
+@dataclass
+class SDEWindowConfig:
+    """A window of ``size`` consecutive steps, changing with the iteration, that alone is sampled with the SDE
+    and trained (eta 0 outside it); it lies inside the trainable steps (grpo.timestep_window without the last
+    step). See fastvideo_grpo/sde_window.py and docs/algorithms.md."""
+
+    mode: str = "off"  # "off" (static), "sliding" (MixGRPO) or "random" (Flow-GRPO-Fast: new position each iteration)
+    size: int = 4  # W: steps in the window (MixGRPO: 4; Flow-GRPO-Fast: 1 or 2)
+    start: int = 0  # sliding: first position, in steps after the start of the trainable steps
+    stride: int = 1  # sliding: steps the window moves at each shift
+    shift_every: int = 25  # sliding: iterations between shifts (MixGRPO: 25)
+    roll_back: bool = False  # sliding: after the last position, start again from `start` (else stay at the end)
 
 
 @dataclass
@@ -60,6 +80,11 @@ class GRPOConfig:
     # best-of-N advantages: "group" = computed over the whole group, then the 2k selected (released code);
     # "selected" = recomputed over the 2k selected samples only
     best_of_n_advantages: str = "group"
+    sde_window: SDEWindowConfig = field(default_factory=SDEWindowConfig)  # per-iteration SDE/training window
+    # the update: "grpo" (PPO-clip on the SDE's log-probs) or "nft" (DiffusionNFT: flow matching on the clean
+    # samples, contrasting implicit positive / negative policies; no log-probs, so any sampler, eta 0 included)
+    objective: str = "grpo"
+    nft_beta: float = 1.0  # DiffusionNFT's beta: v+- = v_old +- beta (v_theta - v_old)
 
 
 @dataclass
@@ -229,7 +254,18 @@ class RunConfig:
         if self.sampling.deterministic_last_step and hi == self.sampling.num_steps:
             raise ValueError("sampling.deterministic_last_step makes the last step deterministic (eta 0), but "
                              "grpo.train_last_step lets training pick it; set one of them to false")
-        if self.sampling.eta_schedule is not None:
+        if g.objective not in ("grpo", "nft"):
+            raise ValueError(f"grpo.objective must be 'grpo' or 'nft' (DiffusionNFT), got {g.objective!r}")
+        if g.objective == "nft" and not (g.nft_beta > 0 and math.isfinite(g.nft_beta)):
+            raise ValueError(f"grpo.nft_beta must be a finite number > 0, got {g.nft_beta}")
+        etas = self.sampling.eta_schedule if self.sampling.eta_schedule is not None else [self.sampling.eta]
+        if g.objective == "nft" and g.shared_noise and all(e <= 0 for e in etas):
+            raise ValueError("grpo.objective: nft with a deterministic sampler (sampling.eta 0) and one shared initial "
+                             "noise per group gives G identical samples, hence zero advantages; set "
+                             "grpo.shared_noise: false (or sampling.eta > 0)")
+        if g.objective == "nft" and g.kl_coef > 0:
+            raise ValueError("grpo.kl_coef is a KL between SDE steps, which grpo.objective: nft does not use; set it to 0")
+        if self.sampling.eta_schedule is not None and g.objective == "grpo":
             # kept (trained) steps must be stochastic: an eta = 0 step has a point-mass transition, so its
             # log-prob is 0 and its gradient is 0 -- compute spent for nothing. With eta = 0 outside a
             # training window (the sliding-window option), set grpo.timestep_window to that window.
@@ -237,7 +273,12 @@ class RunConfig:
             if dead:
                 raise ValueError(f"sampling.eta_schedule is 0 at steps {dead}, which grpo.timestep_window "
                                  f"{[lo, hi]} lets training pick; restrict the window to the steps with eta > 0")
+        self._validate_window(lo, hi)
         s = self.sampling
+        if s.eta_form not in ("constant", "flow_grpo"):
+            raise ValueError(f"sampling.eta_form must be 'constant' or 'flow_grpo', got {s.eta_form!r}")
+        if s.ode_solver not in ("euler", "dpmpp_2m"):
+            raise ValueError(f"sampling.ode_solver must be 'euler' or 'dpmpp_2m', got {s.ode_solver!r}")
         for name in ("rollout_batch_size", "decode_batch_size"):
             if getattr(s, name) < 0:
                 raise ValueError(f"sampling.{name} must be >= 0 (0 = the whole batch), got {getattr(s, name)}")
@@ -277,6 +318,22 @@ class RunConfig:
             if getattr(self.train, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self.train, name)}")
         return self
+
+    def _validate_window(self, lo: int, hi: int) -> None:
+        w = self.grpo.sde_window
+        if w.mode not in ("off", "sliding", "random"):
+            raise ValueError(f"grpo.sde_window.mode must be 'off', 'sliding' or 'random', got {w.mode!r}")
+        if w.mode == "off":
+            return
+        for name in ("size", "stride", "shift_every"):
+            if getattr(w, name) < 1:
+                raise ValueError(f"grpo.sde_window.{name} must be >= 1, got {getattr(w, name)}")
+        if w.start < 0:
+            raise ValueError(f"grpo.sde_window.start must be >= 0, got {w.start}")
+        first = lo + (w.start if w.mode == "sliding" else 0)
+        if first + w.size > hi:
+            raise ValueError(f"grpo.sde_window (size {w.size}, start {w.start}) does not fit in the trainable steps "
+                             f"[{lo}, {hi}) (grpo.timestep_window without the last step); lower its size or start")
 
     @property
     def eta(self):

@@ -483,6 +483,8 @@ def _counted_attention() -> bool:
 def _window(cfg) -> Tuple[int, float]:
     g = cfg.grpo
     lo, hi = g.timestep_window or (0, cfg.sampling.num_steps)
+    if g.sde_window.mode != "off":  # MixGRPO / Flow-GRPO-Fast: the trained steps come from the window only
+        return g.sde_window.size, g.tau
     return hi - lo, g.tau
 
 

@@ -24,7 +24,7 @@ from typing import List, Optional
 
 import torch
 
-from . import residency
+from . import residency, sde
 from .models.base import Cond, PolicyAdapter, index_cond, slice_cond
 
 
@@ -91,14 +91,22 @@ def rollout(
     rollout_batch_size: int = 0,
     decode_batch_size: int = 0,
     offload_vae: bool = False,
+    ode_solver: str = "euler",
 ) -> Trajectory:
     """Sample group_size trajectories for each of the P prompts with the SDE sampler.
 
     keep_steps_BK (int64, CPU) names, per sample, the steps whose transitions are stored.
     ``rollout_batch_size``: samples per denoiser forward (0 = all B); ``decode_batch_size`` /
     ``offload_vae``: see ``decode_latents``. None of them changes the noise; the samples only by the
-    kernels' batch-shape rounding (module docstring).
+    kernels' batch-shape rounding (module docstring). ``ode_solver="dpmpp_2m"`` (flow schedules): the steps
+    whose eta is 0 take a DPM-Solver++(2M) step (``sde.flow_dpmpp_2m_step``, using the previous step's data
+    prediction) instead of Euler; such steps are deterministic and never kept for training.
     """
+    if ode_solver not in ("euler", "dpmpp_2m"):
+        raise ValueError(f"ode_solver must be 'euler' or 'dpmpp_2m', got {ode_solver!r}")
+    multistep = ode_solver == "dpmpp_2m"
+    if multistep and getattr(schedule, "prediction_type", None) != "flow":
+        raise ValueError("sampling.ode_solver: dpmpp_2m needs a flow-matching schedule; use 'euler'")
     num_prompts = len(prompts)
     B = num_prompts * group_size
     if keep_steps_BK.shape[0] != B:
@@ -113,11 +121,21 @@ def rollout(
     kept_lp = torch.empty((B, K), dtype=torch.float32, device=device)
     keep_cpu = keep_steps_BK.cpu()
     kept_rows = _kept_rows_per_step(keep_cpu, schedule.num_steps, device)
+    x0_prev = None  # data prediction of the previous step (DPM-Solver++ history)
     for i in range(schedule.num_steps):
         t = schedule.model_timestep(i, z)
         out = predict_in_chunks(adapter, z, t, cond, rollout_batch_size, autocast_dtype)
-        # the step (and its noise draw) on the whole batch: each sample's noise is independent of the chunking
-        z_next, lp, _, _ = schedule.step(i, out, z, generator=generator, need_mean=False)
+        if multistep and float(schedule.eta[i]) == 0.0:
+            sig = schedule.sigmas
+            z_next, x0_prev = sde.flow_dpmpp_2m_step(out, z, float(sig[i]), float(sig[i + 1]), x0_prev,
+                                                     float(sig[i - 1]) if i else None)
+            lp = torch.zeros(B, dtype=torch.float32, device=device)  # a point mass, as an eta = 0 SDE step
+        else:
+            # the step (and its noise draw) on the whole batch: each sample's noise is independent of the chunking
+            z_next, lp, _, _ = schedule.step(i, out, z, generator=generator, need_mean=False)
+            if multistep:
+                cd = sde.compute_dtype(z)
+                x0_prev = z.to(cd) - float(schedule.sigmas[i]) * out.to(cd)
         z_next = z_next.to(z.dtype)
         b_dev, k_dev = kept_rows[i]
         if b_dev.numel():

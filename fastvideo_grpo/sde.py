@@ -131,6 +131,60 @@ def flow_ode_step(model_output: torch.Tensor, sample: torch.Tensor, sigma: Scala
     return (z + model_output.to(dt_) * (s_next - s)).to(sample.dtype)
 
 
+def flow_grpo_eta(sigmas: torch.Tensor, noise_level: Union[float, torch.Tensor]) -> torch.Tensor:
+    """Flow-GRPO's noise level as a per-step eta of ``flow_sde_step`` (Liu et al. 2025, its SDE sampler).
+
+    Flow-GRPO samples x_{t+dt} = x_t + [v + sigma_t^2 / (2t) (x_t + (1 - t) v)] dt + sigma_t sqrt(-dt) eps with
+    sigma_t = a sqrt(t / (1 - t)). ``flow_sde_step``'s score term is -eta^2/2 * score with
+    score = -(x_t + (1 - t) v) / t, and its std is eta sqrt(-dt): the same step with eta_t = sigma_t. At
+    t = 1 (where t / (1 - t) is infinite) the released code uses the second sigma of the grid in the
+    denominator, as here. ``noise_level`` is a (scalar or per-step) a; returns eta of shape (T,).
+    """
+    s = sigmas[:-1].to(torch.float64)
+    if sigmas.numel() < 3:
+        raise ValueError("Flow-GRPO's noise level needs at least 2 sampling steps")
+    denom = 1.0 - torch.where(s >= 1.0, sigmas[1].to(torch.float64), s)
+    return torch.as_tensor(noise_level, dtype=torch.float64) * torch.sqrt(s / denom)
+
+
+def flow_dpmpp_2m_step(model_output: torch.Tensor, sample: torch.Tensor, sigma: float, sigma_next: float,
+                       x0_prev: Optional[torch.Tensor] = None, sigma_prev: Optional[float] = None):
+    """One deterministic DPM-Solver++(2M) step of a rectified flow from ``sigma`` down to ``sigma_next``.
+
+    The flow's forward process is z = alpha x0 + sigma eps with alpha = 1 - sigma, so the data prediction
+    is x0 = z - sigma u and the half log-SNR is lambda = log(alpha / sigma). With h = lambda_next - lambda
+    (DPM-Solver++, Lu et al. 2022, its multistep second-order update):
+        z_next = (sigma_next / sigma) z + alpha_next (1 - e^{-h}) D
+        D = x0                                   (first order: no previous x0, or sigma_next = 0)
+        D = (1 + 1 / (2 r)) x0 - 1 / (2 r) x0_prev,   r = (lambda - lambda_prev) / h   (second order)
+    The first-order update is exactly the Euler step z + u (sigma_next - sigma). ``x0_prev`` is the data
+    prediction of the previous step, made at ``sigma_prev`` (one made at sigma_prev = 1, where alpha = 0 and
+    lambda = -inf, carries no slope and is not used). Sigmas are Python scalars (one step index for
+    the whole batch). Returns ``(z_next, x0)`` in the compute dtype (float32, or float64 for float64 input).
+    """
+    dt_ = compute_dtype(sample)
+    z = sample.to(dt_)
+    x0 = z - float(sigma) * model_output.to(dt_)
+    s, s_next = float(sigma), float(sigma_next)
+    if not 0.0 <= s_next < s <= 1.0:
+        raise ValueError(f"DPM-Solver++ steps need 0 <= sigma_next < sigma <= 1, got {s} -> {s_next}")
+    if s_next == 0.0:  # lambda = +inf: the step lands on the data prediction (diffusers: lower_order_final)
+        return x0, x0
+    if s == 1.0:  # alpha = 0 at pure noise: lambda = -inf, e^{-h} = 0; first order only
+        return (1.0 - s_next) * x0 + s_next * (z - (1.0 - s) * x0) / s, x0
+
+    def lam(v):
+        return math.log((1.0 - v) / v)
+
+    h = lam(s_next) - lam(s)
+    coef = (1.0 - s_next) * (1.0 - math.exp(-h))
+    d = x0
+    if x0_prev is not None and sigma_prev is not None and float(sigma_prev) < 1.0:
+        r = (lam(s) - lam(float(sigma_prev))) / h
+        d = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev.to(dt_)
+    return (s_next / s) * z + coef * d, x0
+
+
 def time_shift(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """SD3 / FLUX static time shift: s' = shift * s / (1 + (shift - 1) * s)."""
     if shift <= 0:

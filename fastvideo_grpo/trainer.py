@@ -16,6 +16,7 @@ The loop of DESIGN.md "The one loop". Departures from the paper's Algorithm 1, s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 import warnings
@@ -24,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from . import grpo, residency
+from . import grpo, nft, residency, sde_window
 from .config import RunConfig
 from .cuda_settings import configure_attention
 from .dtypes import autocast_dtype
@@ -176,17 +177,26 @@ def build_schedule(cfg: RunConfig, adapter: PolicyAdapter):
 
     ValueError when a step that training may pick (``grpo.trainable_window``) has eta = 0: its
     transition is a point mass, with no log-prob to train."""
-    from .sde import with_deterministic_last_step
+    from .sde import flow_grpo_eta, with_deterministic_last_step
 
     s = cfg.sampling
     schedule = adapter.make_schedule(s.num_steps, cfg.eta)
+    if s.eta_form == "flow_grpo":
+        if schedule.prediction_type != "flow":
+            raise ValueError(f"sampling.eta_form: flow_grpo needs a flow-matching model; {cfg.model.name} samples "
+                             f"with a {schedule.prediction_type} schedule (use 'constant')")
+        schedule = dataclasses.replace(schedule, eta=flow_grpo_eta(schedule.sigmas, schedule.eta))
     last = s.deterministic_last_step
     if last is None:
         last = type(schedule).deterministic_last_step_default
     if last:
         schedule = with_deterministic_last_step(schedule)
+    if s.ode_solver != "euler" and schedule.prediction_type != "flow":
+        raise ValueError(f"sampling.ode_solver: {s.ode_solver} needs a flow-matching model; "
+                         f"{cfg.model.name} samples with a {schedule.prediction_type} schedule (use 'euler')")
     lo, hi = grpo.trainable_window(schedule.num_steps, cfg.grpo.timestep_window, cfg.grpo.train_last_step)
-    dead = [i for i in range(lo, hi) if float(schedule.eta[i]) <= 0]
+    # (DiffusionNFT needs no log-probs: its rollouts may be deterministic)
+    dead = [i for i in range(lo, hi) if float(schedule.eta[i]) <= 0] if cfg.grpo.objective == "grpo" else []
     if dead:
         why = (" (the last step is deterministic: sampling.deterministic_last_step; set grpo.train_last_step: "
                "false, as the released code)" if dead == [schedule.num_steps - 1] else "")
@@ -284,18 +294,31 @@ class GRPOTrainer:
             group.update(initial_lr=o.lr, lr=o.lr * factor, betas=tuple(o.betas), eps=o.eps,
                          weight_decay=o.weight_decay)
 
+    def iteration_schedule(self):
+        """The schedule and the trainable window ``[lo, hi)`` of the coming iteration: the static ones, or with
+        ``grpo.sde_window`` the window of this iteration (sde_window.py) and the schedule with eta 0 outside it.
+        The random mode draws its position from a generator seeded by (train.seed, iteration): the same window
+        on every data-parallel rank, the same after a resume, and the rollout noise stream untouched."""
+        g = self.cfg.grpo
+        window = grpo.trainable_window(self.schedule.num_steps, g.timestep_window, g.train_last_step)
+        draw = torch.Generator().manual_seed(sde_window.window_seed(self.cfg.train.seed, self.iteration))
+        moving = sde_window.window_for_iteration(g.sde_window, self.iteration, window, draw)
+        if moving is None:
+            return self.schedule, window
+        return sde_window.only_in_window(self.schedule, moving), moving
+
     def train_iteration(self) -> Dict[str, float]:
         cfg, g = self.cfg, self.cfg.grpo
         t0 = time.perf_counter()
         prompts, cond = self.prompts.next_batch(g.prompts_per_iteration)
         B = len(prompts) * g.group_size
-        window = grpo.trainable_window(self.schedule.num_steps, g.timestep_window, g.train_last_step)
-        keep = grpo.subsample_timesteps(self.schedule.num_steps, g.tau, B, self.generator, window)
+        schedule, window = self.iteration_schedule()
+        keep = grpo.subsample_timesteps(schedule.num_steps, g.tau, B, self.generator, window)
         self.adapter.trainable_module().eval()
         m = self.memory
-        traj = rollout(self.adapter, self.schedule, prompts, cond, g.group_size, keep, self.generator,
+        traj = rollout(self.adapter, schedule, prompts, cond, g.group_size, keep, self.generator,
                        shared_noise=g.shared_noise, autocast_dtype=self.autocast_dtype, decode=False,
-                       rollout_batch_size=m["rollout_batch_size"])
+                       rollout_batch_size=m["rollout_batch_size"], ode_solver=cfg.sampling.ode_solver)
         t_dec = time.perf_counter()
         traj.decoded = decode_latents(self.adapter, traj.final_latents, m["decode_batch_size"], m["offload_vae"])
         t1 = time.perf_counter()
@@ -321,18 +344,36 @@ class GRPOTrainer:
             warnings.warn(f"iteration {self.iteration + 1}: every group's samples got identical rewards, so every "
                           "advantage is 0 and this iteration learns nothing; a reward that cannot tell the samples of "
                           "a prompt apart (thresholded too high or low, saturated) gives no signal", stacklevel=2)
-        stats = grpo_update(
-            self.adapter, self.schedule, traj, adv, self.optimizer,
+        if g.objective == "nft":
+            stats = nft.nft_update(
+                self.adapter, schedule, traj, adv, self.optimizer, self.generator, beta=g.nft_beta,
+                num_updates=g.num_updates_per_iteration, max_grad_norm=cfg.optim.max_grad_norm,
+                micro_batch_size=g.micro_batch_size, lr_scheduler=self.lr_scheduler,
+                autocast_dtype=self.autocast_dtype)
+        else:
+            stats = self._grpo_update(schedule, traj, adv)
+        t3 = time.perf_counter()
+        self.iteration += 1
+        return self._metrics(rewards, stats, adv, zero_groups, window, B, (t0, t_dec, t1, t2, t3))
+
+    def _grpo_update(self, schedule, traj, adv):
+        cfg, g = self.cfg, self.cfg.grpo
+        return grpo_update(
+            self.adapter, schedule, traj, adv, self.optimizer,
             clip_range=g.clip_range, adv_clip_max=g.adv_clip_max, num_updates=g.num_updates_per_iteration,
             max_grad_norm=cfg.optim.max_grad_norm, micro_batch_size=g.micro_batch_size,
             ref_adapter=self.ref_adapter, kl_coef=g.kl_coef, lr_scheduler=self.lr_scheduler,
             autocast_dtype=self.autocast_dtype,
         )
-        t3 = time.perf_counter()
-        self.iteration += 1
+
+    def _metrics(self, rewards, stats, adv, zero_groups, window, B, times):
+        g = self.cfg.grpo
+        t0, t_dec, t1, t2, t3 = times
         metrics = {"iteration": self.iteration}
         metrics.update(grpo.summarize_rewards(rewards))
         metrics.update(stats)
+        if g.sde_window.mode != "off":  # where the SDE ran and training happened this iteration
+            metrics.update({"sde_window/start": window[0], "sde_window/end": window[1]})
         metrics.update({
             "adv/mean": float(adv.mean()), "adv/std": float(adv.std(unbiased=False)), "adv/abs_max": float(adv.abs().max()),
             "adv/zero_groups": zero_groups,
