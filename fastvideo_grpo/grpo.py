@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -173,6 +173,18 @@ class PPOStats:
     approx_kl: torch.Tensor
     ratio_mean: torch.Tensor
     kl: torch.Tensor
+
+
+def update_chunks(batch: int, steps: int, micro_batch_size: int, num_updates: int
+                  ) -> Tuple[List[torch.Tensor], List[range]]:
+    """How an iteration's update is split: the sample rows of each micro-batch (``micro_batch_size`` rows,
+    0 = all ``batch``), and the kept-step columns of each of the ``num_updates`` optimiser steps (as even as
+    possible, at most ``steps`` of them)."""
+    mb = micro_batch_size or batch
+    rows = [torch.arange(s, min(s + mb, batch)) for s in range(0, batch, mb)]
+    parts = max(1, min(num_updates, steps))
+    bounds = [round(i * steps / parts) for i in range(parts + 1)]
+    return rows, [range(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
 def ppo_clip_loss(

@@ -31,7 +31,7 @@ from typing import Dict, Optional
 
 import torch
 
-from . import rng
+from . import grpo, rng
 from .models.base import PolicyAdapter, index_cond
 from .rollout import Trajectory, autocast_context
 
@@ -55,11 +55,6 @@ def nft_loss(v_theta: torch.Tensor, v_old: torch.Tensor, target: torch.Tensor, r
     r = r_B.to(v_theta.dtype)
     return (r * pos + (1.0 - r) * neg).mean(), pos.detach(), neg.detach()
 
-
-def _chunks(n: int, parts: int):
-    parts = max(1, min(parts, n))
-    bounds = [round(i * n / parts) for i in range(parts + 1)]
-    return [range(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
 def nft_update(
@@ -92,8 +87,7 @@ def nft_update(
     B, K = traj.steps_BK.shape
     device = x0.device
     r = optimality_probability(advantages_B.to(device=device, dtype=torch.float32))
-    mb = micro_batch_size or B
-    row_chunks = [torch.arange(s, min(s + mb, B)) for s in range(0, B, mb)]
+    row_chunks, step_chunks = grpo.update_chunks(B, K, micro_batch_size, num_updates)
     sig = schedule.sigmas.to(torch.float64)
     t_BK = sig[traj.steps_BK].to(torch.float32)  # (B, K) CPU
     noise = rng.randn((B, K) + tuple(x0.shape[1:]), generator, device=device, dtype=torch.float32)
@@ -120,7 +114,7 @@ def nft_update(
     module.train()
     totals = torch.zeros(3, dtype=torch.float32, device=device)
     count, grad_norms = 0, []
-    for step_chunk in _chunks(K, num_updates):
+    for step_chunk in step_chunks:
         optimizer.zero_grad(set_to_none=True)
         denom = len(step_chunk) * len(row_chunks)
         for k in step_chunk:

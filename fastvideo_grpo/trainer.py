@@ -39,11 +39,6 @@ from .rollout import Trajectory, autocast_context, decode_latents, rollout, samp
 # ----------------------------------------------------------------------------- the update
 
 
-def _chunks(n: int, parts: int) -> List[range]:
-    parts = max(1, min(parts, n))
-    bounds = [round(i * n / parts) for i in range(parts + 1)]
-    return [range(bounds[i], bounds[i + 1]) for i in range(parts)]
-
 
 def grpo_update(
     adapter: PolicyAdapter,
@@ -75,8 +70,7 @@ def grpo_update(
     B, K = traj.log_probs_BK.shape
     device = traj.latents_BK.device
     adv = advantages_B.to(device=device, dtype=torch.float32)
-    mb = micro_batch_size or B
-    row_chunks = [torch.arange(s, min(s + mb, B)) for s in range(0, B, mb)]
+    row_chunks, step_chunks = grpo.update_chunks(B, K, micro_batch_size, num_updates)
     # Diagnostics stay on the device and are read back once per update (one sync), not per micro-step.
     keys = ("loss", "clipfrac", "approx_kl", "ratio_mean", "kl")
     totals = torch.zeros(len(keys), dtype=torch.float32, device=device)
@@ -85,7 +79,7 @@ def grpo_update(
     grad_norms = []
     use_kl = ref_adapter is not None and kl_coef > 0
     module.train()
-    for step_chunk in _chunks(K, num_updates):
+    for step_chunk in step_chunks:
         optimizer.zero_grad(set_to_none=True)
         denom = len(step_chunk) * len(row_chunks)
         loss_finite = []  # per micro-step, on the device

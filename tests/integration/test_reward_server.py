@@ -29,15 +29,6 @@ PATCH = 16  # the tiny CLIP's patch size: its longest reduction is the 3 * 16 * 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only add contention (70x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _mean_reward(images, prompts, **metadata):
     """Deterministic, per-sample and prompt-dependent; echoes per-sample metadata."""
     x = images.reshape(images.shape[0], -1).mean(-1)

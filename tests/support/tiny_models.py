@@ -80,6 +80,18 @@ def tiny_sd3():
         caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=16, out_channels=4)
 
 
+def tiny_toy_adapter(seed: int = 0):
+    """The toy task's DiT at one block with N(0, 0.05) weights (so that its velocity is not near zero), as a
+    ToyAdapter: the cheapest real policy for algorithm tests."""
+    from fastvideo_grpo.models.toy import TinyDiT, TinyDiTConfig, ToyAdapter
+
+    torch.manual_seed(seed)
+    m = TinyDiT(TinyDiTConfig(image_size=16, patch_size=4, hidden=32, depth=1, heads=2))
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return ToyAdapter(m)
+
+
 def tiny_components(family: str) -> Tuple[Dict[str, torch.nn.Module], dict]:
     """({subfolder: tiny model}, adapter kwargs) of ``family``, built under seed 0."""
     torch.manual_seed(0)

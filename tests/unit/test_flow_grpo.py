@@ -7,8 +7,8 @@ import torch
 from fastvideo_grpo import sde
 from fastvideo_grpo.config import load_config
 from fastvideo_grpo.data.prompt_source import PromptSource
-from fastvideo_grpo.models.toy import TinyDiT, TinyDiTConfig, ToyAdapter
 from fastvideo_grpo.trainer import GRPOTrainer, build_schedule
+from support.tiny_models import tiny_toy_adapter
 
 
 def _flow_grpo_step_reference(z, v, t, t_next, t_second, a):
@@ -40,12 +40,7 @@ def test_flow_grpo_noise_level_is_a_per_step_eta_of_our_sde(fused, monkeypatch):
         torch.testing.assert_close(lp, want_lp, rtol=1e-10, atol=1e-10)
 
 
-def _toy(seed=0):
-    torch.manual_seed(seed)
-    m = TinyDiT(TinyDiTConfig(image_size=16, patch_size=4, hidden=32, depth=1, heads=2))
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    return ToyAdapter(m)
+_toy = tiny_toy_adapter
 
 
 def test_config_eta_form_builds_flow_grpo_schedule_and_refuses_ddim():

@@ -168,3 +168,15 @@ def test_kl_term_is_closed_form_and_added():
     loss1, st = grpo.ppo_clip_loss(torch.zeros(2), torch.zeros(2), torch.ones(2), 0.1, kl_B=kl, kl_coef=0.5)
     assert (loss1 - loss0).item() == pytest.approx(0.5 * kl.mean().item())
     assert float(st.kl) == pytest.approx(kl.mean().item())
+
+
+@pytest.mark.parametrize("B,K,mb,updates", [(5, 7, 2, 3), (4, 2, 0, 4), (12, 9, 12, 1), (3, 10, 1, 4)])
+def test_update_chunks_partition_rows_and_steps(B, K, mb, updates):
+    """Micro-batches of at most mb rows (0 = all) and min(updates, K) optimiser steps whose kept-step
+    columns partition range(K) with sizes differing by at most one."""
+    rows, steps = grpo.update_chunks(B, K, mb, updates)
+    assert torch.cat(rows).tolist() == list(range(B))
+    assert all(len(r) == (mb or B) for r in rows[:-1]) and 0 < len(rows[-1]) <= (mb or B)
+    assert len(steps) == min(updates, K)
+    assert [k for r in steps for k in r] == list(range(K))
+    assert max(map(len, steps)) - min(map(len, steps)) <= 1

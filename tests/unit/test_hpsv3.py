@@ -21,14 +21,6 @@ PROMPTS = ["a red cat", "blue dog under the green tree", "the sun"]
 PIXELS = 56 * 56  # 4 x 4 patches of 14 -> 4 image tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

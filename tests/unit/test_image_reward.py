@@ -22,14 +22,6 @@ WORDS = ["a", "red", "cat", "blue", "dog", "green", "tree", "the", "sun", "on"]
 VW, TW, HW, PATCH, GRID, MAXPOS = 16, 16, 8, 8, 4, 40  # widths, head width, patch, grid, positions
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def released_state_dict(seed=0, vocab=len(WORDS) + 7, layers=2):
     """A random state dict in ImageReward.pt's layout (with the extra BLIP keys it carries)."""
     g = torch.Generator().manual_seed(seed)

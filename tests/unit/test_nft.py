@@ -7,8 +7,8 @@ import torch
 from fastvideo_grpo import nft
 from fastvideo_grpo.config import load_config
 from fastvideo_grpo.data.prompt_source import PromptSource
-from fastvideo_grpo.models.toy import TinyDiT, TinyDiTConfig, ToyAdapter
 from fastvideo_grpo.trainer import GRPOTrainer
+from support.tiny_models import tiny_toy_adapter
 
 
 def test_optimality_probability_maps_normalised_rewards_to_unit_interval():
@@ -58,12 +58,7 @@ def test_nft_loss_minimiser_is_old_velocity_moved_by_2r_minus_1_over_beta(beta):
     torch.testing.assert_close(v.detach(), want, rtol=1e-4, atol=1e-4)
 
 
-def _toy(seed=0):
-    torch.manual_seed(seed)
-    m = TinyDiT(TinyDiTConfig(image_size=16, patch_size=4, hidden=32, depth=1, heads=2))
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    return ToyAdapter(m)
+_toy = tiny_toy_adapter
 
 
 def test_nft_trains_through_the_trainer_with_an_ode_sampler():

@@ -7,8 +7,8 @@ import torch
 
 from fastvideo_grpo import grpo, sde, sde_window
 from fastvideo_grpo.config import load_config
-from fastvideo_grpo.models.toy import TinyDiT, TinyDiTConfig, ToyAdapter
 from fastvideo_grpo.rollout import rollout, sample_ode
+from support.tiny_models import tiny_toy_adapter
 
 
 def _released_rule(num_iterations, hi, size, start, stride, shift_every, roll_back):
@@ -67,12 +67,7 @@ def test_eta_is_zero_outside_the_window_and_kept_steps_lie_inside():
     assert keep.shape == (6, 2) and ((keep >= 3) & (keep < 7)).all()
 
 
-def _toy(seed=0):
-    torch.manual_seed(seed)
-    m = TinyDiT(TinyDiTConfig(image_size=16, patch_size=4, hidden=32, depth=1, heads=2))
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    return ToyAdapter(m)
+_toy = tiny_toy_adapter
 
 
 def test_rollout_is_deterministic_before_the_window_and_stochastic_inside():
