@@ -104,6 +104,12 @@ class QwenImageAdapter(DiffusersAdapter):
             cfg.update({k: saved[k] for k in DYNAMIC_SHIFT_DEFAULTS if k in saved})
         return cfg
 
+    def sequence_parallel_plan(self):
+        """Not built for Qwen-Image yet: its blocks take the text mask and a (image, text) pair of rotary
+        tables that the generic plan does not shard; refused rather than run wrong."""
+        raise ValueError("Ulysses sequence parallelism (parallel.sp > 1) is not supported for qwen_image yet; "
+                         "set parallel.sp: 1 (the recipe's FSDP-only setting)")
+
     @property
     def image_seq_len(self) -> int:
         """Packed image tokens per sample."""

@@ -316,6 +316,11 @@ def test_qwen_image_dynamic_shift_follows_the_folders_scheduler(folders, tmp_pat
         ADAPTERS.build("qwen_image", model_path=str(folder), shift="auto", **kw)
 
 
+def test_qwen_image_refuses_sequence_parallelism(folders):
+    with pytest.raises(ValueError, match="parallel.sp: 1"):
+        _build(folders, "qwen_image").sequence_parallel_plan()
+
+
 def test_qwen_image_prompt_mask_hides_padding(folders):
     """Padded text tokens (mask 0) do not reach the prediction; unmasked ones do."""
     adapter = _build(folders, "qwen_image")
