@@ -494,7 +494,8 @@ def _text_len(cfg, adapter) -> int:
     if kw.get("max_sequence_length"):
         return int(kw["max_sequence_length"])
     family_default = {"FluxAdapter": 512, "HunyuanVideoAdapter": 256, "HunyuanI2VAdapter": 256, "WanAdapter": 512,
-                      "WanI2VAdapter": 512, "SD3Adapter": 333, "StableDiffusionAdapter": 77}
+                      "WanI2VAdapter": 512, "SD3Adapter": 333, "StableDiffusionAdapter": 77,
+                      "QwenImageAdapter": 512}
     return family_default.get(type(adapter).__name__, 256)
 
 

@@ -15,6 +15,10 @@ pipeline's argument names; negatives get a ``negative_`` prefix in prep.py):
 * ``sd3``     StableDiffusion3Pipeline: CLIP-L and CLIP-G penultimate states concatenated, zero-padded to the
               T5 width and joined with T5 (padded to 256) along the sequence -> ``prompt_embeds``; CLIP-L and
               CLIP-G projected pooled outputs concatenated -> ``pooled_prompt_embeds``.
+* ``qwen_image`` QwenImagePipeline: the prompt inside Qwen-Image's chat template, the last hidden state of
+              Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration) over the prompt's tokens with the first
+              ``crop_start`` (34) template tokens dropped, zero-padded to ``qwen_max_length`` (512, the
+              pipeline's default max_sequence_length) -> ``prompt_embeds`` + ``prompt_attention_mask``.
 * ``hunyuan_i2v`` hunyuan text + ``image_latents`` (C, 1, h, w): the reference image's VAE latent (one frame)
               times the VAE scaling factor, as HunyuanSkyreelsImageToVideoPipeline.
 * ``wan_i2v`` wan text + ``image_condition`` (4 + C, F', h, w): [first-frame mask; normalised VAE latent of the
@@ -43,7 +47,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-FAMILIES = ("sd", "flux", "hunyuan", "wan", "sd3", "hunyuan_i2v", "wan_i2v")
+FAMILIES = ("sd", "flux", "hunyuan", "wan", "sd3", "qwen_image", "hunyuan_i2v", "wan_i2v")
 
 HUNYUAN_PROMPT_TEMPLATE = (
     "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
@@ -56,6 +60,18 @@ HUNYUAN_PROMPT_TEMPLATE = (
 )
 HUNYUAN_CROP_START = 95  # diffusers' value for the template above with the HunyuanVideo LLaMA tokenizer
 
+QWEN_IMAGE_PROMPT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+QWEN_IMAGE_CROP_START = 34  # diffusers' prompt_template_encode_start_idx: the template's tokens before the prompt
+QWEN_IMAGE_MAX_LENGTH = 512  # QwenImagePipeline's default max_sequence_length
+
+#: (template, default crop) of the families whose prompt goes through a chat template
+_TEMPLATES = {"hunyuan": (HUNYUAN_PROMPT_TEMPLATE, HUNYUAN_CROP_START),
+              "hunyuan_i2v": (HUNYUAN_PROMPT_TEMPLATE, HUNYUAN_CROP_START),
+              "qwen_image": (QWEN_IMAGE_PROMPT_TEMPLATE, QWEN_IMAGE_CROP_START)}
+
 # (subfolder, transformers class) of the text encoders each family needs
 _TEXT_PARTS = {
     "sd": [("text_encoder", "CLIPTextModel")],
@@ -64,12 +80,14 @@ _TEXT_PARTS = {
     "wan": [("text_encoder", "UMT5EncoderModel")],
     "sd3": [("text_encoder", "CLIPTextModelWithProjection"), ("text_encoder_2", "CLIPTextModelWithProjection"),
             ("text_encoder_3", "T5EncoderModel")],
+    "qwen_image": [("text_encoder", "Qwen2_5_VLForConditionalGeneration")],
 }
 _TEXT_PARTS["hunyuan_i2v"] = _TEXT_PARTS["hunyuan"]
 _TEXT_PARTS["wan_i2v"] = _TEXT_PARTS["wan"]
 _VAE_CLASS = {"hunyuan_i2v": "AutoencoderKLHunyuanVideo", "wan_i2v": "AutoencoderKLWan"}
 #: the families whose adapters use CFG by default (a negative / empty-prompt embedding is saved)
-CFG_BY_DEFAULT = {"sd": True, "flux": False, "hunyuan": False, "wan": True, "sd3": True, "hunyuan_i2v": True,
+CFG_BY_DEFAULT = {"sd": True, "flux": False, "hunyuan": False, "wan": True, "sd3": True, "qwen_image": False,
+                  "hunyuan_i2v": True,
                   "wan_i2v": True}
 IMAGE_FAMILIES = ("hunyuan_i2v", "wan_i2v")
 
@@ -105,7 +123,7 @@ class FamilyEncoder:
 
     def __init__(self, family: str, components: Dict[str, object], *, ids: Optional[Dict[str, dict]] = None,
                  device="cpu", clip_max_length: int = 77, t5_max_length: Optional[int] = None,
-                 llama_max_length: int = 256, crop_start="default", num_hidden_layers_to_skip: int = 2,
+                 llama_max_length: int = 256, qwen_max_length: int = QWEN_IMAGE_MAX_LENGTH, crop_start="default", num_hidden_layers_to_skip: int = 2,
                  height: Optional[int] = None, width: Optional[int] = None, num_frames: Optional[int] = None,
                  image_embeds: bool = True):
         if family not in FAMILIES:
@@ -121,8 +139,11 @@ class FamilyEncoder:
         default_t5 = {"flux": 512, "wan": 512, "wan_i2v": 512, "sd3": 256}.get(family)
         self.t5_max_length = int(t5_max_length) if t5_max_length else default_t5
         self.llama_max_length = int(llama_max_length)
+        self.qwen_max_length = int(qwen_max_length)
+        if self.qwen_max_length < 1:
+            raise ValueError(f"qwen_max_length must be >= 1, got {qwen_max_length}")
         self.skip = int(num_hidden_layers_to_skip)
-        self.crop_start = self._resolve_crop_start(crop_start) if family.startswith("hunyuan") else None
+        self.crop_start = self._resolve_crop_start(crop_start) if family in _TEMPLATES else None
         self.height, self.width, self.num_frames = height, width, num_frames
         if family in IMAGE_FAMILIES:
             if not height or not width:
@@ -138,11 +159,12 @@ class FamilyEncoder:
     # ------------------------------------------------------------------ description for the manifest
 
     def _resolve_crop_start(self, crop_start) -> int:
+        template, default = _TEMPLATES[self.family]
         if crop_start in (None, "default"):
-            return HUNYUAN_CROP_START
+            return default
         if crop_start == "auto":
             # tokens of the template before the prompt placeholder (incl. BOS if the tokenizer adds one)
-            prefix = HUNYUAN_PROMPT_TEMPLATE.split("{}")[0]
+            prefix = template.split("{}")[0]
             return len(self.c["tokenizer"](prefix).input_ids)
         n = int(crop_start)
         if n < 0:
@@ -172,6 +194,8 @@ class FamilyEncoder:
         if f == "sd3":
             return {"prompt_embeds": "text_encoder+text_encoder_2+text_encoder_3",
                     "pooled_prompt_embeds": "text_encoder+text_encoder_2"}
+        if f == "qwen_image":
+            return {"prompt_embeds": "text_encoder", "prompt_attention_mask": "tokenizer"}
         raise AssertionError(f)
 
     def text_names(self) -> List[str]:
@@ -186,6 +210,9 @@ class FamilyEncoder:
             s.update(llama_max_length=self.llama_max_length, crop_start=self.crop_start,
                      num_hidden_layers_to_skip=self.skip,
                      prompt_template_sha256=hashlib.sha256(HUNYUAN_PROMPT_TEMPLATE.encode()).hexdigest()[:16])
+        if self.family == "qwen_image":
+            s.update(qwen_max_length=self.qwen_max_length, crop_start=self.crop_start,
+                     prompt_template_sha256=hashlib.sha256(QWEN_IMAGE_PROMPT_TEMPLATE.encode()).hexdigest()[:16])
         if self.family in IMAGE_FAMILIES:
             s.update(height=int(self.height), width=int(self.width), image_latent="posterior_mode",
                      image_resize="cover_center_crop")
@@ -233,6 +260,23 @@ class FamilyEncoder:
         h = h.hidden_states[-(self.skip + 1)]
         return h[:, self.crop_start:], mask[:, self.crop_start:]
 
+    def _qwen(self, prompts):
+        """As QwenImagePipeline: template, last hidden state, each prompt's valid tokens without the first
+        ``crop_start`` ones, zero-padded to ``qwen_max_length`` (truncating at drop + max length keeps the same
+        tokens as the pipeline's 1024 + drop truncation followed by max_sequence_length: the encoder is causal)."""
+        texts = [QWEN_IMAGE_PROMPT_TEMPLATE.format(p) for p in prompts]
+        L, drop = self.qwen_max_length, self.crop_start
+        t = self.c["tokenizer"](texts, padding=True, max_length=L + drop, truncation=True, return_tensors="pt")
+        ids, mask = t.input_ids.to(self.device), t.attention_mask.to(self.device)
+        h = self.c["text_encoder"](input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        emb = h.new_zeros(len(texts), L, h.shape[-1])
+        out_mask = torch.zeros(len(texts), L, dtype=torch.int64, device=h.device)
+        for i in range(len(texts)):
+            valid = h[i][mask[i].bool()][drop:drop + L]  # works for either padding side
+            emb[i, :valid.shape[0]] = valid
+            out_mask[i, :valid.shape[0]] = 1
+        return emb, out_mask
+
     @torch.no_grad()
     def encode_text(self, prompts: Sequence[str]) -> Dict[str, torch.Tensor]:
         """Batched conditioning (leading batch dim) for ``prompts``, in the encoders' dtype."""
@@ -258,6 +302,9 @@ class FamilyEncoder:
             clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
             return {"prompt_embeds": torch.cat([clip, t5], dim=-2),
                     "pooled_prompt_embeds": torch.cat([l_p, g_p.to(l_p.dtype)], dim=-1)}
+        if f == "qwen_image":
+            emb, mask = self._qwen(prompts)
+            return {"prompt_embeds": emb, "prompt_attention_mask": mask}
         raise AssertionError(f)
 
     # ------------------------------------------------------------------ images

@@ -253,8 +253,11 @@ def build_parser(family: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--t5-max-length", type=int, default=None,
                    help="T5/UMT5 max length (default: flux 512, wan 512, sd3 256)")
     p.add_argument("--llama-max-length", type=int, default=256, help="HunyuanVideo text length after the crop")
+    p.add_argument("--qwen-max-length", type=int, default=512,
+                   help="Qwen-Image text length after the template crop (512: the pipeline's max_sequence_length)")
     p.add_argument("--crop-start", default="default",
-                   help="HunyuanVideo template tokens to crop: 'default' (95, diffusers), 'auto' or an int")
+                   help="template tokens to crop (HunyuanVideo, Qwen-Image): 'default' (diffusers' 95 / 34), "
+                        "'auto' or an int")
     p.add_argument("--height", type=int, default=None, help="I2V: target image height")
     p.add_argument("--width", type=int, default=None, help="I2V: target image width")
     p.add_argument("--num-frames", type=int, default=None, help="wan_i2v: video frames (4k + 1)")
@@ -306,7 +309,8 @@ def main(argv=None, family: Optional[str] = None) -> dict:
         encoder = load_family_encoder(
             args.family, args.model_path, dtype=enc_dtype, device=device, image_embeds=not args.no_image_embeds,
             clip_max_length=args.clip_max_length, t5_max_length=args.t5_max_length,
-            llama_max_length=args.llama_max_length, crop_start=args.crop_start, height=args.height,
+            llama_max_length=args.llama_max_length, qwen_max_length=args.qwen_max_length,
+            crop_start=args.crop_start, height=args.height,
             width=args.width, num_frames=args.num_frames)
         src = Path(args.prompts).expanduser()
         job = PrepJob(encoder, records, args.out, dtype=args.dtype, shard_size=args.shard_size,

@@ -274,7 +274,12 @@ class DiffusersAdapter(PolicyAdapter):
         both = _cat_branches(neg, pos)
         out = self._forward(torch.cat([latents, latents]), torch.cat([timestep_B, timestep_B]), both)
         uncond, c = out.float().chunk(2)
-        return uncond + self.cfg_scale * (c - uncond)
+        return self._combine_cfg(uncond, c)
+
+    def _combine_cfg(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The guided output from the two branches' outputs: ``uncond + s * (cond - uncond)``; a family
+        whose pipeline post-processes the combination (e.g. Qwen-Image's norm rescaling) overrides this."""
+        return uncond + self.cfg_scale * (cond - uncond)
 
     # ------------------------------------------------------------------ export
 

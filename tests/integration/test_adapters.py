@@ -226,8 +226,26 @@ def _pipeline_sd3(adapter, cond, z0, output_type="latent"):
                 height=adapter.height, width=adapter.width, latents=z0.clone(), output_type=output_type).images
 
 
+def _pipeline_qwen_image(adapter, cond, z0, output_type="latent", scheduler=None):
+    sched = scheduler or diffusers.FlowMatchEulerDiscreteScheduler(shift=adapter.shift, use_dynamic_shifting=False)
+    pipe = diffusers.QwenImagePipeline(scheduler=sched, vae=adapter.vae, text_encoder=None, tokenizer=None,
+                                       transformer=adapter.model)
+    cfg = {}
+    if adapter.uses_cfg:
+        cfg = dict(negative_prompt_embeds=cond[NEG + "prompt_embeds"],
+                   negative_prompt_embeds_mask=cond[NEG + "prompt_attention_mask"])
+    packed = pipe._pack_latents(z0.clone(), *z0.shape[:2], *z0.shape[2:])
+    out = pipe(prompt_embeds=cond["prompt_embeds"], prompt_embeds_mask=cond["prompt_attention_mask"],
+               true_cfg_scale=adapter.cfg_scale, num_inference_steps=NUM_STEPS, sigmas=_flow_pipe_sigmas(),
+               height=adapter.height, width=adapter.width, latents=packed, output_type=output_type, **cfg).images
+    if output_type != "latent":
+        return out
+    return pipe._unpack_latents(out, adapter.height, adapter.width, pipe.vae_scale_factor)[:, :, 0]
+
+
 PIPELINES = {"sd": _pipeline_sd, "flux": _pipeline_flux, "hunyuan_t2i": _pipeline_hunyuan,
-             "hunyuan_t2v": _pipeline_hunyuan, "wan": _pipeline_wan, "sd3": _pipeline_sd3}
+             "hunyuan_t2v": _pipeline_hunyuan, "wan": _pipeline_wan, "sd3": _pipeline_sd3,
+             "qwen_image": _pipeline_qwen_image}
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINES))
@@ -244,6 +262,79 @@ def test_ode_sampling_matches_diffusers_pipeline(folders, name):
     torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=2e-5)
     assert not torch.allclose(ours, z0)
     torch.testing.assert_close(ours_pixels, pixels.float().reshape(ours_pixels.shape), rtol=1e-4, atol=1e-4)
+
+
+def test_qwen_image_true_cfg_with_norm_rescale_matches_diffusers_pipeline(folders):
+    """true_cfg_scale > 1: the pipeline's guided prediction rescaled to the conditional one's norm per token."""
+    adapter = _build(folders, "qwen_image", true_cfg_scale=4.0)
+    assert adapter.uses_cfg and set(adapter.cond_spec()) == {
+        "prompt_embeds", "prompt_attention_mask", NEG + "prompt_embeds", NEG + "prompt_attention_mask"}
+    cond = _random_cond(adapter, 2, seed=31)
+    z0 = adapter.initial_noise(2, torch.Generator().manual_seed(32))
+    ours = sample_ode(adapter, adapter.make_schedule(NUM_STEPS, eta=0.0), cond, z0)
+    with torch.no_grad():
+        theirs = _pipeline_qwen_image(adapter, cond, z0)
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=2e-5)
+    # the rescale is what the pipeline does: without it the samples differ
+    plain = _build(folders, "qwen_image", true_cfg_scale=4.0, cfg_renorm=False)
+    assert (sample_ode(plain, plain.make_schedule(NUM_STEPS, eta=0.0), cond, z0) - ours).abs().max() > 1e-3
+    # both branches get gradients through the rescaled combination
+    for k in ("prompt_embeds", NEG + "prompt_embeds"):
+        cond[k].requires_grad_(True)
+    t = adapter.make_schedule(NUM_STEPS).model_timestep(0, z0)
+    adapter.predict(z0, t, cond).square().mean().backward()
+    for k in ("prompt_embeds", NEG + "prompt_embeds"):
+        assert cond[k].grad is not None and cond[k].grad.abs().sum() > 0, k
+
+
+def test_qwen_image_dynamic_shift_follows_the_folders_scheduler(folders, tmp_path):
+    """shift: dynamic reads the scheduler config (mu from the image token count, exponential shift, terminal
+    stretch) and samples as QwenImagePipeline with that scheduler."""
+    root, kw = folders("qwen_image")
+    folder = tmp_path / "qwen_dynamic"
+    folder.mkdir()
+    for sub in ("transformer", "vae"):
+        (folder / sub).symlink_to(root / sub)
+    sched_cfg = dict(use_dynamic_shifting=True, base_image_seq_len=8, max_image_seq_len=64, base_shift=0.5,
+                     max_shift=0.9, shift_terminal=0.02, time_shift_type="exponential")
+    diffusers.FlowMatchEulerDiscreteScheduler(**sched_cfg).save_pretrained(str(folder / "scheduler"))
+    adapter = ADAPTERS.build("qwen_image", model_path=str(folder), shift="dynamic", **kw)
+    ref = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder), subfolder="scheduler")
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+    mu = calculate_shift(adapter.image_seq_len, 8, 64, 0.5, 0.9)
+    ref.set_timesteps(sigmas=_flow_pipe_sigmas(), mu=mu)
+    ours = adapter.make_schedule(NUM_STEPS)
+    torch.testing.assert_close(ours.sigmas.float(), ref.sigmas, rtol=1e-6, atol=1e-6)
+    assert abs(float(ours.sigmas[-2]) - 0.02) < 1e-6  # stretched to the terminal value
+    cond = _random_cond(adapter, 2, seed=33)
+    z0 = adapter.initial_noise(2, torch.Generator().manual_seed(34))
+    mine = sample_ode(adapter, adapter.make_schedule(NUM_STEPS, eta=0.0), cond, z0)
+    with torch.no_grad():
+        theirs = _pipeline_qwen_image(adapter, cond, z0, scheduler=ref)
+    torch.testing.assert_close(mine, theirs.float(), rtol=1e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="dynamic"):
+        ADAPTERS.build("qwen_image", model_path=str(folder), shift="auto", **kw)
+
+
+def test_qwen_image_refuses_sequence_parallelism(folders):
+    with pytest.raises(ValueError, match="parallel.sp: 1"):
+        _build(folders, "qwen_image").sequence_parallel_plan()
+
+
+def test_qwen_image_prompt_mask_hides_padding(folders):
+    """Padded text tokens (mask 0) do not reach the prediction; unmasked ones do."""
+    adapter = _build(folders, "qwen_image")
+    cond = _random_cond(adapter, 2, seed=35)  # row 0: last 2 tokens padded
+    z = adapter.initial_noise(2, torch.Generator().manual_seed(36))
+    t = adapter.make_schedule(NUM_STEPS).model_timestep(1, z)
+    changed = {k: v.clone() for k, v in cond.items()}
+    changed["prompt_embeds"][0, -2:] += 5.0
+    with torch.no_grad():
+        a, b = adapter.predict(z, t, cond), adapter.predict(z, t, changed)
+        changed["prompt_embeds"][0, 0] += 5.0
+        c = adapter.predict(z, t, changed)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (c[0] - a[0]).abs().max() > 1e-4 and torch.equal(c[1], a[1])
 
 
 def test_skyreels_i2v_matches_diffusers_pipeline(folders):

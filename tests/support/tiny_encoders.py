@@ -25,6 +25,10 @@ CLIP_MAX = 77
 CLIP_DIMS = {"clip_l": (16, 8), "clip_g": (24, 12)}  # hidden, projection
 T5_DIM = 48
 LLAMA_DIM = 32
+QWEN_VL_DIM = 32
+# the words of Qwen-Image's prompt template, so the word-level stand-in tokenizes it into known tokens
+QWEN_TEMPLATE_WORDS = ("<|im_start|> <|im_end|> system user assistant Describe image by detailing color shape size "
+                       "texture quantity text spatial relationships objects background , :").split()
 
 
 def clip_tokenizer(folder: Path):
@@ -53,17 +57,23 @@ def clip_tokenizer(folder: Path):
     return tok
 
 
-def word_tokenizer(folder: Path, *, bos: bool = False, max_length: int = 512):
-    """A fast word-level tokenizer appending ``</s>`` (T5 / UMT5 style) or prepending ``<s>`` (LLaMA style)."""
+def word_tokenizer(folder: Path, *, bos: bool = False, max_length: int = 512, extra_words=(), plain: bool = False):
+    """A fast word-level tokenizer appending ``</s>`` (T5 / UMT5 style), prepending ``<s>`` (LLaMA style) or
+    adding nothing (``plain``: Qwen style); ``extra_words`` join the vocabulary (kept whole by the splitter)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "<s>": 3}
-    for w in WORDS + ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "system", "user"]:
+    for w in WORDS + ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "system", "user"] + list(extra_words):
         vocab.setdefault(w, len(vocab))
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    if bos:
+    specials = [w for w in extra_words if w.startswith("<|")]
+    if specials:
+        tk.add_special_tokens(specials)
+    if plain:
+        pass
+    elif bos:
         tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 3)])
     else:
         tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
@@ -102,6 +112,22 @@ def _llama(vocab_size: int):
     return transformers.LlamaModel(cfg)
 
 
+def _qwen2_5_vl(vocab_size: int):
+    """Qwen2.5-VL (the class QwenImagePipeline loads) at toy size: 2 text layers, 1 vision block."""
+    import transformers
+
+    cfg = transformers.Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=QWEN_VL_DIM, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=0,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=QWEN_VL_DIM,
+                           fullatt_block_indexes=[0]),
+        vocab_size=vocab_size, bos_token_id=None, eos_token_id=None, image_token_id=vocab_size - 3, video_token_id=vocab_size - 2,
+        vision_start_token_id=vocab_size - 1)
+    return transformers.Qwen2_5_VLForConditionalGeneration(cfg)
+
+
 def build_tiny_components(family: str, path) -> Dict[str, object]:
     """Write a tiny ``family`` encoder folder at ``path``; returns the in-memory components (seed 0)."""
     import transformers
@@ -127,6 +153,10 @@ def build_tiny_components(family: str, path) -> Dict[str, object]:
     elif base == "wan":
         c["tokenizer"], n = word_tokenizer(root / "tokenizer")
         c["text_encoder"] = _t5("UMT5EncoderModel", n)
+    elif base == "qwen_image":
+        c["tokenizer"], n = word_tokenizer(root / "tokenizer", max_length=2048, extra_words=QWEN_TEMPLATE_WORDS,
+                                           plain=True)
+        c["text_encoder"] = _qwen2_5_vl(n + 3)
     elif base == "sd3":
         c["tokenizer"] = clip_tokenizer(root / "tokenizer")
         c["text_encoder"] = _clip_model("CLIPTextModelWithProjection", len(c["tokenizer"]), "clip_l")

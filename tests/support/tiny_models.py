@@ -13,7 +13,7 @@ from typing import Dict, Tuple
 import torch
 
 TEXT_LEN = 6  # text tokens of the SD tokenizer stand-in (max_sequence_length)
-FAMILIES = ("sd", "flux", "hunyuan_t2i", "hunyuan_t2v", "hunyuan_i2v", "wan", "wan_i2v", "sd3")
+FAMILIES = ("sd", "flux", "hunyuan_t2i", "hunyuan_t2v", "hunyuan_i2v", "wan", "wan_i2v", "sd3", "qwen_image")
 
 
 def _diffusers():
@@ -92,6 +92,20 @@ def tiny_toy_adapter(seed: int = 0):
     return ToyAdapter(m)
 
 
+def tiny_qwen_vae():
+    """Qwen-Image's VAE (one-frame causal 3D): 4 latent channels with per-channel mean / std, 2x spatial."""
+    return _diffusers().AutoencoderKLQwenImage(
+        base_dim=4, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
+        latents_mean=[0.1, -0.2, 0.3, 0.05], latents_std=[1.5, 0.8, 2.0, 1.1])
+
+
+def tiny_qwen_image(num_layers: int = 1, in_channels: int = 16):
+    """Qwen-Image's MMDiT over 2x2-packed latents of a 4-channel VAE (in_channels = 4 x 4)."""
+    return _diffusers().QwenImageTransformer2DModel(
+        patch_size=2, in_channels=in_channels, out_channels=4, num_layers=num_layers, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
+
+
 def tiny_components(family: str) -> Tuple[Dict[str, torch.nn.Module], dict]:
     """({subfolder: tiny model}, adapter kwargs) of ``family``, built under seed 0."""
     torch.manual_seed(0)
@@ -114,4 +128,6 @@ def tiny_components(family: str) -> Tuple[Dict[str, torch.nn.Module], dict]:
     if family == "sd3":
         return {"transformer": tiny_sd3(), "vae": tiny_vae_2d(scaling_factor=1.5305, shift_factor=0.0609)}, dict(
             resolution=16)
+    if family == "qwen_image":
+        return {"transformer": tiny_qwen_image(), "vae": tiny_qwen_vae()}, dict(resolution=16)
     raise KeyError(f"no tiny components for {family!r}; families: {FAMILIES}")

@@ -33,6 +33,9 @@ RECIPES = {
     "wan_t2i_hps.yaml": dict(gpus=8, steps=20, cfg=True, eta=0.3, tau=0.6, K=11, updates=1, size=(512, 512),
                              frames=1, shift=3.0, cfg_scale=("guidance_scale", 5.0), prompts_global=16, reward="hps"),
     "sd3_hps.yaml": dict(gpus=8, steps=25, cfg=True, eta=0.3, tau=0.6, K=14, updates=1),
+    # the released Qwen-Image recipe: 720 x 720, 20 steps, shift 3, no CFG, 16 prompts per iteration, 2 updates
+    "qwen_image_hps.yaml": dict(gpus=8, steps=20, cfg=False, eta=0.3, tau=0.6, K=11, updates=2, shift=3.0,
+                                cfg_scale=("true_cfg_scale", 1.0), prompts_global=16, reward="hps"),
 }
 
 

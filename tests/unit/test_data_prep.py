@@ -3,7 +3,7 @@
 Tiny encoder folders are written with ``save_pretrained`` and read back through the real
 ``from_pretrained(local_path, local_files_only=True)`` code. Covered: prompt-file parsing and its errors;
 each family's encodings against the diffusers pipeline's own ``encode_prompt`` on the same components
-(sd, flux, hunyuan, wan, sd3; wan_i2v image condition / CLIP image embeds against
+(sd, flux, hunyuan, wan, sd3, qwen_image; wan_i2v image condition / CLIP image embeds against
 WanImageToVideoPipeline); bit-exact round trip through the shards; byte-identical reruns; resume
 skipping finished shards and redoing a corrupted one; ``validate_manifest`` errors; the dataset's
 split, shard cache and collate.
@@ -23,9 +23,10 @@ pytest.importorskip("safetensors")
 
 from fastvideo_grpo.data import (PromptEmbeddingDataset, collate_prompt_embeddings, is_eval_prompt,  # noqa: E402
                                  load_manifest, read_prompts, validate_manifest)
-from fastvideo_grpo.data.encoders import HUNYUAN_PROMPT_TEMPLATE, FamilyEncoder, load_family_encoder  # noqa: E402
+from fastvideo_grpo.data.encoders import (HUNYUAN_PROMPT_TEMPLATE, QWEN_IMAGE_PROMPT_TEMPLATE,  # noqa: E402
+                                          FamilyEncoder, load_family_encoder)
 from fastvideo_grpo.data.prep import main as prep_main  # noqa: E402
-from support.tiny_encoders import CLIP_DIMS, LLAMA_DIM, T5_DIM, build_tiny_components  # noqa: E402
+from support.tiny_encoders import CLIP_DIMS, LLAMA_DIM, QWEN_VL_DIM, T5_DIM, build_tiny_components  # noqa: E402
 
 PROMPTS = ["a red circle", "two blue squares on the left", "the cat and the dog", "a photo of a star",
            "three green triangles", "a big dark forest"]
@@ -61,7 +62,8 @@ def _write(path: Path, text: str) -> Path:
 def _prep(folder, prompts_file, out, family="sd", *extra):
     args = ["--family", family, "--model-path", str(folder), "--prompts", str(prompts_file), "--out", str(out),
             "--shard-size", "2", "--batch-size", "2", "--dtype", "float32", "--no-progress",
-            "--t5-max-length", str(T5_LEN), "--llama-max-length", str(LLAMA_LEN), "--crop-start", "auto", *extra]
+            "--t5-max-length", str(T5_LEN), "--llama-max-length", str(LLAMA_LEN), "--qwen-max-length", str(LLAMA_LEN),
+            "--crop-start", "auto", *extra]
     return prep_main(args)
 
 
@@ -175,6 +177,35 @@ def test_hunyuan_matches_pipeline(tiny):
     assert FamilyEncoder("hunyuan", c).crop_start == 95  # diffusers' default for the real tokenizer
 
 
+def test_qwen_image_matches_pipeline(tiny):
+    """Template, last hidden state, template tokens dropped, zero padding: as QwenImagePipeline.encode_prompt
+    (which pads to the batch's longest prompt; ours to qwen_max_length, masked)."""
+    folder, c = tiny("qwen_image")
+    pipe = diffusers.QwenImagePipeline(scheduler=None, vae=None, text_encoder=c["text_encoder"],
+                                       tokenizer=c["tokenizer"], transformer=None)
+    assert pipe.prompt_template_encode == QWEN_IMAGE_PROMPT_TEMPLATE
+    assert FamilyEncoder("qwen_image", c).crop_start == pipe.prompt_template_encode_start_idx == 34
+    prefix = len(c["tokenizer"](QWEN_IMAGE_PROMPT_TEMPLATE.split("{}")[0]).input_ids)
+    enc = load_family_encoder("qwen_image", folder, qwen_max_length=LLAMA_LEN, crop_start="auto")
+    assert enc.crop_start == prefix > 10
+    pipe.prompt_template_encode_start_idx = enc.crop_start  # the tiny tokenizer's template length
+    prompts = [PROMPTS[1], PROMPTS[0]]  # 6 and 3 words, + the template's suffix
+    pe, mask = pipe.encode_prompt(prompts, device="cpu", max_sequence_length=LLAMA_LEN)
+    out = enc.encode_text(prompts)
+    assert out["prompt_embeds"].shape == (2, LLAMA_LEN, QWEN_VL_DIM)
+    n = pe.shape[1]
+    assert n < LLAMA_LEN and mask[1].sum() < n  # the pipeline padded the shorter prompt
+    _assert_same(out["prompt_embeds"][:, :n], pe)
+    _assert_same(out["prompt_attention_mask"][:, :n], mask)
+    assert (out["prompt_embeds"][:, n:] == 0).all() and (out["prompt_attention_mask"][:, n:] == 0).all()
+    # a prompt longer than the max length keeps the pipeline's first tokens
+    long = [" ".join(["cat"] * 2 * LLAMA_LEN)]
+    pe_long, _ = pipe.encode_prompt(long, device="cpu", max_sequence_length=LLAMA_LEN)
+    # (the pipeline runs the encoder over up to 1024 + 34 tokens, ours over max length + 34: same values up to
+    # the rounding of attention over another number of keys)
+    _assert_same(enc.encode_text(long)["prompt_embeds"], pe_long, exact=False)
+
+
 def test_wan_matches_pipeline(tiny):
     folder, c = tiny("wan")
     pipe = diffusers.WanPipeline(tokenizer=c["tokenizer"], text_encoder=c["text_encoder"], transformer=None,
@@ -264,6 +295,7 @@ _EXPECTED = {
     "wan": {"prompt_embeds": (T5_LEN, T5_DIM), "negative_prompt_embeds": (T5_LEN, T5_DIM)},
     "sd3": {"prompt_embeds": (77 + T5_LEN, T5_DIM), "pooled_prompt_embeds": (20,),
             "negative_prompt_embeds": (77 + T5_LEN, T5_DIM), "negative_pooled_prompt_embeds": (20,)},
+    "qwen_image": {"prompt_embeds": (LLAMA_LEN, QWEN_VL_DIM), "prompt_attention_mask": (LLAMA_LEN,)},
     "hunyuan_i2v": {"prompt_embeds": (LLAMA_LEN, LLAMA_DIM), "prompt_attention_mask": (LLAMA_LEN,),
                     "pooled_prompt_embeds": (16,), "negative_prompt_embeds": (LLAMA_LEN, LLAMA_DIM),
                     "image_latents": (4, 1, 4, 4)},
