@@ -344,7 +344,9 @@ def bare_train(adapter, kw, num_passes, num_optim_steps, optimizer, autocast_dty
     model = adapter.model
     model.train()
     dev = kw["hidden_states"].device
-    per_chunk = [len(r) for r in _chunks(num_passes, num_optim_steps)]
+    from fastvideo_grpo.grpo import update_chunks
+
+    per_chunk = [len(r) for r in update_chunks(1, num_passes, 0, num_optim_steps)[1]]
     optim_s = 0.0
     _sync(dev)
     t0 = clock()
@@ -362,12 +364,6 @@ def bare_train(adapter, kw, num_passes, num_optim_steps, optimizer, autocast_dty
         optim_s += clock() - ts
     _sync(dev)
     return clock() - t0, optim_s
-
-
-def _chunks(n, parts):
-    from fastvideo_grpo.trainer import _chunks as trainer_chunks
-
-    return trainer_chunks(n, parts)
 
 
 class _NullTransformer(torch.nn.Module):
