@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -137,11 +137,23 @@ def velocity_from_clean(x_hat: torch.Tensor, latents: torch.Tensor, timestep_B: 
 class ToyAdapter(PolicyAdapter):
     prediction_type = "flow"
 
-    def __init__(self, model: TinyDiT, shift: float = 1.0, min_sigma: float = 0.02, balance_grad: bool = False):
+    def __init__(self, model: TinyDiT, shift: float = 1.0, min_sigma: float = 0.02, balance_grad: bool = False,
+                 frozen: Sequence[str] = ()):
+        """``frozen``: names of the model's submodules kept at their current weights (``requires_grad``
+        off), e.g. ``["patch_out", "ada_out"]``, the pixel decoder: the toy's counterpart of the frozen
+        VAE decoder of a latent model, whose output layers otherwise drift under Adam with no reward
+        signal to hold them and paint a texture into every patch."""
         self.model = model
         self.shift = shift
         self.min_sigma = min_sigma
         self.balance_grad = balance_grad
+        modules = dict(model.named_modules())
+        unknown = [n for n in frozen if n not in modules or not n]
+        if unknown:
+            top = [n for n, _ in model.named_children()]
+            raise ValueError(f"toy model.kwargs.frozen: {unknown} are not submodules of the toy DiT (e.g. {top})")
+        for n in frozen:
+            modules[n].requires_grad_(False)
 
     def trainable_module(self) -> nn.Module:
         return self.model
@@ -194,6 +206,6 @@ def load_toy_model(path) -> TinyDiT:
 
 @ADAPTERS.register("toy", paths=("checkpoint",))
 def build_toy(checkpoint: Optional[str] = None, shift: float = 1.0, device: str = "cpu",
-              balance_grad: bool = False, **model_cfg) -> ToyAdapter:
+              balance_grad: bool = False, frozen: Sequence[str] = (), **model_cfg) -> ToyAdapter:
     model = load_toy_model(checkpoint) if checkpoint else TinyDiT(TinyDiTConfig(**model_cfg))
-    return ToyAdapter(model.to(device), shift=shift, balance_grad=balance_grad)
+    return ToyAdapter(model.to(device), shift=shift, balance_grad=balance_grad, frozen=frozen)
