@@ -28,7 +28,7 @@ from ..runner import PromptSets, RunParts, run
 from .pretrain import pretrained_toy_model
 from .shapes import split_prompts
 
-_TOY_MODEL_KWARGS = {"shift", "balance_grad", "frozen"}
+_TOY_MODEL_KWARGS = {"shift", "balance_grad", "frozen", "frozen_below"}
 
 
 def toy_adapter_factory(cfg: RunConfig, train_prompts, cache_dir: str = "outputs/toy_pretrained",
@@ -51,7 +51,8 @@ def toy_adapter_factory(cfg: RunConfig, train_prompts, cache_dir: str = "outputs
             record.update(checkpoint=str(ckpt), pretrain_time_s=seconds)
         return ToyAdapter(model.to(device), shift=float(cfg.model.kwargs.get("shift", 1.0)),
                           balance_grad=bool(cfg.model.kwargs.get("balance_grad", False)),
-                          frozen=cfg.model.kwargs.get("frozen", ()))
+                          frozen=cfg.model.kwargs.get("frozen", ()),
+                          frozen_below=float(cfg.model.kwargs.get("frozen_below", 0.0)))
 
     return build
 

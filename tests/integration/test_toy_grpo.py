@@ -429,3 +429,29 @@ def test_frozen_toy_modules_keep_their_weights_through_training():
         assert torch.equal(p, before[n]) == (n in frozen), n
     with pytest.raises(ValueError, match="not submodules"):
         ToyAdapter(ad.model, frozen=["decoder"])
+
+
+def test_frozen_below_denoises_low_timesteps_with_the_starting_weights():
+    from fastvideo_grpo.models.toy import velocity_from_clean
+
+    ad = _adapter(4)
+    start = {k: v.clone() for k, v in ad.model.state_dict().items()}
+    ad = ToyAdapter(ad.model, frozen_below=500)
+    with torch.no_grad():
+        for p in ad.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # training moved the weights
+    ref = TinyDiT(TinyDiTConfig(**TINY))
+    ref.load_state_dict(start)
+    z = torch.randn(3, 3, 16, 16)
+    tok = ad.encode_prompts(["one red square", "two blue circles", "one green triangle"])["tokens"]
+    t = torch.tensor([900.0, 400.0, 600.0])
+    with torch.no_grad():
+        got = ad.predict(z, t, {"tokens": tok})
+        old = velocity_from_clean(ref(z, t, tok), z, t)
+        new = velocity_from_clean(ad.model(z, t, tok), z, t)
+    torch.testing.assert_close(got[1], old[1])  # below 500: the starting weights
+    torch.testing.assert_close(got[[0, 2]], new[[0, 2]])  # above: the trained ones
+    assert not torch.allclose(old[0], new[0])
+    assert not any(p.requires_grad for p in ad.low_noise_expert.parameters())
+    with pytest.raises(ValueError, match="frozen_below"):
+        ToyAdapter(ad.model, frozen_below=-1)
