@@ -29,9 +29,10 @@ def _early_sde(eta: float) -> List[str]:
 # name -> (paper claim, overrides)
 VARIANTS = {
     "baseline": ("demo config: shared noise, SDE (eta 1.0) on the first 5 of 10 steps, all 5 trained, "
-                 "group advantages, geneval + its binary form", []),
+                 "the last 5 denoised by the frozen pretrained weights, group advantages, geneval + its binary form",
+                 []),
     "sde_every_step": ("the paper's sampler: noise at every step but the last (deterministic, as the released code), "
-                       "tau 0.6 (eta 0.7 here)",
+                       "tau 0.6 (eta 0.7 here; steps below the frozen expert's boundary carry no gradient)",
                        ["--sampling.eta_schedule=null", "--sampling.eta=0.7", "--grpo.timestep_window=null",
                         "--grpo.tau=0.6"]),
     "independent_noise": ("different noise per sample led to reward hacking / instability",
@@ -93,8 +94,8 @@ def main(argv=None):
 
 def table(results, names, seeds, tag) -> str:
     lines = ["| variant | paper's claim | held-out toy_geneval before -> after | change (mean) | change per seed "
-             "| all-checks-passed rate | GRPO time |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| all-checks-passed rate | background brightness | GRPO time |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in names:
         rows = [results.get(f"{name}/seed{s}/{tag}") for s in seeds]
         rows = [r for r in rows if r]
@@ -109,6 +110,8 @@ def table(results, names, seeds, tag) -> str:
             f"| {', '.join(f'{d:+.3f}' for d in per_seed)} "
             f"| {m(lambda r: r['extras_before'].get('toy_geneval/all_correct', 0)):.3f} -> "
             f"{m(lambda r: r['extras_after'].get('toy_geneval/all_correct', 0)):.3f} "
+            f"| {m(lambda r: r['extras_before'].get('toy_geneval/background', 0)):.4f} -> "
+            f"{m(lambda r: r['extras_after'].get('toy_geneval/background', 0)):.4f} "
             f"| {m(lambda r: r['grpo_time_s']):.0f} s |"
         )
     lines.append("")

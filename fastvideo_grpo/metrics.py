@@ -150,8 +150,12 @@ def plot_reward_curves(rows: Iterable[Dict], keys: Sequence[str], path, window: 
 
 
 def save_image_grid(images: torch.Tensor, path, nrow: int, upscale: int = 4, pad: int = 2,
-                    row_labels: Optional[Sequence[str]] = None) -> None:
-    """Save (N, 3, H, W) images in [0, 1] as a PNG grid with ``nrow`` images per row."""
+                    row_labels: Optional[Sequence[str]] = None,
+                    borders: Optional[Sequence[Optional[Sequence[float]]]] = None) -> None:
+    """Save (N, 3, H, W) images in [0, 1] as a PNG grid with ``nrow`` images per row.
+
+    ``borders``: an RGB colour in [0, 1] (or None) per image, drawn as a frame in the padding around it
+    ``pad // 2`` pixels wide (``pad`` >= 2)."""
     from PIL import Image, ImageDraw
 
     imgs = images.detach().float().clamp(0, 1).cpu()
@@ -165,6 +169,9 @@ def save_image_grid(images: torch.Tensor, path, nrow: int, upscale: int = 4, pad
     for i in range(n):
         r, c = divmod(i, nrow)
         y, x = pad + r * (h + pad), label_w + pad + c * (w + pad)
+        if borders is not None and borders[i] is not None:
+            f = pad // 2  # half the gap each, so neighbouring frames do not overlap
+            canvas[:, y - f:y + h + f, x - f:x + w + f] = torch.tensor(borders[i]).view(3, 1, 1)
         canvas[:, y:y + h, x:x + w] = imgs[i]
     arr = (canvas.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
     im = Image.fromarray(arr)

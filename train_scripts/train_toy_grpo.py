@@ -30,9 +30,23 @@ def main(argv=None):
     cfg = load_config(args.config, overrides)
     summary = run_demo(cfg, progress=not args.no_progress)
     keys = ["reward_before", "reward_after", "improvement_abs", "improvement_rel", "per_reward_before",
-            "per_reward_after", "extras_before", "extras_after", "wall_time_s"]
+            "per_reward_after", "extras_before", "extras_after", "success_rate_before", "success_rate_after",
+            "background_before", "background_after", "wall_time_s"]
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    print(_closing_lines(summary))
     print(f"outputs in {cfg.train.output_dir}/ (summary.json, reward_curve.png, samples_before_after.png)")
+
+
+def _closing_lines(s) -> str:
+    """The demo's headline numbers: held-out reward, success rate and background brightness, before -> after."""
+    lines = [f"held-out reward: {s['reward_before']:.3f} -> {s['reward_after']:.3f} ({s['improvement_rel']:+.0%})"]
+    if s.get("success_rate_before") is not None:
+        b, a = s["success_rate_before"], s["success_rate_after"]
+        ratio = f" ({a / b:.1f}x)" if b > 0 else ""
+        lines.append(f"success rate (every check passed): {b:.3f} -> {a:.3f}{ratio}")
+    if s.get("background_before") is not None:
+        lines.append(f"background brightness: {s['background_before']:.4f} -> {s['background_after']:.4f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ rollout / trainer code.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -137,11 +138,33 @@ def velocity_from_clean(x_hat: torch.Tensor, latents: torch.Tensor, timestep_B: 
 class ToyAdapter(PolicyAdapter):
     prediction_type = "flow"
 
-    def __init__(self, model: TinyDiT, shift: float = 1.0, min_sigma: float = 0.02, balance_grad: bool = False):
+    def __init__(self, model: TinyDiT, shift: float = 1.0, min_sigma: float = 0.02, balance_grad: bool = False,
+                 frozen: Sequence[str] = (), frozen_below: float = 0.0):
+        """``frozen``: names of the model's submodules kept at their current weights (``requires_grad``
+        off), e.g. ``["patch_out", "ada_out"]``, the pixel decoder.
+
+        ``frozen_below``: a model timestep in (0, 1000]; below it a frozen copy of the model as it is now
+        denoises (a low-noise expert, as Wan 2.2's two experts), and only the high-noise steps run the
+        trained weights. For the toy demo, which trains the first half of the steps (where the layout
+        is decided): the last steps, which render the pixels and have no log-probs, otherwise run
+        weights that GRPO moves with no reward signal for them, and paint a texture into every patch."""
+        if frozen_below < 0:
+            raise ValueError(f"toy model.kwargs.frozen_below is a timestep in [0, 1000] (0 = off), got {frozen_below}")
+        self.frozen_below = float(frozen_below)
+        self.low_noise_expert = None
+        if self.frozen_below > 0:
+            self.low_noise_expert = copy.deepcopy(model).requires_grad_(False).eval()
         self.model = model
         self.shift = shift
         self.min_sigma = min_sigma
         self.balance_grad = balance_grad
+        modules = dict(model.named_modules())
+        unknown = [n for n in frozen if n not in modules or not n]
+        if unknown:
+            top = [n for n, _ in model.named_children()]
+            raise ValueError(f"toy model.kwargs.frozen: {unknown} are not submodules of the toy DiT (e.g. {top})")
+        for n in frozen:
+            modules[n].requires_grad_(False)
 
     def trainable_module(self) -> nn.Module:
         return self.model
@@ -163,11 +186,22 @@ class ToyAdapter(PolicyAdapter):
         this restores. Sampled values and log-probs are exactly those of the plain conversion.
         Off by default: in 100-iteration demo runs it did not measurably change the held-out reward.
         """
-        x_hat = self.model(latents, timestep_B, cond["tokens"])
+        x_hat = self._denoise(latents, timestep_B, cond["tokens"])
         u = velocity_from_clean(x_hat, latents, timestep_B, self.min_sigma)
         if self.balance_grad and x_hat.requires_grad:
             u = u.detach() - (x_hat - x_hat.detach())
         return u
+
+    def _denoise(self, latents, timestep_B, tokens):
+        if self.low_noise_expert is None:
+            return self.model(latents, timestep_B, tokens)
+        low = (timestep_B.float() < self.frozen_below).to(latents.device)
+        if bool(low.all()):
+            return self.low_noise_expert(latents, timestep_B, tokens)
+        if not bool(low.any()):
+            return self.model(latents, timestep_B, tokens)
+        both = self.model(latents, timestep_B, tokens), self.low_noise_expert(latents, timestep_B, tokens)
+        return torch.where(low.view(-1, *([1] * (latents.ndim - 1))), both[1], both[0])
 
     def decode(self, latents):
         return ((latents.float().clamp(-1, 1) + 1) / 2).clamp(0, 1)
@@ -194,6 +228,8 @@ def load_toy_model(path) -> TinyDiT:
 
 @ADAPTERS.register("toy", paths=("checkpoint",))
 def build_toy(checkpoint: Optional[str] = None, shift: float = 1.0, device: str = "cpu",
-              balance_grad: bool = False, **model_cfg) -> ToyAdapter:
+              balance_grad: bool = False, frozen: Sequence[str] = (), frozen_below: float = 0.0,
+              **model_cfg) -> ToyAdapter:
     model = load_toy_model(checkpoint) if checkpoint else TinyDiT(TinyDiTConfig(**model_cfg))
-    return ToyAdapter(model.to(device), shift=shift, balance_grad=balance_grad)
+    return ToyAdapter(model.to(device), shift=shift, balance_grad=balance_grad, frozen=frozen,
+                      frozen_below=frozen_below)

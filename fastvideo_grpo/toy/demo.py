@@ -4,8 +4,9 @@ It is an ordinary run of the one loop (``runner.run``) on the toy model, plus ``
 before / after sample grid, ``policy.pt`` and the before / after numbers in summary.json. Used by
 ``train_scripts/train_toy_grpo.py`` (``make demo``) and by the ablation script; ``toy_adapter_factory``
 also serves ``train_scripts/train_toy_distributed.py``. Output folder (``train.output_dir``):
-config.yaml, metrics.jsonl, reward_curve.png, eval_curve.png, eval/, samples_before_after.png,
-summary.json, policy.pt, checkpoints/, export/.
+config.yaml, metrics.jsonl, reward_curve.png, eval_curve.png, eval/, samples_before_after.png (each
+sample framed green / red: every check passed or not), summary.json (with the success rate, GenEval's
+all-checks-passed share, and the background brightness before / after), policy.pt, checkpoints/, export/.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..runner import PromptSets, RunParts, run
 from .pretrain import pretrained_toy_model
 from .shapes import split_prompts
 
-_TOY_MODEL_KWARGS = {"shift", "balance_grad"}
+_TOY_MODEL_KWARGS = {"shift", "balance_grad", "frozen", "frozen_below"}
 
 
 def toy_adapter_factory(cfg: RunConfig, train_prompts, cache_dir: str = "outputs/toy_pretrained",
@@ -49,7 +50,9 @@ def toy_adapter_factory(cfg: RunConfig, train_prompts, cache_dir: str = "outputs
         if record is not None:
             record.update(checkpoint=str(ckpt), pretrain_time_s=seconds)
         return ToyAdapter(model.to(device), shift=float(cfg.model.kwargs.get("shift", 1.0)),
-                          balance_grad=bool(cfg.model.kwargs.get("balance_grad", False)))
+                          balance_grad=bool(cfg.model.kwargs.get("balance_grad", False)),
+                          frozen=cfg.model.kwargs.get("frozen", ()),
+                          frozen_below=float(cfg.model.kwargs.get("frozen_below", 0.0)))
 
     return build
 
@@ -77,7 +80,8 @@ class DemoReport(Component):
 
             with weights_for_eval(self.parts.trainer):  # the EMA weights when train.ema_decay is set
                 save_toy_model(self.parts.trainer.adapter.model, state.out / "policy.pt")
-            _write_grids(ev.first, ev.last, state.out, self.parts.cfg.eval.samples_per_prompt)
+            _write_grids(ev.first, ev.last, state.out, self.parts.cfg.eval.samples_per_prompt,
+                         self.parts.eval_fns)
         return {}
 
     def summary(self) -> Dict:
@@ -85,7 +89,13 @@ class DemoReport(Component):
         if not (ev.first and ev.last):
             return {}
         before, after = _headline(ev.first), _headline(ev.last)
+        xb, xa = ev.first.get("extras_mean", {}), ev.last.get("extras_mean", {})
         return {
+            # GenEval's own metric (every check passed) and the background's mean brightness (texture)
+            "success_rate_before": _extra(xb, "all_correct"),
+            "success_rate_after": _extra(xa, "all_correct"),
+            "background_before": _extra(xb, "background"),
+            "background_after": _extra(xa, "background"),
             "reward_before": before,
             "reward_after": after,
             "improvement_abs": after - before,
@@ -118,13 +128,43 @@ def run_demo(cfg: RunConfig, progress: bool = True, cache_dir: str = "outputs/to
                extra_components=lambda parts: [DemoReport(parts, write_images, t_start, pretrain)])
 
 
-def _write_grids(before: Dict, after: Dict, out: Path, samples_per_prompt: int, max_prompts: int = 12) -> None:
-    """Rows alternate before / after for the same prompt and initial noise."""
+def _extra(extras: Dict, name: str):
+    """The held-out mean of the first reward's per-sample ``name`` info (None when no reward reports it)."""
+    return next((v for k, v in extras.items() if k.endswith("/" + name)), None)
+
+
+def _all_correct(images: torch.Tensor, prompts, reward_fns: Dict):
+    """Per-sample "every check passed" from the first evaluation reward that reports it, else None."""
+    for fn in reward_fns.values():
+        _, info = fn(images, prompts)
+        if info and "all_correct" in info:
+            return info["all_correct"].bool().tolist()
+    return None
+
+
+PASS, FAIL = (0.1, 0.75, 0.1), (0.85, 0.1, 0.1)
+
+
+def _write_grids(before: Dict, after: Dict, out: Path, samples_per_prompt: int, reward_fns: Dict,
+                 max_prompts: int = 12) -> None:
+    """Rows alternate before / after for the same prompt and initial noise; each sample is framed green
+    when it passes every check of the prompt (GenEval's success), red when it does not."""
     n = min(len(before["prompts"]) // samples_per_prompt, max_prompts)
-    rows, labels = [], []
+    k = n * samples_per_prompt
+    prompts = before["prompts"][:k]
+    ok_before = _all_correct(before["images"][:k], prompts, reward_fns)
+    ok_after = _all_correct(after["images"][:k], prompts, reward_fns)
+    rows, labels, borders = [], [], []
     for i in range(n):
         sl = slice(i * samples_per_prompt, (i + 1) * samples_per_prompt)
         rows += [before["images"][sl], after["images"][sl]]
-        labels += [f"before: {before['prompts'][i * samples_per_prompt]}", "after GRPO"]
+        for name, ok in (("before", ok_before), ("after GRPO", ok_after)):
+            head = f"{name}: {prompts[sl.start]}" if name == "before" else name
+            if ok is None:
+                labels.append(head)
+                borders += [None] * samples_per_prompt
+            else:
+                labels.append(f"{head} ({sum(ok[sl])}/{samples_per_prompt} pass)")
+                borders += [PASS if o else FAIL for o in ok[sl]]
     save_image_grid(torch.cat(rows), out / "samples_before_after.png", nrow=samples_per_prompt, upscale=4,
-                    row_labels=labels)
+                    pad=4, row_labels=labels, borders=borders if any(b is not None for b in borders) else None)

@@ -2,7 +2,8 @@
 
 Deliberately short so the pretrained model is imperfect (wrong counts, stray colours, blurry
 shapes) and GRPO has room to improve it. The checkpoint's file name carries a hash of the
-pretraining settings, so a changed setting retrains instead of silently reusing a stale model.
+pretraining settings, the model config and a few rendered training images (``task_fingerprint``),
+so a changed setting or renderer retrains instead of silently reusing a stale model.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -17,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.toy import TinyDiT, TinyDiTConfig, load_toy_model, save_toy_model, tokenize
-from .shapes import make_dataset
+from .shapes import all_prompts, make_dataset
 
 
 def pretrain_settings(extra: Dict) -> Dict:
@@ -28,8 +30,21 @@ def pretrain_settings(extra: Dict) -> Dict:
     return {**defaults, **extra}
 
 
+def task_fingerprint(settings: Dict) -> str:
+    """What else decides the pretrained weights: the resolved model config and a few rendered training
+    images (a changed renderer, e.g. a new shape, changes them)."""
+    cfg = TinyDiTConfig(**settings["model"])
+    images, names = make_dataset(all_prompts(), 24, cfg.image_size, seed=0)
+    h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode())
+    h.update(json.dumps(names).encode())
+    h.update(images.numpy().tobytes())
+    return h.hexdigest()
+
+
 def checkpoint_path(root, settings: Dict) -> Path:
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    """The cache file for these settings: its name hashes them and ``task_fingerprint``."""
+    key = json.dumps(settings, sort_keys=True) + task_fingerprint(settings)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     return Path(root) / f"tinydit_{digest}.pt"
 
 

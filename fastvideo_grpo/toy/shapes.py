@@ -5,7 +5,8 @@ Two prompt forms (a small GenEval of our own: counting, colour, shape, position)
     "a blue square left of a green triangle" (two objects + spatial relation)
 
 Everything is deterministic given a seed; images are float RGB in [0, 1], shape (3, S, S), black
-background, objects centred in the cells of a 4 x 4 grid. ``parse_prompt`` is the single source of truth used by both the renderer and the
+background, objects centred in the cells of a 4 x 4 grid; squares, disks and upward triangles
+differ in a third or more of their pixels, so the shapes are told apart at 32 px. ``parse_prompt`` is the single source of truth used by both the renderer and the
 rule-based reward, so the two can never disagree about what a prompt means.
 """
 
@@ -112,8 +113,8 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> torch.
     ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
     if shape == "square":
         return ((xs - cx).abs() <= r * 0.9) & ((ys - cy).abs() <= r * 0.9)
-    if shape == "circle":
-        return (xs - cx) ** 2 + (ys - cy) ** 2 <= r * r
+    if shape == "circle":  # a disk (rows 2, 4, 6, 6, 4, 2 at 32 px): a quarter of the square's box left empty
+        return (xs - cx) ** 2 + (ys - cy) ** 2 <= (0.8 * r) ** 2
     # upward triangle: apex at top, base at bottom
     top, bottom = cy - r, cy + r
     half_width = (ys - top) / (2 * r) * r

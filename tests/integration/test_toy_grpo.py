@@ -132,6 +132,10 @@ def test_short_demo_runs_end_to_end(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert set(s["per_reward_after"]) == {"toy_geneval", "toy_colour_fidelity"}  # continuous forms only
     assert "toy_geneval/all_correct" in s["extras_after"]
+    # the headline numbers: GenEval's success rate and the background's brightness, before and after
+    assert s["success_rate_before"] == s["extras_before"]["toy_geneval/all_correct"]
+    assert s["success_rate_after"] == s["extras_after"]["toy_geneval/all_correct"]
+    assert s["background_after"] == s["extras_after"]["toy_geneval/background"] >= 0.0
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train/loss" in r]
     assert all("reward/toy_geneval_bin/mean" in r for r in train_rows)  # the binary form is aggregated too
@@ -409,3 +413,53 @@ def test_ema_run_evaluates_exports_and_resumes_with_the_average(tmp_path):
         reward_weights={"b": 1.0}, eval_fns={"b": spy})
     again = load_file(str(tmp_path / "B" / "export" / "model.safetensors"))
     assert all(torch.equal(again[n], exported[n]) for n in names)
+
+
+def test_frozen_toy_modules_keep_their_weights_through_training():
+    from fastvideo_grpo.data.prompt_source import PromptSource
+    from fastvideo_grpo.rewards import rules  # noqa: F401  (registers the toy rewards)
+    from fastvideo_grpo.rewards.build import build_reward_fns
+    from fastvideo_grpo.trainer import GRPOTrainer
+
+    ad = _adapter(3)
+    ad = ToyAdapter(ad.model, frozen=["patch_out", "ada_out"])
+    frozen = {n for n, p in ad.model.named_parameters() if not p.requires_grad}
+    assert frozen == {"patch_out.weight", "patch_out.bias", "ada_out.weight", "ada_out.bias"}
+    cfg = load_config(None, ["--model.name=toy", "--sampling.num_steps=3", "--sampling.eta=0.7", "--grpo.group_size=4",
+                             "--grpo.prompts_per_iteration=2", "--grpo.tau=1.0", "--optim.lr=1e-2",
+                             "--rewards=[{name: toy_colour_fidelity}]"])
+    fns, weights = build_reward_fns(cfg.rewards)
+    prompts = ["one red square", "two blue circles", "one green triangle"]
+    trainer = GRPOTrainer(cfg, ad, fns, weights, PromptSource(prompts, ad.encode_prompts, seed=0))
+    before = {n: p.detach().clone() for n, p in ad.model.named_parameters()}
+    trainer.train_iteration()
+    for n, p in ad.model.named_parameters():
+        assert torch.equal(p, before[n]) == (n in frozen), n
+    with pytest.raises(ValueError, match="not submodules"):
+        ToyAdapter(ad.model, frozen=["decoder"])
+
+
+def test_frozen_below_denoises_low_timesteps_with_the_starting_weights():
+    from fastvideo_grpo.models.toy import velocity_from_clean
+
+    ad = _adapter(4)
+    start = {k: v.clone() for k, v in ad.model.state_dict().items()}
+    ad = ToyAdapter(ad.model, frozen_below=500)
+    with torch.no_grad():
+        for p in ad.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # training moved the weights
+    ref = TinyDiT(TinyDiTConfig(**TINY))
+    ref.load_state_dict(start)
+    z = torch.randn(3, 3, 16, 16)
+    tok = ad.encode_prompts(["one red square", "two blue circles", "one green triangle"])["tokens"]
+    t = torch.tensor([900.0, 400.0, 600.0])
+    with torch.no_grad():
+        got = ad.predict(z, t, {"tokens": tok})
+        old = velocity_from_clean(ref(z, t, tok), z, t)
+        new = velocity_from_clean(ad.model(z, t, tok), z, t)
+    torch.testing.assert_close(got[1], old[1])  # below 500: the starting weights
+    torch.testing.assert_close(got[[0, 2]], new[[0, 2]])  # above: the trained ones
+    assert not torch.allclose(old[0], new[0])
+    assert not any(p.requires_grad for p in ad.low_noise_expert.parameters())
+    with pytest.raises(ValueError, match="frozen_below"):
+        ToyAdapter(ad.model, frozen_below=-1)

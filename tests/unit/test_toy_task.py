@@ -81,3 +81,48 @@ def test_reward_input_validation():
         fn(torch.full((1, 3, 32, 32), float("nan")), ["one red square"])
     with pytest.raises(ValueError, match="floating"):
         fn(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), ["one red square"])
+
+
+def test_shapes_are_told_apart_by_the_reward():
+    """Each shape rendered for each prompt is scored as that shape, and as no other."""
+    rng = random.Random(2)
+    fn = rules.toy_geneval()
+    for shape in shapes.SHAPES:
+        img = shapes.render(shapes.parse_prompt(f"one red {shape}"), 32, rng)
+        prompts = [f"one red {s}" for s in shapes.SHAPES]
+        _, info = fn(img.expand(3, -1, -1, -1), prompts)
+        assert info["all_correct"].tolist() == [float(s == shape) for s in shapes.SHAPES], shape
+
+
+def test_background_check_fails_a_faint_texture_the_prompt_checks_cannot_see():
+    rng = random.Random(4)
+    prompt = "a blue square left of a green triangle"
+    clean = shapes.render(shapes.parse_prompt(prompt), 32, rng)
+    bg = clean.amax(0) == 0
+    imgs = [clean]
+    for level in (0.008, 0.015, 0.03):  # texture darker than any object colour: still background
+        img = clean.clone()
+        img[:, bg] = level
+        imgs.append(img)
+    s, info = rules.toy_geneval(max_background=0.01)(torch.stack(imgs), [prompt] * 4)
+    # the brightness is the background pixels' mean brightness (max over RGB)
+    torch.testing.assert_close(info["background"], torch.tensor([0.0, 0.008, 0.015, 0.03]))
+    # 6 prompt checks + the background check (1 up to 0.01, 0.5 at 0.015, 0 from 0.02 on)
+    torch.testing.assert_close(s, torch.tensor([1.0, 1.0, 6.5 / 7, 6 / 7]))
+    assert info["all_correct"].tolist() == [1.0, 1.0, 0.0, 0.0]
+    s_off, info_off = rules.toy_geneval(max_background=0)(torch.stack(imgs), [prompt] * 4)
+    assert torch.all(s_off == 1.0) and torch.all(info_off["all_correct"] == 1.0)
+    with pytest.raises(ValueError, match="max_background"):
+        rules.toy_geneval(max_background=-1)
+
+
+def test_pretrained_cache_key_follows_the_renderer(monkeypatch, tmp_path):
+    from fastvideo_grpo.toy import pretrain
+
+    s = pretrain.pretrain_settings({})
+    path = pretrain.checkpoint_path(tmp_path, s)
+    assert pretrain.checkpoint_path(tmp_path, dict(s)) == path
+    assert pretrain.checkpoint_path(tmp_path, {**s, "steps": 601}) != path
+    assert pretrain.checkpoint_path(tmp_path, {**s, "model": {"hidden": 64}}) != path
+    monkeypatch.setitem(shapes.COLOURS, "red", (0.9, 0.1, 0.1))  # a changed renderer retrains
+    assert pretrain.checkpoint_path(tmp_path, s) != path
