@@ -296,8 +296,8 @@ def test_qwen_image_edit_matches_diffusers_pipeline(folders, monkeypatch, cfg_sc
     from PIL import Image
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit_module
 
-    adapter = _build(folders, "qwen_image_edit", true_cfg_scale=cfg_scale)
     ref_h, ref_w = 24, 32
+    adapter = _build(folders, "qwen_image_edit", true_cfg_scale=cfg_scale, reference_resolution=[ref_h, ref_w])
     # the pipeline sizes the reference to about 1024 x 1024 pixels; shrunk to the tiny VAE's scale here
     monkeypatch.setattr(edit_module, "calculate_dimensions", lambda area, ratio: (ref_w, ref_h, None))
     sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=adapter.shift, use_dynamic_shifting=False)
@@ -331,22 +331,27 @@ def test_qwen_image_edit_matches_diffusers_pipeline(folders, monkeypatch, cfg_sc
 
 
 def test_qwen_image_edit_rejects_a_missing_or_misshaped_reference(folders):
-    adapter = _build(folders, "qwen_image_edit")
+    adapter = _build(folders, "qwen_image_edit")  # 12 x 12-pixel references: (4, 6, 6) latents, 9 tokens
     assert adapter.cond_spec() == {"prompt_embeds": (None, 32), "prompt_attention_mask": (None,),
-                                   "image_latents": (4, None, None)}
+                                   "image_latents": (4, 6, 6)}
+    assert adapter.extra_image_tokens == 9
     cond = _random_cond(adapter, 2)
     z = adapter.initial_noise(2, torch.Generator().manual_seed(43))
     t = adapter.make_schedule(NUM_STEPS).model_timestep(0, z)
     cases = [
         ({k: v for k, v in cond.items() if k != "image_latents"}, "image_latents is missing"),
-        (dict(cond, image_latents=cond["image_latents"][:, :, None]), r"image_latents has trailing shape \(4, 1, 6, 6\)"),
-        (dict(cond, image_latents=cond["image_latents"][:, :3]), r"image_latents has trailing shape \(3, 6, 6\)"),
+        (dict(cond, image_latents=cond["image_latents"][:, :, None]),  # the released code's (C, 1, h, w)
+         r"image_latents has trailing shape \(4, 1, 6, 6\), expected \(4, 6, 6\)"),
+        (dict(cond, image_latents=cond["image_latents"][:, :3]), r"trailing shape \(3, 6, 6\)"),
         (dict(cond, image_latents=cond["image_latents"][:1]), "image_latents has 1 rows, expected 2"),
-        (dict(cond, image_latents=cond["image_latents"][:, :, :5]), "even height and width"),
+        (dict(cond, image_latents=cond["image_latents"][:, :, :4]),
+         r"\(4, 4, 6\).*12x12-pixel reference.*--height 12 --width 12.*reference_resolution"),
     ]
     for bad, match in cases:
         with pytest.raises(ValueError, match=match):
             adapter.predict(z, t, bad)
+    with pytest.raises(ValueError, match="reference_resolution must be divisible by 4"):
+        _build(folders, "qwen_image_edit", reference_resolution=10)
 
 
 def test_qwen_image_dynamic_shift_follows_the_folders_scheduler(folders, tmp_path):

@@ -132,5 +132,5 @@ def tiny_components(family: str) -> Tuple[Dict[str, torch.nn.Module], dict]:
     if family == "qwen_image":
         return {"transformer": tiny_qwen_image(), "vae": tiny_qwen_vae()}, dict(resolution=16)
     if family == "qwen_image_edit":  # the same architecture; the reference image rides in the token sequence
-        return {"transformer": tiny_qwen_image(), "vae": tiny_qwen_vae()}, dict(resolution=16)
+        return {"transformer": tiny_qwen_image(), "vae": tiny_qwen_vae()}, dict(resolution=16, reference_resolution=12)
     raise KeyError(f"no tiny components for {family!r}; families: {FAMILIES}")
