@@ -325,6 +325,37 @@ def test_qwen_image_edit_matches_pipeline(tiny, tmp_path, monkeypatch):
         load_family_encoder("qwen_image_edit", folder, height=30, width=32)
 
 
+def test_qwen_image_edit_manifest_feeds_the_adapter(tiny, tmp_path):
+    """Edit pairs in the released layout (instruction + source_image) -> data_prep -> manifest checked against the
+    adapter's cond_spec -> collated batch -> a finite velocity; a reference size other than the adapter's is refused
+    with both settings named."""
+    from fastvideo_grpo.models import ADAPTERS
+    from support.tiny_models import tiny_components
+
+    folder, _ = tiny("qwen_image_edit")
+    _image(tmp_path / "s0.png", 32, 48)
+    _image(tmp_path / "s1.png", 32, 32, seed=1)
+    pairs = _write(tmp_path / "edit.jsonl", '{"instruction": "make the cat blue", "source_image": "s0.png"}\n'
+                                            '{"instruction": "add a red star", "source_image": "s1.png"}\n')
+    _prep(folder, pairs, tmp_path / "out", "qwen_image_edit", "--prompt-field", "instruction", "--image-field",
+          "source_image", "--height", "32", "--width", "32", "--qwen-max-length", "24")
+    comps, _ = tiny_components("qwen_image_edit")
+    for sub, m in comps.items():
+        m.save_pretrained(str(tmp_path / "model" / sub))
+    adapter = ADAPTERS.build("qwen_image_edit", model_path=str(tmp_path / "model"), resolution=16,
+                             reference_resolution=32)
+    validate_manifest(tmp_path / "out", adapter.cond_spec(), family="qwen_image_edit")
+    ds = PromptEmbeddingDataset(tmp_path / "out")
+    batch = collate_prompt_embeddings([ds[i] for i in range(len(ds))])
+    z = adapter.initial_noise(2, torch.Generator().manual_seed(0))
+    v = adapter.predict(z, adapter.make_schedule(3).model_timestep(0, z), batch["cond"])
+    assert v.shape == z.shape and torch.isfinite(v).all()
+    other = ADAPTERS.build("qwen_image_edit", model_path=str(tmp_path / "model"), resolution=16,
+                           reference_resolution=16)
+    with pytest.raises(ValueError, match="--height 16 --width 16"):
+        other.predict(z, adapter.make_schedule(3).model_timestep(0, z), batch["cond"])
+
+
 def test_hunyuan_i2v_image_latents(tiny, tmp_path):
     """Shape (C, 1, h, w) and value = VAE posterior mode x scaling factor (SkyReels pipeline samples instead)."""
     folder, c = tiny("hunyuan_i2v")
