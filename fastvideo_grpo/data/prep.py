@@ -110,8 +110,11 @@ class PrepJob:
     # ------------------------------------------------------------------ encoding
 
     def _encode(self, recs: List[PromptRecord]) -> Dict[str, torch.Tensor]:
-        images = [r.image for r in recs] if self.enc.family in IMAGE_FAMILIES else None
-        out = self.enc.encode([r.prompt for r in recs], images)
+        prompts = [r.prompt for r in recs]
+        if self.enc.family in IMAGE_FAMILIES:  # text and reference images (encoded together where the text needs them)
+            out = self.enc.encode(prompts, [r.image for r in recs])
+        else:
+            out = self.enc.encode_text(prompts)
         return {k: _cast(v, self.dtype) for k, v in out.items()}
 
     def shard_records(self, k: int) -> List[PromptRecord]:
