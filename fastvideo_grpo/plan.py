@@ -176,7 +176,7 @@ def adapter_tokens(adapter) -> int:
     else:  # image (C, h, w); FLUX packs 2 x 2 (patch_size 1 on 4C channels)
         pack = 2 if type(adapter).__name__ == "FluxAdapter" else ps
         img = (shape[1] // pack) * (shape[2] // pack)
-    return img + text_len(adapter)
+    return img + text_len(adapter) + int(getattr(adapter, "extra_image_tokens", 0))  # e.g. an edit model's reference
 
 
 def text_len(adapter) -> int:
@@ -498,7 +498,7 @@ def _text_len(cfg, adapter) -> int:
         return int(kw["max_sequence_length"])
     family_default = {"FluxAdapter": 512, "HunyuanVideoAdapter": 256, "HunyuanI2VAdapter": 256, "WanAdapter": 512,
                       "WanI2VAdapter": 512, "SD3Adapter": 333, "StableDiffusionAdapter": 77,
-                      "QwenImageAdapter": 512}
+                      "QwenImageAdapter": 512, "QwenImageEditAdapter": 2048}
     return family_default.get(type(adapter).__name__, 256)
 
 

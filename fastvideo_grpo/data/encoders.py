@@ -19,6 +19,12 @@ pipeline's argument names; negatives get a ``negative_`` prefix in prep.py):
               Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration) over the prompt's tokens with the first
               ``crop_start`` (34) template tokens dropped, zero-padded to ``qwen_max_length`` (512, the
               pipeline's default max_sequence_length) -> ``prompt_embeds`` + ``prompt_attention_mask``.
+* ``qwen_image_edit`` QwenImageEditPipeline: the instruction AND the reference image through Qwen2.5-VL
+              (qwen_edit.py: the edit template, the image's vision tokens kept, the first 64 template tokens
+              dropped, padded to ``qwen_max_length``, 2048 by default) -> ``prompt_embeds`` +
+              ``prompt_attention_mask``; ``image_latents`` (C, h, w): the reference image's VAE latent (posterior
+              mode) normalised with the VAE's latents_mean / latents_std, as the pipeline's _encode_vae_image.
+              Its tokenizer and image processor come from the folder's ``processor/``, as the pipeline's.
 * ``hunyuan_i2v`` hunyuan text + ``image_latents`` (C, 1, h, w): the reference image's VAE latent (one frame)
               times the VAE scaling factor, as HunyuanSkyreelsImageToVideoPipeline.
 * ``wan_i2v`` wan text + ``image_condition`` (4 + C, F', h, w): [first-frame mask; normalised VAE latent of the
@@ -47,7 +53,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-FAMILIES = ("sd", "flux", "hunyuan", "wan", "sd3", "qwen_image", "hunyuan_i2v", "wan_i2v")
+from .qwen_edit import (CROP_MARKER, QWEN_IMAGE_EDIT_CROP_START, QWEN_IMAGE_EDIT_MAX_LENGTH,
+                        QWEN_IMAGE_EDIT_PROMPT_TEMPLATE, encode_edit_prompts)
+
+FAMILIES = ("sd", "flux", "hunyuan", "wan", "sd3", "qwen_image", "hunyuan_i2v", "wan_i2v", "qwen_image_edit")
 
 HUNYUAN_PROMPT_TEMPLATE = (
     "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
@@ -70,7 +79,11 @@ QWEN_IMAGE_MAX_LENGTH = 512  # QwenImagePipeline's default max_sequence_length
 #: (template, default crop) of the families whose prompt goes through a chat template
 _TEMPLATES = {"hunyuan": (HUNYUAN_PROMPT_TEMPLATE, HUNYUAN_CROP_START),
               "hunyuan_i2v": (HUNYUAN_PROMPT_TEMPLATE, HUNYUAN_CROP_START),
-              "qwen_image": (QWEN_IMAGE_PROMPT_TEMPLATE, QWEN_IMAGE_CROP_START)}
+              "qwen_image": (QWEN_IMAGE_PROMPT_TEMPLATE, QWEN_IMAGE_CROP_START),
+              "qwen_image_edit": (QWEN_IMAGE_EDIT_PROMPT_TEMPLATE, QWEN_IMAGE_EDIT_CROP_START)}
+#: where the template's cropped prefix ends ('auto' counts the tokens before it); default: the prompt's "{}"
+_CROP_MARKER = {"qwen_image_edit": CROP_MARKER}
+_QWEN_MAX_LENGTH = {"qwen_image": QWEN_IMAGE_MAX_LENGTH, "qwen_image_edit": QWEN_IMAGE_EDIT_MAX_LENGTH}
 
 # (subfolder, transformers class) of the text encoders each family needs
 _TEXT_PARTS = {
@@ -84,15 +97,24 @@ _TEXT_PARTS = {
 }
 _TEXT_PARTS["hunyuan_i2v"] = _TEXT_PARTS["hunyuan"]
 _TEXT_PARTS["wan_i2v"] = _TEXT_PARTS["wan"]
-_VAE_CLASS = {"hunyuan_i2v": "AutoencoderKLHunyuanVideo", "wan_i2v": "AutoencoderKLWan"}
+_TEXT_PARTS["qwen_image_edit"] = _TEXT_PARTS["qwen_image"]
+#: tokenizer folders other than text_encoder* -> tokenizer* (the edit pipeline tokenizes with its processor's)
+_TOKENIZER_FOLDER = {"qwen_image_edit": "processor"}
+_VAE_CLASS = {"hunyuan_i2v": "AutoencoderKLHunyuanVideo", "wan_i2v": "AutoencoderKLWan",
+              "qwen_image_edit": "AutoencoderKLQwenImage"}
 #: the families whose adapters use CFG by default (a negative / empty-prompt embedding is saved)
 CFG_BY_DEFAULT = {"sd": True, "flux": False, "hunyuan": False, "wan": True, "sd3": True, "qwen_image": False,
                   "hunyuan_i2v": True,
-                  "wan_i2v": True}
-IMAGE_FAMILIES = ("hunyuan_i2v", "wan_i2v")
+                  "wan_i2v": True, "qwen_image_edit": False}
+IMAGE_FAMILIES = ("hunyuan_i2v", "wan_i2v", "qwen_image_edit")
+#: families whose text conditioning depends on the reference image (no shared negative embedding possible)
+IMAGE_TEXT_FAMILIES = ("qwen_image_edit",)
+QWEN_IMAGE_EDIT_REF_SIZE = 1024  # the pipeline's reference size for a square image (1024 x 1024 pixels' area)
 
 
-def _tokenizer_folder(text_encoder_subfolder: str) -> str:
+def _tokenizer_folder(text_encoder_subfolder: str, family: str = "") -> str:
+    if family in _TOKENIZER_FOLDER:
+        return _TOKENIZER_FOLDER[family]
     return text_encoder_subfolder.replace("text_encoder", "tokenizer")
 
 
@@ -123,7 +145,7 @@ class FamilyEncoder:
 
     def __init__(self, family: str, components: Dict[str, object], *, ids: Optional[Dict[str, dict]] = None,
                  device="cpu", clip_max_length: int = 77, t5_max_length: Optional[int] = None,
-                 llama_max_length: int = 256, qwen_max_length: int = QWEN_IMAGE_MAX_LENGTH, crop_start="default", num_hidden_layers_to_skip: int = 2,
+                 llama_max_length: int = 256, qwen_max_length: Optional[int] = None, crop_start="default", num_hidden_layers_to_skip: int = 2,
                  height: Optional[int] = None, width: Optional[int] = None, num_frames: Optional[int] = None,
                  image_embeds: bool = True):
         if family not in FAMILIES:
@@ -139,11 +161,18 @@ class FamilyEncoder:
         default_t5 = {"flux": 512, "wan": 512, "wan_i2v": 512, "sd3": 256}.get(family)
         self.t5_max_length = int(t5_max_length) if t5_max_length else default_t5
         self.llama_max_length = int(llama_max_length)
-        self.qwen_max_length = int(qwen_max_length)
+        self.qwen_max_length = int(qwen_max_length or _QWEN_MAX_LENGTH.get(family, QWEN_IMAGE_MAX_LENGTH))
         if self.qwen_max_length < 1:
             raise ValueError(f"qwen_max_length must be >= 1, got {qwen_max_length}")
         self.skip = int(num_hidden_layers_to_skip)
         self.crop_start = self._resolve_crop_start(crop_start) if family in _TEMPLATES else None
+        if family == "qwen_image_edit":
+            height = height or QWEN_IMAGE_EDIT_REF_SIZE
+            width = width or QWEN_IMAGE_EDIT_REF_SIZE
+            m = 2 * 2 ** len(self.c["vae"].config.temperal_downsample)  # VAE downsampling x the 2x2 packing
+            if height % m or width % m:
+                raise ValueError(f"family 'qwen_image_edit': the reference size --height x --width must be "
+                                 f"divisible by {m} (VAE x 2x2 packing), got {height}x{width}")
         self.height, self.width, self.num_frames = height, width, num_frames
         if family in IMAGE_FAMILIES:
             if not height or not width:
@@ -164,8 +193,8 @@ class FamilyEncoder:
             return default
         if crop_start == "auto":
             # tokens of the template before the prompt placeholder (incl. BOS if the tokenizer adds one)
-            prefix = template.split("{}")[0]
-            return len(self.c["tokenizer"](prefix).input_ids)
+            prefix = template.split(_CROP_MARKER.get(self.family, "{}"))[0]
+            return len(self.c[_tokenizer_folder("text_encoder", self.family)](prefix).input_ids)
         n = int(crop_start)
         if n < 0:
             raise ValueError(f"crop_start must be >= 0, got {crop_start}")
@@ -196,6 +225,8 @@ class FamilyEncoder:
                     "pooled_prompt_embeds": "text_encoder+text_encoder_2"}
         if f == "qwen_image":
             return {"prompt_embeds": "text_encoder", "prompt_attention_mask": "tokenizer"}
+        if f == "qwen_image_edit":
+            return {"prompt_embeds": "text_encoder", "prompt_attention_mask": "processor", "image_latents": "vae"}
         raise AssertionError(f)
 
     def text_names(self) -> List[str]:
@@ -210,9 +241,10 @@ class FamilyEncoder:
             s.update(llama_max_length=self.llama_max_length, crop_start=self.crop_start,
                      num_hidden_layers_to_skip=self.skip,
                      prompt_template_sha256=hashlib.sha256(HUNYUAN_PROMPT_TEMPLATE.encode()).hexdigest()[:16])
-        if self.family == "qwen_image":
+        if self.family in ("qwen_image", "qwen_image_edit"):
+            template = _TEMPLATES[self.family][0]
             s.update(qwen_max_length=self.qwen_max_length, crop_start=self.crop_start,
-                     prompt_template_sha256=hashlib.sha256(QWEN_IMAGE_PROMPT_TEMPLATE.encode()).hexdigest()[:16])
+                     prompt_template_sha256=hashlib.sha256(template.encode()).hexdigest()[:16])
         if self.family in IMAGE_FAMILIES:
             s.update(height=int(self.height), width=int(self.width), image_latent="posterior_mode",
                      image_resize="cover_center_crop")
@@ -305,15 +337,40 @@ class FamilyEncoder:
         if f == "qwen_image":
             emb, mask = self._qwen(prompts)
             return {"prompt_embeds": emb, "prompt_attention_mask": mask}
+        if f in IMAGE_TEXT_FAMILIES:
+            raise ValueError(f"family {f!r} encodes each prompt with its reference image: use encode(prompts, images)")
         raise AssertionError(f)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], images: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
+        """All the conditioning of a batch: the text's, plus the reference images' for image families
+        (``images``: one path per prompt)."""
+        if self.family not in IMAGE_FAMILIES:
+            return self.encode_text(prompts)
+        if images is None or len(images) != len(prompts):
+            raise ValueError(f"family {self.family!r} needs one reference image per prompt")
+        if self.family == "qwen_image_edit":
+            resized = [self._load_resized(p)[1] for p in images]
+            emb, mask = encode_edit_prompts(self.c["processor"], self.c["image_processor"], self.c["text_encoder"],
+                                            prompts, resized, drop=self.crop_start, max_length=self.qwen_max_length,
+                                            device=self.device)
+            return {"prompt_embeds": emb, "prompt_attention_mask": mask, **self.encode_images(images)}
+        return {**self.encode_text(prompts), **self.encode_images(images)}
 
     # ------------------------------------------------------------------ images
 
     def load_image(self, path):
         """(original RGB PIL image, (3, H, W) tensor in [-1, 1] resized to cover (height, width) and
         center-cropped). Lanczos resampling and x / 255 * 2 - 1 as diffusers' VaeImageProcessor."""
-        from PIL import Image, UnidentifiedImageError
         import numpy as np
+
+        orig, im = self._load_resized(path)
+        x = torch.from_numpy(np.asarray(im).astype(np.float32) / 255.0).permute(2, 0, 1)
+        return orig, 2.0 * x - 1.0
+
+    def _load_resized(self, path):
+        """(original RGB PIL image, the PIL image resized to cover (height, width) and center-cropped)."""
+        from PIL import Image, UnidentifiedImageError
 
         H, W = int(self.height), int(self.width)
         try:
@@ -330,8 +387,7 @@ class FamilyEncoder:
             im = im.resize((rw, rh), Image.Resampling.LANCZOS)
             top, left = (rh - H) // 2, (rw - W) // 2
             im = im.crop((left, top, left + W, top + H))
-        x = torch.from_numpy(np.asarray(im).astype(np.float32) / 255.0).permute(2, 0, 1)
-        return orig, 2.0 * x - 1.0
+        return orig, im
 
     @torch.no_grad()
     def encode_images(self, paths: Sequence[str]) -> Dict[str, torch.Tensor]:
@@ -342,6 +398,12 @@ class FamilyEncoder:
         if self.family == "hunyuan_i2v":
             z = vae.encode(pix[:, :, None].to(vdtype)).latent_dist.mode()
             return {"image_latents": z * vae.config.scaling_factor}
+        if self.family == "qwen_image_edit":  # as QwenImageEditPipeline._encode_vae_image, one frame dropped
+            z = vae.encode(pix[:, :, None].to(vdtype)).latent_dist.mode()[:, :, 0]
+            C = vae.config.z_dim
+            mean = torch.tensor(vae.config.latents_mean).view(1, C, 1, 1).to(z.device, z.dtype)
+            std = torch.tensor(vae.config.latents_std).view(1, C, 1, 1).to(z.device, z.dtype)
+            return {"image_latents": (z - mean) / std}
         # wan_i2v, as WanImageToVideoPipeline.prepare_latents (no last image, expand_timesteps off)
         B, _, H, W = pix.shape
         T, F = int(vae.config.scale_factor_temporal), int(self.num_frames)
@@ -390,7 +452,7 @@ def load_family_encoder(family: str, model_path, *, dtype=torch.float32, device=
                                 "folder with tokenizer/ and text_encoder/ subfolders (see docs/data_prep.md)")
     need = []
     for te, _ in _TEXT_PARTS[family]:
-        need += [te, _tokenizer_folder(te)]
+        need += [te, _tokenizer_folder(te, family)]
     if family in IMAGE_FAMILIES:
         need.append("vae")
     missing = [s for s in need if not (root / s).is_dir()]
@@ -403,7 +465,7 @@ def load_family_encoder(family: str, model_path, *, dtype=torch.float32, device=
         ids[name] = {"class": type(obj).__name__, "path": str(root / name), "config_sha256": _config_sha(root / name)}
 
     for te, cls in _TEXT_PARTS[family]:
-        tk = _tokenizer_folder(te)
+        tk = _tokenizer_folder(te, family)
         comps[tk] = AutoTokenizer.from_pretrained(str(root / tk), local_files_only=True)
         comps[te] = _load(cls, root / te, dtype, device)
         ident(tk, comps[tk])
@@ -411,6 +473,14 @@ def load_family_encoder(family: str, model_path, *, dtype=torch.float32, device=
     if family in IMAGE_FAMILIES:
         comps["vae"] = _load(_VAE_CLASS[family], root / "vae", dtype, device, module="diffusers")
         ident("vae", comps["vae"])
+    if family == "qwen_image_edit":  # the Qwen2-VL image processor saved with the pipeline's processor
+        from transformers import AutoImageProcessor
+
+        comps["image_processor"] = AutoImageProcessor.from_pretrained(str(root / "processor"), local_files_only=True)
+        cfg = root / "processor" / "preprocessor_config.json"
+        ids["image_processor"] = {"class": type(comps["image_processor"]).__name__, "path": str(cfg.parent),
+                                  "config_sha256": hashlib.sha256(cfg.read_bytes()).hexdigest()[:16]
+                                  if cfg.is_file() else ""}
     if family == "wan_i2v" and image_embeds and (root / "image_encoder").is_dir():
         from transformers import CLIPImageProcessor
 

@@ -26,7 +26,8 @@ from typing import Dict, List, Optional
 import torch
 
 from .. import __version__
-from .encoders import CFG_BY_DEFAULT, FAMILIES, IMAGE_FAMILIES, FamilyEncoder, load_family_encoder
+from .encoders import (CFG_BY_DEFAULT, FAMILIES, IMAGE_FAMILIES, IMAGE_TEXT_FAMILIES, FamilyEncoder,
+                       load_family_encoder)
 from .manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, NEG, NEGATIVE_FILE, atomic_write_bytes, dtype_name,
                        file_sha256, hash_tensors, json_bytes)
 from .prompts import PromptRecord, find_duplicates, read_prompts
@@ -64,6 +65,10 @@ class PrepJob:
             raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size} and {batch_size}")
         if not records:
             raise ValueError("no prompts to encode")
+        if negative_prompt is not None and encoder.family in IMAGE_TEXT_FAMILIES:
+            raise ValueError(f"family {encoder.family!r} encodes each prompt together with its reference image, so "
+                             "there is no single negative embedding: drop --negative-prompt (its recipe runs "
+                             "without CFG)")
         if encoder.family in IMAGE_FAMILIES and any(r.image is None for r in records):
             raise ValueError(f"family {encoder.family!r} needs a reference image per prompt (an image field)")
         missing = [r.image for r in records if r.image is not None and not Path(r.image).is_file()]
@@ -105,9 +110,11 @@ class PrepJob:
     # ------------------------------------------------------------------ encoding
 
     def _encode(self, recs: List[PromptRecord]) -> Dict[str, torch.Tensor]:
-        out = dict(self.enc.encode_text([r.prompt for r in recs]))
-        if self.enc.family in IMAGE_FAMILIES:
-            out.update(self.enc.encode_images([r.image for r in recs]))
+        prompts = [r.prompt for r in recs]
+        if self.enc.family in IMAGE_FAMILIES:  # text and reference images (encoded together where the text needs them)
+            out = self.enc.encode(prompts, [r.image for r in recs])
+        else:
+            out = self.enc.encode_text(prompts)
         return {k: _cast(v, self.dtype) for k, v in out.items()}
 
     def shard_records(self, k: int) -> List[PromptRecord]:
@@ -253,13 +260,17 @@ def build_parser(family: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--t5-max-length", type=int, default=None,
                    help="T5/UMT5 max length (default: flux 512, wan 512, sd3 256)")
     p.add_argument("--llama-max-length", type=int, default=256, help="HunyuanVideo text length after the crop")
-    p.add_argument("--qwen-max-length", type=int, default=512,
-                   help="Qwen-Image text length after the template crop (512: the pipeline's max_sequence_length)")
+    p.add_argument("--qwen-max-length", type=int, default=None,
+                   help="Qwen-Image(-Edit) text length after the template crop (default: qwen_image 512, the pipeline's "
+                        "max_sequence_length; qwen_image_edit 2048, the reference image's vision tokens + the "
+                        "instruction, never truncated)")
     p.add_argument("--crop-start", default="default",
-                   help="template tokens to crop (HunyuanVideo, Qwen-Image): 'default' (diffusers' 95 / 34), "
+                   help="template tokens to crop (HunyuanVideo, Qwen-Image, -Edit): 'default' (diffusers' 95 / 34 / 64), "
                         "'auto' or an int")
-    p.add_argument("--height", type=int, default=None, help="I2V: target image height")
-    p.add_argument("--width", type=int, default=None, help="I2V: target image width")
+    p.add_argument("--height", type=int, default=None, help="I2V: target image height; qwen_image_edit: the "
+                   "reference image's height (default 1024)")
+    p.add_argument("--width", type=int, default=None, help="I2V: target image width; qwen_image_edit: the "
+                   "reference image's width (default 1024)")
     p.add_argument("--num-frames", type=int, default=None, help="wan_i2v: video frames (4k + 1)")
     p.add_argument("--no-image-embeds", action="store_true", help="wan_i2v: skip the CLIP image embeddings")
     p.add_argument("--no-progress", action="store_true")

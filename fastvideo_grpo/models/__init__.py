@@ -13,6 +13,7 @@ from . import hunyuan_i2v  # noqa: F401
 from . import wan  # noqa: F401
 from . import sd3  # noqa: F401
 from . import qwen_image  # noqa: F401
+from . import qwen_image_edit  # noqa: F401
 
 
 def build_policy(cfg, device):

@@ -107,8 +107,8 @@ class QwenImageAdapter(DiffusersAdapter):
     def sequence_parallel_plan(self):
         """Not built for Qwen-Image yet: its blocks take the text mask and a (image, text) pair of rotary
         tables that the generic plan does not shard; refused rather than run wrong."""
-        raise ValueError("Ulysses sequence parallelism (parallel.sp > 1) is not supported for qwen_image yet; "
-                         "set parallel.sp: 1 (the recipe's FSDP-only setting)")
+        raise ValueError(f"Ulysses sequence parallelism (parallel.sp > 1) is not supported for {type(self).__name__} "
+                         "yet; set parallel.sp: 1 (the recipe's FSDP-only setting)")
 
     @property
     def image_seq_len(self) -> int:
@@ -127,20 +127,25 @@ class QwenImageAdapter(DiffusersAdapter):
     def _branch_spec(self):
         return {"prompt_embeds": (None, self.model.config.joint_attention_dim), "prompt_attention_mask": (None,)}
 
-    def _img_shapes(self, batch: int):
-        return [[(1, self.latent_h // 2, self.latent_w // 2)]] * batch
+    def _image_stream(self, latents, c):
+        """The transformer's image-stream tokens and their ``img_shapes`` entry (one (frames, rows, cols) per
+        packed image, in sequence order): here the noisy latent alone. The first (rows * cols) tokens of the
+        output are always the noisy latent's velocity (the edit adapter appends its reference image)."""
+        _, _, H, W = latents.shape
+        return pack_latents(latents), [(1, H // 2, W // 2)]
 
     def _forward(self, latents, timestep_B, c):
         B, _, H, W = latents.shape
+        tokens, shapes = self._image_stream(latents, c)
         out = self.model(
-            hidden_states=self._to_model(pack_latents(latents)),
+            hidden_states=self._to_model(tokens),
             timestep=timestep_B.to(latents.dtype) / 1000.0,
             encoder_hidden_states=self._to_model(c["prompt_embeds"]),
             encoder_hidden_states_mask=c["prompt_attention_mask"],
-            img_shapes=self._img_shapes(B),
+            img_shapes=[shapes] * B,
             return_dict=False,
         )[0]
-        return unpack_latents(out, H, W)
+        return unpack_latents(out[:, :(H // 2) * (W // 2)], H, W)
 
     def _combine_cfg(self, uncond, cond):
         comb = uncond + self.cfg_scale * (cond - uncond)

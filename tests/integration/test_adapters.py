@@ -287,6 +287,73 @@ def test_qwen_image_true_cfg_with_norm_rescale_matches_diffusers_pipeline(folder
         assert cond[k].grad is not None and cond[k].grad.abs().sum() > 0, k
 
 
+@pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
+def test_qwen_image_edit_matches_diffusers_pipeline(folders, monkeypatch, cfg_scale):
+    """The reference image as QwenImageEditPipeline feeds it: VAE-encoded (posterior mode, normalised), packed,
+    appended to the noisy tokens with img_shapes covering both, only the noisy tokens' velocity used; with
+    CFG, the same reference in both branches and the norm rescaling. The reference has another size and
+    aspect (24 x 32 pixels) than the generated 16 x 16 image, so img_shapes must name each."""
+    from PIL import Image
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit_module
+
+    ref_h, ref_w = 24, 32
+    adapter = _build(folders, "qwen_image_edit", true_cfg_scale=cfg_scale, reference_resolution=[ref_h, ref_w])
+    # the pipeline sizes the reference to about 1024 x 1024 pixels; shrunk to the tiny VAE's scale here
+    monkeypatch.setattr(edit_module, "calculate_dimensions", lambda area, ratio: (ref_w, ref_h, None))
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=adapter.shift, use_dynamic_shifting=False)
+    pipe = diffusers.QwenImageEditPipeline(scheduler=sched, vae=adapter.vae, text_encoder=None, tokenizer=None,
+                                           processor=None, transformer=adapter.model)
+    image = Image.fromarray((np.random.RandomState(0).rand(ref_h, ref_w, 3) * 255).astype("uint8"))
+    B = 2
+    with torch.no_grad():
+        pixels = pipe.image_processor.preprocess(image, ref_h, ref_w).unsqueeze(2)
+        ref = pipe._encode_vae_image(pixels, generator=None)[:, :, 0]  # what data_prep stores
+    cond = _random_cond(adapter, B, seed=41)
+    cond["image_latents"] = ref.expand(B, -1, -1, -1)
+    assert ref.shape == (1, 4, ref_h // 2, ref_w // 2)
+    z0 = adapter.initial_noise(B, torch.Generator().manual_seed(42))
+    ours = sample_ode(adapter, adapter.make_schedule(NUM_STEPS, eta=0.0), cond, z0)
+    neg = {}
+    if adapter.uses_cfg:
+        neg = dict(negative_prompt_embeds=cond[NEG + "prompt_embeds"],
+                   negative_prompt_embeds_mask=cond[NEG + "prompt_attention_mask"])
+    with torch.no_grad():
+        packed = pipe._pack_latents(z0.clone(), *z0.shape[:2], *z0.shape[2:])
+        theirs = pipe(image=image, prompt_embeds=cond["prompt_embeds"], prompt_embeds_mask=cond["prompt_attention_mask"],
+                      true_cfg_scale=cfg_scale, num_inference_steps=NUM_STEPS, sigmas=_flow_pipe_sigmas(),
+                      height=adapter.height, width=adapter.width, latents=packed, output_type="latent", **neg).images
+    theirs = pipe._unpack_latents(theirs, adapter.height, adapter.width, pipe.vae_scale_factor)[:, :, 0]
+    assert ours.shape == theirs.shape == z0.shape
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=2e-5)
+    # the reference image really conditions the sample
+    other = dict(cond, image_latents=torch.randn_like(cond["image_latents"]))
+    assert (sample_ode(adapter, adapter.make_schedule(NUM_STEPS, eta=0.0), other, z0) - ours).abs().max() > 1e-3
+
+
+def test_qwen_image_edit_rejects_a_missing_or_misshaped_reference(folders):
+    adapter = _build(folders, "qwen_image_edit")  # 12 x 12-pixel references: (4, 6, 6) latents, 9 tokens
+    assert adapter.cond_spec() == {"prompt_embeds": (None, 32), "prompt_attention_mask": (None,),
+                                   "image_latents": (4, 6, 6)}
+    assert adapter.extra_image_tokens == 9
+    cond = _random_cond(adapter, 2)
+    z = adapter.initial_noise(2, torch.Generator().manual_seed(43))
+    t = adapter.make_schedule(NUM_STEPS).model_timestep(0, z)
+    cases = [
+        ({k: v for k, v in cond.items() if k != "image_latents"}, "image_latents is missing"),
+        (dict(cond, image_latents=cond["image_latents"][:, :, None]),  # the released code's (C, 1, h, w)
+         r"image_latents has trailing shape \(4, 1, 6, 6\), expected \(4, 6, 6\)"),
+        (dict(cond, image_latents=cond["image_latents"][:, :3]), r"trailing shape \(3, 6, 6\)"),
+        (dict(cond, image_latents=cond["image_latents"][:1]), "image_latents has 1 rows, expected 2"),
+        (dict(cond, image_latents=cond["image_latents"][:, :, :4]),
+         r"\(4, 4, 6\).*12x12-pixel reference.*--height 12 --width 12.*reference_resolution"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(ValueError, match=match):
+            adapter.predict(z, t, bad)
+    with pytest.raises(ValueError, match="reference_resolution must be divisible by 4"):
+        _build(folders, "qwen_image_edit", reference_resolution=10)
+
+
 def test_qwen_image_dynamic_shift_follows_the_folders_scheduler(folders, tmp_path):
     """shift: dynamic reads the scheduler config (mu from the image token count, exponential shift, terminal
     stretch) and samples as QwenImagePipeline with that scheduler."""

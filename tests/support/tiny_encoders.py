@@ -16,7 +16,7 @@ from typing import Dict
 
 import torch
 
-from support.tiny_models import tiny_hunyuan_vae, tiny_wan_vae
+from support.tiny_models import tiny_hunyuan_vae, tiny_qwen_vae, tiny_wan_vae
 
 WORDS = ("a an the of on in and with left right above below photo video cat dog red green blue yellow purple "
          "orange white black circle square triangle star one two three four small big bright dark sky sea forest "
@@ -29,6 +29,9 @@ QWEN_VL_DIM = 32
 # the words of Qwen-Image's prompt template, so the word-level stand-in tokenizes it into known tokens
 QWEN_TEMPLATE_WORDS = ("<|im_start|> <|im_end|> system user assistant Describe image by detailing color shape size "
                        "texture quantity text spatial relationships objects background , :").split()
+# Qwen-Image-Edit's template adds the vision placeholder tokens (special, as in Qwen2-VL's tokenizer)
+QWEN_EDIT_TEMPLATE_WORDS = QWEN_TEMPLATE_WORDS + ("<|vision_start|> <|image_pad|> <|vision_end|> <|video_pad|> key "
+                                                  "features input instruction alter modify new").split()
 
 
 def clip_tokenizer(folder: Path):
@@ -112,9 +115,16 @@ def _llama(vocab_size: int):
     return transformers.LlamaModel(cfg)
 
 
-def _qwen2_5_vl(vocab_size: int):
-    """Qwen2.5-VL (the class QwenImagePipeline loads) at toy size: 2 text layers, 1 vision block."""
+def _qwen2_5_vl(vocab_size: int, tokenizer=None):
+    """Qwen2.5-VL (the class QwenImagePipeline loads) at toy size: 2 text layers, 1 vision block (14-pixel
+    patches, 2x2 merge: Qwen2-VL's image processor defaults). ``tokenizer``: take the vision token ids from it."""
     import transformers
+
+    ids = dict(image_token_id=vocab_size - 3, video_token_id=vocab_size - 2, vision_start_token_id=vocab_size - 1)
+    if tokenizer is not None:
+        ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in (
+            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"))}
 
     cfg = transformers.Qwen2_5_VLConfig(
         text_config=dict(vocab_size=vocab_size, hidden_size=QWEN_VL_DIM, intermediate_size=48, num_hidden_layers=2,
@@ -123,8 +133,7 @@ def _qwen2_5_vl(vocab_size: int):
                          rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
         vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=QWEN_VL_DIM,
                            fullatt_block_indexes=[0]),
-        vocab_size=vocab_size, bos_token_id=None, eos_token_id=None, image_token_id=vocab_size - 3, video_token_id=vocab_size - 2,
-        vision_start_token_id=vocab_size - 1)
+        vocab_size=vocab_size, bos_token_id=None, eos_token_id=None, **ids)
     return transformers.Qwen2_5_VLForConditionalGeneration(cfg)
 
 
@@ -137,6 +146,8 @@ def build_tiny_components(family: str, path) -> Dict[str, object]:
     torch.manual_seed(0)
     c: Dict[str, object] = {}
     base = family.replace("_i2v", "") if family != "hunyuan_i2v" else "hunyuan"
+    if family == "qwen_image_edit":
+        base = "qwen_image_edit"
     if base == "sd":
         c["tokenizer"] = clip_tokenizer(root / "tokenizer")
         c["text_encoder"] = _clip_model("CLIPTextModel", len(c["tokenizer"]))
@@ -157,6 +168,14 @@ def build_tiny_components(family: str, path) -> Dict[str, object]:
         c["tokenizer"], n = word_tokenizer(root / "tokenizer", max_length=2048, extra_words=QWEN_TEMPLATE_WORDS,
                                            plain=True)
         c["text_encoder"] = _qwen2_5_vl(n + 3)
+    elif base == "qwen_image_edit":  # tokenizer + Qwen2-VL image processor in processor/, as the pipeline's
+        c["processor"], n = word_tokenizer(root / "processor", max_length=4096, extra_words=QWEN_EDIT_TEMPLATE_WORDS,
+                                           plain=True)
+        c["text_encoder"] = _qwen2_5_vl(n, tokenizer=c["processor"])
+        # min / max pixels: a 32 x 32 reference -> 56 x 56 -> a 4 x 4 patch grid -> 4 vision tokens
+        c["image_processor"] = transformers.Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
+        c["image_processor"].save_pretrained(str(root / "processor"))
+        c["vae"] = tiny_qwen_vae()
     elif base == "sd3":
         c["tokenizer"] = clip_tokenizer(root / "tokenizer")
         c["text_encoder"] = _clip_model("CLIPTextModelWithProjection", len(c["tokenizer"]), "clip_l")
@@ -176,7 +195,8 @@ def build_tiny_components(family: str, path) -> Dict[str, object]:
         c["image_processor"] = transformers.CLIPImageProcessor(size={"shortest_edge": 32},
                                                                crop_size={"height": 32, "width": 32})
     for name, obj in c.items():
-        if name.startswith("tokenizer"):
+        if name.startswith("tokenizer") or name == "processor" or (family == "qwen_image_edit"
+                                                                    and name == "image_processor"):
             continue
         if isinstance(obj, torch.nn.Module):
             obj.eval()

@@ -13,7 +13,8 @@ from typing import Dict, Tuple
 import torch
 
 TEXT_LEN = 6  # text tokens of the SD tokenizer stand-in (max_sequence_length)
-FAMILIES = ("sd", "flux", "hunyuan_t2i", "hunyuan_t2v", "hunyuan_i2v", "wan", "wan_i2v", "sd3", "qwen_image")
+FAMILIES = ("sd", "flux", "hunyuan_t2i", "hunyuan_t2v", "hunyuan_i2v", "wan", "wan_i2v", "sd3", "qwen_image",
+            "qwen_image_edit")
 
 
 def _diffusers():
@@ -130,4 +131,6 @@ def tiny_components(family: str) -> Tuple[Dict[str, torch.nn.Module], dict]:
             resolution=16)
     if family == "qwen_image":
         return {"transformer": tiny_qwen_image(), "vae": tiny_qwen_vae()}, dict(resolution=16)
+    if family == "qwen_image_edit":  # the same architecture; the reference image rides in the token sequence
+        return {"transformer": tiny_qwen_image(), "vae": tiny_qwen_vae()}, dict(resolution=16, reference_resolution=12)
     raise KeyError(f"no tiny components for {family!r}; families: {FAMILIES}")

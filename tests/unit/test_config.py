@@ -36,6 +36,9 @@ RECIPES = {
     # the released Qwen-Image recipe: 720 x 720, 20 steps, shift 3, no CFG, 16 prompts per iteration, 2 updates
     "qwen_image_hps.yaml": dict(gpus=8, steps=20, cfg=False, eta=0.3, tau=0.6, K=11, updates=2, shift=3.0,
                                 cfg_scale=("true_cfg_scale", 1.0), prompts_global=16, reward="hps"),
+    # the released Qwen-Image-Edit recipe: 512 x 512 edits, G 8, selective checkpointing 1.0, otherwise as Qwen-Image
+    "qwen_image_edit_hps.yaml": dict(gpus=8, steps=20, cfg=False, eta=0.3, tau=0.6, K=11, updates=2, shift=3.0,
+                                     cfg_scale=("true_cfg_scale", 1.0), prompts_global=16, reward="hps", group_size=8),
 }
 
 

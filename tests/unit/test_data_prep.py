@@ -4,7 +4,8 @@ Tiny encoder folders are written with ``save_pretrained`` and read back through 
 ``from_pretrained(local_path, local_files_only=True)`` code. Covered: prompt-file parsing and its errors;
 each family's encodings against the diffusers pipeline's own ``encode_prompt`` on the same components
 (sd, flux, hunyuan, wan, sd3, qwen_image; wan_i2v image condition / CLIP image embeds against
-WanImageToVideoPipeline); bit-exact round trip through the shards; byte-identical reruns; resume
+WanImageToVideoPipeline; qwen_image_edit's image + instruction embedding and reference latent against
+QwenImageEditPipeline with the real Qwen2VLProcessor); bit-exact round trip through the shards; byte-identical reruns; resume
 skipping finished shards and redoing a corrupted one; ``validate_manifest`` errors; the dataset's
 split, shard cache and collate.
 """
@@ -26,6 +27,7 @@ from fastvideo_grpo.data import (PromptEmbeddingDataset, collate_prompt_embeddin
 from fastvideo_grpo.data.encoders import (HUNYUAN_PROMPT_TEMPLATE, QWEN_IMAGE_PROMPT_TEMPLATE,  # noqa: E402
                                           FamilyEncoder, load_family_encoder)
 from fastvideo_grpo.data.prep import main as prep_main  # noqa: E402
+from fastvideo_grpo.data.qwen_edit import QWEN_IMAGE_EDIT_PROMPT_TEMPLATE  # noqa: E402
 from support.tiny_encoders import CLIP_DIMS, LLAMA_DIM, QWEN_VL_DIM, T5_DIM, build_tiny_components  # noqa: E402
 
 PROMPTS = ["a red circle", "two blue squares on the left", "the cat and the dog", "a photo of a star",
@@ -267,6 +269,93 @@ def test_wan_i2v_matches_pipeline(tiny, tmp_path):
     _assert_same(out["image_embeds"], pipe.encode_image(pil, torch.device("cpu")))
 
 
+def test_qwen_image_edit_matches_pipeline(tiny, tmp_path, monkeypatch):
+    """Instruction + reference image through Qwen2.5-VL as QwenImageEditPipeline.encode_prompt (run with the real
+    Qwen2VLProcessor: template, vision tokens expanded per merged patch, 64 template tokens dropped; the
+    pipeline pads to the batch's longest, ours to qwen_max_length, masked), and the reference latent as its
+    _encode_vae_image (posterior mode, normalised)."""
+    from PIL import Image
+    from transformers import Qwen2VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    folder, c = tiny("qwen_image_edit")
+    # transformers 5 refuses to build a Qwen2VLProcessor without a video processor, which needs torchvision (not
+    # installed here): only that class check is skipped; the processor's own text / image code runs
+    check = ProcessorMixin.check_argument_for_proper_class
+    monkeypatch.setattr(ProcessorMixin, "check_argument_for_proper_class",
+                        lambda self, name, arg: None if name == "video_processor" and arg is None else check(self, name, arg))
+    processor = Qwen2VLProcessor(image_processor=c["image_processor"], tokenizer=c["processor"], video_processor=None)
+    pipe = diffusers.QwenImageEditPipeline(scheduler=None, vae=c["vae"], text_encoder=c["text_encoder"],
+                                           tokenizer=c["processor"], processor=processor, transformer=None)
+    assert pipe.prompt_template_encode == QWEN_IMAGE_EDIT_PROMPT_TEMPLATE
+    assert FamilyEncoder("qwen_image_edit", c).crop_start == pipe.prompt_template_encode_start_idx == 64
+    H = W = 32
+    paths = [str(_image(tmp_path / "a.png", H, W)), str(_image(tmp_path / "b.png", H, W, seed=1))]
+    enc = load_family_encoder("qwen_image_edit", folder, height=H, width=W, crop_start="auto", qwen_max_length=24)
+    prefix = QWEN_IMAGE_EDIT_PROMPT_TEMPLATE.split("<|vision_start|>")[0]  # the system turn + "user\n"
+    assert enc.crop_start == len(c["processor"](prefix).input_ids) > 10
+    pipe.prompt_template_encode_start_idx = enc.crop_start  # the tiny tokenizer's system-turn length
+    prompts = [PROMPTS[1], PROMPTS[0]]  # 6 and 3 words
+    out = enc.encode(prompts, paths)
+    pils = [pipe.image_processor.resize(Image.open(p).convert("RGB"), H, W) for p in paths]  # as __call__
+    pe, mask = pipe.encode_prompt(prompts, image=pils, device="cpu")
+    n = pe.shape[1]
+    assert out["prompt_embeds"].shape == (2, 24, QWEN_VL_DIM) and n < 24 and mask[1].sum() < n
+    assert n == 1 + 4 + 1 + 6 + 3  # vision start, 4 merged patches, vision end, the instruction, the suffix
+    _assert_same(out["prompt_embeds"][:, :n], pe)
+    _assert_same(out["prompt_attention_mask"][:, :n], mask)
+    assert (out["prompt_embeds"][:, n:] == 0).all() and (out["prompt_attention_mask"][:, n:] == 0).all()
+    ref = pipe._encode_vae_image(pipe.image_processor.preprocess(pils, H, W).unsqueeze(2), generator=None)
+    assert out["image_latents"].shape == (2, 4, H // 2, W // 2)
+    _assert_same(out["image_latents"], ref[:, :, 0], exact=False)  # equal up to float rounding (2e-7 seen)
+    # the text embedding sees the image
+    swapped = enc.encode(prompts, paths[::-1])["prompt_embeds"]
+    assert (swapped[:, 1:5] - out["prompt_embeds"][:, 1:5]).abs().max() > 1e-4
+    # user errors: too short a max length, vision tokens in an instruction, text without its image
+    short = load_family_encoder("qwen_image_edit", folder, height=H, width=W, crop_start="auto", qwen_max_length=8)
+    with pytest.raises(ValueError, match="4 vision tokens needs 15 embedding positions.*raise it"):
+        short.encode(prompts, paths)
+    with pytest.raises(ValueError, match="vision tokens"):
+        enc.encode(["a <|image_pad|> cat"], paths[:1])
+    with pytest.raises(ValueError, match="one reference image per prompt"):
+        enc.encode(prompts, paths[:1])
+    with pytest.raises(ValueError, match=r"encode\(prompts, images\)"):
+        enc.encode_text(prompts)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        load_family_encoder("qwen_image_edit", folder, height=30, width=32)
+
+
+def test_qwen_image_edit_manifest_feeds_the_adapter(tiny, tmp_path):
+    """Edit pairs in the released layout (instruction + source_image) -> data_prep -> manifest checked against the
+    adapter's cond_spec -> collated batch -> a finite velocity; a reference size other than the adapter's is refused
+    with both settings named."""
+    from fastvideo_grpo.models import ADAPTERS
+    from support.tiny_models import tiny_components
+
+    folder, _ = tiny("qwen_image_edit")
+    _image(tmp_path / "s0.png", 32, 48)
+    _image(tmp_path / "s1.png", 32, 32, seed=1)
+    pairs = _write(tmp_path / "edit.jsonl", '{"instruction": "make the cat blue", "source_image": "s0.png"}\n'
+                                            '{"instruction": "add a red star", "source_image": "s1.png"}\n')
+    _prep(folder, pairs, tmp_path / "out", "qwen_image_edit", "--prompt-field", "instruction", "--image-field",
+          "source_image", "--height", "32", "--width", "32", "--qwen-max-length", "24")
+    comps, _ = tiny_components("qwen_image_edit")
+    for sub, m in comps.items():
+        m.save_pretrained(str(tmp_path / "model" / sub))
+    adapter = ADAPTERS.build("qwen_image_edit", model_path=str(tmp_path / "model"), resolution=16,
+                             reference_resolution=32)
+    validate_manifest(tmp_path / "out", adapter.cond_spec(), family="qwen_image_edit")
+    ds = PromptEmbeddingDataset(tmp_path / "out")
+    batch = collate_prompt_embeddings([ds[i] for i in range(len(ds))])
+    z = adapter.initial_noise(2, torch.Generator().manual_seed(0))
+    v = adapter.predict(z, adapter.make_schedule(3).model_timestep(0, z), batch["cond"])
+    assert v.shape == z.shape and torch.isfinite(v).all()
+    other = ADAPTERS.build("qwen_image_edit", model_path=str(tmp_path / "model"), resolution=16,
+                           reference_resolution=16)
+    with pytest.raises(ValueError, match="--height 16 --width 16"):
+        other.predict(z, adapter.make_schedule(3).model_timestep(0, z), batch["cond"])
+
+
 def test_hunyuan_i2v_image_latents(tiny, tmp_path):
     """Shape (C, 1, h, w) and value = VAE posterior mode x scaling factor (SkyReels pipeline samples instead)."""
     folder, c = tiny("hunyuan_i2v")
@@ -301,24 +390,30 @@ _EXPECTED = {
                     "image_latents": (4, 1, 4, 4)},
     "wan_i2v": {"prompt_embeds": (T5_LEN, T5_DIM), "image_condition": (20, 2, 4, 4), "image_embeds": (17, 16),
                 "negative_prompt_embeds": (T5_LEN, T5_DIM)},
+    "qwen_image_edit": {"prompt_embeds": (24, QWEN_VL_DIM), "prompt_attention_mask": (24,), "image_latents": (4, 16, 16)},
 }
+_IMAGE_FAMILIES = ("hunyuan_i2v", "wan_i2v", "qwen_image_edit")
 
 
 @pytest.mark.parametrize("family", list(_EXPECTED))
 def test_cli_each_family(tiny, tmp_path, family):
     folder, _ = tiny(family)
-    if family.endswith("i2v"):
+    if family in _IMAGE_FAMILIES:
         _image(tmp_path / "a.png", 32, 32)
         _image(tmp_path / "b.png", 40, 32, seed=1)
         prompts = _write(tmp_path / "p.jsonl", '{"prompt": "a red circle", "image": "a.png"}\n'
                                                '{"prompt": "a dog", "image": "b.png"}\n'
                                                '{"prompt": "a cat", "image": "a.png"}\n')
-        extra = ["--height", "32", "--width", "32", "--num-frames", "5"]
+        extra = ["--height", "32", "--width", "32"] + (["--num-frames", "5"] if family == "wan_i2v" else [])
+        if family == "qwen_image_edit":
+            extra += ["--qwen-max-length", "24"]
+            with pytest.raises(ValueError, match="no single negative embedding"):
+                _prep(folder, prompts, tmp_path / "neg", family, *extra, "--negative-prompt", "")
     else:
         prompts = _write(tmp_path / "p.txt", "\n".join(PROMPTS[:3]) + "\n")
         extra = []
     res = _prep(folder, prompts, tmp_path / "out", family, *extra)
-    if family.endswith("i2v"):
+    if family in _IMAGE_FAMILIES:
         bad = _write(tmp_path / "bad.jsonl", '{"prompt": "a", "image": "nope.png"}\n')
         with pytest.raises(FileNotFoundError, match=r"1 reference image\(s\) do not exist.*nope\.png"):
             _prep(folder, bad, tmp_path / "bad", family, *extra)

@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[2]
 # published sizes (rounded names of the models): within 10%
 PUBLISHED = {"flux1_dev.json": 11.9e9, "hunyuanvideo.json": 12.8e9, "wan2.1_t2v_14b.json": 14e9,
              "wan2.1_t2v_1.3b.json": 1.3e9, "sd3.5_large.json": 8.1e9, "sd1.4.json": 860e6,
-             "qwen_image.json": 20e9}
+             "qwen_image.json": 20e9, "qwen_image_edit.json": 20e9}
 RECIPE_FOR = {"flux1_dev.json": "flux_hps.yaml", "hunyuanvideo.json": "hunyuan_t2v_videoalign.yaml",
               "wan2.1_t2v_14b.json": "wan_t2v.yaml", "wan2.1_t2v_1.3b.json": "wan_t2v.yaml",
               "sd3.5_large.json": "sd3_hps.yaml", "sd1.4.json": "sd_hps.yaml",
-              "qwen_image.json": "qwen_image_hps.yaml"}
+              "qwen_image.json": "qwen_image_hps.yaml", "qwen_image_edit.json": "qwen_image_edit_hps.yaml"}
 
 
 @pytest.mark.parametrize("arch_file", sorted(PUBLISHED))

@@ -1,0 +1,15 @@
+"""Prompt + reference-image preprocessing for the qwen_image_edit family: `prep_embeddings.py --family qwen_image_edit` (see its docstring).
+
+    python data_prep/prep_qwen_image_edit.py --model-path <folder> --prompts <file> --out <dir> [flags]
+    torchrun --nproc_per_node=N data_prep/prep_qwen_image_edit.py --model-path <folder> --prompts <file> --out <dir>
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fastvideo_grpo.data.prep import main  # noqa: E402
+
+if __name__ == "__main__":
+    main(sys.argv[1:], family="qwen_image_edit")
