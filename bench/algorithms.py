@@ -218,8 +218,9 @@ def main(argv=None) -> Dict:
     results = load_results(out)
     per = calibrate(args.config, names, out, results, config_tag(args.config))
     plans = plan(per, names, args.iterations, args.evals)
-    jobs = [(args.config, n, out / n / f"seed{s}", s, plans[n]) for n in names for s in args.seeds
-            if f"{n}/seed{s}/{tag}" not in results]  # resumable: finished runs are kept
+    # seed-major: an interrupted run still has every algorithm on the first seeds; finished runs are kept
+    jobs = [(args.config, n, out / n / f"seed{s}", s, plans[n]) for s in args.seeds for n in names
+            if f"{n}/seed{s}/{tag}" not in results]
 
     def record(job, entry):
         results[f"{job[1]}/seed{job[3]}/{tag}"] = entry
