@@ -3,7 +3,9 @@
 B = 2 prompts x 2 samples = 4 samples, T = 4 steps, the last never trained: tau 1 keeps K = 3 steps. The
 rollout runs B T = 16 forwards; GRPO re-scores and back-propagates the B K = 12 kept transitions (the KL
 adds 12 reference forwards); DiffusionNFT adds 12 v_old forwards; a MixGRPO window of 2 steps keeps 8.
-A forward hook on the network counts the samples it really sees, as a second, independent reference."""
+Best-of-N (G 4, k 1) rolls out 8 x 4 = 32 and trains 2 per group: 4 x 3 = 12. A forward hook on the network
+counts the samples it really sees, as a second, independent reference; the planner's
+``passes_per_iteration`` must project the same counts."""
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ import torch
 from fastvideo_grpo.config import load_config
 from fastvideo_grpo.data.prompt_source import PromptSource
 from fastvideo_grpo.passes import PassCounter
+from fastvideo_grpo.plan import passes_per_iteration
 from fastvideo_grpo.trainer import GRPOTrainer
 from support.tiny_models import tiny_toy_adapter
 
@@ -27,6 +30,7 @@ CASES = {
     "kl_to_reference": (["--grpo.kl_coef=0.1"], 16, 24, 12),
     "mixgrpo_window_2": (["--grpo.sde_window={mode: sliding, size: 2}"], 16, 8, 8),
     "flow_grpo_fast_1": (["--grpo.sde_window={mode: random, size: 1}", "--sampling.eta_form=flow_grpo"], 16, 4, 4),
+    "best_of_n_k_1": (["--grpo.group_size=4", "--grpo.best_of_n_k=1"], 32, 12, 12),  # 2 x 4 rolled out, 2 x 2 trained
     "diffusion_nft": (["--grpo.objective=nft", "--sampling.eta=0.0", "--grpo.shared_noise=false"], 16, 24, 12),
 }
 
@@ -55,6 +59,9 @@ def test_iteration_pass_counts_match_hand_computed(name):
         assert m["passes/forward"] == rollout_fwd + update_fwd == seen["fwd"]
         assert m["passes/backward"] == seen["bwd"]
     assert "predict" not in vars(ad)  # the adapter's own predict is back after the iteration
+    # the planner's projection counts the same passes (it prices them in FLOPs at real scale)
+    planned = passes_per_iteration(cfg)
+    assert (planned["forward_rollout"], planned["forward_update"], planned["backward"]) == (rollout_fwd, update_fwd, bwd)
 
 
 def test_counter_counts_samples_and_gradients_reaching_the_output():
