@@ -145,9 +145,9 @@ def summarise(results: Dict, names: List[str], seeds: List[int], tag: str, plans
 
 
 def table(summary: Dict, seeds: List[int]) -> str:
-    lines = ["| algorithm | settings | iterations | passes fwd + bwd | seeds | held-out toy_geneval (mean; per seed) "
+    lines = ["| algorithm | iterations | passes fwd + bwd | seeds | held-out toy_geneval (mean; per seed) "
              "| success rate (mean; per seed) | background (mean; per seed) | training s (mean) | CPU s per run (mean) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     start = None
     for name, a in summary.items():
         finals = [r["curve"][-1] for r in a["runs"].values()]
@@ -155,7 +155,7 @@ def table(summary: Dict, seeds: List[int]) -> str:
         f = a["final_mean"]
         per_seed = lambda k, d: ", ".join(f"{x[k]:.{d}f}" for x in finals)  # noqa: E731
         lines.append(
-            f"| {name} | {a['settings']} | {a['iterations']} | {f['forward']:.0f} + {f['backward']:.0f} "
+            f"| {name} | {a['iterations']} | {f['forward']:.0f} + {f['backward']:.0f} "
             f"| {', '.join(a['runs'])} "
             f"| **{f['reward']:.3f}**; {per_seed('reward', 3)} | **{f['success_rate']:.3f}**; {per_seed('success_rate', 3)} "
             f"| **{f['background']:.4f}**; {per_seed('background', 4)} | {f['train_s']:.0f} "
@@ -165,7 +165,7 @@ def table(summary: Dict, seeds: List[int]) -> str:
                       f"{start['success_rate']:.3f}, background {start['background']:.4f}. Seeds asked: {seeds}. "
                       "Held-out: the demo's prompts and ODE sampler (10 Euler steps), the same initial noise throughout. "
                       "Training s: the iterations' wall-clock (evaluation excluded); CPU s: the whole run's process CPU "
-                      "time (evaluations and model loading included)."]
+                      "time (evaluations and model loading included). Settings: algorithms.json."]
     return "\n".join(lines) + "\n"
 
 
