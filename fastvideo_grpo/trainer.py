@@ -306,11 +306,11 @@ class GRPOTrainer:
     def train_iteration(self) -> Dict[str, float]:
         self.passes.reset()
         with self.passes.watch(self.adapter, self.ref_adapter):
-            metrics = self._train_iteration()
+            metrics = self._iteration()
         metrics.update(self.passes.metrics())
         return metrics
 
-    def _train_iteration(self) -> Dict[str, float]:
+    def _iteration(self) -> Dict[str, float]:
         cfg, g = self.cfg, self.cfg.grpo
         t0 = time.perf_counter()
         prompts, cond = self.prompts.next_batch(g.prompts_per_iteration)
