@@ -5,7 +5,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.fvg-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench ablations lint clean-venv gpu-check plan
+.PHONY: install demo test test-fast bench ablations algorithms algorithm-recipes lint clean-venv gpu-check plan
 
 $(STAMP): setup.py Makefile $(wildcard csrc/*)
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,16 @@ test: $(STAMP)
 
 ablations: $(STAMP)
 	$(PY) bench/ablations.py --out outputs/ablations
+
+# DanceGRPO, MixGRPO(-Flash), Flow-GRPO(-Fast) and DiffusionNFT on the toy task at an equal pass budget, 3 seeds
+# (docs/algorithms.md; ~45 CPU-minutes; resumable). ALGO_ITERATIONS: the budget, in DanceGRPO iterations.
+ALGO_ITERATIONS ?= 32
+algorithms: $(STAMP)
+	$(PY) bench/algorithms.py --out outputs/algorithms --iterations $(ALGO_ITERATIONS) --evals 4 --seeds 0 1 2
+
+# The planner's projection of every configs/algorithms recipe, written into docs/algorithms.md.
+algorithm-recipes: $(STAMP)
+	$(PY) bench/algorithm_recipes.py --write
 
 bench: $(STAMP)
 	$(PY) bench/logprob_kernel.py --json

@@ -7,18 +7,15 @@ model with the same seed(s); the table reports held-out reward (ODE sampler) bef
 """
 
 import argparse
-import hashlib
-import json
 import sys
 import time
 from pathlib import Path
 from typing import List
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fastvideo_grpo.config import load_config, to_dict  # noqa: E402
-from fastvideo_grpo.io import atomic_write_json, atomic_write_text  # noqa: E402
-from fastvideo_grpo.toy.demo import run_demo  # noqa: E402
+from toy_runs import config_tag, load_results, run_variant, save_results  # noqa: E402
+from fastvideo_grpo.io import atomic_write_text  # noqa: E402
 
 
 def _early_sde(eta: float) -> List[str]:
@@ -66,27 +63,21 @@ def main(argv=None):
     args = ap.parse_args(argv)
     names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
     out = Path(args.out)
-    # results are reused only for the same resolved base config and iteration count (a changed
-    # setting reruns; an edited comment does not)
-    resolved = json.dumps(to_dict(load_config(args.config)), sort_keys=True)
-    tag = hashlib.sha256((resolved + str(args.iterations)).encode()).hexdigest()[:8]
-    results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+    tag = config_tag(args.config, args.iterations)
+    results = load_results(out)
     for name in names:
         claim, overrides = VARIANTS[name]
         for seed in args.seeds:
             key = f"{name}/seed{seed}/{tag}"
             if key in results:
                 continue  # resumable: finished runs are kept
-            extra = [f"--train.output_dir={out / name / f'seed{seed}'}", f"--train.seed={seed}", "--train.eval_every=0"]
-            if args.iterations:
-                extra.append(f"--train.num_iterations={args.iterations}")
-            cfg = load_config(args.config, overrides + extra)
             t0 = time.perf_counter()
-            s = run_demo(cfg, progress=False, write_images=False)
+            s = run_variant(args.config, overrides, out / name / f"seed{seed}", seed, args.iterations,
+                            extra=["--train.eval_every=0"])
             results[key] = {k: s[k] for k in ("reward_before", "reward_after", "per_reward_before", "per_reward_after",
                                               "extras_before", "extras_after", "grpo_time_s")}
             results[key]["wall_s"] = time.perf_counter() - t0
-            atomic_write_json(out / "results.json", results)
+            save_results(out, results)
             print(f"{key}: {s['reward_before']:.3f} -> {s['reward_after']:.3f} ({s['grpo_time_s']:.0f}s)", flush=True)
     atomic_write_text(out / "ablations.md", table(results, names, args.seeds, tag))
     print((out / "ablations.md").read_text())

@@ -457,26 +457,43 @@ def parse_overrides(args: Sequence[str]) -> List[tuple]:
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), cls=RunConfig) -> RunConfig:
-    """Defaults <- YAML file <- command-line overrides, then validated."""
+    """Defaults <- YAML file (over the recipe it names as ``base``, if any) <- command-line overrides, then
+    validated."""
     data: Dict[str, Any] = to_dict(cls())
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {p} not found")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            raise ValueError(f"config file {p} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
-        if loaded is None:
-            raise ValueError(f"config file {p} is empty; a recipe sets at least model: and rewards: (see configs/)")
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config file {p} must hold a mapping at top level")
-        _merge(data, loaded)
+        _merge(data, read_recipe(Path(path)))
     for key, value in parse_overrides(overrides):
         _set_path(data, key, value)
     return _build(cls, data, "").validate()
+
+
+def read_recipe(p: Path, _chain: Sequence[Path] = ()) -> Dict[str, Any]:
+    """A recipe file's mapping, merged over its ``base:`` recipe (a path relative to the file; bases may
+    have bases). A derived recipe states only what it changes (configs/algorithms/)."""
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {p} not found" + (f" (the base of {_chain[-1]})" if _chain else ""))
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"config file {p} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    if loaded is None:
+        raise ValueError(f"config file {p} is empty; a recipe sets at least model: and rewards: (see configs/)")
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {p} must hold a mapping at top level")
+    base = loaded.pop("base", None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str):
+        raise ValueError(f"config file {p}: base must be the path of another recipe, got {base!r}")
+    here = p.resolve()
+    target = (here.parent / base).resolve()
+    if target in (*_chain, here):
+        raise ValueError(f"config file {p}: its bases form a cycle through {target}")
+    data = read_recipe(target, (*_chain, here))
+    _merge(data, loaded)
+    return data
 
 
 def _merge(base: Dict[str, Any], new: Dict[str, Any]):

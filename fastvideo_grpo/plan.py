@@ -389,8 +389,6 @@ def plan(cfg, gpus: int, gpu_mem_gib: float = 80.0, arch_path=None, mfu: float =
     measurement (activations scale linearly with the batch); ``arch``: an architecture dict instead of a file."""
     from .distributed.parallel_dims import parallel_dims_from_config
     from .dtypes import parse_dtype
-    from .grpo import num_train_steps
-
     if arch is None:
         arch = load_arch(arch_path) if arch_path else load_arch(find_arch(cfg))
     dims = parallel_dims_from_config(cfg.parallel, gpus)
@@ -440,7 +438,8 @@ def plan(cfg, gpus: int, gpu_mem_gib: float = 80.0, arch_path=None, mfu: float =
     mem["train_activations"] = s_mb * (act + recompute + out_grad) / sp
     mem["rollout_activations"] = s_roll * m.rollout_peak / sp
     latent = math.prod(adapter.latent_shape()) * 4
-    K = num_train_steps(*_window(cfg))
+    passes = passes_per_iteration(cfg)
+    K = passes["trained_steps"]
     mem["trajectory"] = rank_batch * (2 * K * latent + latent)
     mem["decode_activations"] = s_dec * m.decode_peak
     static = mem["params_shard"] + mem["grads_shard"] + mem["optimizer_shard"] + mem["vae"] + mem["reward_models"]
@@ -458,9 +457,10 @@ def plan(cfg, gpus: int, gpu_mem_gib: float = 80.0, arch_path=None, mfu: float =
     attn = _attention_flops(adapter, cfg_mult) if not _counted_attention() else 0.0
     fwd_sample = (fwd_full + attn) / sp  # per prompt-sample, both CFG branches included
     recompute_flops = frac * fwd_sample
+    no_grad_update = passes["forward_update"] - passes["backward"]  # reference / old-policy forwards
     flops = {
-        "rollout": s.num_steps * rank_batch * fwd_sample,
-        "train": K * rank_batch * (3 * fwd_sample + recompute_flops),
+        "rollout": passes["forward_rollout"] * fwd_sample,
+        "train": passes["backward"] * (3 * fwd_sample + recompute_flops) + no_grad_update * fwd_sample,
         "decode": rank_batch * m.decode_flops,
     }
     flops["total"] = sum(flops.values())
@@ -471,7 +471,7 @@ def plan(cfg, gpus: int, gpu_mem_gib: float = 80.0, arch_path=None, mfu: float =
     settings = {"dp_shard": dims.dp_shard, "dp_replicate": dims.dp_replicate, "sp": sp, "fsdp_degree": fsdp,
                 "rank_batch": rank_batch, "micro_batch": micro, "cfg": cfg_mult == 2, "trained_steps_K": K,
                 "sampling_steps": s.num_steps, "text_len": seq, "tokens_per_sample": adapter_tokens(adapter),
-                "activation_checkpointing": frac, "mfu": mfu, "reserve_gib": RESERVE_GIB,
+                "activation_checkpointing": frac, "mfu": mfu, "passes": passes, "reserve_gib": RESERVE_GIB,
                 "lora_rank": int(cfg.model.kwargs.get("lora_rank", 0) or 0), "arch_file": arch.get("_path", "")}
     return Plan(recipe, arch["name"], gpus, gpu_mem_gib, {k: v for k, v in params.items()}, mem_gib, flops, seconds,
                 fits, suggestions, settings, m.seconds, m)
@@ -483,12 +483,22 @@ def _counted_attention() -> bool:
     return False
 
 
-def _window(cfg) -> Tuple[int, float]:
-    g = cfg.grpo
-    lo, hi = g.timestep_window or (0, cfg.sampling.num_steps)
-    if g.sde_window.mode != "off":  # MixGRPO / Flow-GRPO-Fast: the trained steps come from the window only
-        return g.sde_window.size, g.tau
-    return hi - lo, g.tau
+def passes_per_iteration(cfg) -> Dict[str, int]:
+    """Model passes per rank and iteration, per sample, as the trainer counts them (fastvideo_grpo/passes.py):
+    ``forward_rollout`` (every sampling step of every sample), ``forward_update`` (each trained step once,
+    plus once more for the reference model of the KL term or DiffusionNFT's old-policy velocity) and
+    ``backward``. ``trained_steps`` is K = int(tau x the candidate steps): the trainable window without the
+    last step (``grpo.trainable_window``), or the MixGRPO / Flow-GRPO-Fast window's size."""
+    from .grpo import num_train_steps, trainable_window
+
+    g, s = cfg.grpo, cfg.sampling
+    lo, hi = trainable_window(s.num_steps, g.timestep_window, g.train_last_step)
+    K = num_train_steps(g.sde_window.size if g.sde_window.mode != "off" else hi - lo, g.tau)
+    samples = g.prompts_per_iteration * g.group_size
+    trained = g.prompts_per_iteration * 2 * g.best_of_n_k if g.best_of_n_k else samples
+    extra = 1 if g.objective == "nft" or g.kl_coef > 0 else 0
+    return {"trained_steps": K, "forward_rollout": samples * s.num_steps, "forward_update": trained * K * (1 + extra),
+            "backward": trained * K}
 
 
 def _text_len(cfg, adapter) -> int:

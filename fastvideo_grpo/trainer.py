@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from . import grpo, nft, residency, sde_window
+from .passes import PassCounter
 from .config import RunConfig
 from .cuda_settings import configure_attention
 from .dtypes import autocast_dtype
@@ -232,6 +233,7 @@ class GRPOTrainer:
         self.ema = WeightEMA(adapter.trainable_module(), cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
         self.iteration = 0
+        self.passes = PassCounter()  # model passes of each iteration, in its metrics (passes.py)
         # autocast applies on CUDA only (rollout._autocast); CPU runs stay in the weights' dtype
         self.autocast_dtype = autocast_dtype(cfg.train.autocast)
         # chunk sizes of the rollout and the decode, and where the VAE lives between decodes
@@ -302,6 +304,13 @@ class GRPOTrainer:
         return sde_window.only_in_window(self.schedule, moving), moving
 
     def train_iteration(self) -> Dict[str, float]:
+        self.passes.reset()
+        with self.passes.watch(self.adapter, self.ref_adapter):
+            metrics = self._iteration()
+        metrics.update(self.passes.metrics())
+        return metrics
+
+    def _iteration(self) -> Dict[str, float]:
         cfg, g = self.cfg, self.cfg.grpo
         t0 = time.perf_counter()
         prompts, cond = self.prompts.next_batch(g.prompts_per_iteration)
@@ -310,9 +319,10 @@ class GRPOTrainer:
         keep = grpo.subsample_timesteps(schedule.num_steps, g.tau, B, self.generator, window)
         self.adapter.trainable_module().eval()
         m = self.memory
-        traj = rollout(self.adapter, schedule, prompts, cond, g.group_size, keep, self.generator,
-                       shared_noise=g.shared_noise, autocast_dtype=self.autocast_dtype, decode=False,
-                       rollout_batch_size=m["rollout_batch_size"], ode_solver=cfg.sampling.ode_solver)
+        with self.passes.phase("rollout"):
+            traj = rollout(self.adapter, schedule, prompts, cond, g.group_size, keep, self.generator,
+                           shared_noise=g.shared_noise, autocast_dtype=self.autocast_dtype, decode=False,
+                           rollout_batch_size=m["rollout_batch_size"], ode_solver=cfg.sampling.ode_solver)
         t_dec = time.perf_counter()
         traj.decoded = decode_latents(self.adapter, traj.final_latents, m["decode_batch_size"], m["offload_vae"])
         t1 = time.perf_counter()

@@ -228,3 +228,22 @@ def test_evaluate_cli_refuses_bad_counts():
 
     with pytest.raises(ValueError, match="--samples-per-prompt must be >= 1"):
         main(["base", "--samples-per-prompt", "-1"])
+
+
+def test_a_recipe_merges_over_its_base_and_bad_bases_are_named(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text("sampling: {num_steps: 7, eta: 0.5}\ngrpo: {group_size: 6}\n"
+                                        "model: {name: toy, kwargs: {shift: 2.0}}\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("base: ../base.yaml\nsampling: {eta: 0.9}\n")
+    (tmp_path / "sub" / "top.yaml").write_text("base: mid.yaml\ngrpo: {tau: 1.0}\n")
+    cfg = load_config(str(tmp_path / "sub" / "top.yaml"), ["--grpo.group_size=4"])
+    # a derived file changes only what it names; bases chain, relative to the file naming them
+    assert (cfg.sampling.num_steps, cfg.sampling.eta, cfg.grpo.group_size, cfg.grpo.tau) == (7, 0.9, 4, 1.0)
+    assert cfg.model.kwargs == {"shift": 2.0} and "base" not in to_dict(cfg)
+    (tmp_path / "loop.yaml").write_text("base: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ValueError, match="cycle"):
+        load_config(str(tmp_path / "loop.yaml"))
+    (tmp_path / "orphan.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(FileNotFoundError, match=r"nowhere.yaml not found \(the base of .*orphan.yaml\)"):
+        load_config(str(tmp_path / "orphan.yaml"))
