@@ -219,8 +219,11 @@ class GRPOTrainer:
         self.ref_adapter = ref_adapter
         params = [p for p in adapter.trainable_module().parameters() if p.requires_grad]
         o = cfg.optim
-        # one fused kernel for the whole update on GPU (the largest non-model cost in bench/iteration.py)
-        fused = all(p.device.type == "cuda" for p in params)
+        # one fused kernel for the whole update on GPU (the largest non-model cost in bench/iteration.py), and
+        # for FSDP2's CPU offload, where the step runs on the CPU copies: torch's fused CPU AdamW took 0.052 s per
+        # 50M-parameter step against 0.323 s for the default foreach one (one thread; DeepSpeed's CPUAdam 0.048 s)
+        on_cpu = all(p.device.type == "cpu" for p in params)
+        fused = all(p.device.type == "cuda" for p in params) or (bool(cfg.parallel.cpu_offload) and on_cpu)
         self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay, fused=fused or None)
         warm = max(0, o.warmup_iterations) * cfg.grpo.num_updates_per_iteration
