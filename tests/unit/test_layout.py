@@ -112,7 +112,7 @@ LAYERS = [  # docs/architecture.md, "Who may import whom": a module imports only
     ["models", "rewards", "distributed"],
     ["grpo", "sde_window", "rollout", "nft", "passes", "trainer", "evaluate", "data", "rewards.build", "ema"],
     ["loop", "checkpoint", "metrics", "preflight", "runner", "run_folder", "toy"],
-    ["train", "evaluate_cli", "plan"],
+    ["train", "evaluate_cli", "plan", "vae_blend"],
 ]
 
 
