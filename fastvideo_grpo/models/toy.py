@@ -1,13 +1,14 @@
-"""The embedded default model: a tiny conditional rectified-flow DiT in pixel space (no downloads).
+"""The embedded default model: a tiny conditional rectified-flow DiT (no downloads).
 
-The network predicts the clean image x_hat (piecewise-constant shapes, easy for a tiny model with
-8x8 patches); the adapter turns it into the rectified-flow velocity the sampler needs,
-u = (z_t - x_hat) / t (from z_t = (1 - t) x + t eps and u = eps - x), with t floored at
-``min_sigma`` so the conversion stays bounded. Images are 3 x S x S in [-1, 1]. Prompt words are tokens of a
-fixed vocabulary (the toy task's grammar), embedded by the model and attended to jointly with the
-image patches (in-context conditioning); the timestep enters through adaLN modulation. It sits
-behind the same ``PolicyAdapter`` protocol as the big models, so the demo exercises the real
-rollout / trainer code.
+It denoises either pixels (3 x S x S in [-1, 1], 8x8 patches) or, as the demo does, the latents of the
+toy autoencoder (``toy_autoencoder.py``: a ``channels`` x 4 x 4 grid, one latent vector per layout cell,
+patch size 1), as FLUX denoises a VAE latent; ``decode`` then runs the frozen decoder. The network
+predicts the clean sample x_hat; the adapter turns it into the rectified-flow velocity the sampler needs,
+u = (z_t - x_hat) / t (from z_t = (1 - t) x + t eps and u = eps - x), with t floored at ``min_sigma`` so
+the conversion stays bounded. Prompt words are tokens of a fixed vocabulary (the toy task's grammar),
+embedded by the model and attended to jointly with the patches (in-context conditioning); the timestep
+enters through adaLN modulation. It sits behind the same ``PolicyAdapter`` protocol as the big models,
+so the demo exercises the real rollout / trainer code.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .. import rng
 from ..sde import FlowSchedule
 from ..toy.shapes import COLOURS, COUNT_WORDS, PLURAL, SHAPES
 from .base import ADAPTERS, Cond, PolicyAdapter
+from .toy_autoencoder import GRID, CellAutoencoder, CellAutoencoderConfig
 
 VOCAB = ["<pad>", "a", "left", "of"] + list(COUNT_WORDS) + list(COLOURS) + list(SHAPES) + list(PLURAL.values())
 MAX_TOKENS = 8
@@ -54,6 +56,8 @@ class TinyDiTConfig:
     mlp_ratio: float = 3.0
     vocab_size: int = len(VOCAB)
     text_len: int = MAX_TOKENS
+    channels: int = 3        # 3 = RGB pixels; a latent model (``toy_autoencoder``) has the autoencoder's channels
+    pos_std: float = 0.02    # init std of the patch and word position embeddings (the demo uses 1.0)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -99,15 +103,15 @@ class TinyDiT(nn.Module):
         if cfg.image_size % p:
             raise ValueError("image_size must be a multiple of patch_size")
         self.num_patches = (cfg.image_size // p) ** 2
-        self.patch_in = nn.Linear(3 * p * p, d)
-        self.pos = nn.Parameter(torch.randn(1, self.num_patches, d) * 0.02)
+        self.patch_in = nn.Linear(cfg.channels * p * p, d)
+        self.pos = nn.Parameter(torch.randn(1, self.num_patches, d) * cfg.pos_std)
         self.tok = nn.Embedding(cfg.vocab_size, d)
-        self.tok_pos = nn.Parameter(torch.randn(1, cfg.text_len, d) * 0.02)
+        self.tok_pos = nn.Parameter(torch.randn(1, cfg.text_len, d) * cfg.pos_std)
         self.t_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Linear(d, 2 * d)
-        self.patch_out = nn.Linear(d, 3 * p * p)
+        self.patch_out = nn.Linear(d, cfg.channels * p * p)
         for m in (self.ada_out, self.patch_out):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
@@ -139,8 +143,12 @@ class ToyAdapter(PolicyAdapter):
     prediction_type = "flow"
 
     def __init__(self, model: TinyDiT, shift: float = 1.0, min_sigma: float = 0.02, balance_grad: bool = False,
-                 frozen: Sequence[str] = (), frozen_below: float = 0.0):
-        """``frozen``: names of the model's submodules kept at their current weights (``requires_grad``
+                 frozen: Sequence[str] = (), frozen_below: float = 0.0,
+                 autoencoder: Optional[CellAutoencoder] = None):
+        """``autoencoder``: the model denoises its latents and ``decode`` runs its frozen decoder (the toy's
+        VAE); without it the model denoises pixels in [-1, 1].
+
+        ``frozen``: names of the model's submodules kept at their current weights (``requires_grad``
         off), e.g. ``["patch_out", "ada_out"]``, the pixel decoder.
 
         ``frozen_below``: a model timestep in (0, 1000]; below it a frozen copy of the model as it is now
@@ -154,6 +162,13 @@ class ToyAdapter(PolicyAdapter):
         self.low_noise_expert = None
         if self.frozen_below > 0:
             self.low_noise_expert = copy.deepcopy(model).requires_grad_(False).eval()
+        if autoencoder is not None and (model.cfg.channels, model.cfg.image_size) != (autoencoder.cfg.channels, GRID):
+            raise ValueError(f"a latent toy model must denoise the autoencoder's ({autoencoder.cfg.channels}, {GRID}, "
+                             f"{GRID}) latents: its config has channels={model.cfg.channels}, image_size="
+                             f"{model.cfg.image_size}")
+        if autoencoder is None and model.cfg.channels != 3:
+            raise ValueError(f"a toy model with {model.cfg.channels} channels denoises latents: give its autoencoder")
+        self.autoencoder = autoencoder.requires_grad_(False).eval() if autoencoder is not None else None
         self.model = model
         self.shift = shift
         self.min_sigma = min_sigma
@@ -174,7 +189,7 @@ class ToyAdapter(PolicyAdapter):
 
     def initial_noise(self, num_samples, generator, device=None, cond=None):
         s = self.model.cfg.image_size
-        return rng.randn((num_samples, 3, s, s), generator, device=device or self.device)
+        return rng.randn((num_samples, self.model.cfg.channels, s, s), generator, device=device or self.device)
 
     def predict(self, latents, timestep_B, cond: Cond):
         """Velocity (z - x_hat) / t. With ``balance_grad`` the value is unchanged but the gradient
@@ -204,32 +219,56 @@ class ToyAdapter(PolicyAdapter):
         return torch.where(low.view(-1, *([1] * (latents.ndim - 1))), both[1], both[0])
 
     def decode(self, latents):
+        if self.autoencoder is not None:
+            ae = self.autoencoder.to(latents.device)
+            return ae.decode(latents.float())
         return ((latents.float().clamp(-1, 1) + 1) / 2).clamp(0, 1)
 
     def encode_prompts(self, prompts) -> Cond:
         return {"tokens": tokenize(list(prompts)).to(self.device)}
 
 
-def save_toy_model(model: TinyDiT, path) -> None:
+def save_toy_model(model: TinyDiT, path, autoencoder: Optional[CellAutoencoder] = None) -> None:
+    """One file with the DiT (and the autoencoder of a latent model), written atomically."""
     from ..io import atomic_torch_save
 
-    atomic_torch_save({"config": asdict(model.cfg), "state_dict": model.state_dict()}, path)
+    blob = {"config": asdict(model.cfg), "state_dict": model.state_dict()}
+    if autoencoder is not None:
+        blob["autoencoder"] = {"config": asdict(autoencoder.cfg), "state_dict": autoencoder.state_dict()}
+    atomic_torch_save(blob, path)
 
 
-def load_toy_model(path) -> TinyDiT:
+def _load_blob(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"toy checkpoint {path} not found (the demo pretrains one when it is missing)")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_toy_model(path) -> TinyDiT:
+    blob = _load_blob(path)
     model = TinyDiT(TinyDiTConfig(**blob["config"]))
     model.load_state_dict(blob["state_dict"])
     return model
+
+
+def load_toy_autoencoder(path) -> Optional[CellAutoencoder]:
+    """The checkpoint's autoencoder (a latent model), or None (a pixel model)."""
+    blob = _load_blob(path).get("autoencoder")
+    if blob is None:
+        return None
+    ae = CellAutoencoder(CellAutoencoderConfig(**blob["config"]))
+    ae.load_state_dict(blob["state_dict"])
+    return ae.eval()
 
 
 @ADAPTERS.register("toy", paths=("checkpoint",))
 def build_toy(checkpoint: Optional[str] = None, shift: float = 1.0, device: str = "cpu",
               balance_grad: bool = False, frozen: Sequence[str] = (), frozen_below: float = 0.0,
               **model_cfg) -> ToyAdapter:
-    model = load_toy_model(checkpoint) if checkpoint else TinyDiT(TinyDiTConfig(**model_cfg))
+    if checkpoint:
+        model, autoencoder = load_toy_model(checkpoint), load_toy_autoencoder(checkpoint)
+    else:
+        model, autoencoder = TinyDiT(TinyDiTConfig(**model_cfg)), None
     return ToyAdapter(model.to(device), shift=shift, balance_grad=balance_grad, frozen=frozen,
-                      frozen_below=frozen_below)
+                      frozen_below=frozen_below, autoencoder=autoencoder)

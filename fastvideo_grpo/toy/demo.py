@@ -43,16 +43,16 @@ def toy_adapter_factory(cfg: RunConfig, train_prompts, cache_dir: str = "outputs
 
     def build(device) -> ToyAdapter:
         if get_rank() == 0:
-            model, ckpt, seconds = pretrained_toy_model(train_prompts, pre, cache_dir=cache_dir, progress=progress)
+            model, ae, ckpt, seconds = pretrained_toy_model(train_prompts, pre, cache_dir=cache_dir, progress=progress)
         barrier()
         if get_rank() != 0:
-            model, ckpt, seconds = pretrained_toy_model(train_prompts, pre, cache_dir=cache_dir, progress=False)
+            model, ae, ckpt, seconds = pretrained_toy_model(train_prompts, pre, cache_dir=cache_dir, progress=False)
         if record is not None:
             record.update(checkpoint=str(ckpt), pretrain_time_s=seconds)
         return ToyAdapter(model.to(device), shift=float(cfg.model.kwargs.get("shift", 1.0)),
                           balance_grad=bool(cfg.model.kwargs.get("balance_grad", False)),
                           frozen=cfg.model.kwargs.get("frozen", ()),
-                          frozen_below=float(cfg.model.kwargs.get("frozen_below", 0.0)))
+                          frozen_below=float(cfg.model.kwargs.get("frozen_below", 0.0)), autoencoder=ae)
 
     return build
 
@@ -79,7 +79,8 @@ class DemoReport(Component):
             from ..ema import weights_for_eval
 
             with weights_for_eval(self.parts.trainer):  # the EMA weights when train.ema_decay is set
-                save_toy_model(self.parts.trainer.adapter.model, state.out / "policy.pt")
+                adapter = self.parts.trainer.adapter
+                save_toy_model(adapter.model, state.out / "policy.pt", adapter.autoencoder)
             _write_grids(ev.first, ev.last, state.out, self.parts.cfg.eval.samples_per_prompt,
                          self.parts.eval_fns)
         return {}

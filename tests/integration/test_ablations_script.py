@@ -22,7 +22,8 @@ def test_ablation_table_is_written_and_runs_are_reused(tmp_path, monkeypatch):
         "--train.num_eval_prompts=3", "--grpo.prompts_per_iteration=2", "--grpo.group_size=4",
         "--extra.eval_samples_per_prompt=2",
         "--extra.pretrain.steps=3", "--extra.pretrain.num_images=32", "--extra.pretrain.batch_size=8",
-        "--extra.pretrain.model={image_size: 16, patch_size: 4, hidden: 32, depth: 1, heads: 2}",
+        "--extra.pretrain.model={hidden: 32, depth: 1, heads: 2}",
+        "--extra.pretrain.autoencoder={image_size: 16, hidden: 16, steps: 3}",
     ])
     config = tmp_path / "tiny.yaml"
     save_config(cfg, config)

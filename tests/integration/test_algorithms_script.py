@@ -28,7 +28,8 @@ def test_algorithm_comparison_on_a_tiny_budget(tmp_path, monkeypatch):
         "--train.num_eval_prompts=2", "--eval.samples_per_prompt=2", "--grpo.prompts_per_iteration=2",
         "--grpo.group_size=4",
         "--extra.pretrain.steps=2", "--extra.pretrain.num_images=16", "--extra.pretrain.batch_size=8",
-        "--extra.pretrain.model={image_size: 16, patch_size: 4, hidden: 32, depth: 1, heads: 2}",
+        "--extra.pretrain.model={hidden: 32, depth: 1, heads: 2}",
+        "--extra.pretrain.autoencoder={image_size: 16, hidden: 16, steps: 3}",
     ])
     config = tmp_path / "tiny.yaml"
     save_config(cfg, config)

@@ -123,7 +123,8 @@ def test_short_demo_runs_end_to_end(tmp_path):
         # a continuous reward too: the barely-pretrained model's geneval ties within groups (zero advantage)
         "--rewards=[{name: toy_geneval}, {name: toy_geneval, threshold: 0.99}, {name: toy_colour_fidelity, weight: 0.5}]",
         "--extra.pretrain.steps=3", "--extra.pretrain.num_images=64", "--extra.pretrain.batch_size=8",
-        "--extra.pretrain.model={image_size: 16, patch_size: 4, hidden: 32, depth: 1, heads: 2}",
+        "--extra.pretrain.model={hidden: 32, depth: 1, heads: 2}",
+        "--extra.pretrain.autoencoder={image_size: 16, hidden: 16, steps: 3}",
     ])
     summary = run_demo(cfg, progress=False, cache_dir=str(tmp_path / "cache"))
     out = tmp_path / "demo"
