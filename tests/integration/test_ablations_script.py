@@ -1,33 +1,20 @@
 """bench/ablations.py end to end on a tiny config: rows per variant and seed, resumable, per-seed column."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 from fastvideo_grpo.config import load_config, save_config
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _ablations_module():
-    spec = importlib.util.spec_from_file_location("ablations", ROOT / "bench" / "ablations.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from support.scripts import ROOT, TINY_TOY_PRETRAIN, load_script
 
 
 def test_ablation_table_is_written_and_runs_are_reused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the demo caches its pretrained model under ./outputs
     cfg = load_config(str(ROOT / "configs" / "toy_cpu.yaml"), [
         "--train.num_eval_prompts=3", "--grpo.prompts_per_iteration=2", "--grpo.group_size=4",
-        "--extra.eval_samples_per_prompt=2",
-        "--extra.pretrain.steps=3", "--extra.pretrain.num_images=32", "--extra.pretrain.batch_size=8",
-        "--extra.pretrain.model={hidden: 32, depth: 1, heads: 2}",
-        "--extra.pretrain.autoencoder={image_size: 16, hidden: 16, steps: 3}",
+        "--extra.eval_samples_per_prompt=2", *TINY_TOY_PRETRAIN,
     ])
     config = tmp_path / "tiny.yaml"
     save_config(cfg, config)
-    ab = _ablations_module()
+    ab = load_script("bench", "ablations")
     args = ["--config", str(config), "--out", str(tmp_path / "abl"), "--iterations", "1", "--seeds", "0", "1",
             "--only", "baseline,sde_every_step"]
     ab.main(args)

@@ -5,36 +5,23 @@ DanceGRPO (the demo) rolls out 8 x 10 = 80 forwards and trains 8 x 5 = 40 forwar
 in all; MixGRPO's 2-step window trains 8 x 2 = 16: 112. A budget of 2 DanceGRPO iterations (320 passes)
 gives MixGRPO round(320 / 112) = 3 iterations."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 from fastvideo_grpo.config import load_config, save_config
 from fastvideo_grpo.metrics import read_jsonl
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _module(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from support.scripts import ROOT, TINY_TOY_PRETRAIN, load_script
 
 
 def test_algorithm_comparison_on_a_tiny_budget(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the demo caches its pretrained model under ./outputs
     cfg = load_config(str(ROOT / "configs" / "toy_cpu.yaml"), [
         "--train.num_eval_prompts=2", "--eval.samples_per_prompt=2", "--grpo.prompts_per_iteration=2",
-        "--grpo.group_size=4",
-        "--extra.pretrain.steps=2", "--extra.pretrain.num_images=16", "--extra.pretrain.batch_size=8",
-        "--extra.pretrain.model={hidden: 32, depth: 1, heads: 2}",
-        "--extra.pretrain.autoencoder={image_size: 16, hidden: 16, steps: 3}",
+        "--grpo.group_size=4", *TINY_TOY_PRETRAIN,
     ])
     config = tmp_path / "tiny.yaml"
     save_config(cfg, config)
     out = tmp_path / "alg"
-    report = _module("algorithms").main(["--config", str(config), "--out", str(out), "--iterations", "2",
+    report = load_script("bench", "algorithms").main(["--config", str(config), "--out", str(out), "--iterations", "2",
                                          "--evals", "1", "--seeds", "0", "--only", "dance_grpo,mixgrpo"])
     assert json.loads((out / "algorithms.json").read_text()) == json.loads(json.dumps(report))
     assert report["budget_passes"] == 320

@@ -9,7 +9,6 @@ prompts starting with "NaN") is registered on import.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from fastvideo_grpo.data.prompts import PromptRecord
 from fastvideo_grpo.models import ADAPTERS
 from fastvideo_grpo.rewards.base import REWARDS
 from support import tiny_models
+from support.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [f"a {c} {s} photo" for c in ("red", "blue", "green", "white") for s in ("cat", "dog", "city")]
@@ -113,10 +113,7 @@ def build_tiny_run(root: Path, name: str):
 
 
 def train_script(name):
-    spec = importlib.util.spec_from_file_location(f"_ts_{name}", ROOT / "train_scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("train_scripts", name)
 
 
 def run_overrides(folder, kw, manifest, out, **extra):
