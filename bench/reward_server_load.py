@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -108,8 +108,9 @@ class Slowloris:
                 self.answers[status] += 1
             self._stop.wait(self.every)  # reopen at the next tick
 
-    def _hold(self, sock) -> Optional[int]:
-        """Drip header bytes until the server answers or closes; the answer's status code, or None."""
+    def _hold(self, sock) -> Union[int, str, None]:
+        """Drip header bytes until the server answers or closes: the answer's status code, None when
+        it closed without one, "stopped" when :meth:`close` came first."""
         try:
             sock.sendall(self.HEAD)
             while not self._stop.is_set():

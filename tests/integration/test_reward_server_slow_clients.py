@@ -16,7 +16,7 @@ import torch
 from fastvideo_grpo.rewards.remote import RewardClient, encode_tensor
 from fastvideo_grpo.rewards.server import RewardService, limits_from, serve_in_thread
 from fastvideo_grpo.rewards.server_guard import ConnectionSlots, ServerLimits
-from tests.support.scripts import load_script
+from support.scripts import load_script
 
 TOKEN = "test-token-0123456789abcdef"
 PARTIAL = b"POST /score HTTP/1.1\r\nHost: x\r\nX-Slow: a"  # a header that never ends
