@@ -24,10 +24,15 @@ Across machines (docs/rewards.md, "Across machines"): with a token (``$FVG_REWAR
 ``--token-file``, never on the command line) every request needs ``Authorization: Bearer <token>``
 or gets 401, loopback included; a non-loopback ``--host`` without a token is refused unless
 ``--insecure``. Limits (server_guard.ServerLimits): ``--max-body-mb`` (413 from the headers, before
-the body is read), ``--read-timeout`` (one request's headers + body; 408 and close), ``--max-connections``
-(503 and close), ``--max-queue`` (scoring requests admitted at once; 429) and ``--queue-timeout``
-(an admitted request's wait for the models; 503). The standard library's threaded server is kept:
-these limits are small additions to it, and one model call at a time, not HTTP, bounds throughput.
+the body is read), ``--header-timeout`` (a request's line and headers; 408 and close),
+``--read-timeout`` (its body, after the headers; 408 and close), ``--max-connections`` and
+``--max-connections-per-peer`` (beyond either, the connection that has waited longest without a
+complete header carrying the token is closed with 503 to make room; when none waits, the new one
+gets 503), ``--max-queue`` (scoring requests admitted at once; 429) and ``--queue-timeout`` (an
+admitted request's wait for the models; 503). Every error answer is JSON ``{"error": "..."}``, the
+standard library's own refusals (431, 414, 400, 501, 505) included. The standard library's threaded
+server is kept: these limits are small additions to it, and one model call at a time, not HTTP,
+bounds throughput. docs/reliability.md says what the server does under slow and hostile clients.
 
 Every request is handled on its own thread, and torch's intra-op thread count is a per-thread
 setting (see fastvideo_grpo/threads.py), so each scoring call sets ``num_threads`` (``--threads``)
@@ -58,8 +63,8 @@ import torch
 from ..threads import resolve_num_threads, thread_count
 from .base import REWARDS, RewardFn, check_scores, validate_reward_inputs
 from .remote import DEFAULT_HOST, DEFAULT_PORT, _jsonable, _merge_infos, decode_tensor
-from .server_guard import (TOKEN_ENV, DeadlineReader, ServerLimits, check_bind, check_token, load_token,
-                           token_matches)
+from .server_guard import (TOKEN_ENV, ConnectionEvicted, ConnectionSlots, DeadlineReader, ServerLimits, check_bind,
+                           check_token, load_token, token_matches)
 
 # ---------------------------------------------------------------- server
 
@@ -121,56 +126,72 @@ def _reason(code: int) -> str:
 
 
 class RewardHTTPServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with a cap on open connections (beyond it: 503 and close, answered by the
-    accepting thread, no worker started) and the shared state of the handlers: the token, the limits
-    and the admission semaphore (at most ``max_queue`` scoring requests past the header checks)."""
+    """ThreadingHTTPServer whose open connections are held in server_guard.ConnectionSlots (capped in
+    all and per peer address; beyond a cap the connection that has waited longest for a complete
+    authenticated header is evicted, or, when none waits, the new one gets 503 from the accepting
+    thread, no worker started) and the shared state of the handlers: the token, the limits and the
+    admission semaphore (at most ``max_queue`` scoring requests past the header checks)."""
 
     daemon_threads = True
     request_queue_size = 64  # listen backlog
+    EVICTION_NOTE_S = 60.0   # at most one log line a minute about evictions
 
     def __init__(self, address, handler, limits: ServerLimits, token: Optional[str]):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.limits, self.token = limits, token
         self.admitted = threading.BoundedSemaphore(limits.max_queue)
-        self._count_lock = threading.Lock()
-        self.open_connections = 0
+        self.slots = ConnectionSlots(limits.max_connections, limits.max_connections_per_peer)
+        self._evictions_noted, self._next_note = 0, 0.0
         super().__init__(address, handler)
 
+    @property
+    def open_connections(self) -> int:
+        return len(self.slots)
+
     def process_request(self, request, client_address):
-        with self._count_lock:
-            full = self.open_connections >= self.limits.max_connections
-            if not full:
-                self.open_connections += 1
-        if full:
-            body = json.dumps({"error": f"reward server busy: {self.limits.max_connections} connections open "
-                                        "(--max-connections); retry later"}).encode()
-            head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                    f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()
-            try:
-                request.settimeout(1.0)  # ~200 bytes: fits any send buffer, never blocks the accept loop long
-                request.sendall(head + body)
-                request.shutdown(socket.SHUT_WR)
-                request.setblocking(False)
-                request.recv(1 << 16)  # what already arrived: closing on unread data resets the connection
-            except OSError:
-                pass
+        conn, refusal = self.slots.open(client_address[0], request)
+        self._note_evictions()
+        if conn is None:
+            self._refuse_at_accept(request, refusal)
             self.shutdown_request(request)
             return
+        t = threading.Thread(target=self._serve_connection, args=(request, client_address, conn), daemon=True)
         try:
-            super().process_request(request, client_address)
+            t.start()
         except BaseException:
-            self._release_connection()
+            self.slots.close(conn)  # the caller closes the socket
             raise
 
-    def process_request_thread(self, request, client_address):
+    def _serve_connection(self, request, client_address, conn):
         try:
-            super().process_request_thread(request, client_address)
+            self.RequestHandlerClass(request, client_address, self, conn)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
-            self._release_connection()
+            self.slots.close(conn)  # before the socket closes: an eviction never shuts down a closed socket
+            self.shutdown_request(request)
 
-    def _release_connection(self):
-        with self._count_lock:
-            self.open_connections -= 1
+    @staticmethod
+    def _refuse_at_accept(request, message: str):
+        body = json.dumps({"error": message}).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()
+        try:
+            request.settimeout(1.0)  # a few hundred bytes: fit any send buffer, never block the accept loop long
+            request.sendall(head + body)
+            request.shutdown(socket.SHUT_WR)
+            request.setblocking(False)
+            request.recv(1 << 16)  # what already arrived: closing on unread data resets the connection
+        except OSError:
+            pass
+
+    def _note_evictions(self):
+        n, now = self.slots.evictions, time.monotonic()
+        if n > self._evictions_noted and now >= self._next_note:
+            print(f"[reward server] {n - self._evictions_noted} connection(s) closed to make room for new ones: they "
+                  f"had not sent a complete request header with the token (slow or idle clients; "
+                  f"{self.slots.max_total} slots, --max-connections)", file=sys.stderr, flush=True)
+            self._evictions_noted, self._next_note = n, now + self.EVICTION_NOTE_S
 
     def handle_error(self, request, client_address):  # one line, not a traceback; keep serving
         e = sys.exc_info()[1]
@@ -179,30 +200,123 @@ class RewardHTTPServer(ThreadingHTTPServer):
 
 def _handler(service: RewardService):
     class Handler(BaseHTTPRequestHandler):
+        """One connection. Each request has two deadlines: ``header_timeout`` for the request line and
+        headers (counted from when the server starts waiting for the request, so an idle kept-alive
+        connection is closed then too) and ``read_timeout`` for the body (counted from the end of the
+        headers). Until its header is complete and carries the token the connection may be evicted
+        from its slot (server_guard.ConnectionSlots). Every error is answered as JSON."""
+
         protocol_version = "HTTP/1.1"
+
+        def __init__(self, request, client_address, server, conn):
+            self._conn, self._authenticated = conn, False
+            super().__init__(request, client_address, server)
 
         def log_message(self, fmt, *args):  # quiet: one line per error only
             pass
 
+        def log_request(self, code="-", size="-"):
+            pass
+
         def setup(self):
             super().setup()
-            self.rfile.close()  # replaced by a reader with a per-request deadline
-            self._reader = DeadlineReader(self.connection)
+            self.rfile.close()  # replaced by a reader with deadlines that notices an eviction
+            self._reader = DeadlineReader(self.connection, evicted=lambda: self._conn.evicted)
             self.rfile = io.BufferedReader(self._reader, 65536)
 
         def handle_one_request(self):
-            # the whole request (request line, headers, body) must arrive within read_timeout of the
-            # moment the server starts waiting for it; an idle keep-alive connection is closed then too
-            self._reader.deadline = time.monotonic() + self.server.limits.read_timeout
+            limits = self.server.limits
+            if self._authenticated:  # the next request on a kept-alive connection: evictable again
+                self.server.slots.wait_again(self._conn)
+            self._authenticated, self.raw_requestline, self.command = False, b"", None
+            self.requestline, self.request_version = "", self.protocol_version  # for an answer before parsing
+            received = self._reader.received
+            self._reader.deadline = time.monotonic() + limits.header_timeout
             try:
-                super().handle_one_request()
-            except OSError:  # reset by the client, or timed out mid-headers: nothing to answer
+                self.raw_requestline = self.rfile.readline(65537)
+                if len(self.raw_requestline) > 65536:
+                    self.requestline = self.request_version = self.command = ""
+                    self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+                    return
+                if not self.raw_requestline:  # the client closed an idle connection
+                    self.close_connection = True
+                    return
+                if not self.parse_request():  # malformed: answered by send_error
+                    return
+                if self.request_version == "HTTP/0.9":  # no headers, no status line: not this API
+                    self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 requests are not served; send HTTP/1.1")
+                    return
+                if not self._authenticate():
+                    return
+            except ConnectionEvicted:
+                self._answer_evicted()
+                return
+            except TimeoutError:
+                self.close_connection = True
+                if self.raw_requestline or self._reader.received > received:  # an idle connection: close silently
+                    self._refuse(408, f"the request line and headers did not arrive within {limits.header_timeout:g} s "
+                                      "(--header-timeout); send the whole header at once", timeout=1.0)
+                return
+            except OSError:  # reset by the client: nothing to answer
+                self.close_connection = True
+                return
+            self._reader.deadline = time.monotonic() + limits.read_timeout  # the body's own deadline
+            method = getattr(self, "do_" + self.command, None)
+            if method is None:
+                self.send_error(HTTPStatus.NOT_IMPLEMENTED, f"method {self.command} is not supported; use GET /health "
+                                                            "or POST /score")
+                return
+            try:
+                method()
+                self.wfile.flush()
+            except OSError:  # reset by the client, or a write timed out
                 self.close_connection = True
 
-        def _send(self, code: int, obj: dict, close: bool = False, headers: Sequence = ()):
+        def _authenticate(self) -> bool:
+            """Whether the complete header carries the token (else 401) and the connection still holds
+            its slot (else 503); from here on it cannot be evicted."""
+            if self._authenticated:
+                return True
+            token = self.server.token
+            if token is not None and not token_matches(self.headers.get("Authorization"), token):
+                what = "a wrong token" if self.headers.get("Authorization") else "no token"
+                unread = self._content_length() if self.command == "POST" else 0
+                self._refuse(401, f"this reward server needs its token and got {what}: send 'Authorization: Bearer "
+                                  f"<token>' (the remote reward reads ${TOKEN_ENV} or token_file)", unread=unread,
+                             headers=[("WWW-Authenticate", "Bearer")])
+                return False
+            if not self.server.slots.authenticate(self._conn):
+                self._answer_evicted()
+                return False
+            self._authenticated = True
+            return True
+
+        def _answer_evicted(self):
+            self._send(503, {"error": "reward server full: this connection was closed to make room for a new one "
+                                      "because it had not sent a complete request header with the token (the one "
+                                      "waiting longest goes first; --max-connections, --max-connections-per-peer); "
+                                      "send the whole header at once, and retry"},
+                       close=True, headers=[("Retry-After", "1")], timeout=1.0, quiet=True)
+
+        def send_error(self, code, message=None, explain=None):
+            """The standard library's refusals (malformed request line, 414, 431, 501, 505) as JSON, like
+            every other answer, instead of its HTML page."""
+            text = message or _reason(int(code))
+            if explain:
+                text = f"{text}: {explain}"
+            if self.request_version == "HTTP/0.9":  # a malformed request line: answer with a status line anyway
+                self.request_version = self.protocol_version
+            # the rest of an oversized or malformed header may still be on the way: drain a little of it
+            self._refuse(int(code), text, unread=1 << 20, timeout=1.0)
+
+        def _send(self, code: int, obj: dict, close: bool = False, headers: Sequence = (),
+                  timeout: Optional[float] = None, quiet: bool = False):
             body = json.dumps(obj).encode()
+            limits = self.server.limits
+            if timeout is None:  # bounds a client that does not read
+                timeout = limits.read_timeout if self._authenticated else limits.header_timeout
             try:
-                self.connection.settimeout(self.server.limits.read_timeout)  # bounds a client that does not read
+                self.connection.settimeout(timeout)
                 self.send_response(code, _reason(code))
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -215,19 +329,25 @@ def _handler(service: RewardService):
                 self.wfile.write(body)
             except OSError:  # the client gave up (its timeout) or vanished: one line
                 self.close_connection = True
-                print(f"[reward server] client {self.client_address[0]}:{self.client_address[1]} left before "
-                      f"the answer to {self.command} {self.path} (client timeout?)", file=sys.stderr, flush=True)
+                if not quiet:
+                    print(f"[reward server] client {self.client_address[0]}:{self.client_address[1]} left before "
+                          f"the answer to {self.command} {getattr(self, 'path', '')} (client timeout?)",
+                          file=sys.stderr, flush=True)
 
-        def _refuse(self, code: int, msg: str, unread: int = 0, headers: Sequence = ()):
-            """Answer ``code`` and close. A body left unread is drained for a short while first
-            ("lingering close"): closing a socket with unread data sends a reset, which can destroy the
-            answer before the client reads it."""
-            self._send(code, {"error": msg}, close=True, headers=headers)
+        def _refuse(self, code: int, msg: str, unread: int = 0, headers: Sequence = (),
+                    timeout: Optional[float] = None):
+            """Answer ``code`` and close. A body left unread (up to ``unread`` bytes) is drained for a
+            short while first ("lingering close"): closing a socket with unread data sends a reset, which
+            can destroy the answer before the client reads it."""
+            self._send(code, {"error": msg}, close=True, headers=headers, timeout=timeout,
+                       quiet=not self._authenticated)
             if unread <= 0:
                 return
+            limits = self.server.limits
             try:
                 self.connection.shutdown(socket.SHUT_WR)
-                self._reader.deadline = time.monotonic() + min(5.0, self.server.limits.read_timeout)
+                wait = limits.read_timeout if self._authenticated else limits.header_timeout
+                self._reader.deadline = time.monotonic() + min(5.0, wait)
                 while unread > 0:
                     chunk = self.rfile.read1(min(unread, 1 << 20))
                     if not chunk:
@@ -237,13 +357,7 @@ def _handler(service: RewardService):
                 pass
 
         def _check_headers(self):
-            """(code, message, headers) refusing the request from its headers alone, or None."""
-            token = self.server.token
-            if token is not None and not token_matches(self.headers.get("Authorization"), token):
-                what = "a wrong token" if self.headers.get("Authorization") else "no token"
-                return (401, f"this reward server needs its token and got {what}: send 'Authorization: Bearer "
-                             f"<token>' (the remote reward reads ${TOKEN_ENV} or token_file)",
-                        [("WWW-Authenticate", "Bearer")])
+            """(code, message, headers) refusing an authenticated request from its headers alone, or None."""
             if self.command != "POST":
                 return None
             if self.headers.get("Transfer-Encoding"):
@@ -263,6 +377,8 @@ def _handler(service: RewardService):
             return int(value) if value.isdigit() else 0
 
         def handle_expect_100(self):  # refuse from the headers before the client sends the body
+            if not self._authenticate():
+                return False
             refusal = self._check_headers()
             if refusal:
                 self._refuse(refusal[0], refusal[1], headers=refusal[2])
@@ -270,10 +386,7 @@ def _handler(service: RewardService):
             return super().handle_expect_100()
 
         def do_GET(self):
-            refusal = self._check_headers()
-            if refusal:
-                self._refuse(refusal[0], refusal[1], headers=refusal[2])
-            elif self.path.rstrip("/") == "/health":
+            if self.path.rstrip("/") == "/health":
                 limits = self.server.limits
                 self._send(200, {"rewards": sorted(service.rewards), "max_batch": service.max_batch,
                                  "num_threads": service.num_threads, "max_body_bytes": limits.max_body_bytes,
@@ -402,8 +515,8 @@ def build_rewards(reward_cfgs: Dict[str, dict]) -> Dict[str, RewardFn]:
     return out
 
 
-CONFIG_KEYS = {"rewards", "host", "port", "max_batch", "num_threads", "token_file", "max_body_mb", "read_timeout",
-               "max_connections", "max_queue", "queue_timeout"}
+CONFIG_KEYS = {"rewards", "host", "port", "max_batch", "num_threads", "token_file", "max_body_mb", "header_timeout",
+               "read_timeout", "max_connections", "max_connections_per_peer", "max_queue", "queue_timeout"}
 
 
 def _int_arg(lo: int, hi: Optional[int] = None, note: str = ""):
@@ -441,8 +554,11 @@ def limits_from(a, cfg: dict) -> ServerLimits:
     if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not mb > 0:
         raise ValueError(f"max_body_mb must be a number > 0, got {mb!r}")
     return ServerLimits(max_body_bytes=int(mb * 2 ** 20),
+                        header_timeout=_pick(a.header_timeout, cfg, "header_timeout", d.header_timeout),
                         read_timeout=_pick(a.read_timeout, cfg, "read_timeout", d.read_timeout),
                         max_connections=_pick(a.max_connections, cfg, "max_connections", d.max_connections),
+                        max_connections_per_peer=_pick(a.max_connections_per_peer, cfg, "max_connections_per_peer",
+                                                       d.max_connections_per_peer),
                         max_queue=_pick(a.max_queue, cfg, "max_queue", d.max_queue),
                         queue_timeout=_pick(a.queue_timeout, cfg, "queue_timeout", d.queue_timeout))
 
@@ -473,11 +589,21 @@ def main(argv=None):
     d = ServerLimits()
     p.add_argument("--max-body-mb", type=_positive_arg("MiB"), default=None,
                    help=f"largest request body in MiB (default {d.max_body_bytes / 2 ** 20:g}); larger: HTTP 413")
+    p.add_argument("--header-timeout", type=_positive_arg("seconds"), default=None,
+                   help=f"seconds a request's line and headers may take to arrive, counted from when the server "
+                        f"starts waiting for them (default {d.header_timeout:g}); slower: HTTP 408 and the "
+                        "connection closed (an idle connection is closed without an answer)")
     p.add_argument("--read-timeout", type=_positive_arg("seconds"), default=None,
-                   help=f"seconds one request (headers + body) may take to arrive (default {d.read_timeout:g}); "
+                   help=f"seconds a request's body may take to arrive after its headers (default {d.read_timeout:g}); "
                         "slower: HTTP 408 and the connection closed")
     p.add_argument("--max-connections", type=_int_arg(1), default=None,
-                   help=f"open connections at once (default {d.max_connections}); more: HTTP 503")
+                   help=f"open connections at once (default {d.max_connections}); when full, the connection that has "
+                        "waited longest without sending a complete header with the token is closed to make room "
+                        "(HTTP 503 to it), and when none is waiting the new one gets HTTP 503")
+    p.add_argument("--max-connections-per-peer", type=_int_arg(1), default=None,
+                   help=f"open connections from one client address (default {d.max_connections_per_peer}); beyond it "
+                        "the same rule within that address's connections. Raise it to --max-connections behind a "
+                        "proxy (every connection then comes from the proxy's address)")
     p.add_argument("--max-queue", type=_int_arg(1), default=None,
                    help=f"scoring requests admitted at once, the one scoring included (default {d.max_queue}); "
                         "more: HTTP 429")

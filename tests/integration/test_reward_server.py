@@ -293,8 +293,8 @@ def guarded(monkeypatch):
     monkeypatch.delenv("FVG_REWARD_TOKEN", raising=False)
     from fastvideo_grpo.rewards.server_guard import ServerLimits
 
-    limits = ServerLimits(max_body_bytes=256 * 1024, read_timeout=1.5, max_connections=32, max_queue=16,
-                          queue_timeout=30.0)
+    limits = ServerLimits(max_body_bytes=256 * 1024, header_timeout=1.0, read_timeout=1.5, max_connections=32,
+                          max_queue=16, queue_timeout=30.0)
     service = RewardService({"mean": _mean_reward}, max_batch=2, num_threads=torch.get_num_threads())
     srv, thread = serve_in_thread(service, "127.0.0.1", 0, token=TOKEN, limits=limits)
     yield srv.server_address[1], srv
@@ -361,6 +361,8 @@ def test_non_loopback_bind_needs_a_token_or_insecure(monkeypatch, capsys):
     (["--port", "70000"], "--port: must be in [0, 65535]"),
     (["--threads", "-1"], "--threads: must be >= 0"),
     (["--read-timeout", "0"], "--read-timeout: must be a number of seconds > 0"),
+    (["--header-timeout", "-1"], "--header-timeout: must be a number of seconds > 0"),
+    (["--max-connections-per-peer", "0"], "--max-connections-per-peer: must be >= 1"),
     (["--max-queue", "0"], "--max-queue: must be >= 1"),
     (["--max-body-mb", "-5"], "--max-body-mb: must be a number of MiB > 0"),
     (["--token", TOKEN], "command lines are visible"),
@@ -380,6 +382,8 @@ def test_cli_refuses_nonsense_values(args, message, capsys, monkeypatch):
     ({"max_batch": 0}, "max_batch must be an integer >= 1"),
     ({"max_queue": 0}, "max_queue must be an integer > 0"),
     ({"read_timeout": "soon"}, "read_timeout must be a number > 0"),
+    ({"header_timeout": 0}, "header_timeout must be a number > 0"),
+    ({"max_connections_per_peer": 2.5}, "max_connections_per_peer must be an integer > 0"),
     ({"maxbatch": 4}, "unknown keys ['maxbatch']"),
     ({"token": TOKEN}, "do not put the token in the config"),
 ])
@@ -441,19 +445,39 @@ def _drip(port, head: bytes, dripped: bytes = b" ", every=0.1, limit=10.0):
     return time.monotonic() - t0, data.decode("latin-1")
 
 
-def test_slow_senders_are_cut_off_at_the_read_deadline(guarded):
+def _json_answer(answer: str) -> dict:
+    head, _, body = answer.partition("\r\n\r\n")
+    assert "Content-Type: application/json" in head, answer
+    return json.loads(body)
+
+
+def test_slow_senders_are_cut_off_at_their_deadlines(guarded):
+    """The request line and headers have their own deadline (--header-timeout, from when the server
+    starts waiting), the body another (--read-timeout, from the end of the headers); a byte every 0.1 s
+    outlasts neither, and both answer 408 as JSON. A connection that sends nothing is closed silently."""
     port, srv = guarded
-    rt = srv.limits.read_timeout
-    body_drip = threading.Thread(target=lambda: out.__setitem__("body", _drip(port, _post_head(1000))))
+    ht, rt = srv.limits.header_timeout, srv.limits.read_timeout
     out = {}
-    body_drip.start()
+
+    def idle():
+        t0 = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            out["idle"] = (s.recv(100), time.monotonic() - t0)  # b"" when the server closes
+
+    jobs = [threading.Thread(target=lambda: out.__setitem__("body", _drip(port, _post_head(1000)))),
+            threading.Thread(target=idle)]
+    for j in jobs:
+        j.start()
     head_secs, head_answer = _drip(port, b"", b"POST /score HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 200)
-    body_drip.join(timeout=30)
+    for j in jobs:
+        j.join(timeout=30)
     body_secs, body_answer = out["body"]
-    assert body_answer.startswith("HTTP/1.1 408") and "--read-timeout" in body_answer
-    assert head_answer == ""  # dripping headers: the connection is closed, nothing to answer
-    for secs in (head_secs, body_secs):
-        assert rt - 0.2 < secs < rt + 4  # cut at the deadline, though a byte came every 0.1 s
+    assert body_answer.startswith("HTTP/1.1 408") and "--read-timeout" in _json_answer(body_answer)["error"]
+    assert head_answer.startswith("HTTP/1.1 408") and "--header-timeout" in _json_answer(head_answer)["error"]
+    idle_answer, idle_secs = out["idle"]
+    assert idle_answer == b""  # nothing was asked, so nothing is answered
+    for secs, limit in ((head_secs, ht), (body_secs, rt), (idle_secs, ht)):
+        assert limit - 0.2 < secs < limit + 4  # cut at the deadline, though a byte came every 0.1 s
 
 
 def _half_body_client(port, n=100_000):
@@ -572,9 +596,16 @@ def test_busy_server_answers_429_503_and_caps_connections(monkeypatch):
             deadline = time.monotonic() + 10
             while one.open_connections < 2 and time.monotonic() < deadline:
                 time.sleep(0.01)
-            code, text = _raw(p1, b"")  # the 3rd: answered by the accepting thread, then closed
-            assert code == 503 and "--max-connections" in text
-            idle.close()
+            assert one.open_connections == 2
+            # a 3rd takes the slot of the idle one (no complete header yet), which is told why; the
+            # scoring one keeps its slot. (All slots authenticated: test_reward_server_slow_clients.py)
+            with socket.create_connection(("127.0.0.1", p1), timeout=10):
+                answer = b""
+                while chunk := idle.recv(65536):
+                    answer += chunk
+                answer = answer.decode()
+                assert answer.startswith("HTTP/1.1 503") and "--max-connections" in _json_answer(answer)["error"]
+                assert service._lock.locked() and one.open_connections == 2
     finally:
         release.set()
         first.join(timeout=30)
