@@ -123,6 +123,85 @@ def run_case(name, shape, batch, device, dtype, reps, compiled=True):
     return out
 
 
+TINY_SHAPE = (1, 16, 8, 8)  # batch 1, a 16x8x8 latent: the op's host cost dominates its time
+
+
+def _per_call(fn, calls):
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
+
+
+def host_cost(device, dtype, rounds=9, calls=2000):
+    """Per-call time of the SDE step at TINY_SHAPE in units of one elementwise ``torch.mul`` on the same tensor.
+
+    At this size the arithmetic is negligible, so the ratio is the host cost (Python, dispatch, small
+    tensor work, allocations) in units of one ATen call. Three entries:
+
+    * ``schedule_step`` (the headline): what the trainer calls to re-score a stored transition,
+      ``FlowSchedule.step(index_B, u, z, prev_sample=prev, need_mean=False)`` under no_grad, schedule
+      values looked up by step index;
+    * ``op_per_sample_coefs``: ``fused_sde_step`` with per-sample coefficient tensors made beforehand;
+    * ``schedule_step_fwd_bwd``: the schedule step with grad + ``lp.sum().backward()``, against
+      ``(u * z).sum().backward()``.
+
+    Rounds interleave the op and its yardstick (a shared machine's load hits both alike); the minimum
+    and the median over rounds are reported."""
+    from fastvideo_grpo.sde import FlowSchedule
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    z = torch.randn(TINY_SHAPE, generator=g).to(device, dtype)
+    u = torch.randn(TINY_SHAPE, generator=g).to(device, dtype)
+    sched = FlowSchedule.create(16, eta=0.7, shift=3.0)
+    idx = torch.tensor([5])
+    prev = sched.step(idx, u, z, generator=g)[0].to(dtype)
+    A, C, S = flow_coefficients(sched.sigmas[idx], sched.sigmas[idx + 1], sched.eta[idx], batch_size=1, device=device)
+    uu = u.clone().requires_grad_()
+
+    def mul():
+        torch.mul(u, z)
+
+    def step():
+        sched.step(idx, u, z, prev_sample=prev, need_mean=False)
+
+    def op():
+        fused_sde_step(u, z, A, C, S, prev_sample=prev)
+
+    def mul_bwd():
+        uu.grad = None
+        torch.mul(uu, z).sum().backward()
+
+    def step_bwd():
+        uu.grad = None
+        sched.step(idx, uu, z, prev_sample=prev, need_mean=False)[1].sum().backward()
+
+    pairs = {"schedule_step": (step, mul, True), "op_per_sample_coefs": (op, mul, True),
+             "schedule_step_fwd_bwd": (step_bwd, mul_bwd, False)}
+    out = {"shape": list(TINY_SHAPE), "dtype": str(dtype).replace("torch.", ""), "rounds": rounds, "calls": calls}
+    for name, (fn, ref, no_grad) in pairs.items():
+        ratios, t_fn, t_ref = [], [], []
+        with torch.set_grad_enabled(not no_grad):
+            for f in (fn, ref):
+                _per_call(f, max(calls // 10, 10))  # warm-up
+            _sync(device)
+            for r in range(rounds):
+                order = (fn, ref) if r % 2 == 0 else (ref, fn)
+                t = {}
+                for f in order:
+                    t[f] = _per_call(f, calls)
+                    _sync(device)
+                t_fn.append(t[fn])
+                t_ref.append(t[ref])
+                ratios.append(t[fn] / t[ref])
+        ratios.sort()
+        out[name] = {"us_per_call_min": round(min(t_fn) * 1e6, 2), "ref_us_per_call_min": round(min(t_ref) * 1e6, 2),
+                     "aten_calls_min_over_min": round(min(t_fn) / min(t_ref), 2),
+                     "aten_calls_median": round(ratios[len(ratios) // 2], 2)}
+    out["host_cost_aten_calls"] = out["schedule_step"]["aten_calls_min_over_min"]
+    return out
+
+
 def _geomean(values):
     v = list(values)
     return round(math.exp(sum(math.log(x) for x in v) / len(v)), 2)
@@ -137,6 +216,7 @@ def main(argv=None):
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: torch's default)")
     ap.add_argument("--no-compile", action="store_true", help="skip timing torch.compile of the eager formula")
+    ap.add_argument("--host-cost-only", action="store_true", help="only the tiny-shape host cost (seconds, not minutes)")
     args = ap.parse_args(argv)
     if args.reps < 1:
         raise ValueError("--reps must be >= 1")
@@ -144,8 +224,9 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
+    hc = host_cost(device, dtype)
     cases = []
-    for name, shape in SHAPES.items():
+    for name, shape in ({} if args.host_cost_only else SHAPES).items():
         for batch in (int(b) for b in args.batches.split(",")):
             cases += run_case(name, shape, batch, device, dtype, args.reps, compiled=not args.no_compile)
     result = {
@@ -156,15 +237,22 @@ def main(argv=None):
         "torch": torch.__version__,
         "extension": extension_available(),
         "kernel_used": kernel_supports(torch.empty(0, device=device)),
+        "host_cost_aten_calls": hc["host_cost_aten_calls"],
+        "host_cost": hc,
         "cases": cases,
-        "min_speedup_vs_eager": min(c["speedup_vs_eager"] for c in cases),
-        "geomean_speedup_vs_eager": _geomean(c["speedup_vs_eager"] for c in cases),
-        "geomean_speedup_vs_compiled": (None if args.no_compile else _geomean(c["speedup_vs_compiled"] for c in cases)),
+        "min_speedup_vs_eager": min((c["speedup_vs_eager"] for c in cases), default=None),
+        "geomean_speedup_vs_eager": _geomean(c["speedup_vs_eager"] for c in cases) if cases else None,
+        "geomean_speedup_vs_compiled": (None if args.no_compile or not cases
+                                        else _geomean(c["speedup_vs_compiled"] for c in cases)),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     if args.json:
         print(json.dumps(result))
     else:
+        for k in ("schedule_step", "op_per_sample_coefs", "schedule_step_fwd_bwd"):
+            h = hc[k]
+            print(f"host cost {k:>22} at {TINY_SHAPE}: {h['us_per_call_min']:7.2f} us = "
+                  f"{h['aten_calls_min_over_min']:.2f} x torch.mul (median {h['aten_calls_median']:.2f})")
         for c in cases:
             comp = f"  compiled {c['compiled_ms']:9.2f} ms" if c["compiled_ms"] is not None else ""
             print(f"{c['case']:>18} B={c['batch']} {c['pass']:>7}: eager {c['eager_ms']:9.2f} ms{comp}  fused "
