@@ -42,7 +42,9 @@ def _inputs(shape, dtype=torch.float32, seed=0, device="cpu", u_dtype=None):
 
 
 def _kernel(u, z, A, C, S, noise=None, prev=None, return_mean=False):
-    return fused._C.sde_step_forward(u, z, A, C, S, noise, prev, return_mean)
+    """The compiled operator with per-sample coefficients (a (B, 3) table, step -1): (prev, lp, mean)."""
+    table = torch.stack([A, C, S], dim=1).double()
+    return fused._C.sde_step(u, z, table, None, -1, noise, prev, return_mean)[:3]
 
 
 # ----------------------------------------------------------------------------- coefficients / reference
@@ -301,17 +303,23 @@ def test_user_errors_raise_value_error():
         flow_coefficients(torch.tensor([0.5, 0.4, 0.3]), 0.2, 0.3, batch_size=2)
     if fused.extension_available():
         with pytest.raises(ValueError, match="coefficients"):
-            fused._C.sde_step_forward(u, z, A[:1], C, S, noise, None, False)
+            _kernel(u, z, A[:1], C[:1], S[:1], noise=noise)
 
 
 def test_torch_library_opcheck():
+    """Schema, autograd registration, fake / meta kernels and AOT dispatch of the operator, for each way of
+    naming the coefficient rows: per-sample rows (step -1), one step for the batch, a (B,) step index."""
     u, z, noise, s, sn, e = _inputs((2, 3, 5), torch.float64)
-    A, C, S = flow_coefficients(s, sn, e, batch_size=2)
+    sched = sde.FlowSchedule.create(6, eta=0.6, shift=2.0)
+    table = fused.flow_coefficient_table(sched.sigmas, sched.eta)
+    per_sample = torch.stack(flow_coefficients(s, sn, e, batch_size=2), dim=1)
     prev = (z + 0.1).detach()
-    for nz, pv in ((noise, None), (None, prev)):
-        args = (u.clone().requires_grad_(), z.clone().requires_grad_(), A, C, S, nz, pv, True)
-        torch.library.opcheck(torch.ops.fastvideo_grpo.sde_step.default, args,
-                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    for coefs, index, step in ((per_sample, None, -1), (table, None, 3), (table, torch.tensor([1, 4]), 0)):
+        for nz, pv in ((noise, None), (None, prev)):
+            args = (u.clone().requires_grad_(), z.clone().requires_grad_(), coefs, index, step, nz, pv, True)
+            torch.library.opcheck(torch.ops.fastvideo_grpo.sde_step.default, args,
+                                  test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                              "test_aot_dispatch_dynamic"))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
