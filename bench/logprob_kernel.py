@@ -241,7 +241,8 @@ def main(argv=None):
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: torch's default)")
     ap.add_argument("--no-compile", action="store_true", help="skip timing torch.compile of the eager formula")
-    ap.add_argument("--host-cost-only", action="store_true", help="only the tiny-shape host cost (seconds, not minutes)")
+    ap.add_argument("--host-cost-only", action="store_true",
+                    help="only the tiny-shape host cost (seconds, not minutes)")
     args = ap.parse_args(argv)
     if args.reps < 1:
         raise ValueError("--reps must be >= 1")

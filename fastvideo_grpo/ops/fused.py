@@ -12,11 +12,13 @@ Two entry points, one operator (``torch.ops.fastvideo_grpo.sde_step``):
 
 With the compiled extension ``fastvideo_grpo._C`` the operator is registered in C++ (schema, CPU / CUDA
 / Meta kernels, and the autograd formula as a C++ ``torch::autograd::Function``; csrc/sde_step_op.cpp).
-Eager calls go through ``_C.sde_step``, which enters the dispatcher directly, so neither the forward nor
-the backward runs Python; under ``torch.compile`` the same operator is traced through ``torch.ops``
-with its Meta kernels. Without the extension (not built, FVG_SKIP_EXT_BUILD=1, or FVG_DISABLE_EXT=1)
-the same operator is defined here with ``torch.library.custom_op`` over the eager reference
-(reference.py) with the same closed-form backward and a fake implementation. Tensors on a device the
+Eager calls enter the dispatcher from C++ (csrc/python_entry.cpp): the schedules' step is one call to
+``_C.StepTable.step`` (table cache, eligibility test, noise draw, operator, result tuple), so neither the
+forward nor the backward runs Python beyond that call; under ``torch.compile`` the same operator is
+traced through ``torch.ops`` with its Meta kernels (the schedules then take their per-call path).
+Without the extension (not built, FVG_SKIP_EXT_BUILD=1, or FVG_DISABLE_EXT=1) the same operator is
+defined here with ``torch.library.custom_op`` over the eager reference (reference.py) with the same
+closed-form backward and a fake implementation. Tensors on a device the
 compiled kernels do not serve take the eager reference.
 
 Gradients: the log-prob of a re-scored step (``prev_sample=`` given) is differentiated w.r.t.
@@ -44,8 +46,8 @@ from .reference import (
     reference_sde_step_backward,
 )
 
-__all__ = ["fused_sde_step", "sde_step_at", "flow_coefficients", "ddim_coefficients", "extension_available",
-           "kernel_supports"]
+__all__ = ["fused_sde_step", "sde_step_at", "flow_coefficients", "ddim_coefficients", "flow_coefficient_table",
+           "ddim_coefficient_table", "CoefficientTable", "extension_available", "kernel_supports"]
 
 
 def _load_extension():
@@ -55,7 +57,7 @@ def _load_extension():
         from fastvideo_grpo import _C  # type: ignore[attr-defined]
     except ImportError:
         return None
-    return _C if hasattr(_C, "sde_step") else None
+    return _C if hasattr(_C, "StepTable") else None  # an extension built from older sources: not used
 
 
 _C = _load_extension()
@@ -90,7 +92,8 @@ def coefficient_rows(coefs: Tensor, index: Optional[Tensor], step: int, batch: i
     T = coefs.shape[0]
     if index is not None:
         if index.shape != (batch,):
-            raise ValueError(f"the step index must have shape ({batch},) to match the batch; got {tuple(index.shape)}")
+            raise ValueError(f"the step index must have shape ({batch},) to match the batch; "
+                             f"got {tuple(index.shape)}")
         if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
             raise ValueError(f"the step index must be an integer tensor; got {index.dtype}")
         if (check_index and index.device.type == "cpu" and index.numel()
@@ -232,7 +235,7 @@ if _PYTHON_OPERATOR:
 def _call_op(model_output, sample, coefs, index, step, noise, prev_sample, return_mean):
     """The operator: through ``_C.sde_step`` (straight into the dispatcher) when compiled and not tracing,
     through ``torch.ops`` when tracing or without the extension, the eager reference on other devices."""
-    if kernel_supports(sample) and model_output.device == sample.device:
+    if kernel_supports(sample):
         if not torch.compiler.is_compiling():
             return _C.sde_step(model_output, sample, coefs, index, step, noise, prev_sample, return_mean)
     elif not _PYTHON_OPERATOR:  # a device the compiled kernels do not serve (or _C switched off after import)
