@@ -45,7 +45,9 @@ __device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(
 __device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
 __device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
 
-// (A, C, std) of every sample of a launch, in float64.
+// (A, C, std) of every sample of a launch, in float64 (1.5 KiB of kernel parameters). The kernels take
+// it as `const __grid_constant__` (sm_70 or newer: every CUDA 13 target) so that a per-sample read
+// indexes the parameter space directly instead of copying the struct into each thread's stack.
 struct CoefArg {
   const double* rows;  // (B, 3) on the device, or nullptr: then `v` holds them
   double v[3 * kMaxInlineSamples];
