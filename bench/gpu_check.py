@@ -14,7 +14,9 @@ runs) and the JSON file is rewritten after every check, so a run cut short keeps
   kernel_correctness  the compiled kernel against the PyTorch reference, forward (rollout and re-scoring)
                       and backward, fp32 and bf16, odd shapes, batch > 1 with per-sample coefficients;
                       errors measured against a float64 reference, the kernel's within 2x the eager
-                      reference's own error (+ a float32 rounding floor)
+                      reference's own error (+ a float32 rounding floor); the schedules' table path
+                      (coefficient rows by value, by a device copy for > 64 samples, by a device step
+                      index) bit-identical to the per-sample path
   grpo_flux           one full GRPO iteration (bench/iteration.py's ``run_case``) on a ~1.1B FLUX-like
   grpo_hunyuan        transformer at 720 px / a ~1.1B HunyuanVideo-like one at 480 x 480 x 17 frames:
                       bf16 autocast, FSDP2 over a one-GPU NCCL group (fp32 master weights), fused AdamW;
@@ -35,7 +37,8 @@ runs) and the JSON file is rewritten after every check, so a run cut short keeps
   attention_backends  one training step of the 1.1B FLUX-like model with each parallel.attention_backend
                       (torch's SDPA kernels, FlashAttention 2 when flash-attn is installed): time per step
   kernel_speed        bench/logprob_kernel.py's cases: fused kernel vs eager formula vs torch.compile of
-                      it vs a plain device copy (achieved bandwidth); last, as the least critical
+                      it vs a plain device copy (achieved bandwidth), and its host cost at a tiny latent in
+                      units of one torch.mul; last, as the least critical
 
 ``--dry-run`` runs all of them on the CPU at tiny sizes (gloo instead of NCCL; no build: the installed
 extension is checked; no CUDA tests), which is what CI runs. ``--only a,b`` runs a subset; ``--budget-s``
@@ -200,10 +203,40 @@ def check_kernel_correctness(ctx):
             row["ok"] = bool(ok)
             rows.append(row)
     bad = [r for r in rows if not r["ok"]]
-    out = {"cases": rows, "worst_error_over_bound": worst, "num_cases": len(rows)}
+    out = {"cases": rows, "worst_error_over_bound": worst, "num_cases": len(rows),
+           "table_path": _table_path_identical(dev, g)}
     if bad:
         raise RuntimeError(f"kernel error above 2x the reference's on {len(bad)} case(s): {bad[:2]}")
+    if not all(out["table_path"].values()):
+        raise RuntimeError(f"the table path differs from the per-sample path: {out['table_path']}")
     return out
+
+
+def _table_path_identical(dev, g):
+    """The schedules' hot path (a CPU coefficient table looked up by step index; on a GPU the rows travel by
+    value, by a device copy beyond 64 samples, or are gathered on the device for a device index) gives
+    bit-identical results to the per-sample path with the same coefficients (same float32 values)."""
+    from fastvideo_grpo.ops import flow_coefficient_table, fused_sde_step, sde_step_at
+    from fastvideo_grpo.sde import FlowSchedule
+
+    sched = FlowSchedule.create(16, eta=0.7, shift=3.0)
+    table = flow_coefficient_table(sched.sigmas, sched.eta)
+    res = {}
+    for name, B, index_dev in (("by_value", 3, "cpu"), ("device_copy_65_samples", 65, "cpu"),
+                               ("device_index", 3, dev)):
+        u, z = (torch.randn((B, 4, 6, 5), generator=g).to(dev) for _ in range(2))
+        idx = torch.randint(0, 16, (B,), generator=g)
+        A, C, S = (table[idx, k].to(dev) for k in range(3))
+        noise = torch.randn(z.shape, generator=g).to(dev)
+        prev, lp = fused_sde_step(u, z, A, C, S, noise=noise)
+        uu, uk = u.clone().requires_grad_(), u.clone().requires_grad_()
+        _, lp_t, _, _ = sde_step_at(uu, z, table.to(dev) if index_dev != "cpu" else table, idx.to(index_dev),
+                                    prev_sample=prev)
+        _, lp_k = fused_sde_step(uk, z, A, C, S, prev_sample=prev)
+        lp_t.sum().backward()
+        lp_k.sum().backward()
+        res[name] = bool(torch.equal(lp_t, lp_k) and torch.equal(uu.grad, uk.grad) and torch.equal(lp_k, lp))
+    return res
 
 
 def check_attention_backends(ctx):
@@ -252,6 +285,8 @@ def check_kernel_speed(ctx):
         out["geomean_speedup_vs_compiled"] = lk._geomean(comp)
         out["min_speedup_vs_compiled"] = min(comp)
     out["max_fraction_of_copy_bw"] = max(c["fraction_of_copy_bw"] for c in cases)
+    out["host_cost"] = lk.host_cost(dev, torch.float32, **({"rounds": 3, "calls": 100} if ctx["dry"] else {}))
+    out["host_cost_aten_calls"] = out["host_cost"]["host_cost_aten_calls"]
     return out
 
 

@@ -1,13 +1,14 @@
-// CPU kernels and Python bindings of the fused SDE step + Gaussian log-likelihood (fastvideo_grpo._C).
+// CPU kernels of the fused SDE step + Gaussian log-likelihood (the operator is in sde_step_op.cpp).
 //
 // One pass over memory per call instead of the ~15 elementwise passes of the eager formula:
 // forward reads u, z (and noise or prev), writes prev (and optionally mean) and a per-chunk sum of
 // squared residuals; backward reads u, z, prev and writes the requested gradients. Arithmetic runs in
-// float32 (float64 for float64 samples) whatever the storage dtype (fp32/fp64/bf16/fp16).
+// float32 (float64 for float64 samples) whatever the storage dtype (fp32/fp64/bf16/fp16). The
+// per-sample coefficients arrive looked up already (three doubles per sample, CoefRows) and are
+// rounded to the compute type here, exactly as a float64 -> float32 tensor conversion rounds them.
 #include "fused_sde_step.h"
 
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
 
 #include <cmath>
 
@@ -114,34 +115,38 @@ void bwd_all(const Tu* u, const Tz* z, const Tp* p, Tu* gu, Tz* gz, Tp* gp, cons
 
 at::ScalarType compute_type(const at::Tensor& z) { return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The looked-up float64 coefficients rounded to the compute type: A, C, std of sample b at [b], [B + b], [2B + b].
+template <typename Tc>
+c10::SmallVector<Tc, 3 * 16> rounded_coefs(const CoefRows& coefs) {
+  const int64_t B = coefs.batch;
+  c10::SmallVector<Tc, 3 * 16> out(3 * B);
+  for (int64_t b = 0; b < B; ++b)
+    for (int k = 0; k < 3; ++k) out[k * B + b] = static_cast<Tc>(coefs.host[3 * b + k]);
+  return out;
+}
+
 }  // namespace
 
-void check_step_args(const at::Tensor& u, const at::Tensor& z, const at::Tensor& A, const at::Tensor& C,
-                     const at::Tensor& std_) {
+void check_step_args(const at::Tensor& u, const at::Tensor& z) {
   TORCH_CHECK_VALUE(z.dim() >= 1, "sample must have a leading batch dimension");
   TORCH_CHECK_VALUE(u.sizes() == z.sizes(), "model_output shape ", u.sizes(), " must equal sample shape ",
                     z.sizes());
   TORCH_CHECK_VALUE(u.device() == z.device(), "model_output and sample must be on the same device");
-  const int64_t B = z.size(0);
-  for (const at::Tensor* t : {&A, &C, &std_}) {
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == B, "per-sample coefficients must have shape (", B,
-                      ",); got ", t->sizes());
-  }
 }
 
-std::vector<at::Tensor> sde_step_forward_cpu(const at::Tensor& u_in, const at::Tensor& z_in, const at::Tensor& A_in,
-                                             const at::Tensor& C_in, const at::Tensor& std_in,
+std::vector<at::Tensor> sde_step_forward_cpu(const at::Tensor& u_in, const at::Tensor& z_in, const CoefRows& coefs,
                                              const c10::optional<at::Tensor>& noise,
                                              const c10::optional<at::Tensor>& prev_sample, bool return_mean) {
-  check_step_args(u_in, z_in, A_in, C_in, std_in);
+  check_step_args(u_in, z_in);
   TORCH_CHECK_VALUE(noise.has_value() != prev_sample.has_value(), "pass exactly one of noise and prev_sample");
+  TORCH_CHECK(coefs.batch == z_in.size(0) && !coefs.device.defined(), "internal: CPU coefficient rows expected");
   const auto ct = compute_type(z_in);
   const at::Tensor u = u_in.contiguous(), z = z_in.contiguous();
-  const at::Tensor A = A_in.to(ct).contiguous(), C = C_in.to(ct).contiguous(), S = std_in.to(ct).contiguous();
   const int64_t B = z.size(0), N = B ? z.numel() / B : 0;
   const auto opts = z.options().dtype(ct);
   at::Tensor prev_out = noise ? at::empty(z.sizes(), opts) : at::empty({0}, opts);
   at::Tensor mean_out = return_mean ? at::empty(z.sizes(), opts) : at::empty({0}, opts);
+  at::Tensor lp = at::empty({B}, opts), std_out = at::empty({B}, opts);
   at::Tensor side;  // noise (rollout) or prev (re-scoring), same shape as z
   if (noise) {
     TORCH_CHECK_VALUE(noise->sizes() == z.sizes(), "noise shape ", noise->sizes(), " must equal sample shape");
@@ -152,19 +157,23 @@ std::vector<at::Tensor> sde_step_forward_cpu(const at::Tensor& u_in, const at::T
     side = prev_sample->scalar_type() == z.scalar_type() ? prev_sample->contiguous()
                                                          : prev_sample->to(ct).contiguous();
   }
-  if (N == 0) {
-    at::Tensor lp = at::zeros({B}, opts);
-    return {prev_out, lp, mean_out};
-  }
-  const int64_t chunk = std::min<int64_t>(N, kChunk), nch = (N + chunk - 1) / chunk;
-  std::vector<double> partial(static_cast<size_t>(B * nch));
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(N, kChunk)), nch = (N + chunk - 1) / chunk;
+  c10::SmallVector<double, 64> partial(static_cast<size_t>(B * nch));
 
   dispatch_float(u.scalar_type(), "model_output", [&](auto tu) {
     using Tu = decltype(tu);
     dispatch_float(z.scalar_type(), "sample", [&](auto tz) {
       using Tz = decltype(tz);
       using Tc = std::conditional_t<std::is_same_v<Tz, double>, double, float>;
-      const Tc *a = A.data_ptr<Tc>(), *c = C.data_ptr<Tc>(), *s = S.data_ptr<Tc>();
+      const auto k = rounded_coefs<Tc>(coefs);
+      const Tc *a = k.data(), *c = k.data() + B, *s = k.data() + 2 * B;
+      Tc* lpp = lp.data_ptr<Tc>();
+      Tc* sp = std_out.data_ptr<Tc>();
+      for (int64_t b = 0; b < B; ++b) sp[b] = s[b];
+      if (N == 0) {
+        for (int64_t b = 0; b < B; ++b) lpp[b] = Tc(0);
+        return;
+      }
       const Tu* up = u.data_ptr<Tu>();
       const Tz* zp = z.data_ptr<Tz>();
       Tc* mp = return_mean ? mean_out.data_ptr<Tc>() : nullptr;
@@ -182,38 +191,37 @@ std::vector<at::Tensor> sde_step_forward_cpu(const at::Tensor& u_in, const at::T
         if (return_mean) fwd_all<Tu, Tz, Tc, Tc, false, true>(up, zp, pp, nullptr, mp, a, c, s, partial.data(), B, N);
         else fwd_all<Tu, Tz, Tc, Tc, false, false>(up, zp, pp, nullptr, mp, a, c, s, partial.data(), B, N);
       }
+      // Finalise in double: lp_b = -SS_b / (2 std_b^2 N) - log std_b - 0.5 log(2 pi); 0 where std_b == 0.
+      for (int64_t b = 0; b < B; ++b) {
+        double ss = 0.0;
+        for (int64_t q = 0; q < nch; ++q) ss += partial[b * nch + q];
+        const double sd = static_cast<double>(s[b]);
+        lpp[b] = sd > 0.0 ? static_cast<Tc>(-ss / (2.0 * sd * sd * static_cast<double>(N)) - std::log(sd) - kHalfLog2Pi)
+                          : Tc(0);
+      }
     });
   });
-
-  // Finalise in double: lp_b = -SS_b / (2 std_b^2 N) - log std_b - 0.5 log(2 pi); 0 where std_b == 0.
-  at::Tensor lp64 = at::empty({B}, at::kDouble);
-  at::Tensor S64 = S.to(at::kDouble);
-  double* lpp = lp64.data_ptr<double>();
-  const double* sp = S64.data_ptr<double>();
-  for (int64_t b = 0; b < B; ++b) {
-    double ss = 0.0;
-    for (int64_t k = 0; k < nch; ++k) ss += partial[b * nch + k];
-    const double sd = sp[b];
-    lpp[b] = sd > 0.0 ? -ss / (2.0 * sd * sd * static_cast<double>(N)) - std::log(sd) - kHalfLog2Pi : 0.0;
-  }
-  return {prev_out, lp64.to(ct), mean_out};
+  return {prev_out, lp, mean_out, std_out};
 }
 
-std::vector<at::Tensor> sde_step_backward_cpu(const at::Tensor& u_in, const at::Tensor& z_in,
-                                              const at::Tensor& p_in, const at::Tensor& A_in, const at::Tensor& C_in,
-                                              const at::Tensor& W_in, bool need_u, bool need_z, bool need_prev) {
-  check_step_args(u_in, z_in, A_in, C_in, W_in);
+std::vector<at::Tensor> sde_step_backward_cpu(const at::Tensor& g_in, const at::Tensor& u_in, const at::Tensor& z_in,
+                                              const at::Tensor& p_in, const CoefRows& coefs, bool need_u, bool need_z,
+                                              bool need_prev) {
+  check_step_args(u_in, z_in);
   TORCH_CHECK_VALUE(p_in.sizes() == z_in.sizes(), "prev_sample has shape ", p_in.sizes(), ", expected ",
                     z_in.sizes());
+  TORCH_CHECK(coefs.batch == z_in.size(0) && !coefs.device.defined(), "internal: CPU coefficient rows expected");
   const auto ct = compute_type(z_in);
+  const int64_t B = z_in.size(0), N = B ? z_in.numel() / B : 0;
+  TORCH_CHECK_VALUE(g_in.dim() == 1 && g_in.size(0) == B && g_in.device().is_cpu(),
+                    "grad_log_prob must have shape (", B, ",) on the sample's device; got ", g_in.sizes());
   const at::Tensor u = u_in.contiguous(), z = z_in.contiguous();
   const at::Tensor p = (p_in.scalar_type() == z.scalar_type() || p_in.scalar_type() == ct) ? p_in.contiguous()
                                                                                           : p_in.to(ct).contiguous();
-  const at::Tensor A = A_in.to(ct).contiguous(), C = C_in.to(ct).contiguous(), W = W_in.to(ct).contiguous();
+  const at::Tensor g = g_in.scalar_type() == ct ? g_in : g_in.to(ct);
   at::Tensor gu = need_u ? at::empty_like(u) : at::empty({0}, u.options());
   at::Tensor gz = need_z ? at::empty_like(z) : at::empty({0}, z.options());
   at::Tensor gp = need_prev ? at::empty_like(p) : at::empty({0}, p.options());
-  const int64_t B = z.size(0), N = B ? z.numel() / B : 0;
   if (N == 0 || !(need_u || need_z || need_prev)) return {gu, gz, gp};
 
   dispatch_float(u.scalar_type(), "model_output", [&](auto tu) {
@@ -221,7 +229,16 @@ std::vector<at::Tensor> sde_step_backward_cpu(const at::Tensor& u_in, const at::
     dispatch_float(z.scalar_type(), "sample", [&](auto tz) {
       using Tz = decltype(tz);
       using Tc = std::conditional_t<std::is_same_v<Tz, double>, double, float>;
-      const Tc *a = A.data_ptr<Tc>(), *c = C.data_ptr<Tc>(), *w = W.data_ptr<Tc>();
+      auto k = rounded_coefs<Tc>(coefs);
+      const Tc *a = k.data(), *c = k.data() + B;
+      // w_b = g_b / (std_b^2 N) in the compute type, 0 where std_b == 0 (overwrites the std slots)
+      Tc* w = k.data() + 2 * B;
+      const Tc* gl = g.data_ptr<Tc>();
+      const int64_t gs = g.stride(0);
+      for (int64_t b = 0; b < B; ++b) {
+        const Tc sd = w[b];
+        w[b] = sd > Tc(0) ? gl[b * gs] / (sd * sd * static_cast<Tc>(N)) : Tc(0);
+      }
       const Tu* up = u.data_ptr<Tu>();
       const Tz* zp = z.data_ptr<Tz>();
       Tu* gup = need_u ? gu.data_ptr<Tu>() : nullptr;
@@ -248,56 +265,4 @@ std::vector<at::Tensor> sde_step_backward_cpu(const at::Tensor& u_in, const at::
   return {gu, gz, gp};
 }
 
-// ----------------------------------------------------------------------------- device dispatch
-
-std::vector<at::Tensor> sde_step_forward(const at::Tensor& u, const at::Tensor& z, const at::Tensor& A,
-                                         const at::Tensor& C, const at::Tensor& std_,
-                                         const c10::optional<at::Tensor>& noise,
-                                         const c10::optional<at::Tensor>& prev_sample, bool return_mean) {
-  if (z.is_cuda()) {
-#ifdef FVG_WITH_CUDA
-    return sde_step_forward_cuda(u, z, A, C, std_, noise, prev_sample, return_mean);
-#else
-    TORCH_CHECK_VALUE(false, "fastvideo_grpo._C was built without CUDA; rebuild with a CUDA torch and nvcc");
-#endif
-  }
-  TORCH_CHECK_VALUE(z.device().is_cpu(), "fused SDE step supports CPU and CUDA tensors; got ", z.device());
-  return sde_step_forward_cpu(u, z, A, C, std_, noise, prev_sample, return_mean);
-}
-
-std::vector<at::Tensor> sde_step_backward(const at::Tensor& u, const at::Tensor& z, const at::Tensor& prev,
-                                          const at::Tensor& A, const at::Tensor& C, const at::Tensor& w, bool need_u,
-                                          bool need_z, bool need_prev) {
-  if (z.is_cuda()) {
-#ifdef FVG_WITH_CUDA
-    return sde_step_backward_cuda(u, z, prev, A, C, w, need_u, need_z, need_prev);
-#else
-    TORCH_CHECK_VALUE(false, "fastvideo_grpo._C was built without CUDA; rebuild with a CUDA torch and nvcc");
-#endif
-  }
-  TORCH_CHECK_VALUE(z.device().is_cpu(), "fused SDE step supports CPU and CUDA tensors; got ", z.device());
-  return sde_step_backward_cpu(u, z, prev, A, C, w, need_u, need_z, need_prev);
-}
-
-bool has_cuda() {
-#ifdef FVG_WITH_CUDA
-  return true;
-#else
-  return false;
-#endif
-}
-
 }  // namespace fvg
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastvideo_grpo compiled kernels (fused SDE step + Gaussian log-likelihood)";
-  m.def("sde_step_forward", &fvg::sde_step_forward, "fused SDE step forward -> [prev|empty, log_prob, mean|empty]",
-        py::arg("model_output"), py::arg("sample"), py::arg("coef_sample"), py::arg("coef_output"), py::arg("std"),
-        py::arg("noise") = py::none(), py::arg("prev_sample") = py::none(), py::arg("return_mean") = false);
-  m.def("sde_step_backward", &fvg::sde_step_backward, "fused SDE step log-prob backward -> [gu, gz, gprev]",
-        py::arg("model_output"), py::arg("sample"), py::arg("prev_sample"), py::arg("coef_sample"),
-        py::arg("coef_output"), py::arg("weight"), py::arg("need_output"), py::arg("need_sample"),
-        py::arg("need_prev"));
-  m.def("has_cuda", &fvg::has_cuda, "whether the CUDA kernels were compiled in");
-  m.attr("chunk") = py::int_(fvg::kChunk);
-}

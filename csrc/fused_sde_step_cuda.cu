@@ -5,8 +5,13 @@
 // aligned, element loads otherwise: the thread -> element map, and hence the summation order, is
 // the same either way), accumulates (prev - mean)^2 in the compute type (fp32, fp64 for fp64
 // samples), and the block writes one partial sum; a second tiny kernel adds each sample's partials
-// in a fixed order in double and forms the log-prob. Explicitly rounded fma/mul keep the rollout and
-// re-scoring calls bit-identical. Backward is one elementwise pass with the same layout.
+// in a fixed order in double and forms the log-prob (and writes std_B). Explicitly rounded fma/mul keep
+// the rollout and re-scoring calls bit-identical. Backward is one elementwise pass with the same layout;
+// each block forms its sample's weight w_b = grad_log_prob_b / (std_b^2 N) itself.
+//
+// The per-sample coefficients travel by value in the kernel parameters (CoefArg, looked up on the host
+// from the schedule's table: no host-to-device copy, so the host never waits for the GPU), or as a
+// (B, 3) device array when the step index lives on the device or the batch exceeds kMaxInlineSamples.
 #ifdef FVG_WITH_CUDA
 
 #include "fused_sde_step.h"
@@ -36,6 +41,36 @@ __device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fm
 __device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
 __device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
 __device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+
+__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
+
+// (A, C, std) of every sample of a launch, in float64 (1.5 KiB of kernel parameters). The kernels take
+// it as `const __grid_constant__` (sm_70 or newer: every CUDA 13 target) so that a per-sample read
+// indexes the parameter space directly instead of copying the struct into each thread's stack.
+struct CoefArg {
+  const double* rows;  // (B, 3) on the device, or nullptr: then `v` holds them
+  double v[3 * kMaxInlineSamples];
+};
+
+__device__ __forceinline__ const double* coef_of(const CoefArg& k, int64_t b) {
+  return k.rows ? k.rows + 3 * b : k.v + 3 * b;
+}
+
+CoefArg make_coef_arg(const CoefRows& rows, const at::Device& dev) {
+  CoefArg k;
+  if (rows.device.defined()) {
+    TORCH_CHECK(rows.device.device() == dev && rows.device.is_contiguous() && rows.device.size(0) == rows.batch,
+                "internal: coefficient rows on the wrong device");
+    k.rows = rows.device.data_ptr<double>();
+  } else {
+    TORCH_CHECK(rows.batch <= kMaxInlineSamples && static_cast<int64_t>(rows.host.size()) == 3 * rows.batch,
+                "internal: too many samples to pass their coefficients by value");
+    k.rows = nullptr;
+    for (int64_t i = 0; i < 3 * rows.batch; ++i) k.v[i] = rows.host[i];
+  }
+  return k;
+}
 
 template <typename Tc, typename T>
 __device__ __forceinline__ Tc cvt(T x) {
@@ -93,14 +128,14 @@ __device__ __forceinline__ Tc block_sum(Tc v) {
 template <typename Tu, typename Tz, typename Tp, typename Tc, bool ROLLOUT, bool MEAN, bool VEC>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const Tu* __restrict__ u, const Tz* __restrict__ z,
                                                        const Tp* __restrict__ p_in, Tc* __restrict__ p_out,
-                                                       Tc* __restrict__ m_out, const Tc* __restrict__ A,
-                                                       const Tc* __restrict__ C, const Tc* __restrict__ S,
+                                                       Tc* __restrict__ m_out, const __grid_constant__ CoefArg k,
                                                        double* __restrict__ partial, int64_t N, int64_t chunk,
                                                        int64_t nch) {
   const int64_t t = blockIdx.x;
   const int64_t b = t / nch, lo = (t % nch) * chunk, off = b * N + lo;
   const int64_t n = min(chunk, N - lo);
-  const Tc a = A[b], c = C[b], s = S[b];
+  const double* kb = coef_of(k, b);
+  const Tc a = static_cast<Tc>(kb[0]), c = static_cast<Tc>(kb[1]), s = static_cast<Tc>(kb[2]);
   Tc acc = 0;
   for (int64_t i = int64_t(threadIdx.x) * kVec; i < n; i += int64_t(kThreads) * kVec) {
     Tc zv[kVec], uv[kVec], pv[kVec], mv[kVec];
@@ -122,13 +157,19 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Tu* __restrict__ u,
 }
 
 template <typename Tc>
-__global__ void finalize_kernel(const double* __restrict__ partial, const Tc* __restrict__ S, Tc* __restrict__ lp,
-                                int64_t B, int64_t N, int64_t nch) {
+__global__ void finalize_kernel(const double* __restrict__ partial, const __grid_constant__ CoefArg k,
+                                Tc* __restrict__ lp, Tc* __restrict__ std_out, int64_t B, int64_t N, int64_t nch) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= B) return;
+  const Tc s = static_cast<Tc>(coef_of(k, b)[2]);
+  std_out[b] = s;
+  if (N == 0) {
+    lp[b] = Tc(0);
+    return;
+  }
   double ss = 0.0;
-  for (int64_t k = 0; k < nch; ++k) ss += partial[b * nch + k];
-  const double sd = static_cast<double>(S[b]);
+  for (int64_t q = 0; q < nch; ++q) ss += partial[b * nch + q];
+  const double sd = static_cast<double>(s);
   lp[b] = sd > 0.0 ? static_cast<Tc>(-ss / (2.0 * sd * sd * static_cast<double>(N)) - log(sd) - kHalfLog2Pi)
                    : Tc(0);
 }
@@ -137,13 +178,15 @@ template <typename Tu, typename Tz, typename Tp, typename Tc, bool GU, bool GZ, 
 __global__ void __launch_bounds__(kThreads) bwd_kernel(const Tu* __restrict__ u, const Tz* __restrict__ z,
                                                        const Tp* __restrict__ p, Tu* __restrict__ gu,
                                                        Tz* __restrict__ gz, Tp* __restrict__ gp,
-                                                       const Tc* __restrict__ A, const Tc* __restrict__ C,
-                                                       const Tc* __restrict__ W, int64_t N, int64_t chunk,
-                                                       int64_t nch) {
+                                                       const __grid_constant__ CoefArg k, const Tc* __restrict__ g,
+                                                       int64_t g_stride, int64_t N, int64_t chunk, int64_t nch) {
   const int64_t t = blockIdx.x;
   const int64_t b = t / nch, lo = (t % nch) * chunk, off = b * N + lo;
   const int64_t n = min(chunk, N - lo);
-  const Tc a = A[b], c = C[b], w = W[b];
+  const double* kb = coef_of(k, b);
+  const Tc a = static_cast<Tc>(kb[0]), c = static_cast<Tc>(kb[1]), sd = static_cast<Tc>(kb[2]);
+  // w_b = grad_log_prob_b / (std_b^2 N), 0 where std_b == 0 (rounded as the eager formula rounds it)
+  const Tc w = sd > Tc(0) ? div_rn(g[b * g_stride], mul_rn(mul_rn(sd, sd), static_cast<Tc>(N))) : Tc(0);
   const Tc aw = a * w, cw = c * w;
   for (int64_t i = int64_t(threadIdx.x) * kVec; i < n; i += int64_t(kThreads) * kVec) {
     Tc zv[kVec], uv[kVec], pv[kVec], o[kVec];
@@ -213,22 +256,20 @@ bool all_aligned(const Ptrs*... ps) {
 
 }  // namespace
 
-std::vector<at::Tensor> sde_step_forward_cuda(const at::Tensor& u_in, const at::Tensor& z_in, const at::Tensor& A_in,
-                                              const at::Tensor& C_in, const at::Tensor& std_in,
+std::vector<at::Tensor> sde_step_forward_cuda(const at::Tensor& u_in, const at::Tensor& z_in, const CoefRows& coefs,
                                               const c10::optional<at::Tensor>& noise,
                                               const c10::optional<at::Tensor>& prev_sample, bool return_mean) {
-  check_step_args(u_in, z_in, A_in, C_in, std_in);
+  check_step_args(u_in, z_in);
   TORCH_CHECK_VALUE(noise.has_value() != prev_sample.has_value(), "pass exactly one of noise and prev_sample");
   const c10::cuda::CUDAGuard guard(z_in.device());
   const auto ct = compute_type(z_in);
   const auto dev = z_in.device();
   check_float(u_in, "model_output");
   check_float(z_in, "sample");
+  const CoefArg karg = make_coef_arg(coefs, dev);
   const bool native = native_pair(u_in.scalar_type(), z_in.scalar_type());
   const at::Tensor u = native ? u_in.contiguous() : u_in.to(ct).contiguous();
   const at::Tensor z = native ? z_in.contiguous() : z_in.to(ct).contiguous();
-  const at::Tensor A = A_in.to(dev, ct).contiguous(), C = C_in.to(dev, ct).contiguous();
-  const at::Tensor S = std_in.to(dev, ct).contiguous();
   const int64_t B = z.size(0), N = B ? z.numel() / B : 0;
   const auto opts = z.options().dtype(ct);
   at::Tensor prev_out = noise ? at::empty(z.sizes(), opts) : at::empty({0}, opts);
@@ -243,9 +284,9 @@ std::vector<at::Tensor> sde_step_forward_cuda(const at::Tensor& u_in, const at::
     side = prev_sample->scalar_type() == z_in.scalar_type() && native ? prev_sample->to(dev).contiguous()
                                                          : prev_sample->to(dev, ct).contiguous();
   }
-  at::Tensor lp = at::zeros({B}, opts);
-  if (N == 0 || B == 0) return {prev_out, lp, mean_out};
-  const int64_t chunk = std::min<int64_t>(N, kChunk), nch = (N + chunk - 1) / chunk;
+  at::Tensor lp = at::empty({B}, opts), std_out = at::empty({B}, opts);
+  if (B == 0) return {prev_out, lp, mean_out, std_out};
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(N, kChunk)), nch = N ? (N + chunk - 1) / chunk : 0;
   at::Tensor partial = at::empty({B * nch}, z.options().dtype(at::kDouble));
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool chunk_vec = N % kVec == 0;  // every chunk then starts on a kVec boundary
@@ -254,7 +295,6 @@ std::vector<at::Tensor> sde_step_forward_cuda(const at::Tensor& u_in, const at::
       using Tu = decltype(tu);
       using Tz = decltype(tz);
       using Tc = std::conditional_t<std::is_same_v<Tz, double>, double, float>;
-      const Tc *a = A.data_ptr<Tc>(), *c = C.data_ptr<Tc>(), *s = S.data_ptr<Tc>();
       const Tu* up = u.data_ptr<Tu>();
       const Tz* zp = z.data_ptr<Tz>();
       Tc* mp = return_mean ? mean_out.data_ptr<Tc>() : nullptr;
@@ -265,40 +305,41 @@ std::vector<at::Tensor> sde_step_forward_cuda(const at::Tensor& u_in, const at::
         const Tp* pin = static_cast<const Tp*>(pin_raw);
         const bool vec = chunk_vec && all_aligned(up, zp, pin, pp_out, mp);
         if (vec) {
-          fwd_kernel<Tu, Tz, Tp, Tc, R, M, true><<<B * nch, kThreads, 0, stream>>>(up, zp, pin, pp_out, mp, a, c, s,
+          fwd_kernel<Tu, Tz, Tp, Tc, R, M, true><<<B * nch, kThreads, 0, stream>>>(up, zp, pin, pp_out, mp, karg,
                                                                                    part, N, chunk, nch);
         } else {
-          fwd_kernel<Tu, Tz, Tp, Tc, R, M, false><<<B * nch, kThreads, 0, stream>>>(up, zp, pin, pp_out, mp, a, c,
-                                                                                    s, part, N, chunk, nch);
+          fwd_kernel<Tu, Tz, Tp, Tc, R, M, false><<<B * nch, kThreads, 0, stream>>>(up, zp, pin, pp_out, mp, karg,
+                                                                                    part, N, chunk, nch);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       using T_ = std::true_type;
       using F_ = std::false_type;
-      if (noise) {
-        Tc* po = prev_out.data_ptr<Tc>();
-        if (return_mean) launch(Tc{}, T_{}, T_{}, side.data_ptr(), po);
-        else launch(Tc{}, T_{}, F_{}, side.data_ptr(), po);
-      } else if (side.scalar_type() == z.scalar_type()) {
-        if (return_mean) launch(Tz{}, F_{}, T_{}, side.data_ptr(), nullptr);
-        else launch(Tz{}, F_{}, F_{}, side.data_ptr(), nullptr);
-      } else {
-        if (return_mean) launch(Tc{}, F_{}, T_{}, side.data_ptr(), nullptr);
-        else launch(Tc{}, F_{}, F_{}, side.data_ptr(), nullptr);
+      if (N > 0) {
+        if (noise) {
+          Tc* po = prev_out.data_ptr<Tc>();
+          if (return_mean) launch(Tc{}, T_{}, T_{}, side.data_ptr(), po);
+          else launch(Tc{}, T_{}, F_{}, side.data_ptr(), po);
+        } else if (side.scalar_type() == z.scalar_type()) {
+          if (return_mean) launch(Tz{}, F_{}, T_{}, side.data_ptr(), nullptr);
+          else launch(Tz{}, F_{}, F_{}, side.data_ptr(), nullptr);
+        } else {
+          if (return_mean) launch(Tc{}, F_{}, T_{}, side.data_ptr(), nullptr);
+          else launch(Tc{}, F_{}, F_{}, side.data_ptr(), nullptr);
+        }
       }
       const int fin_threads = 128;
       finalize_kernel<Tc><<<(B + fin_threads - 1) / fin_threads, fin_threads, 0, stream>>>(
-          part, s, lp.data_ptr<Tc>(), B, N, nch);
+          part, karg, lp.data_ptr<Tc>(), std_out.data_ptr<Tc>(), B, N, nch);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {prev_out, lp, mean_out};
+  return {prev_out, lp, mean_out, std_out};
 }
 
-std::vector<at::Tensor> sde_step_backward_cuda(const at::Tensor& u_in, const at::Tensor& z_in,
-                                               const at::Tensor& p_in, const at::Tensor& A_in,
-                                               const at::Tensor& C_in, const at::Tensor& W_in, bool need_u,
-                                               bool need_z, bool need_prev) {
-  check_step_args(u_in, z_in, A_in, C_in, W_in);
+std::vector<at::Tensor> sde_step_backward_cuda(const at::Tensor& g_in, const at::Tensor& u_in,
+                                               const at::Tensor& z_in, const at::Tensor& p_in, const CoefRows& coefs,
+                                               bool need_u, bool need_z, bool need_prev) {
+  check_step_args(u_in, z_in);
   TORCH_CHECK_VALUE(p_in.sizes() == z_in.sizes(), "prev_sample has shape ", p_in.sizes(), ", expected ",
                     z_in.sizes());
   const c10::cuda::CUDAGuard guard(z_in.device());
@@ -306,20 +347,22 @@ std::vector<at::Tensor> sde_step_backward_cuda(const at::Tensor& u_in, const at:
   const auto dev = z_in.device();
   check_float(u_in, "model_output");
   check_float(z_in, "sample");
+  const int64_t B = z_in.size(0), N = B ? z_in.numel() / B : 0;
+  TORCH_CHECK_VALUE(g_in.dim() == 1 && g_in.size(0) == B, "grad_log_prob must have shape (", B, ",); got ",
+                    g_in.sizes());
+  const CoefArg karg = make_coef_arg(coefs, dev);
   const bool native = native_pair(u_in.scalar_type(), z_in.scalar_type());
   const at::Tensor u = native ? u_in.contiguous() : u_in.to(ct).contiguous();
   const at::Tensor z = native ? z_in.contiguous() : z_in.to(ct).contiguous();
   const at::Tensor p = (p_in.scalar_type() == z.scalar_type() || p_in.scalar_type() == ct)
                            ? p_in.to(dev).contiguous()
                            : p_in.to(dev, ct).contiguous();
-  const at::Tensor A = A_in.to(dev, ct).contiguous(), C = C_in.to(dev, ct).contiguous();
-  const at::Tensor W = W_in.to(dev, ct).contiguous();
+  const at::Tensor g = g_in.to(dev, ct);
   // Rare combinations write every gradient into scratch buffers; the hot paths write only what is asked.
   const bool general = !(need_u && !need_prev);
   at::Tensor gu = (need_u || general) ? at::empty_like(u) : at::empty({0}, u.options());
   at::Tensor gz = (need_z || general) ? at::empty_like(z) : at::empty({0}, z.options());
   at::Tensor gp = (need_prev || general) ? at::empty_like(p) : at::empty({0}, p.options());
-  const int64_t B = z.size(0), N = B ? z.numel() / B : 0;
   auto trim = [&]() -> std::vector<at::Tensor> {
     return {need_u ? gu.to(u_in.scalar_type()) : at::empty({0}, u_in.options()),
             need_z ? gz.to(z_in.scalar_type()) : at::empty({0}, z_in.options()),
@@ -334,7 +377,8 @@ std::vector<at::Tensor> sde_step_backward_cuda(const at::Tensor& u_in, const at:
       using Tu = decltype(tu);
       using Tz = decltype(tz);
       using Tc = std::conditional_t<std::is_same_v<Tz, double>, double, float>;
-      const Tc *a = A.data_ptr<Tc>(), *c = C.data_ptr<Tc>(), *w = W.data_ptr<Tc>();
+      const Tc* gl = g.data_ptr<Tc>();
+      const int64_t gs = g.stride(0);
       const Tu* up = u.data_ptr<Tu>();
       const Tz* zp = z.data_ptr<Tz>();
       auto run = [&](auto tp) {
@@ -348,10 +392,10 @@ std::vector<at::Tensor> sde_step_backward_cuda(const at::Tensor& u_in, const at:
   do {                                                                                                         \
     if (vec)                                                                                                   \
       bwd_kernel<Tu, Tz, Tp, Tc, GU, GZ, GP, true>                                                             \
-          <<<B * nch, kThreads, 0, stream>>>(up, zp, pp, gup, gzp, gpp, a, c, w, N, chunk, nch);               \
+          <<<B * nch, kThreads, 0, stream>>>(up, zp, pp, gup, gzp, gpp, karg, gl, gs, N, chunk, nch);         \
     else                                                                                                       \
       bwd_kernel<Tu, Tz, Tp, Tc, GU, GZ, GP, false>                                                            \
-          <<<B * nch, kThreads, 0, stream>>>(up, zp, pp, gup, gzp, gpp, a, c, w, N, chunk, nch);               \
+          <<<B * nch, kThreads, 0, stream>>>(up, zp, pp, gup, gzp, gpp, karg, gl, gs, N, chunk, nch);         \
   } while (0)
         if (!general && !need_z) FVG_BWD(true, false, false);
         else if (!general) FVG_BWD(true, true, false);

@@ -337,6 +337,8 @@ class FlowSchedule:
     #: last step with eta = 0 (sigma_T = 0)
     deterministic_last_step_default: ClassVar[bool] = True
     _tables: _DeviceTables = field(default_factory=_DeviceTables, init=False, repr=False, compare=False)
+    _coefs: _ops.CoefficientTable = field(default_factory=_ops.CoefficientTable, init=False, repr=False,
+                                          compare=False)
 
     @classmethod
     def create(cls, num_steps: int, eta=0.0, shift: float = 1.0, timestep_scale: float = 1000.0):
@@ -356,6 +358,11 @@ class FlowSchedule:
         Returns ``(prev_sample, log_prob_B, mean, std_B)`` like ``flow_sde_step`` (mean is None when
         ``need_mean=False`` on the fused path, which saves one write of the latent).
         """
+        if eta is None and FUSED_STEPS:  # the compiled kernel with coefficients made once per schedule
+            out = self._coefs.step(_ops.flow_coefficient_table, (self.sigmas, self.eta), index, model_output, sample,
+                                   prev_sample, generator, need_mean)
+            if out is not None:
+                return out
         e = _gather(self.eta, index, sample, self._tables) if eta is None else eta
         s = _gather(self.sigmas, index, sample, self._tables)
         s_next = _gather(self.sigmas, index + 1, sample, self._tables)
@@ -379,6 +386,8 @@ class DDIMSchedule:
     #: DDIM step with eta too (and decodes that sample); it only leaves the step out of training
     deterministic_last_step_default: ClassVar[bool] = False
     _tables: _DeviceTables = field(default_factory=_DeviceTables, init=False, repr=False, compare=False)
+    _coefs: _ops.CoefficientTable = field(default_factory=_ops.CoefficientTable, init=False, repr=False,
+                                          compare=False)
 
     @classmethod
     def create(cls, num_steps: int, eta=0.0, alphas_cumprod: Optional[torch.Tensor] = None,
@@ -404,6 +413,11 @@ class DDIMSchedule:
 
     def step(self, index, model_output, sample, *, prev_sample=None, generator=None, eta=None, need_mean=True):
         """DDIM SDE step at step ``index``; same contract as ``FlowSchedule.step``."""
+        if eta is None and FUSED_STEPS:
+            out = self._coefs.step(_ops.ddim_coefficient_table, (self.alpha_t, self.alpha_prev, self.eta), index,
+                                   model_output, sample, prev_sample, generator, need_mean)
+            if out is not None:
+                return out
         e = _gather(self.eta, index, sample, self._tables) if eta is None else eta
         a_t = _gather(self.alpha_t, index, sample, self._tables)
         a_prev = _gather(self.alpha_prev, index, sample, self._tables)

@@ -42,7 +42,9 @@ def _inputs(shape, dtype=torch.float32, seed=0, device="cpu", u_dtype=None):
 
 
 def _kernel(u, z, A, C, S, noise=None, prev=None, return_mean=False):
-    return fused._C.sde_step_forward(u, z, A, C, S, noise, prev, return_mean)
+    """The compiled operator with per-sample coefficients (a (B, 3) table, step -1): (prev, lp, mean)."""
+    table = torch.stack([A, C, S], dim=1).double()
+    return fused._C.sde_step(u, z, table, None, -1, noise, prev, return_mean)[:3]
 
 
 # ----------------------------------------------------------------------------- coefficients / reference
@@ -262,6 +264,121 @@ def test_schedule_step_fused_equals_plain_reference(kind, monkeypatch):
     assert torch.equal(lp0, torch.zeros_like(lp0))
 
 
+def _schedule(kind, steps=6):
+    return sde.FlowSchedule.create(steps, eta=0.6, shift=2.0) if kind == "flow" else sde.DDIMSchedule.create(steps,
+                                                                                                            eta=0.8)
+
+
+def _table(sched):
+    if isinstance(sched, sde.FlowSchedule):
+        return fused.flow_coefficient_table(sched.sigmas, sched.eta)
+    return fused.ddim_coefficient_table(sched.alpha_t, sched.alpha_prev, sched.eta)
+
+
+@pytest.mark.parametrize("kind", ["flow", "ddim"])
+def test_coefficient_table_rows_equal_per_call_coefficients(kind):
+    """The table made once per schedule holds exactly the float64 values the per-call coefficients had.
+    Exact: the same float64 +, -, *, /, sqrt (correctly rounded) on the same values, vectorised or not."""
+    sched = _schedule(kind)
+    table = _table(sched)
+    assert table.shape == (sched.num_steps, 3) and table.dtype == torch.float64 and table.device.type == "cpu"
+    for i in range(sched.num_steps):
+        if kind == "flow":
+            want = flow_coefficients(sched.sigmas[i], sched.sigmas[i + 1], sched.eta[i], batch_size=1)
+        else:
+            want = ddim_coefficients(sched.alpha_t[i], sched.alpha_prev[i], sched.eta[i], batch_size=1)
+        assert torch.equal(table[i], torch.cat(want))
+
+
+@needs_ext
+@pytest.mark.parametrize("kind", ["flow", "ddim"])
+def test_schedule_table_path_equals_per_call_coefficients_bit_for_bit(kind):
+    """The schedules' hot path (table looked up by step index in C++) against the per-call path (schedule
+    values gathered, coefficients computed, per-sample rows): the same kernel on the same float32
+    coefficients, so every output is identical; its autograd node is the C++ Function, not Python."""
+    sched = _schedule(kind)
+    g = torch.Generator().manual_seed(4)
+    z, u = torch.randn(3, 4, 9, 7, generator=g), torch.randn(3, 4, 9, 7, generator=g)
+    for index in (3, torch.tensor([0, 3, 5]), torch.tensor(4)):
+        eta = sched.eta[index]  # an explicit eta takes the per-call path
+        got = sched.step(index, u, z, generator=torch.Generator().manual_seed(5))
+        want = sched.step(index, u, z, generator=torch.Generator().manual_seed(5), eta=eta)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        got = sched.step(index, u, z, prev_sample=want[0] + 0.01, need_mean=False)
+        want = sched.step(index, u, z, prev_sample=want[0] + 0.01, eta=eta, need_mean=False)
+        assert got[2] is None and want[2] is None
+        assert all(torch.equal(a, b) for a, b in zip(got[:2] + got[3:], want[:2] + want[3:]))
+    uu = u.clone().requires_grad_()
+    _, lp, _, _ = sched.step(torch.tensor([0, 3, 5]), uu, z, prev_sample=z + 0.01)
+    assert "SdeStepFunction" in lp.grad_fn.name()
+
+
+@needs_ext
+@pytest.mark.parametrize("kind", ["flow", "ddim"])
+def test_schedule_table_path_gradcheck_float64(kind):
+    """The C++ autograd formula of the table path against finite differences (float64), re-scoring and rollout."""
+    sched = _schedule(kind)
+    u, z, noise, *_ = _inputs((2, 3, 4), torch.float64)
+    idx = torch.tensor([1, 4])
+    prev = sched.step(idx, u, z, generator=torch.Generator().manual_seed(0))[0].detach()
+    args = [t.clone().requires_grad_() for t in (u, z, prev)]
+    assert torch.autograd.gradcheck(lambda u_, z_, p_: sched.step(idx, u_, z_, prev_sample=p_)[:3], args)
+
+    def rollout(u_, z_):  # the same draw every call: a fresh generator with one seed
+        return sched.step(2, u_, z_, generator=torch.Generator().manual_seed(1))[:3]
+
+    assert torch.autograd.gradcheck(rollout, args[:2])
+
+
+def test_coefficient_table_made_once_and_again_after_an_edit():
+    import copy
+
+    sched = _schedule("flow", 4)
+    make, sources = fused.flow_coefficient_table, lambda: (sched.sigmas, sched.eta)
+    cache = sched._coefs
+    t1 = cache.get(make, sources())
+    assert cache.get(make, sources()) is t1  # no per-call work: the same table object
+    assert torch.equal(t1, fused.flow_coefficient_table(sched.sigmas, sched.eta))
+    sched.eta[1] = 0.0  # an in-place edit bumps the version: a new table, std 0 at step 1
+    t2 = cache.get(make, sources())
+    assert t2 is not t1 and t2[1, 2] == 0 and torch.equal(t2[0], t1[0])
+    z = torch.randn(2, 3, 4)
+    assert torch.equal(sched.step(1, z, z)[1], torch.zeros(2))
+    sched.eta = sched.eta.clone()  # reassigned: a new table
+    assert cache.get(make, sources()) is not t2
+    twin = copy.deepcopy(sched)  # copies start with an empty cache and give the same steps
+    assert twin._coefs is not cache
+    assert torch.equal(twin.step(2, z, z, prev_sample=z)[1], sched.step(2, z, z, prev_sample=z)[1])
+
+
+def test_step_index_errors_raise_value_error():
+    """Out-of-range steps, mismatched index shapes and non-integer indices: ValueError, with or without _C."""
+    sched = _schedule("flow", 4)
+    table = _table(sched)
+    z = torch.randn(3, 2, 5)
+    with pytest.raises(ValueError, match="out of range"):
+        fused.sde_step_at(z, z, table, 4, prev_sample=z)
+    with pytest.raises(ValueError, match="out of range"):
+        fused.sde_step_at(z, z, table, torch.tensor([0, 1, 7]), prev_sample=z)
+    with pytest.raises(ValueError, match="shape \\(3,\\)"):
+        fused.sde_step_at(z, z, table, torch.tensor([0, 1]), prev_sample=z)
+    with pytest.raises(ValueError, match="integer"):
+        fused.sde_step_at(z, z, table, torch.tensor([0.0, 1.0, 2.0]), prev_sample=z)
+    with pytest.raises(ValueError, match="float64 table"):
+        fused.sde_step_at(z, z, table.float(), 1, prev_sample=z)
+
+
+def test_sde_step_at_runs_the_reference_where_the_kernel_does_not_serve():
+    """Meta tensors (a device no kernel serves): the reference runs; shapes and dtypes as the kernel's."""
+    sched = _schedule("flow", 4)
+    table = _table(sched)
+    z = torch.empty(2, 3, 5, device="meta")
+    prev, lp, mean, std = fused.sde_step_at(z, z, table, torch.tensor([0, 2]), generator=None, return_mean=True)
+    assert prev.shape == mean.shape == z.shape and lp.shape == std.shape == (2,)
+    assert {t.device.type for t in (prev, lp, mean, std)} == {"meta"}
+
+
 def test_dispatch_falls_back_to_reference_without_extension(monkeypatch):
     u, z, noise, s, sn, e = _inputs((2, 3, 8), torch.float32)
     A, C, S = flow_coefficients(s, sn, e, batch_size=2)
@@ -301,28 +418,39 @@ def test_user_errors_raise_value_error():
         flow_coefficients(torch.tensor([0.5, 0.4, 0.3]), 0.2, 0.3, batch_size=2)
     if fused.extension_available():
         with pytest.raises(ValueError, match="coefficients"):
-            fused._C.sde_step_forward(u, z, A[:1], C, S, noise, None, False)
+            _kernel(u, z, A[:1], C[:1], S[:1], noise=noise)
 
 
 def test_torch_library_opcheck():
+    """Schema, autograd registration, fake / meta kernels and AOT dispatch of the operator, for each way of
+    naming the coefficient rows: per-sample rows (step -1), one step for the batch, a (B,) step index."""
     u, z, noise, s, sn, e = _inputs((2, 3, 5), torch.float64)
-    A, C, S = flow_coefficients(s, sn, e, batch_size=2)
+    sched = sde.FlowSchedule.create(6, eta=0.6, shift=2.0)
+    table = fused.flow_coefficient_table(sched.sigmas, sched.eta)
+    per_sample = torch.stack(flow_coefficients(s, sn, e, batch_size=2), dim=1)
     prev = (z + 0.1).detach()
-    for nz, pv in ((noise, None), (None, prev)):
-        args = (u.clone().requires_grad_(), z.clone().requires_grad_(), A, C, S, nz, pv, True)
-        torch.library.opcheck(torch.ops.fastvideo_grpo.sde_step.default, args,
-                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    for coefs, index, step in ((per_sample, None, -1), (table, None, 3), (table, torch.tensor([1, 4]), 0)):
+        for nz, pv in ((noise, None), (None, prev)):
+            args = (u.clone().requires_grad_(), z.clone().requires_grad_(), coefs, index, step, nz, pv, True)
+            torch.library.opcheck(torch.ops.fastvideo_grpo.sde_step.default, args,
+                                  test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                              "test_aot_dispatch_dynamic"))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
+    """torch.compile(fullgraph) of a PPO-style loss through the op with per-sample coefficients and through a
+    schedule's step (which traces its per-call path: the C++ table entry is not traceable), against eager."""
     torch._dynamo.reset()
     u, z, noise, s, sn, e = _inputs((2, 4, 8, 8), torch.float32)
     A, C, S = flow_coefficients(s, sn, e, batch_size=2)
     prev = reference_sde_step(u, z, A, C, S, noise=noise.float())[0]
+    sched = _schedule("flow")
+    idx = torch.tensor([1, 4])
 
     def loss_fn(u_, z_, prev_, adv):
         _, lp = fused_sde_step(u_, z_, A, C, S, prev_sample=prev_)
-        return -(torch.exp(lp - lp.detach()) * adv).mean()
+        _, lp2, _, _ = sched.step(idx, u_, z_, prev_sample=prev_, need_mean=False)
+        return -(torch.exp(lp - lp.detach()) * adv).mean() - (torch.exp(lp2 - lp2.detach()) * adv).mean()
 
     compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
     adv = torch.tensor([1.0, -0.5])
@@ -380,6 +508,31 @@ def test_cuda_unaligned_and_mixed_dtypes():
     torch.testing.assert_close(lp.double(), ref[1], rtol=3e-5, atol=3e-5)
     _, lp2 = fused_sde_step(u.contiguous().clone(), z, A, C, S, prev_sample=prev)
     assert torch.equal(lp, lp2)
+
+
+@needs_cuda
+@needs_ext
+def test_cuda_schedule_table_path_matches_per_sample_path():
+    """The schedules' path on CUDA: coefficient rows by value (CPU index), by one device copy (65 samples > the
+    64 carried by value), gathered on the device (CUDA index); bit-identical to the per-sample path with the
+    same coefficients, forward (rollout and re-scoring) and gradient."""
+    if not fused._C.has_cuda():
+        pytest.skip("fastvideo_grpo._C was built without CUDA")
+    sched = _schedule("flow", 16)
+    table = _table(sched)
+    for B, index_device in ((3, "cpu"), (65, "cpu"), (3, "cuda")):
+        g = torch.Generator().manual_seed(B)
+        u, z = (torch.randn(B, 4, 6, 5, generator=g).cuda() for _ in range(2))
+        idx = torch.randint(0, 16, (B,), generator=g)
+        A, C, S = (table[idx, k].cuda() for k in range(3))
+        prev, lp, mean, std = sched.step(idx.to(index_device), u, z, generator=torch.Generator().manual_seed(1))
+        want = fused_sde_step(u, z, A, C, S, generator=torch.Generator().manual_seed(1), return_mean=True)
+        assert torch.equal(prev, want[0]) and torch.equal(lp, want[1]) and torch.equal(mean, want[2])
+        assert torch.equal(std, S.float())
+        uu, uk = u.clone().requires_grad_(), u.clone().requires_grad_()
+        sched.step(idx.to(index_device), uu, z, prev_sample=prev)[1].sum().backward()
+        fused_sde_step(uk, z, A, C, S, prev_sample=prev)[1].sum().backward()
+        assert torch.equal(uu.grad, uk.grad) and uu.grad.abs().max() > 0
 
 
 # ----------------------------------------------------------------------------- nvcc
