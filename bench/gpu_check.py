@@ -208,7 +208,7 @@ def check_kernel_correctness(ctx):
 
 def check_attention_backends(ctx):
     from fastvideo_grpo.distributed.fsdp import set_attention_backend
-    from fastvideo_grpo.rollout import autocast_context
+    from fastvideo_grpo.dtypes import autocast_context
 
     dev = ctx["device"]
     backends = ["native", "_native_math"] if ctx["dry"] else ["native", "_native_flash", "_native_efficient", "flash"]
@@ -279,7 +279,7 @@ def _probe_model(device, tiny=False):
 
 def run_probe(variant, ctx):
     """One forward + backward + clip + AdamW step of the 1.1B model in one configuration."""
-    from fastvideo_grpo.rollout import autocast_context
+    from fastvideo_grpo.dtypes import autocast_context
 
     from fastvideo_grpo.cuda_settings import configure_attention
 

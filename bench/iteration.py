@@ -4,8 +4,8 @@ For each case (a random-init diffusers FLUX-like or HunyuanVideo-like transforme
 temporary folder and loaded through the real adapter), in a fresh subprocess (so peak RSS is per
 case), with interleaved repetitions and medians:
 
-* one ``GRPOTrainer.train_iteration`` split into rollout (SDE sampling + VAE decode), reward (a cheap
-  registered ``bench_mean_brightness`` reward) and training (``grpo_update``);
+* one ``Trainer.train_iteration`` split into rollout (SDE sampling + VAE decode), reward (a cheap
+  registered ``bench_mean_brightness`` reward) and training (``update``, the objective's update);
 * the bare model work of that iteration in plain loops with no GRPO code: T no-grad transformer
   forwards at the rollout batch, the VAE decode of the final latents (counted in the bare rollout
   time and also reported alone as ``bare_decode_s``), and K * (row chunks) forward + backward passes
@@ -259,12 +259,12 @@ class _PhasePeak:
 
 
 class _PhaseClock:
-    """Times the phases of the real ``GRPOTrainer.train_iteration`` by wrapping the functions it calls
-    (``rollout``, ``decode_latents``, ``compute_rewards``, ``grpo_update`` in fastvideo_grpo.trainer)
+    """Times the phases of the real ``Trainer.train_iteration`` by wrapping the functions it calls
+    (``rollout``, ``decode_latents``, ``compute_rewards``, ``update`` in fastvideo_grpo.trainer)
     with clocks, and records each phase's peak memory (``_PhasePeak``) in ``last_peaks``."""
 
     PHASES = {"rollout": "rollout_forward", "decode_latents": "decode", "compute_rewards": "reward",
-              "grpo_update": "train"}
+              "update": "train"}
 
     @staticmethod
     def run(trainer) -> dict:
@@ -318,7 +318,7 @@ def _sync(device):
 
 def bare_rollout(adapter, kw, num_steps, z, autocast_dtype=None):
     """num_steps no-grad transformer forwards + one VAE decode; returns (total_s, decode_s)."""
-    from fastvideo_grpo.rollout import autocast_context
+    from fastvideo_grpo.dtypes import autocast_context
 
     model, dev = adapter.model, z.device
     model.eval()
@@ -339,7 +339,7 @@ def bare_rollout(adapter, kw, num_steps, z, autocast_dtype=None):
 def bare_train(adapter, kw, num_passes, num_optim_steps, optimizer, autocast_dtype=None):
     """num_passes forward+backward passes + num_optim_steps optimiser updates (gradient clipping + AdamW
     step, what any fine-tuning loop does); returns (total_s, optim_s)."""
-    from fastvideo_grpo.rollout import autocast_context
+    from fastvideo_grpo.dtypes import autocast_context
 
     model = adapter.model
     model.train()
@@ -428,7 +428,7 @@ def plan_case(case: dict, gpu_mem_gib: float = 80.0):
 
 
 def make_trainer(case: dict, root: Path, overrides=(), adapter_kwargs=None, device="cpu", fsdp=False):
-    """GRPOTrainer over a random-init model of ``case`` written to ``root`` and loaded by the real adapter.
+    """A Trainer over a random-init model of ``case`` written to ``root`` and loaded by the real adapter.
 
     ``fsdp``: shard the transformer with FSDP2 over a one-rank mesh (``parallel.fsdp_one_process``;
     needs an initialised one-process group): on CUDA that is bf16 compute over fp32 master weights,
@@ -439,7 +439,7 @@ def make_trainer(case: dict, root: Path, overrides=(), adapter_kwargs=None, devi
     from fastvideo_grpo.models import ADAPTERS
     from fastvideo_grpo.data.prompt_source import PromptSource
     from fastvideo_grpo.rewards.build import build_reward_fns
-    from fastvideo_grpo.trainer import GRPOTrainer
+    from fastvideo_grpo.trainer import Trainer
 
     register_reward()
     kw = build_folder(case, root, device)
@@ -453,7 +453,7 @@ def make_trainer(case: dict, root: Path, overrides=(), adapter_kwargs=None, devi
     fns, weights = build_reward_fns(cfg.rewards)
     prompts = [f"prompt_{i}" for i in range(64)]
     encode = random_encoder(adapter, case.get("text_len", TEXT_LEN))
-    trainer = GRPOTrainer(cfg, adapter, fns, weights, PromptSource(prompts, encode, seed=0))
+    trainer = Trainer(cfg, adapter, fns, weights, PromptSource(prompts, encode, seed=0))
     return trainer, cfg
 
 

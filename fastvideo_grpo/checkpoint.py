@@ -238,7 +238,7 @@ def load_ema_weights(path: Union[str, Path], model: nn.Module, decay: float = 0.
 
 
 def save_trainer_checkpoint(trainer, root: Union[str, Path]) -> Path:
-    """Everything ``GRPOTrainer`` needs to continue bit-for-bit (collective): model and optimiser through
+    """Everything the ``Trainer`` needs to continue bit-for-bit (collective): model and optimiser through
     DCP, ``trainer.state_dict()`` in this rank's extra file."""
     ema = getattr(trainer, "ema", None)
     return save_checkpoint(root, trainer.iteration, trainer.adapter.trainable_module(), trainer.optimizer,

@@ -74,17 +74,19 @@ class GRPOConfig:
     micro_batch_size: int = 0  # samples per forward/backward in training; 0 = whole rank batch
     kl_coef: float = 0.0  # KL to a frozen copy of the starting policy (off in the paper; > 0 holds a 2nd copy)
     shared_noise: bool = True  # one initial noise per group (paper: essential)
-    advantage: str = "group"  # "group" (GRPO) or "global" (DDPO-style normalisation; ablation)
+    advantage: str = "group"  # registered estimator (algorithms/advantages.py): "group" (GRPO) or "global" (DDPO-style)
     advantage_std: str = "bessel"  # std of the normalisation: "bessel" (n - 1, + 1e-8: released code) or "population"
     best_of_n_k: int = 0  # >0: train on top-k and bottom-k of each group only (best-of-N)
     # best-of-N advantages: "group" = computed over the whole group, then the 2k selected (released code);
     # "selected" = recomputed over the 2k selected samples only
     best_of_n_advantages: str = "group"
     sde_window: SDEWindowConfig = field(default_factory=SDEWindowConfig)  # per-iteration SDE/training window
-    # the update: "grpo" (PPO-clip on the SDE's log-probs) or "nft" (DiffusionNFT: flow matching on the clean
-    # samples, contrasting implicit positive / negative policies; no log-probs, so any sampler, eta 0 included)
-    objective: str = "grpo"
-    nft_beta: float = 1.0  # DiffusionNFT's beta: v+- = v_old +- beta (v_theta - v_old)
+    # what the update trains: a registered objective (fastvideo_grpo/algorithms/objectives/): "ppo_clip" (alias
+    # "grpo": PPO-clip on the SDE's log-probs, DanceGRPO) or "diffusion_nft" (alias "nft": flow matching on the
+    # clean samples, contrasting implicit positive / negative policies; no log-probs, so any sampler, eta 0 included)
+    objective: str = "ppo_clip"
+    objective_kwargs: Dict[str, Any] = field(default_factory=dict)  # the objective's own options (its constructor's)
+    nft_beta: float = 1.0  # diffusion_nft's beta: v+- = v_old +- beta (v_theta - v_old)
 
 
 @dataclass
@@ -218,8 +220,6 @@ class RunConfig:
                 f"grpo.micro_batch_size={g.micro_batch_size} must divide the rank batch "
                 f"group_size * prompts_per_iteration = {batch}"
             )
-        if g.advantage not in ("group", "global"):
-            raise ValueError(f"grpo.advantage must be 'group' or 'global', got {g.advantage!r}")
         if g.advantage_std not in ("bessel", "population"):
             raise ValueError(f"grpo.advantage_std must be 'bessel' or 'population', got {g.advantage_std!r}")
         if g.best_of_n_advantages not in ("group", "selected"):
@@ -251,28 +251,8 @@ class RunConfig:
                 raise ValueError(f"grpo.timestep_window {[lo, hi + 1]} holds only the last step, which is not trained "
                                  "(grpo.train_last_step: false, as the released code); widen the window or set "
                                  "grpo.train_last_step: true")
-        if self.sampling.deterministic_last_step and hi == self.sampling.num_steps:
-            raise ValueError("sampling.deterministic_last_step makes the last step deterministic (eta 0), but "
-                             "grpo.train_last_step lets training pick it; set one of them to false")
-        if g.objective not in ("grpo", "nft"):
-            raise ValueError(f"grpo.objective must be 'grpo' or 'nft' (DiffusionNFT), got {g.objective!r}")
-        if g.objective == "nft" and not (g.nft_beta > 0 and math.isfinite(g.nft_beta)):
+        if not (g.nft_beta > 0 and math.isfinite(g.nft_beta)):
             raise ValueError(f"grpo.nft_beta must be a finite number > 0, got {g.nft_beta}")
-        etas = self.sampling.eta_schedule if self.sampling.eta_schedule is not None else [self.sampling.eta]
-        if g.objective == "nft" and g.shared_noise and all(e <= 0 for e in etas):
-            raise ValueError("grpo.objective: nft with a deterministic sampler (sampling.eta 0) and one shared initial "
-                             "noise per group gives G identical samples, hence zero advantages; set "
-                             "grpo.shared_noise: false (or sampling.eta > 0)")
-        if g.objective == "nft" and g.kl_coef > 0:
-            raise ValueError("grpo.kl_coef is a KL between SDE steps, which grpo.objective: nft does not use; set it to 0")
-        if self.sampling.eta_schedule is not None and g.objective == "grpo":
-            # kept (trained) steps must be stochastic: an eta = 0 step has a point-mass transition, so its
-            # log-prob is 0 and its gradient is 0 -- compute spent for nothing. With eta = 0 outside a
-            # training window (the sliding-window option), set grpo.timestep_window to that window.
-            dead = [i for i in range(lo, hi) if self.sampling.eta_schedule[i] <= 0]
-            if dead:
-                raise ValueError(f"sampling.eta_schedule is 0 at steps {dead}, which grpo.timestep_window "
-                                 f"{[lo, hi]} lets training pick; restrict the window to the steps with eta > 0")
         self._validate_window(lo, hi)
         s = self.sampling
         if s.eta_form not in ("constant", "flow_grpo"):
@@ -498,7 +478,7 @@ def read_recipe(p: Path, _chain: Sequence[Path] = ()) -> Dict[str, Any]:
 
 def _merge(base: Dict[str, Any], new: Dict[str, Any]):
     for k, v in new.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in ("kwargs", "extra"):
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in ("kwargs", "extra", "objective_kwargs"):
             _merge(base[k], v)
         else:
             base[k] = v

@@ -1,6 +1,9 @@
-"""Dtype names from configs and command lines ('bf16', 'bfloat16', 'torch.float16', ...) -> torch.dtype."""
+"""Dtype names from configs and command lines ('bf16', 'bfloat16', 'torch.float16', ...) -> torch.dtype, and
+the autocast context every model forward of the loop runs under."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -24,3 +27,14 @@ def parse_dtype(dtype) -> torch.dtype:
     if key not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
     return _DTYPES[key]
+
+
+def autocast_context(device, dtype):
+    """bf16 / fp16 autocast on CUDA when ``dtype`` is set; elsewhere autocast explicitly off
+    (nothing at all on device types autocast does not know, e.g. ``meta``)."""
+    device = torch.device(device)
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    if dtype is None or device.type != "cuda":
+        return torch.autocast(device_type=device.type, enabled=False)
+    return torch.autocast(device_type="cuda", dtype=dtype)

@@ -68,19 +68,26 @@ def aggregate_advantages(
 
     Rewards live on different scales, so they are never added raw (docs/method.md section 3).
     ``normalise`` is "group" (GRPO) or "global" (DDPO-style, for ablations); ``std`` as in
-    ``group_advantages``.
+    ``group_advantages``. (The trainer goes through the registered estimators of algorithms/advantages.py,
+    which compute the same.)
     """
-    if not rewards:
-        raise ValueError("at least one reward is needed")
-    weights = dict(weights or {})
-    unknown = set(weights) - set(rewards)
-    if unknown:
-        raise ValueError(f"weights given for rewards that were not computed: {sorted(unknown)}")
     if normalise not in ("group", "global"):
         raise ValueError(f"normalise must be 'group' or 'global', got {normalise!r}")
+    per_reward = {name: group_advantages(r, group_size, std=std) if normalise == "group"
+                  else global_advantages(r, std=std) for name, r in rewards.items()}
+    return weighted_sum(per_reward, weights)
+
+
+def weighted_sum(advantages: Mapping[str, torch.Tensor], weights: Optional[Mapping[str, float]] = None) -> torch.Tensor:
+    """sum over rewards of weight * advantages (weight 1 where none is given), in the rewards' order."""
+    if not advantages:
+        raise ValueError("at least one reward is needed")
+    weights = dict(weights or {})
+    unknown = set(weights) - set(advantages)
+    if unknown:
+        raise ValueError(f"weights given for rewards that were not computed: {sorted(unknown)}")
     total = None
-    for name, r in rewards.items():
-        a = group_advantages(r, group_size, std=std) if normalise == "group" else global_advantages(r, std=std)
+    for name, a in advantages.items():
         a = a * float(weights.get(name, 1.0))
         total = a if total is None else total + a
     return total

@@ -486,9 +486,11 @@ def _counted_attention() -> bool:
 def passes_per_iteration(cfg) -> Dict[str, int]:
     """Model passes per rank and iteration, per sample, as the trainer counts them (fastvideo_grpo/passes.py):
     ``forward_rollout`` (every sampling step of every sample), ``forward_update`` (each trained step once,
-    plus once more for the reference model of the KL term or DiffusionNFT's old-policy velocity) and
-    ``backward``. ``trained_steps`` is K = int(tau x the candidate steps): the trainable window without the
-    last step (``grpo.trainable_window``), or the MixGRPO / Flow-GRPO-Fast window's size."""
+    plus the objective's ``extra_forwards_per_trained_step``: the reference model of the KL term,
+    DiffusionNFT's old-policy velocity) and ``backward``. ``trained_steps`` is K = int(tau x the candidate
+    steps): the trainable window without the last step (``grpo.trainable_window``), or the MixGRPO /
+    Flow-GRPO-Fast window's size."""
+    from .algorithms.objectives import build_objective
     from .grpo import num_train_steps, trainable_window
 
     g, s = cfg.grpo, cfg.sampling
@@ -496,7 +498,7 @@ def passes_per_iteration(cfg) -> Dict[str, int]:
     K = num_train_steps(g.sde_window.size if g.sde_window.mode != "off" else hi - lo, g.tau)
     samples = g.prompts_per_iteration * g.group_size
     trained = g.prompts_per_iteration * 2 * g.best_of_n_k if g.best_of_n_k else samples
-    extra = 1 if g.objective == "nft" or g.kl_coef > 0 else 0
+    extra = build_objective(cfg).extra_forwards_per_trained_step
     return {"trained_steps": K, "forward_rollout": samples * s.num_steps, "forward_update": trained * K * (1 + extra),
             "backward": trained * K}
 

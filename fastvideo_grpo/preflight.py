@@ -1,4 +1,4 @@
-"""Start-up checks, before anything heavy is loaded: the files a run needs exist.
+"""Start-up checks, before anything heavy is loaded: the objective suits the sampler, the files a run needs exist.
 
 ``model.kwargs`` and every reward's kwargs are checked against what the adapter / reward accepts
 (unknown keys are a ValueError naming the accepted ones), the paths they declare at registration
@@ -20,9 +20,11 @@ def preflight(cfg: RunConfig) -> dict:
 
     Returns the loaded (file-checked) training manifest.
     """
+    from .algorithms.objectives import build_objective
     from .models import ADAPTERS
     from .rewards import REWARDS
 
+    build_objective(cfg)  # the objective and its options, against the sampling settings (ValueError)
     problems: List[str] = []
     # unknown adapter or key -> ValueError listing the known ones
     paths = ADAPTERS.check_kwargs(cfg.model.name, {k: v for k, v in cfg.model.kwargs.items() if k != "device"},

@@ -18,13 +18,13 @@ and can keep the VAE in host memory between decodes.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
 
 from . import residency, sde
+from .dtypes import autocast_context
 from .models.base import Cond, PolicyAdapter, index_cond, slice_cond
 
 
@@ -225,13 +225,3 @@ def decode_latents(adapter: PolicyAdapter, z: torch.Tensor, batch_size: int = 0,
         residency.to_host(modules, pin=z.device.type == "cuda")
     return out
 
-
-def autocast_context(device, dtype):
-    """bf16 / fp16 autocast on CUDA when ``dtype`` is set; elsewhere autocast explicitly off
-    (nothing at all on device types autocast does not know, e.g. ``meta``)."""
-    device = torch.device(device)
-    if not torch.amp.is_autocast_available(device.type):
-        return contextlib.nullcontext()
-    if dtype is None or device.type != "cuda":
-        return torch.autocast(device_type=device.type, enabled=False)
-    return torch.autocast(device_type="cuda", dtype=dtype)

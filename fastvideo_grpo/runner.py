@@ -3,7 +3,7 @@
 ``run(cfg, build_adapter, prompts)`` does, in order: process group from the torchrun environment (or one
 process) -> ParallelDims checked against the world size -> named mesh -> identical model init on every
 rank (``torch.manual_seed(train.seed)`` before ``build_adapter``) -> prompt sets -> parallelisation
-(AC -> SP -> FSDP2) -> ``GRPOTrainer`` (its AdamW over the sharded parameters) -> per-dp-rank seeding ->
+(AC -> SP -> FSDP2) -> ``Trainer`` (its AdamW over the sharded parameters) -> per-dp-rank seeding ->
 resume (``train.resume``) -> the output folder (one run at a time: a lock; a used folder only with
 ``--resume`` / ``--overwrite``; config.yaml recorded once built; metrics.jsonl trimmed on resume) -> the
 standard components (EMA update, NaN guard, evaluator, sample writer, logger, checkpointer, exporter) plus
@@ -65,10 +65,10 @@ class RunParts:
 
 def build_trainer(cfg: RunConfig, env: DistEnv, build_adapter: Callable[[torch.device], PolicyAdapter],
                   prompts: Prompts, reward_fns=None, reward_weights=None):
-    """(GRPOTrainer, ParallelDims, PromptSets) for this rank (collective)."""
+    """(Trainer, ParallelDims, PromptSets) for this rank (collective)."""
     from .data.prompt_source import PromptSource
     from .rewards.build import build_reward_fns
-    from .trainer import GRPOTrainer
+    from .trainer import Trainer
 
     dims = parallel_dims_from_config(cfg.parallel, env.world_size)
     one_process = bool(cfg.parallel.fsdp_one_process)
@@ -87,7 +87,7 @@ def build_trainer(cfg: RunConfig, env: DistEnv, build_adapter: Callable[[torch.d
     parallelize(adapter, dims, cfg.parallel, env.device)
     dp_rank = dims.dp_rank(env.rank)
     source = PromptSource(sets.train, sets.encode, seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dims.dp)
-    trainer = GRPOTrainer(cfg, adapter, reward_fns, reward_weights or {k: 1.0 for k in reward_fns}, source,
+    trainer = Trainer(cfg, adapter, reward_fns, reward_weights or {k: 1.0 for k in reward_fns}, source,
                           dp_group=dims.group("dp") if dims.dp > 1 else None)
     seed_rank_generators(trainer, cfg.train.seed, dp_rank)
     return trainer, dims, sets

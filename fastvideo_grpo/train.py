@@ -9,7 +9,7 @@ or the same under ``torchrun``. In order:
    FileNotFoundError naming it and what to do;
 3. ``runner.run``: the process group, the policy from ``model.name`` / ``model.kwargs`` (LoRA via
    ``lora_rank``) identical on every rank, the prompt sets read from the manifest and checked against
-   the adapter's ``cond_spec()`` (data/embedding_lookup.py), parallelisation, rewards, ``GRPOTrainer``,
+   the adapter's ``cond_spec()`` (data/embedding_lookup.py), parallelisation, rewards, the ``Trainer``,
    ``--resume`` (a checkpoint folder, ``latest`` = error when none, ``auto``);
 4. the one loop (``loop.fit``): metrics averaged over ranks; rank 0 logs (tqdm bar, metrics.jsonl,
    TensorBoard, wandb when configured, reward_curve.png); DCP checkpoints every ``train.save_every``

@@ -1,147 +1,46 @@
-"""GRPOTrainer: rollout -> reward -> advantage -> PPO-clip updates, one iteration at a time.
+"""Trainer: one iteration of any objective -- rollout -> reward -> advantage -> update.
 
-The loop of DESIGN.md "The one loop". Departures from the paper's Algorithm 1, stated here:
+The loop of docs/architecture.md ("The path of one iteration"). Departures from the paper's Algorithm 1,
+stated here:
 * Timestep subsets are drawn per sample before the rollout (as the reference implementation
   does), so only those transitions are stored.
 * As the released code (not stated in the paper): the last sampling step is never trained on
   (``grpo.train_last_step``), each sample trains ``int(tau * (T - 1))`` steps, and for flow models the
   last step is deterministic (``sampling.deterministic_last_step``), so the rewarded image is the clean
   prediction ``z - sigma * u`` (docs/fidelity.md).
-* The int(tau * (T - 1)) selected steps are split into ``num_updates_per_iteration`` consecutive chunks;
-  each chunk's gradients are accumulated over its steps and followed by one optimiser step. pi_old
-  stays the rollout policy throughout the iteration (PPO's usual convention). (The released code
-  splits the samples instead: each optimiser step sees all kept steps of a subset of the samples.)
+* The int(tau * (T - 1)) selected steps are split into ``num_updates_per_iteration`` consecutive chunks,
+  each followed by one optimiser step (algorithms/update.py). pi_old stays the rollout policy throughout
+  the iteration (PPO's usual convention).
+
+What the update trains is the registered objective of ``grpo.objective`` (algorithms/objectives/:
+PPO-clip, DiffusionNFT, ...); its advantages come from the registered estimator of ``grpo.advantage``
+(algorithms/advantages.py). ``GRPOTrainer`` is the former name of ``Trainer``, kept as an alias.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict
 
 import torch
 import torch.distributed as dist
 
-from . import grpo, nft, residency, sde_window
+from . import grpo, residency, sde_window
+from .algorithms.advantages import build_estimator, weighted_advantages
+from .algorithms.objectives import LAST_STEP_HINT, TrainBatch, build_objective, check_stochastic_steps
+from .algorithms.update import UpdateSettings, update
 from .passes import PassCounter
 from .config import RunConfig
 from .cuda_settings import configure_attention
 from .dtypes import autocast_dtype
 from .ema import WeightEMA
 from .data.prompt_source import PromptSource
-from .models.base import PolicyAdapter, index_cond
+from .models.base import PolicyAdapter
 from .rewards.base import RewardFn, compute_rewards
-from .rollout import Trajectory, autocast_context, decode_latents, rollout, sampling_memory
-
-
-# ----------------------------------------------------------------------------- the update
-
-
-
-def grpo_update(
-    adapter: PolicyAdapter,
-    schedule,
-    traj: Trajectory,
-    advantages_B: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    *,
-    clip_range: float,
-    adv_clip_max: Optional[float] = 5.0,
-    num_updates: int = 1,
-    max_grad_norm: float = 1.0,
-    micro_batch_size: int = 0,
-    ref_adapter: Optional[PolicyAdapter] = None,
-    kl_coef: float = 0.0,
-    lr_scheduler=None,
-    on_first_ratio: Optional[Callable[[torch.Tensor], None]] = None,
-    autocast_dtype: Optional[torch.dtype] = None,
-) -> Dict[str, float]:
-    """PPO-clip updates over the kept transitions of ``traj``; returns averaged diagnostics.
-
-    ``on_first_ratio`` (for tests) receives the first micro-batch's ratio before any update; its
-    largest deviation from 1 is reported as ``train/first_ratio_dev``.
-    """
-    module = adapter.trainable_module()
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the adapter's trainable module has no parameters with requires_grad=True")
-    B, K = traj.log_probs_BK.shape
-    device = traj.latents_BK.device
-    adv = advantages_B.to(device=device, dtype=torch.float32)
-    row_chunks, step_chunks = grpo.update_chunks(B, K, micro_batch_size, num_updates)
-    # Diagnostics stay on the device and are read back once per update (one sync), not per micro-step.
-    keys = ("loss", "clipfrac", "approx_kl", "ratio_mean", "kl")
-    totals = torch.zeros(len(keys), dtype=torch.float32, device=device)
-    count = 0
-    first_ratio_dev = torch.zeros(1, dtype=torch.float32, device=device)
-    grad_norms = []
-    use_kl = ref_adapter is not None and kl_coef > 0
-    module.train()
-    for step_chunk in step_chunks:
-        optimizer.zero_grad(set_to_none=True)
-        denom = len(step_chunk) * len(row_chunks)
-        loss_finite = []  # per micro-step, on the device
-        for k in step_chunk:
-            for rows in row_chunks:
-                rows_dev = rows.to(device)
-                idx = traj.steps_BK[rows, k]
-                z = traj.latents_BK[rows_dev, k]
-                z_next = traj.next_latents_BK[rows_dev, k]
-                cond = traj.cond if len(row_chunks) == 1 else index_cond(traj.cond, rows_dev)
-                t = schedule.model_timestep(idx, z)
-                with autocast_context(device, autocast_dtype):  # same precision as the rollout: ratio stays 1
-                    out = adapter.predict(z, t, cond)
-                _, logp, mean, std = schedule.step(idx, out, z, prev_sample=z_next, need_mean=use_kl)
-                kl_B = None
-                if use_kl:
-                    with torch.no_grad(), autocast_context(device, autocast_dtype):
-                        ref_out = ref_adapter.predict(z, t, cond)
-                        _, _, ref_mean, _ = schedule.step(idx, ref_out, z, prev_sample=z_next)
-                    kl_B = grpo.gaussian_kl_same_std(mean, ref_mean, std)
-                old = traj.log_probs_BK[rows_dev, k]
-                if count == 0:  # before any optimiser step: the ratio must be 1 (same weights, same arithmetic)
-                    first_ratio = torch.exp(logp.detach() - old)
-                    first_ratio_dev = (first_ratio - 1.0).abs().max().float().reshape(1)
-                    if on_first_ratio is not None:
-                        on_first_ratio(first_ratio)
-                loss, st = grpo.ppo_clip_loss(logp, old, adv[rows_dev], clip_range, adv_clip_max, kl_B, kl_coef)
-                loss_finite.append(torch.isfinite(st.loss))
-                # backward runs even for a bad loss so that every rank takes part in the same
-                # collectives; the (global) gradient norm below is then non-finite on all ranks
-                (loss / denom).backward()
-                totals += torch.stack([getattr(st, key).float() for key in keys])
-                count += 1
-        gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # global norm under FSDP
-        if hasattr(gn, "full_tensor"):  # a DTensor when the parameters are sharded
-            gn = gn.full_tensor()
-        # the one host sync of this update: gradient norm and which micro-steps had a finite loss
-        gn_and_flags = torch.cat([gn.detach().float().reshape(1), torch.stack(loss_finite).float()]).tolist()
-        grad_norms.append(gn_and_flags[0])
-        bad = [i for i, ok in enumerate(gn_and_flags[1:]) if not ok]
-        if bad or not math.isfinite(grad_norms[-1]):
-            optimizer.zero_grad(set_to_none=True)
-            where = ""
-            if bad:
-                k_bad = list(step_chunk)[bad[0] // len(row_chunks)]
-                where = f"non-finite GRPO loss at kept step {k_bad}"
-            raise FloatingPointError(
-                f"{where or 'non-finite gradient norm'}; optimiser step skipped "
-                "(lower the learning rate or check the rewards)"
-            )
-        optimizer.step()
-        if lr_scheduler is not None:
-            lr_scheduler.step()
-    *sums, first_dev = torch.cat([totals, first_ratio_dev]).tolist()
-    out = {f"train/{k}": v / max(count, 1) for k, v in zip(keys, sums)}
-    # |ratio - 1| at the first micro-step: 0 when rollout and re-scoring run the same arithmetic; on GPUs,
-    # bf16 kernels chosen by batch shape can make it ~1e-6..1e-5, to compare with grpo.clip_range
-    out["train/first_ratio_dev"] = first_dev
-    out["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
-    out["train/num_updates"] = len(grad_norms)
-    return out
+from .rollout import decode_latents, rollout, sampling_memory
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -158,7 +57,7 @@ def frozen_reference(adapter: PolicyAdapter) -> PolicyAdapter:
     module = adapter.trainable_module()
     if any(isinstance(p, DTensor) for p in module.parameters()):
         raise ValueError("grpo.kl_coef > 0 is not supported with a sharded (FSDP) model yet: pass a reference "
-                         "adapter to GRPOTrainer(ref_adapter=...) or set grpo.kl_coef: 0 (the paper uses no KL)")
+                         "adapter to Trainer(ref_adapter=...) or set grpo.kl_coef: 0 (the paper uses no KL)")
     ref = copy.deepcopy(adapter)
     for p in ref.trainable_module().parameters():
         p.requires_grad_(False)
@@ -166,12 +65,12 @@ def frozen_reference(adapter: PolicyAdapter) -> PolicyAdapter:
     return ref
 
 
-def build_schedule(cfg: RunConfig, adapter: PolicyAdapter):
+def build_schedule(cfg: RunConfig, adapter: PolicyAdapter, objective=None):
     """The adapter's sampling schedule for ``cfg.sampling``, with the last step made deterministic when
     ``sampling.deterministic_last_step`` says so (null: the schedule's own default, see sde.py).
 
-    ValueError when a step that training may pick (``grpo.trainable_window``) has eta = 0: its
-    transition is a point mass, with no log-prob to train."""
+    ValueError when a step that training may pick (``grpo.trainable_window``) has eta = 0 and the objective
+    (default: the config's) needs log-probs: its transition is a point mass, with no log-prob to train."""
     from .sde import flow_grpo_eta, with_deterministic_last_step
 
     s = cfg.sampling
@@ -190,23 +89,22 @@ def build_schedule(cfg: RunConfig, adapter: PolicyAdapter):
         raise ValueError(f"sampling.ode_solver: {s.ode_solver} needs a flow-matching model; "
                          f"{cfg.model.name} samples with a {schedule.prediction_type} schedule (use 'euler')")
     lo, hi = grpo.trainable_window(schedule.num_steps, cfg.grpo.timestep_window, cfg.grpo.train_last_step)
-    # (DiffusionNFT needs no log-probs: its rollouts may be deterministic)
-    dead = [i for i in range(lo, hi) if float(schedule.eta[i]) <= 0] if cfg.grpo.objective == "grpo" else []
-    if dead:
-        why = (" (the last step is deterministic: sampling.deterministic_last_step; set grpo.train_last_step: "
-               "false, as the released code)" if dead == [schedule.num_steps - 1] else "")
-        raise ValueError(f"steps {dead} have eta = 0 but training may pick them (window [{lo}, {hi})){why}; "
-                         "set sampling.eta > 0 there or narrow grpo.timestep_window")
+    if (objective or build_objective(cfg)).needs_log_probs:
+        etas = schedule.eta.tolist()
+        only_last = [i for i in range(lo, hi) if etas[i] <= 0] == [schedule.num_steps - 1]
+        check_stochastic_steps(etas, lo, hi, LAST_STEP_HINT if only_last else "")
     return schedule
 
 
-class GRPOTrainer:
-    """Owns the optimiser and the per-iteration logic; logging and saving are injected callbacks."""
+class Trainer:
+    """Owns the optimiser and the per-iteration logic of every objective; logging and saving are components
+    of the loop (loop.py)."""
 
     def __init__(self, cfg: RunConfig, adapter: PolicyAdapter, reward_fns: Dict[str, RewardFn],
                  reward_weights: Dict[str, float], prompt_source: PromptSource, ref_adapter=None, dp_group=None):
-        """``dp_group``: the data-parallel process group (None in one process); only
-        ``grpo.advantage: global`` needs it, to normalise over the global batch."""
+        """``dp_group``: the data-parallel process group (None in one process); an advantage estimator that
+        ``needs_global_batch`` uses it to normalise over the global batch. ``ref_adapter``: the frozen
+        reference of an objective that ``needs_reference`` (default: a copy of ``adapter`` as it is now)."""
         self.cfg = cfg
         configure_attention(cfg.train.cudnn_attention)
         self.dp_group = dp_group
@@ -214,9 +112,12 @@ class GRPOTrainer:
         self.reward_fns = reward_fns
         self.reward_weights = reward_weights
         self.prompts = prompt_source
-        if cfg.grpo.kl_coef > 0 and ref_adapter is None:
+        self.objective = build_objective(cfg)
+        self.estimator = build_estimator(cfg)
+        self.update_settings = UpdateSettings.from_config(cfg)
+        if self.objective.needs_reference and ref_adapter is None:
             ref_adapter = frozen_reference(adapter)
-        self.ref_adapter = ref_adapter
+        self.ref_adapter = ref_adapter if self.objective.needs_reference else None
         params = [p for p in adapter.trainable_module().parameters() if p.requires_grad]
         o = cfg.optim
         # one fused kernel for the whole update on GPU (the largest non-model cost in bench/iteration.py), and
@@ -230,7 +131,7 @@ class GRPOTrainer:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
         )
-        self.schedule = build_schedule(cfg, adapter)
+        self.schedule = build_schedule(cfg, adapter, self.objective)
         # EMA of the weights (train.ema_decay), cloned from the parameters as they are now (sharded under FSDP2);
         # loop.EMAUpdate updates it after every iteration, checkpoint.py saves it
         self.ema = WeightEMA(adapter.trainable_module(), cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
@@ -245,19 +146,19 @@ class GRPOTrainer:
             residency.to_host(adapter.decoder_modules(), pin=adapter.device.type == "cuda")
 
     def advantages(self, rewards: Dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
-        """Weighted sum of per-reward advantages for this rank's samples.
+        """Weighted sum of per-reward advantages for this rank's samples (``grpo.advantage``'s estimator).
 
-        Group-relative advantages need only the rank's own (whole) groups. ``global`` (DDPO-style)
-        normalisation uses every dp rank's rewards: they are all-gathered, normalised together, and
-        this rank's slice is returned (all ranks hold the same number of samples).
+        Group-relative advantages need only the rank's own (whole) groups. An estimator that
+        ``needs_global_batch`` (``global``, DDPO-style) uses every dp rank's rewards: they are all-gathered,
+        normalised together, and this rank's slice is returned (all ranks hold the same number of samples).
         """
-        g = self.cfg.grpo
-        if g.advantage != "global" or self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
-            return grpo.aggregate_advantages(rewards, group_size, self.reward_weights, g.advantage, g.advantage_std)
+        est = self.estimator
+        if not est.needs_global_batch or self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
+            return weighted_advantages(rewards, group_size, est, self.reward_weights)
         from .distributed.collectives import all_gather_rewards
 
         gathered = all_gather_rewards({k: r.detach() for k, r in rewards.items()}, self.dp_group)
-        total = grpo.aggregate_advantages(gathered, group_size, self.reward_weights, "global", g.advantage_std)
+        total = weighted_advantages(gathered, group_size, est, self.reward_weights)
         n = next(iter(rewards.values())).numel()
         start = dist.get_rank(self.dp_group) * n
         return total[start:start + n]
@@ -351,27 +252,12 @@ class GRPOTrainer:
             warnings.warn(f"iteration {self.iteration + 1}: every group's samples got identical rewards, so every "
                           "advantage is 0 and this iteration learns nothing; a reward that cannot tell the samples of "
                           "a prompt apart (thresholded too high or low, saturated) gives no signal", stacklevel=2)
-        if g.objective == "nft":
-            stats = nft.nft_update(
-                self.adapter, schedule, traj, adv, self.optimizer, self.generator, beta=g.nft_beta,
-                num_updates=g.num_updates_per_iteration, max_grad_norm=cfg.optim.max_grad_norm,
-                micro_batch_size=g.micro_batch_size, lr_scheduler=self.lr_scheduler,
-                autocast_dtype=self.autocast_dtype)
-        else:
-            stats = self._grpo_update(schedule, traj, adv)
+        batch = TrainBatch(self.adapter, schedule, traj, adv, autocast_dtype=self.autocast_dtype,
+                           reference=self.ref_adapter, generator=self.generator)
+        stats = update(self.objective, batch, self.optimizer, self.update_settings, self.lr_scheduler)
         t3 = time.perf_counter()
         self.iteration += 1
         return self._metrics(rewards, stats, adv, zero_groups, window, B, (t0, t_dec, t1, t2, t3))
-
-    def _grpo_update(self, schedule, traj, adv):
-        cfg, g = self.cfg, self.cfg.grpo
-        return grpo_update(
-            self.adapter, schedule, traj, adv, self.optimizer,
-            clip_range=g.clip_range, adv_clip_max=g.adv_clip_max, num_updates=g.num_updates_per_iteration,
-            max_grad_norm=cfg.optim.max_grad_norm, micro_batch_size=g.micro_batch_size,
-            ref_adapter=self.ref_adapter, kl_coef=g.kl_coef, lr_scheduler=self.lr_scheduler,
-            autocast_dtype=self.autocast_dtype,
-        )
 
     def _metrics(self, rewards, stats, adv, zero_groups, window, B, times):
         g = self.cfg.grpo
@@ -389,3 +275,7 @@ class GRPOTrainer:
             "samples_per_s": B / (t3 - t0),
         })
         return metrics
+
+
+#: the former name of ``Trainer`` (it trained GRPO's objective only), kept for existing code
+GRPOTrainer = Trainer

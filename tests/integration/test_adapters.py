@@ -23,7 +23,7 @@ from fastvideo_grpo import grpo
 from fastvideo_grpo.models import ADAPTERS
 from fastvideo_grpo.models.diffusers_base import NEG
 from fastvideo_grpo.rollout import decode_latents, rollout, sample_ode
-from fastvideo_grpo.trainer import grpo_update
+from fastvideo_grpo.algorithms.objectives.ppo_clip import grpo_update
 from support.tiny_models import FAMILIES, TEXT_LEN, tiny_components
 
 diffusers = pytest.importorskip("diffusers")

@@ -9,7 +9,7 @@ from fastvideo_grpo import grpo
 from fastvideo_grpo.config import load_config
 from fastvideo_grpo.models.toy import TinyDiT, TinyDiTConfig, ToyAdapter
 from fastvideo_grpo.rollout import rollout, sample_ode
-from fastvideo_grpo.trainer import grpo_update
+from fastvideo_grpo.algorithms.objectives.ppo_clip import grpo_update
 
 TINY = dict(image_size=16, patch_size=4, hidden=32, depth=1, heads=2)
 
@@ -225,17 +225,17 @@ def test_kl_coef_builds_a_frozen_reference_and_penalises_drift():
 
     policy_before = copy.deepcopy(ad)
     seen = {}
-    original = trainer_mod.grpo_update
+    original = trainer_mod.update
 
-    def spy(adapter, schedule, traj, *a, **k):
-        seen["traj"], seen["schedule"] = traj, schedule
-        return original(adapter, schedule, traj, *a, **k)
+    def spy(objective, batch, *a, **k):
+        seen["traj"], seen["schedule"] = batch.traj, batch.schedule
+        return original(objective, batch, *a, **k)
 
-    trainer_mod.grpo_update = spy
+    trainer_mod.update = spy
     try:
         second = trainer.train_iteration()
     finally:
-        trainer_mod.grpo_update = original
+        trainer_mod.update = original
     traj, sch = seen["traj"], seen["schedule"]
     kls = []
     with torch.no_grad():
@@ -295,11 +295,11 @@ def test_best_of_n_trains_the_released_advantages(mode):
 
     trainer = GRPOTrainer(cfg, ad, {"r": fixed}, {"r": 1.0}, PromptSource(["one red square"], ad.encode_prompts, seed=0))
     seen = {}
-    original = trainer_mod.grpo_update
+    original = trainer_mod.update
 
-    def spy(adapter, schedule, traj, adv, *a, **k):
-        seen["traj"], seen["adv"] = traj, adv.clone()
-        return original(adapter, schedule, traj, adv, *a, **k)
+    def spy(objective, batch, *a, **k):
+        seen["traj"], seen["adv"] = batch.traj, batch.advantages_B.clone()
+        return original(objective, batch, *a, **k)
 
     original_decode = trainer_mod.decode_latents
 
@@ -307,11 +307,11 @@ def test_best_of_n_trains_the_released_advantages(mode):
         shown["latents"] = z.clone()
         return original_decode(adapter, z, *a, **k)
 
-    trainer_mod.grpo_update, trainer_mod.decode_latents = spy, decode_spy
+    trainer_mod.update, trainer_mod.decode_latents = spy, decode_spy
     try:
         trainer.train_iteration()
     finally:
-        trainer_mod.grpo_update, trainer_mod.decode_latents = original, original_decode
+        trainer_mod.update, trainer_mod.decode_latents = original, original_decode
 
     def released_adv(xs):
         m, s = statistics.fmean(xs), statistics.stdev(xs)

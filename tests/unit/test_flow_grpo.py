@@ -87,12 +87,12 @@ def test_flow_grpo_fast_sde_and_training_at_random_steps_shared_by_the_batch():
     # one iteration: the trained steps are the window's two steps for every sample
     seen = []
     import fastvideo_grpo.trainer as tr
-    orig = tr.grpo_update
-    tr.grpo_update = lambda ad_, sch, traj, *a_, **k: seen.append((sch, traj)) or orig(ad_, sch, traj, *a_, **k)
+    orig = tr.update
+    tr.update = lambda obj, batch, *a_, **k: seen.append((batch.schedule, batch.traj)) or orig(obj, batch, *a_, **k)
     try:
         m = trainer.train_iteration()
     finally:
-        tr.grpo_update = orig
+        tr.update = orig
     sch, traj = seen[0]
     a, b = m["sde_window/start"], m["sde_window/end"]
     assert torch.equal(traj.steps_BK.sort(dim=1).values, torch.arange(a, b).expand(4, 2))

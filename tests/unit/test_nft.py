@@ -1,10 +1,11 @@
-"""DiffusionNFT (nft.py): the loss against a hand-computed case and its closed-form minimiser, and the
+"""DiffusionNFT (algorithms/objectives/diffusion_nft.py): the loss against a hand-computed case and its closed-form minimiser, and the
 update through the trainer with a deterministic (ODE) sampler -- no log-probs needed."""
 
 import pytest
 import torch
 
-from fastvideo_grpo import nft
+from fastvideo_grpo.algorithms.objectives import build_objective
+from fastvideo_grpo.algorithms.objectives import diffusion_nft as nft
 from fastvideo_grpo.config import load_config
 from fastvideo_grpo.data.prompt_source import PromptSource
 from fastvideo_grpo.trainer import GRPOTrainer
@@ -85,9 +86,9 @@ def test_nft_trains_through_the_trainer_with_an_ode_sampler():
         GRPOTrainer(load_config(None, ["--sampling.num_steps=4", "--sampling.eta=0.0"]), _toy(), fns, weights,
                     PromptSource(prompts, ad.encode_prompts, seed=2))
     with pytest.raises(ValueError, match="shared_noise"):  # an ODE from one noise: G identical samples
-        load_config(None, ["--grpo.objective=nft", "--sampling.eta=0.0"])
+        build_objective(load_config(None, ["--grpo.objective=nft", "--sampling.eta=0.0"]))
     with pytest.raises(ValueError, match="kl_coef"):
-        load_config(None, ["--grpo.objective=nft", "--grpo.kl_coef=0.1"])
+        build_objective(load_config(None, ["--grpo.objective=nft", "--grpo.kl_coef=0.1"]))
 
 
 def test_nft_update_with_all_positive_samples_is_flow_matching_on_them():

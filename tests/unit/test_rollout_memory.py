@@ -22,7 +22,7 @@ from fastvideo_grpo.rewards.base import ConfiguredReward, compute_rewards, merge
 from fastvideo_grpo.rollout import decode_latents, rollout, sample_ode
 from fastvideo_grpo.sde import FlowSchedule
 from fastvideo_grpo.rewards.build import build_reward_fns
-from fastvideo_grpo.trainer import grpo_update
+from fastvideo_grpo.algorithms.objectives.ppo_clip import grpo_update
 
 
 class Elementwise(PolicyAdapter):
@@ -211,9 +211,9 @@ def test_trainer_offloads_the_vae_and_passes_the_chunk_sizes(monkeypatch):
     import fastvideo_grpo.trainer as trainer_mod
 
     seen = []
-    real_update = trainer_mod.grpo_update
-    monkeypatch.setattr(trainer_mod, "grpo_update", lambda ad_, s_, traj, *a, **k: (
-        seen.append(traj.decoded), real_update(ad_, s_, traj, *a, **k))[1])
+    real_update = trainer_mod.update
+    monkeypatch.setattr(trainer_mod, "update", lambda objective, batch, *a, **k: (
+        seen.append(batch.traj.decoded), real_update(objective, batch, *a, **k))[1])
     m = tr.train_iteration()
     assert seen == [None]  # the decoded pixels are freed before the update
     assert len(offloaded) == 2 and offloaded[1] == [ad.vae]  # and after the decode
