@@ -174,7 +174,7 @@ def adapter_tokens(adapter) -> int:
     if len(shape) == 4:  # video (C, F, h, w)
         img = (shape[1] // pt) * (shape[2] // ps) * (shape[3] // ps)
     else:  # image (C, h, w); FLUX packs 2 x 2 (patch_size 1 on 4C channels)
-        pack = 2 if type(adapter).__name__ == "FluxAdapter" else ps
+        pack = int(getattr(adapter, "packed_patch_size", 0) or ps)
         img = (shape[1] // pack) * (shape[2] // pack)
     return img + text_len(adapter) + int(getattr(adapter, "extra_image_tokens", 0))  # e.g. an edit model's reference
 
@@ -503,15 +503,21 @@ def passes_per_iteration(cfg) -> Dict[str, int]:
             "backward": trained * K}
 
 
-def _text_len(cfg, adapter) -> int:
-    """Text tokens per sample: the recipe's max_sequence_length, else the family's usual length."""
+def _text_len(cfg, adapter=None) -> int:
+    """Text tokens per sample: the recipe's max_sequence_length, else the length the family's prompt encoding
+    stores (``plan_text_len``, declared in its model file); ValueError for a model that declares none."""
+    from .models import encoding_for
+
     kw = cfg.model.kwargs
     if kw.get("max_sequence_length"):
         return int(kw["max_sequence_length"])
-    family_default = {"FluxAdapter": 512, "HunyuanVideoAdapter": 256, "HunyuanI2VAdapter": 256, "WanAdapter": 512,
-                      "WanI2VAdapter": 512, "SD3Adapter": 333, "StableDiffusionAdapter": 77,
-                      "QwenImageAdapter": 512, "QwenImageEditAdapter": 2048}
-    return family_default.get(type(adapter).__name__, 256)
+    try:
+        n = encoding_for(cfg.model.name).plan_text_len
+    except ValueError as e:
+        raise ValueError(f"the planner needs the text length of model {cfg.model.name!r}: {e}; or pass --text-len")
+    if not n:
+        raise ValueError(f"model {cfg.model.name!r}'s prompt encoding declares no plan_text_len; pass --text-len")
+    return int(n)
 
 
 def _check_sp(adapter, sp: int) -> None:

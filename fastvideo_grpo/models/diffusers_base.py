@@ -148,6 +148,9 @@ class DiffusersAdapter(PolicyAdapter):
     #: conditioning names shared by both branches (e.g. an I2V reference-image latent)
     shared_keys: Tuple[str, ...] = ()
     default_num_steps: int = 25
+    #: the latent patch size the adapter packs into tokens before the transformer (FLUX: 2x2 packing over a
+    #: patch_size-1 transformer); 0 = the transformer's own patch_size (the planner counts tokens with it)
+    packed_patch_size: int = 0
     #: VAE tiling / slicing when the config does not say (``vae_tiling`` / ``vae_slicing`` = None)
     default_vae_tiling: bool = False
     default_vae_slicing: bool = False
