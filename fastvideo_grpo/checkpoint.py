@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .io import atomic_write_text
+from .training.state import TrainState
 
 LATEST = "latest"
 
@@ -237,20 +238,20 @@ def load_ema_weights(path: Union[str, Path], model: nn.Module, decay: float = 0.
 # ----------------------------------------------------------------------------- the trainer
 
 
-def save_trainer_checkpoint(trainer, root: Union[str, Path]) -> Path:
+def save_trainer_checkpoint(trainer: TrainState, root: Union[str, Path]) -> Path:
     """Everything the ``Trainer`` needs to continue bit-for-bit (collective): model and optimiser through
     DCP, ``trainer.state_dict()`` in this rank's extra file."""
-    ema = getattr(trainer, "ema", None)
+    ema = trainer.ema
     return save_checkpoint(root, trainer.iteration, trainer.adapter.trainable_module(), trainer.optimizer,
                            trainer.state_dict(), ema=ema.state_dict() if ema is not None else None)
 
 
-def load_trainer_checkpoint(trainer, path: Union[str, Path]) -> bool:
+def load_trainer_checkpoint(trainer: TrainState, path: Union[str, Path]) -> bool:
     """Restore ``trainer`` from ``path`` (collective). Returns True when the RNG states were restored
     exactly; False when the world size changed and the caller must reseed (see module docstring).
     A trainer keeping an EMA restores it too; from a checkpoint without one (written with
     ``train.ema_decay: 0``) the average restarts at the loaded weights, with a warning."""
-    ema = getattr(trainer, "ema", None)
+    ema = trainer.ema
     extra = load_checkpoint(path, trainer.adapter.trainable_module(), trainer.optimizer,
                             ema=ema.state_dict() if ema is not None else None)
     if ema is not None and not extra["ema_loaded"]:

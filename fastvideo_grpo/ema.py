@@ -98,7 +98,6 @@ class WeightEMA:
             _reshard(self.module)
 
 
-def weights_for_eval(trainer):
-    """The context under which to evaluate / export ``trainer``'s policy: its EMA when it keeps one."""
-    ema = getattr(trainer, "ema", None)
+def weights_for_eval(ema: "WeightEMA | None"):
+    """The context under which to evaluate / export a policy: with its EMA's weights when it keeps one."""
     return ema.applied() if ema is not None else contextlib.nullcontext()

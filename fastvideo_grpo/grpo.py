@@ -13,6 +13,10 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+#: how the std of a group is estimated (``grpo.advantage_std``): "bessel" (unbiased, n - 1; the released code's
+#: ``group_rewards.std()``) or "population" (n)
+from .config import STD_ESTIMATORS
+
 
 def _check_groups(rewards_B: torch.Tensor, group_size: int) -> torch.Tensor:
     if rewards_B.ndim != 1:
@@ -22,11 +26,6 @@ def _check_groups(rewards_B: torch.Tensor, group_size: int) -> torch.Tensor:
     if not torch.isfinite(rewards_B).all():
         raise ValueError("rewards contain NaN or inf; check the reward model's inputs")
     return rewards_B.reshape(-1, group_size)
-
-
-#: how the std of a group is estimated: "bessel" (unbiased, n - 1; the released code's ``group_rewards.std()``)
-#: or "population" (n)
-STD_ESTIMATORS = ("bessel", "population")
 
 
 def group_advantages(rewards_B: torch.Tensor, group_size: int, eps: float = 1e-8, std: str = "bessel") -> torch.Tensor:
@@ -133,10 +132,16 @@ def trainable_window(num_steps: int, window: Optional[Sequence[int]] = None,
     """The steps ``[lo, hi)`` that training may pick from: ``window`` (default all T steps), without the
     last step unless ``train_last_step`` (the released code never trains it: ``[:, :-1]`` on the
     timesteps, latents and log-probs of every trajectory). ValueError when nothing is left."""
+    if window is not None and len(window) != 2:
+        raise ValueError(f"grpo.timestep_window {list(window)} must be [lo, hi)")
     lo, hi = (0, num_steps) if window is None else (int(window[0]), int(window[1]))
     if not 0 <= lo < hi <= num_steps:
-        raise ValueError(f"timestep window {list(window)} must satisfy 0 <= lo < hi <= {num_steps}")
+        raise ValueError(f"grpo.timestep_window {list(window)} must be [lo, hi) with 0 <= lo < hi <= "
+                         f"sampling.num_steps={num_steps}")
     if not train_last_step:
+        if num_steps < 2:
+            raise ValueError("sampling.num_steps must be >= 2 while the last step is not trained "
+                             "(grpo.train_last_step: false); or set grpo.train_last_step: true")
         hi = min(hi, num_steps - 1)
         if hi <= lo:
             raise ValueError(f"no step left to train on: the window [{lo}, {hi + 1}) of {num_steps} steps holds only "

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .distributed.collectives import reduce_metrics
+from .training.state import TrainState
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
@@ -63,9 +64,9 @@ def run_cli(main: Callable, *args) -> None:
 
 @dataclass
 class LoopState:
-    """What components see: the trainer, where the run writes, and how far it is."""
+    """What components see: the trainer (its train state), where the run writes, and how far it is."""
 
-    trainer: object
+    trainer: TrainState
     total: int
     out: Path
     is_main: bool = True
@@ -111,7 +112,7 @@ class Component:
         return {}
 
 
-def fit(trainer, components: Sequence[Component], *, total: int, out, is_main: bool = True,
+def fit(trainer: TrainState, components: Sequence[Component], *, total: int, out, is_main: bool = True,
         last_checkpoint: Optional[str] = None, stop_after: Optional[int] = None,
         reduce: Callable[[Dict], Dict] = reduce_metrics, per_iteration: Optional[Callable[[Dict], None]] = None
         ) -> Dict:
@@ -208,9 +209,8 @@ class EMAUpdate(Component):
     components that evaluate, export or save, so that they see this iteration's average."""
 
     def on_iteration(self, state, it, metrics):
-        ema = getattr(state.trainer, "ema", None)
-        if ema is not None:
-            ema.update()
+        if state.trainer.ema is not None:
+            state.trainer.ema.update()
 
 
 class Evaluator(Component):

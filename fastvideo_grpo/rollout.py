@@ -24,6 +24,7 @@ from typing import List, Optional
 import torch
 
 from . import residency, sde
+from .config import ODE_SOLVERS
 from .dtypes import autocast_context
 from .models.base import Cond, PolicyAdapter, index_cond, slice_cond
 
@@ -102,11 +103,8 @@ def rollout(
     whose eta is 0 take a DPM-Solver++(2M) step (``sde.flow_dpmpp_2m_step``, using the previous step's data
     prediction) instead of Euler; such steps are deterministic and never kept for training.
     """
-    if ode_solver not in ("euler", "dpmpp_2m"):
-        raise ValueError(f"ode_solver must be 'euler' or 'dpmpp_2m', got {ode_solver!r}")
+    check_ode_solver(ode_solver, schedule)
     multistep = ode_solver == "dpmpp_2m"
-    if multistep and getattr(schedule, "prediction_type", None) != "flow":
-        raise ValueError("sampling.ode_solver: dpmpp_2m needs a flow-matching schedule; use 'euler'")
     num_prompts = len(prompts)
     B = num_prompts * group_size
     if keep_steps_BK.shape[0] != B:
@@ -155,6 +153,17 @@ def rollout(
         decoded=decoded,
         group_size=group_size,
     )
+
+
+def check_ode_solver(name: str, schedule) -> None:
+    """ValueError unless ``name`` (``sampling.ode_solver``) is a known solver that can take ``schedule``'s
+    deterministic steps (DPM-Solver++(2M) needs a flow-matching schedule)."""
+    if name not in ODE_SOLVERS:
+        raise ValueError(f"sampling.ode_solver must be one of {ODE_SOLVERS}, got {name!r}")
+    kind = getattr(schedule, "prediction_type", None)
+    if name == "dpmpp_2m" and kind != "flow":
+        raise ValueError(f"sampling.ode_solver: dpmpp_2m needs a flow-matching model; this one samples with a {kind} "
+                         "schedule (use 'euler')")
 
 
 def _kept_rows_per_step(keep_BK: torch.Tensor, num_steps: int, device):

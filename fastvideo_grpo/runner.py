@@ -89,7 +89,7 @@ def build_trainer(cfg: RunConfig, env: DistEnv, build_adapter: Callable[[torch.d
     source = PromptSource(sets.train, sets.encode, seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dims.dp)
     trainer = Trainer(cfg, adapter, reward_fns, reward_weights or {k: 1.0 for k in reward_fns}, source,
                           dp_group=dims.group("dp") if dims.dp > 1 else None)
-    seed_rank_generators(trainer, cfg.train.seed, dp_rank)
+    seed_rank_generators(trainer.generator, cfg.train.seed, dp_rank)
     return trainer, dims, sets
 
 
@@ -128,7 +128,7 @@ def resume_trainer(trainer, resume: Path, cfg: RunConfig, dims: ParallelDims, en
             error = e
         if not any_rank(error is not None):
             if not exact:
-                seed_rank_generators(trainer, cfg.train.seed, dims.dp_rank(env.rank), trainer.iteration)
+                seed_rank_generators(trainer.generator, cfg.train.seed, dims.dp_rank(env.rank), trainer.iteration)
             if env.is_main:
                 print(f"resumed from {path} at iteration {trainer.iteration}", flush=True)
             return path
@@ -148,19 +148,41 @@ def resume_trainer(trainer, resume: Path, cfg: RunConfig, dims: ParallelDims, en
     raise AssertionError("unreachable")
 
 
-def run(cfg: RunConfig, build_adapter: Callable[[torch.device], PolicyAdapter], prompts: Prompts, *,
-        reward_fns=None, reward_weights=None, eval_fns=None, stop_after: Optional[int] = None,
-        extra_components: Optional[Callable[[RunParts], List[Component]]] = None, keep_eval_images: bool = False,
-        on_built: Optional[Callable[[RunParts], None]] = None) -> Dict:
-    """Train per ``cfg``; returns the summary on every rank (also written to ``<output_dir>/summary.json``).
+@dataclass
+class RunSpec:
+    """What ``run`` trains besides the config: the policy's factory and the prompts, and what a caller may
+    supply instead of the config's (rewards) or add (components, a callback once everything is built)."""
 
-    ``stop_after``: stop once this iteration is done, as a preempted job would (tests of resume).
-    ``keep_eval_images``: the evaluator keeps the first and last evaluations' samples.
-    """
+    build_adapter: Callable[[torch.device], PolicyAdapter]
+    prompts: Prompts
+    reward_fns: Optional[Dict] = None  # None: built from ``rewards``
+    reward_weights: Optional[Dict] = None
+    eval_fns: Optional[Dict] = None  # None: ``eval.rewards`` (or the training rewards, continuous)
+    stop_after: Optional[int] = None  # stop once this iteration is done, as a preempted job would (resume tests)
+    extra_components: Optional[Callable[[RunParts], List[Component]]] = None
+    keep_eval_images: bool = False  # the evaluator keeps the first and last evaluations' samples
+    on_built: Optional[Callable[[RunParts], None]] = None
+
+
+@dataclass
+class RunFolder:
+    """Where the run writes (``train.output_dir``) and the checkpoint it resumes from (None: a fresh start)."""
+
+    out: Path
+    resume: Optional[Path] = None
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+
+def run(cfg: RunConfig, build_adapter: Callable[[torch.device], PolicyAdapter], prompts: Prompts, **options) -> Dict:
+    """Train per ``cfg``; returns the summary on every rank (also written to ``<output_dir>/summary.json``).
+    ``options``: the optional fields of ``RunSpec``."""
+    spec = RunSpec(build_adapter, prompts, **options)
     env = init_distributed(cfg.train.device, timeout_s=cfg.parallel.timeout_s)
     try:
-        summary = _run(cfg, env, build_adapter, prompts, reward_fns, reward_weights, eval_fns, stop_after,
-                       extra_components, keep_eval_images, on_built)
+        summary = _run(cfg, env, spec)
     except BaseException:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # no barrier: other ranks may be stuck in a collective
@@ -169,102 +191,53 @@ def run(cfg: RunConfig, build_adapter: Callable[[torch.device], PolicyAdapter], 
     return summary
 
 
-def _run(cfg, env, build_adapter, prompts, reward_fns, reward_weights, eval_fns, stop_after, extra_components,
-         keep_eval_images, on_built) -> Dict:
+def _run(cfg: RunConfig, env: DistEnv, spec: RunSpec) -> Dict:
+    """The output folder's checks and lock around the run (before the model is loaded)."""
     from .checkpoint import resolve_resume
 
     set_num_threads(cfg.train.num_threads)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     out = Path(cfg.train.output_dir)
-    ckpt_root = out / "checkpoints"
-    resume = resolve_resume(cfg.train.resume, ckpt_root)  # FileNotFoundError before the model is loaded
-    main_rank = env.is_main
-    check_fresh_start(out, resuming=resume is not None, overwrite=cfg.train.overwrite)
-    if resume is not None:
+    folder = RunFolder(out, resolve_resume(cfg.train.resume, out / "checkpoints"))  # FileNotFoundError first
+    check_fresh_start(out, resuming=folder.resume is not None, overwrite=cfg.train.overwrite)
+    if folder.resume is not None:
         check_resume_settings(cfg, out)
-    lock = RunLock(out, enabled=main_rank).acquire()
+    lock = RunLock(out, enabled=env.is_main).acquire()
     try:
-        return _run_locked(cfg, env, build_adapter, prompts, reward_fns, reward_weights, eval_fns, stop_after,
-                           extra_components, keep_eval_images, on_built, out, ckpt_root, resume)
+        return _run_locked(cfg, env, spec, folder)
     finally:
         lock.release()
 
 
-def _run_locked(cfg, env, build_adapter, prompts, reward_fns, reward_weights, eval_fns, stop_after,
-                extra_components, keep_eval_images, on_built, out, ckpt_root, resume) -> Dict:
-    from .evaluate import distributed_evaluate, frames_for_grid
+def _run_locked(cfg: RunConfig, env: DistEnv, spec: RunSpec, folder: RunFolder) -> Dict:
     from .io import atomic_write_json
-    from .metrics import save_image_grid
     from .rewards.build import build_eval_reward_fns, build_reward_fns
 
-    main_rank = env.is_main
+    main_rank, out = env.is_main, folder.out
+    reward_fns, reward_weights = spec.reward_fns, spec.reward_weights
     if reward_fns is None:  # before the policy: missing reward weights fail fast
         reward_fns, reward_weights = build_reward_fns(cfg.rewards)
-    if eval_fns is None:
-        eval_fns = build_eval_reward_fns(cfg, reward_fns)
-    trainer, dims, sets = build_trainer(cfg, env, build_adapter, prompts, reward_fns, reward_weights)
-    if resume is not None:
-        resume = resume_trainer(trainer, resume, cfg, dims, env)
+    eval_fns = spec.eval_fns if spec.eval_fns is not None else build_eval_reward_fns(cfg, reward_fns)
+    trainer, dims, sets = build_trainer(cfg, env, spec.build_adapter, spec.prompts, reward_fns, reward_weights)
+    resumed = folder.resume is not None
+    if resumed:
+        folder.resume = resume_trainer(trainer, folder.resume, cfg, dims, env)
     if main_rank:  # everything is built and loaded: only now does the folder change
-        if cfg.train.overwrite and resume is None:
+        if cfg.train.overwrite and not resumed:
             clear_run(out)
-        record_config(cfg, out, resumed=resume is not None)
-    adapter, dp_rank = trainer.adapter, dims.dp_rank(env.rank)
-    prior_rows = prepare_metrics_file(out, trainer.iteration if resume is not None else None) if main_rank else []
-
-    eval_steps = cfg.sampling.eval_num_steps or cfg.sampling.num_steps
-    n_eval = cfg.train.num_eval_prompts
-    held = list(sets.held)[:n_eval] if n_eval else list(sets.held)
-    grid_prompts = (held or list(sets.train))[: cfg.eval.num_sample_prompts]
-    ev_kw = dict(samples_per_prompt=cfg.eval.samples_per_prompt, batch_size=cfg.eval.batch_size,
-                 seed=cfg.eval.seed, dp_rank=dp_rank, dp_size=dims.dp, autocast_dtype=trainer.autocast_dtype,
-                 max_frames=cfg.eval.max_frames_in_grid, **trainer.memory)
-
-    from .ema import weights_for_eval
-
-    def evaluate(images: bool) -> Dict:
-        if not held:
-            return {}
-        with weights_for_eval(trainer):  # the EMA weights when train.ema_decay is set
-            return distributed_evaluate(adapter, held, eval_fns, eval_steps, sets.encode, return_images=images,
-                                        **ev_kw)
-
-    def write_samples(step: int) -> None:
-        if not grid_prompts:
-            return
-        with weights_for_eval(trainer):
-            ev = distributed_evaluate(adapter, grid_prompts, eval_fns, eval_steps, sets.encode, return_images=True,
-                                      **dict(ev_kw, samples_per_prompt=1))
-        if main_rank and "images" in ev:
-            imgs, nrow = frames_for_grid(ev["images"], cfg.eval.max_frames_in_grid)
-            labels = [f"{p[:40]} | " + " ".join(f"{k}={v[i]:.3f}" for k, v in ev["per_sample"].items())
-                      for i, p in enumerate(ev["prompts"])]
-            if nrow == 1:  # images: one row of all prompts
-                nrow, labels = len(ev["prompts"]), None
-            save_image_grid(imgs, out / "samples" / f"iter_{step:06d}.png", nrow=nrow, upscale=1, row_labels=labels)
-
-    evaluator = Evaluator(evaluate, cfg.train.eval_every, keep_images_at_ends=keep_eval_images, prior_rows=prior_rows)
-    lg = cfg.log
-    components: List[Component] = [
-        EMAUpdate(),  # first: the evaluator, exporter and checkpointer see this iteration's average
-        NaNGuard(),
-        evaluator,
-        SampleWriter(write_samples, cfg.train.sample_every),
-        Logger(out, enabled=main_rank, reward_keys=[f"reward/{k}/mean" for k in reward_fns],
-               log_every=cfg.train.log_every, curve_every=lg.curve_every, curve_window=lg.curve_window,
-               tensorboard=lg.tensorboard, wandb_project=lg.wandb_project, progress=lg.progress,
-               total=cfg.train.num_iterations, initial=trainer.iteration, prior_rows=prior_rows),
-        Checkpointer(ckpt_root, cfg.train.save_every, cfg.train.keep_last_checkpoints,
-                     resumed_at=trainer.iteration if resume is not None else None),
-    ]
-    if cfg.train.export:
-        components.append(Exporter(out / "export", weights=lambda: weights_for_eval(trainer)))
+        record_config(cfg, out, resumed=resumed)
+    prior_rows = prepare_metrics_file(out, trainer.iteration if resumed else None) if main_rank else []
+    evaluate, write_samples = _evaluation(cfg, trainer, sets, eval_fns, dims, env, out)
+    evaluator = Evaluator(evaluate, cfg.train.eval_every, keep_images_at_ends=spec.keep_eval_images,
+                          prior_rows=prior_rows)
+    components = _standard_components(cfg, trainer, folder, evaluator, write_samples, reward_fns, main_rank,
+                                      prior_rows)
     parts = RunParts(cfg, trainer, env, dims, sets, out, evaluator, reward_fns, eval_fns)
-    if extra_components is not None:
-        components += list(extra_components(parts))
-    if on_built is not None:
-        on_built(parts)
+    if spec.extra_components is not None:
+        components += list(spec.extra_components(parts))
+    if spec.on_built is not None:
+        spec.on_built(parts)
     if main_rank:
         g = cfg.grpo
         print(f"{cfg.model.name}: {env.world_size} process(es), dp={dims.dp} sp={dims.sp}; {len(sets.train)} train / "
@@ -276,9 +249,70 @@ def _run_locked(cfg, env, build_adapter, prompts, reward_fns, reward_weights, ev
         m["world_size"] = env.world_size
 
     summary = fit(trainer, components, total=cfg.train.num_iterations, out=out, is_main=main_rank,
-                  last_checkpoint=str(resume) if resume is not None else None, stop_after=stop_after,
+                  last_checkpoint=str(folder.resume) if resumed else None, stop_after=spec.stop_after,
                   reduce=reduce_metrics, per_iteration=per_iteration)
     summary["world_size"] = env.world_size
     if main_rank:
         atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def _evaluation(cfg: RunConfig, trainer, sets: PromptSets, eval_fns: Dict, dims: ParallelDims, env: DistEnv,
+                out: Path):
+    """(held-out evaluation, sample-grid writer) of the run, both with the EMA weights when it keeps them."""
+    from .ema import weights_for_eval
+    from .evaluate import distributed_evaluate, frames_for_grid
+    from .metrics import save_image_grid
+
+    eval_steps = cfg.sampling.eval_num_steps or cfg.sampling.num_steps
+    n_eval = cfg.train.num_eval_prompts
+    held = list(sets.held)[:n_eval] if n_eval else list(sets.held)
+    grid_prompts = (held or list(sets.train))[: cfg.eval.num_sample_prompts]
+    ev_kw = dict(samples_per_prompt=cfg.eval.samples_per_prompt, batch_size=cfg.eval.batch_size,
+                 seed=cfg.eval.seed, dp_rank=dims.dp_rank(env.rank), dp_size=dims.dp,
+                 autocast_dtype=trainer.autocast_dtype, max_frames=cfg.eval.max_frames_in_grid, **trainer.memory)
+
+    def evaluate(images: bool) -> Dict:
+        if not held:
+            return {}
+        with weights_for_eval(trainer.ema):
+            return distributed_evaluate(trainer.adapter, held, eval_fns, eval_steps, sets.encode,
+                                        return_images=images, **ev_kw)
+
+    def write_samples(step: int) -> None:
+        if not grid_prompts:
+            return
+        with weights_for_eval(trainer.ema):
+            ev = distributed_evaluate(trainer.adapter, grid_prompts, eval_fns, eval_steps, sets.encode,
+                                      return_images=True, **dict(ev_kw, samples_per_prompt=1))
+        if env.is_main and "images" in ev:
+            imgs, nrow = frames_for_grid(ev["images"], cfg.eval.max_frames_in_grid)
+            labels = [f"{p[:40]} | " + " ".join(f"{k}={v[i]:.3f}" for k, v in ev["per_sample"].items())
+                      for i, p in enumerate(ev["prompts"])]
+            if nrow == 1:  # images: one row of all prompts
+                nrow, labels = len(ev["prompts"]), None
+            save_image_grid(imgs, out / "samples" / f"iter_{step:06d}.png", nrow=nrow, upscale=1, row_labels=labels)
+
+    return evaluate, write_samples
+
+
+def _standard_components(cfg: RunConfig, trainer, folder: RunFolder, evaluator: Evaluator, write_samples,
+                         reward_fns: Dict, main_rank: bool, prior_rows) -> List[Component]:
+    """The components every run has, in the order they must run (loop.py)."""
+    from .ema import weights_for_eval
+
+    lg, resumed_at = cfg.log, trainer.iteration if folder.resume is not None else None
+    components: List[Component] = [
+        EMAUpdate(),  # first: the evaluator, exporter and checkpointer see this iteration's average
+        NaNGuard(),
+        evaluator,
+        SampleWriter(write_samples, cfg.train.sample_every),
+        Logger(folder.out, enabled=main_rank, reward_keys=[f"reward/{k}/mean" for k in reward_fns],
+               log_every=cfg.train.log_every, curve_every=lg.curve_every, curve_window=lg.curve_window,
+               tensorboard=lg.tensorboard, wandb_project=lg.wandb_project, progress=lg.progress,
+               total=cfg.train.num_iterations, initial=trainer.iteration, prior_rows=prior_rows),
+        Checkpointer(folder.checkpoints, cfg.train.save_every, cfg.train.keep_last_checkpoints, resumed_at=resumed_at),
+    ]
+    if cfg.train.export:
+        components.append(Exporter(folder.out / "export", weights=lambda: weights_for_eval(trainer.ema)))
+    return components

@@ -23,7 +23,8 @@ from typing import Optional, Tuple
 
 import torch
 
-WINDOW_MODES = ("off", "sliding", "random")
+from . import grpo
+from .config import WINDOW_MODES
 
 
 def sliding_window_start(iteration: int, lo: int, hi: int, size: int, start: int = 0, stride: int = 1,
@@ -52,7 +53,8 @@ def window_seed(seed: int, iteration: int) -> int:
 def random_window_start(lo: int, hi: int, size: int, generator: Optional[torch.Generator]) -> int:
     """A uniformly random first step of a ``size``-step window inside ``[lo, hi)`` (one draw)."""
     if not 1 <= size <= hi - lo:
-        raise ValueError(f"a window of {size} steps does not fit in the trainable steps [{lo}, {hi})")
+        raise ValueError(f"a window of {size} steps does not fit in the trainable steps [{lo}, {hi}); lower "
+                         "grpo.sde_window.size")
     return lo + int(torch.randint(0, hi - lo - size + 1, (1,), generator=generator))
 
 
@@ -60,8 +62,7 @@ def window_for_iteration(window_cfg, iteration: int, trainable: Tuple[int, int],
                          generator: Optional[torch.Generator] = None) -> Optional[Tuple[int, int]]:
     """The window ``[a, b)`` of this iteration for a ``config.SDEWindowConfig``; None when mode is "off"."""
     mode = window_cfg.mode
-    if mode not in WINDOW_MODES:
-        raise ValueError(f"grpo.sde_window.mode must be one of {WINDOW_MODES}, got {mode!r}")
+    assert mode in WINDOW_MODES, mode  # the config's own check (SDEWindowConfig.validate)
     if mode == "off":
         return None
     lo, hi = trainable
@@ -71,6 +72,17 @@ def window_for_iteration(window_cfg, iteration: int, trainable: Tuple[int, int],
     else:
         a = random_window_start(lo, hi, window_cfg.size, generator)
     return a, a + window_cfg.size
+
+
+def training_window(cfg) -> Tuple[int, int]:
+    """The steps ``[lo, hi)`` training may pick (``grpo.trainable_window`` of ``grpo.timestep_window`` and
+    ``grpo.train_last_step`` over ``sampling.num_steps``), after checking that ``grpo.sde_window`` fits in them:
+    a ValueError naming the key to change otherwise. Model-free: preflight runs it through the objective's
+    builder."""
+    g = cfg.grpo
+    lo, hi = grpo.trainable_window(cfg.sampling.num_steps, g.timestep_window, g.train_last_step)
+    window_for_iteration(g.sde_window, 0, (lo, hi), torch.Generator().manual_seed(0))  # raises when it cannot fit
+    return lo, hi
 
 
 def only_in_window(schedule, window: Tuple[int, int]):

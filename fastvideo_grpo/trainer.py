@@ -31,7 +31,7 @@ import torch.distributed as dist
 from . import grpo, residency, sde_window
 from .algorithms.advantages import build_estimator, weighted_advantages
 from .algorithms.objectives import LAST_STEP_HINT, TrainBatch, build_objective, check_stochastic_steps
-from .algorithms.update import UpdateSettings, update
+from .algorithms.update import UpdateSettings, trainable_parameters, update
 from .passes import PassCounter
 from .config import RunConfig
 from .cuda_settings import configure_attention
@@ -40,7 +40,8 @@ from .ema import WeightEMA
 from .data.prompt_source import PromptSource
 from .models.base import PolicyAdapter
 from .rewards.base import RewardFn, compute_rewards
-from .rollout import decode_latents, rollout, sampling_memory
+from .rollout import check_ode_solver, decode_latents, rollout, sampling_memory
+from .training.optim import apply_optim_config, build_lr_scheduler, build_optimizer
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -85,10 +86,8 @@ def build_schedule(cfg: RunConfig, adapter: PolicyAdapter, objective=None):
         last = type(schedule).deterministic_last_step_default
     if last:
         schedule = with_deterministic_last_step(schedule)
-    if s.ode_solver != "euler" and schedule.prediction_type != "flow":
-        raise ValueError(f"sampling.ode_solver: {s.ode_solver} needs a flow-matching model; "
-                         f"{cfg.model.name} samples with a {schedule.prediction_type} schedule (use 'euler')")
-    lo, hi = grpo.trainable_window(schedule.num_steps, cfg.grpo.timestep_window, cfg.grpo.train_last_step)
+    check_ode_solver(s.ode_solver, schedule)
+    lo, hi = sde_window.training_window(cfg)
     if (objective or build_objective(cfg)).needs_log_probs:
         etas = schedule.eta.tolist()
         only_last = [i for i in range(lo, hi) if etas[i] <= 0] == [schedule.num_steps - 1]
@@ -118,19 +117,9 @@ class Trainer:
         if self.objective.needs_reference and ref_adapter is None:
             ref_adapter = frozen_reference(adapter)
         self.ref_adapter = ref_adapter if self.objective.needs_reference else None
-        params = [p for p in adapter.trainable_module().parameters() if p.requires_grad]
-        o = cfg.optim
-        # one fused kernel for the whole update on GPU (the largest non-model cost in bench/iteration.py), and
-        # for FSDP2's CPU offload, where the step runs on the CPU copies: torch's fused CPU AdamW took 0.052 s per
-        # 50M-parameter step against 0.323 s for the default foreach one (one thread; DeepSpeed's CPUAdam 0.048 s)
-        on_cpu = all(p.device.type == "cpu" for p in params)
-        fused = all(p.device.type == "cuda" for p in params) or (bool(cfg.parallel.cpu_offload) and on_cpu)
-        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                           weight_decay=o.weight_decay, fused=fused or None)
-        warm = max(0, o.warmup_iterations) * cfg.grpo.num_updates_per_iteration
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
-        )
+        self.optimizer = build_optimizer(trainable_parameters(adapter.trainable_module()), cfg.optim,
+                                         cfg.parallel.cpu_offload)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.grpo.num_updates_per_iteration)
         self.schedule = build_schedule(cfg, adapter, self.objective)
         # EMA of the weights (train.ema_decay), cloned from the parameters as they are now (sharded under FSDP2);
         # loop.EMAUpdate updates it after every iteration, checkpoint.py saves it
@@ -181,18 +170,7 @@ class Trainer:
         self.prompts.load_state_dict(state["prompts"])
         if restore_generator:
             self.generator.set_state(state["generator"])
-        self._apply_optim_config()
-
-    def _apply_optim_config(self) -> None:
-        """The optimiser settings of ``cfg.optim`` over those restored from a checkpoint: a resumed run
-        trains with the lr (and betas, eps, weight decay) its config says, as config.yaml records.
-        The schedule position (warm-up) continues."""
-        o = self.cfg.optim
-        self.lr_scheduler.base_lrs = [o.lr for _ in self.optimizer.param_groups]
-        factor = self.lr_scheduler.lr_lambdas[0](self.lr_scheduler.last_epoch)
-        for group in self.optimizer.param_groups:
-            group.update(initial_lr=o.lr, lr=o.lr * factor, betas=tuple(o.betas), eps=o.eps,
-                         weight_decay=o.weight_decay)
+        apply_optim_config(self.optimizer, self.lr_scheduler, self.cfg.optim)
 
     def iteration_schedule(self):
         """The schedule and the trainable window ``[lo, hi)`` of the coming iteration: the static ones, or with
@@ -200,7 +178,7 @@ class Trainer:
         The random mode draws its position from a generator seeded by (train.seed, iteration): the same window
         on every data-parallel rank, the same after a resume, and the rollout noise stream untouched."""
         g = self.cfg.grpo
-        window = grpo.trainable_window(self.schedule.num_steps, g.timestep_window, g.train_last_step)
+        window = sde_window.training_window(self.cfg)
         draw = torch.Generator().manual_seed(sde_window.window_seed(self.cfg.train.seed, self.iteration))
         moving = sde_window.window_for_iteration(g.sde_window, self.iteration, window, draw)
         if moving is None:

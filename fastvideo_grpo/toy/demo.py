@@ -78,7 +78,7 @@ class DemoReport(Component):
         if self.write_images and state.is_main and ev.first and ev.last:
             from ..ema import weights_for_eval
 
-            with weights_for_eval(self.parts.trainer):  # the EMA weights when train.ema_decay is set
+            with weights_for_eval(self.parts.trainer.ema):  # the EMA weights when train.ema_decay is set
                 adapter = self.parts.trainer.adapter
                 save_toy_model(adapter.model, state.out / "policy.pt", adapter.autoencoder)
             _write_grids(ev.first, ev.last, state.out, self.parts.cfg.eval.samples_per_prompt,

@@ -97,7 +97,7 @@ def test_window_with_eta_schedule_keeps_only_stochastic_steps():
         build_objective(load_config(None, ["--sampling.num_steps=6",
                                            "--sampling.eta_schedule=[0.3, 0.3, 0.3, 0.0, 0.0, 0.0]"]))
     with pytest.raises(ValueError, match="timestep_window"):
-        load_config(None, ["--sampling.num_steps=6", "--grpo.timestep_window=[2, 9]"])
+        build_objective(load_config(None, ["--sampling.num_steps=6", "--grpo.timestep_window=[2, 9]"]))
 
 
 def test_reward_server_load_bench_answers_every_request():

@@ -88,8 +88,6 @@ def test_script_flags_map_to_config_fields():
     ({"train": {"num_threads": -2}}, r"train.num_threads must be >= 0"),
     ({"grpo": {"advantage_std": "unbiased"}}, r"grpo.advantage_std must be 'bessel' or 'population'"),
     ({"grpo": {"best_of_n_advantages": "top"}}, r"grpo.best_of_n_advantages must be 'group' or 'selected'"),
-    ({"sampling": {"num_steps": 10}, "grpo": {"timestep_window": [9, 10]}}, r"only the last step.*train_last_step"),
-    ({"sampling": {"num_steps": 1}}, r"num_steps must be >= 2 while the last step is not trained"),
 ])
 def test_bad_configs_are_rejected(tmp_path, data, match):
     with pytest.raises(ValueError, match=match):
@@ -97,11 +95,13 @@ def test_bad_configs_are_rejected(tmp_path, data, match):
 
 
 @pytest.mark.parametrize("data,match", [
+    ({"sampling": {"num_steps": 10}, "grpo": {"timestep_window": [9, 10]}}, r"only the last step.*train_last_step"),
+    ({"sampling": {"num_steps": 1}}, r"num_steps must be >= 2 while the last step is not trained"),
     ({"sampling": {"deterministic_last_step": True}, "grpo": {"train_last_step": True}},
      r"deterministic_last_step.*train_last_step"),
     ({"sampling": {"num_steps": 4, "eta_schedule": [0.3, 0.0, 0.3, 0.0]}}, r"steps \[1\] have eta = 0"),
 ])
-def test_settings_the_objective_cannot_train_with_are_rejected_by_its_builder(tmp_path, data, match):
+def test_settings_across_sections_are_rejected_by_the_builder_that_combines_them(tmp_path, data, match):
     from fastvideo_grpo.algorithms.objectives import build_objective
 
     with pytest.raises(ValueError, match=match):

@@ -110,7 +110,8 @@ def test_train_entry_point_is_a_thin_cli():
 LAYERS = [  # docs/architecture.md, "Who may import whom": a module imports only from its layer or below
     ["registry", "dtypes", "io", "rng", "cuda_settings", "residency", "threads", "ops", "sde", "config", "toy.shapes"],
     ["models", "rewards", "distributed"],
-    ["grpo", "sde_window", "rollout", "algorithms", "passes", "trainer", "evaluate", "data", "rewards.build", "ema"],
+    ["grpo", "sde_window", "rollout", "algorithms", "passes", "trainer", "evaluate", "data", "rewards.build", "ema",
+     "training"],
     ["loop", "checkpoint", "metrics", "preflight", "runner", "run_folder", "toy"],
     ["train", "evaluate_cli", "plan", "vae_blend"],
 ]

@@ -97,7 +97,8 @@ def test_rollout_is_deterministic_before_the_window_and_stochastic_inside():
 
 def test_config_refuses_a_window_that_does_not_fit():
     with pytest.raises(ValueError, match="sde_window"):
-        load_config(None, ["--sampling.num_steps=5", "--grpo.sde_window={mode: sliding, size: 5}"])
+        sde_window.training_window(load_config(None, ["--sampling.num_steps=5",
+                                                      "--grpo.sde_window={mode: sliding, size: 5}"]))
     with pytest.raises(ValueError, match="sde_window.mode"):
         load_config(None, ["--grpo.sde_window={mode: window}"])
     with pytest.raises(ValueError, match="ode_solver"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ... import grpo
+from ... import sde_window
 from .base import OBJECTIVES, Objective
 
 
@@ -35,8 +35,8 @@ def build_objective(cfg) -> Objective:
     OBJECTIVES.check_kwargs(name, g.objective_kwargs, "grpo.objective_kwargs")
     objective = OBJECTIVES.get(name).from_config(cfg, **g.objective_kwargs)
     objective.name = name
-    etas = list(s.eta_schedule) if s.eta_schedule is not None else [s.eta] * s.num_steps
-    lo, hi = grpo.trainable_window(s.num_steps, g.timestep_window, g.train_last_step)
+    etas = s.eta_per_step()
+    lo, hi = sde_window.training_window(cfg)
     if s.deterministic_last_step:
         etas[-1] = 0.0
     if objective.needs_log_probs:

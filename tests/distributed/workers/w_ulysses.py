@@ -18,7 +18,7 @@ from fastvideo_grpo.distributed.fsdp import parallelize
 from fastvideo_grpo.distributed.sequence_parallel import (gather_sequence, head_to_seq_all_to_all, shard_sequence,
                                                           seq_to_head_all_to_all, ulysses_attention)
 from fastvideo_grpo.rollout import rollout
-from fastvideo_grpo.trainer import grpo_update
+from fastvideo_grpo.algorithms.objectives.ppo_clip import grpo_update
 
 
 def attention_case(env, group, masked: bool):
