@@ -34,26 +34,13 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from .distributed.init import barrier, get_rank, get_world_size
 from .io import atomic_write_text
 from .training.state import TrainState
 
 LATEST = "latest"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def step_dirname(step: int) -> str:
@@ -145,27 +132,27 @@ def save_checkpoint(root: Union[str, Path], step: int, model: nn.Module, optimiz
     root = Path(root)
     final = root / step_dirname(step)
     tmp = root / (final.name + ".tmp")
-    if _rank() == 0:
+    if get_rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / "extra").mkdir(parents=True)
-    _barrier()
+    barrier()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.save(_state(model, optimizer, ema), checkpoint_id=str(tmp))
-        blob = dict(extra or {}, rank=_rank(), world_size=_world(), rng=rng_state())
-        torch.save(blob, tmp / "extra" / f"rank_{_rank()}.pt")
+        blob = dict(extra or {}, rank=get_rank(), world_size=get_world_size(), rng=rng_state())
+        torch.save(blob, tmp / "extra" / f"rank_{get_rank()}.pt")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if get_rank() == 0:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         atomic_write_text(root / LATEST, final.name + "\n")
-    _barrier()
+    barrier()
     return final
 
 
@@ -182,7 +169,7 @@ def prune_checkpoints(own: Sequence[Path], keep_last: int) -> List[Path]:
     own = sorted(set(Path(p) for p in own), key=lambda p: p.name)
     if keep_last <= 0 or len(own) <= keep_last:
         return own
-    if _rank() == 0:
+    if get_rank() == 0:
         for old in own[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return own[-keep_last:]
@@ -205,12 +192,12 @@ def load_checkpoint(path: Union[str, Path], model: nn.Module, optimizer=None,
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"])
-    own = path / "extra" / f"rank_{_rank()}.pt"
+    own = path / "extra" / f"rank_{get_rank()}.pt"
     f = own if own.is_file() else path / "extra" / "rank_0.pt"
     if not f.is_file():
         raise FileNotFoundError(f"{path} lacks extra/rank_0.pt (trainer state); it was not written by save_checkpoint")
     extra = torch.load(f, map_location="cpu", weights_only=True)
-    extra["rng_matches"] = f == own and extra.get("world_size") == _world()
+    extra["rng_matches"] = f == own and extra.get("world_size") == get_world_size()
     extra["ema_loaded"] = ema_loaded
     return extra
 
@@ -295,7 +282,7 @@ def export_weights(adapter, out_dir: Union[str, Path], lora_only: Optional[bool]
     full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     out = Path(out_dir)
     written = None
-    if _rank() == 0:
+    if get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         full = {k: v.detach().contiguous().clone() for k, v in full.items()}
         if lora_only:
@@ -315,5 +302,5 @@ def export_weights(adapter, out_dir: Union[str, Path], lora_only: Optional[bool]
             else:
                 save_file(full, str(out / "model.safetensors"))
         written = out
-    _barrier()
+    barrier()
     return written

@@ -213,7 +213,7 @@ def main(argv=None) -> Dict:
 
     reward_fns = build_eval_reward_fns(cfg, build_reward_fns(cfg.rewards)[0] if not cfg.eval.rewards else {})
     rows: List[Dict] = []
-    grid, grid_labels, nrow = [], [], 1
+    grid, nrow = [], 1
     prompts: List[str] = []
     for (kind, path), name in zip(resolved, names):
         adapter = load_policy(cfg, kind, path, device)

@@ -92,11 +92,6 @@ def weighted_sum(advantages: Mapping[str, torch.Tensor], weights: Optional[Mappi
     return total
 
 
-def binarize(rewards_B: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Thresholded binary reward (paper: HPS 0.28, CLIP 0.39): 1.0 where r >= threshold else 0.0."""
-    return (rewards_B >= threshold).to(torch.float32)
-
-
 def best_of_n_indices(rewards_B: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
     """Indices (into the batch) of the top-k and bottom-k samples of every group, group-contiguous.
 

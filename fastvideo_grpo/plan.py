@@ -454,7 +454,9 @@ def plan(cfg, gpus: int, gpu_mem_gib: float = 80.0, arch_path=None, mfu: float =
     # ---- FLOPs per iteration per GPU
     fwd_full = m.flops_fwd_root + sum(params["blocks"][attr]["count"] * m.flops_fwd_block.get(key, 0)
                                       for key, attr in arch["blocks"].items())
-    attn = _attention_flops(adapter, cfg_mult) if not _counted_attention() else 0.0
+    # attention in closed form: FlopCounterMode does not count the CPU attention kernel used under fake tensors
+    # (it counts the CUDA flash / efficient kernels; the CPU flash kernel is not registered in torch 2.13)
+    attn = _attention_flops(adapter, cfg_mult)
     fwd_sample = (fwd_full + attn) / sp  # per prompt-sample, both CFG branches included
     recompute_flops = frac * fwd_sample
     no_grad_update = passes["forward_update"] - passes["backward"]  # reference / old-policy forwards
@@ -475,12 +477,6 @@ def plan(cfg, gpus: int, gpu_mem_gib: float = 80.0, arch_path=None, mfu: float =
                 "lora_rank": int(cfg.model.kwargs.get("lora_rank", 0) or 0), "arch_file": arch.get("_path", "")}
     return Plan(recipe, arch["name"], gpus, gpu_mem_gib, {k: v for k, v in params.items()}, mem_gib, flops, seconds,
                 fits, suggestions, settings, m.seconds, m)
-
-
-def _counted_attention() -> bool:
-    """Whether FlopCounterMode counts the CPU attention kernel used under fake tensors (it counts the
-    CUDA flash / efficient kernels; the CPU flash kernel is not registered in torch 2.13)."""
-    return False
 
 
 def passes_per_iteration(cfg) -> Dict[str, int]:

@@ -18,7 +18,7 @@ and can keep the VAE in host memory between decodes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
@@ -42,7 +42,6 @@ class Trajectory:
     final_latents: torch.Tensor  # z_0: (B, *latent)
     decoded: Optional[torch.Tensor] = None  # pixels in [0, 1]
     group_size: int = 1
-    extras: dict = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -62,7 +61,6 @@ class Trajectory:
             final_latents=self.final_latents.index_select(0, idx.to(dev)),
             decoded=None if self.decoded is None else self.decoded.index_select(0, idx.to(self.decoded.device)),
             group_size=self.group_size,
-            extras=dict(self.extras),
         )
 
 

@@ -192,18 +192,6 @@ def time_shift(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
 
 
-def flux_dynamic_shift_mu(image_seq_len: int, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15):
-    """FLUX's resolution-dependent mu (linear in the number of latent tokens)."""
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return image_seq_len * m + (base_shift - m * base_seq_len)
-
-
-def exponential_time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
-    """FLUX dynamic shift: s' = e^mu / (e^mu + (1/s - 1)); s = 0 maps to 0."""
-    out = math.exp(mu) / (math.exp(mu) + (1.0 / sigmas.clamp(min=1e-12) - 1.0))
-    return torch.where(sigmas > 0, out, torch.zeros_like(out))
-
-
 def flow_sigmas(num_steps: int, shift: float = 1.0, dtype=torch.float64) -> torch.Tensor:
     """num_steps + 1 sigmas from 1 down to 0, linearly spaced then time-shifted (DanceGRPO practice)."""
     if num_steps < 1:
@@ -249,12 +237,6 @@ def ddim_sde_step(
     prev = _draw_or_keep(mean, std, prev_sample, generator)
     log_prob = gaussian_log_prob_mean(prev, mean, std)
     return prev, log_prob, mean, std.reshape(-1)
-
-
-def ddim_ode_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev) -> torch.Tensor:
-    """Deterministic DDIM step (eta = 0), in the input's dtype."""
-    prev, _, _, _ = ddim_sde_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, 0.0)
-    return prev.to(sample.dtype)
 
 
 def scaled_linear_alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The one training entry point for every model family: ``main(argv)`` used by all train scripts.
 
-``python train_scripts/train_<model>_grpo.py --config configs/<recipe>.yaml [--section.field=value ...]``
-or the same under ``torchrun``. In order:
+``python train_scripts/train.py --config configs/<recipe>.yaml [--section.field=value ...]`` (or a named script,
+``train_scripts/train_<model>_grpo.py``, whose only difference is its default recipe), or the same under
+``torchrun``. In order:
 
 1. config: YAML + ``--section.field=value`` overrides, validated (unknown keys / wrong types rejected);
 2. preflight, BEFORE any heavy work: every path in ``model.kwargs`` / reward kwargs exists, the
@@ -64,7 +65,8 @@ def build_parser(default_config: Optional[str] = None, description: Optional[str
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Any config field can be overridden: --section.field=value (e.g. "
                                        "--grpo.group_size=12 --train.output_dir=outputs/x --rewards.0.weight=0.5).")
-    p.add_argument("--config", default=default_config, help=f"YAML recipe (default: {default_config})")
+    p.add_argument("--config", default=default_config, required=default_config is None,
+                   help="YAML recipe" + (f" (default: {default_config})" if default_config else " (configs/*.yaml)"))
     p.add_argument("--resume", default=None,
                    help="checkpoint folder, 'latest' (error when there is none) or 'auto' (latest if any); "
                         "sets train.resume")
@@ -133,6 +135,21 @@ def main(argv=None, default_config: Optional[str] = None, description: Optional[
 def cli(argv=None, default_config: Optional[str] = None, description: Optional[str] = None) -> None:
     """``main`` for scripts: user errors print one clear message and exit non-zero (no traceback)."""
     run_cli(main, argv, default_config, description)
+
+
+def recipe_entry(default_config: Optional[str], description: Optional[str] = None):
+    """(main, cli) of a named train script: ``main`` / ``cli`` above with ``default_config`` (a recipe path,
+    relative to the working directory or the repository) as the ``--config`` default. ``None``: required."""
+    config = recipe_path(default_config) if default_config else None
+
+    def script_main(argv=None) -> Dict:
+        """Train (raises on errors); returns the run summary."""
+        return main(argv, default_config=config, description=description)
+
+    def script_cli(argv=None) -> None:
+        cli(argv, default_config=config, description=description)
+
+    return script_main, script_cli
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ class Trainer:
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
         self.iteration = 0
         self.passes = PassCounter()  # model passes of each iteration, in its metrics (passes.py)
-        # autocast applies on CUDA only (rollout._autocast); CPU runs stay in the weights' dtype
+        # autocast applies on CUDA only (dtypes.autocast_context); CPU runs stay in the weights' dtype
         self.autocast_dtype = autocast_dtype(cfg.train.autocast)
         # chunk sizes of the rollout and the decode, and where the VAE lives between decodes
         self.memory = sampling_memory(cfg.sampling)

@@ -20,7 +20,6 @@ depend on it only through the reward model's batch-shape rounding) and ``offload
 from __future__ import annotations
 
 import contextlib
-import math
 import numbers
 from typing import Callable, Dict, List, Sequence, Tuple
 

@@ -29,7 +29,7 @@ CASES = [  # (script, recipe, adapter family)
     ("train_sd_grpo", "configs/sd_hps.yaml", "sd"),
     ("train_flux_grpo", "configs/flux_hps_clip.yaml", "flux"),
     ("train_hunyuan_grpo", "configs/hunyuan_t2v_videoalign.yaml", "hunyuan_t2v"),
-    ("train_hunyuan_grpo", "configs/hunyuan_t2i_hps.yaml", "hunyuan_t2i"),
+    ("train", "configs/hunyuan_t2i_hps.yaml", "hunyuan_t2i"),  # the one entry (the named ones set a default)
     ("train_i2v_grpo", "configs/hunyuan_i2v_mq.yaml", "hunyuan_i2v"),
     ("train_wan_grpo", "configs/wan_t2v.yaml", "wan"),
     ("train_wan_grpo", "configs/wan_t2i_hps.yaml", "wan"),  # the released Wan recipe: one frame
