@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ablations import VARIANTS  # noqa: E402
 from toy_runs import config_tag, load_results, mean, run_variant, save_results  # noqa: E402
-from fastvideo_grpo.io import atomic_path, atomic_write_json, atomic_write_text  # noqa: E402
-from fastvideo_grpo.metrics import read_jsonl  # noqa: E402
+from fastvideo_grpo.utils.io import atomic_path, atomic_write_json, atomic_write_text  # noqa: E402
+from fastvideo_grpo.training.metrics import read_jsonl  # noqa: E402
 
 _ODE = ["--sampling.eta_schedule=null"]  # the demo's per-step eta off; the algorithm sets its own
 # name -> (settings in words, overrides of the demo config)

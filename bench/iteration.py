@@ -99,7 +99,7 @@ def vae_arch(family: str, latent_channels: int = 4, width: int = 8, levels: int 
 
 
 def case_arch(case: dict) -> dict:
-    """The case's architecture in the planner's format (``fastvideo_grpo.plan``): diffusers class names and
+    """The case's architecture in the planner's format (``fastvideo_grpo.cli.plan``): diffusers class names and
     configs of the transformer and the (narrow) VAE, and the repeated-block lists."""
     hd = case["head_dim"]
     lc, vw, levels = case.get("latent_channels", 4), case.get("vae_width", 8), case.get("vae_levels", 2)
@@ -260,7 +260,7 @@ class _PhasePeak:
 
 class _PhaseClock:
     """Times the phases of the real ``Trainer.train_iteration`` by wrapping the functions it calls
-    (``rollout``, ``decode_latents``, ``compute_rewards``, ``update`` in fastvideo_grpo.trainer)
+    (``rollout``, ``decode_latents``, ``compute_rewards``, ``update`` in fastvideo_grpo.training.trainer)
     with clocks, and records each phase's peak memory (``_PhasePeak``) in ``last_peaks``."""
 
     PHASES = {"rollout": "rollout_forward", "decode_latents": "decode", "compute_rewards": "reward",
@@ -268,7 +268,7 @@ class _PhaseClock:
 
     @staticmethod
     def run(trainer) -> dict:
-        import fastvideo_grpo.trainer as tr
+        import fastvideo_grpo.training.trainer as tr
 
         spent = {key: 0.0 for key in _PhaseClock.PHASES.values()}
         peaks = {}
@@ -318,7 +318,7 @@ def _sync(device):
 
 def bare_rollout(adapter, kw, num_steps, z, autocast_dtype=None):
     """num_steps no-grad transformer forwards + one VAE decode; returns (total_s, decode_s)."""
-    from fastvideo_grpo.dtypes import autocast_context
+    from fastvideo_grpo.utils.dtypes import autocast_context
 
     model, dev = adapter.model, z.device
     model.eval()
@@ -339,12 +339,12 @@ def bare_rollout(adapter, kw, num_steps, z, autocast_dtype=None):
 def bare_train(adapter, kw, num_passes, num_optim_steps, optimizer, autocast_dtype=None):
     """num_passes forward+backward passes + num_optim_steps optimiser updates (gradient clipping + AdamW
     step, what any fine-tuning loop does); returns (total_s, optim_s)."""
-    from fastvideo_grpo.dtypes import autocast_context
+    from fastvideo_grpo.utils.dtypes import autocast_context
 
     model = adapter.model
     model.train()
     dev = kw["hidden_states"].device
-    from fastvideo_grpo.grpo import update_chunks
+    from fastvideo_grpo.algorithms.grpo import update_chunks
 
     per_chunk = [len(r) for r in update_chunks(1, num_passes, 0, num_optim_steps)[1]]
     optim_s = 0.0
@@ -417,8 +417,8 @@ def case_overrides(case: dict, fsdp: bool = False) -> list:
 
 
 def plan_case(case: dict, gpu_mem_gib: float = 80.0):
-    """The planner's estimate (``fastvideo_grpo.plan``) for one GPU running ``case`` (full fine-tuning, FSDP2)."""
-    from fastvideo_grpo import plan as P
+    """The planner's estimate (``fastvideo_grpo.cli.plan``) for one GPU running ``case`` (full fine-tuning, FSDP2)."""
+    from fastvideo_grpo.cli import plan as P
     from fastvideo_grpo.config import load_config
 
     register_reward()
@@ -439,7 +439,7 @@ def make_trainer(case: dict, root: Path, overrides=(), adapter_kwargs=None, devi
     from fastvideo_grpo.models import ADAPTERS
     from fastvideo_grpo.data.prompt_source import PromptSource
     from fastvideo_grpo.rewards.build import build_reward_fns
-    from fastvideo_grpo.trainer import Trainer
+    from fastvideo_grpo.training.trainer import Trainer
 
     register_reward()
     kw = build_folder(case, root, device)
@@ -486,7 +486,7 @@ def run_case(name: str, reps: int, overrides=(), adapter_kwargs=None, device="cp
     g = cfg.grpo
     B = g.prompts_per_iteration * g.group_size
     T = trainer.schedule.num_steps
-    from fastvideo_grpo.grpo import num_train_steps, trainable_window
+    from fastvideo_grpo.algorithms.grpo import num_train_steps, trainable_window
 
     lo, hi = trainable_window(T, g.timestep_window, g.train_last_step)
 

@@ -246,7 +246,7 @@ class ParallelConfig:
 class DataConfig:
     """Where the training / held-out prompts come from (embeddings precomputed by data_prep)."""
 
-    manifest: Optional[str] = None  # manifest.json (or its folder) from data_prep; required by fastvideo_grpo.train
+    manifest: Optional[str] = None  # manifest.json (or its folder) from data_prep; required by fastvideo_grpo.cli.train
     eval_manifest: Optional[str] = None  # separate held-out manifest; None = split `manifest` by prompt hash
     eval_fraction: float = 0.0  # share of `manifest` prompts held out for evaluation (by hash), in [0, 1)
     split_salt: str = ""  # salt of the prompt hash that decides the split (change it for another split)
@@ -487,6 +487,6 @@ def _merge(base: Dict[str, Any], new: Dict[str, Any]):
 
 
 def save_config(cfg: RunConfig, path) -> None:
-    from .io import atomic_write_text
+    from .utils.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastvideo_grpo.train import recipe_entry  # noqa: E402
+from fastvideo_grpo.cli.train import recipe_entry  # noqa: E402
 
 main, cli = recipe_entry("configs/hunyuan_t2v_videoalign.yaml", __doc__)
 

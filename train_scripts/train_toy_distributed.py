@@ -23,9 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastvideo_grpo.config import load_config  # noqa: E402
-from fastvideo_grpo.train import recipe_path  # noqa: E402
-from fastvideo_grpo.runner import PromptSets, run  # noqa: E402
-from fastvideo_grpo.toy.demo import toy_adapter_factory  # noqa: E402
+from fastvideo_grpo.cli.train import recipe_path  # noqa: E402
+from fastvideo_grpo.training.runner import PromptSets, run  # noqa: E402
+from fastvideo_grpo.cli.demo import toy_adapter_factory  # noqa: E402
 from fastvideo_grpo.toy.shapes import split_prompts  # noqa: E402
 
 

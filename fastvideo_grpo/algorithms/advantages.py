@@ -16,8 +16,8 @@ from typing import ClassVar, Mapping, Optional
 
 import torch
 
-from .. import grpo
-from ..registry import Registry
+from . import grpo
+from ..utils.registry import Registry
 
 
 class AdvantageEstimator:

@@ -24,7 +24,7 @@ from typing import Dict
 
 import torch
 
-from .. import grpo
+from . import grpo
 from .objectives.base import Objective, TrainBatch
 
 

@@ -33,7 +33,7 @@ from .manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, NEG, NEGATIVE_FILE
 from .prompts import PromptRecord, find_duplicates, read_prompts
 
 SHARD_DIR = "shards"
-from ..dtypes import parse_dtype  # noqa: E402,F401
+from ..utils.dtypes import parse_dtype  # noqa: E402,F401
 
 
 def shard_name(k: int) -> str:

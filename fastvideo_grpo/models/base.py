@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..registry import Registry
+from ..utils.registry import Registry
 
 Cond = Dict[str, Optional[torch.Tensor]]
 

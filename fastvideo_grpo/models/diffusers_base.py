@@ -31,14 +31,14 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .. import rng
-from ..registry import accepted_parameters
+from ..utils import rng
+from ..utils.registry import accepted_parameters
 from . import lora as lora_lib
 from .base import Cond, PolicyAdapter
 
 NEG = "negative_"
 
-from ..dtypes import parse_dtype  # noqa: E402,F401  (re-exported for adapters)
+from ..utils.dtypes import parse_dtype  # noqa: E402,F401  (re-exported for adapters)
 
 
 def require_subfolders(model_path, subfolders: Sequence[str]) -> Path:

@@ -25,8 +25,8 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from .. import residency
-from ..registry import Registry
+from ..utils import residency
+from ..utils.registry import Registry
 
 RewardOutput = Tuple[torch.Tensor, Dict]
 RewardFn = Callable[..., RewardOutput]

@@ -8,7 +8,7 @@ from typing import Dict, Optional, Protocol
 
 import torch
 
-from ..ema import WeightEMA
+from .ema import WeightEMA
 from ..models.base import PolicyAdapter
 
 

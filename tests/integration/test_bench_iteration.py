@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastvideo_grpo import grpo
+from fastvideo_grpo.algorithms import grpo
 from fastvideo_grpo.config import load_config
 
 pytest.importorskip("diffusers")

@@ -102,8 +102,8 @@ def test_a_family_defined_in_one_file_preps_trains_and_plans(tmp_path):
     from fastvideo_grpo.config import load_config
     from fastvideo_grpo.data import validate_manifest
     from fastvideo_grpo.data.prep import main as prep_main
-    from fastvideo_grpo.plan import _text_len
-    from fastvideo_grpo.train import main as train_main
+    from fastvideo_grpo.cli.plan import _text_len
+    from fastvideo_grpo.cli.train import main as train_main
 
     comps = _folder(tmp_path / "model")
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")

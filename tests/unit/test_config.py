@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from fastvideo_grpo.config import RunConfig, load_config, save_config, to_dict
-from fastvideo_grpo.train import parse_args
+from fastvideo_grpo.cli.train import parse_args
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,7 +113,7 @@ def test_thread_count_rule_is_per_calling_thread_and_restored():
 
     import torch
 
-    from fastvideo_grpo.threads import resolve_num_threads, set_num_threads, thread_count
+    from fastvideo_grpo.utils.threads import resolve_num_threads, set_num_threads, thread_count
 
     caller = torch.get_num_threads()
     assert resolve_num_threads(0) == caller and resolve_num_threads(3) == 3
@@ -158,7 +158,7 @@ def test_every_recipe_is_checked():
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipes_hold_their_stated_settings(name):
-    from fastvideo_grpo import grpo
+    from fastvideo_grpo.algorithms import grpo
 
     want = dict(PAPER, **RECIPES[name])
     text = (ROOT / "configs" / name).read_text()
@@ -233,7 +233,7 @@ def test_empty_and_broken_yaml_name_the_file_and_line(tmp_path):
 
 
 def test_evaluate_cli_refuses_bad_counts():
-    from fastvideo_grpo.evaluate_cli import main
+    from fastvideo_grpo.cli.evaluate import main
 
     with pytest.raises(ValueError, match="--samples-per-prompt must be >= 1"):
         main(["base", "--samples-per-prompt", "-1"])

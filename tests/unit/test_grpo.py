@@ -6,7 +6,7 @@ import statistics
 import pytest
 import torch
 
-from fastvideo_grpo import grpo
+from fastvideo_grpo.algorithms import grpo
 from fastvideo_grpo.rewards.build import binarize
 
 

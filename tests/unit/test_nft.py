@@ -8,7 +8,7 @@ from fastvideo_grpo.algorithms.objectives import build_objective
 from fastvideo_grpo.algorithms.objectives import diffusion_nft as nft
 from fastvideo_grpo.config import load_config
 from fastvideo_grpo.data.prompt_source import PromptSource
-from fastvideo_grpo.trainer import GRPOTrainer
+from fastvideo_grpo.training.trainer import GRPOTrainer
 from support.tiny_models import tiny_toy_adapter
 
 
@@ -94,8 +94,8 @@ def test_nft_trains_through_the_trainer_with_an_ode_sampler():
 def test_nft_update_with_all_positive_samples_is_flow_matching_on_them():
     """r = 1 everywhere and beta = 1: v+ = v_theta, so one step lowers the plain flow-matching error on the
     noised clean samples (same noise and times, read back from the generator)."""
-    from fastvideo_grpo import grpo
-    from fastvideo_grpo.rollout import rollout
+    from fastvideo_grpo.algorithms import grpo
+    from fastvideo_grpo.algorithms.rollout import rollout
 
     ad = _toy(1)
     sched = ad.make_schedule(4, 0.0)

@@ -18,8 +18,8 @@ from fastvideo_grpo.algorithms.objectives import OBJECTIVES, Objective, TrainBat
 from fastvideo_grpo.algorithms.update import UpdateSettings, update
 from fastvideo_grpo.config import load_config
 from fastvideo_grpo.data.prompt_source import PromptSource
-from fastvideo_grpo.plan import passes_per_iteration
-from fastvideo_grpo.trainer import Trainer
+from fastvideo_grpo.cli.plan import passes_per_iteration
+from fastvideo_grpo.training.trainer import Trainer
 from support.tiny_models import tiny_toy_adapter
 
 
@@ -67,7 +67,7 @@ def test_a_registered_objective_and_estimator_train_through_the_unchanged_traine
     assert isinstance(trainer.objective, WeightedVelocity) and trainer.objective.scale == 2.0
     assert trainer.ref_adapter is None  # it declares no reference
     seen = {}
-    import fastvideo_grpo.trainer as trainer_mod
+    import fastvideo_grpo.training.trainer as trainer_mod
 
     real = trainer_mod.update
 
@@ -97,8 +97,8 @@ def test_a_registered_objective_and_estimator_train_through_the_unchanged_traine
 
 
 def test_the_driver_update_is_sgd_on_the_objectives_loss_over_the_whole_batch():
-    from fastvideo_grpo import grpo
-    from fastvideo_grpo.rollout import rollout
+    from fastvideo_grpo.algorithms import grpo
+    from fastvideo_grpo.algorithms.rollout import rollout
 
     ad = tiny_toy_adapter(1)
     sched = ad.make_schedule(4, 0.0)

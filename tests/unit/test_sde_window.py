@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastvideo_grpo import grpo, sde, sde_window
+from fastvideo_grpo.algorithms import grpo, sde_window
+from fastvideo_grpo import sde
 from fastvideo_grpo.config import load_config
-from fastvideo_grpo.rollout import rollout, sample_ode
+from fastvideo_grpo.algorithms.rollout import rollout, sample_ode
 from support.tiny_models import tiny_toy_adapter
 
 

@@ -22,10 +22,10 @@ from typing import ClassVar, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ...dtypes import autocast_context
+from ...utils.dtypes import autocast_context
 from ...models.base import Cond, PolicyAdapter, index_cond
-from ...registry import Registry
-from ...rollout import Trajectory
+from ...utils.registry import Registry
+from ..rollout import Trajectory
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ... import sde_window
+from .. import sde_window
 from .base import OBJECTIVES, Objective
 
 

@@ -31,9 +31,9 @@ from typing import Dict
 
 import torch
 
-from ... import rng
+from ...utils import rng
 from ...models.base import PolicyAdapter
-from ...rollout import Trajectory
+from ..rollout import Trajectory
 from .base import OBJECTIVES, Objective, TrainBatch
 
 

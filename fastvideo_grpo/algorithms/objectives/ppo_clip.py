@@ -18,9 +18,9 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from ... import grpo
+from .. import grpo
 from ...models.base import PolicyAdapter
-from ...rollout import Trajectory
+from ..rollout import Trajectory
 from .base import OBJECTIVES, Objective, TrainBatch
 
 

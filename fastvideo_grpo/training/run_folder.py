@@ -125,7 +125,7 @@ def clear_run(folder) -> None:
 def record_config(cfg, folder, resumed: bool) -> Optional[Path]:
     """Write ``config.yaml`` (atomically); on resume keep the previous one as the next config.N.yaml.
     Returns the path the previous record was moved to, if any."""
-    from .config import save_config, to_dict
+    from ..config import save_config, to_dict
 
     folder = Path(folder)
     path = folder / "config.yaml"
@@ -144,7 +144,7 @@ def record_config(cfg, folder, resumed: bool) -> Optional[Path]:
 
 def check_resume_settings(cfg, folder) -> None:
     """ValueError when a resumed run changes a setting that cannot change mid-run (FIXED_ON_RESUME)."""
-    from .config import to_dict
+    from ..config import to_dict
 
     path = Path(folder) / "config.yaml"
     if not path.is_file():

@@ -22,17 +22,17 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from .config import RunConfig
-from .distributed.collectives import any_rank, reduce_metrics
-from .distributed.fsdp import parallelize
-from .distributed.init import DistEnv, init_distributed, shutdown
-from .distributed.parallel_dims import ParallelDims, parallel_dims_from_config
-from .distributed.seeding import seed_rank_generators
+from ..config import RunConfig
+from ..distributed.collectives import any_rank, reduce_metrics
+from ..distributed.fsdp import parallelize
+from ..distributed.init import DistEnv, init_distributed, shutdown
+from ..distributed.parallel_dims import ParallelDims, parallel_dims_from_config
+from ..distributed.seeding import seed_rank_generators
 from .loop import (Checkpointer, Component, EMAUpdate, Evaluator, Exporter, Logger, NaNGuard, SampleWriter, fit,
                    prepare_metrics_file)
-from .models.base import PolicyAdapter
+from ..models.base import PolicyAdapter
 from .run_folder import RunLock, check_fresh_start, check_resume_settings, clear_run, record_config
-from .threads import set_num_threads
+from ..utils.threads import set_num_threads
 
 
 @dataclass
@@ -66,8 +66,8 @@ class RunParts:
 def build_trainer(cfg: RunConfig, env: DistEnv, build_adapter: Callable[[torch.device], PolicyAdapter],
                   prompts: Prompts, reward_fns=None, reward_weights=None):
     """(Trainer, ParallelDims, PromptSets) for this rank (collective)."""
-    from .data.prompt_source import PromptSource
-    from .rewards.build import build_reward_fns
+    from ..data.prompt_source import PromptSource
+    from ..rewards.build import build_reward_fns
     from .trainer import Trainer
 
     dims = parallel_dims_from_config(cfg.parallel, env.world_size)
@@ -211,8 +211,8 @@ def _run(cfg: RunConfig, env: DistEnv, spec: RunSpec) -> Dict:
 
 
 def _run_locked(cfg: RunConfig, env: DistEnv, spec: RunSpec, folder: RunFolder) -> Dict:
-    from .io import atomic_write_json
-    from .rewards.build import build_eval_reward_fns, build_reward_fns
+    from ..utils.io import atomic_write_json
+    from ..rewards.build import build_eval_reward_fns, build_reward_fns
 
     main_rank, out = env.is_main, folder.out
     reward_fns, reward_weights = spec.reward_fns, spec.reward_weights

@@ -20,13 +20,13 @@ import torch
 
 from ..config import RunConfig, to_dict
 from ..distributed.init import barrier, get_rank
-from ..loop import Component
-from ..metrics import save_image_grid
+from ..training.loop import Component
+from ..training.metrics import save_image_grid
 from ..models.toy import ToyAdapter, save_toy_model
 from ..rewards import rules  # noqa: F401  (registers the toy rewards)
-from ..runner import PromptSets, RunParts, run
+from ..training.runner import PromptSets, RunParts, run
 from .pretrain import pretrained_toy_model
-from .shapes import split_prompts
+from ..toy.shapes import split_prompts
 
 _TOY_MODEL_KWARGS = {"shift", "balance_grad", "frozen", "frozen_below"}
 
@@ -76,7 +76,7 @@ class DemoReport(Component):
     def on_end(self, state):
         ev = self.parts.evaluator
         if self.write_images and state.is_main and ev.first and ev.last:
-            from ..ema import weights_for_eval
+            from ..training.ema import weights_for_eval
 
             with weights_for_eval(self.parts.trainer.ema):  # the EMA weights when train.ema_decay is set
                 adapter = self.parts.trainer.adapter

@@ -1,8 +1,8 @@
-"""``python -m fastvideo_grpo.evaluate``: ODE-sampler evaluation of checkpoints on held-out prompts.
+"""``python -m fastvideo_grpo.training.evaluate``: ODE-sampler evaluation of checkpoints on held-out prompts.
 
-    python -m fastvideo_grpo.evaluate outputs/sd_hps/export --out outputs/sd_hps/eval_final
-    python -m fastvideo_grpo.evaluate --compare base outputs/sd_hps/export           # side by side
-    python -m fastvideo_grpo.evaluate outputs/sd_hps/checkpoints/step_00000100 \\
+    python -m fastvideo_grpo.training.evaluate outputs/sd_hps/export --out outputs/sd_hps/eval_final
+    python -m fastvideo_grpo.training.evaluate --compare base outputs/sd_hps/export           # side by side
+    python -m fastvideo_grpo.training.evaluate outputs/sd_hps/checkpoints/step_00000100 \\
         --rewards='[{name: hps, kwargs: {model_path: ckpts/hps_v2.1_hf}}, {key: clip, name: clip_score,
                     kwargs: {model_path: ckpts/clip-vit-h-14}}, {name: pickscore, kwargs: {model_path: ckpts/pickscore}}]'
 
@@ -31,8 +31,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .config import RunConfig, load_config
-from .dtypes import autocast_dtype
+from ..config import RunConfig, load_config
+from ..utils.dtypes import autocast_dtype
 
 BASE = "base"
 
@@ -51,7 +51,7 @@ def resolve_checkpoint(spec: str) -> "tuple[str, Optional[Path]]":
     """('base' | 'export' | 'dcp', path) for a checkpoint argument; FileNotFoundError when unusable."""
     if spec == BASE:
         return BASE, None
-    from .checkpoint import LATEST, resolve_resume
+    from ..training.checkpoint import LATEST, resolve_resume
 
     p = Path(spec).expanduser()
     if not p.exists():
@@ -76,7 +76,7 @@ def load_exported(adapter, folder: Path) -> None:
     """Load weights written by ``checkpoint.export_weights`` / ``save_pretrained`` into the trainable module."""
     from safetensors.torch import load_file
 
-    from .models.lora import LORA_FILE, from_file_keys
+    from ..models.lora import LORA_FILE, from_file_keys
 
     module = adapter.trainable_module()
     lora_file = folder / LORA_FILE
@@ -100,13 +100,13 @@ def load_exported(adapter, folder: Path) -> None:
 
 
 def load_policy(cfg: RunConfig, kind: str, path: Optional[Path], device):
-    from .models import build_policy
+    from ..models import build_policy
 
     adapter = build_policy(cfg, device)
     if kind == "export":
         load_exported(adapter, path)
     elif kind == "dcp":
-        from .checkpoint import load_checkpoint, load_ema_weights
+        from ..training.checkpoint import load_checkpoint, load_ema_weights
 
         load_checkpoint(path, adapter.trainable_module(), optimizer=None)
         if cfg.train.ema_decay > 0:  # a run that kept an EMA is evaluated with it, as during training
@@ -144,7 +144,7 @@ def markdown_table(rows: Sequence[Dict], keys: Sequence[str], compare: bool = Fa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastvideo_grpo.evaluate", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m fastvideo_grpo.training.evaluate", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Other --section.field=value arguments override the config.")
     p.add_argument("checkpoints", nargs="*", help="checkpoints to evaluate ('base', export, step folder, run folder)")
@@ -165,14 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> Dict:
-    from .data.dataset import PromptEmbeddingDataset
-    from .io import atomic_write_json, atomic_write_text
-    from .metrics import save_image_grid
-    from .data.embedding_lookup import EmbeddingLookup
-    from .evaluate import distributed_evaluate, frames_for_grid
-    from .preflight import preflight
-    from .rewards.build import build_eval_reward_fns, build_reward_fns
-    from .rollout import sampling_memory
+    from ..data.dataset import PromptEmbeddingDataset
+    from ..utils.io import atomic_write_json, atomic_write_text
+    from ..training.metrics import save_image_grid
+    from ..data.embedding_lookup import EmbeddingLookup
+    from ..training.evaluate import distributed_evaluate, frames_for_grid
+    from ..training.preflight import preflight
+    from ..rewards.build import build_eval_reward_fns, build_reward_fns
+    from ..algorithms.rollout import sampling_memory
 
     args, overrides = build_parser().parse_known_args(argv)
     for flag, v in (("--samples-per-prompt", args.samples_per_prompt), ("--num-steps", args.num_steps),
@@ -269,6 +269,6 @@ def main(argv=None) -> Dict:
 
 
 def cli(argv=None) -> None:
-    from .loop import run_cli
+    from ..training.loop import run_cli
 
     run_cli(main, argv)

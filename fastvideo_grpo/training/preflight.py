@@ -13,16 +13,16 @@ import inspect
 from pathlib import Path
 from typing import List
 
-from .config import RunConfig
+from ..config import RunConfig
 
 def preflight(cfg: RunConfig) -> dict:
     """Cheap start-up checks; raises FileNotFoundError / ValueError naming what is missing.
 
     Returns the loaded (file-checked) training manifest.
     """
-    from .algorithms.objectives import build_objective
-    from .models import ADAPTERS
-    from .rewards import REWARDS
+    from ..algorithms.objectives import build_objective
+    from ..models import ADAPTERS
+    from ..rewards import REWARDS
 
     build_objective(cfg)  # the objective and its options, against the sampling settings (ValueError)
     problems: List[str] = []
@@ -55,7 +55,7 @@ def preflight(cfg: RunConfig) -> dict:
                             f"--prompts <prompts.txt> --out {Path(path).parent if path.endswith('.json') else path}`")
     if problems:
         raise FileNotFoundError("cannot start training:\n  - " + "\n  - ".join(problems))
-    from .data.manifest import load_manifest, validate_manifest
+    from ..data.manifest import load_manifest, validate_manifest
 
     manifest = validate_manifest(load_manifest(cfg.data.manifest), None, check_files=True,
                                      verify_hashes=cfg.data.verify_hashes, dedupe=cfg.data.dedupe)

@@ -2,8 +2,8 @@
 
 Start it (binds 127.0.0.1 by default; ``--port 0`` picks a free port and prints it)::
 
-    python -m fastvideo_grpo.rewards.server --config rewards.yaml --port 8765
-    python -m fastvideo_grpo.rewards.server --reward hps --set model_path=ckpts/hps_v2.1_hf --port 8765
+    python -m fastvideo_grpo.rewards.serving.server --config rewards.yaml --port 8765
+    python -m fastvideo_grpo.rewards.serving.server --reward hps --set model_path=ckpts/hps_v2.1_hf --port 8765
 
 ``rewards.yaml`` maps served names to reward configs (``type`` = registry name, default the name)::
 
@@ -55,11 +55,10 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from ..threads import resolve_num_threads, thread_count
-from .base import REWARDS, RewardFn, check_scores, validate_reward_inputs
+from ...utils.threads import resolve_num_threads, thread_count
+from ..base import REWARDS, RewardFn, check_scores, validate_reward_inputs
 from .remote import DEFAULT_HOST, DEFAULT_PORT, _jsonable, _merge_infos, decode_tensor
-from .server_guard import (TOKEN_ENV, DeadlineReader, ServerLimits, check_bind, check_token, load_token,
-                           token_matches)
+from .server_guard import TOKEN_ENV, DeadlineReader, ServerLimits, check_bind, check_token, load_token, token_matches
 
 # ---------------------------------------------------------------- server
 

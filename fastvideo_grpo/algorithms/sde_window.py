@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import grpo
-from .config import WINDOW_MODES
+from ..config import WINDOW_MODES
 
 
 def sliding_window_start(iteration: int, lo: int, hi: int, size: int, start: int = 0, stride: int = 1,

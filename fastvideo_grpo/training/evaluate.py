@@ -3,7 +3,7 @@
 ``evaluate_policy`` evaluates prompts in one process; ``distributed_evaluate`` splits fixed batches over
 data-parallel ranks (what the training loop and the evaluation CLI call). Fixed seeds make "before" and
 "after" comparable sample by sample (same initial noise per prompt and sample index).
-``python -m fastvideo_grpo.evaluate`` is the command line (evaluate_cli.py).
+``python -m fastvideo_grpo.training.evaluate`` is the command line (evaluate_cli.py).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .models.base import Cond, PolicyAdapter
-from .rewards.base import RewardFn, compute_rewards
-from .rollout import decode_latents, sample_ode
+from ..models.base import Cond, PolicyAdapter
+from ..rewards.base import RewardFn, compute_rewards
+from ..algorithms.rollout import decode_latents, sample_ode
 
 
 @torch.no_grad()
@@ -164,7 +164,7 @@ def frames_for_grid(images: torch.Tensor, max_frames: int) -> Tuple[torch.Tensor
     return strips.reshape(-1, *strips.shape[2:]), f
 
 
-if __name__ == "__main__":  # python -m fastvideo_grpo.evaluate: the command line (evaluate_cli.py)
-    from .evaluate_cli import cli
+if __name__ == "__main__":  # python -m fastvideo_grpo.training.evaluate: the command line (evaluate_cli.py)
+    from ..cli.evaluate import cli
 
     cli()

@@ -15,7 +15,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from .io import atomic_path
+from ..utils.io import atomic_path
 
 
 class MetricsLogger:

@@ -28,20 +28,21 @@ from typing import Dict
 import torch
 import torch.distributed as dist
 
-from . import grpo, residency, sde_window
-from .algorithms.advantages import build_estimator, weighted_advantages
-from .algorithms.objectives import LAST_STEP_HINT, TrainBatch, build_objective, check_stochastic_steps
-from .algorithms.update import UpdateSettings, trainable_parameters, update
-from .passes import PassCounter
-from .config import RunConfig
-from .cuda_settings import configure_attention
-from .dtypes import autocast_dtype
+from ..algorithms import grpo, sde_window
+from ..utils import residency
+from ..algorithms.advantages import build_estimator, weighted_advantages
+from ..algorithms.objectives import LAST_STEP_HINT, TrainBatch, build_objective, check_stochastic_steps
+from ..algorithms.update import UpdateSettings, trainable_parameters, update
+from ..algorithms.passes import PassCounter
+from ..config import RunConfig
+from ..utils.cuda_settings import configure_attention
+from ..utils.dtypes import autocast_dtype
 from .ema import WeightEMA
-from .data.prompt_source import PromptSource
-from .models.base import PolicyAdapter
-from .rewards.base import RewardFn, compute_rewards
-from .rollout import check_ode_solver, decode_latents, rollout, sampling_memory
-from .training.optim import apply_optim_config, build_lr_scheduler, build_optimizer
+from ..data.prompt_source import PromptSource
+from ..models.base import PolicyAdapter
+from ..rewards.base import RewardFn, compute_rewards
+from ..algorithms.rollout import check_ode_solver, decode_latents, rollout, sampling_memory
+from .optim import apply_optim_config, build_lr_scheduler, build_optimizer
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -72,7 +73,7 @@ def build_schedule(cfg: RunConfig, adapter: PolicyAdapter, objective=None):
 
     ValueError when a step that training may pick (``grpo.trainable_window``) has eta = 0 and the objective
     (default: the config's) needs log-probs: its transition is a point mass, with no log-prob to train."""
-    from .sde import flow_grpo_eta, with_deterministic_last_step
+    from ..sde import flow_grpo_eta, with_deterministic_last_step
 
     s = cfg.sampling
     schedule = adapter.make_schedule(s.num_steps, cfg.eta)
@@ -144,7 +145,7 @@ class Trainer:
         est = self.estimator
         if not est.needs_global_batch or self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
             return weighted_advantages(rewards, group_size, est, self.reward_weights)
-        from .distributed.collectives import all_gather_rewards
+        from ..distributed.collectives import all_gather_rewards
 
         gathered = all_gather_rewards({k: r.detach() for k, r in rewards.items()}, self.dp_group)
         total = weighted_advantages(gathered, group_size, est, self.reward_weights)

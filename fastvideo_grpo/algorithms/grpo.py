@@ -15,7 +15,7 @@ import torch
 
 #: how the std of a group is estimated (``grpo.advantage_std``): "bessel" (unbiased, n - 1; the released code's
 #: ``group_rewards.std()``) or "population" (n)
-from .config import STD_ESTIMATORS
+from ..config import STD_ESTIMATORS
 
 
 def _check_groups(rewards_B: torch.Tensor, group_size: int) -> torch.Tensor:

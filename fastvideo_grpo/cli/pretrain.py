@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..models.toy import TinyDiT, TinyDiTConfig, load_toy_autoencoder, load_toy_model, save_toy_model, tokenize
 from ..models.toy_autoencoder import GRID, CellAutoencoder, CellAutoencoderConfig
-from .shapes import all_prompts, make_dataset
+from ..toy.shapes import all_prompts, make_dataset
 
 AUTOENCODER_DEFAULTS = {"image_size": 32, "channels": 3, "hidden": 128, "steps": 1000, "batch_size": 512,
                         "lr": 3e-3, "noise": 0.1}

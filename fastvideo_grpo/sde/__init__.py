@@ -34,13 +34,13 @@ from typing import ClassVar, Optional, Sequence, Union
 import torch
 
 from . import ops as _ops
-from . import rng
+from ..utils import rng
 
 Scalar = Union[float, torch.Tensor]
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
-# Schedule ``step`` methods run the fused step + log-prob op (fastvideo_grpo.ops; compiled kernel
+# Schedule ``step`` methods run the fused step + log-prob op (fastvideo_grpo.sde.ops; compiled kernel
 # when built, PyTorch reference otherwise). FVG_DISABLE_FUSED=1 (or setting this to False) makes them
 # call the plain ``flow_sde_step`` / ``ddim_sde_step`` below instead.
 FUSED_STEPS = os.environ.get("FVG_DISABLE_FUSED", "0").lower() not in ("1", "true", "yes")

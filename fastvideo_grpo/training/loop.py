@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .distributed.collectives import reduce_metrics
-from .training.state import TrainState
+from ..distributed.collectives import reduce_metrics
+from .state import TrainState
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
@@ -240,7 +240,7 @@ class Evaluator(Component):
         m = {f"eval/{k}": v for k, v in ev["mean"].items()}
         m["eval/reward"] = sum(ev["mean"].values()) / max(1, len(ev["mean"]))
         if state.is_main:
-            from .io import atomic_write_json
+            from ..utils.io import atomic_write_json
             from .metrics import plot_reward_curves
 
             atomic_write_json(state.out / "eval" / f"iter_{step:06d}.json",
@@ -399,7 +399,7 @@ class Exporter(Component):
 def prepare_metrics_file(out: Path, resumed_iteration: Optional[int]) -> List[Dict]:
     """Fresh run: drop an old metrics.jsonl; resumed: keep only rows up to the resumed iteration.
     Returns the rows kept."""
-    from .io import atomic_write_text
+    from ..utils.io import atomic_write_text
     from .metrics import read_jsonl
 
     path = Path(out) / "metrics.jsonl"

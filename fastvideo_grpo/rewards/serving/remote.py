@@ -31,13 +31,13 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .base import REWARDS, check_scores, validate_reward_inputs
+from ..base import REWARDS, check_scores, validate_reward_inputs
 from .server_guard import TOKEN_ENV, check_token, load_token
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
-START_HINT = "start it with `python -m fastvideo_grpo.rewards.server --config <rewards.yaml> --port {port}`"
+START_HINT = "start it with `python -m fastvideo_grpo.rewards.serving.server --config <rewards.yaml> --port {port}`"
 
 
 # ---------------------------------------------------------------- tensor <-> JSON

@@ -36,9 +36,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .config import RunConfig, load_config
-from .loop import EXIT_DIVERGED, EXIT_OOM, EXIT_USER_ERROR, TrainingStopped, run_cli  # noqa: F401  (the scripts' API)
-from .preflight import preflight
+from ..config import RunConfig, load_config
+from ..training.loop import EXIT_DIVERGED, EXIT_OOM, EXIT_USER_ERROR, TrainingStopped, run_cli  # noqa: F401  (the scripts' API)
+from ..training.preflight import preflight
 
 OOM_HINT = (
     "CUDA ran out of memory. Lower memory with (any of): parallel.sp=<2|4|8> (Ulysses sequence parallel: "
@@ -57,7 +57,7 @@ def recipe_path(name: str) -> str:
     """A recipe path relative to the working directory when it exists there, else to the repository."""
     if Path(name).is_file():
         return name
-    return str(Path(__file__).resolve().parents[1] / name)
+    return str(Path(__file__).resolve().parents[2] / name)
 
 
 def build_parser(default_config: Optional[str] = None, description: Optional[str] = None) -> argparse.ArgumentParser:
@@ -101,9 +101,9 @@ def parse_args(argv=None, default_config: Optional[str] = None, description: Opt
 
 def run(cfg: RunConfig, manifest: Optional[dict] = None, *, stop_after: Optional[int] = None) -> Dict:
     """Train per ``cfg`` (after ``preflight``) through ``runner.run``; returns the summary on every rank."""
-    from .data.embedding_lookup import build_prompt_sets
-    from .models import build_policy
-    from .runner import PromptSets, run as run_training
+    from ..data.embedding_lookup import build_prompt_sets
+    from ..models import build_policy
+    from ..training.runner import PromptSets, run as run_training
 
     if manifest is None:
         manifest = preflight(cfg)

@@ -36,9 +36,9 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .distributed.init import barrier, get_rank, get_world_size
-from .io import atomic_write_text
-from .training.state import TrainState
+from ..distributed.init import barrier, get_rank, get_world_size
+from ..utils.io import atomic_write_text
+from .state import TrainState
 
 LATEST = "latest"
 
@@ -286,7 +286,7 @@ def export_weights(adapter, out_dir: Union[str, Path], lora_only: Optional[bool]
         out.mkdir(parents=True, exist_ok=True)
         full = {k: v.detach().contiguous().clone() for k, v in full.items()}
         if lora_only:
-            from .models.lora import LORA_FILE, to_file_keys
+            from ..models.lora import LORA_FILE, to_file_keys
 
             lora = to_file_keys(full, getattr(adapter, "model_subfolder", None))
             if not lora:

@@ -1,6 +1,6 @@
 """Plan a run at real scale on a CPU: per-GPU memory, FLOPs and time of a recipe on N GPUs, and a verdict.
 
-    python -m fastvideo_grpo.plan --config configs/flux_hps.yaml --gpus 8 [--gpu-mem-gib 80] [--json]
+    python -m fastvideo_grpo.cli.plan --config configs/flux_hps.yaml --gpus 8 [--gpu-mem-gib 80] [--json]
     make plan CONFIG=configs/flux_hps.yaml GPUS=8
 
 The model comes from an architecture file in ``configs/arch/`` (the published diffusers configs, with
@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARCH_DIR = ROOT / "configs" / "arch"
 GIB = 2 ** 30
 #: bf16 dense matrix-product throughput measured on this workplace's H100 and H200 (8192^3, KINDS notes:
@@ -91,8 +91,8 @@ def reduced(arch: Dict) -> Dict:
 def build_adapter(cfg, arch: Dict, dtype: str = "float32", vae_dtype: Optional[torch.dtype] = None):
     """The recipe's adapter around the architecture's modules, built on the current default device (and
     default dtype; ``vae_dtype``: the VAE's, when it differs)."""
-    from .models import ADAPTERS
-    from .models.diffusers_base import component_from_config
+    from ..models import ADAPTERS
+    from ..models.diffusers_base import component_from_config
 
     model = component_from_config(arch["transformer"]["class"], arch["transformer"]["config"])
     prev = torch.get_default_dtype()
@@ -301,7 +301,7 @@ class LivePeak(TorchDispatchMode):
 
 
 def _stored_dtype(cfg) -> torch.dtype:
-    from .dtypes import parse_dtype
+    from ..utils.dtypes import parse_dtype
 
     return parse_dtype(cfg.model.kwargs.get("dtype", "float32"))
 
@@ -387,8 +387,8 @@ def plan(cfg, gpus: int, gpu_mem_gib: float = 80.0, arch_path=None, mfu: float =
          text_len: Optional[int] = None) -> Plan:
     """The per-GPU plan of ``cfg`` on ``gpus`` GPUs (see the module docstring). ``measured``: reuse a
     measurement (activations scale linearly with the batch); ``arch``: an architecture dict instead of a file."""
-    from .distributed.parallel_dims import parallel_dims_from_config
-    from .dtypes import parse_dtype
+    from ..distributed.parallel_dims import parallel_dims_from_config
+    from ..utils.dtypes import parse_dtype
     if arch is None:
         arch = load_arch(arch_path) if arch_path else load_arch(find_arch(cfg))
     dims = parallel_dims_from_config(cfg.parallel, gpus)
@@ -486,8 +486,8 @@ def passes_per_iteration(cfg) -> Dict[str, int]:
     DiffusionNFT's old-policy velocity) and ``backward``. ``trained_steps`` is K = int(tau x the candidate
     steps): the trainable window without the last step (``grpo.trainable_window``), or the MixGRPO /
     Flow-GRPO-Fast window's size."""
-    from .algorithms.objectives import build_objective
-    from .grpo import num_train_steps, trainable_window
+    from ..algorithms.objectives import build_objective
+    from ..algorithms.grpo import num_train_steps, trainable_window
 
     g, s = cfg.grpo, cfg.sampling
     lo, hi = trainable_window(s.num_steps, g.timestep_window, g.train_last_step)
@@ -502,7 +502,7 @@ def passes_per_iteration(cfg) -> Dict[str, int]:
 def _text_len(cfg, adapter=None) -> int:
     """Text tokens per sample: the recipe's max_sequence_length, else the length the family's prompt encoding
     stores (``plan_text_len``, declared in its model file); ValueError for a model that declares none."""
-    from .models import encoding_for
+    from ..models import encoding_for
 
     kw = cfg.model.kwargs
     if kw.get("max_sequence_length"):
@@ -617,7 +617,7 @@ def with_global_batch(cfg, gpus: int, global_prompts: int):
 def table(configs, mfu: float = DEFAULT_MFU) -> str:
     """Markdown: per recipe and setup, the per-GPU peak, the verdict and the projected seconds per iteration,
     at the recipe's global batch (its prompts per rank x the GPUs its header assumes)."""
-    from .config import load_config
+    from ..config import load_config
 
     rows = ["| recipe | architecture | GPUs | prompts / rank | per-GPU peak (GiB) | verdict | s / iteration | "
             "largest phase |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -640,9 +640,9 @@ def table(configs, mfu: float = DEFAULT_MFU) -> str:
 
 
 def main(argv=None) -> Dict:
-    from .config import load_config
+    from ..config import load_config
 
-    ap = argparse.ArgumentParser(prog="python -m fastvideo_grpo.plan", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fastvideo_grpo.cli.plan", description=__doc__.split("\n")[0])
     ap.add_argument("--config", help="recipe YAML")
     ap.add_argument("--gpus", type=int, default=8, help="number of GPUs (the world size)")
     ap.add_argument("--table", nargs="*", metavar="RECIPE",
@@ -678,7 +678,7 @@ def main(argv=None) -> Dict:
 
 
 def cli(argv=None) -> None:
-    from .loop import run_cli
+    from ..training.loop import run_cli
 
     run_cli(main, argv)
 

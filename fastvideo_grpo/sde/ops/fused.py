@@ -21,16 +21,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import rng
+from ...utils import rng
 
-from .reference import (
-    _FLOAT_DTYPES,
-    compute_dtype,
-    ddim_coefficients,
-    flow_coefficients,
-    reference_sde_step,
-    reference_sde_step_backward,
-)
+from .reference import (_FLOAT_DTYPES, compute_dtype, ddim_coefficients, flow_coefficients, reference_sde_step,
+                        reference_sde_step_backward)
 
 __all__ = ["fused_sde_step", "flow_coefficients", "ddim_coefficients", "extension_available", "kernel_supports"]
 

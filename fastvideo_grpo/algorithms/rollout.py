@@ -23,10 +23,11 @@ from typing import List, Optional
 
 import torch
 
-from . import residency, sde
-from .config import ODE_SOLVERS
-from .dtypes import autocast_context
-from .models.base import Cond, PolicyAdapter, index_cond, slice_cond
+from ..utils import residency
+from .. import sde
+from ..config import ODE_SOLVERS
+from ..utils.dtypes import autocast_context
+from ..models.base import Cond, PolicyAdapter, index_cond, slice_cond
 
 
 @dataclass
