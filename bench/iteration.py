@@ -260,10 +260,11 @@ class _PhasePeak:
 
 class _PhaseClock:
     """Times the phases of the real ``Trainer.train_iteration`` by wrapping the functions it calls
-    (``rollout``, ``decode_latents``, ``compute_rewards``, ``update`` in fastvideo_grpo.training.trainer)
-    with clocks, and records each phase's peak memory (``_PhasePeak``) in ``last_peaks``."""
+    (the trainer's ``sampler``; ``decode_latents``, ``compute_rewards``, ``update`` in
+    fastvideo_grpo.training.trainer) with clocks, and records each phase's peak memory (``_PhasePeak``) in
+    ``last_peaks``."""
 
-    PHASES = {"rollout": "rollout_forward", "decode_latents": "decode", "compute_rewards": "reward",
+    PHASES = {"sampler": "rollout_forward", "decode_latents": "decode", "compute_rewards": "reward",
               "update": "train"}
 
     @staticmethod
@@ -272,7 +273,8 @@ class _PhaseClock:
 
         spent = {key: 0.0 for key in _PhaseClock.PHASES.values()}
         peaks = {}
-        originals = {name: getattr(tr, name) for name in _PhaseClock.PHASES}
+        owner = {name: trainer if name == "sampler" else tr for name in _PhaseClock.PHASES}
+        originals = {name: getattr(owner[name], name) for name in _PhaseClock.PHASES}
         dev = trainer.adapter.device
 
         def timed(key, fn):
@@ -291,7 +293,7 @@ class _PhaseClock:
             return wrapper
 
         for name, key in _PhaseClock.PHASES.items():
-            setattr(tr, name, timed(key, originals[name]))
+            setattr(owner[name], name, timed(key, originals[name]))
         try:
             _sync(dev)
             w0, c0 = time.perf_counter(), clock()
@@ -300,7 +302,7 @@ class _PhaseClock:
             total, wall = clock() - c0, time.perf_counter() - w0
         finally:
             for name, fn in originals.items():
-                setattr(tr, name, fn)
+                setattr(owner[name], name, fn)
         _PhaseClock.last_metrics = metrics
         _PhaseClock.last_peaks = peaks
         # rollout = everything before the rewards (prompt batch, timestep subsets, sampling, decode)

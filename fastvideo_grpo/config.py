@@ -70,6 +70,7 @@ class SamplingConfig:
     # solver of the deterministic (eta 0) rollout steps: "euler" or "dpmpp_2m" (DPM-Solver++(2M), flow models
     # only; MixGRPO-Flash). Stochastic steps and evaluation always use the SDE / Euler steps
     ode_solver: str = "euler"
+    rollout: str = "sde"  # registered rollout sampler (algorithms/samplers.py): "sde" = DanceGRPO's
 
     def validate(self, where: str = "sampling") -> None:
         _require(self.num_steps >= 1, f"{where}.num_steps must be >= 1")
@@ -93,7 +94,7 @@ class SamplingConfig:
 class SDEWindowConfig:
     """A window of ``size`` consecutive steps, changing with the iteration, that alone is sampled with the SDE
     and trained (eta 0 outside it); it lies inside the trainable steps (grpo.timestep_window without the last
-    step). See fastvideo_grpo/sde_window.py and docs/algorithms.md."""
+    step). See fastvideo_grpo/algorithms/sde_window.py and docs/algorithms.md."""
 
     mode: str = "off"  # "off" (static), "sliding" (MixGRPO) or "random" (Flow-GRPO-Fast: new position each iteration)
     size: int = 4  # W: steps in the window (MixGRPO: 4; Flow-GRPO-Fast: 1 or 2)

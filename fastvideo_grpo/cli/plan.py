@@ -480,13 +480,14 @@ def plan(cfg, gpus: int, gpu_mem_gib: float = 80.0, arch_path=None, mfu: float =
 
 
 def passes_per_iteration(cfg) -> Dict[str, int]:
-    """Model passes per rank and iteration, per sample, as the trainer counts them (fastvideo_grpo/passes.py):
+    """Model passes per rank and iteration, per sample, as the trainer counts them (fastvideo_grpo/algorithms/passes.py):
     ``forward_rollout`` (every sampling step of every sample), ``forward_update`` (each trained step once,
     plus the objective's ``extra_forwards_per_trained_step``: the reference model of the KL term,
     DiffusionNFT's old-policy velocity) and ``backward``. ``trained_steps`` is K = int(tau x the candidate
     steps): the trainable window without the last step (``grpo.trainable_window``), or the MixGRPO /
     Flow-GRPO-Fast window's size."""
     from ..algorithms.objectives import build_objective
+    from ..algorithms.samplers import ROLLOUTS
     from ..algorithms.grpo import num_train_steps, trainable_window
 
     g, s = cfg.grpo, cfg.sampling
@@ -495,7 +496,8 @@ def passes_per_iteration(cfg) -> Dict[str, int]:
     samples = g.prompts_per_iteration * g.group_size
     trained = g.prompts_per_iteration * 2 * g.best_of_n_k if g.best_of_n_k else samples
     extra = build_objective(cfg).extra_forwards_per_trained_step
-    return {"trained_steps": K, "forward_rollout": samples * s.num_steps, "forward_update": trained * K * (1 + extra),
+    rollout = ROLLOUTS.build(s.rollout).forwards_per_sample(s.num_steps)
+    return {"trained_steps": K, "forward_rollout": samples * rollout, "forward_update": trained * K * (1 + extra),
             "backward": trained * K}
 
 

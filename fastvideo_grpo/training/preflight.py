@@ -20,11 +20,15 @@ def preflight(cfg: RunConfig) -> dict:
 
     Returns the loaded (file-checked) training manifest.
     """
+    from ..algorithms.advantages import build_estimator
     from ..algorithms.objectives import build_objective
+    from ..algorithms.samplers import ROLLOUTS
     from ..models import ADAPTERS
     from ..rewards import REWARDS
 
     build_objective(cfg)  # the objective and its options, against the sampling settings (ValueError)
+    build_estimator(cfg)  # grpo.advantage names a registered estimator
+    ROLLOUTS.get(cfg.sampling.rollout)  # sampling.rollout names a registered sampler
     problems: List[str] = []
     # unknown adapter or key -> ValueError listing the known ones
     paths = ADAPTERS.check_kwargs(cfg.model.name, {k: v for k, v in cfg.model.kwargs.items() if k != "device"},

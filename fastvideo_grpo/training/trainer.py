@@ -41,7 +41,8 @@ from .ema import WeightEMA
 from ..data.prompt_source import PromptSource
 from ..models.base import PolicyAdapter
 from ..rewards.base import RewardFn, compute_rewards
-from ..algorithms.rollout import check_ode_solver, decode_latents, rollout, sampling_memory
+from ..algorithms.rollout import check_ode_solver, decode_latents, sampling_memory
+from ..algorithms.samplers import ROLLOUTS
 from .optim import apply_optim_config, build_lr_scheduler, build_optimizer
 
 
@@ -114,7 +115,7 @@ class Trainer:
         self.prompts = prompt_source
         self.objective = build_objective(cfg)
         self.estimator = build_estimator(cfg)
-        self.update_settings = UpdateSettings.from_config(cfg)
+        self.sampler = ROLLOUTS.build(cfg.sampling.rollout)
         if self.objective.needs_reference and ref_adapter is None:
             ref_adapter = frozen_reference(adapter)
         self.ref_adapter = ref_adapter if self.objective.needs_reference else None
@@ -203,9 +204,9 @@ class Trainer:
         self.adapter.trainable_module().eval()
         m = self.memory
         with self.passes.phase("rollout"):
-            traj = rollout(self.adapter, schedule, prompts, cond, g.group_size, keep, self.generator,
-                           shared_noise=g.shared_noise, autocast_dtype=self.autocast_dtype, decode=False,
-                           rollout_batch_size=m["rollout_batch_size"], ode_solver=cfg.sampling.ode_solver)
+            traj = self.sampler(self.adapter, schedule, prompts, cond, g.group_size, keep, self.generator,
+                                shared_noise=g.shared_noise, autocast_dtype=self.autocast_dtype,
+                                rollout_batch_size=m["rollout_batch_size"], ode_solver=cfg.sampling.ode_solver)
         t_dec = time.perf_counter()
         traj.decoded = decode_latents(self.adapter, traj.final_latents, m["decode_batch_size"], m["offload_vae"])
         t1 = time.perf_counter()
@@ -233,7 +234,8 @@ class Trainer:
                           "a prompt apart (thresholded too high or low, saturated) gives no signal", stacklevel=2)
         batch = TrainBatch(self.adapter, schedule, traj, adv, autocast_dtype=self.autocast_dtype,
                            reference=self.ref_adapter, generator=self.generator)
-        stats = update(self.objective, batch, self.optimizer, self.update_settings, self.lr_scheduler)
+        # the settings are read from the config at every iteration (a caller may change them between iterations)
+        stats = update(self.objective, batch, self.optimizer, UpdateSettings.from_config(cfg), self.lr_scheduler)
         t3 = time.perf_counter()
         self.iteration += 1
         return self._metrics(rewards, stats, adv, zero_groups, window, B, (t0, t_dec, t1, t2, t3))

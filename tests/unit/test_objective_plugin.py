@@ -1,5 +1,6 @@
-"""A new objective and a new advantage estimator are each one file: both are defined and registered here, in
-this test only, and trained through the unchanged trainer, update driver, config checks and planner.
+"""A new objective, advantage estimator and rollout sampler are each one file: all three are defined and
+registered here, in this test only, and run through the unchanged trainer, update driver, config checks and
+planner.
 
 The objective is an advantage-weighted velocity penalty, L = scale * mean_b(A_b * mean(u_theta(z_t)^2)) over
 the kept transitions: no log-probs, so a deterministic (eta 0) sampler is allowed. Independent references:
@@ -15,6 +16,7 @@ import torch
 
 from fastvideo_grpo.algorithms.advantages import ADVANTAGES, AdvantageEstimator
 from fastvideo_grpo.algorithms.objectives import OBJECTIVES, Objective, TrainBatch, build_objective
+from fastvideo_grpo.algorithms.samplers import ROLLOUTS, RolloutSampler, SDERollout
 from fastvideo_grpo.algorithms.update import UpdateSettings, update
 from fastvideo_grpo.config import load_config
 from fastvideo_grpo.data.prompt_source import PromptSource
@@ -45,6 +47,22 @@ class CentredRank(AdvantageEstimator):
         r = rewards_B.reshape(-1, group_size)
         ranks = r.argsort(dim=1).argsort(dim=1).float()
         return (ranks - (group_size - 1) / 2).reshape(-1)
+
+
+@ROLLOUTS.register("test_second_of_two")
+class SecondOfTwo(RolloutSampler):
+    """Two SDE rollouts per call, keeping the second (the first only advances the noise stream): twice the
+    forwards, which it declares for the planner."""
+
+    calls = 0
+
+    def forwards_per_sample(self, num_steps):
+        return 2 * num_steps
+
+    def __call__(self, *args, **kwargs):
+        SecondOfTwo.calls += 1
+        SDERollout()(*args, **kwargs)
+        return SDERollout()(*args, **kwargs)
 
 
 CFG = ["--sampling.num_steps=4", "--sampling.eta=0.0", "--grpo.shared_noise=false", "--grpo.tau=1.0",
@@ -135,3 +153,23 @@ def test_options_and_declarations_are_checked_by_the_builder():
         build_objective(load_config(None, CFG + ["--grpo.shared_noise=true"]))
     with pytest.raises(ValueError, match="kl_coef"):  # it keeps no reference
         build_objective(load_config(None, CFG + ["--grpo.kl_coef=0.1"]))
+
+
+def test_a_registered_rollout_sampler_is_used_and_planned():
+    from fastvideo_grpo.rewards import rules  # noqa: F401  (registers the toy rewards)
+    from fastvideo_grpo.rewards.build import build_reward_fns
+    from fastvideo_grpo.toy.shapes import split_prompts
+
+    cfg = load_config(None, ["--sampling.num_steps=3", "--sampling.eta=0.7", "--grpo.group_size=2",
+                             "--grpo.prompts_per_iteration=2", "--sampling.rollout=test_second_of_two",
+                             "--rewards=[{name: toy_colour_fidelity}]"])
+    ad = tiny_toy_adapter()
+    fns, weights = build_reward_fns(cfg.rewards)
+    prompts, _ = split_prompts(seed=0)
+    trainer = Trainer(cfg, ad, fns, weights, PromptSource(prompts, ad.encode_prompts, seed=1))
+    m = trainer.train_iteration()
+    assert SecondOfTwo.calls == 1 and m["passes/forward_rollout"] == 2 * 4 * 3
+    assert passes_per_iteration(cfg)["forward_rollout"] == m["passes/forward_rollout"]
+    with pytest.raises(ValueError, match="unknown rollout sampler.*sde"):
+        Trainer(load_config(None, ["--sampling.rollout=tree"]), ad, fns, weights,
+                PromptSource(prompts, ad.encode_prompts, seed=1))
