@@ -3,7 +3,7 @@
 Each algorithm is the demo config (configs/toy_cpu.yaml) plus the overrides in ``ALGORITHMS``
 (docs/algorithms.md explains the options), trained from the same cached pretrained toy model for every
 seed. Compute is counted, not assumed: the trainer records each iteration's model passes
-(``passes/forward`` and ``passes/backward``, per sample; fastvideo_grpo/passes.py). A one-iteration
+(``passes/forward`` and ``passes/backward``, per sample; fastvideo_grpo/algorithms/passes.py). A one-iteration
 calibration run per algorithm measures its passes per iteration; every algorithm then gets the same
 budget of forward + backward passes (``--iterations`` iterations of the first algorithm named), i.e.
 ``round(budget / passes per iteration)`` iterations, and is evaluated ``--evals`` times on the way.

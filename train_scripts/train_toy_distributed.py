@@ -12,7 +12,7 @@ Sequence parallel (both ranks share each sample's tokens):
     torchrun --nproc_per_node=2 train_scripts/train_toy_distributed.py --config configs/toy_cpu.yaml --parallel.sp=2
 
 grpo.prompts_per_iteration is per data-parallel rank. The same loop as every other entry point
-(fastvideo_grpo/runner.py): metrics.jsonl, config.yaml, held-out evaluations, checkpoints/step_N/ +
+(fastvideo_grpo/training/runner.py): metrics.jsonl, config.yaml, held-out evaluations, checkpoints/step_N/ +
 checkpoints/latest and export/ under train.output_dir.
 """
 

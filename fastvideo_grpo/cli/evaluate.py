@@ -1,8 +1,8 @@
-"""``python -m fastvideo_grpo.training.evaluate``: ODE-sampler evaluation of checkpoints on held-out prompts.
+"""``python -m fastvideo_grpo.cli.evaluate``: ODE-sampler evaluation of checkpoints on held-out prompts.
 
-    python -m fastvideo_grpo.training.evaluate outputs/sd_hps/export --out outputs/sd_hps/eval_final
-    python -m fastvideo_grpo.training.evaluate --compare base outputs/sd_hps/export           # side by side
-    python -m fastvideo_grpo.training.evaluate outputs/sd_hps/checkpoints/step_00000100 \\
+    python -m fastvideo_grpo.cli.evaluate outputs/sd_hps/export --out outputs/sd_hps/eval_final
+    python -m fastvideo_grpo.cli.evaluate --compare base outputs/sd_hps/export           # side by side
+    python -m fastvideo_grpo.cli.evaluate outputs/sd_hps/checkpoints/step_00000100 \\
         --rewards='[{name: hps, kwargs: {model_path: ckpts/hps_v2.1_hf}}, {key: clip, name: clip_score,
                     kwargs: {model_path: ckpts/clip-vit-h-14}}, {name: pickscore, kwargs: {model_path: ckpts/pickscore}}]'
 
@@ -144,7 +144,7 @@ def markdown_table(rows: Sequence[Dict], keys: Sequence[str], compare: bool = Fa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastvideo_grpo.training.evaluate", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m fastvideo_grpo.cli.evaluate", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Other --section.field=value arguments override the config.")
     p.add_argument("checkpoints", nargs="*", help="checkpoints to evaluate ('base', export, step folder, run folder)")
@@ -272,3 +272,7 @@ def cli(argv=None) -> None:
     from ..training.loop import run_cli
 
     run_cli(main, argv)
+
+
+if __name__ == "__main__":
+    cli()

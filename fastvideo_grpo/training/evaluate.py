@@ -3,7 +3,7 @@
 ``evaluate_policy`` evaluates prompts in one process; ``distributed_evaluate`` splits fixed batches over
 data-parallel ranks (what the training loop and the evaluation CLI call). Fixed seeds make "before" and
 "after" comparable sample by sample (same initial noise per prompt and sample index).
-``python -m fastvideo_grpo.training.evaluate`` is the command line (evaluate_cli.py).
+``python -m fastvideo_grpo.cli.evaluate`` is the command line (cli/evaluate.py).
 """
 
 from __future__ import annotations
@@ -163,8 +163,3 @@ def frames_for_grid(images: torch.Tensor, max_frames: int) -> Tuple[torch.Tensor
     strips = images[:, idx]
     return strips.reshape(-1, *strips.shape[2:]), f
 
-
-if __name__ == "__main__":  # python -m fastvideo_grpo.training.evaluate: the command line (evaluate_cli.py)
-    from ..cli.evaluate import cli
-
-    cli()
