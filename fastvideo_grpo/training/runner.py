@@ -9,7 +9,7 @@ resume (``train.resume``) -> the output folder (one run at a time: a lock; a use
 standard components (EMA update, NaN guard, evaluator, sample writer, logger, checkpointer, exporter) plus
 any the caller adds -> ``fit`` -> summary.json -> barrier + destroy_process_group.
 
-Used by ``train.py`` (real models, precomputed embeddings), ``toy/demo.py`` (the CPU demo) and
+Used by ``cli/train.py`` (real models, precomputed embeddings), ``cli/demo.py`` (the CPU demo) and
 ``train_scripts/train_toy_distributed.py``.
 """
 

@@ -70,7 +70,7 @@ def frozen_reference(adapter: PolicyAdapter) -> PolicyAdapter:
 
 def build_schedule(cfg: RunConfig, adapter: PolicyAdapter, objective=None):
     """The adapter's sampling schedule for ``cfg.sampling``, with the last step made deterministic when
-    ``sampling.deterministic_last_step`` says so (null: the schedule's own default, see sde.py).
+    ``sampling.deterministic_last_step`` says so (null: the schedule's own default, see sde/).
 
     ValueError when a step that training may pick (``grpo.trainable_window``) has eta = 0 and the objective
     (default: the config's) needs log-probs: its transition is a point mass, with no log-prob to train."""

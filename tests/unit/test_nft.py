@@ -1,5 +1,5 @@
-"""DiffusionNFT (algorithms/objectives/diffusion_nft.py): the loss against a hand-computed case and its closed-form minimiser, and the
-update through the trainer with a deterministic (ODE) sampler -- no log-probs needed."""
+"""DiffusionNFT (algorithms/objectives/diffusion_nft.py): the loss against a hand-computed case and its closed-form
+minimiser, and the update through the trainer with a deterministic (ODE) sampler -- no log-probs needed."""
 
 import pytest
 import torch
