@@ -50,7 +50,7 @@ gpu-check: $(STAMP)
 CONFIG ?= configs/flux_hps.yaml
 GPUS ?= 8
 plan: $(STAMP)
-	$(PY) -m fastvideo_grpo.plan --config $(CONFIG) --gpus $(GPUS)
+	$(PY) -m fastvideo_grpo.cli.plan --config $(CONFIG) --gpus $(GPUS)
 
 clean-venv:
 	rm -rf $(VENV)

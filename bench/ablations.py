@@ -15,7 +15,7 @@ from typing import List
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from toy_runs import config_tag, load_results, run_variant, save_results  # noqa: E402
-from fastvideo_grpo.io import atomic_write_text  # noqa: E402
+from fastvideo_grpo.utils.io import atomic_write_text  # noqa: E402
 
 
 def _early_sde(eta: float) -> List[str]:

@@ -1,7 +1,7 @@
 """The planner's projection of every algorithm recipe (configs/algorithms/) next to its DanceGRPO base recipe.
 
 For each model (FLUX, HunyuanVideo) the base recipe is measured once under fake tensors by
-``fastvideo_grpo.plan`` and the measurement is reused for its algorithm recipes (they change the sampler and
+``fastvideo_grpo.cli.plan`` and the measurement is reused for its algorithm recipes (they change the sampler and
 the update, not the model, resolution or micro-batches; activations are rescaled to the batch). Every recipe
 is planned on the setup its header assumes (32 GPUs x 80 GB). Prints JSON and, with ``--write``, replaces the
 table between the markers in docs/algorithms.md.
@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fastvideo_grpo.config import load_config  # noqa: E402
-from fastvideo_grpo.io import atomic_write_text  # noqa: E402
-from fastvideo_grpo.plan import DEFAULT_MFU, plan  # noqa: E402
+from fastvideo_grpo.utils.io import atomic_write_text  # noqa: E402
+from fastvideo_grpo.cli.plan import DEFAULT_MFU, plan  # noqa: E402
 
 MODELS = {"flux": "configs/flux_hps.yaml", "hunyuan": "configs/hunyuan_t2v_videoalign.yaml"}
 ALGORITHMS = ["mixgrpo", "mixgrpo_flash", "flow_grpo", "flow_grpo_fast", "diffusion_nft"]
@@ -58,7 +58,7 @@ def table(rs, gpus: int, gpu_mem_gib: float, mfu: float) -> str:
                      f"{r['peak_gib']:.1f}{'' if r['fits'] else ' (does not fit)'} | {r['s_per_iteration_h100']:.0f} | "
                      f"{r['relative_to_base']:.2f}x |")
     lines.append("")
-    lines.append(f"Planned by `fastvideo_grpo.plan` on {gpus} GPUs x {gpu_mem_gib:.0f} GB at MFU {mfu} "
+    lines.append(f"Planned by `fastvideo_grpo.cli.plan` on {gpus} GPUs x {gpu_mem_gib:.0f} GB at MFU {mfu} "
                  "(FLOPs / (790 TFLOP/s x MFU); a backward is priced at 2 forwards plus the recomputation of "
                  "activation checkpointing; reward models, evaluation and communication not modelled).")
     return "\n".join(lines) + "\n"

@@ -3,7 +3,7 @@
 Each algorithm is the demo config (configs/toy_cpu.yaml) plus the overrides in ``ALGORITHMS``
 (docs/algorithms.md explains the options), trained from the same cached pretrained toy model for every
 seed. Compute is counted, not assumed: the trainer records each iteration's model passes
-(``passes/forward`` and ``passes/backward``, per sample; fastvideo_grpo/passes.py). A one-iteration
+(``passes/forward`` and ``passes/backward``, per sample; fastvideo_grpo/algorithms/passes.py). A one-iteration
 calibration run per algorithm measures its passes per iteration; every algorithm then gets the same
 budget of forward + backward passes (``--iterations`` iterations of the first algorithm named), i.e.
 ``round(budget / passes per iteration)`` iterations, and is evaluated ``--evals`` times on the way.
@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ablations import VARIANTS  # noqa: E402
 from toy_runs import config_tag, load_results, mean, run_variant, save_results  # noqa: E402
-from fastvideo_grpo.io import atomic_path, atomic_write_json, atomic_write_text  # noqa: E402
-from fastvideo_grpo.metrics import read_jsonl  # noqa: E402
+from fastvideo_grpo.utils.io import atomic_path, atomic_write_json, atomic_write_text  # noqa: E402
+from fastvideo_grpo.training.metrics import read_jsonl  # noqa: E402
 
 _ODE = ["--sampling.eta_schedule=null"]  # the demo's per-step eta off; the algorithm sets its own
 # name -> (settings in words, overrides of the demo config)

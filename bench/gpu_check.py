@@ -128,8 +128,8 @@ def check_extension_build(ctx):
         out["build_log_tail"] = (p.stdout + p.stderr)[-1500:]
         if p.returncode != 0:
             raise RuntimeError(f"setup.py build_ext failed (exit {p.returncode}): {out['build_log_tail']}")
-    from fastvideo_grpo.ops import extension_available, kernel_supports
-    from fastvideo_grpo.ops import fused
+    from fastvideo_grpo.sde.ops import extension_available, kernel_supports
+    from fastvideo_grpo.sde.ops import fused
 
     out["extension_loaded"] = extension_available()
     out["has_cuda_kernel"] = bool(extension_available() and fused._C.has_cuda())
@@ -160,8 +160,8 @@ def _err(a, b):
 
 
 def check_kernel_correctness(ctx):
-    from fastvideo_grpo.ops import flow_coefficients, fused_sde_step, kernel_supports
-    from fastvideo_grpo.ops.reference import reference_sde_step
+    from fastvideo_grpo.sde.ops import flow_coefficients, fused_sde_step, kernel_supports
+    from fastvideo_grpo.sde.ops.reference import reference_sde_step
 
     dev = ctx["device"]
     if not kernel_supports(torch.empty(0, device=dev)):
@@ -216,7 +216,7 @@ def _table_path_identical(dev, g):
     """The schedules' hot path (a CPU coefficient table looked up by step index; on a GPU the rows travel by
     value, by a device copy beyond 64 samples, or are gathered on the device for a device index) gives
     bit-identical results to the per-sample path with the same coefficients (same float32 values)."""
-    from fastvideo_grpo.ops import flow_coefficient_table, fused_sde_step, sde_step_at
+    from fastvideo_grpo.sde.ops import flow_coefficient_table, fused_sde_step, sde_step_at
     from fastvideo_grpo.sde import FlowSchedule
 
     sched = FlowSchedule.create(16, eta=0.7, shift=3.0)
@@ -241,7 +241,7 @@ def _table_path_identical(dev, g):
 
 def check_attention_backends(ctx):
     from fastvideo_grpo.distributed.fsdp import set_attention_backend
-    from fastvideo_grpo.rollout import autocast_context
+    from fastvideo_grpo.utils.dtypes import autocast_context
 
     dev = ctx["device"]
     backends = ["native", "_native_math"] if ctx["dry"] else ["native", "_native_flash", "_native_efficient", "flash"]
@@ -314,9 +314,9 @@ def _probe_model(device, tiny=False):
 
 def run_probe(variant, ctx):
     """One forward + backward + clip + AdamW step of the 1.1B model in one configuration."""
-    from fastvideo_grpo.rollout import autocast_context
+    from fastvideo_grpo.utils.dtypes import autocast_context
 
-    from fastvideo_grpo.cuda_settings import configure_attention
+    from fastvideo_grpo.utils.cuda_settings import configure_attention
 
     dev = ctx["device"]
     configure_attention(variant.endswith("cudnn"))
@@ -421,7 +421,7 @@ def _grpo_case(ctx, key):
     res["phase_peak_mem_mib_chunked"] = dict(it._PhaseClock.last_peaks, rollout_batch_size=mb or 1,
                                              decode_batch_size=1)
     res["backend"] = ctx.get("backend")
-    try:  # the real-scale planner's estimate of this run's peak (python -m fastvideo_grpo.plan)
+    try:  # the real-scale planner's estimate of this run's peak (python -m fastvideo_grpo.cli.plan)
         planned = it.plan_case(it.CASES[name], 141.0).memory_gib["peak"]
         res["planned_peak_gib"] = planned
         res["planned_over_measured_peak"] = planned / (res["peak_mem_mib"] / 1024)
@@ -485,7 +485,7 @@ def check_learning(ctx):
     comparison, free of the iteration-to-iteration noise of the training curve)."""
     import iteration as it
 
-    from fastvideo_grpo.evaluate import evaluate_policy
+    from fastvideo_grpo.training.evaluate import evaluate_policy
 
     _ensure_process_group(ctx)
     n = ctx["iterations"]
@@ -539,7 +539,7 @@ def _small_trainer(ctx, tmp, extra=()):
 def check_checkpoint_dcp(ctx):
     from torch.distributed.tensor import DTensor
 
-    from fastvideo_grpo.checkpoint import load_trainer_checkpoint, save_trainer_checkpoint
+    from fastvideo_grpo.training.checkpoint import load_trainer_checkpoint, save_trainer_checkpoint
 
     _ensure_process_group(ctx)
     with tempfile.TemporaryDirectory() as tmp:
@@ -669,7 +669,7 @@ def main(argv=None):
            "iterations": args.iterations or 20, "fsdp_ok": args.fsdp == "on"}
     if args.dry_run:
         torch.set_num_threads(1)
-    from fastvideo_grpo.io import atomic_write_json
+    from fastvideo_grpo.utils.io import atomic_write_json
 
     if args.child or args.probe:  # a child process: one check (or probe), its entry to --child-out
         if args.probe:

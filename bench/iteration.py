@@ -4,8 +4,8 @@ For each case (a random-init diffusers FLUX-like or HunyuanVideo-like transforme
 temporary folder and loaded through the real adapter), in a fresh subprocess (so peak RSS is per
 case), with interleaved repetitions and medians:
 
-* one ``GRPOTrainer.train_iteration`` split into rollout (SDE sampling + VAE decode), reward (a cheap
-  registered ``bench_mean_brightness`` reward) and training (``grpo_update``);
+* one ``Trainer.train_iteration`` split into rollout (SDE sampling + VAE decode), reward (a cheap
+  registered ``bench_mean_brightness`` reward) and training (``update``, the objective's update);
 * the bare model work of that iteration in plain loops with no GRPO code: T no-grad transformer
   forwards at the rollout batch, the VAE decode of the final latents (counted in the bare rollout
   time and also reported alone as ``bare_decode_s``), and K * (row chunks) forward + backward passes
@@ -99,7 +99,7 @@ def vae_arch(family: str, latent_channels: int = 4, width: int = 8, levels: int 
 
 
 def case_arch(case: dict) -> dict:
-    """The case's architecture in the planner's format (``fastvideo_grpo.plan``): diffusers class names and
+    """The case's architecture in the planner's format (``fastvideo_grpo.cli.plan``): diffusers class names and
     configs of the transformer and the (narrow) VAE, and the repeated-block lists."""
     hd = case["head_dim"]
     lc, vw, levels = case.get("latent_channels", 4), case.get("vae_width", 8), case.get("vae_levels", 2)
@@ -259,20 +259,22 @@ class _PhasePeak:
 
 
 class _PhaseClock:
-    """Times the phases of the real ``GRPOTrainer.train_iteration`` by wrapping the functions it calls
-    (``rollout``, ``decode_latents``, ``compute_rewards``, ``grpo_update`` in fastvideo_grpo.trainer)
-    with clocks, and records each phase's peak memory (``_PhasePeak``) in ``last_peaks``."""
+    """Times the phases of the real ``Trainer.train_iteration`` by wrapping the functions it calls
+    (the trainer's ``sampler``; ``decode_latents``, ``compute_rewards``, ``update`` in
+    fastvideo_grpo.training.trainer) with clocks, and records each phase's peak memory (``_PhasePeak``) in
+    ``last_peaks``."""
 
-    PHASES = {"rollout": "rollout_forward", "decode_latents": "decode", "compute_rewards": "reward",
-              "grpo_update": "train"}
+    PHASES = {"sampler": "rollout_forward", "decode_latents": "decode", "compute_rewards": "reward",
+              "update": "train"}
 
     @staticmethod
     def run(trainer) -> dict:
-        import fastvideo_grpo.trainer as tr
+        import fastvideo_grpo.training.trainer as tr
 
         spent = {key: 0.0 for key in _PhaseClock.PHASES.values()}
         peaks = {}
-        originals = {name: getattr(tr, name) for name in _PhaseClock.PHASES}
+        owner = {name: trainer if name == "sampler" else tr for name in _PhaseClock.PHASES}
+        originals = {name: getattr(owner[name], name) for name in _PhaseClock.PHASES}
         dev = trainer.adapter.device
 
         def timed(key, fn):
@@ -291,7 +293,7 @@ class _PhaseClock:
             return wrapper
 
         for name, key in _PhaseClock.PHASES.items():
-            setattr(tr, name, timed(key, originals[name]))
+            setattr(owner[name], name, timed(key, originals[name]))
         try:
             _sync(dev)
             w0, c0 = time.perf_counter(), clock()
@@ -300,7 +302,7 @@ class _PhaseClock:
             total, wall = clock() - c0, time.perf_counter() - w0
         finally:
             for name, fn in originals.items():
-                setattr(tr, name, fn)
+                setattr(owner[name], name, fn)
         _PhaseClock.last_metrics = metrics
         _PhaseClock.last_peaks = peaks
         # rollout = everything before the rewards (prompt batch, timestep subsets, sampling, decode)
@@ -318,7 +320,7 @@ def _sync(device):
 
 def bare_rollout(adapter, kw, num_steps, z, autocast_dtype=None):
     """num_steps no-grad transformer forwards + one VAE decode; returns (total_s, decode_s)."""
-    from fastvideo_grpo.rollout import autocast_context
+    from fastvideo_grpo.utils.dtypes import autocast_context
 
     model, dev = adapter.model, z.device
     model.eval()
@@ -339,12 +341,12 @@ def bare_rollout(adapter, kw, num_steps, z, autocast_dtype=None):
 def bare_train(adapter, kw, num_passes, num_optim_steps, optimizer, autocast_dtype=None):
     """num_passes forward+backward passes + num_optim_steps optimiser updates (gradient clipping + AdamW
     step, what any fine-tuning loop does); returns (total_s, optim_s)."""
-    from fastvideo_grpo.rollout import autocast_context
+    from fastvideo_grpo.utils.dtypes import autocast_context
 
     model = adapter.model
     model.train()
     dev = kw["hidden_states"].device
-    from fastvideo_grpo.grpo import update_chunks
+    from fastvideo_grpo.algorithms.grpo import update_chunks
 
     per_chunk = [len(r) for r in update_chunks(1, num_passes, 0, num_optim_steps)[1]]
     optim_s = 0.0
@@ -417,8 +419,8 @@ def case_overrides(case: dict, fsdp: bool = False) -> list:
 
 
 def plan_case(case: dict, gpu_mem_gib: float = 80.0):
-    """The planner's estimate (``fastvideo_grpo.plan``) for one GPU running ``case`` (full fine-tuning, FSDP2)."""
-    from fastvideo_grpo import plan as P
+    """The planner's estimate (``fastvideo_grpo.cli.plan``) for one GPU running ``case`` (full fine-tuning, FSDP2)."""
+    from fastvideo_grpo.cli import plan as P
     from fastvideo_grpo.config import load_config
 
     register_reward()
@@ -428,7 +430,7 @@ def plan_case(case: dict, gpu_mem_gib: float = 80.0):
 
 
 def make_trainer(case: dict, root: Path, overrides=(), adapter_kwargs=None, device="cpu", fsdp=False):
-    """GRPOTrainer over a random-init model of ``case`` written to ``root`` and loaded by the real adapter.
+    """A Trainer over a random-init model of ``case`` written to ``root`` and loaded by the real adapter.
 
     ``fsdp``: shard the transformer with FSDP2 over a one-rank mesh (``parallel.fsdp_one_process``;
     needs an initialised one-process group): on CUDA that is bf16 compute over fp32 master weights,
@@ -439,7 +441,7 @@ def make_trainer(case: dict, root: Path, overrides=(), adapter_kwargs=None, devi
     from fastvideo_grpo.models import ADAPTERS
     from fastvideo_grpo.data.prompt_source import PromptSource
     from fastvideo_grpo.rewards.build import build_reward_fns
-    from fastvideo_grpo.trainer import GRPOTrainer
+    from fastvideo_grpo.training.trainer import Trainer
 
     register_reward()
     kw = build_folder(case, root, device)
@@ -453,7 +455,7 @@ def make_trainer(case: dict, root: Path, overrides=(), adapter_kwargs=None, devi
     fns, weights = build_reward_fns(cfg.rewards)
     prompts = [f"prompt_{i}" for i in range(64)]
     encode = random_encoder(adapter, case.get("text_len", TEXT_LEN))
-    trainer = GRPOTrainer(cfg, adapter, fns, weights, PromptSource(prompts, encode, seed=0))
+    trainer = Trainer(cfg, adapter, fns, weights, PromptSource(prompts, encode, seed=0))
     return trainer, cfg
 
 
@@ -486,7 +488,7 @@ def run_case(name: str, reps: int, overrides=(), adapter_kwargs=None, device="cp
     g = cfg.grpo
     B = g.prompts_per_iteration * g.group_size
     T = trainer.schedule.num_steps
-    from fastvideo_grpo.grpo import num_train_steps, trainable_window
+    from fastvideo_grpo.algorithms.grpo import num_train_steps, trainable_window
 
     lo, hi = trainable_window(T, g.timestep_window, g.train_last_step)
 

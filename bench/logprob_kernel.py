@@ -1,4 +1,4 @@
-"""Benchmark: eager SDE-step log-prob (research-code formula) vs the fused kernel (fastvideo_grpo.ops).
+"""Benchmark: eager SDE-step log-prob (research-code formula) vs the fused kernel (fastvideo_grpo.sde.ops).
 
 Times, on the same inputs in one run, the flow-matching re-scoring step as research code writes it
 (x_hat, score, mean, Gaussian log-prob, mean over dims: ~15 elementwise passes) against the fused op
@@ -26,9 +26,9 @@ import time
 
 import torch
 
-from fastvideo_grpo.ops import (extension_available, flow_coefficient_table, flow_coefficients, fused_sde_step,
+from fastvideo_grpo.sde.ops import (extension_available, flow_coefficient_table, flow_coefficients, fused_sde_step,
                                 kernel_supports, sde_step_at)
-from fastvideo_grpo.threads import set_num_threads
+from fastvideo_grpo.utils.threads import set_num_threads
 
 SHAPES = {"flux_1024px": (16, 128, 128), "hunyuan_480p_53f": (16, 14, 60, 60)}
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)

@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from fastvideo_grpo.rewards import REWARDS  # noqa: E402
-from fastvideo_grpo.rewards.remote import RewardClient  # noqa: E402
+from fastvideo_grpo.rewards.serving.remote import RewardClient  # noqa: E402
 
 
 def bench_mean(images, prompts, **metadata):
@@ -133,7 +133,7 @@ def _percentile(values, q):
 def start_server(token: str, args) -> tuple:
     env = dict(os.environ, FVG_REWARD_TOKEN=token,
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "fastvideo_grpo.rewards.server", "--import", "reward_server_load",
+    cmd = [sys.executable, "-m", "fastvideo_grpo.rewards.serving.server", "--import", "reward_server_load",
            "--reward", "bench_mean", "--host", "127.0.0.1", "--port", "0", "--threads", str(args.server_threads),
            "--max-batch", str(args.batch), "--max-queue", str(max(16, args.clients)),
            "--max-connections", str(args.max_connections), "--max-connections-per-peer", str(args.max_connections),

@@ -17,8 +17,8 @@ from typing import Dict, List, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastvideo_grpo.config import RunConfig, load_config, to_dict  # noqa: E402
-from fastvideo_grpo.io import atomic_write_json  # noqa: E402
-from fastvideo_grpo.toy.demo import run_demo  # noqa: E402
+from fastvideo_grpo.utils.io import atomic_write_json  # noqa: E402
+from fastvideo_grpo.cli.demo import run_demo  # noqa: E402
 
 
 def config_tag(config: str, *settings) -> str:

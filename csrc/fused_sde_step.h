@@ -3,7 +3,7 @@
 // One stochastic sampler step whose mean is affine in the sample z and the model output u,
 //     mean = A_b * z + C_b * u,   prev = mean + std_b * noise   (rollout)
 // or re-scoring a stored prev, together with the per-sample log-density of prev under
-// N(mean, std_b^2 I) averaged over the non-batch elements (see fastvideo_grpo/ops/reference.py).
+// N(mean, std_b^2 I) averaged over the non-batch elements (see fastvideo_grpo/sde/ops/reference.py).
 //
 // The coefficients come from a table made once per schedule: coefs is (T, 3) float64, row t =
 // (A, C, std) of step t, and each call names the rows by a step index (a (B,) int64 tensor or one

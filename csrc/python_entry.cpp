@@ -3,7 +3,7 @@
 //
 //   sde_step(...)  the operator through the dispatcher, without torch.ops' per-call argument matching;
 //   StepTable      a schedule's coefficient table, cached, and its step: the schedules' hot path
-//                  (fastvideo_grpo.ops.CoefficientTable wraps it); one call from Python does the
+//                  (fastvideo_grpo.sde.ops.CoefficientTable wraps it); one call from Python does the
 //                  eligibility test, the table look-up, the rollout's noise draw, the operator and the
 //                  step contract (prev, log_prob, mean or None, std).
 #include "fused_sde_step.h"
@@ -37,7 +37,7 @@ at::ScalarType compute_type(const Tensor& z) { return z.scalar_type() == at::kDo
 // these tensors (model_output not a float tensor of the sample's shape and device, a sample without a
 // batch dim, or a device without the kernel) -- decided before any draw, so that the caller's plain
 // path then draws the same noise. Otherwise the rollout's noise comes from
-// draw(shape, generator, device=, dtype=) (fastvideo_grpo.rng.randn), the operator runs, and the step
+// draw(shape, generator, device=, dtype=) (fastvideo_grpo.utils.rng.randn), the operator runs, and the step
 // contract (prev, log_prob, mean or None, std) is returned, prev being the stored prev_sample itself (in
 // the compute dtype) when re-scoring. `index` is an int or an integer tensor ((B,) or 0-d).
 py::object table_step(py::handle u_obj, const Tensor& z, const Tensor& coefs, py::handle index_obj,

@@ -16,6 +16,31 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+#: the domains of the config's choice fields (the modules that act on a choice import its domain from here)
+ETA_FORMS = ("constant", "flow_grpo")
+ODE_SOLVERS = ("euler", "dpmpp_2m")
+WINDOW_MODES = ("off", "sliding", "random")
+STD_ESTIMATORS = ("bessel", "population")
+
+
+def _either(allowed) -> str:
+    names = [repr(a) for a in allowed]
+    return " or ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _one_of(value, allowed, key: str, why: str = "") -> None:
+    _require(value in allowed, f"{key} must be {_either(allowed)}, got {value!r}{why}")
+
+
+def _finite(value, key: str, low: float, strict: bool, why: str = "") -> None:
+    ok = math.isfinite(value) and (value > low if strict else value >= low)
+    _require(ok, f"{key} must be a finite number {'>' if strict else '>='} {low:g}, got {value}{why}")
+
 
 @dataclass
 class ModelConfig:
@@ -45,13 +70,31 @@ class SamplingConfig:
     # solver of the deterministic (eta 0) rollout steps: "euler" or "dpmpp_2m" (DPM-Solver++(2M), flow models
     # only; MixGRPO-Flash). Stochastic steps and evaluation always use the SDE / Euler steps
     ode_solver: str = "euler"
+    rollout: str = "sde"  # registered rollout sampler (algorithms/samplers.py): "sde" = DanceGRPO's
+
+    def validate(self, where: str = "sampling") -> None:
+        _require(self.num_steps >= 1, f"{where}.num_steps must be >= 1")
+        _finite(self.eta, f"{where}.eta", 0, strict=False)
+        if self.eta_schedule is not None:
+            _require(all(math.isfinite(e) and e >= 0 for e in self.eta_schedule),
+                     f"{where}.eta_schedule entries must be finite and >= 0, got {self.eta_schedule}")
+            _require(len(self.eta_schedule) == self.num_steps, f"{where}.eta_schedule needs one entry per sampling step")
+        _one_of(self.eta_form, ETA_FORMS, f"{where}.eta_form")
+        _one_of(self.ode_solver, ODE_SOLVERS, f"{where}.ode_solver")
+        for name in ("rollout_batch_size", "decode_batch_size"):
+            _require(getattr(self, name) >= 0,
+                     f"{where}.{name} must be >= 0 (0 = the whole batch), got {getattr(self, name)}")
+
+    def eta_per_step(self) -> List[float]:
+        """The configured eta of each sampling step (``eta_schedule``, else ``eta`` at every step)."""
+        return list(self.eta_schedule) if self.eta_schedule is not None else [self.eta] * self.num_steps
 
 
 @dataclass
 class SDEWindowConfig:
     """A window of ``size`` consecutive steps, changing with the iteration, that alone is sampled with the SDE
     and trained (eta 0 outside it); it lies inside the trainable steps (grpo.timestep_window without the last
-    step). See fastvideo_grpo/sde_window.py and docs/algorithms.md."""
+    step). See fastvideo_grpo/algorithms/sde_window.py and docs/algorithms.md."""
 
     mode: str = "off"  # "off" (static), "sliding" (MixGRPO) or "random" (Flow-GRPO-Fast: new position each iteration)
     size: int = 4  # W: steps in the window (MixGRPO: 4; Flow-GRPO-Fast: 1 or 2)
@@ -59,6 +102,15 @@ class SDEWindowConfig:
     stride: int = 1  # sliding: steps the window moves at each shift
     shift_every: int = 25  # sliding: iterations between shifts (MixGRPO: 25)
     roll_back: bool = False  # sliding: after the last position, start again from `start` (else stay at the end)
+
+    def validate(self, where: str = "grpo.sde_window") -> None:
+        """Its own fields; whether it fits in the trainable steps is sde_window.training_window's check."""
+        _one_of(self.mode, WINDOW_MODES, f"{where}.mode")
+        if self.mode == "off":
+            return
+        for name in ("size", "stride", "shift_every"):
+            _require(getattr(self, name) >= 1, f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.start >= 0, f"{where}.start must be >= 0, got {self.start}")
 
 
 @dataclass
@@ -74,17 +126,38 @@ class GRPOConfig:
     micro_batch_size: int = 0  # samples per forward/backward in training; 0 = whole rank batch
     kl_coef: float = 0.0  # KL to a frozen copy of the starting policy (off in the paper; > 0 holds a 2nd copy)
     shared_noise: bool = True  # one initial noise per group (paper: essential)
-    advantage: str = "group"  # "group" (GRPO) or "global" (DDPO-style normalisation; ablation)
+    advantage: str = "group"  # registered estimator (algorithms/advantages.py): "group" (GRPO) or "global" (DDPO-style)
     advantage_std: str = "bessel"  # std of the normalisation: "bessel" (n - 1, + 1e-8: released code) or "population"
     best_of_n_k: int = 0  # >0: train on top-k and bottom-k of each group only (best-of-N)
     # best-of-N advantages: "group" = computed over the whole group, then the 2k selected (released code);
     # "selected" = recomputed over the 2k selected samples only
     best_of_n_advantages: str = "group"
     sde_window: SDEWindowConfig = field(default_factory=SDEWindowConfig)  # per-iteration SDE/training window
-    # the update: "grpo" (PPO-clip on the SDE's log-probs) or "nft" (DiffusionNFT: flow matching on the clean
-    # samples, contrasting implicit positive / negative policies; no log-probs, so any sampler, eta 0 included)
-    objective: str = "grpo"
-    nft_beta: float = 1.0  # DiffusionNFT's beta: v+- = v_old +- beta (v_theta - v_old)
+    # what the update trains: a registered objective (fastvideo_grpo/algorithms/objectives/): "ppo_clip" (alias
+    # "grpo": PPO-clip on the SDE's log-probs, DanceGRPO) or "diffusion_nft" (alias "nft": flow matching on the
+    # clean samples, contrasting implicit positive / negative policies; no log-probs, so any sampler, eta 0 included)
+    objective: str = "ppo_clip"
+    objective_kwargs: Dict[str, Any] = field(default_factory=dict)  # the objective's own options (its constructor's)
+    nft_beta: float = 1.0  # diffusion_nft's beta: v+- = v_old +- beta (v_theta - v_old)
+
+    def validate(self, where: str = "grpo") -> None:
+        _require(self.group_size >= 2,
+                 f"{where}.group_size must be >= 2 for group-relative advantages, got {self.group_size}")
+        _require(0.0 < self.tau <= 1.0, f"{where}.tau must be in (0, 1], got {self.tau}")
+        _require(self.clip_range > 0, f"{where}.clip_range must be > 0, got {self.clip_range}")
+        _require(self.prompts_per_iteration >= 1, f"{where}.prompts_per_iteration must be >= 1")
+        _require(self.num_updates_per_iteration >= 1, f"{where}.num_updates_per_iteration must be >= 1")
+        batch = self.group_size * self.prompts_per_iteration
+        _require(not self.micro_batch_size or batch % self.micro_batch_size == 0,
+                 f"{where}.micro_batch_size={self.micro_batch_size} must divide the rank batch "
+                 f"group_size * prompts_per_iteration = {batch}")
+        _one_of(self.advantage_std, STD_ESTIMATORS, f"{where}.advantage_std")
+        _one_of(self.best_of_n_advantages, ("group", "selected"), f"{where}.best_of_n_advantages")
+        _require(not self.best_of_n_k or 1 <= self.best_of_n_k <= self.group_size // 2,
+                 f"{where}.best_of_n_k must be in [1, group_size // 2], got {self.best_of_n_k}")
+        _require(self.kl_coef >= 0, f"{where}.kl_coef must be >= 0 (0 = no KL term), got {self.kl_coef}")
+        _finite(self.nft_beta, f"{where}.nft_beta", 0, strict=True)
+        self.sde_window.validate(f"{where}.sde_window")
 
 
 @dataclass
@@ -96,6 +169,11 @@ class OptimConfig:
     max_grad_norm: float = 1.0  # paper: 1.0
     warmup_iterations: int = 0  # linear LR warm-up length in iterations
 
+    def validate(self, where: str = "optim") -> None:
+        _finite(self.lr, f"{where}.lr", 0, strict=True)
+        _finite(self.max_grad_norm, f"{where}.max_grad_norm", 0, strict=True, why=" (a negative norm reverses every "
+                "update and 0 freezes the weights; the paper uses 1.0)")
+
 
 @dataclass
 class RewardConfig:
@@ -106,6 +184,9 @@ class RewardConfig:
     batch_size: int = 0  # samples per call of the reward (the decoded batch is scored in chunks); 0 = whole batch
     offload: Optional[bool] = None  # model in host memory between calls; None = sampling.offload_rewards
     kwargs: Dict[str, Any] = field(default_factory=dict)  # factory arguments (weights folder, dtype: bfloat16, ...)
+
+    def validate(self, where: str) -> None:
+        _require(self.batch_size >= 0, f"{where}.batch_size must be >= 0 (0 = the whole batch), got {self.batch_size}")
 
 
 @dataclass
@@ -131,6 +212,16 @@ class TrainConfig:
     ema_decay: float = 0.0
     overwrite: bool = False  # start over in an output_dir that holds a run (deletes its outputs); else refused
 
+    def validate(self, where: str = "train") -> None:
+        _require(self.keep_last_checkpoints >= 0, f"{where}.keep_last_checkpoints must be >= 0 (0 = keep all), got "
+                 f"{self.keep_last_checkpoints}")
+        _require(0.0 <= self.ema_decay < 1.0, f"{where}.ema_decay must be in [0, 1) (0 = no EMA; the released FLUX "
+                 f"script uses 0.995), got {self.ema_decay}")
+        _one_of(self.autocast, ("bf16", "none"), f"{where}.autocast", " (fp16 would need a gradient scaler, which the "
+                "trainer does not have: bf16 has fp32's range and needs none)")
+        for name in ("save_every", "eval_every", "sample_every", "log_every", "num_iterations", "num_threads"):
+            _require(getattr(self, name) >= 0, f"{where}.{name} must be >= 0, got {getattr(self, name)}")
+
 
 @dataclass
 class ParallelConfig:
@@ -148,12 +239,15 @@ class ParallelConfig:
     timeout_s: float = 1800.0  # collective timeout: how long the other ranks wait for a stopped (not killed) rank
     fsdp_one_process: bool = False  # FSDP2 in a one-process torchrun too (bf16 compute over fp32 master weights, as on many GPUs)
 
+    def validate(self, where: str = "parallel") -> None:
+        _require(self.timeout_s > 0, f"{where}.timeout_s must be > 0 seconds, got {self.timeout_s}")
+
 
 @dataclass
 class DataConfig:
     """Where the training / held-out prompts come from (embeddings precomputed by data_prep)."""
 
-    manifest: Optional[str] = None  # manifest.json (or its folder) from data_prep; required by fastvideo_grpo.train
+    manifest: Optional[str] = None  # manifest.json (or its folder) from data_prep; required by fastvideo_grpo.cli.train
     eval_manifest: Optional[str] = None  # separate held-out manifest; None = split `manifest` by prompt hash
     eval_fraction: float = 0.0  # share of `manifest` prompts held out for evaluation (by hash), in [0, 1)
     split_salt: str = ""  # salt of the prompt hash that decides the split (change it for another split)
@@ -161,6 +255,9 @@ class DataConfig:
     verify_on_read: bool = True  # sha256 of each shard when a process first reads it (~1 s per GB, once)
     dedupe: bool = False  # drop repeated prompts instead of failing
     max_open_shards: int = 4  # safetensors shards kept open per process (LRU)
+
+    def validate(self, where: str = "data") -> None:
+        _require(0.0 <= self.eval_fraction < 1.0, f"{where}.eval_fraction must be in [0, 1), got {self.eval_fraction}")
 
 
 @dataclass
@@ -173,6 +270,10 @@ class EvalConfig:
     num_sample_prompts: int = 4  # prompts (rows) in the sample grid saved every train.sample_every iterations
     max_frames_in_grid: int = 8  # video samples: frames shown per row (evenly spaced)
     rewards: List[RewardConfig] = field(default_factory=list)  # evaluation rewards; empty = the training rewards
+
+    def validate(self, where: str = "eval") -> None:
+        _require(self.samples_per_prompt >= 1 and self.batch_size >= 1,
+                 f"{where}.samples_per_prompt and {where}.batch_size must be >= 1")
 
 
 @dataclass
@@ -201,142 +302,24 @@ class RunConfig:
     extra: Dict[str, Any] = field(default_factory=dict)  # recipe-specific settings (e.g. toy pretraining)
 
     def validate(self) -> "RunConfig":
-        g = self.grpo
-        if g.group_size < 2:
-            raise ValueError(f"grpo.group_size must be >= 2 for group-relative advantages, got {g.group_size}")
-        if not 0.0 < g.tau <= 1.0:
-            raise ValueError(f"grpo.tau must be in (0, 1], got {g.tau}")
-        if g.clip_range <= 0:
-            raise ValueError(f"grpo.clip_range must be > 0, got {g.clip_range}")
-        if g.prompts_per_iteration < 1:
-            raise ValueError("grpo.prompts_per_iteration must be >= 1")
-        if g.num_updates_per_iteration < 1:
-            raise ValueError("grpo.num_updates_per_iteration must be >= 1")
-        batch = g.group_size * g.prompts_per_iteration
-        if g.micro_batch_size and batch % g.micro_batch_size:
-            raise ValueError(
-                f"grpo.micro_batch_size={g.micro_batch_size} must divide the rank batch "
-                f"group_size * prompts_per_iteration = {batch}"
-            )
-        if g.advantage not in ("group", "global"):
-            raise ValueError(f"grpo.advantage must be 'group' or 'global', got {g.advantage!r}")
-        if g.advantage_std not in ("bessel", "population"):
-            raise ValueError(f"grpo.advantage_std must be 'bessel' or 'population', got {g.advantage_std!r}")
-        if g.best_of_n_advantages not in ("group", "selected"):
-            raise ValueError(f"grpo.best_of_n_advantages must be 'group' or 'selected', got {g.best_of_n_advantages!r}")
-        if g.best_of_n_k and not 1 <= g.best_of_n_k <= g.group_size // 2:
-            raise ValueError(f"grpo.best_of_n_k must be in [1, group_size // 2], got {g.best_of_n_k}")
-        if self.sampling.num_steps < 1:
-            raise ValueError("sampling.num_steps must be >= 1")
-        if not math.isfinite(self.sampling.eta) or self.sampling.eta < 0:
-            raise ValueError(f"sampling.eta must be a finite number >= 0, got {self.sampling.eta}")
-        if self.sampling.eta_schedule is not None and not all(
-                math.isfinite(e) and e >= 0 for e in self.sampling.eta_schedule):
-            raise ValueError(f"sampling.eta_schedule entries must be finite and >= 0, got {self.sampling.eta_schedule}")
-        if self.sampling.eta_schedule is not None and len(self.sampling.eta_schedule) != self.sampling.num_steps:
-            raise ValueError("sampling.eta_schedule needs one entry per sampling step")
-        if g.timestep_window is not None:
-            w = list(g.timestep_window)
-            if len(w) != 2 or not 0 <= w[0] < w[1] <= self.sampling.num_steps:
-                raise ValueError(f"grpo.timestep_window {w} must be [lo, hi) with 0 <= lo < hi <= "
-                                 f"sampling.num_steps={self.sampling.num_steps}")
-        if not g.train_last_step and self.sampling.num_steps < 2:
-            raise ValueError("sampling.num_steps must be >= 2 while the last step is not trained "
-                             "(grpo.train_last_step: false); or set grpo.train_last_step: true")
-        # the steps training may pick (as grpo.trainable_window): the window without the last step
-        lo, hi = g.timestep_window or (0, self.sampling.num_steps)
-        if not g.train_last_step:
-            hi = min(hi, self.sampling.num_steps - 1)
-            if hi <= lo:
-                raise ValueError(f"grpo.timestep_window {[lo, hi + 1]} holds only the last step, which is not trained "
-                                 "(grpo.train_last_step: false, as the released code); widen the window or set "
-                                 "grpo.train_last_step: true")
-        if self.sampling.deterministic_last_step and hi == self.sampling.num_steps:
-            raise ValueError("sampling.deterministic_last_step makes the last step deterministic (eta 0), but "
-                             "grpo.train_last_step lets training pick it; set one of them to false")
-        if g.objective not in ("grpo", "nft"):
-            raise ValueError(f"grpo.objective must be 'grpo' or 'nft' (DiffusionNFT), got {g.objective!r}")
-        if g.objective == "nft" and not (g.nft_beta > 0 and math.isfinite(g.nft_beta)):
-            raise ValueError(f"grpo.nft_beta must be a finite number > 0, got {g.nft_beta}")
-        etas = self.sampling.eta_schedule if self.sampling.eta_schedule is not None else [self.sampling.eta]
-        if g.objective == "nft" and g.shared_noise and all(e <= 0 for e in etas):
-            raise ValueError("grpo.objective: nft with a deterministic sampler (sampling.eta 0) and one shared initial "
-                             "noise per group gives G identical samples, hence zero advantages; set "
-                             "grpo.shared_noise: false (or sampling.eta > 0)")
-        if g.objective == "nft" and g.kl_coef > 0:
-            raise ValueError("grpo.kl_coef is a KL between SDE steps, which grpo.objective: nft does not use; set it to 0")
-        if self.sampling.eta_schedule is not None and g.objective == "grpo":
-            # kept (trained) steps must be stochastic: an eta = 0 step has a point-mass transition, so its
-            # log-prob is 0 and its gradient is 0 -- compute spent for nothing. With eta = 0 outside a
-            # training window (the sliding-window option), set grpo.timestep_window to that window.
-            dead = [i for i in range(lo, hi) if self.sampling.eta_schedule[i] <= 0]
-            if dead:
-                raise ValueError(f"sampling.eta_schedule is 0 at steps {dead}, which grpo.timestep_window "
-                                 f"{[lo, hi]} lets training pick; restrict the window to the steps with eta > 0")
-        self._validate_window(lo, hi)
-        s = self.sampling
-        if s.eta_form not in ("constant", "flow_grpo"):
-            raise ValueError(f"sampling.eta_form must be 'constant' or 'flow_grpo', got {s.eta_form!r}")
-        if s.ode_solver not in ("euler", "dpmpp_2m"):
-            raise ValueError(f"sampling.ode_solver must be 'euler' or 'dpmpp_2m', got {s.ode_solver!r}")
-        for name in ("rollout_batch_size", "decode_batch_size"):
-            if getattr(s, name) < 0:
-                raise ValueError(f"sampling.{name} must be >= 0 (0 = the whole batch), got {getattr(s, name)}")
+        """Every section checks its own fields (their domains); the checks across sections live in the
+        builders that combine them (the trainable steps and SDE window: sde_window.training_window; the
+        objective against the sampler: algorithms/objectives/build.py; the schedule against the model:
+        trainer.build_schedule), which preflight runs before anything heavy is loaded."""
+        for name in ("sampling", "grpo", "optim", "train", "parallel", "data", "eval"):
+            getattr(self, name).validate(name)
         if not self.rewards:
             raise ValueError("at least one reward is required under 'rewards'")
         for where, rcs in (("rewards", self.rewards), ("eval.rewards", self.eval.rewards)):
             for i, rc in enumerate(rcs):
-                if rc.batch_size < 0:
-                    raise ValueError(f"{where}[{i}].batch_size must be >= 0 (0 = the whole batch), got {rc.batch_size}")
-                if rc.offload is None:  # resolved here so that build_reward_fns sees one value per reward
-                    rc.offload = s.offload_rewards
-        if not self.optim.lr > 0 or not math.isfinite(self.optim.lr):
-            raise ValueError(f"optim.lr must be a finite number > 0, got {self.optim.lr}")
-        if not self.optim.max_grad_norm > 0 or not math.isfinite(self.optim.max_grad_norm):
-            raise ValueError(
-                f"optim.max_grad_norm must be a finite number > 0, got {self.optim.max_grad_norm} (a negative norm "
-                "reverses every update and 0 freezes the weights; the paper uses 1.0)")
-        if not g.kl_coef >= 0:
-            raise ValueError(f"grpo.kl_coef must be >= 0 (0 = no KL term), got {g.kl_coef}")
-        if not self.parallel.timeout_s > 0:
-            raise ValueError(f"parallel.timeout_s must be > 0 seconds, got {self.parallel.timeout_s}")
-        if self.train.keep_last_checkpoints < 0:
-            raise ValueError(f"train.keep_last_checkpoints must be >= 0 (0 = keep all), got "
-                             f"{self.train.keep_last_checkpoints}")
-        if not 0.0 <= self.train.ema_decay < 1.0:
-            raise ValueError(f"train.ema_decay must be in [0, 1) (0 = no EMA; the released FLUX script uses 0.995), "
-                             f"got {self.train.ema_decay}")
-        if self.train.autocast not in ("bf16", "none"):
-            raise ValueError(
-                f"train.autocast must be 'bf16' or 'none', got {self.train.autocast!r} (fp16 would need a "
-                "gradient scaler, which the trainer does not have: bf16 has fp32's range and needs none)")
-        if not 0.0 <= self.data.eval_fraction < 1.0:
-            raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
-        if self.eval.samples_per_prompt < 1 or self.eval.batch_size < 1:
-            raise ValueError("eval.samples_per_prompt and eval.batch_size must be >= 1")
-        for name in ("save_every", "eval_every", "sample_every", "log_every", "num_iterations", "num_threads"):
-            if getattr(self.train, name) < 0:
-                raise ValueError(f"train.{name} must be >= 0, got {getattr(self.train, name)}")
+                rc.validate(f"{where}[{i}]")
+                if rc.offload is None:  # the default of every reward: one value per reward for build_reward_fns
+                    rc.offload = self.sampling.offload_rewards
         return self
-
-    def _validate_window(self, lo: int, hi: int) -> None:
-        w = self.grpo.sde_window
-        if w.mode not in ("off", "sliding", "random"):
-            raise ValueError(f"grpo.sde_window.mode must be 'off', 'sliding' or 'random', got {w.mode!r}")
-        if w.mode == "off":
-            return
-        for name in ("size", "stride", "shift_every"):
-            if getattr(w, name) < 1:
-                raise ValueError(f"grpo.sde_window.{name} must be >= 1, got {getattr(w, name)}")
-        if w.start < 0:
-            raise ValueError(f"grpo.sde_window.start must be >= 0, got {w.start}")
-        first = lo + (w.start if w.mode == "sliding" else 0)
-        if first + w.size > hi:
-            raise ValueError(f"grpo.sde_window (size {w.size}, start {w.start}) does not fit in the trainable steps "
-                             f"[{lo}, {hi}) (grpo.timestep_window without the last step); lower its size or start")
 
     @property
     def eta(self):
+        """What the adapter's ``make_schedule`` takes: the per-step schedule when set, else the scalar."""
         return self.sampling.eta_schedule if self.sampling.eta_schedule is not None else self.sampling.eta
 
 
@@ -498,13 +481,13 @@ def read_recipe(p: Path, _chain: Sequence[Path] = ()) -> Dict[str, Any]:
 
 def _merge(base: Dict[str, Any], new: Dict[str, Any]):
     for k, v in new.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in ("kwargs", "extra"):
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in ("kwargs", "extra", "objective_kwargs"):
             _merge(base[k], v)
         else:
             base[k] = v
 
 
 def save_config(cfg: RunConfig, path) -> None:
-    from .io import atomic_write_text
+    from .utils.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,15 +1,7 @@
 #!/usr/bin/env bash
-# SkyReels I2V GRPO, motion quality (configs/hunyuan_i2v_mq.yaml: 32 GPUs = 4 nodes x 8, 1 pair per GPU = 32 per iteration).
-# Usage (paths in the config are relative to the working directory, normally the repository root):
-#   bash train_scripts/run_i2v.sh                                   # one node, 8 GPUs
-#   NNODES=4 MASTER_ADDR=node0 bash train_scripts/run_i2v.sh        # on every node
-#   bash train_scripts/run_i2v.sh --resume latest --train.num_iterations=400   # extra args passed through
-set -euo pipefail
+# SkyReels I2V GRPO, motion quality (configs/hunyuan_i2v_mq.yaml: 32 GPUs = 4 nodes x 8, 1 pair per GPU):
+# run.sh with this default recipe; the same usage, e.g.
+#   bash train_scripts/run_i2v.sh                                              # one node, 8 GPUs
+#   bash train_scripts/run_i2v.sh --resume latest --train.num_iterations=400  # extra args passed through
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-CONFIG=${CONFIG:-$HERE/../configs/hunyuan_i2v_mq.yaml}
-SCRIPT=${SCRIPT:-$HERE/train_i2v_grpo.py}
-# one node: --standalone lets the rendezvous bind a free port (a fixed 29500 collides with other jobs)
-RDZV=(--standalone)
-if [ -n "${MASTER_ADDR:-}" ]; then RDZV=(--rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}"); fi
-exec torchrun --nnodes=${NNODES:-1} --nproc_per_node=${NGPU:-8} "${RDZV[@]}" \
-    "$SCRIPT" --config "$CONFIG" "$@"
+CONFIG=${CONFIG:-$HERE/../configs/hunyuan_i2v_mq.yaml} exec bash "$HERE/run.sh" "$@"

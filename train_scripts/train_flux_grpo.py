@@ -1,25 +1,9 @@
-"""FLUX.1-dev with GRPO on HPS-v2.1 (or HPS & CLIP via configs/flux_hps_clip.yaml).
+"""FLUX.1-dev with GRPO on HPS-v2.1 (HPS & CLIP: --config configs/flux_hps_clip.yaml; Qwen-Image and
+Qwen-Image-Edit: configs/qwen_image_hps.yaml, configs/qwen_image_edit_hps.yaml).
 
-Single process (one GPU; the config's per-rank counts then are the global ones):
-    python train_scripts/train_flux_grpo.py --config configs/flux_hps.yaml
-One node, 8 GPUs:
-    torchrun --nproc_per_node=8 train_scripts/train_flux_grpo.py
-    torchrun --nproc_per_node=8 train_scripts/train_flux_grpo.py --config configs/flux_hps_clip.yaml
-Several nodes (the recipe assumes 32 GPUs; run on every node): see train_scripts/run_flux.sh
-    torchrun --nnodes=$NNODES --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500 \
-        train_scripts/train_flux_grpo.py --config configs/flux_hps.yaml
-Resume after an interruption (same or another number of GPUs):
-    torchrun --nproc_per_node=8 train_scripts/train_flux_grpo.py --resume latest
-Override any config field, e.g. a quick check on fewer resources:
-    python train_scripts/train_flux_grpo.py --train.num_iterations=2 --grpo.group_size=4 \
-        --train.output_dir=outputs/try
-Check paths only (no model loading):
-    python train_scripts/train_flux_grpo.py --check
-
-Needs (default config paths, relative to the working directory; see docs/recipes.md):
-ckpts/FLUX.1-dev (black-forest-labs/FLUX.1-dev), data/flux_embeddings/manifest.json
-(python data_prep/prep_flux.py ...), ckpts/hps_v2.1_hf (+ ckpts/clip-vit-h-14 for the CLIP recipe).
-A missing piece stops the run at start-up with a message naming it. Outputs go to train.output_dir.
+``train_scripts/train.py`` with ``configs/flux_hps.yaml`` as its default recipe: the same flags,
+launchers and outputs (its docstring; docs/recipes.md for what the recipe needs on disk), e.g.
+    torchrun --nproc_per_node=8 train_scripts/train_flux_grpo.py --resume latest --train.num_iterations=400
 """
 
 import sys
@@ -27,15 +11,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastvideo_grpo.train import cli, main as train_main, recipe_path  # noqa: E402
+from fastvideo_grpo.cli.train import recipe_entry  # noqa: E402
 
-DEFAULT_CONFIG = recipe_path("configs/flux_hps.yaml")
-
-
-def main(argv=None):
-    """Train (raises on errors); returns the run summary."""
-    return train_main(argv, default_config=DEFAULT_CONFIG, description=__doc__)
-
+main, cli = recipe_entry("configs/flux_hps.yaml", __doc__)
 
 if __name__ == "__main__":
-    cli(default_config=DEFAULT_CONFIG, description=__doc__)
+    cli()

@@ -1,26 +1,9 @@
-"""HunyuanVideo text-to-video (VideoAlign VQ + MQ) or, via configs/hunyuan_t2i_hps.yaml, HunyuanVideo-T2I (HPS).
+"""HunyuanVideo text-to-video with GRPO on VideoAlign VQ + MQ (HunyuanVideo-T2I on HPS:
+--config configs/hunyuan_t2i_hps.yaml).
 
-Single process (one GPU; the config's per-rank counts then are the global ones):
-    python train_scripts/train_hunyuan_grpo.py --config configs/hunyuan_t2v_videoalign.yaml
-One node, 8 GPUs:
-    torchrun --nproc_per_node=8 train_scripts/train_hunyuan_grpo.py
-    torchrun --nproc_per_node=8 train_scripts/train_hunyuan_grpo.py --config configs/hunyuan_t2i_hps.yaml
-Several nodes (the recipe assumes 32 GPUs; run on every node): see train_scripts/run_t2v.sh
-    torchrun --nnodes=$NNODES --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500 \
-        train_scripts/train_hunyuan_grpo.py --config configs/hunyuan_t2v_videoalign.yaml
-Resume after an interruption (same or another number of GPUs):
-    torchrun --nproc_per_node=8 train_scripts/train_hunyuan_grpo.py --resume latest
-Override any config field, e.g. a quick check on fewer resources:
-    python train_scripts/train_hunyuan_grpo.py --train.num_iterations=2 --grpo.group_size=4 \
-        --train.output_dir=outputs/try
-Check paths only (no model loading):
-    python train_scripts/train_hunyuan_grpo.py --check
-
-Needs (default config paths, relative to the working directory; see docs/recipes.md):
-ckpts/HunyuanVideo (hunyuanvideo-community/HunyuanVideo), data/hunyuan_embeddings/manifest.json
-(python data_prep/prep_hunyuan.py ...), ckpts/VideoReward (merged VideoAlign, docs/rewards.md),
-or ckpts/hps_v2.1_hf for T2I.
-A missing piece stops the run at start-up with a message naming it. Outputs go to train.output_dir.
+``train_scripts/train.py`` with ``configs/hunyuan_t2v_videoalign.yaml`` as its default recipe: the same flags,
+launchers and outputs (its docstring; docs/recipes.md for what the recipe needs on disk), e.g.
+    torchrun --nproc_per_node=8 train_scripts/train_hunyuan_grpo.py --resume latest --train.num_iterations=400
 """
 
 import sys
@@ -28,15 +11,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastvideo_grpo.train import cli, main as train_main, recipe_path  # noqa: E402
+from fastvideo_grpo.cli.train import recipe_entry  # noqa: E402
 
-DEFAULT_CONFIG = recipe_path("configs/hunyuan_t2v_videoalign.yaml")
-
-
-def main(argv=None):
-    """Train (raises on errors); returns the run summary."""
-    return train_main(argv, default_config=DEFAULT_CONFIG, description=__doc__)
-
+main, cli = recipe_entry("configs/hunyuan_t2v_videoalign.yaml", __doc__)
 
 if __name__ == "__main__":
-    cli(default_config=DEFAULT_CONFIG, description=__doc__)
+    cli()

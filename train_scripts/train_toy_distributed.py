@@ -12,7 +12,7 @@ Sequence parallel (both ranks share each sample's tokens):
     torchrun --nproc_per_node=2 train_scripts/train_toy_distributed.py --config configs/toy_cpu.yaml --parallel.sp=2
 
 grpo.prompts_per_iteration is per data-parallel rank. The same loop as every other entry point
-(fastvideo_grpo/runner.py): metrics.jsonl, config.yaml, held-out evaluations, checkpoints/step_N/ +
+(fastvideo_grpo/training/runner.py): metrics.jsonl, config.yaml, held-out evaluations, checkpoints/step_N/ +
 checkpoints/latest and export/ under train.output_dir.
 """
 
@@ -23,9 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastvideo_grpo.config import load_config  # noqa: E402
-from fastvideo_grpo.train import recipe_path  # noqa: E402
-from fastvideo_grpo.runner import PromptSets, run  # noqa: E402
-from fastvideo_grpo.toy.demo import toy_adapter_factory  # noqa: E402
+from fastvideo_grpo.cli.train import recipe_path  # noqa: E402
+from fastvideo_grpo.training.runner import PromptSets, run  # noqa: E402
+from fastvideo_grpo.cli.demo import toy_adapter_factory  # noqa: E402
 from fastvideo_grpo.toy.shapes import split_prompts  # noqa: E402
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastvideo_grpo.config import load_config  # noqa: E402
-from fastvideo_grpo.train import recipe_path  # noqa: E402
-from fastvideo_grpo.toy.demo import run_demo  # noqa: E402
+from fastvideo_grpo.cli.train import recipe_path  # noqa: E402
+from fastvideo_grpo.cli.demo import run_demo  # noqa: E402
 
 
 def main(argv=None):

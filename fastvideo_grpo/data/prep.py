@@ -26,14 +26,14 @@ from typing import Dict, List, Optional
 import torch
 
 from .. import __version__
-from .encoders import (CFG_BY_DEFAULT, FAMILIES, IMAGE_FAMILIES, IMAGE_TEXT_FAMILIES, FamilyEncoder,
-                       load_family_encoder)
+from .encoders import family_names, load_family_encoder
+from ..models import encoding_for
 from .manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, NEG, NEGATIVE_FILE, atomic_write_bytes, dtype_name,
                        file_sha256, hash_tensors, json_bytes)
 from .prompts import PromptRecord, find_duplicates, read_prompts
 
 SHARD_DIR = "shards"
-from ..dtypes import parse_dtype  # noqa: E402,F401
+from ..utils.dtypes import parse_dtype  # noqa: E402,F401
 
 
 def shard_name(k: int) -> str:
@@ -56,20 +56,25 @@ def _safetensors_bytes(tensors: Dict[str, torch.Tensor]) -> bytes:
 
 
 class PrepJob:
-    """One preprocessing run (all ranks construct the same job; each encodes its own shards)."""
+    """One preprocessing run (all ranks construct the same job; each encodes its own shards).
 
-    def __init__(self, encoder: FamilyEncoder, records: List[PromptRecord], out, *, dtype="float32",
+    ``encoder``: a family's ``PromptEncoding`` (models/encoding.py), or anything with its ``family``,
+    ``ids``, ``tensor_sources()``, ``settings()`` and ``encode_text()`` (``image_inputs`` /
+    ``text_needs_image`` / ``encode()`` for reference images)."""
+
+    def __init__(self, encoder, records: List[PromptRecord], out, *, dtype="float32",
                  shard_size: int = 256, batch_size: int = 16, negative_prompt: Optional[str] = None,
                  source: Optional[dict] = None, progress: bool = True):
         if shard_size < 1 or batch_size < 1:
             raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size} and {batch_size}")
         if not records:
             raise ValueError("no prompts to encode")
-        if negative_prompt is not None and encoder.family in IMAGE_TEXT_FAMILIES:
+        self.image_inputs = bool(getattr(encoder, "image_inputs", False))
+        if negative_prompt is not None and getattr(encoder, "text_needs_image", False):
             raise ValueError(f"family {encoder.family!r} encodes each prompt together with its reference image, so "
                              "there is no single negative embedding: drop --negative-prompt (its recipe runs "
                              "without CFG)")
-        if encoder.family in IMAGE_FAMILIES and any(r.image is None for r in records):
+        if self.image_inputs and any(r.image is None for r in records):
             raise ValueError(f"family {encoder.family!r} needs a reference image per prompt (an image field)")
         missing = [r.image for r in records if r.image is not None and not Path(r.image).is_file()]
         if missing:
@@ -111,7 +116,7 @@ class PrepJob:
 
     def _encode(self, recs: List[PromptRecord]) -> Dict[str, torch.Tensor]:
         prompts = [r.prompt for r in recs]
-        if self.enc.family in IMAGE_FAMILIES:  # text and reference images (encoded together where the text needs them)
+        if self.image_inputs:  # text and reference images (encoded together where the text needs them)
             out = self.enc.encode(prompts, [r.image for r in recs])
         else:
             out = self.enc.encode_text(prompts)
@@ -236,7 +241,8 @@ def build_parser(family: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if family is None:
-        p.add_argument("--family", required=True, choices=FAMILIES)
+        p.add_argument("--family", required=True, choices=family_names(),
+                       help="the model family (its manifests' name, or a model name that declares one)")
     else:
         p.set_defaults(family=family)
     p.add_argument("--model-path", required=True, help="local diffusers-format model folder (see docs/data_prep.md)")
@@ -299,7 +305,8 @@ def main(argv=None, family: Optional[str] = None) -> dict:
         else:
             device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
         enc_dtype = parse_dtype(args.encoder_dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-        image_field = args.image_field if args.family in IMAGE_FAMILIES else None
+        encoding = encoding_for(args.family)
+        image_field = args.image_field if encoding.vae_class is not None else None
         records = read_prompts(args.prompts, field=args.prompt_field, image_field=image_field,
                                blank_lines=args.blank_lines)
         dups = find_duplicates(records)
@@ -315,7 +322,7 @@ def main(argv=None, family: Optional[str] = None) -> dict:
         negative = None
         if not args.no_negative:
             negative = args.negative_prompt if args.negative_prompt is not None else (
-                "" if CFG_BY_DEFAULT[args.family] else None)
+                "" if encoding.cfg_by_default else None)
         torch.manual_seed(0)
         encoder = load_family_encoder(
             args.family, args.model_path, dtype=enc_dtype, device=device, image_embeds=not args.no_image_embeds,

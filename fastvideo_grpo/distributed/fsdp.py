@@ -31,7 +31,7 @@ from .parallel_dims import ParallelDims
 BLOCK_ATTRS = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers", "down_blocks", "mid_block",
                "up_blocks")
 
-from ..dtypes import parse_dtype  # noqa: E402,F401
+from ..utils.dtypes import parse_dtype  # noqa: E402,F401
 
 
 def find_blocks(module: nn.Module, attrs: Sequence[str] = BLOCK_ATTRS) -> List[nn.Module]:

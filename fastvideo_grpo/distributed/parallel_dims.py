@@ -18,8 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
-
 
 @dataclass
 class ParallelDims:
@@ -128,6 +126,3 @@ def parallel_dims_from_config(pcfg, world_size: int) -> ParallelDims:
     return ParallelDims(dp_replicate=int(getattr(pcfg, "dp_replicate", 1)), dp_shard=int(getattr(pcfg, "dp_shard", -1)),
                         sp=int(getattr(pcfg, "sp", 1)), world_size=int(world_size))
 
-
-def default_device_type() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -17,13 +17,13 @@ def rank_seed(seed: int, dp_rank: int) -> int:
     return (int(seed) + _SEED_STRIDE * int(dp_rank)) % (2 ** 63)
 
 
-def seed_rank_generators(trainer, seed: int, dp_rank: int, iteration: int = 0) -> int:
-    """Seed the trainer's generator and torch's global RNG for dp group ``dp_rank`` (sp peers equal).
+def seed_rank_generators(generator: torch.Generator, seed: int, dp_rank: int, iteration: int = 0) -> int:
+    """Seed ``generator`` (the trainer's) and torch's global RNG for dp group ``dp_rank`` (sp peers equal).
 
     ``iteration`` > 0 is used after resuming on a different world size, where saved per-rank RNG
     states cannot be matched to ranks: the new streams are still distinct per rank and reproducible.
     """
     s = rank_seed(seed + 7_919 * iteration, dp_rank)
-    trainer.generator.manual_seed(s)
+    generator.manual_seed(s)
     torch.manual_seed(s)
     return s

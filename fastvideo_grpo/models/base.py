@@ -24,8 +24,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..registry import Registry
-from ..sde import DDIMSchedule, FlowSchedule
+from ..utils.registry import Registry
 
 Cond = Dict[str, Optional[torch.Tensor]]
 
@@ -116,10 +115,3 @@ class PolicyAdapter(abc.ABC):
 
 ADAPTERS: Registry[PolicyAdapter] = Registry("model adapter")
 
-
-def flow_schedule(num_steps: int, eta, shift: float = 1.0, timestep_scale: float = 1000.0) -> FlowSchedule:
-    return FlowSchedule.create(num_steps, eta=eta, shift=shift, timestep_scale=timestep_scale)
-
-
-def ddim_schedule(num_steps: int, eta, alphas_cumprod=None) -> DDIMSchedule:
-    return DDIMSchedule.create(num_steps, eta=eta, alphas_cumprod=alphas_cumprod)

@@ -31,14 +31,14 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .. import rng
-from ..registry import accepted_parameters
+from ..utils import rng
+from ..utils.registry import accepted_parameters
 from . import lora as lora_lib
 from .base import Cond, PolicyAdapter
 
 NEG = "negative_"
 
-from ..dtypes import parse_dtype  # noqa: E402,F401  (re-exported for adapters)
+from ..utils.dtypes import parse_dtype  # noqa: E402,F401  (re-exported for adapters)
 
 
 def require_subfolders(model_path, subfolders: Sequence[str]) -> Path:
@@ -148,6 +148,9 @@ class DiffusersAdapter(PolicyAdapter):
     #: conditioning names shared by both branches (e.g. an I2V reference-image latent)
     shared_keys: Tuple[str, ...] = ()
     default_num_steps: int = 25
+    #: the latent patch size the adapter packs into tokens before the transformer (FLUX: 2x2 packing over a
+    #: patch_size-1 transformer); 0 = the transformer's own patch_size (the planner counts tokens with it)
+    packed_patch_size: int = 0
     #: VAE tiling / slicing when the config does not say (``vae_tiling`` / ``vae_slicing`` = None)
     default_vae_tiling: bool = False
     default_vae_slicing: bool = False

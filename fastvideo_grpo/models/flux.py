@@ -10,6 +10,10 @@ timestep divided by 1000 and the guidance-distilled model its guidance scale as 
 Sigmas: linspace(1, 0, T + 1) with the static shift 3 (DanceGRPO's FLUX recipe), where diffusers'
 pipeline uses a resolution-dependent dynamic shift over linspace(1, 1/T, T).
 cond: ``prompt_embeds`` (B, L, 4096) from T5 and ``pooled_prompt_embeds`` (B, 768) from CLIP.
+
+Prompt encoding (data_prep family ``flux``), as FluxPipeline: T5EncoderModel's last hidden state over the
+prompt padded to 512 tokens, no mask -> ``prompt_embeds``; CLIPTextModel's pooled output ->
+``pooled_prompt_embeds``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from ..sde import FlowSchedule
 from .base import ADAPTERS
 from .diffusers_base import DiffusersAdapter, build_adapter, resolve_size, to_unit
+from .encoding import PromptEncoding
 
 
 def pack_latents(z_BCHW: torch.Tensor) -> torch.Tensor:
@@ -46,6 +51,7 @@ def image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
 
 class FluxAdapter(DiffusersAdapter):
     model_class = "FluxTransformer2DModel"
+    packed_patch_size = 2  # 2x2 latent patches packed into tokens (the transformer's patch_size is 1)
     branch_keys = ("prompt_embeds", "pooled_prompt_embeds")
     default_num_steps = 16
 
@@ -110,6 +116,20 @@ class FluxAdapter(DiffusersAdapter):
         return to_unit(self.vae.decode(z, return_dict=False)[0])
 
 
-@ADAPTERS.register("flux", paths=("model_path",), signature_of=FluxAdapter)
+class FluxEncoding(PromptEncoding):
+    family = "flux"
+    text_encoders = (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "T5EncoderModel"))
+    t5_max_length_default = 512
+    plan_text_len = 512
+
+    def tensor_sources(self):
+        return {"prompt_embeds": "text_encoder_2", "pooled_prompt_embeds": "text_encoder"}
+
+    def text_conditioning(self, prompts):
+        return {"prompt_embeds": self.t5_plain(prompts, "text_encoder_2", "tokenizer_2"),
+                "pooled_prompt_embeds": self.clip_pooled(prompts, "text_encoder", "tokenizer")}
+
+
+@ADAPTERS.register("flux", paths=("model_path",), signature_of=FluxAdapter, encoding=FluxEncoding)
 def build_flux(**kwargs) -> FluxAdapter:
     return build_adapter(FluxAdapter, kwargs)

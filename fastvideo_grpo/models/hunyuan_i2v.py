@@ -14,6 +14,11 @@ Not covered: the official HunyuanVideo-I2V checkpoint (``image_condition_type`` 
 "token_replace" plus LLaVA image tokens in the text embedding) -- its transformer config is rejected.
 cond: prompt_embeds, prompt_attention_mask, pooled_prompt_embeds (and negative_* of each), plus
 ``image_latents`` (B, C, 1, h, w) precomputed by data_prep.
+
+Prompt encoding (data_prep family ``hunyuan_i2v``): HunyuanVideo's text encoding, plus ``image_latents``
+(C, 1, h, w): the reference image's VAE latent (one frame, posterior mode) times the VAE scaling factor, as
+HunyuanSkyreelsImageToVideoPipeline (which samples the posterior with a generator); a negative embedding
+is saved for CFG.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 
 from .base import ADAPTERS
 from .diffusers_base import build_adapter
-from .hunyuan_video import HunyuanVideoAdapter
+from .hunyuan_video import HunyuanVideoAdapter, HunyuanVideoEncoding
 
 
 class HunyuanI2VAdapter(HunyuanVideoAdapter):
@@ -50,6 +55,24 @@ class HunyuanI2VAdapter(HunyuanVideoAdapter):
         return torch.cat([latents, torch.cat([img, pad], dim=2)], dim=1)
 
 
-@ADAPTERS.register("hunyuan_i2v", paths=("model_path",), signature_of=HunyuanI2VAdapter)
+class HunyuanI2VEncoding(HunyuanVideoEncoding):
+    family = "hunyuan_i2v"
+    vae_class = "AutoencoderKLHunyuanVideo"
+    cfg_by_default = True
+
+    def tensor_sources(self):
+        return {**super().tensor_sources(), "image_latents": "vae"}
+
+    def settings(self):
+        return {**super().settings(), **self.image_settings()}
+
+    def image_conditioning(self, paths):
+        _, pix, vdtype = self.vae_pixels(paths)
+        vae = self.c["vae"]
+        z = vae.encode(pix[:, :, None].to(vdtype)).latent_dist.mode()
+        return {"image_latents": z * vae.config.scaling_factor}
+
+
+@ADAPTERS.register("hunyuan_i2v", paths=("model_path",), signature_of=HunyuanI2VAdapter, encoding=HunyuanI2VEncoding)
 def build_hunyuan_i2v(**kwargs) -> HunyuanI2VAdapter:
     return build_adapter(HunyuanI2VAdapter, kwargs)

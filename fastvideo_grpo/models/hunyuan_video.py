@@ -12,6 +12,11 @@ the diffusers scheduler config of hunyuanvideo-community/HunyuanVideo uses 7.0).
 training size is 480 x 480 with 53 frames (14 latent frames).
 cond: ``prompt_embeds`` (B, L, 4096) from the LLaMA encoder, ``prompt_attention_mask`` (B, L),
 ``pooled_prompt_embeds`` (B, 768) from CLIP.
+
+Prompt encoding (data_prep family ``hunyuan``, for T2V and T2I), as HunyuanVideoPipeline: the prompt inside
+the LLaVA/LLaMA template, hidden_states[-(skip + 1)] of the LLaMA encoder with the first ``crop_start`` (95)
+template tokens cropped (padded to 256) -> ``prompt_embeds`` + ``prompt_attention_mask``; CLIP's pooled
+output -> ``pooled_prompt_embeds``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,18 @@ import torch
 from ..sde import FlowSchedule
 from .base import ADAPTERS
 from .diffusers_base import DiffusersAdapter, build_adapter, resolve_size, to_unit
+from .encoding import PromptEncoding
+
+HUNYUAN_PROMPT_TEMPLATE = (
+    "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
+    "1. The main content and theme of the video."
+    "2. The color, shape, size, texture, quantity, text, and spatial relationships of the objects."
+    "3. Actions, events, behaviors temporal relationships, physical movement changes of the objects."
+    "4. background environment, light, style and atmosphere."
+    "5. camera angles, movements, and transitions used in the video:<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+)
+HUNYUAN_CROP_START = 95  # diffusers' value for the template above with the HunyuanVideo LLaMA tokenizer
 
 
 class HunyuanVideoAdapter(DiffusersAdapter):
@@ -105,12 +122,35 @@ class HunyuanVideoAdapter(DiffusersAdapter):
         return video.permute(0, 2, 1, 3, 4).contiguous()
 
 
-@ADAPTERS.register("hunyuan_t2v", paths=("model_path",), signature_of=HunyuanVideoAdapter)
+class HunyuanVideoEncoding(PromptEncoding):
+    family = "hunyuan"
+    text_encoders = (("text_encoder", "LlamaModel"), ("text_encoder_2", "CLIPTextModel"))
+    template = HUNYUAN_PROMPT_TEMPLATE
+    crop_start_default = HUNYUAN_CROP_START
+    plan_text_len = 256
+
+    def tensor_sources(self):
+        return {"prompt_embeds": "text_encoder", "prompt_attention_mask": "tokenizer",
+                "pooled_prompt_embeds": "text_encoder_2"}
+
+    def settings(self):
+        return {**super().settings(), "llama_max_length": self.llama_max_length, "crop_start": self.crop_start,
+                "num_hidden_layers_to_skip": self.skip, "prompt_template_sha256": self.template_sha()}
+
+    def text_conditioning(self, prompts):
+        emb, mask = self.template_hidden_states(prompts, self.llama_max_length, -(self.skip + 1))
+        return {"prompt_embeds": emb, "prompt_attention_mask": mask.to(torch.int64),
+                "pooled_prompt_embeds": self.clip_pooled(prompts, "text_encoder_2", "tokenizer_2")}
+
+
+@ADAPTERS.register("hunyuan_t2v", paths=("model_path",), signature_of=HunyuanVideoAdapter,
+                   encoding=HunyuanVideoEncoding)
 def build_hunyuan_t2v(**kwargs) -> HunyuanVideoAdapter:
     return build_adapter(HunyuanVideoAdapter, kwargs)
 
 
-@ADAPTERS.register("hunyuan_t2i", paths=("model_path",), signature_of=HunyuanVideoAdapter)
+@ADAPTERS.register("hunyuan_t2i", paths=("model_path",), signature_of=HunyuanVideoAdapter,
+                   encoding=HunyuanVideoEncoding)
 def build_hunyuan_t2i(**kwargs) -> HunyuanVideoAdapter:
     """HunyuanVideo-T2I: the video model with one latent frame (num_frames=1)."""
     kwargs.setdefault("num_frames", 1)

@@ -20,6 +20,11 @@ tokens and the scheduler's time-shift function and terminal stretch, all read fr
 scheduler/scheduler_config.json (diffusers' defaults for absent keys).
 cond: ``prompt_embeds`` (B, L, joint_attention_dim = 3584) -- Qwen2.5-VL's last hidden states with
 the prompt template's first 34 tokens dropped -- and ``prompt_attention_mask`` (B, L).
+
+Prompt encoding (data_prep family ``qwen_image``), as QwenImagePipeline: the prompt inside Qwen-Image's chat
+template, the last hidden state of Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration) over the prompt's tokens
+with the first ``crop_start`` (34) template tokens dropped, zero-padded to ``qwen_max_length`` (512, the
+pipeline's default max_sequence_length) -> ``prompt_embeds`` + ``prompt_attention_mask``.
 """
 
 from __future__ import annotations
@@ -33,7 +38,15 @@ import torch
 from ..sde import FlowSchedule, eta_per_step
 from .base import ADAPTERS
 from .diffusers_base import DiffusersAdapter, build_adapter, resolve_size, to_unit
+from .encoding import PromptEncoding
 from .flux import pack_latents, unpack_latents
+
+QWEN_IMAGE_PROMPT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+QWEN_IMAGE_CROP_START = 34  # diffusers' prompt_template_encode_start_idx: the template's tokens before the prompt
+QWEN_IMAGE_MAX_LENGTH = 512  # QwenImagePipeline's default max_sequence_length
 
 # diffusers' QwenImagePipeline falls back to these when the scheduler config lacks the key
 DYNAMIC_SHIFT_DEFAULTS = dict(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15,
@@ -165,6 +178,39 @@ class QwenImageAdapter(DiffusersAdapter):
         return to_unit(self.vae.decode(z, return_dict=False)[0][:, :, 0])
 
 
-@ADAPTERS.register("qwen_image", paths=("model_path",), signature_of=QwenImageAdapter)
+class QwenImageEncoding(PromptEncoding):
+    family = "qwen_image"
+    text_encoders = (("text_encoder", "Qwen2_5_VLForConditionalGeneration"),)
+    template = QWEN_IMAGE_PROMPT_TEMPLATE
+    crop_start_default = QWEN_IMAGE_CROP_START
+    qwen_max_length_default = QWEN_IMAGE_MAX_LENGTH
+    plan_text_len = QWEN_IMAGE_MAX_LENGTH
+
+    def tensor_sources(self):
+        return {"prompt_embeds": "text_encoder", "prompt_attention_mask": "tokenizer"}
+
+    def settings(self):
+        return {**super().settings(), "qwen_max_length": self.qwen_max_length, "crop_start": self.crop_start,
+                "prompt_template_sha256": self.template_sha()}
+
+    def text_conditioning(self, prompts):
+        """As QwenImagePipeline: template, last hidden state, each prompt's valid tokens without the first
+        ``crop_start`` ones, zero-padded to ``qwen_max_length`` (truncating at drop + max length keeps the same
+        tokens as the pipeline's 1024 + drop truncation followed by max_sequence_length: the encoder is causal)."""
+        texts = [self.template.format(p) for p in prompts]
+        L, drop = self.qwen_max_length, self.crop_start
+        t = self.c["tokenizer"](texts, padding=True, max_length=L + drop, truncation=True, return_tensors="pt")
+        ids, mask = t.input_ids.to(self.device), t.attention_mask.to(self.device)
+        h = self.c["text_encoder"](input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        emb = h.new_zeros(len(texts), L, h.shape[-1])
+        out_mask = torch.zeros(len(texts), L, dtype=torch.int64, device=h.device)
+        for i in range(len(texts)):
+            valid = h[i][mask[i].bool()][drop:drop + L]  # works for either padding side
+            emb[i, :valid.shape[0]] = valid
+            out_mask[i, :valid.shape[0]] = 1
+        return {"prompt_embeds": emb, "prompt_attention_mask": out_mask}
+
+
+@ADAPTERS.register("qwen_image", paths=("model_path",), signature_of=QwenImageAdapter, encoding=QwenImageEncoding)
 def build_qwen_image(**kwargs) -> QwenImageAdapter:
     return build_adapter(QwenImageAdapter, kwargs)

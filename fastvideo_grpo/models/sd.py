@@ -5,6 +5,10 @@ schedule, steps_offset, set_alpha_to_one) when present, else SD's scaled_linear 
 (default scale 5, as DanceGRPO's SD recipe) is used in rollout AND training: the policy output is
 ``uncond + s * (cond - uncond)`` from one batched forward, both branches trained (docs/method.md 4).
 cond: ``prompt_embeds`` (B, 77, cross_attention_dim) and ``negative_prompt_embeds`` (same shape).
+
+Prompt encoding (data_prep family ``sd``), as StableDiffusionPipeline: CLIPTextModel's last hidden state
+over the prompt padded to 77 tokens -> ``prompt_embeds`` (77, D); a negative (empty-prompt) embedding is
+saved for CFG.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from ..sde import DDIMSchedule, scaled_linear_alphas_cumprod
 from .base import ADAPTERS
 from .diffusers_base import DiffusersAdapter, build_adapter, resolve_size, to_unit
+from .encoding import PromptEncoding
 
 
 class StableDiffusionAdapter(DiffusersAdapter):
@@ -79,6 +84,19 @@ class StableDiffusionAdapter(DiffusersAdapter):
         return to_unit(self.vae.decode(z, return_dict=False)[0])
 
 
-@ADAPTERS.register("sd", paths=("model_path",), signature_of=StableDiffusionAdapter)
+class StableDiffusionEncoding(PromptEncoding):
+    family = "sd"
+    text_encoders = (("text_encoder", "CLIPTextModel"),)
+    cfg_by_default = True
+    plan_text_len = 77
+
+    def tensor_sources(self):
+        return {"prompt_embeds": "text_encoder"}
+
+    def text_conditioning(self, prompts):
+        return {"prompt_embeds": self.clip_last(prompts)}
+
+
+@ADAPTERS.register("sd", paths=("model_path",), signature_of=StableDiffusionAdapter, encoding=StableDiffusionEncoding)
 def build_sd(**kwargs) -> StableDiffusionAdapter:
     return build_adapter(StableDiffusionAdapter, kwargs)

@@ -6,13 +6,20 @@ Sigmas: linspace(1, 0, T + 1) with the static shift 3.0 of SD3.5's scheduler con
 own schedule is linspace over timesteps 1000..1 with the same shift: equal up to the spacing).
 cond: ``prompt_embeds`` (B, L, joint_attention_dim) (CLIP-L/G + T5, L = 77 + 256 by default),
 ``pooled_prompt_embeds`` (B, pooled_projection_dim), and negative_* of both.
+
+Prompt encoding (data_prep family ``sd3``), as StableDiffusion3Pipeline: CLIP-L and CLIP-G penultimate
+states concatenated, zero-padded to the T5 width and joined with T5 (padded to 256) along the sequence ->
+``prompt_embeds``; CLIP-L and CLIP-G projected pooled outputs concatenated -> ``pooled_prompt_embeds``.
 """
 
 from __future__ import annotations
 
+import torch
+
 from ..sde import FlowSchedule
 from .base import ADAPTERS
 from .diffusers_base import DiffusersAdapter, build_adapter, resolve_size, to_unit
+from .encoding import PromptEncoding
 
 
 class SD3Adapter(DiffusersAdapter):
@@ -55,6 +62,30 @@ class SD3Adapter(DiffusersAdapter):
         return to_unit(self.vae.decode(z, return_dict=False)[0])
 
 
-@ADAPTERS.register("sd3", paths=("model_path",), signature_of=SD3Adapter)
+class SD3Encoding(PromptEncoding):
+    family = "sd3"
+    text_encoders = (("text_encoder", "CLIPTextModelWithProjection"), ("text_encoder_2", "CLIPTextModelWithProjection"),
+                     ("text_encoder_3", "T5EncoderModel"))
+    t5_max_length_default = 256
+    cfg_by_default = True
+    plan_text_len = 77 + 256
+
+    def tensor_sources(self):
+        return {"prompt_embeds": "text_encoder+text_encoder_2+text_encoder_3",
+                "pooled_prompt_embeds": "text_encoder+text_encoder_2"}
+
+    def text_conditioning(self, prompts):
+        l_h, l_p = self.clip_penultimate_and_proj(prompts, "text_encoder", "tokenizer")
+        g_h, g_p = self.clip_penultimate_and_proj(prompts, "text_encoder_2", "tokenizer_2")
+        t5 = self.t5_plain(prompts, "text_encoder_3", "tokenizer_3")
+        clip = torch.cat([l_h.to(t5.dtype), g_h.to(t5.dtype)], dim=-1)
+        if clip.shape[-1] > t5.shape[-1]:
+            raise ValueError(f"SD3: CLIP width {clip.shape[-1]} exceeds T5 width {t5.shape[-1]}")
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return {"prompt_embeds": torch.cat([clip, t5], dim=-2),
+                "pooled_prompt_embeds": torch.cat([l_p, g_p.to(l_p.dtype)], dim=-1)}
+
+
+@ADAPTERS.register("sd3", paths=("model_path",), signature_of=SD3Adapter, encoding=SD3Encoding)
 def build_sd3(**kwargs) -> SD3Adapter:
     return build_adapter(SD3Adapter, kwargs)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import rng
+from ..utils import rng
 from ..sde import FlowSchedule
 from ..toy.shapes import COLOURS, COUNT_WORDS, PLURAL, SHAPES
 from .base import ADAPTERS, Cond, PolicyAdapter
@@ -230,7 +230,7 @@ class ToyAdapter(PolicyAdapter):
 
 def save_toy_model(model: TinyDiT, path, autoencoder: Optional[CellAutoencoder] = None) -> None:
     """One file with the DiT (and the autoencoder of a latent model), written atomically."""
-    from ..io import atomic_torch_save
+    from ..utils.io import atomic_torch_save
 
     blob = {"config": asdict(model.cfg), "state_dict": model.state_dict()}
     if autoencoder is not None:

@@ -12,15 +12,28 @@ I2V ("wan_i2v", Wan 2.1 I2V as diffusers' WanImageToVideoPipeline feeds it): sha
 normalised VAE latent of the reference image followed by zero frames], concatenated to the noisy
 latents along channels, and ``image_embeds`` (B, 257, image_dim) from the CLIP vision encoder
 (when the transformer has ``image_dim``). Both are precomputed (data_prep).
+
+Prompt encoding (data_prep families ``wan`` and ``wan_i2v``), as WanPipeline: the prompt cleaned
+(html-unescaped, whitespace collapsed; ftfy's text fix only when ftfy is installed, as in diffusers),
+UMT5EncoderModel with the attention mask, positions after the mask set to zero (padded to 512) ->
+``prompt_embeds``; a negative embedding is saved for CFG. ``wan_i2v`` adds, as
+WanImageToVideoPipeline.prepare_latents, ``image_condition`` (4 + C, F', h, w): [first-frame mask; the
+normalised VAE latent (posterior mode) of the video (the image, then num_frames - 1 black frames)], and
+``image_embeds`` (257, D) = CLIPVisionModel hidden_states[-2] of the original image when the folder has an
+``image_encoder``.
 """
 
 from __future__ import annotations
+
+import html
+import re
 
 import torch
 
 from ..sde import FlowSchedule
 from .base import ADAPTERS
 from .diffusers_base import DiffusersAdapter, build_adapter, resolve_size, to_unit
+from .encoding import PromptEncoding, config_sha, load_pretrained
 
 
 class WanAdapter(DiffusersAdapter):
@@ -115,11 +128,102 @@ class WanI2VAdapter(WanAdapter):
         return c.get("image_embeds")
 
 
-@ADAPTERS.register("wan", paths=("model_path",), signature_of=WanAdapter)
+def wan_prompt_clean(text: str) -> str:
+    """Wan's prompt cleaning: optional ftfy fix, html-unescape twice, collapse whitespace."""
+    try:
+        import ftfy  # optional, as in diffusers
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class WanEncoding(PromptEncoding):
+    family = "wan"
+    text_encoders = (("text_encoder", "UMT5EncoderModel"),)
+    t5_max_length_default = 512
+    cfg_by_default = True
+    plan_text_len = 512
+
+    def tensor_sources(self):
+        return {"prompt_embeds": "text_encoder"}
+
+    def text_conditioning(self, prompts):
+        prompts = [wan_prompt_clean(p) for p in prompts]
+        ids, mask = self._ids(self.c["tokenizer"], prompts, self.t5_max_length, mask=True)
+        h = self.c["text_encoder"](ids, mask).last_hidden_state
+        return {"prompt_embeds": h * (mask[..., None] > 0).to(h.dtype)}  # zero every position after the prompt's
+
+
+class WanI2VEncoding(WanEncoding):
+    family = "wan_i2v"
+    vae_class = "AutoencoderKLWan"
+
+    def check_options(self):
+        super().check_options()
+        if not self.num_frames:
+            raise ValueError("family 'wan_i2v' needs --num-frames (4k + 1, e.g. 81)")
+        t = int(self.c["vae"].config.scale_factor_temporal)
+        if (int(self.num_frames) - 1) % t:
+            raise ValueError(f"--num-frames must be {t}k + 1 (e.g. 81), got {self.num_frames}")
+
+    @classmethod
+    def extra_components(cls, root, dtype, device, image_embeds):
+        if not (image_embeds and (root / "image_encoder").is_dir()):
+            return {}
+        from transformers import CLIPImageProcessor
+
+        enc = load_pretrained("CLIPVisionModel", root / "image_encoder", dtype, device)
+        proc = CLIPImageProcessor.from_pretrained(str(root / "image_processor"), local_files_only=True)
+        return {name: (obj, {"class": type(obj).__name__, "path": str(root / name), "config_sha256": config_sha(root / name)})
+                for name, obj in (("image_encoder", enc), ("image_processor", proc))}
+
+    @property
+    def use_image_embeds(self) -> bool:
+        return self.image_embeds and "image_encoder" in self.c
+
+    def tensor_sources(self):
+        out = {**super().tensor_sources(), "image_condition": "vae"}
+        if self.use_image_embeds:
+            out["image_embeds"] = "image_encoder"
+        return out
+
+    def settings(self):
+        return {**super().settings(), **self.image_settings(), "num_frames": int(self.num_frames),
+                "image_embeds": self.use_image_embeds}
+
+    def image_conditioning(self, paths):
+        """As WanImageToVideoPipeline.prepare_latents (no last image, expand_timesteps off)."""
+        loaded, pix, vdtype = self.vae_pixels(paths)
+        vae = self.c["vae"]
+        B, _, H, W = pix.shape
+        T, F = int(vae.config.scale_factor_temporal), int(self.num_frames)
+        video = torch.cat([pix[:, :, None], pix.new_zeros(B, 3, F - 1, H, W)], dim=2)
+        z = vae.encode(video.to(vdtype)).latent_dist.mode()
+        C = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean).view(1, C, 1, 1, 1).to(z.device, z.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, C, 1, 1, 1).to(z.device, z.dtype)
+        z = (z - mean) * inv_std
+        h, w = z.shape[3:]
+        mask = torch.zeros(B, 1, F, h, w, device=z.device, dtype=z.dtype)
+        mask[:, :, 0] = 1
+        mask = torch.cat([mask[:, :, :1].repeat_interleave(T, dim=2), mask[:, :, 1:]], dim=2)
+        mask = mask.view(B, -1, T, h, w).transpose(1, 2)  # (B, T, F', h, w)
+        out = {"image_condition": torch.cat([mask, z], dim=1)}
+        if self.use_image_embeds:  # from the original image, as the pipeline's encode_image
+            inputs = self.c["image_processor"](images=[o for o, _ in loaded], return_tensors="pt")
+            enc = self.c["image_encoder"]
+            pv = inputs["pixel_values"].to(self.device, next(enc.parameters()).dtype)
+            out["image_embeds"] = enc(pixel_values=pv, output_hidden_states=True).hidden_states[-2]
+        return out
+
+
+@ADAPTERS.register("wan", paths=("model_path",), signature_of=WanAdapter, encoding=WanEncoding)
 def build_wan(**kwargs) -> WanAdapter:
     return build_adapter(WanAdapter, kwargs)
 
 
-@ADAPTERS.register("wan_i2v", paths=("model_path",), signature_of=WanI2VAdapter)
+@ADAPTERS.register("wan_i2v", paths=("model_path",), signature_of=WanI2VAdapter, encoding=WanI2VEncoding)
 def build_wan_i2v(**kwargs) -> WanI2VAdapter:
     return build_adapter(WanI2VAdapter, kwargs)

@@ -7,7 +7,8 @@ image_reward, hpsv3.
 
 from . import base  # noqa: F401
 from .base import REWARDS, RewardFn, check_scores, compute_rewards, validate_reward_inputs  # noqa: F401
-from . import aesthetic, binary, clip_score, hps, hpsv3, image_reward, pickscore, remote, video_align, vlm_judge  # noqa: F401
+from . import aesthetic, binary, clip_score, hps, hpsv3, image_reward, pickscore, video_align, vlm_judge  # noqa: F401
+from .serving import remote  # noqa: F401
 
 # --- rule-based rewards (owned by the lead): add `from . import rules  # noqa: F401` below ---
 from . import rules  # noqa: F401

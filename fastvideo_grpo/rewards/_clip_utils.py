@@ -34,7 +34,7 @@ def resolve_device(device: Optional[str]) -> torch.device:
     return torch.device(device)
 
 
-from ..dtypes import parse_dtype as resolve_dtype  # noqa: E402,F401
+from ..utils.dtypes import parse_dtype as resolve_dtype  # noqa: E402,F401
 
 
 def require_files(folder: Optional[str], groups: Sequence[Sequence[str]], what: str, hint: str) -> str:

@@ -20,14 +20,13 @@ depend on it only through the reward model's batch-shape rounding) and ``offload
 from __future__ import annotations
 
 import contextlib
-import math
 import numbers
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from .. import residency
-from ..registry import Registry
+from ..utils import residency
+from ..utils.registry import Registry
 
 RewardOutput = Tuple[torch.Tensor, Dict]
 RewardFn = Callable[..., RewardOutput]

@@ -7,7 +7,6 @@ from typing import Dict, Tuple
 
 import torch
 
-from .. import grpo
 from .base import REWARDS, ConfiguredReward, RewardFn
 
 
@@ -32,10 +31,15 @@ def build_reward_fns(reward_cfgs) -> Tuple[Dict[str, RewardFn], Dict[str, float]
     return fns, weights
 
 
+def binarize(rewards_B: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Thresholded binary reward (paper: HPS 0.28, CLIP 0.39): 1.0 where r >= threshold else 0.0."""
+    return (rewards_B >= threshold).to(torch.float32)
+
+
 def _thresholded(fn: RewardFn, threshold: float) -> RewardFn:
     def binary_reward(images, prompts, **meta):
         scores, info = fn(images, prompts, **meta)
-        return grpo.binarize(torch.as_tensor(scores, dtype=torch.float32), threshold), dict(info, raw=scores)
+        return binarize(torch.as_tensor(scores, dtype=torch.float32), threshold), dict(info, raw=scores)
 
     return binary_reward
 

@@ -34,7 +34,7 @@ def test_weight_ema_is_sharded_like_the_parameters(tmp_path):
     closed form; the 2-rank checkpoint's average loads into an unsharded model in one process."""
     import torch
 
-    from fastvideo_grpo.checkpoint import load_ema_weights
+    from fastvideo_grpo.training.checkpoint import load_ema_weights
 
     sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
     from common import tiny_adapter

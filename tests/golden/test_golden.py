@@ -58,7 +58,7 @@ def test_toy_trainer_golden():
     from fastvideo_grpo.toy.shapes import split_prompts
     from fastvideo_grpo.data.prompt_source import PromptSource
     from fastvideo_grpo.rewards.build import build_reward_fns
-    from fastvideo_grpo.trainer import GRPOTrainer
+    from fastvideo_grpo.training.trainer import GRPOTrainer
 
     cfg = load_config(None, [
         "--model.name=toy", "--sampling.num_steps=6", "--sampling.eta=0.7", "--grpo.group_size=4",

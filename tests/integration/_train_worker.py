@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 torch.set_num_threads(1)
 
 from fastvideo_grpo.rewards.base import REWARDS  # noqa: E402
-from fastvideo_grpo.train import cli  # noqa: E402
+from fastvideo_grpo.cli.train import cli  # noqa: E402
 
 
 def _brightness(images, prompts, **meta):

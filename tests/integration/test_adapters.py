@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from fastvideo_grpo import grpo
+from fastvideo_grpo.algorithms import grpo
 from fastvideo_grpo.models import ADAPTERS
 from fastvideo_grpo.models.diffusers_base import NEG
-from fastvideo_grpo.rollout import decode_latents, rollout, sample_ode
-from fastvideo_grpo.trainer import grpo_update
+from fastvideo_grpo.algorithms.rollout import decode_latents, rollout, sample_ode
+from fastvideo_grpo.algorithms.objectives.ppo_clip import grpo_update
 from support.tiny_models import FAMILIES, TEXT_LEN, tiny_components
 
 diffusers = pytest.importorskip("diffusers")
@@ -125,7 +125,7 @@ def test_rewarded_sample_is_the_released_codes(folders, name):
     last step, re-derived here from the stored z_{T-1}. Stable Diffusion (released train_grpo_sd.py): the last
     DDIM step keeps its eta and the decoded latent is that stochastic sample."""
     from fastvideo_grpo.config import load_config
-    from fastvideo_grpo.trainer import build_schedule
+    from fastvideo_grpo.training.trainer import build_schedule
 
     adapter = _build(folders, name)
     cfg = load_config(None, ["--sampling.num_steps=%d" % NUM_STEPS, "--sampling.eta=0.3"])
@@ -599,7 +599,7 @@ def _record_sizes(adapter, method):
 
 
 def _record_draws(monkeypatch):
-    from fastvideo_grpo import rng
+    from fastvideo_grpo.utils import rng
 
     draws, original = [], rng.randn
 

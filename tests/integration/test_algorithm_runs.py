@@ -27,7 +27,7 @@ OPTIONS = {
 
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_algorithm_option_two_iterations_through_the_flux_script(tiny, tmp_path, monkeypatch, option):
-    import fastvideo_grpo.evaluate as evaluate  # runner.run imports distributed_evaluate from it when run
+    import fastvideo_grpo.training.evaluate as evaluate  # runner.run imports distributed_evaluate from it when run
 
     eval_steps = []
     orig = evaluate.distributed_evaluate

@@ -8,7 +8,7 @@ gives MixGRPO round(320 / 112) = 3 iterations."""
 import json
 
 from fastvideo_grpo.config import load_config, save_config
-from fastvideo_grpo.metrics import read_jsonl
+from fastvideo_grpo.training.metrics import read_jsonl
 from support.scripts import ROOT, TINY_TOY_PRETRAIN, load_script
 
 

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from fastvideo_grpo.rewards import REWARDS
-from fastvideo_grpo.rewards.remote import RewardClient, decode_tensor, encode_tensor
-from fastvideo_grpo.rewards.server import RewardService, serve_in_thread
-from fastvideo_grpo.threads import thread_count
+from fastvideo_grpo.rewards.serving.remote import RewardClient, decode_tensor, encode_tensor
+from fastvideo_grpo.rewards.serving.server import RewardService, serve_in_thread
+from fastvideo_grpo.utils.threads import thread_count
 
 PROMPTS = ["a red cat", "a blue dog", "green tree", "the sun", "a cat"]
 PATCH = 16  # the tiny CLIP's patch size: its longest reduction is the 3 * 16 * 16 patch embedding
@@ -182,7 +182,7 @@ def test_down_server_is_a_connection_error_naming_the_address():
         held.bind(("127.0.0.1", 0))
         port = held.getsockname()[1]
         t0 = time.monotonic()
-        with pytest.raises(ConnectionError, match=rf"127\.0\.0\.1:{port}.*fastvideo_grpo\.rewards\.server"):
+        with pytest.raises(ConnectionError, match=rf"127\.0\.0\.1:{port}.*fastvideo_grpo\.rewards\.serving\.server"):
             REWARDS.build("remote", reward="hps", port=port, retries=2, backoff=0.01)
         assert time.monotonic() - t0 < 10  # 3 refused connects + 0.03 s back-off; no hang
 
@@ -212,7 +212,7 @@ def test_cli_server_subprocess_matches_in_process(clip_dir, tmp_path):
                                "max_batch": 2}))
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     threads = torch.get_num_threads()  # the server scores with this test's count (--threads, not the env)
-    proc = subprocess.Popen([sys.executable, "-m", "fastvideo_grpo.rewards.server", "--config", str(cfg),
+    proc = subprocess.Popen([sys.executable, "-m", "fastvideo_grpo.rewards.serving.server", "--config", str(cfg),
                              "--host", "127.0.0.1", "--port", "0", "--threads", str(threads)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     lines: "queue.Queue[str]" = queue.Queue()
@@ -291,7 +291,7 @@ def _post_head(length, token=TOKEN, path="/score"):
 def guarded(monkeypatch):
     """A token-protected server with small limits; yields (port, server)."""
     monkeypatch.delenv("FVG_REWARD_TOKEN", raising=False)
-    from fastvideo_grpo.rewards.server_guard import ServerLimits
+    from fastvideo_grpo.rewards.serving.server_guard import ServerLimits
 
     limits = ServerLimits(max_body_bytes=256 * 1024, header_timeout=1.0, read_timeout=1.5, max_connections=32,
                           max_queue=16, queue_timeout=30.0)
@@ -327,7 +327,7 @@ def test_token_is_required_on_loopback_and_errors_say_what_to_do(guarded, tmp_pa
 
 
 def test_token_helpers():
-    from fastvideo_grpo.rewards.server_guard import load_token, token_matches
+    from fastvideo_grpo.rewards.serving.server_guard import load_token, token_matches
 
     assert token_matches(f"Bearer {TOKEN}", TOKEN)
     assert not token_matches(f"Bearer {TOKEN}x", TOKEN) and not token_matches(TOKEN, TOKEN)
@@ -341,7 +341,7 @@ def test_token_helpers():
 
 
 def test_non_loopback_bind_needs_a_token_or_insecure(monkeypatch, capsys):
-    from fastvideo_grpo.rewards.server import main, make_server
+    from fastvideo_grpo.rewards.serving.server import main, make_server
 
     monkeypatch.delenv("FVG_REWARD_TOKEN", raising=False)
     service = RewardService({"mean": _mean_reward})
@@ -369,7 +369,7 @@ def test_non_loopback_bind_needs_a_token_or_insecure(monkeypatch, capsys):
     (["--token-file", "/nonexistent/token"], "token file '/nonexistent/token' does not exist"),
 ])
 def test_cli_refuses_nonsense_values(args, message, capsys, monkeypatch):
-    from fastvideo_grpo.rewards.server import main
+    from fastvideo_grpo.rewards.serving.server import main
 
     monkeypatch.delenv("FVG_REWARD_TOKEN", raising=False)
     with pytest.raises(SystemExit) as e:
@@ -388,7 +388,7 @@ def test_cli_refuses_nonsense_values(args, message, capsys, monkeypatch):
     ({"token": TOKEN}, "do not put the token in the config"),
 ])
 def test_cli_refuses_nonsense_config_values(extra, message, tmp_path, capsys, monkeypatch):
-    from fastvideo_grpo.rewards.server import main
+    from fastvideo_grpo.rewards.serving.server import main
 
     monkeypatch.delenv("FVG_REWARD_TOKEN", raising=False)
     cfg = tmp_path / "rewards.json"
@@ -562,7 +562,7 @@ def test_load_and_faults_lose_no_response(guarded):
 
 
 def test_busy_server_answers_429_503_and_caps_connections(monkeypatch):
-    from fastvideo_grpo.rewards.server_guard import ServerLimits
+    from fastvideo_grpo.rewards.serving.server_guard import ServerLimits
 
     monkeypatch.delenv("FVG_REWARD_TOKEN", raising=False)
     release = threading.Event()

@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from fastvideo_grpo.rewards.remote import RewardClient, encode_tensor
-from fastvideo_grpo.rewards.server import RewardService, limits_from, serve_in_thread
+from fastvideo_grpo.rewards.serving.remote import RewardClient, encode_tensor
+from fastvideo_grpo.rewards.serving.server import RewardService, limits_from, serve_in_thread
 from fastvideo_grpo.rewards.server_guard import ConnectionSlots, ServerLimits
 from support.scripts import load_script
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from fastvideo_grpo.runner import PromptSets, run
+from fastvideo_grpo.training.runner import PromptSets, run
 
 WORKERS = Path(__file__).resolve().parents[1] / "distributed" / "workers"
 sys.path.insert(0, str(WORKERS))
@@ -69,7 +69,7 @@ def test_clean_up_keeps_the_checkpoints_of_another_lineage(tmp_path):
 
 
 def test_a_second_run_in_the_same_folder_is_refused_and_a_stale_lock_taken_over(tmp_path):
-    from fastvideo_grpo.run_folder import LOCK, RunLock
+    from fastvideo_grpo.training.run_folder import LOCK, RunLock
 
     out = tmp_path / "run"
     with RunLock(out):
@@ -92,7 +92,7 @@ def test_config_yaml_records_what_runs(tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text()) == recorded
     # a resume with a new lr trains at that lr and records it; the earlier record is kept
     seen = []
-    from fastvideo_grpo.loop import Component
+    from fastvideo_grpo.training.loop import Component
 
     class Lr(Component):
         def on_iteration(self, state, it, m):
@@ -146,7 +146,7 @@ def test_a_failed_save_leaves_no_partial_folder(tmp_path, monkeypatch):
 
 
 def test_iterations_without_signal_are_reported(tmp_path):
-    from fastvideo_grpo.loop import Component
+    from fastvideo_grpo.training.loop import Component
 
     rows = []
 
@@ -165,7 +165,7 @@ def test_iterations_without_signal_are_reported(tmp_path):
 
 
 def test_outputs_respect_the_umask(tmp_path):
-    from fastvideo_grpo.io import atomic_write_text
+    from fastvideo_grpo.utils.io import atomic_write_text
 
     old = os.umask(0o022)
     try:

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from fastvideo_grpo import grpo
+from fastvideo_grpo.algorithms import grpo
 from fastvideo_grpo.config import load_config
 from fastvideo_grpo.models.toy import TinyDiT, TinyDiTConfig, ToyAdapter
-from fastvideo_grpo.rollout import rollout, sample_ode
-from fastvideo_grpo.trainer import grpo_update
+from fastvideo_grpo.algorithms.rollout import rollout, sample_ode
+from fastvideo_grpo.algorithms.objectives.ppo_clip import grpo_update
 
 TINY = dict(image_size=16, patch_size=4, hidden=32, depth=1, heads=2)
 
@@ -81,7 +81,7 @@ def test_chunked_rollout_same_noise_close_samples_and_ratio_one(rb):
     """sampling.rollout_batch_size on the toy model: the same noise per sample as the whole batch (one
     draw per step, sliced), samples equal up to the CPU GEMM's batch-size-dependent rounding, and the
     PPO ratio exactly 1 when the training micro-batch equals the rollout chunk."""
-    from fastvideo_grpo import rng
+    from fastvideo_grpo.utils import rng
 
     prompts = ["two red circles", "one blue square", "a red square left of a green circle"]
     results = []
@@ -113,7 +113,7 @@ def test_chunked_rollout_same_noise_close_samples_and_ratio_one(rb):
 
 
 def test_short_demo_runs_end_to_end(tmp_path):
-    from fastvideo_grpo.toy.demo import run_demo
+    from fastvideo_grpo.cli.demo import run_demo
 
     cfg = load_config("configs/toy_cpu.yaml", [
         f"--train.output_dir={tmp_path / 'demo'}", "--train.num_iterations=2", "--train.eval_every=0",
@@ -155,7 +155,7 @@ def test_grpo_increases_a_simple_reward():
     (A reward with an obvious direction; the toy GenEval reward moves much more slowly, see README.)
     """
     from fastvideo_grpo.data.prompt_source import PromptSource
-    from fastvideo_grpo.trainer import GRPOTrainer
+    from fastvideo_grpo.training.trainer import GRPOTrainer
 
     cfg = load_config("configs/toy_cpu.yaml", [
         "--grpo.prompts_per_iteration=2", "--grpo.group_size=8", "--sampling.num_steps=4",
@@ -195,7 +195,7 @@ def test_kl_coef_builds_a_frozen_reference_and_penalises_drift():
     then the closed-form Gaussian KL of the moved policy's step means against the frozen start."""
     from fastvideo_grpo.sde import FlowSchedule
     from fastvideo_grpo.data.prompt_source import PromptSource
-    from fastvideo_grpo.trainer import GRPOTrainer
+    from fastvideo_grpo.training.trainer import GRPOTrainer
 
     cfg = load_config("configs/toy_cpu.yaml", [
         "--grpo.prompts_per_iteration=2", "--grpo.group_size=4", "--sampling.num_steps=3",
@@ -220,22 +220,22 @@ def test_kl_coef_builds_a_frozen_reference_and_penalises_drift():
     # was before that iteration's update and of the start, on the transitions that iteration trained on
     import copy
 
-    from fastvideo_grpo import trainer as trainer_mod
+    from fastvideo_grpo.training import trainer as trainer_mod
     from fastvideo_grpo.sde import flow_sde_step
 
     policy_before = copy.deepcopy(ad)
     seen = {}
-    original = trainer_mod.grpo_update
+    original = trainer_mod.update
 
-    def spy(adapter, schedule, traj, *a, **k):
-        seen["traj"], seen["schedule"] = traj, schedule
-        return original(adapter, schedule, traj, *a, **k)
+    def spy(objective, batch, *a, **k):
+        seen["traj"], seen["schedule"] = batch.traj, batch.schedule
+        return original(objective, batch, *a, **k)
 
-    trainer_mod.grpo_update = spy
+    trainer_mod.update = spy
     try:
         second = trainer.train_iteration()
     finally:
-        trainer_mod.grpo_update = original
+        trainer_mod.update = original
     traj, sch = seen["traj"], seen["schedule"]
     kls = []
     with torch.no_grad():
@@ -275,9 +275,9 @@ def test_best_of_n_trains_the_released_advantages(mode):
     again over the 2k kept samples. Reference: the released formula on plain floats."""
     import statistics
 
-    from fastvideo_grpo import trainer as trainer_mod
+    from fastvideo_grpo.training import trainer as trainer_mod
     from fastvideo_grpo.data.prompt_source import PromptSource
-    from fastvideo_grpo.trainer import GRPOTrainer
+    from fastvideo_grpo.training.trainer import GRPOTrainer
 
     scores = [0.1, 0.9, 0.5, 0.3, 0.7, 0.2]
     cfg = load_config("configs/toy_cpu.yaml", [
@@ -295,11 +295,11 @@ def test_best_of_n_trains_the_released_advantages(mode):
 
     trainer = GRPOTrainer(cfg, ad, {"r": fixed}, {"r": 1.0}, PromptSource(["one red square"], ad.encode_prompts, seed=0))
     seen = {}
-    original = trainer_mod.grpo_update
+    original = trainer_mod.update
 
-    def spy(adapter, schedule, traj, adv, *a, **k):
-        seen["traj"], seen["adv"] = traj, adv.clone()
-        return original(adapter, schedule, traj, adv, *a, **k)
+    def spy(objective, batch, *a, **k):
+        seen["traj"], seen["adv"] = batch.traj, batch.advantages_B.clone()
+        return original(objective, batch, *a, **k)
 
     original_decode = trainer_mod.decode_latents
 
@@ -307,11 +307,11 @@ def test_best_of_n_trains_the_released_advantages(mode):
         shown["latents"] = z.clone()
         return original_decode(adapter, z, *a, **k)
 
-    trainer_mod.grpo_update, trainer_mod.decode_latents = spy, decode_spy
+    trainer_mod.update, trainer_mod.decode_latents = spy, decode_spy
     try:
         trainer.train_iteration()
     finally:
-        trainer_mod.grpo_update, trainer_mod.decode_latents = original, original_decode
+        trainer_mod.update, trainer_mod.decode_latents = original, original_decode
 
     def released_adv(xs):
         m, s = statistics.fmean(xs), statistics.stdev(xs)
@@ -338,9 +338,9 @@ def test_ema_run_evaluates_exports_and_resumes_with_the_average(tmp_path):
     weights after each iteration; a checkpoint holds it, and a resumed run ends bit-identical."""
     from safetensors.torch import load_file
 
-    from fastvideo_grpo.checkpoint import has_ema, load_ema_weights
-    from fastvideo_grpo.loop import Component
-    from fastvideo_grpo.runner import PromptSets, run
+    from fastvideo_grpo.training.checkpoint import has_ema, load_ema_weights
+    from fastvideo_grpo.training.loop import Component
+    from fastvideo_grpo.training.runner import PromptSets, run
 
     decay = 0.6
     built = {}
@@ -420,7 +420,7 @@ def test_frozen_toy_modules_keep_their_weights_through_training():
     from fastvideo_grpo.data.prompt_source import PromptSource
     from fastvideo_grpo.rewards import rules  # noqa: F401  (registers the toy rewards)
     from fastvideo_grpo.rewards.build import build_reward_fns
-    from fastvideo_grpo.trainer import GRPOTrainer
+    from fastvideo_grpo.training.trainer import GRPOTrainer
 
     ad = _adapter(3)
     ad = ToyAdapter(ad.model, frozen=["patch_out", "ada_out"])

@@ -29,7 +29,7 @@ CASES = [  # (script, recipe, adapter family)
     ("train_sd_grpo", "configs/sd_hps.yaml", "sd"),
     ("train_flux_grpo", "configs/flux_hps_clip.yaml", "flux"),
     ("train_hunyuan_grpo", "configs/hunyuan_t2v_videoalign.yaml", "hunyuan_t2v"),
-    ("train_hunyuan_grpo", "configs/hunyuan_t2i_hps.yaml", "hunyuan_t2i"),
+    ("train", "configs/hunyuan_t2i_hps.yaml", "hunyuan_t2i"),  # the one entry (the named ones set a default)
     ("train_i2v_grpo", "configs/hunyuan_i2v_mq.yaml", "hunyuan_i2v"),
     ("train_wan_grpo", "configs/wan_t2v.yaml", "wan"),
     ("train_wan_grpo", "configs/wan_t2i_hps.yaml", "wan"),  # the released Wan recipe: one frame
@@ -120,7 +120,7 @@ def test_embeddings_for_another_model_are_rejected(tiny, tmp_path):
 
 
 def test_nan_reward_stops_without_new_checkpoint(tiny, tmp_path):
-    from fastvideo_grpo.train import EXIT_DIVERGED, TrainingStopped
+    from fastvideo_grpo.cli.train import EXIT_DIVERGED, TrainingStopped
 
     folder, kw, manifest = tiny("sd")
     mod = train_script("train_sd_grpo")
@@ -146,7 +146,7 @@ def test_nan_reward_stops_without_new_checkpoint(tiny, tmp_path):
 
 
 def test_evaluate_cli_single_and_compare(tiny, tmp_path):
-    from fastvideo_grpo import evaluate_cli as evaluate
+    from fastvideo_grpo.cli import evaluate as evaluate
 
     folder, kw, manifest = tiny("sd")
     mod = train_script("train_sd_grpo")
@@ -170,7 +170,7 @@ def test_evaluate_cli_single_and_compare(tiny, tmp_path):
 
 def test_lora_training_exports_adapter_weights_that_evaluate_loads(tiny, tmp_path):
     pytest.importorskip("peft")
-    from fastvideo_grpo import evaluate_cli as evaluate
+    from fastvideo_grpo.cli import evaluate as evaluate
 
     folder, kw, manifest = tiny("flux")
     mod = train_script("train_flux_grpo")
@@ -216,8 +216,8 @@ CASES_BY_FAMILY = [(c[2], c[1]) for c in CASES]
 
 
 def test_cuda_oom_is_reported_with_the_memory_knobs(tiny, tmp_path, monkeypatch):
-    from fastvideo_grpo.train import EXIT_OOM, TrainingStopped
-    from fastvideo_grpo.trainer import GRPOTrainer
+    from fastvideo_grpo.cli.train import EXIT_OOM, TrainingStopped
+    from fastvideo_grpo.training.trainer import GRPOTrainer
 
     def oom(self):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fastvideo_grpo.config import load_config
-from fastvideo_grpo.plan import passes_per_iteration
+from fastvideo_grpo.cli.plan import passes_per_iteration
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "configs" / "algorithms").glob("*.yaml"))

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from fastvideo_grpo.config import RunConfig, load_config, save_config, to_dict
-from fastvideo_grpo.train import parse_args
+from fastvideo_grpo.cli.train import parse_args
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,15 +88,24 @@ def test_script_flags_map_to_config_fields():
     ({"train": {"num_threads": -2}}, r"train.num_threads must be >= 0"),
     ({"grpo": {"advantage_std": "unbiased"}}, r"grpo.advantage_std must be 'bessel' or 'population'"),
     ({"grpo": {"best_of_n_advantages": "top"}}, r"grpo.best_of_n_advantages must be 'group' or 'selected'"),
-    ({"sampling": {"num_steps": 10}, "grpo": {"timestep_window": [9, 10]}}, r"only the last step.*train_last_step"),
-    ({"sampling": {"num_steps": 1}}, r"num_steps must be >= 2 while the last step is not trained"),
-    ({"sampling": {"deterministic_last_step": True}, "grpo": {"train_last_step": True}},
-     r"deterministic_last_step.*train_last_step"),
-    ({"sampling": {"num_steps": 4, "eta_schedule": [0.3, 0.0, 0.3, 0.0]}}, r"eta_schedule is 0 at steps \[1\]"),
 ])
 def test_bad_configs_are_rejected(tmp_path, data, match):
     with pytest.raises(ValueError, match=match):
         load_config(_write(tmp_path, data))
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"sampling": {"num_steps": 10}, "grpo": {"timestep_window": [9, 10]}}, r"only the last step.*train_last_step"),
+    ({"sampling": {"num_steps": 1}}, r"num_steps must be >= 2 while the last step is not trained"),
+    ({"sampling": {"deterministic_last_step": True}, "grpo": {"train_last_step": True}},
+     r"deterministic_last_step.*train_last_step"),
+    ({"sampling": {"num_steps": 4, "eta_schedule": [0.3, 0.0, 0.3, 0.0]}}, r"steps \[1\] have eta = 0"),
+])
+def test_settings_across_sections_are_rejected_by_the_builder_that_combines_them(tmp_path, data, match):
+    from fastvideo_grpo.algorithms.objectives import build_objective
+
+    with pytest.raises(ValueError, match=match):
+        build_objective(load_config(_write(tmp_path, data)))
 
 
 def test_thread_count_rule_is_per_calling_thread_and_restored():
@@ -104,7 +113,7 @@ def test_thread_count_rule_is_per_calling_thread_and_restored():
 
     import torch
 
-    from fastvideo_grpo.threads import resolve_num_threads, set_num_threads, thread_count
+    from fastvideo_grpo.utils.threads import resolve_num_threads, set_num_threads, thread_count
 
     caller = torch.get_num_threads()
     assert resolve_num_threads(0) == caller and resolve_num_threads(3) == 3
@@ -149,7 +158,7 @@ def test_every_recipe_is_checked():
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipes_hold_their_stated_settings(name):
-    from fastvideo_grpo import grpo
+    from fastvideo_grpo.algorithms import grpo
 
     want = dict(PAPER, **RECIPES[name])
     text = (ROOT / "configs" / name).read_text()
@@ -224,7 +233,7 @@ def test_empty_and_broken_yaml_name_the_file_and_line(tmp_path):
 
 
 def test_evaluate_cli_refuses_bad_counts():
-    from fastvideo_grpo.evaluate_cli import main
+    from fastvideo_grpo.cli.evaluate import main
 
     with pytest.raises(ValueError, match="--samples-per-prompt must be >= 1"):
         main(["base", "--samples-per-prompt", "-1"])

@@ -24,10 +24,11 @@ pytest.importorskip("safetensors")
 
 from fastvideo_grpo.data import (PromptEmbeddingDataset, collate_prompt_embeddings, is_eval_prompt,  # noqa: E402
                                  load_manifest, read_prompts, validate_manifest)
-from fastvideo_grpo.data.encoders import (HUNYUAN_PROMPT_TEMPLATE, QWEN_IMAGE_PROMPT_TEMPLATE,  # noqa: E402
-                                          FamilyEncoder, load_family_encoder)
+from fastvideo_grpo.data.encoders import FamilyEncoder, load_family_encoder  # noqa: E402
 from fastvideo_grpo.data.prep import main as prep_main  # noqa: E402
-from fastvideo_grpo.data.qwen_edit import QWEN_IMAGE_EDIT_PROMPT_TEMPLATE  # noqa: E402
+from fastvideo_grpo.models.hunyuan_video import HUNYUAN_PROMPT_TEMPLATE  # noqa: E402
+from fastvideo_grpo.models.qwen_image import QWEN_IMAGE_PROMPT_TEMPLATE  # noqa: E402
+from fastvideo_grpo.models.qwen_image_edit import QWEN_IMAGE_EDIT_PROMPT_TEMPLATE  # noqa: E402
 from support.tiny_encoders import CLIP_DIMS, LLAMA_DIM, QWEN_VL_DIM, T5_DIM, build_tiny_components  # noqa: E402
 
 PROMPTS = ["a red circle", "two blue squares on the left", "the cat and the dog", "a photo of a star",

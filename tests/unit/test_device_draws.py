@@ -10,13 +10,14 @@ The last test runs the real loop on CUDA when a GPU is present.
 import pytest
 import torch
 
-from fastvideo_grpo import grpo, rng
+from fastvideo_grpo.algorithms import grpo
+from fastvideo_grpo.utils import rng
 from fastvideo_grpo.config import load_config
 from fastvideo_grpo.models.toy import TinyDiT, TinyDiTConfig, ToyAdapter
-from fastvideo_grpo.rollout import rollout, sample_ode
+from fastvideo_grpo.algorithms.rollout import rollout, sample_ode
 from fastvideo_grpo.data.prompt_source import PromptSource
 from fastvideo_grpo.rewards.build import build_reward_fns
-from fastvideo_grpo.trainer import GRPOTrainer
+from fastvideo_grpo.training.trainer import GRPOTrainer
 
 TINY = dict(image_size=16, patch_size=4, hidden=32, depth=1, heads=2)
 PROMPTS = ["two red circles", "one blue square"]
@@ -113,7 +114,7 @@ def _trainer(device):
 
 
 def test_training_iteration_and_evaluation_draw_only_on_the_generators_device(strict_draws):
-    from fastvideo_grpo.evaluate import evaluate_policy
+    from fastvideo_grpo.training.evaluate import evaluate_policy
 
     trainer = _trainer("cpu")
     m = trainer.train_iteration()
@@ -126,21 +127,13 @@ def test_training_iteration_and_evaluation_draw_only_on_the_generators_device(st
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_iteration_with_bf16_autocast_keeps_ratio_one_and_matches_cpu_noise(strict_draws):
     """The real loop on a GPU: rollout, reward, PPO update and evaluation; first ratio exactly 1."""
-    from fastvideo_grpo import trainer as trainer_mod
-    from fastvideo_grpo.evaluate import evaluate_policy
+    from fastvideo_grpo.training import trainer as trainer_mod
+    from fastvideo_grpo.training.evaluate import evaluate_policy
 
     trainer = _trainer("cuda")
     ratios = []
-    original = trainer_mod.grpo_update
-
-    def spy(*a, **k):
-        return original(*a, on_first_ratio=lambda r: ratios.append(r.detach().cpu()), **k)
-
-    trainer_mod.grpo_update = spy
-    try:
-        m = trainer.train_iteration()
-    finally:
-        trainer_mod.grpo_update = original
+    trainer.objective.on_first_ratio = lambda r: ratios.append(r.detach().cpu())
+    m = trainer.train_iteration()
     assert torch.isfinite(torch.tensor(m["train/loss"]))
     assert torch.equal(ratios[0], torch.ones_like(ratios[0]))
     ev = evaluate_policy(trainer.adapter, PROMPTS, trainer.reward_fns, 4)

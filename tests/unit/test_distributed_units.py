@@ -4,7 +4,7 @@ sampler, --resume resolution, block discovery, and an in-process kill-and-resume
 import pytest
 import torch
 
-from fastvideo_grpo.checkpoint import resolve_resume
+from fastvideo_grpo.training.checkpoint import resolve_resume
 from fastvideo_grpo.config import load_config
 from fastvideo_grpo.data.prompt_source import PromptSource
 from fastvideo_grpo.distributed import ParallelDims, rank_seed
@@ -115,8 +115,8 @@ def test_single_process_stop_and_resume_and_export(tmp_path, monkeypatch):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed" / "workers"))
     from common import PROMPTS, redness, run_config, tiny_adapter
 
-    from fastvideo_grpo.metrics import read_jsonl
-    from fastvideo_grpo.runner import PromptSets, run
+    from fastvideo_grpo.training.metrics import read_jsonl
+    from fastvideo_grpo.training.runner import PromptSets, run
 
     for k in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
@@ -158,7 +158,7 @@ class _Stub:
 def test_export_diffusers_save_pretrained_and_lora(tmp_path):
     from safetensors.torch import load_file
 
-    from fastvideo_grpo.checkpoint import export_weights
+    from fastvideo_grpo.training.checkpoint import export_weights
     from fastvideo_grpo.distributed.fsdp import apply_activation_checkpointing
 
     model = _tiny_flux()

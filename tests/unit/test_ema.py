@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastvideo_grpo.ema import WeightEMA
+from fastvideo_grpo.training.ema import WeightEMA
 
 
 def _closed_form(history, decay):

@@ -7,7 +7,7 @@ import torch
 from fastvideo_grpo import sde
 from fastvideo_grpo.config import load_config
 from fastvideo_grpo.data.prompt_source import PromptSource
-from fastvideo_grpo.trainer import GRPOTrainer, build_schedule
+from fastvideo_grpo.training.trainer import GRPOTrainer, build_schedule
 from support.tiny_models import tiny_toy_adapter
 
 
@@ -86,13 +86,13 @@ def test_flow_grpo_fast_sde_and_training_at_random_steps_shared_by_the_batch():
     trainer.iteration = 0
     # one iteration: the trained steps are the window's two steps for every sample
     seen = []
-    import fastvideo_grpo.trainer as tr
-    orig = tr.grpo_update
-    tr.grpo_update = lambda ad_, sch, traj, *a_, **k: seen.append((sch, traj)) or orig(ad_, sch, traj, *a_, **k)
+    import fastvideo_grpo.training.trainer as tr
+    orig = tr.update
+    tr.update = lambda obj, batch, *a_, **k: seen.append((batch.schedule, batch.traj)) or orig(obj, batch, *a_, **k)
     try:
         m = trainer.train_iteration()
     finally:
-        tr.grpo_update = orig
+        tr.update = orig
     sch, traj = seen[0]
     a, b = m["sde_window/start"], m["sde_window/end"]
     assert torch.equal(traj.steps_BK.sort(dim=1).values, torch.arange(a, b).expand(4, 2))

@@ -6,7 +6,8 @@ import statistics
 import pytest
 import torch
 
-from fastvideo_grpo import grpo
+from fastvideo_grpo.algorithms import grpo
+from fastvideo_grpo.rewards.build import binarize
 
 
 def test_group_advantages_closed_form():
@@ -75,7 +76,7 @@ def test_aggregate_weights_and_errors():
 
 
 def test_binarize_threshold():
-    assert grpo.binarize(torch.tensor([0.27, 0.28, 0.3]), 0.28).tolist() == [0.0, 1.0, 1.0]
+    assert binarize(torch.tensor([0.27, 0.28, 0.3]), 0.28).tolist() == [0.0, 1.0, 1.0]
 
 
 def test_best_of_n_selects_top_and_bottom_k_per_group():

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastvideo_grpo.metrics import save_image_grid
+from fastvideo_grpo.training.metrics import save_image_grid
 
 
 def test_grid_frames_each_image_in_its_own_colour(tmp_path):

@@ -1,13 +1,14 @@
-"""DiffusionNFT (nft.py): the loss against a hand-computed case and its closed-form minimiser, and the
-update through the trainer with a deterministic (ODE) sampler -- no log-probs needed."""
+"""DiffusionNFT (algorithms/objectives/diffusion_nft.py): the loss against a hand-computed case and its closed-form
+minimiser, and the update through the trainer with a deterministic (ODE) sampler -- no log-probs needed."""
 
 import pytest
 import torch
 
-from fastvideo_grpo import nft
+from fastvideo_grpo.algorithms.objectives import build_objective
+from fastvideo_grpo.algorithms.objectives import diffusion_nft as nft
 from fastvideo_grpo.config import load_config
 from fastvideo_grpo.data.prompt_source import PromptSource
-from fastvideo_grpo.trainer import GRPOTrainer
+from fastvideo_grpo.training.trainer import GRPOTrainer
 from support.tiny_models import tiny_toy_adapter
 
 
@@ -85,16 +86,16 @@ def test_nft_trains_through_the_trainer_with_an_ode_sampler():
         GRPOTrainer(load_config(None, ["--sampling.num_steps=4", "--sampling.eta=0.0"]), _toy(), fns, weights,
                     PromptSource(prompts, ad.encode_prompts, seed=2))
     with pytest.raises(ValueError, match="shared_noise"):  # an ODE from one noise: G identical samples
-        load_config(None, ["--grpo.objective=nft", "--sampling.eta=0.0"])
+        build_objective(load_config(None, ["--grpo.objective=nft", "--sampling.eta=0.0"]))
     with pytest.raises(ValueError, match="kl_coef"):
-        load_config(None, ["--grpo.objective=nft", "--grpo.kl_coef=0.1"])
+        build_objective(load_config(None, ["--grpo.objective=nft", "--grpo.kl_coef=0.1"]))
 
 
 def test_nft_update_with_all_positive_samples_is_flow_matching_on_them():
     """r = 1 everywhere and beta = 1: v+ = v_theta, so one step lowers the plain flow-matching error on the
     noised clean samples (same noise and times, read back from the generator)."""
-    from fastvideo_grpo import grpo
-    from fastvideo_grpo.rollout import rollout
+    from fastvideo_grpo.algorithms import grpo
+    from fastvideo_grpo.algorithms.rollout import rollout
 
     ad = _toy(1)
     sched = ad.make_schedule(4, 0.0)

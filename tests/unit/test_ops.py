@@ -1,4 +1,4 @@
-"""Tests of the fused SDE step + log-prob op (fastvideo_grpo.ops): kernel vs reference, gradients,
+"""Tests of the fused SDE step + log-prob op (fastvideo_grpo.sde.ops): kernel vs reference, gradients,
 low-precision tolerance, dispatch fallback, torch.compile, bit-identical re-scoring, CUDA and nvcc.
 
 Kernel-specific tests skip with a reason when ``fastvideo_grpo._C`` is not built.
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from fastvideo_grpo import sde
-from fastvideo_grpo.ops import fused, reference
-from fastvideo_grpo.ops import ddim_coefficients, flow_coefficients, fused_sde_step, reference_sde_step
-from fastvideo_grpo.threads import thread_count
+from fastvideo_grpo.sde.ops import fused, reference
+from fastvideo_grpo.sde.ops import ddim_coefficients, flow_coefficients, fused_sde_step, reference_sde_step
+from fastvideo_grpo.utils.threads import thread_count
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_ext = pytest.mark.skipif(not fused.extension_available(),
@@ -395,7 +395,7 @@ def test_dispatch_falls_back_to_reference_without_extension(monkeypatch):
 
 
 def test_env_var_disables_extension():
-    code = "import fastvideo_grpo.ops as o; print(o.extension_available())"
+    code = "import fastvideo_grpo.sde.ops as o; print(o.extension_available())"
     env = dict(os.environ, FVG_DISABLE_EXT="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"

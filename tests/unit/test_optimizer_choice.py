@@ -8,7 +8,7 @@ import torch
 
 from fastvideo_grpo.config import load_config
 from fastvideo_grpo.data.prompt_source import PromptSource
-from fastvideo_grpo.trainer import GRPOTrainer
+from fastvideo_grpo.training.trainer import GRPOTrainer
 from support.tiny_models import tiny_toy_adapter
 
 BASE = ["--model.name=toy", "--sampling.num_steps=4", "--grpo.group_size=2", "--grpo.prompts_per_iteration=2",

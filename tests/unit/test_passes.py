@@ -12,9 +12,9 @@ import torch
 
 from fastvideo_grpo.config import load_config
 from fastvideo_grpo.data.prompt_source import PromptSource
-from fastvideo_grpo.passes import PassCounter
-from fastvideo_grpo.plan import passes_per_iteration
-from fastvideo_grpo.trainer import GRPOTrainer
+from fastvideo_grpo.algorithms.passes import PassCounter
+from fastvideo_grpo.cli.plan import passes_per_iteration
+from fastvideo_grpo.training.trainer import GRPOTrainer
 from support.tiny_models import tiny_toy_adapter
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook")  # the reference hook, on a module with no input grads

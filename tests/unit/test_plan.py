@@ -1,4 +1,4 @@
-"""The real-scale planner (python -m fastvideo_grpo.plan), validated against independent numbers:
+"""The real-scale planner (python -m fastvideo_grpo.cli.plan), validated against independent numbers:
 
 * parameter counts of the real architectures (built at full size on the meta device through the adapters)
   against the published ones;
@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from fastvideo_grpo import plan as P  # noqa: E402
+from fastvideo_grpo.cli import plan as P  # noqa: E402
 from fastvideo_grpo.config import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

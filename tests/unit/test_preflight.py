@@ -8,8 +8,8 @@ import pytest
 
 from fastvideo_grpo.config import load_config
 from fastvideo_grpo.models import ADAPTERS
-from fastvideo_grpo.preflight import preflight
-from fastvideo_grpo.registry import Registry, accepted_parameters
+from fastvideo_grpo.training.preflight import preflight
+from fastvideo_grpo.utils.registry import Registry, accepted_parameters
 from fastvideo_grpo.rewards import REWARDS
 
 

@@ -15,14 +15,15 @@ import pytest
 import torch
 from torch import nn
 
-from fastvideo_grpo import grpo, residency
+from fastvideo_grpo.algorithms import grpo
+from fastvideo_grpo.utils import residency
 from fastvideo_grpo.config import load_config
 from fastvideo_grpo.models.base import PolicyAdapter
 from fastvideo_grpo.rewards.base import ConfiguredReward, compute_rewards, merge_infos, score_in_chunks
-from fastvideo_grpo.rollout import decode_latents, rollout, sample_ode
+from fastvideo_grpo.algorithms.rollout import decode_latents, rollout, sample_ode
 from fastvideo_grpo.sde import FlowSchedule
 from fastvideo_grpo.rewards.build import build_reward_fns
-from fastvideo_grpo.trainer import grpo_update
+from fastvideo_grpo.algorithms.objectives.ppo_clip import grpo_update
 
 
 class Elementwise(PolicyAdapter):
@@ -45,7 +46,7 @@ class Elementwise(PolicyAdapter):
         return FlowSchedule.create(num_steps, eta=eta, shift=3.0)
 
     def initial_noise(self, num_samples, generator, device=None, cond=None):
-        from fastvideo_grpo import rng
+        from fastvideo_grpo.utils import rng
 
         return rng.randn((num_samples, 2, 3, 3), generator, device=device or self.device)
 
@@ -99,7 +100,7 @@ def test_chunked_rollout_is_bit_identical_to_the_whole_batch(rb, db):
 def test_noise_of_a_sample_does_not_depend_on_the_chunking():
     """Groups share their initial noise whatever the chunk size, and every step's noise is the
     whole batch's draw (one draw per step, not one per chunk)."""
-    from fastvideo_grpo import rng
+    from fastvideo_grpo.utils import rng
 
     draws = {}
     for rb in (0, 1, 4):
@@ -137,7 +138,7 @@ def test_sample_ode_and_decode_chunks_are_bit_identical():
 
 
 def test_evaluate_policy_chunks_do_not_change_scores():
-    from fastvideo_grpo.evaluate import evaluate_policy
+    from fastvideo_grpo.training.evaluate import evaluate_policy
 
     ad = Elementwise()
     encode = lambda ps: {"c": torch.tensor([float(len(p)) / 10 for p in ps])}  # noqa: E731
@@ -195,7 +196,7 @@ def test_offloaded_vae_is_on_the_compute_device_only_during_the_decode():
 
 def test_trainer_offloads_the_vae_and_passes_the_chunk_sizes(monkeypatch):
     from fastvideo_grpo.data.prompt_source import PromptSource
-    from fastvideo_grpo.trainer import GRPOTrainer
+    from fastvideo_grpo.training.trainer import GRPOTrainer
 
     offloaded = []
     real = residency.to_host
@@ -208,12 +209,12 @@ def test_trainer_offloads_the_vae_and_passes_the_chunk_sizes(monkeypatch):
     fns = {"mean": lambda im, pr, **_: (im.flatten(1).mean(1), {})}
     tr = GRPOTrainer(cfg, ad, fns, {"mean": 1.0}, PromptSource(["a", "b", "c"], enc))
     assert offloaded == [[ad.vae]]  # at start
-    import fastvideo_grpo.trainer as trainer_mod
+    import fastvideo_grpo.training.trainer as trainer_mod
 
     seen = []
-    real_update = trainer_mod.grpo_update
-    monkeypatch.setattr(trainer_mod, "grpo_update", lambda ad_, s_, traj, *a, **k: (
-        seen.append(traj.decoded), real_update(ad_, s_, traj, *a, **k))[1])
+    real_update = trainer_mod.update
+    monkeypatch.setattr(trainer_mod, "update", lambda objective, batch, *a, **k: (
+        seen.append(batch.traj.decoded), real_update(objective, batch, *a, **k))[1])
     m = tr.train_iteration()
     assert seen == [None]  # the decoded pixels are freed before the update
     assert len(offloaded) == 2 and offloaded[1] == [ad.vae]  # and after the decode

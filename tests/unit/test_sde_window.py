@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastvideo_grpo import grpo, sde, sde_window
+from fastvideo_grpo.algorithms import grpo, sde_window
+from fastvideo_grpo import sde
 from fastvideo_grpo.config import load_config
-from fastvideo_grpo.rollout import rollout, sample_ode
+from fastvideo_grpo.algorithms.rollout import rollout, sample_ode
 from support.tiny_models import tiny_toy_adapter
 
 
@@ -97,7 +98,8 @@ def test_rollout_is_deterministic_before_the_window_and_stochastic_inside():
 
 def test_config_refuses_a_window_that_does_not_fit():
     with pytest.raises(ValueError, match="sde_window"):
-        load_config(None, ["--sampling.num_steps=5", "--grpo.sde_window={mode: sliding, size: 5}"])
+        sde_window.training_window(load_config(None, ["--sampling.num_steps=5",
+                                                      "--grpo.sde_window={mode: sliding, size: 5}"]))
     with pytest.raises(ValueError, match="sde_window.mode"):
         load_config(None, ["--grpo.sde_window={mode: window}"])
     with pytest.raises(ValueError, match="ode_solver"):

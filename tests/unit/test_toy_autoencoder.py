@@ -11,8 +11,7 @@ from fastvideo_grpo.models.toy import (TinyDiT, TinyDiTConfig, ToyAdapter, build
                                        save_toy_model)
 from fastvideo_grpo.models.toy_autoencoder import GRID, CellAutoencoder, CellAutoencoderConfig
 from fastvideo_grpo.rewards.rules import toy_geneval
-from fastvideo_grpo.toy.pretrain import (AUTOENCODER_DEFAULTS, model_configs, pretrain_settings,
-                                         train_autoencoder)
+from fastvideo_grpo.cli.pretrain import AUTOENCODER_DEFAULTS, model_configs, pretrain_settings, train_autoencoder
 from fastvideo_grpo.toy.shapes import all_prompts, make_dataset
 
 

@@ -117,7 +117,7 @@ def test_background_check_fails_a_faint_texture_the_prompt_checks_cannot_see():
 
 
 def test_pretrained_cache_key_follows_the_renderer(monkeypatch, tmp_path):
-    from fastvideo_grpo.toy import pretrain
+    from fastvideo_grpo.cli import pretrain
 
     s = pretrain.pretrain_settings({})
     path = pretrain.checkpoint_path(tmp_path, s)

@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from fastvideo_grpo.vae_blend import BLEND_DIMS, vectorise_blends  # noqa: E402
+from fastvideo_grpo.cli.vae_blend import BLEND_DIMS, vectorise_blends  # noqa: E402
 from tests.support.tiny_models import tiny_hunyuan_vae, tiny_vae_2d  # noqa: E402
 
 SMALL_TILES = dict(tile_sample_min_height=16, tile_sample_min_width=16, tile_sample_stride_height=8,

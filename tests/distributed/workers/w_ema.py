@@ -12,9 +12,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from common import PROMPTS, check, redness, run_config, tiny_adapter
-from fastvideo_grpo.checkpoint import load_trainer_checkpoint, save_trainer_checkpoint
+from fastvideo_grpo.training.checkpoint import load_trainer_checkpoint, save_trainer_checkpoint
 from fastvideo_grpo.distributed import init_distributed, shutdown
-from fastvideo_grpo.runner import build_trainer
+from fastvideo_grpo.training.runner import build_trainer
 
 DECAY = 0.7
 

@@ -9,12 +9,12 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from common import PROMPTS, check, tiny_adapter
-from fastvideo_grpo import grpo
+from fastvideo_grpo.algorithms import grpo
 from fastvideo_grpo.config import ParallelConfig
 from fastvideo_grpo.distributed import ParallelDims, init_distributed, reduce_metrics, shutdown
 from fastvideo_grpo.distributed.fsdp import parallelize
-from fastvideo_grpo.rollout import rollout
-from fastvideo_grpo.trainer import grpo_update
+from fastvideo_grpo.algorithms.rollout import rollout
+from fastvideo_grpo.algorithms.objectives.ppo_clip import grpo_update
 
 KW = dict(clip_range=1e-2, num_updates=2, max_grad_norm=0.05)
 

@@ -11,7 +11,7 @@ from torch.distributed.tensor import DTensor
 from common import PROMPTS, check, redness, run_config, tiny_adapter
 from fastvideo_grpo.distributed import init_distributed, shutdown
 from fastvideo_grpo.distributed.init import DistEnv
-from fastvideo_grpo.runner import build_trainer
+from fastvideo_grpo.training.runner import build_trainer
 
 
 def main():

@@ -9,9 +9,9 @@ import common  # noqa: F401
 import torch
 
 from common import PROMPTS, check, redness, run_config, tiny_adapter
-from fastvideo_grpo.checkpoint import load_trainer_checkpoint, resolve_resume
+from fastvideo_grpo.training.checkpoint import load_trainer_checkpoint, resolve_resume
 from fastvideo_grpo.distributed import init_distributed, shutdown
-from fastvideo_grpo.runner import build_trainer
+from fastvideo_grpo.training.runner import build_trainer
 from w_train import full_state
 
 

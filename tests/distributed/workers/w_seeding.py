@@ -7,10 +7,10 @@ import torch
 import torch.distributed as dist
 
 from common import PROMPTS, check, redness, run_config, tiny_adapter
-from fastvideo_grpo import grpo
+from fastvideo_grpo.algorithms import grpo
 from fastvideo_grpo.distributed import init_distributed, shutdown
-from fastvideo_grpo.runner import build_trainer
-from fastvideo_grpo.rollout import rollout
+from fastvideo_grpo.training.runner import build_trainer
+from fastvideo_grpo.algorithms.rollout import rollout
 
 
 def gather_obj(x):

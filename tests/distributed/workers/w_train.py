@@ -13,8 +13,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from common import PROMPTS, redness, run_config, tiny_adapter
 from fastvideo_grpo.distributed.init import get_rank
-from fastvideo_grpo.loop import Component
-from fastvideo_grpo.runner import PromptSets, run
+from fastvideo_grpo.training.loop import Component
+from fastvideo_grpo.training.runner import PromptSets, run
 
 
 def full_state(trainer):

@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from common import PROMPTS, check, tiny_adapter
-from fastvideo_grpo import grpo
+from fastvideo_grpo.algorithms import grpo
 from fastvideo_grpo.config import ParallelConfig
 from fastvideo_grpo.distributed import ParallelDims, init_distributed, reduce_metrics, shutdown
 from fastvideo_grpo.distributed.fsdp import parallelize
 from fastvideo_grpo.distributed.sequence_parallel import (gather_sequence, head_to_seq_all_to_all, shard_sequence,
                                                           seq_to_head_all_to_all, ulysses_attention)
-from fastvideo_grpo.rollout import rollout
-from fastvideo_grpo.trainer import grpo_update
+from fastvideo_grpo.algorithms.rollout import rollout
+from fastvideo_grpo.algorithms.objectives.ppo_clip import grpo_update
 
 
 def attention_case(env, group, masked: bool):

@@ -1,0 +1,121 @@
+"""The objective protocol and its registry: what the update driver (``algorithms/update.py``) asks of a
+policy-improvement objective, and the batch it trains on.
+
+An objective declares what the rest of the run must provide -- log-probs of the sampled transitions
+(``needs_log_probs``: every step training may pick must then be stochastic), a flow-matching model
+(``needs_flow_model``), a frozen copy of the starting policy (``needs_reference``), how many no-grad
+forwards one trained (sample, step) costs besides the trained one (``extra_forwards_per_trained_step``,
+for the planner) -- and computes one micro-step's loss. The driver owns everything else: the split into
+micro-batches and optimiser steps, backward, gradient clipping, finiteness, the optimiser and LR steps.
+Config checks, the trainer and the planner read these declarations; none of them tests a name.
+
+Registering: ``@OBJECTIVES.register("name")`` on the class (``aliases=`` for older recipe values). Its
+keyword options come from ``grpo.objective_kwargs`` (checked against the constructor: unknown keys are a
+ValueError naming the accepted ones) and from the ``grpo`` fields it maps in ``config_fields``.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from ...utils.dtypes import autocast_context
+from ...models.base import Cond, PolicyAdapter, index_cond
+from ...utils.registry import Registry
+from ..rollout import Trajectory
+
+
+@dataclass
+class TrainBatch:
+    """What one update trains on: the policy and its sampling schedule, the rollout's kept transitions and
+    their advantages, and how the policy is run (the rollout's autocast, so re-scoring repeats its
+    arithmetic). ``reference``: the frozen starting policy, for objectives that declare ``needs_reference``;
+    ``generator``: the objective's own random draws (e.g. DiffusionNFT's forward-process noise)."""
+
+    adapter: PolicyAdapter
+    schedule: object
+    traj: Trajectory
+    advantages_B: torch.Tensor
+    autocast_dtype: Optional[torch.dtype] = None
+    reference: Optional[PolicyAdapter] = None
+    generator: Optional[torch.Generator] = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.traj.final_latents.device
+
+    @property
+    def size(self) -> int:
+        return self.traj.steps_BK.shape[0]
+
+    @property
+    def num_kept_steps(self) -> int:
+        return self.traj.steps_BK.shape[1]
+
+    def cond(self, rows: torch.Tensor) -> Cond:
+        """The conditioning rows of ``rows`` (a CPU index; the whole batch without a copy)."""
+        if rows.numel() == self.size:
+            return self.traj.cond
+        return index_cond(self.traj.cond, rows.to(self.device))
+
+    def predict(self, latents: torch.Tensor, timestep_B: torch.Tensor, cond: Cond,
+                adapter: Optional[PolicyAdapter] = None) -> torch.Tensor:
+        """``adapter.predict`` (default: the policy) under the rollout's autocast."""
+        with autocast_context(latents.device, self.autocast_dtype):
+            return (adapter or self.adapter).predict(latents, timestep_B, cond)
+
+
+class Objective(abc.ABC):
+    """One objective. Instances live for the whole run; ``prepare`` starts each update."""
+
+    #: trains on the SDE transitions' log-probs: the steps training may pick must have eta > 0
+    needs_log_probs: ClassVar[bool] = True
+    #: trains a flow-matching (velocity) model only
+    needs_flow_model: ClassVar[bool] = False
+    #: names of the per-micro-step statistics ``loss`` returns, in order (logged as ``train/<name>``,
+    #: averaged over the micro-steps of the update)
+    stat_names: ClassVar[Tuple[str, ...]] = ("loss",)
+    #: option name -> the ``grpo`` config field holding it (the built-in objectives' established keys)
+    config_fields: ClassVar[Dict[str, str]] = {}
+
+    name: str = ""
+
+    @classmethod
+    def from_config(cls, cfg, **options) -> "Objective":
+        """The objective of ``cfg``: ``options`` (``grpo.objective_kwargs``) plus the mapped ``grpo`` fields."""
+        mapped = {opt: getattr(cfg.grpo, fld) for opt, fld in cls.config_fields.items()}
+        repeated = sorted(set(mapped) & set(options))
+        if repeated:
+            raise ValueError(f"grpo.objective_kwargs sets {repeated}, which grpo."
+                             f"{', grpo.'.join(cls.config_fields[r] for r in repeated)} already set; set them there")
+        return cls(**mapped, **options)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the trainer must keep a frozen copy of the starting policy (``TrainBatch.reference``)."""
+        return False
+
+    @property
+    def extra_forwards_per_trained_step(self) -> int:
+        """No-grad policy forwards one trained (sample, kept step) costs besides its trained forward
+        (reference-model or old-policy evaluations); the planner counts them."""
+        return 0
+
+    def prepare(self, batch: TrainBatch, row_chunks: Sequence[torch.Tensor]) -> None:
+        """Before the update's first optimiser step (the weights are still the rollout policy's)."""
+
+    @abc.abstractmethod
+    def loss(self, batch: TrainBatch, rows: torch.Tensor, k: int) -> Tuple[torch.Tensor, Sequence[torch.Tensor]]:
+        """The loss of one micro-step -- samples ``rows`` (CPU index) at kept-step slot ``k`` -- to minimise,
+        and its detached statistics (0-dim tensors on the device, in ``stat_names`` order: no host sync)."""
+
+    def finish(self, batch: TrainBatch) -> Dict[str, torch.Tensor]:
+        """Diagnostics of the whole update as 0-dim device tensors (logged as ``train/<name>``), read back
+        with the statistics in one sync."""
+        return {}
+
+
+OBJECTIVES: Registry[Objective] = Registry("objective (grpo.objective)")

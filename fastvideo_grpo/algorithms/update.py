@@ -1,0 +1,107 @@
+"""The update driver: one call trains any objective on one iteration's batch.
+
+``update(objective, batch, optimizer, settings)`` owns what every objective shares: the trainable
+parameters, the split of the batch into micro-batches of ``micro_batch_size`` samples and of the K kept
+steps into ``num_updates`` consecutive chunks (``grpo.update_chunks``; each chunk's gradients are
+accumulated over its steps and micro-batches, then one optimiser step), backward, the global gradient norm
+clipped to ``max_grad_norm`` (a DTensor's full norm under FSDP2), the finiteness check, the optimiser and
+LR-scheduler steps. The objective (``algorithms/objectives/``) only computes each micro-step's loss.
+
+One host sync per optimiser step (the gradient norm and which micro-steps had a finite loss) and one at
+the end (the statistics, averaged over micro-steps). A non-finite loss or gradient norm raises
+FloatingPointError before the optimiser steps (gradients zeroed); backward still runs for a bad loss, so
+every rank takes part in the same collectives and sees the same (non-finite) global norm.
+
+pi_old stays the rollout policy for the whole iteration (PPO's usual convention). (The released DanceGRPO
+code splits the samples instead: each optimiser step sees all kept steps of a subset of the samples.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+
+from . import grpo
+from .objectives.base import Objective, TrainBatch
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """How an update is split and clipped (``grpo.num_updates_per_iteration``, ``grpo.micro_batch_size``,
+    ``optim.max_grad_norm``)."""
+
+    num_updates: int = 1
+    micro_batch_size: int = 0  # samples per forward / backward; 0 = the whole batch
+    max_grad_norm: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg) -> "UpdateSettings":
+        return cls(cfg.grpo.num_updates_per_iteration, cfg.grpo.micro_batch_size, cfg.optim.max_grad_norm)
+
+
+def trainable_parameters(module: torch.nn.Module):
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the adapter's trainable module has no parameters with requires_grad=True")
+    return params
+
+
+def update(objective: Objective, batch: TrainBatch, optimizer: torch.optim.Optimizer, settings: UpdateSettings,
+           lr_scheduler=None) -> Dict[str, float]:
+    """Train ``objective`` on ``batch``: ``settings.num_updates`` optimiser steps (fewer when there are fewer
+    kept steps); returns the averaged statistics (``train/<stat>``), the objective's update diagnostics,
+    ``train/grad_norm`` (mean over steps) and ``train/num_updates``."""
+    module = batch.adapter.trainable_module()
+    params = trainable_parameters(module)
+    row_chunks, step_chunks = grpo.update_chunks(batch.size, batch.num_kept_steps, settings.micro_batch_size,
+                                                 settings.num_updates)
+    objective.prepare(batch, row_chunks)
+    module.train()
+    # statistics stay on the device, summed over micro-steps, and are read back once at the end
+    totals = torch.zeros(len(objective.stat_names), dtype=torch.float32, device=batch.device)
+    count, grad_norms = 0, []
+    for step_chunk in step_chunks:
+        optimizer.zero_grad(set_to_none=True)
+        denom = len(step_chunk) * len(row_chunks)
+        finite = []  # per micro-step, on the device
+        for k in step_chunk:
+            for rows in row_chunks:
+                loss, stats = objective.loss(batch, rows, k)
+                finite.append(torch.isfinite(loss.detach()))
+                (loss / denom).backward()
+                totals += torch.stack([s.float() for s in stats])
+                count += 1
+        grad_norms.append(_clip_and_check(params, settings.max_grad_norm, finite, objective, step_chunk,
+                                          len(row_chunks), optimizer))
+        optimizer.step()
+        if lr_scheduler is not None:
+            lr_scheduler.step()
+    once = objective.finish(batch)
+    values = torch.cat([totals, *(v.detach().float().reshape(1) for v in once.values())]).tolist()
+    out = {f"train/{name}": v / max(count, 1) for name, v in zip(objective.stat_names, values)}
+    out.update({f"train/{name}": v for name, v in zip(once, values[len(objective.stat_names):])})
+    out["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
+    out["train/num_updates"] = len(grad_norms)
+    return out
+
+
+def _clip_and_check(params, max_grad_norm: float, finite, objective: Objective, step_chunk, micro_batches: int,
+                    optimizer) -> float:
+    """Clip the global gradient norm; FloatingPointError (gradients zeroed) when it or a micro-step's loss is
+    not finite. Returns the norm before clipping (the one host sync of this optimiser step)."""
+    gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # global norm under FSDP
+    if hasattr(gn, "full_tensor"):  # a DTensor when the parameters are sharded
+        gn = gn.full_tensor()
+    norm_and_flags = torch.cat([gn.detach().float().reshape(1), torch.stack(finite).float()]).tolist()
+    norm = norm_and_flags[0]
+    bad = [i for i, ok in enumerate(norm_and_flags[1:]) if not ok]
+    if bad or not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        label = getattr(objective, "label", None) or objective.name
+        where = f"non-finite {label} loss at kept step {list(step_chunk)[bad[0] // micro_batches]}" if bad else \
+            f"non-finite {label} gradient norm"
+        raise FloatingPointError(f"{where}; optimiser step skipped (lower the learning rate or check the rewards)")
+    return norm

@@ -1,0 +1,318 @@
+"""Assembly of a training run, the same for every entry point, then the one loop (loop.fit).
+
+``run(cfg, build_adapter, prompts)`` does, in order: process group from the torchrun environment (or one
+process) -> ParallelDims checked against the world size -> named mesh -> identical model init on every
+rank (``torch.manual_seed(train.seed)`` before ``build_adapter``) -> prompt sets -> parallelisation
+(AC -> SP -> FSDP2) -> ``Trainer`` (its AdamW over the sharded parameters) -> per-dp-rank seeding ->
+resume (``train.resume``) -> the output folder (one run at a time: a lock; a used folder only with
+``--resume`` / ``--overwrite``; config.yaml recorded once built; metrics.jsonl trimmed on resume) -> the
+standard components (EMA update, NaN guard, evaluator, sample writer, logger, checkpointer, exporter) plus
+any the caller adds -> ``fit`` -> summary.json -> barrier + destroy_process_group.
+
+Used by ``cli/train.py`` (real models, precomputed embeddings), ``cli/demo.py`` (the CPU demo) and
+``train_scripts/train_toy_distributed.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+from ..config import RunConfig
+from ..distributed.collectives import any_rank, reduce_metrics
+from ..distributed.fsdp import parallelize
+from ..distributed.init import DistEnv, init_distributed, shutdown
+from ..distributed.parallel_dims import ParallelDims, parallel_dims_from_config
+from ..distributed.seeding import seed_rank_generators
+from .loop import (Checkpointer, Component, EMAUpdate, Evaluator, Exporter, Logger, NaNGuard, SampleWriter, fit,
+                   prepare_metrics_file)
+from ..models.base import PolicyAdapter
+from .run_folder import RunLock, check_fresh_start, check_resume_settings, clear_run, record_config
+from ..utils.threads import set_num_threads
+
+
+@dataclass
+class PromptSets:
+    """Training and held-out prompts, and how to turn prompts into conditioning."""
+
+    train: Sequence[str]
+    held: Sequence[str] = ()
+    encode: Optional[Callable] = None  # None: the adapter's own ``encode_prompts``
+
+
+#: the prompts of a run: fixed sets, or built from the adapter (e.g. embeddings checked against it)
+Prompts = Union[PromptSets, Callable[[PolicyAdapter], PromptSets]]
+
+
+@dataclass
+class RunParts:
+    """What ``run`` built, handed to ``extra_components`` so callers can add their own components."""
+
+    cfg: RunConfig
+    trainer: object
+    env: DistEnv
+    dims: ParallelDims
+    prompts: PromptSets
+    out: Path
+    evaluator: Evaluator
+    reward_fns: Dict = field(default_factory=dict)
+    eval_fns: Dict = field(default_factory=dict)
+
+
+def build_trainer(cfg: RunConfig, env: DistEnv, build_adapter: Callable[[torch.device], PolicyAdapter],
+                  prompts: Prompts, reward_fns=None, reward_weights=None):
+    """(Trainer, ParallelDims, PromptSets) for this rank (collective)."""
+    from ..data.prompt_source import PromptSource
+    from ..rewards.build import build_reward_fns
+    from .trainer import Trainer
+
+    dims = parallel_dims_from_config(cfg.parallel, env.world_size)
+    one_process = bool(cfg.parallel.fsdp_one_process)
+    if one_process and not dist.is_initialized():
+        raise ValueError("parallel.fsdp_one_process needs a process group: launch with torchrun --nproc_per_node=1")
+    dims.build_mesh(env.device.type, one_process=one_process)
+    if reward_fns is None:
+        reward_fns, reward_weights = build_reward_fns(cfg.rewards)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    adapter = build_adapter(env.device)
+    sets = prompts(adapter) if callable(prompts) else prompts
+    if isinstance(sets, (list, tuple)):
+        sets = PromptSets(train=list(sets))
+    if sets.encode is None:
+        sets.encode = adapter.encode_prompts
+    parallelize(adapter, dims, cfg.parallel, env.device)
+    dp_rank = dims.dp_rank(env.rank)
+    source = PromptSource(sets.train, sets.encode, seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dims.dp)
+    trainer = Trainer(cfg, adapter, reward_fns, reward_weights or {k: 1.0 for k in reward_fns}, source,
+                          dp_group=dims.group("dp") if dims.dp > 1 else None)
+    seed_rank_generators(trainer.generator, cfg.train.seed, dp_rank)
+    return trainer, dims, sets
+
+
+_MISMATCH = ("Missing key", "Unexpected key", "size mismatch", "shape mismatch", "does not match")
+
+
+def _describe(error: BaseException) -> str:
+    """One line for a load error: DCP wraps the cause in a multi-line CheckpointException."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    cause = next((ln for ln in lines if any(m in ln for m in _MISMATCH)), None)
+    cause = cause or next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), None) or (lines or [""])[0]
+    return f"{type(error).__name__}: {cause[:300]}"
+
+
+def resume_trainer(trainer, resume: Path, cfg: RunConfig, dims: ParallelDims, env: DistEnv) -> Path:
+    """Load a DCP checkpoint into ``trainer``; on another world size, reseed the per-rank streams.
+
+    A checkpoint that cannot be read (a truncated shard or extra file) is named with the error and the
+    previous checkpoint; with ``train.resume: auto`` the newest readable older one is used instead,
+    with a warning. A checkpoint of another model (LoRA toggled, another family) is a ValueError saying
+    so. Returns the checkpoint actually loaded."""
+    import warnings
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from .checkpoint import checkpoints_up_to, load_trainer_checkpoint
+
+    step = int(resume.name.split("_")[1]) if resume.name.startswith("step_") else None
+    older = [p for p in reversed(checkpoints_up_to(resume.parent, step - 1))] if step is not None else []
+    candidates = [resume] + (older if cfg.train.resume == "auto" else [])
+    for i, path in enumerate(candidates):
+        error = None
+        try:
+            exact = load_trainer_checkpoint(trainer, path)
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            error = e
+        if not any_rank(error is not None):
+            if not exact:
+                seed_rank_generators(trainer.generator, cfg.train.seed, dims.dp_rank(env.rank), trainer.iteration)
+            if env.is_main:
+                print(f"resumed from {path} at iteration {trainer.iteration}", flush=True)
+            return path
+        what = _describe(error) if error is not None else "failed on another rank"
+        if error is not None and any(m in str(error) for m in _MISMATCH):
+            raise ValueError(f"checkpoint {path} does not match the model of this config ({what}); was it written "
+                             "with other model.kwargs (LoRA on/off, lora_rank, another model)? Resume with the run's "
+                             "own config.yaml, or start a fresh run") from error
+        if i + 1 < len(candidates):
+            warnings.warn(f"checkpoint {path} cannot be read ({what}); --resume auto falls back to "
+                          f"{candidates[i + 1]}", stacklevel=2)
+            continue
+        prev = older[0] if older and cfg.train.resume != "auto" else None
+        hint = (f"; the previous checkpoint is {prev}: resume from it with --resume {prev} (or --resume auto, "
+                "which falls back by itself)") if prev else "; no older readable checkpoint is left"
+        raise ValueError(f"checkpoint {path} cannot be read ({what}){hint}") from error
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class RunSpec:
+    """What ``run`` trains besides the config: the policy's factory and the prompts, and what a caller may
+    supply instead of the config's (rewards) or add (components, a callback once everything is built)."""
+
+    build_adapter: Callable[[torch.device], PolicyAdapter]
+    prompts: Prompts
+    reward_fns: Optional[Dict] = None  # None: built from ``rewards``
+    reward_weights: Optional[Dict] = None
+    eval_fns: Optional[Dict] = None  # None: ``eval.rewards`` (or the training rewards, continuous)
+    stop_after: Optional[int] = None  # stop once this iteration is done, as a preempted job would (resume tests)
+    extra_components: Optional[Callable[[RunParts], List[Component]]] = None
+    keep_eval_images: bool = False  # the evaluator keeps the first and last evaluations' samples
+    on_built: Optional[Callable[[RunParts], None]] = None
+
+
+@dataclass
+class RunFolder:
+    """Where the run writes (``train.output_dir``) and the checkpoint it resumes from (None: a fresh start)."""
+
+    out: Path
+    resume: Optional[Path] = None
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+
+def run(cfg: RunConfig, build_adapter: Callable[[torch.device], PolicyAdapter], prompts: Prompts, **options) -> Dict:
+    """Train per ``cfg``; returns the summary on every rank (also written to ``<output_dir>/summary.json``).
+    ``options``: the optional fields of ``RunSpec``."""
+    spec = RunSpec(build_adapter, prompts, **options)
+    env = init_distributed(cfg.train.device, timeout_s=cfg.parallel.timeout_s)
+    try:
+        summary = _run(cfg, env, spec)
+    except BaseException:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # no barrier: other ranks may be stuck in a collective
+        raise
+    shutdown()
+    return summary
+
+
+def _run(cfg: RunConfig, env: DistEnv, spec: RunSpec) -> Dict:
+    """The output folder's checks and lock around the run (before the model is loaded)."""
+    from .checkpoint import resolve_resume
+
+    set_num_threads(cfg.train.num_threads)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    out = Path(cfg.train.output_dir)
+    folder = RunFolder(out, resolve_resume(cfg.train.resume, out / "checkpoints"))  # FileNotFoundError first
+    check_fresh_start(out, resuming=folder.resume is not None, overwrite=cfg.train.overwrite)
+    if folder.resume is not None:
+        check_resume_settings(cfg, out)
+    lock = RunLock(out, enabled=env.is_main).acquire()
+    try:
+        return _run_locked(cfg, env, spec, folder)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: RunConfig, env: DistEnv, spec: RunSpec, folder: RunFolder) -> Dict:
+    from ..utils.io import atomic_write_json
+    from ..rewards.build import build_eval_reward_fns, build_reward_fns
+
+    main_rank, out = env.is_main, folder.out
+    reward_fns, reward_weights = spec.reward_fns, spec.reward_weights
+    if reward_fns is None:  # before the policy: missing reward weights fail fast
+        reward_fns, reward_weights = build_reward_fns(cfg.rewards)
+    eval_fns = spec.eval_fns if spec.eval_fns is not None else build_eval_reward_fns(cfg, reward_fns)
+    trainer, dims, sets = build_trainer(cfg, env, spec.build_adapter, spec.prompts, reward_fns, reward_weights)
+    resumed = folder.resume is not None
+    if resumed:
+        folder.resume = resume_trainer(trainer, folder.resume, cfg, dims, env)
+    if main_rank:  # everything is built and loaded: only now does the folder change
+        if cfg.train.overwrite and not resumed:
+            clear_run(out)
+        record_config(cfg, out, resumed=resumed)
+    prior_rows = prepare_metrics_file(out, trainer.iteration if resumed else None) if main_rank else []
+    evaluate, write_samples = _evaluation(cfg, trainer, sets, eval_fns, dims, env, out)
+    evaluator = Evaluator(evaluate, cfg.train.eval_every, keep_images_at_ends=spec.keep_eval_images,
+                          prior_rows=prior_rows)
+    components = _standard_components(cfg, trainer, folder, evaluator, write_samples, reward_fns, main_rank,
+                                      prior_rows)
+    parts = RunParts(cfg, trainer, env, dims, sets, out, evaluator, reward_fns, eval_fns)
+    if spec.extra_components is not None:
+        components += list(spec.extra_components(parts))
+    if spec.on_built is not None:
+        spec.on_built(parts)
+    if main_rank:
+        g = cfg.grpo
+        print(f"{cfg.model.name}: {env.world_size} process(es), dp={dims.dp} sp={dims.sp}; {len(sets.train)} train / "
+              f"{len(sets.held)} held-out prompts; per iteration {g.prompts_per_iteration} prompts/rank x "
+              f"G={g.group_size} = {g.prompts_per_iteration * g.group_size * dims.dp} samples globally", flush=True)
+
+    def per_iteration(m: Dict) -> None:
+        m["samples_per_s_global"] = m.get("samples_per_s", 0.0) * dims.dp
+        m["world_size"] = env.world_size
+
+    summary = fit(trainer, components, total=cfg.train.num_iterations, out=out, is_main=main_rank,
+                  last_checkpoint=str(folder.resume) if resumed else None, stop_after=spec.stop_after,
+                  reduce=reduce_metrics, per_iteration=per_iteration)
+    summary["world_size"] = env.world_size
+    if main_rank:
+        atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _evaluation(cfg: RunConfig, trainer, sets: PromptSets, eval_fns: Dict, dims: ParallelDims, env: DistEnv,
+                out: Path):
+    """(held-out evaluation, sample-grid writer) of the run, both with the EMA weights when it keeps them."""
+    from .ema import weights_for_eval
+    from .evaluate import distributed_evaluate, frames_for_grid
+    from .metrics import save_image_grid
+
+    eval_steps = cfg.sampling.eval_num_steps or cfg.sampling.num_steps
+    n_eval = cfg.train.num_eval_prompts
+    held = list(sets.held)[:n_eval] if n_eval else list(sets.held)
+    grid_prompts = (held or list(sets.train))[: cfg.eval.num_sample_prompts]
+    ev_kw = dict(samples_per_prompt=cfg.eval.samples_per_prompt, batch_size=cfg.eval.batch_size,
+                 seed=cfg.eval.seed, dp_rank=dims.dp_rank(env.rank), dp_size=dims.dp,
+                 autocast_dtype=trainer.autocast_dtype, max_frames=cfg.eval.max_frames_in_grid, **trainer.memory)
+
+    def evaluate(images: bool) -> Dict:
+        if not held:
+            return {}
+        with weights_for_eval(trainer.ema):
+            return distributed_evaluate(trainer.adapter, held, eval_fns, eval_steps, sets.encode,
+                                        return_images=images, **ev_kw)
+
+    def write_samples(step: int) -> None:
+        if not grid_prompts:
+            return
+        with weights_for_eval(trainer.ema):
+            ev = distributed_evaluate(trainer.adapter, grid_prompts, eval_fns, eval_steps, sets.encode,
+                                      return_images=True, **dict(ev_kw, samples_per_prompt=1))
+        if env.is_main and "images" in ev:
+            imgs, nrow = frames_for_grid(ev["images"], cfg.eval.max_frames_in_grid)
+            labels = [f"{p[:40]} | " + " ".join(f"{k}={v[i]:.3f}" for k, v in ev["per_sample"].items())
+                      for i, p in enumerate(ev["prompts"])]
+            if nrow == 1:  # images: one row of all prompts
+                nrow, labels = len(ev["prompts"]), None
+            save_image_grid(imgs, out / "samples" / f"iter_{step:06d}.png", nrow=nrow, upscale=1, row_labels=labels)
+
+    return evaluate, write_samples
+
+
+def _standard_components(cfg: RunConfig, trainer, folder: RunFolder, evaluator: Evaluator, write_samples,
+                         reward_fns: Dict, main_rank: bool, prior_rows) -> List[Component]:
+    """The components every run has, in the order they must run (loop.py)."""
+    from .ema import weights_for_eval
+
+    lg, resumed_at = cfg.log, trainer.iteration if folder.resume is not None else None
+    components: List[Component] = [
+        EMAUpdate(),  # first: the evaluator, exporter and checkpointer see this iteration's average
+        NaNGuard(),
+        evaluator,
+        SampleWriter(write_samples, cfg.train.sample_every),
+        Logger(folder.out, enabled=main_rank, reward_keys=[f"reward/{k}/mean" for k in reward_fns],
+               log_every=cfg.train.log_every, curve_every=lg.curve_every, curve_window=lg.curve_window,
+               tensorboard=lg.tensorboard, wandb_project=lg.wandb_project, progress=lg.progress,
+               total=cfg.train.num_iterations, initial=trainer.iteration, prior_rows=prior_rows),
+        Checkpointer(folder.checkpoints, cfg.train.save_every, cfg.train.keep_last_checkpoints, resumed_at=resumed_at),
+    ]
+    if cfg.train.export:
+        components.append(Exporter(folder.out / "export", weights=lambda: weights_for_eval(trainer.ema)))
+    return components

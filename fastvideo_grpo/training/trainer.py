@@ -1,0 +1,262 @@
+"""Trainer: one iteration of any objective -- rollout -> reward -> advantage -> update.
+
+The loop of docs/architecture.md ("The path of one iteration"). Departures from the paper's Algorithm 1,
+stated here:
+* Timestep subsets are drawn per sample before the rollout (as the reference implementation
+  does), so only those transitions are stored.
+* As the released code (not stated in the paper): the last sampling step is never trained on
+  (``grpo.train_last_step``), each sample trains ``int(tau * (T - 1))`` steps, and for flow models the
+  last step is deterministic (``sampling.deterministic_last_step``), so the rewarded image is the clean
+  prediction ``z - sigma * u`` (docs/fidelity.md).
+* The int(tau * (T - 1)) selected steps are split into ``num_updates_per_iteration`` consecutive chunks,
+  each followed by one optimiser step (algorithms/update.py). pi_old stays the rollout policy throughout
+  the iteration (PPO's usual convention).
+
+What the update trains is the registered objective of ``grpo.objective`` (algorithms/objectives/:
+PPO-clip, DiffusionNFT, ...); its advantages come from the registered estimator of ``grpo.advantage``
+(algorithms/advantages.py). ``GRPOTrainer`` is the former name of ``Trainer``, kept as an alias.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+import warnings
+from typing import Dict
+
+import torch
+import torch.distributed as dist
+
+from ..algorithms import grpo, sde_window
+from ..utils import residency
+from ..algorithms.advantages import build_estimator, weighted_advantages
+from ..algorithms.objectives import LAST_STEP_HINT, TrainBatch, build_objective, check_stochastic_steps
+from ..algorithms.update import UpdateSettings, trainable_parameters, update
+from ..algorithms.passes import PassCounter
+from ..config import RunConfig
+from ..utils.cuda_settings import configure_attention
+from ..utils.dtypes import autocast_dtype
+from .ema import WeightEMA
+from ..data.prompt_source import PromptSource
+from ..models.base import PolicyAdapter
+from ..rewards.base import RewardFn, compute_rewards
+from ..algorithms.rollout import check_ode_solver, decode_latents, sampling_memory
+from ..algorithms.samplers import ROLLOUTS
+from .optim import apply_optim_config, build_lr_scheduler, build_optimizer
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+def frozen_reference(adapter: PolicyAdapter) -> PolicyAdapter:
+    """A frozen copy of the policy as it is now: the reference model of the KL term (``grpo.kl_coef``).
+
+    Holds a second full copy of the trainable module's weights. Sharded (FSDP2 / DTensor) models are
+    refused: copying them would copy the shards' communication hooks too.
+    """
+    from torch.distributed.tensor import DTensor
+
+    module = adapter.trainable_module()
+    if any(isinstance(p, DTensor) for p in module.parameters()):
+        raise ValueError("grpo.kl_coef > 0 is not supported with a sharded (FSDP) model yet: pass a reference "
+                         "adapter to Trainer(ref_adapter=...) or set grpo.kl_coef: 0 (the paper uses no KL)")
+    ref = copy.deepcopy(adapter)
+    for p in ref.trainable_module().parameters():
+        p.requires_grad_(False)
+    ref.trainable_module().eval()
+    return ref
+
+
+def build_schedule(cfg: RunConfig, adapter: PolicyAdapter, objective=None):
+    """The adapter's sampling schedule for ``cfg.sampling``, with the last step made deterministic when
+    ``sampling.deterministic_last_step`` says so (null: the schedule's own default, see sde/).
+
+    ValueError when a step that training may pick (``grpo.trainable_window``) has eta = 0 and the objective
+    (default: the config's) needs log-probs: its transition is a point mass, with no log-prob to train."""
+    from ..sde import flow_grpo_eta, with_deterministic_last_step
+
+    s = cfg.sampling
+    schedule = adapter.make_schedule(s.num_steps, cfg.eta)
+    if s.eta_form == "flow_grpo":
+        if schedule.prediction_type != "flow":
+            raise ValueError(f"sampling.eta_form: flow_grpo needs a flow-matching model; {cfg.model.name} samples "
+                             f"with a {schedule.prediction_type} schedule (use 'constant')")
+        schedule = dataclasses.replace(schedule, eta=flow_grpo_eta(schedule.sigmas, schedule.eta))
+    last = s.deterministic_last_step
+    if last is None:
+        last = type(schedule).deterministic_last_step_default
+    if last:
+        schedule = with_deterministic_last_step(schedule)
+    check_ode_solver(s.ode_solver, schedule)
+    lo, hi = sde_window.training_window(cfg)
+    if (objective or build_objective(cfg)).needs_log_probs:
+        etas = schedule.eta.tolist()
+        only_last = [i for i in range(lo, hi) if etas[i] <= 0] == [schedule.num_steps - 1]
+        check_stochastic_steps(etas, lo, hi, LAST_STEP_HINT if only_last else "")
+    return schedule
+
+
+class Trainer:
+    """Owns the optimiser and the per-iteration logic of every objective; logging and saving are components
+    of the loop (loop.py)."""
+
+    def __init__(self, cfg: RunConfig, adapter: PolicyAdapter, reward_fns: Dict[str, RewardFn],
+                 reward_weights: Dict[str, float], prompt_source: PromptSource, ref_adapter=None, dp_group=None):
+        """``dp_group``: the data-parallel process group (None in one process); an advantage estimator that
+        ``needs_global_batch`` uses it to normalise over the global batch. ``ref_adapter``: the frozen
+        reference of an objective that ``needs_reference`` (default: a copy of ``adapter`` as it is now)."""
+        self.cfg = cfg
+        configure_attention(cfg.train.cudnn_attention)
+        self.dp_group = dp_group
+        self.adapter = adapter
+        self.reward_fns = reward_fns
+        self.reward_weights = reward_weights
+        self.prompts = prompt_source
+        self.objective = build_objective(cfg)
+        self.estimator = build_estimator(cfg)
+        self.sampler = ROLLOUTS.build(cfg.sampling.rollout)
+        if self.objective.needs_reference and ref_adapter is None:
+            ref_adapter = frozen_reference(adapter)
+        self.ref_adapter = ref_adapter if self.objective.needs_reference else None
+        self.optimizer = build_optimizer(trainable_parameters(adapter.trainable_module()), cfg.optim,
+                                         cfg.parallel.cpu_offload)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.grpo.num_updates_per_iteration)
+        self.schedule = build_schedule(cfg, adapter, self.objective)
+        # EMA of the weights (train.ema_decay), cloned from the parameters as they are now (sharded under FSDP2);
+        # loop.EMAUpdate updates it after every iteration, checkpoint.py saves it
+        self.ema = WeightEMA(adapter.trainable_module(), cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.generator = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
+        self.iteration = 0
+        self.passes = PassCounter()  # model passes of each iteration, in its metrics (passes.py)
+        # autocast applies on CUDA only (dtypes.autocast_context); CPU runs stay in the weights' dtype
+        self.autocast_dtype = autocast_dtype(cfg.train.autocast)
+        # chunk sizes of the rollout and the decode, and where the VAE lives between decodes
+        self.memory = sampling_memory(cfg.sampling)
+        if cfg.sampling.offload_vae:
+            residency.to_host(adapter.decoder_modules(), pin=adapter.device.type == "cuda")
+
+    def advantages(self, rewards: Dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
+        """Weighted sum of per-reward advantages for this rank's samples (``grpo.advantage``'s estimator).
+
+        Group-relative advantages need only the rank's own (whole) groups. An estimator that
+        ``needs_global_batch`` (``global``, DDPO-style) uses every dp rank's rewards: they are all-gathered,
+        normalised together, and this rank's slice is returned (all ranks hold the same number of samples).
+        """
+        est = self.estimator
+        if not est.needs_global_batch or self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
+            return weighted_advantages(rewards, group_size, est, self.reward_weights)
+        from ..distributed.collectives import all_gather_rewards
+
+        gathered = all_gather_rewards({k: r.detach() for k, r in rewards.items()}, self.dp_group)
+        total = weighted_advantages(gathered, group_size, est, self.reward_weights)
+        n = next(iter(rewards.values())).numel()
+        start = dist.get_rank(self.dp_group) * n
+        return total[start:start + n]
+
+    def state_dict(self):
+        """Everything the trainer owns besides the model and optimiser tensors (which checkpoint.py
+        writes sharded with DCP): the iteration, LR schedule, noise generator and prompt position."""
+        return {
+            "iteration": self.iteration,
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "prompts": self.prompts.state_dict(),
+        }
+
+    def load_state_dict(self, state, restore_generator: bool = True):
+        """Inverse of ``state_dict``. ``restore_generator=False`` keeps the current generator (a checkpoint
+        from another world size: its per-rank streams cannot be matched to ranks; see checkpoint.py)."""
+        self.iteration = int(state["iteration"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.prompts.load_state_dict(state["prompts"])
+        if restore_generator:
+            self.generator.set_state(state["generator"])
+        apply_optim_config(self.optimizer, self.lr_scheduler, self.cfg.optim)
+
+    def iteration_schedule(self):
+        """The schedule and the trainable window ``[lo, hi)`` of the coming iteration: the static ones, or with
+        ``grpo.sde_window`` the window of this iteration (sde_window.py) and the schedule with eta 0 outside it.
+        The random mode draws its position from a generator seeded by (train.seed, iteration): the same window
+        on every data-parallel rank, the same after a resume, and the rollout noise stream untouched."""
+        g = self.cfg.grpo
+        window = sde_window.training_window(self.cfg)
+        draw = torch.Generator().manual_seed(sde_window.window_seed(self.cfg.train.seed, self.iteration))
+        moving = sde_window.window_for_iteration(g.sde_window, self.iteration, window, draw)
+        if moving is None:
+            return self.schedule, window
+        return sde_window.only_in_window(self.schedule, moving), moving
+
+    def train_iteration(self) -> Dict[str, float]:
+        self.passes.reset()
+        with self.passes.watch(self.adapter, self.ref_adapter):
+            metrics = self._iteration()
+        metrics.update(self.passes.metrics())
+        return metrics
+
+    def _iteration(self) -> Dict[str, float]:
+        cfg, g = self.cfg, self.cfg.grpo
+        t0 = time.perf_counter()
+        prompts, cond = self.prompts.next_batch(g.prompts_per_iteration)
+        B = len(prompts) * g.group_size
+        schedule, window = self.iteration_schedule()
+        keep = grpo.subsample_timesteps(schedule.num_steps, g.tau, B, self.generator, window)
+        self.adapter.trainable_module().eval()
+        m = self.memory
+        with self.passes.phase("rollout"):
+            traj = self.sampler(self.adapter, schedule, prompts, cond, g.group_size, keep, self.generator,
+                                shared_noise=g.shared_noise, autocast_dtype=self.autocast_dtype,
+                                rollout_batch_size=m["rollout_batch_size"], ode_solver=cfg.sampling.ode_solver)
+        t_dec = time.perf_counter()
+        traj.decoded = decode_latents(self.adapter, traj.final_latents, m["decode_batch_size"], m["offload_vae"])
+        t1 = time.perf_counter()
+        rewards, _ = compute_rewards(self.reward_fns, traj.decoded, traj.prompts)
+        traj.decoded = None  # the update does not need the pixels: free them (several GB for a video batch)
+        t2 = time.perf_counter()
+        group = g.group_size
+        if g.best_of_n_k:
+            # best-of-N: rank the group by its total advantage, keep the k best and k worst
+            total = self.advantages(rewards, group)
+            chosen = grpo.best_of_n_indices(total, group, g.best_of_n_k)
+            traj = traj.select(chosen)
+            group = 2 * g.best_of_n_k
+            if g.best_of_n_advantages == "group":  # released code: the whole group's advantages, selected
+                adv = total[chosen.to(total.device)]
+            else:  # "selected": normalised again over the 2k selected samples
+                adv = self.advantages({k: v[chosen.to(v.device)] for k, v in rewards.items()}, group)
+        else:
+            adv = self.advantages(rewards, group)
+        # groups whose samples all got the same rewards have zero advantages: no learning signal from them
+        zero_groups = float((adv.detach().reshape(-1, group).abs().amax(dim=1) == 0).float().mean())
+        if zero_groups == 1.0:
+            warnings.warn(f"iteration {self.iteration + 1}: every group's samples got identical rewards, so every "
+                          "advantage is 0 and this iteration learns nothing; a reward that cannot tell the samples of "
+                          "a prompt apart (thresholded too high or low, saturated) gives no signal", stacklevel=2)
+        batch = TrainBatch(self.adapter, schedule, traj, adv, autocast_dtype=self.autocast_dtype,
+                           reference=self.ref_adapter, generator=self.generator)
+        # the settings are read from the config at every iteration (a caller may change them between iterations)
+        stats = update(self.objective, batch, self.optimizer, UpdateSettings.from_config(cfg), self.lr_scheduler)
+        t3 = time.perf_counter()
+        self.iteration += 1
+        return self._metrics(rewards, stats, adv, zero_groups, window, B, (t0, t_dec, t1, t2, t3))
+
+    def _metrics(self, rewards, stats, adv, zero_groups, window, B, times):
+        g = self.cfg.grpo
+        t0, t_dec, t1, t2, t3 = times
+        metrics = {"iteration": self.iteration}
+        metrics.update(grpo.summarize_rewards(rewards))
+        metrics.update(stats)
+        if g.sde_window.mode != "off":  # where the SDE ran and training happened this iteration
+            metrics.update({"sde_window/start": window[0], "sde_window/end": window[1]})
+        metrics.update({
+            "adv/mean": float(adv.mean()), "adv/std": float(adv.std(unbiased=False)), "adv/abs_max": float(adv.abs().max()),
+            "adv/zero_groups": zero_groups,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "time/rollout": t1 - t0, "time/decode": t1 - t_dec, "time/reward": t2 - t1, "time/train": t3 - t2,
+            "samples_per_s": B / (t3 - t0),
+        })
+        return metrics
+
+
+#: the former name of ``Trainer`` (it trained GRPO's objective only), kept for existing code
+GRPOTrainer = Trainer
