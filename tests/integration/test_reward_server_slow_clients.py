@@ -15,7 +15,7 @@ import torch
 
 from fastvideo_grpo.rewards.serving.remote import RewardClient, encode_tensor
 from fastvideo_grpo.rewards.serving.server import RewardService, limits_from, serve_in_thread
-from fastvideo_grpo.rewards.server_guard import ConnectionSlots, ServerLimits
+from fastvideo_grpo.rewards.serving.server_guard import ConnectionSlots, ServerLimits
 from support.scripts import load_script
 
 TOKEN = "test-token-0123456789abcdef"
