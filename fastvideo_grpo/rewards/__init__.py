@@ -11,3 +11,4 @@ from . import aesthetic, binary, clip_score, hps, hpsv3, image_reward, pickscore
 
 # --- rule-based rewards (owned by the lead): add `from . import rules  # noqa: F401` below ---
 from . import rules  # noqa: F401
+from . import toy_proxy  # noqa: F401  (the watchdog demonstration's hackable toy reward)
