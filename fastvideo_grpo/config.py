@@ -109,6 +109,28 @@ class RewardConfig:
 
 
 @dataclass
+class WatchdogConfig:
+    """The reward-hacking watchdog (docs/watchdog.md): at every held-out evaluation it also measures *gold*
+    rewards the run never trains on and the diversity of the samples, and raises an alarm when the trained
+    reward rises while a gold reward or a diversity statistic falls. Off while ``gold`` is empty and
+    ``diversity`` is "off"."""
+
+    gold: List[RewardConfig] = field(default_factory=list)  # held-out gold rewards, never trained on (eval/gold/<key>)
+    # diversity of the held-out samples, within each prompt's group and across prompts: "off", "pixel" (mean
+    # pairwise RMS distance of the images, area-downsampled to at most `diversity_size` px a side) or
+    # "embedding" (mean pairwise 1 - cosine of the image embeddings of `diversity_model`)
+    diversity: str = "off"
+    diversity_size: int = 64
+    diversity_model: Dict[str, Any] = field(default_factory=dict)  # embedding: {model_path: <CLIP folder>, ...}
+    threshold: float = 0.05  # alarm when a watched value is more than this below its best evaluation so far ...
+    relative: bool = False  # ... (a fraction of that best value instead of an absolute amount)
+    min_rise: float = 0.0  # ... while the trained reward is more than this above its value at that evaluation ...
+    patience: int = 2  # ... at this many consecutive evaluations (N)
+    stop: bool = False  # the alarm stops the run after saving a checkpoint (exit status 5)
+    best_by: Optional[str] = None  # gold key choosing the `best` export (default: the first gold); "off": none
+
+
+@dataclass
 class TrainConfig:
     num_iterations: int = 100
     seed: int = 0
@@ -130,6 +152,7 @@ class TrainConfig:
     # When set, held-out evaluation, sample grids and the export use the EMA weights; checkpoints hold it
     ema_decay: float = 0.0
     overwrite: bool = False  # start over in an output_dir that holds a run (deletes its outputs); else refused
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)  # reward-hacking alarm (docs/watchdog.md)
 
 
 @dataclass
@@ -317,7 +340,55 @@ class RunConfig:
         for name in ("save_every", "eval_every", "sample_every", "log_every", "num_iterations", "num_threads"):
             if getattr(self.train, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self.train, name)}")
+        self._validate_watchdog()
         return self
+
+    def _validate_watchdog(self) -> None:
+        w, where = self.train.watchdog, "train.watchdog"
+        if w.diversity not in ("off", "pixel", "embedding"):
+            raise ValueError(f"{where}.diversity must be 'off', 'pixel' or 'embedding', got {w.diversity!r}")
+        if not w.gold and w.diversity == "off":
+            if w.stop:
+                raise ValueError(f"{where}.stop is set but the watchdog watches nothing: name {where}.gold rewards "
+                                 f"and/or set {where}.diversity")
+            return
+        if not (math.isfinite(w.threshold) and w.threshold >= 0):
+            raise ValueError(f"{where}.threshold must be a finite number >= 0, got {w.threshold}")
+        if not (math.isfinite(w.min_rise) and w.min_rise >= 0):
+            raise ValueError(f"{where}.min_rise must be a finite number >= 0, got {w.min_rise}")
+        if w.patience < 1:
+            raise ValueError(f"{where}.patience (N consecutive evaluations) must be >= 1, got {w.patience}")
+        if self.train.eval_every < 1:
+            raise ValueError(f"{where} watches the held-out evaluations, but train.eval_every is 0 (before and after "
+                             "only); set train.eval_every to the iterations between evaluations")
+        if w.diversity != "off":
+            if self.eval.samples_per_prompt < 2:
+                raise ValueError(f"{where}.diversity measures the spread of each prompt's samples: set "
+                                 f"eval.samples_per_prompt >= 2 (got {self.eval.samples_per_prompt})")
+            if w.diversity_size < 1:
+                raise ValueError(f"{where}.diversity_size must be >= 1 pixel, got {w.diversity_size}")
+            if w.diversity == "embedding" and not w.diversity_model.get("model_path"):
+                raise ValueError(f"{where}.diversity: embedding needs {where}.diversity_model.model_path (a CLIP "
+                                 "model folder, transformers format)")
+            if w.diversity == "pixel" and w.diversity_model:
+                raise ValueError(f"{where}.diversity_model is only used with {where}.diversity: embedding")
+        trained = {(rc.key or rc.name) for rc in self.rewards} | {rc.name for rc in self.rewards}
+        keys = []
+        for i, rc in enumerate(w.gold):
+            key = rc.key or rc.name
+            if rc.threshold is not None:
+                raise ValueError(f"{where}.gold[{i}].threshold: gold rewards are watched in their continuous form; "
+                                 "remove the threshold")
+            same = [t for t in self.rewards if t.name == rc.name and t.kwargs == rc.kwargs]
+            if key in trained or same:
+                raise ValueError(f"{where}.gold[{i}] ({key!r}) is a reward the run trains on (rewards:); a gold reward "
+                                 "must be one it never trains on")
+            if key in keys:
+                raise ValueError(f"{where}.gold: the key {key!r} is listed twice (set a distinct key:)")
+            keys.append(key)
+        if w.best_by is not None and w.best_by != "off" and w.best_by not in keys:
+            raise ValueError(f"{where}.best_by must name a gold reward key ({keys or 'none listed'}) or be 'off', "
+                             f"got {w.best_by!r}")
 
     def _validate_window(self, lo: int, hi: int) -> None:
         w = self.grpo.sde_window

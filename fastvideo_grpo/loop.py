@@ -36,6 +36,7 @@ from .distributed.collectives import reduce_metrics
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_OOM = 4
+EXIT_WATCHDOG = 5  # the reward-hacking watchdog stopped the run (train.watchdog.stop; watchdog.py)
 
 
 class TrainingStopped(RuntimeError):
@@ -72,6 +73,7 @@ class LoopState:
     start_iteration: int = 0
     history: List[Dict] = field(default_factory=list)
     last_checkpoint: Optional[str] = None  # set by the Checkpointer (or the resumed checkpoint)
+    stop_requested: Optional[str] = None  # a component's reason to stop after this iteration (it is saved first)
 
     @property
     def iteration(self) -> int:
@@ -145,7 +147,7 @@ def fit(trainer, components: Sequence[Component], *, total: int, out, is_main: b
             for c in comps:
                 c.on_iteration(state, it, m)
             _row(state, comps, it, m, iteration_row=True)
-            if stop_after is not None and it >= stop_after:
+            if (stop_after is not None and it >= stop_after) or state.stop_requested is not None:
                 break
         final: Dict = {}
         if state.completed and state.total > state.start_iteration:
@@ -161,6 +163,7 @@ def fit(trainer, components: Sequence[Component], *, total: int, out, is_main: b
         "final_eval": final,
         "last_metrics": state.history[-1] if state.history else {},
         "wall_time_s": time.perf_counter() - t_start,
+        "stopped": state.stop_requested,
     }
     for c in comps:
         summary.update(c.summary())
@@ -363,7 +366,7 @@ class Checkpointer(Component):
         self.last_saved = state.iteration
 
     def on_iteration(self, state, it, metrics):
-        if _due(it, self.every) or it == state.total:
+        if _due(it, self.every) or it == state.total or state.stop_requested is not None:
             self._save(state)
 
     def on_end(self, state):

@@ -166,6 +166,10 @@ def run(cfg: RunConfig, build_adapter: Callable[[torch.device], PolicyAdapter], 
             dist.destroy_process_group()  # no barrier: other ranks may be stuck in a collective
         raise
     shutdown()
+    if summary.get("stopped"):  # the watchdog's alarm with train.watchdog.stop: saved, then a documented exit
+        from .loop import EXIT_WATCHDOG, TrainingStopped
+
+        raise TrainingStopped(summary["stopped"], EXIT_WATCHDOG)
     return summary
 
 
@@ -222,13 +226,17 @@ def _run_locked(cfg, env, build_adapter, prompts, reward_fns, reward_weights, ev
                  max_frames=cfg.eval.max_frames_in_grid, **trainer.memory)
 
     from .ema import weights_for_eval
+    from . import watchdog as wd
+
+    watchdog, gold_fns = (wd.build_watchdog(cfg, trainer, out, main_rank, trainer.iteration if resume is not None
+                                            else None) if wd.enabled(cfg) else (None, {}))
 
     def evaluate(images: bool) -> Dict:
         if not held:
             return {}
         with weights_for_eval(trainer):  # the EMA weights when train.ema_decay is set
-            return distributed_evaluate(adapter, held, eval_fns, eval_steps, sets.encode, return_images=images,
-                                        **ev_kw)
+            return distributed_evaluate(adapter, held, {**eval_fns, **gold_fns}, eval_steps, sets.encode,
+                                        return_images=images, **ev_kw)
 
     def write_samples(step: int) -> None:
         if not grid_prompts:
@@ -244,12 +252,14 @@ def _run_locked(cfg, env, build_adapter, prompts, reward_fns, reward_weights, ev
                 nrow, labels = len(ev["prompts"]), None
             save_image_grid(imgs, out / "samples" / f"iter_{step:06d}.png", nrow=nrow, upscale=1, row_labels=labels)
 
-    evaluator = Evaluator(evaluate, cfg.train.eval_every, keep_images_at_ends=keep_eval_images, prior_rows=prior_rows)
+    evaluator = Evaluator(watchdog.wrap(evaluate) if watchdog else evaluate, cfg.train.eval_every,
+                          keep_images_at_ends=keep_eval_images, prior_rows=prior_rows)
     lg = cfg.log
     components: List[Component] = [
         EMAUpdate(),  # first: the evaluator, exporter and checkpointer see this iteration's average
         NaNGuard(),
         evaluator,
+        *([watchdog] if watchdog else []),  # right after the evaluator: it reads that evaluation (train.watchdog)
         SampleWriter(write_samples, cfg.train.sample_every),
         Logger(out, enabled=main_rank, reward_keys=[f"reward/{k}/mean" for k in reward_fns],
                log_every=cfg.train.log_every, curve_every=lg.curve_every, curve_window=lg.curve_window,

@@ -109,9 +109,9 @@ def test_train_entry_point_is_a_thin_cli():
 
 LAYERS = [  # docs/architecture.md, "Who may import whom": a module imports only from its layer or below
     ["registry", "dtypes", "io", "rng", "cuda_settings", "residency", "threads", "ops", "sde", "config", "toy.shapes"],
-    ["models", "rewards", "distributed"],
+    ["models", "rewards", "distributed", "diversity"],
     ["grpo", "sde_window", "rollout", "nft", "passes", "trainer", "evaluate", "data", "rewards.build", "ema"],
-    ["loop", "checkpoint", "metrics", "preflight", "runner", "run_folder", "toy"],
+    ["loop", "checkpoint", "metrics", "preflight", "runner", "run_folder", "toy", "watchdog"],
     ["train", "evaluate_cli", "plan", "vae_blend"],
 ]
 
