@@ -165,6 +165,11 @@ def frames_for_grid(images: torch.Tensor, max_frames: int) -> Tuple[torch.Tensor
 
 
 if __name__ == "__main__":  # python -m fastvideo_grpo.evaluate: the command line (evaluate_cli.py)
-    from .evaluate_cli import cli
+    import sys
+
+    if any(a == "--suite" or a.startswith("--suite=") for a in sys.argv[1:]):  # a benchmark suite (benchmarks/)
+        from .benchmarks.cli import cli
+    else:
+        from .evaluate_cli import cli
 
     cli()

@@ -111,8 +111,8 @@ LAYERS = [  # docs/architecture.md, "Who may import whom": a module imports only
     ["registry", "dtypes", "io", "rng", "cuda_settings", "residency", "threads", "ops", "sde", "config", "toy.shapes"],
     ["models", "rewards", "distributed", "diversity"],
     ["grpo", "sde_window", "rollout", "nft", "passes", "trainer", "evaluate", "data", "rewards.build", "ema"],
-    ["loop", "checkpoint", "metrics", "preflight", "runner", "run_folder", "toy", "watchdog"],
-    ["train", "evaluate_cli", "plan", "vae_blend"],
+    ["loop", "checkpoint", "metrics", "preflight", "runner", "run_folder", "toy", "watchdog", "benchmarks"],
+    ["train", "evaluate_cli", "plan", "vae_blend", "benchmarks.cli"],
 ]
 
 

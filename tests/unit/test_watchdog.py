@@ -167,3 +167,45 @@ def test_watchdog_config_needs_evaluations_and_groups():
         load_config("configs/toy_cpu.yaml", ok + ["--train.eval_every=0"])
     with pytest.raises(ValueError, match="eval.samples_per_prompt"):
         load_config("configs/toy_cpu.yaml", ok + ["--eval.samples_per_prompt=1"])
+
+
+def test_toy_checks_is_toy_geneval_restricted_to_the_chosen_checks():
+    import random
+
+    from fastvideo_grpo.rewards.base import REWARDS
+    from fastvideo_grpo.toy.shapes import parse_prompt, render
+
+    prompts = ["two red circles", "a blue square left of a green triangle"]
+    good = torch.stack([render(parse_prompt(p), 32, random.Random(i)) for i, p in enumerate(prompts)])
+    extra = good.clone()
+    extra[1] += render(parse_prompt("three green triangles"), 32, random.Random(5))  # duplicates of the prompt's
+    extra = extra.clamp(0, 1)
+    every = REWARDS.build("toy_checks", checks=["colour", "count", "shape", "position", "background"])
+    gold = REWARDS.build("toy_geneval")
+    for imgs in (good, extra):
+        torch.testing.assert_close(every(imgs, prompts)[0], gold(imgs, prompts)[0], rtol=0, atol=1e-6)
+    shape = REWARDS.build("toy_checks", checks=["shape"])
+    # extra green triangles (overlapping cells merge into bigger components): shapes may still pass, counts do not
+    assert float(gold(extra, prompts)[0][1]) < 1.0 and float(gold(good, prompts)[0][1]) == 1.0
+    assert float(shape(good, prompts)[0].min()) == 1.0
+    position = REWARDS.build("toy_checks", checks=["position"])
+    assert float(position(good, prompts)[0][0]) == 1.0  # a counting prompt has no position check
+    with pytest.raises(ValueError, match="subset of"):
+        REWARDS.build("toy_checks", checks=["size"])
+
+
+def test_a_resumed_run_replays_its_earlier_evaluations(tmp_path):
+    import json
+
+    from fastvideo_grpo.watchdog import prior_evaluations
+
+    evals = [{"step": s * 10, "trained": r, "gold": {"g": g}, "diversity": {}, "alarm_message": None}
+             for s, (r, g) in enumerate(zip(HACK_TRAINED, HACK_GOLD))]
+    (tmp_path / "watchdog.json").write_text(json.dumps({"evaluations": evals}))
+    prior = prior_evaluations(tmp_path, resumed_at=30)
+    assert [p["step"] for p in prior] == [0, 10, 20, 30] and prior_evaluations(tmp_path, None) == []
+    dog = Watchdog(AlarmRule(threshold=0.05, patience=2), tmp_path, gold_keys=["g"], best_by="g", stop=False,
+                   samples_per_prompt=1, prior=prior)
+    assert dog.best.step == 10 and dog.tracker.fired is None
+    d = dog._decide({"step": 40, "trained": 0.85, "gold": {"g": 0.66}, "diversity": {}})
+    assert d["message"] is not None and "iteration 40" in d["message"]  # as in the uninterrupted series
