@@ -22,6 +22,20 @@ from ..registry import Registry
 Scorer = Callable[[torch.Tensor, Sequence["Item"]], Dict[str, List[Optional[float]]]]
 
 SUITES: Registry = Registry("benchmark suite")
+#: model name -> ``builder(cfg, device, **policy_args)`` for models a config alone cannot rebuild (the toy demo's
+#: model is pretrained by the demo and cached); other models are built by ``models.build_policy``
+POLICIES: Registry = Registry("policy builder")
+
+
+def build_policy(cfg, device, policy_args: Optional[Dict] = None):
+    """The untrained policy of ``cfg`` (the CLI then loads the checkpoint's weights into it)."""
+    if cfg.model.name in POLICIES.names():
+        return POLICIES.build(cfg.model.name, cfg=cfg, device=device, **(policy_args or {}))
+    if policy_args:
+        raise ValueError(f"--policy-args: model {cfg.model.name!r} takes none (it is built from the config)")
+    from ..models import build_policy as build
+
+    return build(cfg, device)
 
 
 @dataclass(frozen=True)
@@ -85,12 +99,6 @@ class Suite:
 
     def scorer(self, device: torch.device) -> Scorer:
         raise NotImplementedError
-
-    def build_policy(self, cfg, device):
-        """The untrained policy of ``cfg`` (the CLI then loads the checkpoint's weights into it)."""
-        from ..models import build_policy
-
-        return build_policy(cfg, device)
 
     def category_order(self, items: Sequence[Item]) -> List[str]:
         seen = list(dict.fromkeys(it.category for it in items))

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", required=True, choices=SUITES.names(), help="the benchmark suite")
     p.add_argument("--prompts", help="the suite's prompt file or folder, in its published format")
     p.add_argument("--suite-args", default="{}", help="the suite's options, a YAML mapping (docs/benchmarks.md)")
+    p.add_argument("--policy-args", default="{}", help="options of the model's policy builder, a YAML mapping "
+                   "(the toy model: {cache_dir: outputs/toy_pretrained})")
     p.add_argument("--embeddings", help="data_prep manifest holding the suite's prompts (real models)")
     p.add_argument("--write-prompts", metavar="FILE", help="write the suite's prompts (one per line) and exit")
     p.add_argument("--names", nargs="+", help="row labels (default: the folder names)")
@@ -55,15 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _suite_args(text: str) -> Dict:
+def _suite_args(text: str, flag: str = "--suite-args") -> Dict:
     try:
         args = yaml.safe_load(text) if text else {}
     except yaml.YAMLError as e:
-        raise ValueError(f"--suite-args is not valid YAML: {e}") from None
+        raise ValueError(f"{flag} is not valid YAML: {e}") from None
     if args is None:
         return {}
     if not isinstance(args, dict):
-        raise ValueError(f"--suite-args must be a YAML mapping, e.g. '{{key: value}}', got {text!r}")
+        raise ValueError(f"{flag} must be a YAML mapping, e.g. '{{key: value}}', got {text!r}")
     return args
 
 
@@ -122,6 +124,7 @@ def main(argv=None) -> Dict:
 def _run(args, cfg, config, suite, items, resolved, names, out, env) -> Dict:
     from ..dtypes import autocast_dtype
     from ..rollout import sampling_memory
+    from .base import build_policy
     from .sampling import generate_and_score
     from .tables import build_payload, markdown, write_tables
 
@@ -135,7 +138,7 @@ def _run(args, cfg, config, suite, items, resolved, names, out, env) -> Dict:
     rows: List[Dict] = []
     t0 = time.perf_counter()
     for (kind, path), name in zip(resolved, names):
-        adapter = suite.build_policy(cfg, device)
+        adapter = build_policy(cfg, device, _suite_args(args.policy_args, "--policy-args"))
         load_weights(adapter, kind, path, cfg)
         encode = _encoder(adapter, items, args.embeddings, device)
         per_sample = generate_and_score(

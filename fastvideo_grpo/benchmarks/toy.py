@@ -8,14 +8,15 @@ held-out prompts) or train. Categories as GenEval's tasks: ``single_object`` ("o
 ``position``, relation prompts only; ``background``: clean) and ``reward`` (toy_geneval's mean of the
 checks). Overall = the mean of the category means, as GenEval's overall score. 4 samples per prompt.
 
-The policy is the toy demo's (its pretrained model, cached under ``cache_dir``, with the checkpoint's weights).
+The toy demo's policy is rebuilt by ``toy_policy`` (its pretrained model, cached under ``cache_dir``, with the
+checkpoint's weights), for this suite and any other (e.g. ``--suite geneval`` with the ``toy`` detector).
 """
 
 from __future__ import annotations
 
 from typing import List
 
-from .base import SUITES, Item, Metric, Suite
+from .base import POLICIES, SUITES, Item, Metric, Suite
 
 CHECK_NAMES = {False: ["colour", "count", "shape"], True: ["colour", "count", "count", "shape", "shape", "position"]}
 
@@ -23,7 +24,7 @@ CHECK_NAMES = {False: ["colour", "count", "shape"], True: ["colour", "count", "c
 @SUITES.register("toy")
 class ToySuite(Suite):
     name = "toy"
-    defaults = {"split": "all", "cache_dir": "outputs/toy_pretrained", "min_pixels": 8, "max_background": 0.01}
+    defaults = {"split": "all", "min_pixels": 8, "max_background": 0.01}
     default_samples_per_prompt = 4
     category_titles = {"single_object": "Single object", "counting": "Counting", "position": "Position"}
     needs_prompts = False
@@ -78,9 +79,14 @@ class ToySuite(Suite):
 
         return score
 
-    def build_policy(self, cfg, device):
-        from ..toy.demo import toy_adapter_factory
-        from ..toy.shapes import split_prompts
 
-        return toy_adapter_factory(cfg, split_prompts(seed=0)[0], self.args["cache_dir"], progress=False)(device)
+
+@POLICIES.register("toy")
+def toy_policy(cfg, device, cache_dir: str = "outputs/toy_pretrained"):
+    """The toy demo's policy: its pretrained model (cached under ``cache_dir``, pretrained there if missing) with
+    the run's model settings; any suite runs on it (``--policy-args '{cache_dir: ...}'``)."""
+    from ..toy.demo import toy_adapter_factory
+    from ..toy.shapes import split_prompts
+
+    return toy_adapter_factory(cfg, split_prompts(seed=0)[0], cache_dir, progress=False)(device)
 
