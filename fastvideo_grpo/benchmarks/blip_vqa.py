@@ -3,10 +3,9 @@
 ``BlipVqa(model_path)`` loads transformers' ``BlipForQuestionAnswering`` and its processor files from a local
 folder (T2I-CompBench: BLIP's VQA model, ``Salesforce/blip-vqa-capfilt-large`` in transformers format).
 ``yes_probability``: the image (resized to the model's square size, bicubic, normalised as its processor
-says) and the question (padded to the longest, at most 35 tokens) go through the vision tower and the text
-encoder; the answer decoder's first step from the decoder start token gives P(yes) / (P(yes) + P(no)) over
-its vocabulary, the question's attention mask masking the decoder's cross-attention (T2I-CompBench's
-``vqa_prob``). The question keeps the tokenizer's first token (transformers' BLIP; the LAVIS BLIP that
+says) and the question (at most 35 tokens, never padded) go through the vision tower and the text encoder;
+the answer decoder's first step from the decoder start token gives P(yes) / (P(yes) + P(no)) over its
+vocabulary (T2I-CompBench's ``vqa_prob``). The question keeps the tokenizer's first token (transformers' BLIP; the LAVIS BLIP that
 T2I-CompBench runs swaps it for its [ENC] token). ``noun_phrases`` splits a prompt into the phrases asked
 about: spaCy's noun chunks when spaCy and ``en_core_web_sm`` are installed (T2I-CompBench's choice), else a
 split at "and" and commas, which gives the same phrases for its attribute prompts ("a green bench and a red
@@ -68,22 +67,27 @@ class BlipVqa:
 
     @torch.no_grad()
     def yes_probability(self, images: torch.Tensor, questions: Sequence[str]) -> torch.Tensor:
-        """(B,) P(yes) / (P(yes) + P(no)) for image i and question i."""
-        out = []
-        for s in range(0, len(questions), self.batch_size):
-            q = self.tokenizer(list(questions[s:s + self.batch_size]), padding="longest", truncation=True,
-                               max_length=35, return_tensors="pt").to(self.device)
-            m = self.model
-            image_embeds = m.vision_model(pixel_values=self.pixels(images[s:s + self.batch_size]))[0]
-            image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
-            question = m.text_encoder(input_ids=q["input_ids"], attention_mask=q["attention_mask"],
-                                      encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask)[0]
-            start = torch.full((question.shape[0], 1), self.bos, dtype=torch.long, device=self.device)
-            logits = m.text_decoder(input_ids=start, encoder_hidden_states=question,
-                                    encoder_attention_mask=q["attention_mask"]).logits[:, 0, :]
-            p = torch.softmax(logits.float(), dim=-1)
-            out.append((p[:, self.yes] / (p[:, self.yes] + p[:, self.no])).cpu())
-        return torch.cat(out)
+        """(B,) P(yes) / (P(yes) + P(no)) for image i and question i. Questions of equal token length are batched
+        together, so none is padded (the answer of a padded question would depend on how transformers masks
+        the decoder's cross-attention)."""
+        tokens = [self.tokenizer(q, truncation=True, max_length=35)["input_ids"] for q in questions]
+        groups = {}
+        for i, t in enumerate(tokens):
+            groups.setdefault(len(t), []).append(i)
+        out = torch.empty(len(questions))
+        m = self.model
+        for idx in groups.values():
+            for s in range(0, len(idx), self.batch_size):
+                part = idx[s:s + self.batch_size]
+                ids = torch.tensor([tokens[i] for i in part], device=self.device)
+                image_embeds = m.vision_model(pixel_values=self.pixels(images[part]))[0]
+                question = m.text_encoder(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                          encoder_hidden_states=image_embeds)[0]
+                start = torch.full((len(part), 1), self.bos, dtype=torch.long, device=self.device)
+                logits = m.text_decoder(input_ids=start, encoder_hidden_states=question).logits[:, 0, :]
+                p = torch.softmax(logits.float(), dim=-1)
+                out[part] = (p[:, self.yes] / (p[:, self.yes] + p[:, self.no])).cpu()
+        return out
 
     def attribute_scores(self, images: torch.Tensor, prompts: Sequence[str]) -> List[float]:
         """T2I-CompBench's BLIP-VQA score per image: the product over the prompt's noun phrases."""
