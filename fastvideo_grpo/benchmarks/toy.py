@@ -85,6 +85,10 @@ class ToySuite(Suite):
 def toy_policy(cfg, device, cache_dir: str = "outputs/toy_pretrained"):
     """The toy demo's policy: its pretrained model (cached under ``cache_dir``, pretrained there if missing) with
     the run's model settings; any suite runs on it (``--policy-args '{cache_dir: ...}'``)."""
+    if cfg.model.kwargs.get("checkpoint"):  # a toy model saved to a file (model.kwargs.checkpoint): the registry
+        from ..models import build_policy
+
+        return build_policy(cfg, device)
     from ..toy.demo import toy_adapter_factory
     from ..toy.shapes import split_prompts
 
