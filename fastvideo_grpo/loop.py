@@ -13,7 +13,12 @@ and hands them to its components, each of which decides its own timing from the 
 * ``Logger``: metrics.jsonl / TensorBoard / wandb every ``train.log_every`` iterations,
   reward_curve.png, the progress bar;
 * ``Checkpointer``: a DCP checkpoint every ``train.save_every`` iterations and at the end;
-* ``Exporter``: the trained weights (safetensors) at the end (the EMA weights when the run keeps one).
+* ``Exporter``: the trained weights (safetensors) at the end (the EMA weights when the run keeps one);
+* ``watchdog.Watchdog`` (with ``train.watchdog``): gold rewards and diversity at each evaluation, the
+  reward-hacking alarm and the ``best`` export.
+
+A component may set ``state.stop_requested`` (a reason): the loop ends after that iteration, which the
+checkpointer saves first, and the summary's ``stopped`` holds the reason.
 
 A component implements any of ``on_start`` (returns metrics for a row at the starting step),
 ``on_iteration`` (may add metrics to the iteration's row), ``on_end`` (returns metrics for a final
