@@ -39,3 +39,4 @@ def test_two_ranks_score_the_same_samples_as_one(tmp_path):
     # equal up to float32 rounding of a mean over 3 x 16 x 16 values
     assert b == pytest.approx(a, rel=0, abs=1e-6)
     assert two["metrics"][0]["rows"][0]["overall"] == pytest.approx(one["metrics"][0]["rows"][0]["overall"], abs=1e-6)
+

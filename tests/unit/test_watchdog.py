@@ -209,3 +209,31 @@ def test_a_resumed_run_replays_its_earlier_evaluations(tmp_path):
     assert dog.best.step == 10 and dog.tracker.fired is None
     d = dog._decide({"step": 40, "trained": 0.85, "gold": {"g": 0.66}, "diversity": {}})
     assert d["message"] is not None and "iteration 40" in d["message"]  # as in the uninterrupted series
+
+
+def test_embedding_diversity_is_one_minus_cosine_of_clip_image_embeddings(tmp_path):
+    from fastvideo_grpo.diversity import EmbeddingFeatures
+    from support.tiny_benchmarks import clip_dir
+
+    embed = EmbeddingFeatures(clip_dir(tmp_path / "clip"), device="cpu")
+    g = torch.Generator().manual_seed(4)
+    images = torch.rand(4, 3, 32, 32, generator=g)
+    f = embed(images)
+    assert f.shape[0] == 4 and torch.allclose(f.norm(dim=-1), torch.ones(4, dtype=f.dtype))
+    d = sample_diversity(images, [0, 0, 1, 1], "embedding", embed=embed)
+    cos = f @ f.T
+    assert d["within_group"] == pytest.approx(float(2 - cos[0, 1] - cos[2, 3]) / 2, rel=1e-9)
+    assert d["across_prompts"] == pytest.approx(float(4 - cos[0, 2] - cos[0, 3] - cos[1, 2] - cos[1, 3]) / 4, rel=1e-9)
+    video = images.view(2, 2, 3, 32, 32)  # 2 videos of 2 frames: the mean of the frames' embeddings
+    fv = embed(video)
+    ref = torch.nn.functional.normalize(f.view(2, 2, -1).mean(1), dim=-1)
+    torch.testing.assert_close(fv, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_the_demonstration_recipe_trains_one_check_and_watches_toy_geneval():
+    cfg = load_config("configs/toy_watchdog.yaml")
+    assert [(r.name, r.kwargs) for r in cfg.rewards] == [("toy_checks", {"checks": ["shape"]})]
+    w = cfg.train.watchdog
+    assert [g.name for g in w.gold] == ["toy_geneval"] and w.diversity == "pixel" and not w.stop
+    assert (w.threshold, w.patience, cfg.train.eval_every) == (0.02, 2, 5)
+    assert cfg.model.kwargs["frozen_below"] == 550  # the demo's model and sampler (base: toy_cpu.yaml)
