@@ -132,6 +132,4 @@ def reward_scorer(reward_cfgs: Sequence[Dict], where: str) -> Callable:
         scores, _ = compute_rewards(fns, images, list(prompts))
         return {k: v.tolist() for k, v in scores.items()}
 
-    score.keys = list(fns)
-    score.fns = fns
     return score

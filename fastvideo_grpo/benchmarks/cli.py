@@ -30,7 +30,7 @@ from . import SUITES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastvideo_grpo.evaluate --suite NAME",
+    p = argparse.ArgumentParser(prog="python -m fastvideo_grpo.evaluate",
                                 description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Other --section.field=value arguments override the run config. Suites: "
                                        + ", ".join(SUITES.names()) + " (docs/benchmarks.md).")
