@@ -351,7 +351,8 @@ class Logger(Component):
 
 
 class Checkpointer(Component):
-    """A DCP checkpoint (``checkpoint.save_trainer_checkpoint``) every ``every`` iterations and at the end,
+    """A DCP checkpoint (``checkpoint.save_trainer_checkpoint``) every ``every`` iterations, at the end and at an
+    iteration after which a component asked to stop (``state.stop_requested``),
     keeping the newest ``keep_last`` (0: all) of this run's own checkpoints: those it writes and, when
     resumed, the ones up to the resumed step. Nothing else in the folder is ever deleted."""
 

@@ -96,8 +96,8 @@ class AlarmTracker:
         status = {}
         for name, series in self.watched.items():
             met, drop, p = self.rule.met(self.trained, series, n)
-            status[name] = {"met": met, "drop": drop, "best_step": self.steps[p], "best": series[p],
-                            "streak": self.rule.streak(self.trained, series)}
+            status[name] = {"met": met, "drop": drop, "value": series[n], "best_step": self.steps[p],
+                            "best": series[p], "streak": self.rule.streak(self.trained, series)}
         firing = {k: s for k, s in status.items() if s["streak"] >= self.rule.patience}
         if firing and self.fired is None:
             self.fired = {"step": int(step), "signals": sorted(firing)}
@@ -122,9 +122,9 @@ def alarm_message(step: int, trained: float, status: Dict[str, Dict], names: Seq
     parts = []
     for n in names:
         s = status[n]
-        unit = "of its best" if rule.relative else ""
-        parts.append(f"{n} {s['best']:.4f} (iteration {s['best_step']}) -> {s['best'] - s['drop'] * (abs(s['best']) if rule.relative else 1):.4f} "
-                     f"(drop {s['drop']:.4f}{' ' + unit if unit else ''} > {rule.threshold})")
+        unit = " of its best" if rule.relative else ""
+        parts.append(f"{n} {s['best']:.4f} (iteration {s['best_step']}) -> {s['value']:.4f} "
+                     f"(drop {s['drop']:.4f}{unit} > {rule.threshold})")
     return (f"WATCHDOG ALARM at iteration {step}: the trained reward rose to {trained:.4f} while " + "; ".join(parts)
             + f", {rule.patience} evaluation(s) in a row: likely reward hacking (docs/watchdog.md)")
 

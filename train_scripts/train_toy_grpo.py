@@ -55,8 +55,8 @@ def _closing_lines(s) -> str:
 def _watchdog_lines(w) -> str:
     """The watchdog's outcome (train.watchdog): when the alarm fired, and the gold reward at best vs at the end."""
     alarm = w.get("alarm")
-    lines = [f"watchdog alarm: {'iteration ' + str(alarm['step']) + ' (' + ', '.join(alarm['signals']) + ')' if alarm else 'did not fire'}"
-             f" (threshold {w['rule']['threshold']}, patience {w['rule']['patience']})"]
+    fired = f"iteration {alarm['step']} ({', '.join(alarm['signals'])})" if alarm else "did not fire"
+    lines = [f"watchdog alarm: {fired} (threshold {w['rule']['threshold']}, patience {w['rule']['patience']})"]
     best, last = w.get("best") or {}, w.get("last") or {}
     if best.get("step") is not None and last:
         key = best["by"]

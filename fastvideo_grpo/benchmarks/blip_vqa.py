@@ -2,14 +2,14 @@
 
 ``BlipVqa(model_path)`` loads transformers' ``BlipForQuestionAnswering`` and its processor files from a local
 folder (T2I-CompBench: BLIP's VQA model, ``Salesforce/blip-vqa-capfilt-large`` in transformers format).
-``yes_probability``: the image (resized to the model's square size, bicubic, normalised as its processor
-says) and the question (at most 35 tokens, never padded) go through the vision tower and the text encoder;
-the answer decoder's first step from the decoder start token gives P(yes) / (P(yes) + P(no)) over its
-vocabulary (T2I-CompBench's ``vqa_prob``). The question keeps the tokenizer's first token (transformers' BLIP; the LAVIS BLIP that
-T2I-CompBench runs swaps it for its [ENC] token). ``noun_phrases`` splits a prompt into the phrases asked
-about: spaCy's noun chunks when spaCy and ``en_core_web_sm`` are installed (T2I-CompBench's choice), else a
-split at "and" and commas, which gives the same phrases for its attribute prompts ("a green bench and a red
-car"). A prompt's score is the product over its phrases.
+``yes_probability``: the image (resized to the model's square size, bicubic, normalised as its processor says) and
+the question (at most 35 tokens, never padded) go through the vision tower and the text encoder; the answer
+decoder's first step from the decoder start token gives P(yes) / (P(yes) + P(no)) over its vocabulary
+(T2I-CompBench's ``vqa_prob``). The question keeps the tokenizer's first token (transformers' BLIP; the LAVIS BLIP
+that T2I-CompBench runs swaps it for its [ENC] token). ``noun_phrases`` splits a prompt into the phrases asked
+about: spaCy's noun chunks when spaCy and ``en_core_web_sm`` are installed (T2I-CompBench's choice), else a split
+at "and" and commas, which gives the same phrases for its attribute prompts ("a green bench and a red car"). A
+prompt's score is the product over its phrases.
 """
 
 from __future__ import annotations

@@ -132,7 +132,10 @@ def toy_colour(image: torch.Tensor, detections: Sequence[Detection], classname: 
     cls = classify_pixels(image.unsqueeze(0).float().clamp(0, 1))[0]
     out = []
     for d in detections:
-        vals = cls[d.mask] if d.mask is not None else cls[int(d.box[1]):int(d.box[3]) + 1, int(d.box[0]):int(d.box[2]) + 1].flatten()
+        if d.mask is not None:
+            vals = cls[d.mask]
+        else:
+            vals = cls[int(d.box[1]):int(d.box[3]) + 1, int(d.box[0]):int(d.box[2]) + 1].flatten()
         vals = vals[vals > 0]
         out.append(_NAMES[int(torch.mode(vals).values)] if vals.numel() else "black")
     return out

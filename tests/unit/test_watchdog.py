@@ -237,3 +237,16 @@ def test_the_demonstration_recipe_trains_one_check_and_watches_toy_geneval():
     assert [g.name for g in w.gold] == ["toy_geneval"] and w.diversity == "pixel" and not w.stop
     assert (w.threshold, w.patience, cfg.train.eval_every) == (0.02, 2, 5)
     assert cfg.model.kwargs["frozen_below"] == 550  # the demo's model and sampler (base: toy_cpu.yaml)
+
+
+def test_start_up_checks_name_missing_gold_reward_weights_and_diversity_model(tmp_path):
+    from fastvideo_grpo.preflight import preflight
+
+    cfg = load_config("configs/toy_cpu.yaml", [
+        "--rewards=[{name: toy_colour_fidelity}]", "--train.eval_every=5",
+        f"--train.watchdog={{gold: [{{name: pickscore, kwargs: {{model_path: {tmp_path / 'nope'}}}}}], "
+        f"diversity: embedding, diversity_model: {{model_path: {tmp_path / 'noclip'}}}}}"])
+    with pytest.raises(FileNotFoundError) as e:
+        preflight(cfg)
+    assert "train.watchdog.gold[0].kwargs.model_path" in str(e.value)
+    assert "train.watchdog.diversity_model.model_path" in str(e.value)
