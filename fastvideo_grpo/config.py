@@ -190,6 +190,60 @@ class RewardConfig:
 
 
 @dataclass
+class WatchdogConfig:
+    """The reward-hacking watchdog (docs/watchdog.md): at every held-out evaluation it also measures *gold*
+    rewards the run never trains on and the diversity of the samples, and raises an alarm when the trained
+    reward rises while a gold reward or a diversity statistic falls. Off while ``gold`` is empty and
+    ``diversity`` is "off"."""
+
+    gold: List[RewardConfig] = field(default_factory=list)  # held-out gold rewards, never trained on (eval/gold/<key>)
+    # diversity of the held-out samples, within each prompt's group and across prompts: "off", "pixel" (mean
+    # pairwise RMS distance of the images, area-downsampled to at most `diversity_size` px a side) or
+    # "embedding" (mean pairwise 1 - cosine of the image embeddings of `diversity_model`)
+    diversity: str = "off"
+    diversity_size: int = 64
+    diversity_model: Dict[str, Any] = field(default_factory=dict)  # embedding: {model_path: <CLIP folder>, ...}
+    threshold: float = 0.05  # alarm when a watched value is more than this below its best evaluation so far ...
+    relative: bool = False  # ... (a fraction of that best value instead of an absolute amount)
+    min_rise: float = 0.0  # ... while the trained reward is more than this above its value at that evaluation ...
+    patience: int = 2  # ... at this many consecutive evaluations (N)
+    stop: bool = False  # the alarm stops the run after saving a checkpoint (exit status 5)
+    best_by: Optional[str] = None  # gold key choosing the `best` export (default: the first gold); "off": none
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.gold) or self.diversity != "off"
+
+    def validate(self, where: str = "train.watchdog") -> None:
+        """The section's own fields; the checks against other sections (evaluation schedule, samples per prompt,
+        gold rewards that are trained on) are ``training.watchdog.check_watchdog``'s."""
+        _one_of(self.diversity, ("off", "pixel", "embedding"), f"{where}.diversity")
+        if not self.enabled:
+            _require(not self.stop, f"{where}.stop is set but the watchdog watches nothing: name {where}.gold rewards "
+                     f"and/or set {where}.diversity")
+            return
+        _finite(self.threshold, f"{where}.threshold", 0.0, strict=False)
+        _finite(self.min_rise, f"{where}.min_rise", 0.0, strict=False)
+        _require(self.patience >= 1, f"{where}.patience (N consecutive evaluations) must be >= 1, got {self.patience}")
+        if self.diversity != "off":
+            _require(self.diversity_size >= 1, f"{where}.diversity_size must be >= 1 pixel, got {self.diversity_size}")
+            _require(self.diversity != "embedding" or bool(self.diversity_model.get("model_path")),
+                     f"{where}.diversity: embedding needs {where}.diversity_model.model_path (a CLIP model folder, "
+                     "transformers format)")
+            _require(self.diversity != "pixel" or not self.diversity_model,
+                     f"{where}.diversity_model is only used with {where}.diversity: embedding")
+        keys = []
+        for i, rc in enumerate(self.gold):
+            key = rc.key or rc.name
+            _require(rc.threshold is None, f"{where}.gold[{i}].threshold: gold rewards are watched in their "
+                     "continuous form; remove the threshold")
+            _require(key not in keys, f"{where}.gold: the key {key!r} is listed twice (set a distinct key:)")
+            keys.append(key)
+        _require(self.best_by is None or self.best_by == "off" or self.best_by in keys,
+                 f"{where}.best_by must name a gold reward key ({keys or 'none listed'}) or be 'off', got {self.best_by!r}")
+
+
+@dataclass
 class TrainConfig:
     num_iterations: int = 100
     seed: int = 0
@@ -211,6 +265,7 @@ class TrainConfig:
     # When set, held-out evaluation, sample grids and the export use the EMA weights; checkpoints hold it
     ema_decay: float = 0.0
     overwrite: bool = False  # start over in an output_dir that holds a run (deletes its outputs); else refused
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)  # reward-hacking alarm (docs/watchdog.md)
 
     def validate(self, where: str = "train") -> None:
         _require(self.keep_last_checkpoints >= 0, f"{where}.keep_last_checkpoints must be >= 0 (0 = keep all), got "
@@ -221,6 +276,7 @@ class TrainConfig:
                 "trainer does not have: bf16 has fp32's range and needs none)")
         for name in ("save_every", "eval_every", "sample_every", "log_every", "num_iterations", "num_threads"):
             _require(getattr(self, name) >= 0, f"{where}.{name} must be >= 0, got {getattr(self, name)}")
+        self.watchdog.validate(f"{where}.watchdog")
 
 
 @dataclass
@@ -310,7 +366,8 @@ class RunConfig:
             getattr(self, name).validate(name)
         if not self.rewards:
             raise ValueError("at least one reward is required under 'rewards'")
-        for where, rcs in (("rewards", self.rewards), ("eval.rewards", self.eval.rewards)):
+        for where, rcs in (("rewards", self.rewards), ("eval.rewards", self.eval.rewards),
+                           ("train.watchdog.gold", self.train.watchdog.gold)):
             for i, rc in enumerate(rcs):
                 rc.validate(f"{where}[{i}]")
                 if rc.offload is None:  # the default of every reward: one value per reward for build_reward_fns

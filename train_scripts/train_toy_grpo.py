@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastvideo_grpo.config import load_config  # noqa: E402
 from fastvideo_grpo.cli.train import recipe_path  # noqa: E402
+from fastvideo_grpo.training.loop import run_cli  # noqa: E402
 from fastvideo_grpo.cli.demo import run_demo  # noqa: E402
 
 
@@ -34,6 +35,8 @@ def main(argv=None):
             "background_before", "background_after", "wall_time_s"]
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
     print(_closing_lines(summary))
+    if summary.get("watchdog"):
+        print(_watchdog_lines(summary["watchdog"]))
     print(f"outputs in {cfg.train.output_dir}/ (summary.json, reward_curve.png, samples_before_after.png)")
 
 
@@ -49,5 +52,19 @@ def _closing_lines(s) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    main()
+def _watchdog_lines(w) -> str:
+    """The watchdog's outcome (train.watchdog): when the alarm fired, and the gold reward at best vs at the end."""
+    alarm = w.get("alarm")
+    fired = f"iteration {alarm['step']} ({', '.join(alarm['signals'])})" if alarm else "did not fire"
+    lines = [f"watchdog alarm: {fired} (threshold {w['rule']['threshold']}, patience {w['rule']['patience']})"]
+    best, last = w.get("best") or {}, w.get("last") or {}
+    if best.get("step") is not None and last:
+        key = best["by"]
+        lines.append(f"gold {key}: best {best['value']:.4f} at iteration {best['step']} (kept in best/), "
+                     f"{last['gold'].get(key, float('nan')):.4f} at the end (iteration {last['step']}); trained reward "
+                     f"{last['trained']:.4f} at the end")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # a user error exits 2, a stop (divergence, train.watchdog.stop) 3 / 5, no traceback
+    run_cli(main)

@@ -18,6 +18,7 @@ from typing import Callable, Dict
 
 import torch
 
+from ..benchmarks.base import POLICIES
 from ..config import RunConfig, to_dict
 from ..distributed.init import barrier, get_rank
 from ..training.loop import Component
@@ -169,3 +170,14 @@ def _write_grids(before: Dict, after: Dict, out: Path, samples_per_prompt: int, 
                 borders += [PASS if o else FAIL for o in ok[sl]]
     save_image_grid(torch.cat(rows), out / "samples_before_after.png", nrow=samples_per_prompt, upscale=4,
                     pad=4, row_labels=labels, borders=borders if any(b is not None for b in borders) else None)
+
+
+@POLICIES.register("toy")
+def toy_policy(cfg, device, cache_dir: str = "outputs/toy_pretrained"):
+    """The toy demo's policy for ``--suite``: its pretrained model (cached under ``cache_dir``, pretrained there if
+    missing) with the run's model settings; any suite runs on it (``--policy-args '{cache_dir: ...}'``)."""
+    if cfg.model.kwargs.get("checkpoint"):  # a toy model saved to a file (model.kwargs.checkpoint): the registry
+        from ..models import build_policy
+
+        return build_policy(cfg, device)
+    return toy_adapter_factory(cfg, split_prompts(seed=0)[0], cache_dir, progress=False)(device)

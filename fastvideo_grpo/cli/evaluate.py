@@ -146,7 +146,9 @@ def markdown_table(rows: Sequence[Dict], keys: Sequence[str], compare: bool = Fa
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastvideo_grpo.cli.evaluate", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Other --section.field=value arguments override the config.")
+                                epilog="Other --section.field=value arguments override the config. Benchmark "
+                                       "suites (GenEval, HPDv2, T2I-CompBench, DrawBench, VBench, VideoAlign, toy): "
+                                       "--suite NAME (docs/benchmarks.md; --suite NAME --help).")
     p.add_argument("checkpoints", nargs="*", help="checkpoints to evaluate ('base', export, step folder, run folder)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two checkpoints side by side, with a B - A row")
     p.add_argument("--names", nargs="+", help="row labels (default: the folder names)")
@@ -275,4 +277,11 @@ def cli(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    cli()
+    import sys
+
+    if any(a == "--suite" or a.startswith("--suite=") for a in sys.argv[1:]):  # a benchmark suite (cli/benchmark.py)
+        from .benchmark import cli as benchmark_cli
+
+        benchmark_cli()
+    else:
+        cli()

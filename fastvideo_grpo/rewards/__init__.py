@@ -12,3 +12,4 @@ from .serving import remote  # noqa: F401
 
 # --- rule-based rewards (owned by the lead): add `from . import rules  # noqa: F401` below ---
 from . import rules  # noqa: F401
+from . import toy_proxy  # noqa: F401  (the watchdog demonstration's hackable toy reward)

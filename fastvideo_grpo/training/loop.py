@@ -13,7 +13,12 @@ and hands them to its components, each of which decides its own timing from the 
 * ``Logger``: metrics.jsonl / TensorBoard / wandb every ``train.log_every`` iterations,
   reward_curve.png, the progress bar;
 * ``Checkpointer``: a DCP checkpoint every ``train.save_every`` iterations and at the end;
-* ``Exporter``: the trained weights (safetensors) at the end (the EMA weights when the run keeps one).
+* ``Exporter``: the trained weights (safetensors) at the end (the EMA weights when the run keeps one);
+* ``watchdog.Watchdog`` (with ``train.watchdog``): gold rewards and diversity at each evaluation, the
+  reward-hacking alarm and the ``best`` export.
+
+A component may set ``state.stop_requested`` (a reason): the loop ends after that iteration, which the
+checkpointer saves first, and the summary's ``stopped`` holds the reason.
 
 A component implements any of ``on_start`` (returns metrics for a row at the starting step),
 ``on_iteration`` (may add metrics to the iteration's row), ``on_end`` (returns metrics for a final
@@ -37,6 +42,7 @@ from .state import TrainState
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_OOM = 4
+EXIT_WATCHDOG = 5  # the reward-hacking watchdog stopped the run (train.watchdog.stop; watchdog.py)
 
 
 class TrainingStopped(RuntimeError):
@@ -73,6 +79,7 @@ class LoopState:
     start_iteration: int = 0
     history: List[Dict] = field(default_factory=list)
     last_checkpoint: Optional[str] = None  # set by the Checkpointer (or the resumed checkpoint)
+    stop_requested: Optional[str] = None  # a component's reason to stop after this iteration (it is saved first)
 
     @property
     def iteration(self) -> int:
@@ -146,7 +153,7 @@ def fit(trainer: TrainState, components: Sequence[Component], *, total: int, out
             for c in comps:
                 c.on_iteration(state, it, m)
             _row(state, comps, it, m, iteration_row=True)
-            if stop_after is not None and it >= stop_after:
+            if (stop_after is not None and it >= stop_after) or state.stop_requested is not None:
                 break
         final: Dict = {}
         if state.completed and state.total > state.start_iteration:
@@ -162,6 +169,7 @@ def fit(trainer: TrainState, components: Sequence[Component], *, total: int, out
         "final_eval": final,
         "last_metrics": state.history[-1] if state.history else {},
         "wall_time_s": time.perf_counter() - t_start,
+        "stopped": state.stop_requested,
     }
     for c in comps:
         summary.update(c.summary())
@@ -343,7 +351,8 @@ class Logger(Component):
 
 
 class Checkpointer(Component):
-    """A DCP checkpoint (``checkpoint.save_trainer_checkpoint``) every ``every`` iterations and at the end,
+    """A DCP checkpoint (``checkpoint.save_trainer_checkpoint``) every ``every`` iterations, at the end and at an
+    iteration after which a component asked to stop (``state.stop_requested``),
     keeping the newest ``keep_last`` (0: all) of this run's own checkpoints: those it writes and, when
     resumed, the ones up to the resumed step. Nothing else in the folder is ever deleted."""
 
@@ -363,7 +372,7 @@ class Checkpointer(Component):
         self.last_saved = state.iteration
 
     def on_iteration(self, state, it, metrics):
-        if _due(it, self.every) or it == state.total:
+        if _due(it, self.every) or it == state.total or state.stop_requested is not None:
             self._save(state)
 
     def on_end(self, state):

@@ -25,10 +25,12 @@ def preflight(cfg: RunConfig) -> dict:
     from ..algorithms.samplers import ROLLOUTS
     from ..models import ADAPTERS
     from ..rewards import REWARDS
+    from .watchdog import check_watchdog
 
     build_objective(cfg)  # the objective and its options, against the sampling settings (ValueError)
     build_estimator(cfg)  # grpo.advantage names a registered estimator
     ROLLOUTS.get(cfg.sampling.rollout)  # sampling.rollout names a registered sampler
+    check_watchdog(cfg)  # train.watchdog against the evaluation settings and the trained rewards
     problems: List[str] = []
     # unknown adapter or key -> ValueError listing the known ones
     paths = ADAPTERS.check_kwargs(cfg.model.name, {k: v for k, v in cfg.model.kwargs.items() if k != "device"},
@@ -41,13 +43,18 @@ def preflight(cfg: RunConfig) -> dict:
     adapter_cls = ADAPTERS.signature_of(cfg.model.name)
     if not missing_paths and inspect.isclass(adapter_cls):
         problems += adapter_cls.missing_model_files(cfg.model.kwargs)
-    reward_cfgs = list(cfg.rewards) + list(cfg.eval.rewards)
+    reward_cfgs = list(cfg.rewards) + list(cfg.eval.rewards) + list(cfg.train.watchdog.gold)
     for i, rc in enumerate(reward_cfgs):
-        n = len(cfg.rewards)
-        where = f"rewards[{i}] ({rc.key or rc.name})" if i < n else f"eval.rewards[{i - n}]"
+        n, ne = len(cfg.rewards), len(cfg.eval.rewards)
+        where = f"rewards[{i}] ({rc.key or rc.name})" if i < n else f"eval.rewards[{i - n}]" if i < n + ne \
+            else f"train.watchdog.gold[{i - n - ne}]"
         for w, path in REWARDS.check_kwargs(rc.name, rc.kwargs, where + ".kwargs").items():
             if not Path(path).expanduser().exists():
                 problems.append(f"{w} = {path!r} does not exist (reward model weights; see docs/rewards.md)")
+    div_path = cfg.train.watchdog.diversity_model.get("model_path")
+    if cfg.train.watchdog.diversity == "embedding" and div_path and not Path(div_path).expanduser().exists():
+        problems.append(f"train.watchdog.diversity_model.model_path = {div_path!r} does not exist (a CLIP model "
+                        "folder, transformers format; docs/watchdog.md)")
     if not cfg.data.manifest:
         problems.append("data.manifest is not set: training reads precomputed prompt embeddings. Run data_prep "
                         "(docs/data_prep.md) and set data.manifest to the written manifest.json")

@@ -32,6 +32,7 @@ from .loop import (Checkpointer, Component, EMAUpdate, Evaluator, Exporter, Logg
                    prepare_metrics_file)
 from ..models.base import PolicyAdapter
 from .run_folder import RunLock, check_fresh_start, check_resume_settings, clear_run, record_config
+from .watchdog import build_watchdog
 from ..utils.threads import set_num_threads
 
 
@@ -188,6 +189,10 @@ def run(cfg: RunConfig, build_adapter: Callable[[torch.device], PolicyAdapter], 
             dist.destroy_process_group()  # no barrier: other ranks may be stuck in a collective
         raise
     shutdown()
+    if summary.get("stopped"):  # the watchdog's alarm with train.watchdog.stop: saved, then a documented exit
+        from .loop import EXIT_WATCHDOG, TrainingStopped
+
+        raise TrainingStopped(summary["stopped"], EXIT_WATCHDOG)
     return summary
 
 
@@ -228,11 +233,13 @@ def _run_locked(cfg: RunConfig, env: DistEnv, spec: RunSpec, folder: RunFolder) 
             clear_run(out)
         record_config(cfg, out, resumed=resumed)
     prior_rows = prepare_metrics_file(out, trainer.iteration if resumed else None) if main_rank else []
-    evaluate, write_samples = _evaluation(cfg, trainer, sets, eval_fns, dims, env, out)
-    evaluator = Evaluator(evaluate, cfg.train.eval_every, keep_images_at_ends=spec.keep_eval_images,
-                          prior_rows=prior_rows)
+    watchdog, gold_fns = (build_watchdog(cfg, trainer, out, main_rank, trainer.iteration if resumed else None)
+                          if cfg.train.watchdog.enabled else (None, {}))
+    evaluate, write_samples = _evaluation(cfg, trainer, sets, eval_fns, dims, env, out, gold_fns)
+    evaluator = Evaluator(watchdog.wrap(evaluate) if watchdog else evaluate, cfg.train.eval_every,
+                          keep_images_at_ends=spec.keep_eval_images, prior_rows=prior_rows)
     components = _standard_components(cfg, trainer, folder, evaluator, write_samples, reward_fns, main_rank,
-                                      prior_rows)
+                                      prior_rows, watchdog)
     parts = RunParts(cfg, trainer, env, dims, sets, out, evaluator, reward_fns, eval_fns)
     if spec.extra_components is not None:
         components += list(spec.extra_components(parts))
@@ -258,8 +265,9 @@ def _run_locked(cfg: RunConfig, env: DistEnv, spec: RunSpec, folder: RunFolder) 
 
 
 def _evaluation(cfg: RunConfig, trainer, sets: PromptSets, eval_fns: Dict, dims: ParallelDims, env: DistEnv,
-                out: Path):
-    """(held-out evaluation, sample-grid writer) of the run, both with the EMA weights when it keeps them."""
+                out: Path, gold_fns: Dict):
+    """(held-out evaluation, sample-grid writer) of the run, both with the EMA weights when it keeps them; the
+    held-out evaluation also scores the watchdog's gold rewards (``gold_fns``, keyed ``gold/<key>``)."""
     from .ema import weights_for_eval
     from .evaluate import distributed_evaluate, frames_for_grid
     from .metrics import save_image_grid
@@ -276,7 +284,7 @@ def _evaluation(cfg: RunConfig, trainer, sets: PromptSets, eval_fns: Dict, dims:
         if not held:
             return {}
         with weights_for_eval(trainer.ema):
-            return distributed_evaluate(trainer.adapter, held, eval_fns, eval_steps, sets.encode,
+            return distributed_evaluate(trainer.adapter, held, {**eval_fns, **gold_fns}, eval_steps, sets.encode,
                                         return_images=images, **ev_kw)
 
     def write_samples(step: int) -> None:
@@ -297,7 +305,7 @@ def _evaluation(cfg: RunConfig, trainer, sets: PromptSets, eval_fns: Dict, dims:
 
 
 def _standard_components(cfg: RunConfig, trainer, folder: RunFolder, evaluator: Evaluator, write_samples,
-                         reward_fns: Dict, main_rank: bool, prior_rows) -> List[Component]:
+                         reward_fns: Dict, main_rank: bool, prior_rows, watchdog=None) -> List[Component]:
     """The components every run has, in the order they must run (loop.py)."""
     from .ema import weights_for_eval
 
@@ -306,6 +314,7 @@ def _standard_components(cfg: RunConfig, trainer, folder: RunFolder, evaluator: 
         EMAUpdate(),  # first: the evaluator, exporter and checkpointer see this iteration's average
         NaNGuard(),
         evaluator,
+        *([watchdog] if watchdog else []),  # right after the evaluator: it reads that evaluation (train.watchdog)
         SampleWriter(write_samples, cfg.train.sample_every),
         Logger(folder.out, enabled=main_rank, reward_keys=[f"reward/{k}/mean" for k in reward_fns],
                log_every=cfg.train.log_every, curve_every=lg.curve_every, curve_window=lg.curve_window,

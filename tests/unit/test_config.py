@@ -153,7 +153,8 @@ def test_saved_config_round_trips(tmp_path):
 
 
 def test_every_recipe_is_checked():
-    assert sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if p.name != "toy_cpu.yaml") == sorted(RECIPES)
+    # the toy recipes (toy_cpu.yaml, toy_watchdog.yaml) run on the CPU and are checked by their own tests
+    assert sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("toy_")) == sorted(RECIPES)
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

@@ -118,6 +118,7 @@ LAYERS = [  # docs/architecture.md, "Who may import whom": a folder imports only
     ["models", "rewards", "distributed"],
     ["data", "algorithms"],
     ["training"],
+    ["benchmarks"],  # the benchmark suites: evaluation over training's sampling (docs/benchmarks.md)
     ["cli"],
 ]
 
