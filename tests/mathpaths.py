@@ -76,10 +76,10 @@ def main(argv=None) -> int:
     for name in args.settings or list(SETTINGS):
         env_add, _ = SETTINGS[name]
         env = {**os.environ, **env_add}
-        cap = capability(env)
         if name == "avx2-kernels" and native == "AVX2":
             print(f"== {name}: skipped, AVX2 is this CPU's default path (the plain test run covers it)", flush=True)
             continue
+        cap = capability(env)
         print(f"== {name}: {' '.join(f'{k}={v}' for k, v in env_add.items())} (torch CPU capability {cap})",
               flush=True)
         t0 = time.monotonic()

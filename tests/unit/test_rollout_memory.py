@@ -75,6 +75,7 @@ def _rollout(ad, rb, db, P=3, G=2, T=4, seed=0):
 FIELDS = ("latents_BK", "next_latents_BK", "log_probs_BK", "final_latents", "decoded")
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("rb,db", [(1, 1), (2, 4), (4, 5), (5, 0), (7, 2)])
 def test_chunked_rollout_is_bit_identical_to_the_whole_batch(rb, db):
     ad = Elementwise()
@@ -125,6 +126,7 @@ def test_noise_of_a_sample_does_not_depend_on_the_chunking():
     assert draws[0][0].shape[0] == 3  # per group, repeated G times
 
 
+@pytest.mark.numerics
 def test_sample_ode_and_decode_chunks_are_bit_identical():
     ad = Elementwise()
     sched = ad.make_schedule(5)
@@ -136,6 +138,7 @@ def test_sample_ode_and_decode_chunks_are_bit_identical():
         assert torch.equal(decode_latents(ad, ref, b), decode_latents(ad, ref, 0))
 
 
+@pytest.mark.numerics
 def test_evaluate_policy_chunks_do_not_change_scores():
     from fastvideo_grpo.evaluate import evaluate_policy
 
