@@ -96,6 +96,7 @@ def _rollout_and_update(adapter, lr=1e-3):
     ratios = []
     adv = torch.tensor([1.0, -1.0, -1.0, 1.0])
     stats = grpo_update(adapter, schedule, traj, adv, opt, clip_range=1e-4, on_first_ratio=ratios.append)
+    # exact by construction: rollout and re-scoring both run the whole batch (same shapes, same kernels)
     assert torch.equal(ratios[0], torch.ones_like(ratios[0])), ratios[0]
     assert math.isfinite(stats["train/loss"]) and stats["train/grad_norm"] > 0
     changed = {n for n, p in module.named_parameters() if not torch.equal(p.detach(), before[n])}
@@ -108,6 +109,7 @@ def _image_or_video_shape(adapter, B):
     return (B, 3, adapter.height, adapter.width)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", ALL)
 def test_rollout_and_grpo_update(folders, name):
     adapter = _build(folders, name)
@@ -401,6 +403,7 @@ def test_qwen_image_prompt_mask_hides_padding(folders):
         changed["prompt_embeds"][0, 0] += 5.0
         c = adapter.predict(z, t, changed)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # row 1's inputs are unchanged and the batch shape is the same: the same kernels give it the same bits
     assert (c[0] - a[0]).abs().max() > 1e-4 and torch.equal(c[1], a[1])
 
 
@@ -612,6 +615,7 @@ def _record_draws(monkeypatch):
     return draws
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", ALL)
 def test_chunked_rollout_matches_the_whole_batch(folders, name, monkeypatch):
     """``rollout_batch_size`` / ``decode_batch_size``: every sample gets the same noise as in the whole
@@ -644,7 +648,7 @@ def test_chunked_rollout_matches_the_whole_batch(folders, name, monkeypatch):
     torch.testing.assert_close(got.log_probs_BK, ref.log_probs_BK, rtol=0, atol=1e-4)
     # decoding in chunks: per-sample decodes (VAE slicing, on for the video VAEs) give the same pixels
     chunked = decode_latents(adapter, ref.final_latents, 3)
-    if adapter.vae_slicing:
+    if adapter.vae_slicing:  # both decode one sample at a time: the same shapes, hence the same bits
         assert torch.equal(chunked, ref.decoded)
     torch.testing.assert_close(chunked, ref.decoded, rtol=0, atol=1e-5)
     # evaluation sampler in chunks

@@ -261,7 +261,9 @@ def test_kill_and_resume_through_a_real_model_script_is_bit_exact(tiny, tmp_path
         return [{k: v for k, v in json.loads(x).items() if keep(k)} for x in (out / "metrics.jsonl").read_text()
                 .splitlines() if json.loads(x).get("step", 0) > 2]
 
-    assert rows(b) == rows(a) and len(rows(a)) >= 2  # every logged float equal, the final eval row included
+    # every logged float equal, the final eval row included: both runs are calls in this process with the same
+    # shapes and thread count, so the same kernels round the same way (resume restores every RNG state)
+    assert rows(b) == rows(a) and len(rows(a)) >= 2
     wa, wb = (load_file(str(o / "export" / "diffusion_pytorch_model.safetensors")) for o in (a, b))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
