@@ -212,6 +212,7 @@ def measure(cfg, arch: Dict, micro_batch: int, rollout_batch: int, decode_batch:
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
     from torch.utils.flop_counter import FlopCounterMode
 
+    from .repeat_memo import RepeatedCallMemo, vae_children
     from .vae_blend import vectorise_blends
 
     t0 = time.perf_counter()
@@ -260,7 +261,8 @@ def measure(cfg, arch: Dict, micro_batch: int, rollout_batch: int, decode_batch:
             zd = torch.zeros((decode_batch,) + tuple(adapter.latent_shape()), dtype=torch.float32)
             with torch.no_grad():
                 with FlopCounterMode(display=False) as fc2, LivePeak() as lp:
-                    adapter.decode(zd)
+                    with RepeatedCallMemo(vae_children(getattr(adapter, "vae", None)), fc2, lp):
+                        adapter.decode(zd)  # a tile or latent frame of a seen shape is replayed, not re-run
                 out.decode_peak = lp.peak
                 out.decode_flops = fc2.get_total_flops() / decode_batch
     finally:
