@@ -187,6 +187,7 @@ def _same_run(a: Path, b: Path):
     assert sb == sa and sa["export"] and sa["last_metrics"]
     wa, wb = (load_file(str(o / "export" / "model.safetensors")) for o in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (b / "reward_curve.png").read_bytes() == (a / "reward_curve.png").read_bytes()
 
 
 def test_stop_file_time_budget_and_an_unfinished_end(tiny_run, tmp_path, monkeypatch):
