@@ -265,6 +265,13 @@ class TrainConfig:
     # When set, held-out evaluation, sample grids and the export use the EMA weights; checkpoints hold it
     ema_decay: float = 0.0
     overwrite: bool = False  # start over in an output_dir that holds a run (deletes its outputs); else refused
+    # Graceful stop (docs/reliability.md, training/preemption.py): SIGTERM / SIGINT, this file appearing (relative:
+    # inside output_dir; null = off) or the time budget (seconds from the start; 0 = none) end the run after the
+    # current iteration, saved; the process then exits with stop_exit_code (0; or the cluster's requeue code,
+    # e.g. SLURM's RequeueExit value). The same command resumes.
+    stop_file: Optional[str] = None
+    max_wall_time: float = 0.0
+    stop_exit_code: int = 0
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)  # reward-hacking alarm (docs/watchdog.md)
 
     def validate(self, where: str = "train") -> None:
@@ -276,6 +283,9 @@ class TrainConfig:
                 "trainer does not have: bf16 has fp32's range and needs none)")
         for name in ("save_every", "eval_every", "sample_every", "log_every", "num_iterations", "num_threads"):
             _require(getattr(self, name) >= 0, f"{where}.{name} must be >= 0, got {getattr(self, name)}")
+        _finite(self.max_wall_time, f"{where}.max_wall_time", 0.0, strict=False, why=" (seconds; 0 = no time budget)")
+        _require(0 <= self.stop_exit_code <= 255, f"{where}.stop_exit_code must be an exit status in [0, 255] (0, or "
+                 f"the cluster's requeue code such as SLURM's RequeueExit), got {self.stop_exit_code}")
         self.watchdog.validate(f"{where}.watchdog")
 
 

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastvideo_grpo.config import load_config  # noqa: E402
 from fastvideo_grpo.cli.train import recipe_path  # noqa: E402
+from fastvideo_grpo.training.loop import run_cli  # noqa: E402
 from fastvideo_grpo.training.runner import PromptSets, run  # noqa: E402
 from fastvideo_grpo.cli.demo import toy_adapter_factory  # noqa: E402
 from fastvideo_grpo.toy.shapes import split_prompts  # noqa: E402
@@ -42,5 +43,5 @@ def main(argv=None):
     return run(cfg, toy_adapter_factory(cfg, train_prompts), PromptSets(train_prompts, held_prompts))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a user error exits 2, a divergence 3, a graceful stop (SIGTERM...) 0, no traceback
+    run_cli(main)

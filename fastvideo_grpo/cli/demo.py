@@ -65,7 +65,8 @@ def _headline(ev: Dict) -> float:
 
 class DemoReport(Component):
     """The demo's own outputs: before / after grid and policy.pt (``write_images``), and the before /
-    after numbers, timings and settings in the summary."""
+    after numbers, timings and settings in the summary. A resumed run gets the "before" evaluation (and its
+    samples) back from the run folder (loop.Evaluator), so its outputs equal an uninterrupted run's."""
 
     def __init__(self, parts: RunParts, write_images: bool, t_start: float, pretrain: Dict):
         self.parts, self.write_images, self.t_start, self.pretrain = parts, write_images, t_start, pretrain
@@ -76,14 +77,20 @@ class DemoReport(Component):
 
     def on_end(self, state):
         ev = self.parts.evaluator
-        if self.write_images and state.is_main and ev.first and ev.last:
+        if self.write_images and ev.first and ev.last and "images" in ev.first:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
             from ..training.ema import weights_for_eval
 
+            adapter = self.parts.trainer.adapter
             with weights_for_eval(self.parts.trainer.ema):  # the EMA weights when train.ema_decay is set
-                adapter = self.parts.trainer.adapter
-                save_toy_model(adapter.model, state.out / "policy.pt", adapter.autoencoder)
-            _write_grids(ev.first, ev.last, state.out, self.parts.cfg.eval.samples_per_prompt,
-                         self.parts.eval_fns)
+                # collective under FSDP2: every rank gathers, the main rank writes whole (not its shards) weights
+                full = get_model_state_dict(adapter.model, options=StateDictOptions(full_state_dict=True,
+                                                                                    cpu_offload=True))
+            if state.is_main:
+                save_toy_model(adapter.model, state.out / "policy.pt", adapter.autoencoder, state_dict=full)
+                _write_grids(ev.first, ev.last, state.out, self.parts.cfg.eval.samples_per_prompt,
+                             self.parts.eval_fns)
         return {}
 
     def summary(self) -> Dict:

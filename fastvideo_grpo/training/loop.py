@@ -18,7 +18,13 @@ and hands them to its components, each of which decides its own timing from the 
   reward-hacking alarm and the ``best`` export.
 
 A component may set ``state.stop_requested`` (a reason): the loop ends after that iteration, which the
-checkpointer saves first, and the summary's ``stopped`` holds the reason.
+checkpointer saves first, and the summary's ``stopped`` holds the reason; with ``state.defer_end`` too (a graceful
+stop at the last iteration, preemption.py) the end of the run is left to the rerun.
+
+A rerun finishes what the run promised: ``on_end`` (final evaluation, export, reports, the final row) runs
+whenever the run is complete, also when it was resumed at its last iteration (killed, stopped or out of disk
+during its end): those outputs are rebuilt from the run folder and the weights, so they equal an uninterrupted
+run's. ``prepare_metrics_file`` drops the earlier attempt's end row first.
 
 A component implements any of ``on_start`` (returns metrics for a row at the starting step),
 ``on_iteration`` (may add metrics to the iteration's row), ``on_end`` (returns metrics for a final
@@ -36,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
+
 from ..distributed.collectives import reduce_metrics
 from .state import TrainState
 
@@ -43,14 +51,17 @@ EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_OOM = 4
 EXIT_WATCHDOG = 5  # the reward-hacking watchdog stopped the run (train.watchdog.stop; watchdog.py)
+FIRST_IMAGES = "iter_000000_images.safetensors"  # the samples of the evaluation before training (Evaluator)
 
 
 class TrainingStopped(RuntimeError):
-    """The run was stopped on purpose (divergence, OOM); ``exit_code`` says why."""
+    """The run was stopped on purpose (divergence, OOM); ``exit_code`` says why. ``announced``: the message was
+    printed already (a graceful stop, preemption.py), so ``run_cli`` exits without repeating it."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, announced: bool = False):
         super().__init__(message)
         self.exit_code = exit_code
+        self.announced = announced
 
 
 def run_cli(main: Callable, *args) -> None:
@@ -61,7 +72,8 @@ def run_cli(main: Callable, *args) -> None:
     try:
         main(*args)
     except TrainingStopped as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if not e.announced:
+            print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -80,6 +92,7 @@ class LoopState:
     history: List[Dict] = field(default_factory=list)
     last_checkpoint: Optional[str] = None  # set by the Checkpointer (or the resumed checkpoint)
     stop_requested: Optional[str] = None  # a component's reason to stop after this iteration (it is saved first)
+    defer_end: bool = False  # with stop_requested at the last iteration: leave on_end to the rerun
 
     @property
     def iteration(self) -> int:
@@ -156,8 +169,8 @@ def fit(trainer: TrainState, components: Sequence[Component], *, total: int, out
             if (stop_after is not None and it >= stop_after) or state.stop_requested is not None:
                 break
         final: Dict = {}
-        if state.completed and state.total > state.start_iteration:
-            final = _merged(c.on_end(state) for c in comps)
+        if state.completed and state.total > 0 and not state.defer_end:  # also when resumed at the end: a rerun
+            final = _merged(c.on_end(state) for c in comps)          # finishes what the run promised
             _row(state, comps, trainer.iteration, final, iteration_row=False)
     finally:
         for c in comps:
@@ -227,7 +240,9 @@ class Evaluator(Component):
 
     ``evaluate(return_images)`` runs one evaluation (collective) and returns ``distributed_evaluate``'s
     dict. Results are written to ``eval/iter_N.json`` and eval_curve.png on the main rank.
-    ``keep_images_at_ends``: keep the first and last evaluations' samples (``first`` / ``last``).
+    ``keep_images_at_ends``: keep the first and last evaluations' samples (``first`` / ``last``); the first's are
+    also written (``eval/iter_000000_images.safetensors``, uint8 as gathered), so that a resumed run gets ``first``
+    back from the run folder, images included, at its end.
     """
 
     def __init__(self, evaluate: Callable[[bool], Dict], every: int, *, keep_images_at_ends: bool = False,
@@ -264,7 +279,28 @@ class Evaluator(Component):
         if not res:
             return {}
         m, self.first = res
+        if state.is_main and self.keep_images and self.first.get("images") is not None:
+            from safetensors.torch import save_file
+
+            from ..utils.io import atomic_path
+
+            uint8 = (self.first["images"] * 255.0).round().to(torch.uint8)  # exact: gathered as uint8 / 255
+            with atomic_path(state.out / "eval" / FIRST_IMAGES) as tmp:
+                save_file({"images": uint8.contiguous()}, str(tmp))
         return m
+
+    def _restore_first(self, state) -> None:
+        """A resumed run: the evaluation before training, from ``eval/iter_000000.json`` (+ its images)."""
+        path = state.out / "eval" / "iter_000000.json"
+        if self.first is not None or state.fresh or not path.is_file():
+            return
+        first = {k: v for k, v in json.loads(path.read_text()).items() if k != "iteration"}
+        images = state.out / "eval" / FIRST_IMAGES
+        if self.keep_images and images.is_file():
+            from safetensors.torch import load_file
+
+            first["images"] = load_file(str(images))["images"].float() / 255.0
+        self.first = first
 
     def on_iteration(self, state, it, metrics):
         if _due(it, self.every) and it < state.total:
@@ -273,6 +309,7 @@ class Evaluator(Component):
                 metrics.update(res[0])
 
     def on_end(self, state):
+        self._restore_first(state)
         res = self._run(state, state.iteration, images=self.keep_images)
         if not res:
             return {}
@@ -294,6 +331,11 @@ class SampleWriter(Component):
     def on_iteration(self, state, it, metrics):
         if self.every and (it % self.every == 0 or it == state.total):
             self.write(it)
+
+    def on_end(self, state):
+        if self.every and not state.history:  # resumed at the end: the last grid may be missing
+            self.write(state.iteration)
+        return {}
 
 
 class Logger(Component):
@@ -336,6 +378,11 @@ class Logger(Component):
                                   "kl": f"{row.get('train/approx_kl', 0):.1e}"})
             self.bar.update(1)
 
+    def on_end(self, state):
+        if self.enabled and self.curve_every and not state.history:  # resumed at the end: the curve may be missing
+            self._curve()
+        return {}
+
     def _curve(self):
         from .metrics import plot_reward_curves
 
@@ -362,11 +409,14 @@ class Checkpointer(Component):
         self.root, self.every, self.keep_last = Path(root), int(every), int(keep_last)
         self.last_saved = resumed_at if resumed_at is not None else -1
         self.own = checkpoints_up_to(self.root, resumed_at) if resumed_at is not None else []
+        self.seconds: List[float] = []  # wall time of each save
 
     def _save(self, state):
         from .checkpoint import prune_checkpoints, save_trainer_checkpoint
 
+        t0 = time.perf_counter()
         path = save_trainer_checkpoint(state.trainer, self.root)
+        self.seconds.append(time.perf_counter() - t0)
         state.last_checkpoint = str(path)
         self.own = prune_checkpoints(self.own + [path], self.keep_last)
         self.last_saved = state.iteration
@@ -405,9 +455,10 @@ class Exporter(Component):
         return {"export": self.written}
 
 
-def prepare_metrics_file(out: Path, resumed_iteration: Optional[int]) -> List[Dict]:
-    """Fresh run: drop an old metrics.jsonl; resumed: keep only rows up to the resumed iteration.
-    Returns the rows kept."""
+def prepare_metrics_file(out: Path, resumed_iteration: Optional[int], total: Optional[int] = None) -> List[Dict]:
+    """Fresh run: drop an old metrics.jsonl; resumed: keep only rows up to the resumed iteration. Resumed at the
+    run's end (``resumed_iteration >= total``), the end is redone, so its earlier row goes: the rows at that step
+    other than the iteration's (which alone has ``time/iteration``). Returns the rows kept."""
     from ..utils.io import atomic_write_text
     from .metrics import read_jsonl
 
@@ -415,6 +466,8 @@ def prepare_metrics_file(out: Path, resumed_iteration: Optional[int]) -> List[Di
     if resumed_iteration is None:
         path.unlink(missing_ok=True)
         return []
-    rows = [r for r in read_jsonl(path) if r.get("step", 0) <= resumed_iteration]
+    at_end = total is not None and resumed_iteration >= total
+    rows = [r for r in read_jsonl(path) if r.get("step", 0) <= resumed_iteration
+            and not (at_end and r.get("step", 0) == resumed_iteration and "time/iteration" not in r)]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows

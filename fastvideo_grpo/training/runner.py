@@ -4,10 +4,12 @@
 process) -> ParallelDims checked against the world size -> named mesh -> identical model init on every
 rank (``torch.manual_seed(train.seed)`` before ``build_adapter``) -> prompt sets -> parallelisation
 (AC -> SP -> FSDP2) -> ``Trainer`` (its AdamW over the sharded parameters) -> per-dp-rank seeding ->
-resume (``train.resume``) -> the output folder (one run at a time: a lock; a used folder only with
-``--resume`` / ``--overwrite``; config.yaml recorded once built; metrics.jsonl trimmed on resume) -> the
-standard components (EMA update, NaN guard, evaluator, sample writer, logger, checkpointer, exporter) plus
-any the caller adds -> ``fit`` -> summary.json -> barrier + destroy_process_group.
+resume (``train.resume``; a folder that a graceful stop left is resumed without it, preemption.py) -> the output
+folder (one run at a time: a lock; a used folder only with ``--resume`` / ``--overwrite``; config.yaml recorded
+once built; metrics.jsonl trimmed on resume) -> the standard components (EMA update, NaN guard, evaluator, sample
+writer, logger, graceful stop, checkpointer, exporter) plus any the caller adds -> ``fit`` (SIGTERM / SIGINT
+handled) -> summary.json (+ stopped.json and one line after a graceful stop, which then raises
+``preemption.RunStopped``) -> barrier + destroy_process_group.
 
 Used by ``cli/train.py`` (real models, precomputed embeddings), ``cli/demo.py`` (the CPU demo) and
 ``train_scripts/train_toy_distributed.py``.
@@ -30,6 +32,7 @@ from ..distributed.parallel_dims import ParallelDims, parallel_dims_from_config
 from ..distributed.seeding import seed_rank_generators
 from .loop import (Checkpointer, Component, EMAUpdate, Evaluator, Exporter, Logger, NaNGuard, SampleWriter, fit,
                    prepare_metrics_file)
+from . import preemption
 from ..models.base import PolicyAdapter
 from .run_folder import RunLock, check_fresh_start, check_resume_settings, clear_run, record_config
 from .watchdog import build_watchdog
@@ -180,15 +183,21 @@ class RunFolder:
 def run(cfg: RunConfig, build_adapter: Callable[[torch.device], PolicyAdapter], prompts: Prompts, **options) -> Dict:
     """Train per ``cfg``; returns the summary on every rank (also written to ``<output_dir>/summary.json``).
     ``options``: the optional fields of ``RunSpec``."""
+    import time
+
     spec = RunSpec(build_adapter, prompts, **options)
+    started = time.monotonic()  # train.max_wall_time counts from here
     env = init_distributed(cfg.train.device, timeout_s=cfg.parallel.timeout_s)
     try:
-        summary = _run(cfg, env, spec)
+        summary = _run(cfg, env, spec, started)
     except BaseException:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # no barrier: other ranks may be stuck in a collective
         raise
     shutdown()
+    request = summary.get("stop_request")
+    if request:  # a graceful stop (signal, stop file, time budget): saved, said, then train.stop_exit_code
+        raise preemption.RunStopped(request["line"], request["exit_code"], announced=True)
     if summary.get("stopped"):  # the watchdog's alarm with train.watchdog.stop: saved, then a documented exit
         from .loop import EXIT_WATCHDOG, TrainingStopped
 
@@ -196,7 +205,7 @@ def run(cfg: RunConfig, build_adapter: Callable[[torch.device], PolicyAdapter], 
     return summary
 
 
-def _run(cfg: RunConfig, env: DistEnv, spec: RunSpec) -> Dict:
+def _run(cfg: RunConfig, env: DistEnv, spec: RunSpec, started: float) -> Dict:
     """The output folder's checks and lock around the run (before the model is loaded)."""
     from .checkpoint import resolve_resume
 
@@ -204,18 +213,19 @@ def _run(cfg: RunConfig, env: DistEnv, spec: RunSpec) -> Dict:
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     out = Path(cfg.train.output_dir)
-    folder = RunFolder(out, resolve_resume(cfg.train.resume, out / "checkpoints"))  # FileNotFoundError first
+    resume = preemption.resume_after_stop(cfg.train.resume, out, env.is_main)  # the same command resumes a stop
+    folder = RunFolder(out, resolve_resume(resume, out / "checkpoints"))  # FileNotFoundError first
     check_fresh_start(out, resuming=folder.resume is not None, overwrite=cfg.train.overwrite)
     if folder.resume is not None:
         check_resume_settings(cfg, out)
     lock = RunLock(out, enabled=env.is_main).acquire()
     try:
-        return _run_locked(cfg, env, spec, folder)
+        return _run_locked(cfg, env, spec, folder, started)
     finally:
         lock.release()
 
 
-def _run_locked(cfg: RunConfig, env: DistEnv, spec: RunSpec, folder: RunFolder) -> Dict:
+def _run_locked(cfg: RunConfig, env: DistEnv, spec: RunSpec, folder: RunFolder, started: float) -> Dict:
     from ..utils.io import atomic_write_json
     from ..rewards.build import build_eval_reward_fns, build_reward_fns
 
@@ -232,7 +242,8 @@ def _run_locked(cfg: RunConfig, env: DistEnv, spec: RunSpec, folder: RunFolder) 
         if cfg.train.overwrite and not resumed:
             clear_run(out)
         record_config(cfg, out, resumed=resumed)
-    prior_rows = prepare_metrics_file(out, trainer.iteration if resumed else None) if main_rank else []
+    prior_rows = (prepare_metrics_file(out, trainer.iteration if resumed else None, cfg.train.num_iterations)
+                  if main_rank else [])
     watchdog, gold_fns = (build_watchdog(cfg, trainer, out, main_rank, trainer.iteration if resumed else None)
                           if cfg.train.watchdog.enabled else (None, {}))
     evaluate, write_samples = _evaluation(cfg, trainer, sets, eval_fns, dims, env, out, gold_fns)
@@ -240,6 +251,13 @@ def _run_locked(cfg: RunConfig, env: DistEnv, spec: RunSpec, folder: RunFolder) 
                           keep_images_at_ends=spec.keep_eval_images, prior_rows=prior_rows)
     components = _standard_components(cfg, trainer, folder, evaluator, write_samples, reward_fns, main_rank,
                                       prior_rows, watchdog)
+    signals = preemption.StopSignals(env.rank)
+    checkpointer = next(c for c in components if isinstance(c, Checkpointer))
+    stop_file = _stop_file(cfg, out)
+    graceful = preemption.GracefulStop(signals, stop_file=stop_file, max_wall_time=cfg.train.max_wall_time,
+                                       started=started, save_seconds=lambda: checkpointer.seconds,
+                                       exit_code=cfg.train.stop_exit_code)
+    components.insert(components.index(checkpointer), graceful)  # decides before the checkpointer saves
     parts = RunParts(cfg, trainer, env, dims, sets, out, evaluator, reward_fns, eval_fns)
     if spec.extra_components is not None:
         components += list(spec.extra_components(parts))
@@ -255,13 +273,30 @@ def _run_locked(cfg: RunConfig, env: DistEnv, spec: RunSpec, folder: RunFolder) 
         m["samples_per_s_global"] = m.get("samples_per_s", 0.0) * dims.dp
         m["world_size"] = env.world_size
 
-    summary = fit(trainer, components, total=cfg.train.num_iterations, out=out, is_main=main_rank,
-                  last_checkpoint=str(folder.resume) if resumed else None, stop_after=spec.stop_after,
-                  reduce=reduce_metrics, per_iteration=per_iteration)
-    summary["world_size"] = env.world_size
-    if main_rank:
-        atomic_write_json(out / "summary.json", summary)
+    with signals:  # SIGTERM / SIGINT: stop after the iteration, saved (preemption.py)
+        summary = fit(trainer, components, total=cfg.train.num_iterations, out=out, is_main=main_rank,
+                      last_checkpoint=str(folder.resume) if resumed else None, stop_after=spec.stop_after,
+                      reduce=reduce_metrics, per_iteration=per_iteration)
+        summary["world_size"] = env.world_size
+        if not summary["last_metrics"] and prior_rows:  # resumed at the end: the last iteration's, from the file
+            last = [r for r in prior_rows if "time/iteration" in r]
+            summary["last_metrics"] = {k: v for k, v in last[-1].items() if k != "step"} if last else {}
+        request = summary.get("stop_request")
+        if main_rank:
+            atomic_write_json(out / "summary.json", summary)
+        line = preemption.finish(request, summary, out, is_main=main_rank, total=cfg.train.num_iterations,
+                                 stop_file=stop_file)
+        if request is not None:
+            request["line"] = line
     return summary
+
+
+def _stop_file(cfg: RunConfig, out: Path) -> Optional[Path]:
+    """``train.stop_file`` as a path (relative: inside the output folder); None when unset."""
+    if not cfg.train.stop_file:
+        return None
+    path = Path(cfg.train.stop_file)
+    return path if path.is_absolute() else out / path
 
 
 def _evaluation(cfg: RunConfig, trainer, sets: PromptSets, eval_fns: Dict, dims: ParallelDims, env: DistEnv,

@@ -268,13 +268,15 @@ def _broadcast(obj):
     return box[0]
 
 
-def prior_evaluations(out, resumed_at: Optional[int]) -> List[Dict]:
-    """A resumed run's watchdog evaluations up to the resumed iteration (from watchdog.json)."""
+def prior_evaluations(out, resumed_at: Optional[int], total: Optional[int] = None) -> List[Dict]:
+    """A resumed run's watchdog evaluations up to the resumed iteration (from watchdog.json); resumed at the run's
+    end (``resumed_at >= total``), without the final evaluation, which the rerun's end does again (loop.py)."""
     path = Path(out) / "watchdog.json"
     if resumed_at is None or not path.is_file():
         return []
+    last = resumed_at - 1 if total is not None and resumed_at >= total else resumed_at
     return [{k: e[k] for k in ("step", "trained", "gold", "diversity")}
-            for e in json.loads(path.read_text()).get("evaluations", []) if e["step"] <= resumed_at]
+            for e in json.loads(path.read_text()).get("evaluations", []) if e["step"] <= last]
 
 
 # ----------------------------------------------------------------------------- the best export
@@ -402,5 +404,6 @@ def build_watchdog(cfg, trainer, out, is_main: bool, resumed_at: Optional[int]) 
 
     dog = Watchdog(AlarmRule.from_config(w), out, gold_keys=list(gold), best_by=best_by, stop=w.stop,
                    samples_per_prompt=cfg.eval.samples_per_prompt, diversity=diversity, export_best=export_best,
-                   is_main=is_main, prior=prior_evaluations(out, resumed_at) if is_main else ())
+                   is_main=is_main,
+                   prior=prior_evaluations(out, resumed_at, cfg.train.num_iterations) if is_main else ())
     return dog, {f"{GOLD}{k}": fn for k, fn in gold.items()}
