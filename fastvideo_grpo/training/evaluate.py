@@ -90,7 +90,7 @@ def _dist_on() -> bool:
 def distributed_evaluate(adapter, prompts: Sequence[str], reward_fns: Dict, num_steps: int, encode: Callable, *,
                          samples_per_prompt: int, batch_size: int, seed: int, dp_rank: int, dp_size: int,
                          return_images: bool = False, max_frames: Optional[int] = 8,
-                         autocast_dtype: Optional[torch.dtype] = None, **memory) -> Dict:
+                         autocast_dtype: Optional[torch.dtype] = None, progress: bool = False, **memory) -> Dict:
     """ODE evaluation split over data-parallel ranks (collective on every rank, FSDP-safe).
 
     Prompts are cut into fixed batches of ``batch_size // samples_per_prompt`` prompts; batch j uses
@@ -99,12 +99,17 @@ def distributed_evaluate(adapter, prompts: Sequence[str], reward_fns: Dict, num_
     (padding with repeats that are dropped), then per-sample scores are gathered on all ranks.
     ``return_images``: also gather the samples as uint8 (videos cut to ``max_frames`` evenly spaced
     frames first), returned as floats in [0, 1] under "images". ``memory``: chunk sizes and VAE residency
-    (``rollout.sampling_memory``), passed to ``evaluate_policy``.
+    (``rollout.sampling_memory``), passed to ``evaluate_policy``. ``progress``: a bar over this rank's batches
+    (none when the output is not a terminal).
     """
+    from tqdm.auto import tqdm
+
     per = max(1, batch_size // samples_per_prompt)
     batches = [list(prompts[i:i + per]) for i in range(0, len(prompts), per)]
     rounds = math.ceil(len(batches) / dp_size) if batches else 0
     local = []
+    bar = tqdm(total=rounds * per * samples_per_prompt, desc="evaluate", unit="sample", leave=False,
+               dynamic_ncols=True, disable=None if progress else True)
     for r in range(rounds):
         j = r * dp_size + dp_rank
         real = j < len(batches)
@@ -114,6 +119,8 @@ def distributed_evaluate(adapter, prompts: Sequence[str], reward_fns: Dict, num_
                              autocast_dtype=autocast_dtype, **memory)
         if real:
             local.append((j, ev["per_sample"], _compact(ev.get("images"), max_frames), ev["extras_mean"]))
+        bar.update(per * samples_per_prompt)
+    bar.close()
     if _dist_on():
         gathered: List = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, local)
