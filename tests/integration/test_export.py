@@ -116,6 +116,15 @@ def test_lora_export_loads_into_diffusers_at_its_alpha(base, tmp_path):
     card = (export / "README.md").read_text()
     assert card.startswith("---\n") and "load_lora_weights" in card and "## Held-out evaluation" in card
     assert yaml.safe_load(card.split("---")[1])["base_model"] == str(base[0])
+    held = json.loads((out / "eval" / "iter_000002.json").read_text())["mean"]["bright"]
+    assert "| reward | iteration 0 | iteration 2 | change |" in card and "| bright | " in card
+    assert f"{held:.4f}" in card  # the held-out table holds the run's own evaluation
+    # the project's evaluator refuses the export under another alpha than it was trained with
+    from fastvideo_grpo.cli.evaluate import load_policy
+
+    with pytest.raises(ValueError, match="lora_alpha = 8.*model.kwargs.lora_alpha"):
+        load_policy(load_config(str(out / "config.yaml"), ["--model.kwargs.lora_alpha=4"]), "export", export,
+                    torch.device("cpu"))
 
     # the trained delta, from the checkpoint and the config's alpha / rank (independent of the export code)
     trained = _checkpoint_state(cfg, out / "checkpoints" / "step_00000002").trainable_module()
