@@ -63,7 +63,9 @@ def _checkpoint(run: Path, step):
 
 
 def main(argv=None) -> Dict:
-    from ..models import ADAPTERS, build_policy
+    from ..benchmarks.base import build_policy  # the registry's adapter, or the toy demo's own (POLICIES)
+    from ..models import ADAPTERS
+    from . import demo  # noqa: F401  (registers the toy demo's policy builder)
     from ..training.checkpoint import has_ema, load_checkpoint, load_ema_weights
     from ..training.export import export_options, export_weights
 

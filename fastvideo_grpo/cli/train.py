@@ -25,7 +25,9 @@ missing-file errors exit with status 2 and the message (no traceback) when run t
 
 Output folder (``train.output_dir``): config.yaml (fully resolved), metrics.jsonl, tensorboard/,
 reward_curve.png, eval_curve.png, eval/iter_N.json, samples/iter_N.png, checkpoints/step_N/ +
-checkpoints/latest, export/ (diffusers-format weights of the trained denoiser, or LoRA weights).
+checkpoints/latest, export/ (what diffusers loads as it is: a pipeline folder, or LoRA weights with their
+adapter metadata, and a model card; docs/export.md). ``--print-config`` prints the resolved config with each
+value's source and exits; ``data.prompts`` (a prompt file) is embedded first, once, into a cache.
 """
 
 from __future__ import annotations

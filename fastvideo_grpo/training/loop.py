@@ -13,7 +13,8 @@ and hands them to its components, each of which decides its own timing from the 
 * ``Logger``: metrics.jsonl / TensorBoard / wandb every ``train.log_every`` iterations,
   reward_curve.png, the progress bar;
 * ``Checkpointer``: a DCP checkpoint every ``train.save_every`` iterations and at the end;
-* ``Exporter``: the trained weights (safetensors) at the end (the EMA weights when the run keeps one);
+* ``Exporter``: the trained weights in diffusers' formats at the end (export.py; the EMA weights when the run
+  keeps one);
 * ``watchdog.Watchdog`` (with ``train.watchdog``): gold rewards and diversity at each evaluation, the
   reward-hacking alarm and the ``best`` export.
 

@@ -87,20 +87,20 @@ def test_toy_scripts_share_the_flags_and_check(tmp_path, capsys):
         dist.main(["--confg", "x"])
 
 
-def test_scripts_end_user_errors_in_one_line(tmp_path):
-    """Through the real command lines: exit status 2, one ``error:`` line, no traceback."""
-    cases = [
-        ([str(ROOT / "train_scripts" / "train_toy_grpo.py"), "--train.num_iteration=3"],
-         "did you mean 'train.num_iterations'?"),
-        ([str(ROOT / "data_prep" / "prep_flux.py"), "--model-path", str(tmp_path), "--prompts", str(tmp_path),
-          "--out", str(tmp_path / "o")], "is a folder; give a prompt file"),
-    ]
-    for cmd, want in cases:
-        r = subprocess.run([sys.executable] + cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-        assert r.returncode == 2, r.stderr
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error:") and want in lines[0], r.stderr
-        assert "Traceback" not in r.stderr
+def test_scripts_end_user_errors_in_one_line(tmp_path, capsys):
+    """Exit status 2, one ``error:`` line, no traceback: the demo through its real command line, data_prep's
+    wrapper (the same ``cli_entry``) in this process."""
+    r = subprocess.run([sys.executable, str(ROOT / "train_scripts" / "train_toy_grpo.py"), "--train.num_iteration=3"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith("error: unknown config key") and "did you mean 'train.num_iterations'?" in lines[0]
+    prep = load_script("data_prep", "prep_flux")
+    with pytest.raises(SystemExit) as e:
+        prep.cli_entry(prep.main, ["--model-path", str(tmp_path), "--prompts", str(tmp_path), "--out",
+                                   str(tmp_path / "o")], "flux")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and "is a folder; give a prompt file" in err[0]
 
 
 def test_data_prep_check_reads_without_loading(tmp_path, capsys):
