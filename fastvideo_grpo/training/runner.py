@@ -200,7 +200,6 @@ def run(cfg: RunConfig, build_adapter: Callable[[torch.device], PolicyAdapter], 
 def _run(cfg: RunConfig, env: DistEnv, spec: RunSpec) -> Dict:
     """The output folder's checks and lock around the run (before the model is loaded)."""
     from .checkpoint import resolve_resume
-
     from .metrics import check_loggers
 
     check_loggers(cfg.log)  # a requested logger that is not installed: an error before anything is loaded
