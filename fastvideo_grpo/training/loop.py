@@ -13,7 +13,8 @@ and hands them to its components, each of which decides its own timing from the 
 * ``Logger``: metrics.jsonl / TensorBoard / wandb every ``train.log_every`` iterations,
   reward_curve.png, the progress bar;
 * ``Checkpointer``: a DCP checkpoint every ``train.save_every`` iterations and at the end;
-* ``Exporter``: the trained weights (safetensors) at the end (the EMA weights when the run keeps one);
+* ``Exporter``: the trained weights in diffusers' formats at the end (export.py; the EMA weights when the run
+  keeps one);
 * ``watchdog.Watchdog`` (with ``train.watchdog``): gold rewards and diversity at each evaluation, the
   reward-hacking alarm and the ``best`` export.
 
@@ -318,18 +319,22 @@ class Evaluator(Component):
 
 
 class SampleWriter(Component):
-    """A grid of samples (fixed prompts and noise) at step 0 and every ``every`` iterations (and the last)."""
+    """A grid of samples (fixed prompts and noise) at step 0 and every ``every`` iterations (and the last);
+    with ``at_evaluations`` (an image logger is on) also at each held-out evaluation (step 0, every
+    ``eval_every`` iterations, the last)."""
 
-    def __init__(self, write: Callable[[int], None], every: int):
+    def __init__(self, write: Callable[[int], None], every: int, *, at_evaluations: bool = False, eval_every: int = 0):
         self.write, self.every = write, int(every)
+        self.at_evaluations, self.eval_every = at_evaluations, int(eval_every)
 
     def on_start(self, state):
-        if self.every:
+        if self.every or self.at_evaluations:
             self.write(0)
         return {}
 
     def on_iteration(self, state, it, metrics):
-        if self.every and (it % self.every == 0 or it == state.total):
+        due = self.every and (it % self.every == 0 or it == state.total)
+        if due or (self.at_evaluations and (_due(it, self.eval_every) or it == state.total)):
             self.write(it)
 
     def on_end(self, state):
@@ -343,13 +348,15 @@ class Logger(Component):
     at the last; reward_curve.png every ``curve_every`` iterations (0: at the end); a progress bar."""
 
     def __init__(self, out, *, enabled: bool, reward_keys: Sequence[str], log_every: int = 1, curve_every: int = 1,
-                 curve_window: int = 10, tensorboard: bool = False, wandb_project: Optional[str] = None,
-                 progress: bool = False, total: int = 0, initial: int = 0, prior_rows: Sequence[Dict] = ()):
+                 curve_window: int = 10, tensorboard: Optional[bool] = False, wandb_project: Optional[str] = None,
+                 progress: bool = False, total: int = 0, initial: int = 0, prior_rows: Sequence[Dict] = (),
+                 run_name: Optional[str] = None, config: Optional[Dict] = None):
         from .metrics import MetricsLogger
 
         self.out = Path(out)
         self.enabled = enabled
-        self.logger = MetricsLogger(out, enabled=enabled, tensorboard=tensorboard, wandb_project=wandb_project)
+        self.logger = MetricsLogger(out, enabled=enabled, tensorboard=tensorboard, wandb_project=wandb_project,
+                                    run_name=run_name, config=config, resumed=initial > 0)
         self.reward_keys = list(reward_keys)
         self.log_every, self.curve_every, self.curve_window = max(1, int(log_every)), int(curve_every), curve_window
         self.prior_rows = list(prior_rows)
@@ -357,11 +364,16 @@ class Logger(Component):
         if enabled and progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc="GRPO", dynamic_ncols=True, unit="it")
+            # disable=None: no bar when the output is not a terminal (a log file), as tqdm's users expect
+            self.bar = tqdm(total=total, initial=initial, desc="GRPO", dynamic_ncols=True, unit="it", disable=None)
 
     @property
     def history(self) -> List[Dict]:
         return self.logger.history
+
+    def log_image(self, tag: str, image, step: int) -> None:
+        """A picture (a sample grid) to TensorBoard / wandb, when they are on."""
+        self.logger.log_image(tag, image, step)
 
     def on_row(self, state, step, row, iteration_row):
         if not iteration_row:
@@ -435,9 +447,11 @@ class Exporter(Component):
     """The trained weights written once training completes (``checkpoint.export_weights``), inside the
     context ``weights()`` returns (the runner passes the EMA swap when ``train.ema_decay`` is set)."""
 
-    def __init__(self, out_dir, weights: Optional[Callable[[], object]] = None):
+    def __init__(self, out_dir, weights: Optional[Callable[[], object]] = None,
+                 options: Optional[Callable[[LoopState], Dict]] = None):
         self.out_dir = Path(out_dir)
         self.weights = weights
+        self.options = options  # the export's options for this state (training/export.py: components, model card)
         self.written: Optional[str] = None
 
     def on_end(self, state):
@@ -447,7 +461,8 @@ class Exporter(Component):
 
         if state.completed and state.total > 0:
             with (self.weights() if self.weights is not None else contextlib.nullcontext()):
-                w = export_weights(state.trainer.adapter, self.out_dir)
+                w = export_weights(state.trainer.adapter, self.out_dir,
+                                   **(self.options(state) if self.options is not None else {}))
             self.written = str(w) if w else None
         return {}
 

@@ -94,6 +94,7 @@ def build_trainer(cfg: RunConfig, env: DistEnv, build_adapter: Callable[[torch.d
     trainer = Trainer(cfg, adapter, reward_fns, reward_weights or {k: 1.0 for k in reward_fns}, source,
                           dp_group=dims.group("dp") if dims.dp > 1 else None)
     seed_rank_generators(trainer.generator, cfg.train.seed, dp_rank)
+    trainer.show_progress = bool(cfg.log.progress) and env.is_main
     return trainer, dims, sets
 
 
@@ -208,7 +209,9 @@ def run(cfg: RunConfig, build_adapter: Callable[[torch.device], PolicyAdapter], 
 def _run(cfg: RunConfig, env: DistEnv, spec: RunSpec, started: float) -> Dict:
     """The output folder's checks and lock around the run (before the model is loaded)."""
     from .checkpoint import resolve_resume
+    from .metrics import check_loggers
 
+    check_loggers(cfg.log)  # a requested logger that is not installed: an error before anything is loaded
     set_num_threads(cfg.train.num_threads)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -246,11 +249,12 @@ def _run_locked(cfg: RunConfig, env: DistEnv, spec: RunSpec, folder: RunFolder, 
                   if main_rank else [])
     watchdog, gold_fns = (build_watchdog(cfg, trainer, out, main_rank, trainer.iteration if resumed else None)
                           if cfg.train.watchdog.enabled else (None, {}))
-    evaluate, write_samples = _evaluation(cfg, trainer, sets, eval_fns, dims, env, out, gold_fns)
+    image_sinks: List[Callable] = []  # where sample grids go besides samples/ (TensorBoard / wandb)
+    evaluate, write_samples = _evaluation(cfg, trainer, sets, eval_fns, dims, env, out, gold_fns, image_sinks)
     evaluator = Evaluator(watchdog.wrap(evaluate) if watchdog else evaluate, cfg.train.eval_every,
                           keep_images_at_ends=spec.keep_eval_images, prior_rows=prior_rows)
     components = _standard_components(cfg, trainer, folder, evaluator, write_samples, reward_fns, main_rank,
-                                      prior_rows, watchdog)
+                                      prior_rows, watchdog, image_sinks)
     signals = preemption.StopSignals(env.rank)
     checkpointer = next(c for c in components if isinstance(c, Checkpointer))
     stop_file = _stop_file(cfg, out)
@@ -300,7 +304,7 @@ def _stop_file(cfg: RunConfig, out: Path) -> Optional[Path]:
 
 
 def _evaluation(cfg: RunConfig, trainer, sets: PromptSets, eval_fns: Dict, dims: ParallelDims, env: DistEnv,
-                out: Path, gold_fns: Dict):
+                out: Path, gold_fns: Dict, image_sinks: Sequence[Callable] = ()):
     """(held-out evaluation, sample-grid writer) of the run, both with the EMA weights when it keeps them; the
     held-out evaluation also scores the watchdog's gold rewards (``gold_fns``, keyed ``gold/<key>``)."""
     from .ema import weights_for_eval
@@ -314,13 +318,14 @@ def _evaluation(cfg: RunConfig, trainer, sets: PromptSets, eval_fns: Dict, dims:
     ev_kw = dict(samples_per_prompt=cfg.eval.samples_per_prompt, batch_size=cfg.eval.batch_size,
                  seed=cfg.eval.seed, dp_rank=dims.dp_rank(env.rank), dp_size=dims.dp,
                  autocast_dtype=trainer.autocast_dtype, max_frames=cfg.eval.max_frames_in_grid, **trainer.memory)
+    progress = bool(cfg.log.progress) and env.is_main
 
     def evaluate(images: bool) -> Dict:
         if not held:
             return {}
         with weights_for_eval(trainer.ema):
             return distributed_evaluate(trainer.adapter, held, {**eval_fns, **gold_fns}, eval_steps, sets.encode,
-                                        return_images=images, **ev_kw)
+                                        return_images=images, progress=progress, **ev_kw)
 
     def write_samples(step: int) -> None:
         if not grid_prompts:
@@ -334,29 +339,45 @@ def _evaluation(cfg: RunConfig, trainer, sets: PromptSets, eval_fns: Dict, dims:
                       for i, p in enumerate(ev["prompts"])]
             if nrow == 1:  # images: one row of all prompts
                 nrow, labels = len(ev["prompts"]), None
-            save_image_grid(imgs, out / "samples" / f"iter_{step:06d}.png", nrow=nrow, upscale=1, row_labels=labels)
+            grid = save_image_grid(imgs, out / "samples" / f"iter_{step:06d}.png", nrow=nrow, upscale=1,
+                                   row_labels=labels)
+            for sink in image_sinks:
+                sink("samples", grid, step)
 
     return evaluate, write_samples
 
 
 def _standard_components(cfg: RunConfig, trainer, folder: RunFolder, evaluator: Evaluator, write_samples,
-                         reward_fns: Dict, main_rank: bool, prior_rows, watchdog=None) -> List[Component]:
+                         reward_fns: Dict, main_rank: bool, prior_rows, watchdog=None,
+                         image_sinks: Optional[List[Callable]] = None) -> List[Component]:
     """The components every run has, in the order they must run (loop.py)."""
+    from ..config import to_dict
+    from ..distributed.collectives import any_rank
     from .ema import weights_for_eval
 
     lg, resumed_at = cfg.log, trainer.iteration if folder.resume is not None else None
+    logger = Logger(folder.out, enabled=main_rank, reward_keys=[f"reward/{k}/mean" for k in reward_fns],
+                    log_every=cfg.train.log_every, curve_every=lg.curve_every, curve_window=lg.curve_window,
+                    tensorboard=lg.tensorboard, wandb_project=lg.wandb_project, progress=lg.progress,
+                    total=cfg.train.num_iterations, initial=trainer.iteration, prior_rows=prior_rows,
+                    run_name=lg.run_name, config=to_dict(cfg))
+    images = any_rank(logger.logger.wants_images)  # every rank samples the grid (collective); rank 0 logs it
+    if images and image_sinks is not None:
+        image_sinks.append(logger.log_image)
     components: List[Component] = [
         EMAUpdate(),  # first: the evaluator, exporter and checkpointer see this iteration's average
         NaNGuard(),
         evaluator,
         *([watchdog] if watchdog else []),  # right after the evaluator: it reads that evaluation (train.watchdog)
-        SampleWriter(write_samples, cfg.train.sample_every),
-        Logger(folder.out, enabled=main_rank, reward_keys=[f"reward/{k}/mean" for k in reward_fns],
-               log_every=cfg.train.log_every, curve_every=lg.curve_every, curve_window=lg.curve_window,
-               tensorboard=lg.tensorboard, wandb_project=lg.wandb_project, progress=lg.progress,
-               total=cfg.train.num_iterations, initial=trainer.iteration, prior_rows=prior_rows),
+        SampleWriter(write_samples, cfg.train.sample_every, at_evaluations=images, eval_every=cfg.train.eval_every),
+        logger,
         Checkpointer(folder.checkpoints, cfg.train.save_every, cfg.train.keep_last_checkpoints, resumed_at=resumed_at),
     ]
     if cfg.train.export:
-        components.append(Exporter(folder.out / "export", weights=lambda: weights_for_eval(trainer.ema)))
+        from .export import export_options
+
+        weights = "ema" if trainer.ema is not None else "raw"
+        components.append(Exporter(folder.out / "export", weights=lambda: weights_for_eval(trainer.ema),
+                                   options=lambda st: export_options(cfg, st.trainer.adapter, st.out, st.iteration,
+                                                                     weights)))
     return components

@@ -1,6 +1,7 @@
 """The trainer on the toy model: ratio == 1 before the first update at batch > 1, a short demo end to end."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,6 +151,15 @@ def test_short_demo_runs_end_to_end(tmp_path):
     # the loss path ran: gradients flowed and were clipped/applied
     assert all(r["train/grad_norm"] > 0 for r in train_rows)
     assert summary["reward_before"] == s["reward_before"]
+    # the export CLI rebuilds the demo's model from the run folder: its last checkpoint exports to the run's export
+    from safetensors.torch import load_file
+
+    from fastvideo_grpo.cli import export as export_cli
+
+    res = export_cli.main(["--run", str(out), f"--extra.pretrain_cache={tmp_path / 'cache'}"])
+    a, b = load_file(str(Path(res["out"]) / "model.safetensors")), load_file(str(out / "export" / "model.safetensors"))
+    assert res["step"] == 2 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (Path(res["out"]) / "README.md").is_file()
     # a second run reuses the cached pretrained model
     s2 = run_demo(cfg, progress=False, cache_dir=str(tmp_path / "cache"))
     assert s2["pretrain_time_s"] == 0.0

@@ -59,7 +59,9 @@ def test_train_script_two_iterations(tiny, tmp_path, script, recipe, family):
         assert saved["model"]["kwargs"][k.split(".")[-1]] == v
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert (out / "reward_curve.png").is_file() and (out / "samples" / "iter_000002.png").is_file()
-    assert (out / "export" / "config.json").is_file()
+    # the export: the trained denoiser in the pipeline layout (unet/ or transformer/) beside the base's VAE
+    sub = "unet" if family == "sd" else "transformer"
+    assert (out / "export" / sub / "config.json").is_file() and (out / "export" / "vae" / "config.json").is_file()
 
 
 def test_resume_continues_and_latest_missing_fails(tiny, tmp_path):
@@ -208,7 +210,7 @@ def test_two_processes_under_torchrun(tiny, tmp_path, family, extra):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [x for x in rows if "train/loss" in x]
     assert [x["step"] for x in train_rows] == [1, 2] and train_rows[-1]["world_size"] == 2
-    assert (out / "export" / "config.json").is_file()
+    assert (out / "export" / "transformer" / "config.json").is_file()
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
 
 
@@ -264,7 +266,7 @@ def test_kill_and_resume_through_a_real_model_script_is_bit_exact(tiny, tmp_path
     # every logged float equal, the final eval row included: both runs are calls in this process with the same
     # shapes and thread count, so the same kernels round the same way (resume restores every RNG state)
     assert rows(b) == rows(a) and len(rows(a)) >= 2
-    wa, wb = (load_file(str(o / "export" / "diffusion_pytorch_model.safetensors")) for o in (a, b))
+    wa, wb = (load_file(str(o / "export" / "transformer" / "diffusion_pytorch_model.safetensors")) for o in (a, b))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
