@@ -234,12 +234,18 @@ class Flux2DevEncoding(PromptEncoding):
 
     @classmethod
     def extra_components(cls, root, dtype, device, image_embeds):
-        """The pipeline's processor (``AutoProcessor`` of tokenizer/): its chat template tokenizes the prompts."""
+        """The pipeline's processor (``AutoProcessor`` of tokenizer/), whose chat template tokenizes the prompts.
+        Without torchvision transformers cannot build FLUX.2-dev's PixtralProcessor: the tokenizer of the same
+        folder is used instead, which for text-only prompts renders the folder's chat template and tokenizes the
+        result without added special tokens as the processor does (transformers' apply_chat_template)."""
         from transformers import AutoProcessor
 
         from .encoding import config_sha
 
-        proc = AutoProcessor.from_pretrained(str(root / "tokenizer"), local_files_only=True)
+        try:
+            proc = AutoProcessor.from_pretrained(str(root / "tokenizer"), local_files_only=True)
+        except ImportError:
+            return {}
         return {"processor": (proc, {"class": type(proc).__name__, "path": str(root / "tokenizer"),
                                      "config_sha256": config_sha(root / "tokenizer")})}
 
