@@ -227,6 +227,11 @@ def measure(cfg, arch: Dict, micro_batch: int, rollout_batch: int, decode_batch:
     t0 = time.perf_counter()
     small = reduced(arch)
     out = Measured()
+    # LoRA: the graph is measured without the adapters (peft cannot add them to fake parameters): an upper bound of
+    # the activations, since LoRA saves the inputs the full fine-tuning graph saves for its targeted layers and none
+    # for the frozen weights' gradients; the trained parameters (static memory) are counted on the real model
+    cfg = copy.deepcopy(cfg)
+    cfg.model.kwargs = {k: v for k, v in cfg.model.kwargs.items() if not k.startswith("lora_")}
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # the compute dtype of FSDP2's mixed precision
     try:
