@@ -156,14 +156,17 @@ def flux_case(env, group, attention_backend=None):
              n_img=h * w, attention_backend=attention_backend)
 
 
-def flux2_case(env, group):
+def flux2_case(env, group, checkpointing: bool):
     """FLUX.2: the dual-stream blocks take the text stream as an input, the single-stream ones [text; image] joined
-    (the plan carries the text count to them and gathers only the image part of the last output)."""
+    (the plan carries the text count to them and gathers only the image part of the last output); with diffusers'
+    gradient checkpointing the blocks get their inputs positionally (the plan names both)."""
     from fastvideo_grpo.models.flux2 import Flux2Adapter, text_ids, token_ids
     from support.tiny_models import tiny_flux2
 
     torch.manual_seed(0)
     m = _randomize(tiny_flux2(num_layers=2, num_single_layers=2, guidance_embeds=True).double())
+    if checkpointing:
+        m.enable_gradient_checkpointing()
     ref = copy.deepcopy(m)
     g = torch.Generator().manual_seed(1)
     B, h, w, L = 2, 4, 4, 5
@@ -176,7 +179,8 @@ def flux2_case(env, group):
                      guidance=torch.full((B,), 4.0, dtype=torch.float64), return_dict=False)[0]
 
     blocks = list(m.transformer_blocks) + list(m.single_transformer_blocks)
-    _compare(m, ref, run, Flux2Adapter.sequence_parallel_plan(None), blocks, group, "flux2", n_img=h * w, n_joined=L)
+    _compare(m, ref, run, Flux2Adapter.sequence_parallel_plan(None), blocks, group,
+             f"flux2 (checkpointing={checkpointing})", n_img=h * w, n_joined=L)
 
 
 def z_image_case(env, group):
@@ -272,10 +276,11 @@ def main():
         flux_case(env, group)
         if env.rank == 0:
             print("tiny FLUX with sp=2 equals single rank (fwd + bwd)")
-        flux2_case(env, group)
+        flux2_case(env, group, checkpointing=False)
+        flux2_case(env, group, checkpointing=True)
         z_image_case(env, group)
         if env.rank == 0:
-            print("tiny FLUX.2 and Z-Image with sp=2 equal single rank (fwd + bwd)")
+            print("tiny FLUX.2 (with and without checkpointing) and Z-Image with sp=2 equal single rank (fwd + bwd)")
         import tempfile
         from pathlib import Path
 
