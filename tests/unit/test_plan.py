@@ -26,11 +26,17 @@ ROOT = Path(__file__).resolve().parents[2]
 # published sizes (rounded names of the models): within 10%
 PUBLISHED = {"flux1_dev.json": 11.9e9, "hunyuanvideo.json": 12.8e9, "wan2.1_t2v_14b.json": 14e9,
              "wan2.1_t2v_1.3b.json": 1.3e9, "sd3.5_large.json": 8.1e9, "sd1.4.json": 860e6,
-             "qwen_image.json": 20e9, "qwen_image_edit.json": 20e9}
+             "qwen_image.json": 20e9, "qwen_image_edit.json": 20e9, "flux2_klein_4b.json": 4e9,
+             "flux2_klein_base_4b.json": 4e9, "flux2_klein_9b.json": 9e9, "flux2_dev.json": 32e9,
+             "z_image_turbo.json": 6e9, "z_image.json": 6e9}
 RECIPE_FOR = {"flux1_dev.json": "flux_hps.yaml", "hunyuanvideo.json": "hunyuan_t2v_videoalign.yaml",
               "wan2.1_t2v_14b.json": "wan_t2v.yaml", "wan2.1_t2v_1.3b.json": "wan_t2v.yaml",
               "sd3.5_large.json": "sd3_hps.yaml", "sd1.4.json": "sd_hps.yaml",
-              "qwen_image.json": "qwen_image_hps.yaml", "qwen_image_edit.json": "qwen_image_edit_hps.yaml"}
+              "qwen_image.json": "qwen_image_hps.yaml", "qwen_image_edit.json": "qwen_image_edit_hps.yaml",
+              "flux2_klein_4b.json": "flux2_klein_base_pickscore.yaml",
+              "flux2_klein_base_4b.json": "flux2_klein_base_pickscore.yaml",
+              "flux2_klein_9b.json": "flux2_klein_pickscore.yaml", "flux2_dev.json": "flux2_dev_pickscore.yaml",
+              "z_image_turbo.json": "z_image_turbo_pickscore.yaml", "z_image.json": "z_image_pickscore.yaml"}
 
 
 @pytest.mark.parametrize("arch_file", sorted(PUBLISHED))
@@ -170,3 +176,10 @@ def test_replayed_tile_calls_count_what_running_them_counts():
     assert replayed == 3  # row 3 repeats row 1; within a row the cache grows, so every call there is new
     assert (flops_m, peak_m, shape_m) == (flops, peak, shape) and flops > 0 and peak > 0
     assert "forward" not in model.decoder.__dict__  # nothing left patched
+
+
+def test_sp_check_reads_a_familys_own_attention_shape():
+    """Z-Image names its heads n_heads (30): the adapter's attention_shape() gives them to the planner."""
+    cfg = load_config(str(ROOT / "configs" / "z_image_turbo_pickscore.yaml"), ["--parallel.sp=4"])
+    with pytest.raises(ValueError, match="does not divide the model's 30 attention heads"):
+        P.plan(cfg, 8, 80)
