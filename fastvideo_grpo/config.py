@@ -72,7 +72,8 @@ class SamplingConfig:
     # solver of the deterministic (eta 0) rollout steps: "euler" or "dpmpp_2m" (DPM-Solver++(2M), flow models
     # only; MixGRPO-Flash). Stochastic steps and evaluation always use the SDE / Euler steps
     ode_solver: str = "euler"
-    rollout: str = "sde"  # registered rollout sampler (algorithms/samplers.py): "sde" = DanceGRPO's
+    rollout: str = "sde"  # registered rollout sampler (algorithms/samplers/): "sde" = DanceGRPO's, "tree" = branching
+    rollout_kwargs: Dict[str, Any] = field(default_factory=dict)  # the sampler's own options (its constructor's)
 
     def validate(self, where: str = "sampling") -> None:
         _require(self.num_steps >= 1, f"{where}.num_steps must be >= 1")
@@ -125,6 +126,9 @@ class GRPOConfig:
     clip_range: float = 1e-4  # PPO clip epsilon (paper: 1e-4)
     adv_clip_max: float = 5.0  # advantages are clamped to +-this
     num_updates_per_iteration: int = 4  # optimiser steps per iteration (paper: 4, or 1 with CFG)
+    # passes (epochs) of the update over one iteration's rollout, each of num_updates_per_iteration optimiser
+    # steps; pi_old stays the rollout policy throughout (Flow-DPPO trains several epochs per rollout)
+    num_epochs: int = 1
     micro_batch_size: int = 0  # samples per forward/backward in training; 0 = whole rank batch
     kl_coef: float = 0.0  # KL to a frozen copy of the starting policy (off in the paper; > 0 holds a 2nd copy)
     shared_noise: bool = True  # one initial noise per group (paper: essential)
@@ -149,6 +153,7 @@ class GRPOConfig:
         _require(self.clip_range > 0, f"{where}.clip_range must be > 0, got {self.clip_range}")
         _require(self.prompts_per_iteration >= 1, f"{where}.prompts_per_iteration must be >= 1")
         _require(self.num_updates_per_iteration >= 1, f"{where}.num_updates_per_iteration must be >= 1")
+        _require(self.num_epochs >= 1, f"{where}.num_epochs must be >= 1 (passes over one rollout), got {self.num_epochs}")
         batch = self.group_size * self.prompts_per_iteration
         _require(not self.micro_batch_size or batch % self.micro_batch_size == 0,
                  f"{where}.micro_batch_size={self.micro_batch_size} must divide the rank batch "
@@ -574,9 +579,13 @@ def recipe_chain(p: Path, _chain: Sequence[Path] = ()) -> List[tuple]:
     return recipe_chain(target, (*_chain, here)) + [(p, loaded)]
 
 
+#: option mappings a recipe's value replaces whole (a plug-in's options are not merged with its base's)
+_REPLACED = ("kwargs", "extra", "objective_kwargs", "rollout_kwargs")
+
+
 def _merge(base: Dict[str, Any], new: Dict[str, Any]):
     for k, v in new.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in ("kwargs", "extra", "objective_kwargs"):
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in _REPLACED:
             _merge(base[k], v)
         else:
             base[k] = v
@@ -591,7 +600,7 @@ def save_config(cfg: RunConfig, path) -> None:
 # ----------------------------------------------------------------------------- help for the user: did you mean, where from
 
 #: mappings a recipe replaces whole instead of merging key by key (``_merge``)
-_WHOLE = ("kwargs", "extra", "objective_kwargs", "encoding", "diversity_model")
+_WHOLE = ("kwargs", "extra", "objective_kwargs", "rollout_kwargs", "encoding", "diversity_model")
 
 
 def config_paths(cls=None, prefix: str = "") -> List[str]:

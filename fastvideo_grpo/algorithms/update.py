@@ -12,6 +12,10 @@ the end (the statistics, averaged over micro-steps). A non-finite loss or gradie
 FloatingPointError before the optimiser steps (gradients zeroed); backward still runs for a bad loss, so
 every rank takes part in the same collectives and sees the same (non-finite) global norm.
 
+``num_epochs`` > 1 passes over the same batch again (Flow-DPPO's several epochs per rollout); ``prepare`` runs
+once. A trajectory may mark kept slots untrained (``trained_BK``: a tree's shared prefix is trained once); their
+micro-steps leave those rows out.
+
 pi_old stays the rollout policy for the whole iteration (PPO's usual convention). (The released DanceGRPO
 code splits the samples instead: each optimiser step sees all kept steps of a subset of the samples.)
 """
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -31,15 +35,17 @@ from .objectives.base import Objective, TrainBatch
 @dataclass(frozen=True)
 class UpdateSettings:
     """How an update is split and clipped (``grpo.num_updates_per_iteration``, ``grpo.micro_batch_size``,
-    ``optim.max_grad_norm``)."""
+    ``optim.max_grad_norm``, ``grpo.num_epochs``)."""
 
     num_updates: int = 1
     micro_batch_size: int = 0  # samples per forward / backward; 0 = the whole batch
     max_grad_norm: float = 1.0
+    num_epochs: int = 1  # passes over the batch, each of num_updates optimiser steps
 
     @classmethod
     def from_config(cls, cfg) -> "UpdateSettings":
-        return cls(cfg.grpo.num_updates_per_iteration, cfg.grpo.micro_batch_size, cfg.optim.max_grad_norm)
+        return cls(cfg.grpo.num_updates_per_iteration, cfg.grpo.micro_batch_size, cfg.optim.max_grad_norm,
+                   cfg.grpo.num_epochs)
 
 
 def trainable_parameters(module: torch.nn.Module):
@@ -51,34 +57,38 @@ def trainable_parameters(module: torch.nn.Module):
 
 def update(objective: Objective, batch: TrainBatch, optimizer: torch.optim.Optimizer, settings: UpdateSettings,
            lr_scheduler=None) -> Dict[str, float]:
-    """Train ``objective`` on ``batch``: ``settings.num_updates`` optimiser steps (fewer when there are fewer
-    kept steps); returns the averaged statistics (``train/<stat>``), the objective's update diagnostics,
-    ``train/grad_norm`` (mean over steps) and ``train/num_updates``."""
+    """Train ``objective`` on ``batch``: ``settings.num_epochs`` passes of ``settings.num_updates`` optimiser steps
+    (fewer when there are fewer kept steps); returns the averaged statistics (``train/<stat>``), the objective's
+    update diagnostics, ``train/grad_norm`` (mean over steps) and ``train/num_updates``.
+
+    Kept slots the trajectory marks untrained (``traj.trained_BK``) are left out of the micro-batches; then each
+    micro-step's loss (a mean over its rows) is weighted by its share of the optimiser step's trained slots."""
     module = batch.adapter.trainable_module()
     params = trainable_parameters(module)
     row_chunks, step_chunks = grpo.update_chunks(batch.size, batch.num_kept_steps, settings.micro_batch_size,
                                                  settings.num_updates)
+    trained = batch.traj.trained_BK
     objective.prepare(batch, row_chunks)
     module.train()
     # statistics stay on the device, summed over micro-steps, and are read back once at the end
     totals = torch.zeros(len(objective.stat_names), dtype=torch.float32, device=batch.device)
     count, grad_norms = 0, []
-    for step_chunk in step_chunks:
-        optimizer.zero_grad(set_to_none=True)
-        denom = len(step_chunk) * len(row_chunks)
-        finite = []  # per micro-step, on the device
-        for k in step_chunk:
-            for rows in row_chunks:
+    for _epoch in range(settings.num_epochs):
+        for step_chunk in step_chunks:
+            optimizer.zero_grad(set_to_none=True)
+            micro = _micro_steps(step_chunk, row_chunks, trained)
+            finite, where = [], []  # per micro-step: finiteness on the device, and its kept-step slot
+            for k, rows, divisor in micro:
                 loss, stats = objective.loss(batch, rows, k)
                 finite.append(torch.isfinite(loss.detach()))
-                (loss / denom).backward()
+                where.append(k)
+                (loss / divisor).backward()
                 totals += torch.stack([s.float() for s in stats])
                 count += 1
-        grad_norms.append(_clip_and_check(params, settings.max_grad_norm, finite, objective, step_chunk,
-                                          len(row_chunks), optimizer))
-        optimizer.step()
-        if lr_scheduler is not None:
-            lr_scheduler.step()
+            grad_norms.append(_clip_and_check(params, settings.max_grad_norm, finite, where, objective, optimizer))
+            optimizer.step()
+            if lr_scheduler is not None:
+                lr_scheduler.step()
     once = objective.finish(batch)
     values = torch.cat([totals, *(v.detach().float().reshape(1) for v in once.values())]).tolist()
     out = {f"train/{name}": v / max(count, 1) for name, v in zip(objective.stat_names, values)}
@@ -88,20 +98,33 @@ def update(objective: Objective, batch: TrainBatch, optimizer: torch.optim.Optim
     return out
 
 
-def _clip_and_check(params, max_grad_norm: float, finite, objective: Objective, step_chunk, micro_batches: int,
-                    optimizer) -> float:
+def _micro_steps(step_chunk, row_chunks, trained_BK) -> List[Tuple[int, torch.Tensor, float]]:
+    """(kept-step slot, sample rows, loss divisor) of each micro-step of one optimiser step. Every (slot, rows
+    chunk) weighs 1 / their count; with ``trained_BK`` only its trained rows run, a micro-step of n of the
+    step's N trained slots weighing n / N (chunks with none are skipped: the pattern is the sampler's, the same
+    on every rank, so every rank runs the same micro-steps)."""
+    if trained_BK is None:
+        denom = len(step_chunk) * len(row_chunks)
+        return [(k, rows, denom) for k in step_chunk for rows in row_chunks]
+    parts = [(k, rows[trained_BK[rows, k]]) for k in step_chunk for rows in row_chunks]
+    total = sum(r.numel() for _, r in parts)
+    return [(k, rows, total / rows.numel()) for k, rows in parts if rows.numel()]
+
+
+def _clip_and_check(params, max_grad_norm: float, finite, where, objective: Objective, optimizer) -> float:
     """Clip the global gradient norm; FloatingPointError (gradients zeroed) when it or a micro-step's loss is
     not finite. Returns the norm before clipping (the one host sync of this optimiser step)."""
     gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # global norm under FSDP
     if hasattr(gn, "full_tensor"):  # a DTensor when the parameters are sharded
         gn = gn.full_tensor()
-    norm_and_flags = torch.cat([gn.detach().float().reshape(1), torch.stack(finite).float()]).tolist()
+    norm_and_flags = torch.cat([gn.detach().float().reshape(1), torch.stack(finite).float()]).tolist() if finite \
+        else [gn.detach().float().item()]
     norm = norm_and_flags[0]
     bad = [i for i, ok in enumerate(norm_and_flags[1:]) if not ok]
     if bad or not math.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
         label = getattr(objective, "label", None) or objective.name
-        where = f"non-finite {label} loss at kept step {list(step_chunk)[bad[0] // micro_batches]}" if bad else \
+        what = f"non-finite {label} loss at kept step {where[bad[0]]}" if bad else \
             f"non-finite {label} gradient norm"
-        raise FloatingPointError(f"{where}; optimiser step skipped (lower the learning rate or check the rewards)")
+        raise FloatingPointError(f"{what}; optimiser step skipped (lower the learning rate or check the rewards)")
     return norm

@@ -43,7 +43,7 @@ from ..data.prompt_source import PromptSource
 from ..models.base import PolicyAdapter
 from ..rewards.base import RewardFn, compute_rewards
 from ..algorithms.rollout import check_ode_solver, decode_latents, sampling_memory
-from ..algorithms.samplers import ROLLOUTS
+from ..algorithms.samplers import build_sampler
 from .optim import apply_optim_config, build_lr_scheduler, build_optimizer
 
 
@@ -116,13 +116,14 @@ class Trainer:
         self.prompts = prompt_source
         self.objective = build_objective(cfg)
         self.estimator = build_estimator(cfg)
-        self.sampler = ROLLOUTS.build(cfg.sampling.rollout)
+        self.sampler = build_sampler(cfg)
         if self.objective.needs_reference and ref_adapter is None:
             ref_adapter = frozen_reference(adapter)
         self.ref_adapter = ref_adapter if self.objective.needs_reference else None
         self.optimizer = build_optimizer(trainable_parameters(adapter.trainable_module()), cfg.optim,
                                          cfg.parallel.cpu_offload)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.grpo.num_updates_per_iteration)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.optim,
+                                               cfg.grpo.num_updates_per_iteration * cfg.grpo.num_epochs)
         self.schedule = build_schedule(cfg, adapter, self.objective)
         # EMA of the weights (train.ema_decay), cloned from the parameters as they are now (sharded under FSDP2);
         # loop.EMAUpdate updates it after every iteration, checkpoint.py saves it
@@ -202,7 +203,8 @@ class Trainer:
         prompts, cond = self.prompts.next_batch(g.prompts_per_iteration)
         B = len(prompts) * g.group_size
         schedule, window = self.iteration_schedule()
-        keep = grpo.subsample_timesteps(schedule.num_steps, g.tau, B, self.generator, window)
+        keep = self.sampler.keep_steps(schedule.num_steps, g.tau, B, g.group_size, self.generator, window,
+                                       shared=self.objective.shared_timesteps)
         self.adapter.trainable_module().eval()
         m = self.memory
         with self.passes.phase("rollout"), self._rollout_progress(B, schedule.num_steps):
@@ -234,8 +236,10 @@ class Trainer:
             warnings.warn(f"iteration {self.iteration + 1}: every group's samples got identical rewards, so every "
                           "advantage is 0 and this iteration learns nothing; a reward that cannot tell the samples of "
                           "a prompt apart (thresholded too high or low, saturated) gives no signal", stacklevel=2)
+        # a sampler may give each kept step its own advantage (a tree's per-node ones); None: adv applies to all
+        step_adv = self.sampler.step_advantages(traj, rewards, self.estimator, self.reward_weights)
         batch = TrainBatch(self.adapter, schedule, traj, adv, autocast_dtype=self.autocast_dtype,
-                           reference=self.ref_adapter, generator=self.generator)
+                           reference=self.ref_adapter, generator=self.generator, advantages_BK=step_adv)
         # the settings are read from the config at every iteration (a caller may change them between iterations)
         stats = update(self.objective, batch, self.optimizer, UpdateSettings.from_config(cfg), self.lr_scheduler)
         t3 = time.perf_counter()
@@ -251,7 +255,8 @@ class Trainer:
             return
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=num_samples * self.sampler.forwards_per_sample(num_steps), desc="rollout", leave=False,
+        g = self.cfg.grpo.group_size
+        bar = tqdm(total=num_samples // g * self.sampler.forwards_per_group(num_steps, g), desc="rollout", leave=False,
                    unit="sample-step", dynamic_ncols=True, disable=None)
         self.passes.on_forward = lambda phase, n: bar.update(n) if phase == "rollout" else None
         try:

@@ -4,8 +4,11 @@ policy-improvement objective, and the batch it trains on.
 An objective declares what the rest of the run must provide -- log-probs of the sampled transitions
 (``needs_log_probs``: every step training may pick must then be stochastic), a flow-matching model
 (``needs_flow_model``), a frozen copy of the starting policy (``needs_reference``), how many no-grad
-forwards one trained (sample, step) costs besides the trained one (``extra_forwards_per_trained_step``,
-for the planner) -- and computes one micro-step's loss. The driver owns everything else: the split into
+forwards one trained (sample, step) costs besides the trained one, each time it is trained
+(``extra_forwards_per_trained_step``) and once per update (``forwards_once_per_trained_step``, in ``prepare``;
+both for the planner), whether it reads per-(sample, step) advantages (``per_step_advantages``: a tree
+sampler's per-node ones) and whether the kept steps must be the same for the whole batch
+(``shared_timesteps``) -- and computes one micro-step's loss. The driver owns everything else: the split into
 micro-batches and optimiser steps, backward, gradient clipping, finiteness, the optimiser and LR steps.
 Config checks, the trainer and the planner read these declarations; none of them tests a name.
 
@@ -33,7 +36,9 @@ class TrainBatch:
     """What one update trains on: the policy and its sampling schedule, the rollout's kept transitions and
     their advantages, and how the policy is run (the rollout's autocast, so re-scoring repeats its
     arithmetic). ``reference``: the frozen starting policy, for objectives that declare ``needs_reference``;
-    ``generator``: the objective's own random draws (e.g. DiffusionNFT's forward-process noise)."""
+    ``generator``: the objective's own random draws (e.g. DiffusionNFT's forward-process noise);
+    ``advantages_BK``: per-(sample, kept step) advantages from the sampler (``step_advantages``), None when the
+    per-sample ones apply to every step (``advantages_at`` reads whichever applies)."""
 
     adapter: PolicyAdapter
     schedule: object
@@ -42,6 +47,7 @@ class TrainBatch:
     autocast_dtype: Optional[torch.dtype] = None
     reference: Optional[PolicyAdapter] = None
     generator: Optional[torch.Generator] = None
+    advantages_BK: Optional[torch.Tensor] = None
 
     @property
     def device(self) -> torch.device:
@@ -54,6 +60,11 @@ class TrainBatch:
     @property
     def num_kept_steps(self) -> int:
         return self.traj.steps_BK.shape[1]
+
+    def advantages_at(self, rows: torch.Tensor, k: int) -> torch.Tensor:
+        """The advantages (float32, on the device) of samples ``rows`` (CPU index) at kept-step slot ``k``."""
+        adv = self.advantages_B if self.advantages_BK is None else self.advantages_BK[:, k]
+        return adv.to(device=self.device, dtype=torch.float32)[rows.to(self.device)]
 
     def cond(self, rows: torch.Tensor) -> Cond:
         """The conditioning rows of ``rows`` (a CPU index; the whole batch without a copy)."""
@@ -80,6 +91,11 @@ class Objective(abc.ABC):
     stat_names: ClassVar[Tuple[str, ...]] = ("loss",)
     #: option name -> the ``grpo`` config field holding it (the built-in objectives' established keys)
     config_fields: ClassVar[Dict[str, str]] = {}
+    #: reads the advantages per (sample, kept step) through ``TrainBatch.advantages_at`` (so a sampler's
+    #: per-node advantages, e.g. a tree's, reach it); an objective of whole-sample advantages leaves it False
+    per_step_advantages: ClassVar[bool] = False
+    #: the kept steps must be one subset for the whole batch (it compares a group's samples at one time)
+    shared_timesteps: ClassVar[bool] = False
 
     name: str = ""
 
@@ -101,7 +117,14 @@ class Objective(abc.ABC):
     @property
     def extra_forwards_per_trained_step(self) -> int:
         """No-grad policy forwards one trained (sample, kept step) costs besides its trained forward
-        (reference-model or old-policy evaluations); the planner counts them."""
+        (reference-model or old-policy evaluations), every time the step is trained (each epoch); the planner
+        counts them."""
+        return 0
+
+    @property
+    def forwards_once_per_trained_step(self) -> int:
+        """No-grad policy forwards one trained (sample, kept step) costs once per update, whatever the number of
+        epochs (``prepare``'s old-policy or reference evaluations); the planner counts them."""
         return 0
 
     def prepare(self, batch: TrainBatch, row_chunks: Sequence[torch.Tensor]) -> None:

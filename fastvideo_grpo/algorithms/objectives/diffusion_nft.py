@@ -72,8 +72,8 @@ class DiffusionNFT(Objective):
         self.beta = float(beta)
 
     @property
-    def extra_forwards_per_trained_step(self) -> int:
-        return 1  # v_old
+    def forwards_once_per_trained_step(self) -> int:
+        return 1  # v_old, in prepare
 
     def prepare(self, batch, row_chunks):
         """The update's noise, the forward-process samples' times, and v_old: the rollout policy's velocity,

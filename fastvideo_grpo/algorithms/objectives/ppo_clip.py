@@ -31,6 +31,7 @@ class PPOClip(Objective):
     name = "ppo_clip"
     label = "GRPO"
     stat_names = ("loss", "clipfrac", "approx_kl", "ratio_mean", "kl")
+    per_step_advantages = True
     config_fields = {"clip_range": "clip_range", "adv_clip_max": "adv_clip_max", "kl_coef": "kl_coef"}
 
     def __init__(self, clip_range: float = 1e-4, adv_clip_max: Optional[float] = 5.0, kl_coef: float = 0.0,
@@ -50,7 +51,6 @@ class PPOClip(Objective):
     def prepare(self, batch, row_chunks):
         if self.needs_reference and batch.reference is None:
             raise ValueError("grpo.kl_coef > 0 needs the frozen reference policy (TrainBatch.reference)")
-        self._adv_B = batch.advantages_B.to(device=batch.device, dtype=torch.float32)
         self._first_dev = torch.zeros(1, dtype=torch.float32, device=batch.device)
         self._first = True
 
@@ -77,7 +77,7 @@ class PPOClip(Objective):
             self._first_dev = (ratio - 1.0).abs().max().float().reshape(1)
             if self.on_first_ratio is not None:
                 self.on_first_ratio(ratio)
-        loss, st = grpo.ppo_clip_loss(logp, old, self._adv_B[rows_dev], self.clip_range, self.adv_clip_max, kl_B,
+        loss, st = grpo.ppo_clip_loss(logp, old, batch.advantages_at(rows, k), self.clip_range, self.adv_clip_max, kl_B,
                                       self.kl_coef)
         return loss, (st.loss, st.clipfrac, st.approx_kl, st.ratio_mean, st.kl)
 
