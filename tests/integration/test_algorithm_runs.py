@@ -1,6 +1,8 @@
 """Each algorithm option (docs/algorithms.md) for 2 iterations through the real FLUX train script on a tiny
 random-init FLUX folder: MixGRPO (sliding window + DPM-Solver++ outside it), Flow-GRPO (its noise level,
-fewer training than evaluation steps), Flow-GRPO-Fast (random 1-2 step window) and DiffusionNFT."""
+fewer training than evaluation steps), Flow-GRPO-Fast (random 1-2 step window), DiffusionNFT, DGPO (ODE
+rollouts, the frozen reference), tree rollouts (branching twice into 2, per-node advantages) and Flow-DPPO
+(two epochs over each rollout)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,13 @@ OPTIONS = {
                        "sampling.eta": 0.7, "grpo.tau": 1.0, "grpo.sde_window": "{mode: random, size: 1}"},
     "diffusion_nft": {"sampling.num_steps": 3, "sampling.eval_num_steps": 3, "grpo.objective": "nft",
                       "grpo.tau": 1.0, "sampling.eta": 0.0, "grpo.shared_noise": "false"},
+    "dgpo": {"sampling.num_steps": 3, "sampling.eval_num_steps": 3, "grpo.objective": "dgpo", "grpo.tau": 1.0,
+             "sampling.eta": 0.0, "grpo.shared_noise": "false", "grpo.clip_range": 0.01, "grpo.kl_coef": 0.01},
+    "tree_grpo": {"sampling.num_steps": 4, "sampling.eval_num_steps": 4, "sampling.rollout": "tree",
+                  "sampling.rollout_kwargs": "{branch_steps: [0, 1], branch_factor: 2}", "grpo.group_size": 4,
+                  "grpo.tau": 1.0},
+    "flow_dppo": {"sampling.num_steps": 3, "sampling.eval_num_steps": 3, "grpo.objective": "flow_dppo",
+                  "grpo.num_epochs": 2, "grpo.tau": 1.0},
 }
 
 
@@ -49,5 +58,13 @@ def test_algorithm_option_two_iterations_through_the_flux_script(tiny, tmp_path,
         assert all(r["sde_window/end"] - r["sde_window/start"] == 1 for r in train)
     if option == "diffusion_nft":
         assert all("train/nft_positive_mse" in r and "train/clipfrac" not in r for r in train)
+    elif option == "dgpo":
+        assert all(r["train/kl"] > 0 and 0 < r["train/dgpo_group_weight"] < 1 for r in train)
+    elif option == "flow_dppo":  # 2 kept steps x 2 samples = 4 transitions: one replay, then 2 epochs of fwd + bwd
+        # an epoch is min(num_updates_per_iteration 4, 2 kept steps) = 2 optimiser steps
+        assert all(r["train/num_updates"] == 2 * 2 and "train/masked_frac" in r for r in train)
+        assert all((r["passes/forward_update"], r["passes/backward"]) == (4 * 3, 4 * 2) for r in train)
+    elif option == "tree_grpo":  # 1 + 2 + 4 + 4 forwards per group; edges 2 (step 0) + 4 (step 1) + 4 (step 2)
+        assert all((r["passes/forward_rollout"], r["passes/backward"]) == (11, 10) for r in train)
     else:
         assert all("train/clipfrac" in r for r in train)
