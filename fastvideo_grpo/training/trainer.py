@@ -20,7 +20,6 @@ PPO-clip, DiffusionNFT, ...); its advantages come from the registered estimator 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 import warnings
 from typing import Dict
@@ -74,15 +73,14 @@ def build_schedule(cfg: RunConfig, adapter: PolicyAdapter, objective=None):
 
     ValueError when a step that training may pick (``grpo.trainable_window``) has eta = 0 and the objective
     (default: the config's) needs log-probs: its transition is a point mass, with no log-prob to train."""
-    from ..sde import flow_grpo_eta, with_deterministic_last_step
+    from ..sde import ETA_FORMS, with_deterministic_last_step
 
     s = cfg.sampling
     schedule = adapter.make_schedule(s.num_steps, cfg.eta)
-    if s.eta_form == "flow_grpo":
-        if schedule.prediction_type != "flow":
-            raise ValueError(f"sampling.eta_form: flow_grpo needs a flow-matching model; {cfg.model.name} samples "
-                             f"with a {schedule.prediction_type} schedule (use 'constant')")
-        schedule = dataclasses.replace(schedule, eta=flow_grpo_eta(schedule.sigmas, schedule.eta))
+    if ETA_FORMS.info(s.eta_form).get("flow_only") and schedule.prediction_type != "flow":
+        raise ValueError(f"sampling.eta_form: {s.eta_form} needs a flow-matching model; {cfg.model.name} samples "
+                         f"with a {schedule.prediction_type} schedule (use 'constant')")
+    schedule = ETA_FORMS.get(s.eta_form)(schedule)  # how the configured eta becomes the sampled schedule (sde/)
     last = s.deterministic_last_step
     if last is None:
         last = type(schedule).deterministic_last_step_default
