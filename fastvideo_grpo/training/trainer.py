@@ -204,7 +204,8 @@ class Trainer:
         with self.passes.phase("rollout"):
             traj = self.sampler(self.adapter, schedule, prompts, cond, g.group_size, keep, self.generator,
                                 shared_noise=g.shared_noise, autocast_dtype=self.autocast_dtype,
-                                rollout_batch_size=m["rollout_batch_size"], ode_solver=cfg.sampling.ode_solver)
+                                rollout_batch_size=m["rollout_batch_size"], ode_solver=cfg.sampling.ode_solver,
+                                **({"keep_means": True} if self.objective.needs_step_means else {}))
         t_dec = time.perf_counter()
         traj.decoded = decode_latents(self.adapter, traj.final_latents, m["decode_batch_size"], m["offload_vae"])
         t1 = time.perf_counter()
