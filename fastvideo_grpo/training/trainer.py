@@ -209,7 +209,7 @@ class Trainer:
         t_dec = time.perf_counter()
         traj.decoded = decode_latents(self.adapter, traj.final_latents, m["decode_batch_size"], m["offload_vae"])
         t1 = time.perf_counter()
-        rewards, _ = compute_rewards(self.reward_fns, traj.decoded, traj.prompts)
+        rewards, _ = compute_rewards(self.reward_fns, traj.decoded, traj.prompts, group_size=traj.group_size)
         traj.decoded = None  # the update does not need the pixels: free them (several GB for a video batch)
         t2 = time.perf_counter()
         group = g.group_size
