@@ -14,14 +14,15 @@ Registry name ``win_rate``; ``judge`` names the judge's registered reward and ev
 * pairwise when its function provides ``compare(images_a, images_b, prompts) -> P(a preferred to b)`` in [0, 1]
   for a batch of pairs (a preference model, such as the paper's UnifiedReward-Think VLM): one call per group
   with its G (G - 1) / 2 pairs, a (the lower index) shown first;
-* otherwise pointwise: its scores are compared, i beats j when s_i > s_j (one call on the whole batch).
+* otherwise pointwise: its scores are compared, i beats j when s_i > s_j (``judge_batch_size`` samples per call,
+  0 = the whole batch the reward is given; its ``batch_size`` must hold whole groups).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import REWARDS, check_groups, check_scores, validate_reward_inputs
+from .base import REWARDS, check_groups, check_scores, score_in_chunks, validate_reward_inputs
 
 
 def pairs_in_group(group_size: int):
@@ -45,12 +46,14 @@ def pointwise_preference(scores_a: torch.Tensor, scores_b: torch.Tensor) -> torc
 
 
 @REWARDS.register("win_rate", wraps="judge")
-def win_rate(judge=None, **judge_config):
+def win_rate(judge=None, judge_batch_size: int = 0, **judge_config):
     if not judge or not isinstance(judge, str):
         raise ValueError("win_rate: set judge= to the registry name of the reward that compares the samples "
                          f"(known: {', '.join(n for n in REWARDS.names() if n != 'win_rate')})")
     if judge == "win_rate":
         raise ValueError("win_rate: judge='win_rate' would judge with itself")
+    if judge_batch_size < 0:
+        raise ValueError(f"win_rate: judge_batch_size must be >= 0 (0 = the whole batch), got {judge_batch_size}")
     inner = REWARDS.build(judge, **judge_config)
     compare = getattr(inner, "compare", None)
 
@@ -82,7 +85,7 @@ def win_rate(judge=None, **judge_config):
                                  f"pair ({first.numel()}), got {prefer.tolist()}")
             info["preference"] = prefer.tolist()
         else:
-            raw, judge_info = inner(images, prompts, **metadata)
+            raw, judge_info = score_in_chunks(inner, images, prompts, judge_batch_size, **metadata)
             s = check_scores(judge, raw, B)
             prefer = pointwise_preference(s[first], s[second])
             info.update({"judge": judge_info, "judge_scores": s.tolist()})

@@ -88,6 +88,9 @@ def test_chunked_scoring_keeps_groups_and_evaluation_leaves_group_rewards_out():
     chunked = ConfiguredReward(fn, batch_size=8)  # 8 = two whole groups per call
     assert chunked.group_level
     torch.testing.assert_close(compute_rewards({"w": chunked}, _images(levels), prompts, group_size=4)[0]["w"], whole)
+    # the pointwise judge may score fewer samples per call than the groups it compares
+    judged_in_fives = REWARDS.build("win_rate", judge="test_mean_pixel", judge_batch_size=5)
+    torch.testing.assert_close(judged_in_fives(_images(levels), prompts, group_size=4)[0], whole)
     with pytest.raises(ValueError, match="batch_size 6.*multiple of grpo.group_size = 4"):
         compute_rewards({"w": ConfiguredReward(fn, batch_size=6)}, _images(levels), prompts, group_size=4)
     # held-out evaluation: group-level rewards are left out of the default and refused in eval.rewards
@@ -102,6 +105,15 @@ def test_chunked_scoring_keeps_groups_and_evaluation_leaves_group_rewards_out():
                                   "--eval.rewards=[{name: win_rate, kwargs: {judge: test_mean_pixel}}]"])
     with pytest.raises(ValueError, match=r"eval.rewards \['win_rate'\] score whole groups"):
         build_eval_reward_fns(explicit, {})
+
+
+def test_the_planner_finds_the_judge_behind_the_wrappers():
+    from fastvideo_grpo.cli.plan import REWARD_PARAMS, _reward_bytes
+    from fastvideo_grpo.config import RewardConfig
+
+    kwargs = {"judge": "binary", "judge_batch_size": 2, "reward": "hps", "threshold": 0.3, "model_path": "m"}
+    assert REWARDS.resolve_wrapped("win_rate", kwargs) == ("hps", {"model_path": "m"})
+    assert _reward_bytes(RewardConfig(name="win_rate", kwargs=kwargs)) == REWARD_PARAMS["hps"][0] * REWARD_PARAMS["hps"][1]
 
 
 def test_the_trainer_normalises_the_win_rates_within_groups():
