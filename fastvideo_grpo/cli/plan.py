@@ -448,7 +448,10 @@ def plan(cfg, gpus: int, gpu_mem_gib: float = 80.0, arch_path=None, mfu: float =
     latent = math.prod(adapter.latent_shape()) * 4
     passes = passes_per_iteration(cfg)
     K = passes["trained_steps"]
-    mem["trajectory"] = rank_batch * (2 * K * latent + latent)
+    from ..algorithms.objectives import build_objective
+
+    per_step = 3 if build_objective(cfg).needs_step_means else 2  # z_t, z_s (and the rollout's step mean)
+    mem["trajectory"] = rank_batch * (per_step * K * latent + latent)
     mem["decode_activations"] = s_dec * m.decode_peak
     static = mem["params_shard"] + mem["grads_shard"] + mem["optimizer_shard"] + mem["vae"] + mem["reward_models"]
     phases = {
