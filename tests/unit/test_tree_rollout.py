@@ -4,7 +4,7 @@
   generator, so the tree must give ``rollout()``'s samples, kept transitions and log-probs (up to the GEMM
   rounding of one forward on P instead of B rows), with P + (T - 1) B forwards instead of T B (a spy on the model).
 * A two-level tree: every leaf's path, recomputed without sharing (one forward per leaf row, no prefix reused),
-  gives the same log-probs, steps and final sample; leaves under one node hold the same latents, siblings differ.
+  gives the same log-probs, step means (``keep_means``), steps and final sample; leaves under one node hold the same latents, siblings differ.
 * Per-node advantages against BranchGRPO's definitions written out here on explicit nodes and plain floats:
   node value = mean of its leaves' rewards (or, per branch, the softmax-over-children's-edge-log-probs average),
   normalised among the nodes of the same depth of its tree, (v - mean) / (std_{n-1} + 1e-8); and the leaf
@@ -68,7 +68,7 @@ def test_two_level_tree_equals_the_unshared_computation_of_every_leaf():
     keep = tree.keep_steps(T, 1.0, P * G, G, None, (0, 3))
     cond = ad.encode_prompts(PROMPTS)
     rows = _spy_rows(ad.model)
-    traj = tree(ad, sched, PROMPTS, cond, G, keep, torch.Generator().manual_seed(2))
+    traj = tree(ad, sched, PROMPTS, cond, G, keep, torch.Generator().manual_seed(2), keep_means=True)
     assert rows == [P, 2 * P, 4 * P, 4 * P] and sum(rows) == P * tree.forwards_per_group(T, G) == 22
     B = P * G
     leaf_cond = {k: v.repeat_interleave(G, dim=0) for k, v in cond.items()}
@@ -80,6 +80,9 @@ def test_two_level_tree_equals_the_unshared_computation_of_every_leaf():
                                          {n: v[b:b + 1] for n, v in leaf_cond.items()}) for b in range(B)])
             _, lp, mean, std = sched.step(step, outs, z, prev_sample=z_next)
             torch.testing.assert_close(traj.log_probs_BK[:, k], lp.float(), rtol=0, atol=1e-5)
+            # the kept step means (keep_means: objectives comparing with the rollout policy's mean)
+            torch.testing.assert_close(traj.means_BK[:, k], mean.to(traj.means_BK.dtype), rtol=0,
+                                       atol=64 * EPS32 * float(mean.abs().max()))
             if k + 1 < 3:  # a path: the next kept step starts where this one ended (the same stored tensor)
                 assert torch.equal(traj.latents_BK[:, k + 1], z_next)
         z = traj.next_latents_BK[:, 2]

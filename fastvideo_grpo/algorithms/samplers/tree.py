@@ -42,6 +42,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ... import sde
 from ...models.base import index_cond
 from .. import grpo
 from ..rollout import Trajectory, predict_in_chunks
@@ -207,7 +208,7 @@ class TreeRollout(RolloutSampler):
     @torch.no_grad()
     def __call__(self, adapter, schedule, prompts, cond_P, group_size, keep_steps_BK, generator, *,
                  shared_noise: bool = True, autocast_dtype=None, rollout_batch_size: int = 0,
-                 ode_solver: str = "euler") -> TreeTrajectory:
+                 ode_solver: str = "euler", keep_means: bool = False) -> TreeTrajectory:
         shape = self.shape
         if group_size != shape.group_size or not shared_noise or ode_solver != "euler":
             raise ValueError(f"the tree of {shape.factors} children grows {shape.group_size} samples per group from one "
@@ -221,7 +222,7 @@ class TreeRollout(RolloutSampler):
         device = adapter.device
         z = adapter.initial_noise(P, generator, device=device, cond=cond_P)  # one root per group
         slot = {s: k for k, s in enumerate(kept)}
-        before, after, lps, branch_lps = {}, {}, {}, []
+        before, after, lps, means, branch_lps = {}, {}, {}, {}, []
         n = 1  # nodes per group before step i
         for i in range(schedule.num_steps):
             cond = index_cond(cond_P, torch.arange(P * n) // n)
@@ -232,10 +233,12 @@ class TreeRollout(RolloutSampler):
                 out, z_in = out.repeat_interleave(c, dim=0), z.repeat_interleave(c, dim=0)
             else:
                 z_in = z
-            z_next, lp, _, _ = schedule.step(i, out, z_in, generator=generator, need_mean=False)
+            z_next, lp, mean, _ = schedule.step(i, out, z_in, generator=generator, need_mean=keep_means)
             z_next = z_next.to(z.dtype)
             if i in slot:
                 before[i], after[i], lps[i] = z, z_next, lp.to(torch.float32)
+                if keep_means:
+                    means[i] = mean
             if c > 1:
                 branch_lps.append(lp.to(torch.float32))
             z, n = z_next, n * c
@@ -246,16 +249,20 @@ class TreeRollout(RolloutSampler):
         nexts = torch.empty_like(latents)
         log_probs = torch.empty((B, K), dtype=torch.float32, device=device)
         trained = torch.zeros((B, K), dtype=torch.bool)
+        kept_mean = torch.empty(latents.shape, dtype=sde.compute_dtype(z), device=device) if keep_means else None
         for k, s in enumerate(kept):
             nb, na = shape.nodes_before(s), shape.nodes_after(s)
             src_b = (p * nb + l // (G // nb)).to(device)
             src_a = (p * na + l // (G // na)).to(device)
             latents[:, k], nexts[:, k], log_probs[:, k] = before[s][src_b], after[s][src_a], lps[s][src_a]
             trained[:, k] = l % (G // na) == 0  # the edge's first leaf trains it, once
+            if keep_means:  # one mean per edge (the c children of a branch share their parent's)
+                kept_mean[:, k] = means[s][src_a].to(kept_mean.dtype)
         return TreeTrajectory(
             prompts=[q for q in prompts for _ in range(G)], cond=index_cond(cond_P, p.to(device)),
             steps_BK=keep_steps_BK.cpu(), latents_BK=latents, next_latents_BK=nexts, log_probs_BK=log_probs,
-            final_latents=z, decoded=None, group_size=G, trained_BK=trained, branch_log_probs=branch_lps)
+            final_latents=z, decoded=None, group_size=G, trained_BK=trained, means_BK=kept_mean,
+            branch_log_probs=branch_lps)
 
     # ------------------------------------------------------------------ per-node advantages
 
