@@ -6,8 +6,9 @@
   (A > 0, rho > 1 or A < 0, rho < 1); the loss is -mean(m rho A) and blocked rows get exactly no gradient.
 * Several epochs over one rollout through the update driver: pi_old (log-probs and means) stays the rollout's for
   every epoch, so E driver epochs equal E plain SGD steps on the loss written out here with the rollout's
-  quantities frozen; the passes are counted by a spy on the model (one replay of mu_old, then a forward and a
-  backward per transition and epoch); with a tiny threshold the mask engages in the later epochs.
+  quantities frozen; mu_old is the rollout's kept step mean (equal to a replay of the rollout weights), so the
+  passes -- counted by a spy on the model -- are one forward and one backward per transition and epoch, no
+  replay; with a tiny threshold the mask engages in the later epochs.
 """
 
 import copy
@@ -54,6 +55,7 @@ def test_divergence_is_the_exact_gaussian_kl_and_the_mask_blocks_only_moves_away
     assert mu_new.grad is None or not mu_new.grad.any()
     with pytest.raises(ValueError, match="divergence_threshold"):
         FlowDPPO(divergence_threshold=0.0)
+    assert FlowDPPO.needs_step_means and FlowDPPO().forwards_once_per_trained_step == 0
 
 
 def _setup(seed=0):
@@ -62,7 +64,7 @@ def _setup(seed=0):
     prompts = ["two red circles", "one blue square"]
     keep = grpo.subsample_timesteps(4, 1.0, 4, torch.Generator().manual_seed(0), (0, 3))
     traj = rollout(ad, sched, prompts, ad.encode_prompts(prompts), 2, keep, torch.Generator().manual_seed(1),
-                   decode=False)
+                   decode=False, keep_means=True)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
     return ad, sched, traj, adv
 
@@ -93,6 +95,9 @@ def test_several_epochs_over_one_rollout_keep_the_rollout_policy_as_old():
         mean_old = torch.stack([sched.step(traj.steps_BK[:, k], ref.predict(
             traj.latents_BK[:, k], sched.model_timestep(traj.steps_BK[:, k], traj.latents_BK[:, k]), traj.cond),
             traj.latents_BK[:, k], prev_sample=traj.next_latents_BK[:, k])[2] for k in range(3)], dim=1)
+    # the rollout kept the same means: the same batch of 4 through the same kernels in this process
+    torch.testing.assert_close(traj.means_BK, mean_old.to(traj.means_BK.dtype), rtol=0,
+                               atol=4 * torch.finfo(torch.float32).eps * float(mean_old.abs().max()))
     lr, E, thr = 0.05, 3, 1e-6  # a threshold the later epochs' divergences cross: the mask takes part
     ref_opt = torch.optim.SGD(ref.model.parameters(), lr=lr)
     divergences = []
@@ -116,8 +121,8 @@ def test_several_epochs_over_one_rollout_keep_the_rollout_policy_as_old():
     assert stats["train/masked_frac"] > 0
     assert stats["train/num_updates"] == E and stats["train/first_ratio_dev"] <= 4 * torch.finfo(torch.float32).eps
     B, K = 4, 3
-    assert sum(rows) == B * K * (E + 1)  # one replay for mu_old, then one forward per transition and epoch
-    assert counter.metrics()["passes/forward_update"] == B * K * (E + 1) and counter.metrics()["passes/backward"] == B * K * E
+    assert sum(rows) == B * K * E  # one forward per transition and epoch: mu_old comes from the rollout
+    assert counter.metrics()["passes/forward_update"] == B * K * E and counter.metrics()["passes/backward"] == B * K * E
     # a threshold below every moved transition's divergence: the later epochs block the updates moving away
     ad2, sched2, traj2, adv2 = _setup()
     stats2 = update(FlowDPPO(1e-12), TrainBatch(ad2, sched2, traj2, adv2), torch.optim.SGD(ad2.model.parameters(), lr=lr),

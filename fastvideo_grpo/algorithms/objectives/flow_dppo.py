@@ -15,9 +15,11 @@ A < 0 and rho < 1) -- so corrective updates always pass. The loss is
     L = -mean( m * rho * A ),   m = 1 - blocked  (no clipping of rho)
 
 ``divergence_threshold`` eps_D (``grpo.objective_kwargs``): 1e-5, the value of both released implementations.
-mu_old is the rollout policy's mean, replayed once per update before the first optimiser step (one no-grad
-forward per trained transition, as UniRL's ``prepare_segment``); the old log-prob is the rollout's. Designed for
-several epochs over one rollout (``grpo.num_epochs``): pi_old stays the rollout policy for all of them.
+mu_old is the rollout policy's step mean, kept by the rollout (``needs_step_means``: one more latent per kept
+step), so no extra forward -- the released code replays the rollout weights once per update instead (UniRL's
+``prepare_segment``), which gives the same means at one more forward per trained transition; the old log-prob is
+the rollout's. Designed for several epochs over one rollout (``grpo.num_epochs``): pi_old stays the rollout policy
+for all of them.
 Not implemented: UniRL's optional KL to a reference model (``beta``, off by default).
 """
 
@@ -56,6 +58,7 @@ class FlowDPPO(Objective):
     label = "Flow-DPPO"
     stat_names = ("loss", "masked_frac", "divergence", "ratio_mean", "approx_kl")
     per_step_advantages = True
+    needs_step_means = True
 
     def __init__(self, divergence_threshold: float = 1e-5):
         if not float(divergence_threshold) > 0:
@@ -63,25 +66,10 @@ class FlowDPPO(Objective):
                              f"value 1e-5), got {divergence_threshold}")
         self.threshold = float(divergence_threshold)
 
-    @property
-    def forwards_once_per_trained_step(self) -> int:
-        return 1  # mu_old, replayed in prepare
-
     def prepare(self, batch, row_chunks):
-        """mu_old of every trained transition: the rollout weights' step mean (before any optimiser step)."""
-        traj = batch.traj
-        K = traj.steps_BK.shape[1]
-        self._mean_old = torch.zeros(traj.next_latents_BK.shape, dtype=torch.float32, device=batch.device)
-        batch.adapter.trainable_module().eval()
-        with torch.no_grad():
-            for k in range(K):
-                for rows in row_chunks:
-                    if traj.trained_BK is not None:
-                        rows = rows[traj.trained_BK[rows, k]]
-                        if not rows.numel():
-                            continue
-                    mean, _, _ = self._step(batch, rows, k)
-                    self._mean_old[rows.to(batch.device), k] = mean.float()
+        if batch.traj.means_BK is None:
+            raise ValueError("Flow-DPPO compares with the rollout's step means, but the trajectory holds none: roll out "
+                             "with keep_means=True (the trainer does, for an objective that needs_step_means)")
         self._first_dev = torch.zeros((), dtype=torch.float32, device=batch.device)
         self._first = True
 
@@ -100,7 +88,7 @@ class FlowDPPO(Objective):
         rows_dev = rows.to(batch.device)
         mean, logp, std = self._step(batch, rows, k)
         old = batch.traj.log_probs_BK[rows_dev, k]
-        loss, blocked, divergence, ratio = flow_dppo_loss(logp, old, mean, self._mean_old[rows_dev, k], std,
+        loss, blocked, divergence, ratio = flow_dppo_loss(logp, old, mean, batch.traj.means_BK[rows_dev, k], std,
                                                           batch.advantages_at(rows, k), self.threshold)
         if self._first:  # before any optimiser step the ratio is 1: same weights, same arithmetic as the rollout
             self._first = False
