@@ -23,7 +23,7 @@ from fastvideo_grpo.cli.plan import DEFAULT_MFU, plan  # noqa: E402
 
 MODELS = {"flux": "configs/flux_hps.yaml", "hunyuan": "configs/hunyuan_t2v_videoalign.yaml"}
 ALGORITHMS = ["mixgrpo", "mixgrpo_flash", "flow_grpo", "flow_grpo_fast", "diffusion_nft", "grpo_guard", "awm", "cps",
-              "pref_grpo"]
+              "pref_grpo", "dgpo", "tree_grpo", "flow_dppo"]
 DOC = ROOT / "docs" / "algorithms.md"
 START, END = "<!-- recipe-table:start (bench/algorithm_recipes.py --write) -->", "<!-- recipe-table:end -->"
 

@@ -59,8 +59,9 @@ def frozen_reference(adapter: PolicyAdapter) -> PolicyAdapter:
 
     module = adapter.trainable_module()
     if any(isinstance(p, DTensor) for p in module.parameters()):
-        raise ValueError("grpo.kl_coef > 0 is not supported with a sharded (FSDP) model yet: pass a reference "
-                         "adapter to Trainer(ref_adapter=...) or set grpo.kl_coef: 0 (the paper uses no KL)")
+        raise ValueError("a frozen reference policy (grpo.kl_coef > 0, or a grpo.objective that needs one: dgpo) is "
+                         "not supported with a sharded (FSDP) model yet: pass a reference adapter to "
+                         "Trainer(ref_adapter=...), set grpo.kl_coef: 0 (the paper uses no KL), or run unsharded")
     ref = copy.deepcopy(adapter)
     for p in ref.trainable_module().parameters():
         p.requires_grad_(False)
