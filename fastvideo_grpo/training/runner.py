@@ -181,7 +181,7 @@ def run(cfg: RunConfig, build_adapter: Callable[[torch.device], PolicyAdapter], 
     """Train per ``cfg``; returns the summary on every rank (also written to ``<output_dir>/summary.json``).
     ``options``: the optional fields of ``RunSpec``."""
     spec = RunSpec(build_adapter, prompts, **options)
-    env = init_distributed(cfg.train.device, timeout_s=cfg.parallel.timeout_s)
+    env = init_distributed(cfg.train.device, timeout_s=cfg.parallel.init_timeout_s)
     try:
         summary = _run(cfg, env, spec)
     except BaseException:

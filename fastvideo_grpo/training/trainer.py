@@ -226,8 +226,10 @@ class Trainer:
                 adv = self.advantages({k: v[chosen.to(v.device)] for k, v in rewards.items()}, group)
         else:
             adv = self.advantages(rewards, group)
-        # groups whose samples all got the same rewards have zero advantages: no learning signal from them
-        zero_groups = float((adv.detach().reshape(-1, group).abs().amax(dim=1) == 0).float().mean())
+        # the statistics are of the advantages as trained on (after the objective's clamp, grpo.adv_clip_max).
+        # Groups whose samples all got the same rewards have zero advantages: no learning signal from them
+        trained = self.objective.trained_advantages(adv.detach())
+        zero_groups = float((trained.reshape(-1, group).abs().amax(dim=1) == 0).float().mean())
         if zero_groups == 1.0:
             warnings.warn(f"iteration {self.iteration + 1}: every group's samples got identical rewards, so every "
                           "advantage is 0 and this iteration learns nothing; a reward that cannot tell the samples of "
@@ -238,7 +240,7 @@ class Trainer:
         stats = update(self.objective, batch, self.optimizer, UpdateSettings.from_config(cfg), self.lr_scheduler)
         t3 = time.perf_counter()
         self.iteration += 1
-        return self._metrics(rewards, stats, adv, zero_groups, window, B, (t0, t_dec, t1, t2, t3))
+        return self._metrics(rewards, stats, trained, zero_groups, window, B, (t0, t_dec, t1, t2, t3))
 
     def _metrics(self, rewards, stats, adv, zero_groups, window, B, times):
         g = self.cfg.grpo
