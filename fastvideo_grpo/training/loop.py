@@ -205,11 +205,12 @@ class NaNGuard(Component):
             return None
         if isinstance(error, ValueError) and not re.search(r"non-finite|\b(nan|inf)\b", str(error).lower()):
             return None  # a user error (e.g. a prompt without embeddings), not a divergence
-        hint = "check the reward model / its inputs" if isinstance(error, ValueError) else "lower optim.lr"
+        hint = ("check the reward model and what it is given: the samples named above" if isinstance(error, ValueError)
+                else "see the possible causes above")
         return TrainingStopped(
-            f"iteration {it} stopped: {error}. Nothing was saved for this iteration; the last good checkpoint is "
-            f"{state.last_checkpoint or '(none: no checkpoint was written yet)'}. Fix the cause ({hint}) and "
-            f"resume with --resume latest.", EXIT_DIVERGED)
+            f"iteration {it} stopped: {str(error).rstrip('.')}. Nothing was saved for this iteration; the last good "
+            f"checkpoint is {state.last_checkpoint or '(none: no checkpoint was written yet)'}. Fix the cause ({hint}) "
+            f"and resume with --resume latest.", EXIT_DIVERGED)
 
 
 class EMAUpdate(Component):
