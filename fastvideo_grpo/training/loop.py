@@ -43,6 +43,8 @@ EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_OOM = 4
 EXIT_WATCHDOG = 5  # the reward-hacking watchdog stopped the run (train.watchdog.stop; watchdog.py)
+EXIT_STALLED = 6  # a rank stopped answering or fell behind (parallel.train_timeout_s; distributed/heartbeat.py)
+EXIT_NO_SPACE = 7  # the disk of the output folder is full (the last whole checkpoint is kept)
 
 
 class TrainingStopped(RuntimeError):
@@ -353,7 +355,8 @@ class Logger(Component):
 
 class Checkpointer(Component):
     """A DCP checkpoint (``checkpoint.save_trainer_checkpoint``) every ``every`` iterations, at the end and at an
-    iteration after which a component asked to stop (``state.stop_requested``),
+    iteration after which a component asked to stop (``state.stop_requested``), each after a check that it fits
+    on the disk (``checkpoint.ensure_room_for_checkpoint``: a clear shortage stops the run before writing),
     keeping the newest ``keep_last`` (0: all) of this run's own checkpoints: those it writes and, when
     resumed, the ones up to the resumed step. Nothing else in the folder is ever deleted."""
 
@@ -365,8 +368,9 @@ class Checkpointer(Component):
         self.own = checkpoints_up_to(self.root, resumed_at) if resumed_at is not None else []
 
     def _save(self, state):
-        from .checkpoint import prune_checkpoints, save_trainer_checkpoint
+        from .checkpoint import ensure_room_for_checkpoint, prune_checkpoints, save_trainer_checkpoint
 
+        ensure_room_for_checkpoint(state.trainer, self.root)  # NoSpace before writing when it clearly cannot fit
         path = save_trainer_checkpoint(state.trainer, self.root)
         state.last_checkpoint = str(path)
         self.own = prune_checkpoints(self.own + [path], self.keep_last)

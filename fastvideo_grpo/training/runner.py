@@ -33,6 +33,7 @@ from .loop import (Checkpointer, Component, EMAUpdate, Evaluator, Exporter, Logg
 from ..models.base import PolicyAdapter
 from .run_folder import RunLock, check_fresh_start, check_resume_settings, clear_run, record_config
 from .watchdog import build_watchdog
+from ..utils.diskspace import is_out_of_space
 from ..utils.threads import set_num_threads
 
 
@@ -184,9 +185,14 @@ def run(cfg: RunConfig, build_adapter: Callable[[torch.device], PolicyAdapter], 
     env = init_distributed(cfg.train.device, timeout_s=cfg.parallel.init_timeout_s)
     try:
         summary = _run(cfg, env, spec)
-    except BaseException:
+    except BaseException as e:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # no barrier: other ranks may be stuck in a collective
+        if is_out_of_space(e):  # any write of the run: one line, the last whole checkpoint kept
+            from .checkpoint import no_space_message
+            from .loop import EXIT_NO_SPACE, TrainingStopped
+
+            raise TrainingStopped(no_space_message(e, cfg.train.output_dir), EXIT_NO_SPACE) from e
         raise
     shutdown()
     if summary.get("stopped"):  # the watchdog's alarm with train.watchdog.stop: saved, then a documented exit

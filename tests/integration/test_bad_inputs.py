@@ -87,3 +87,131 @@ def test_a_non_finite_loss_names_the_possible_causes():
     for cause in ("optim.lr", "sampling.eta", "train.autocast", "checkpoint", "embeddings"):
         assert cause in msg, msg
     assert "ck/step_00000002" in msg and stop.exit_code == EXIT_DIVERGED
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+
+def _files(folder: Path):
+    """Every file under ``folder`` with its bytes (to show a checkpoint untouched)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _resumed_run_hits(out, monkeypatch, patch, kept="step_00000001"):
+    """A run of 1 iteration (checkpoint step 1), then its resume to 2 with ``patch`` applied: the stop, which
+    keeps the checkpoint ``kept`` (step 1, or step 2 when the failing write comes after its save)."""
+    from fastvideo_grpo.training.loop import EXIT_NO_SPACE
+
+    from fastvideo_grpo.training.checkpoint import state_bytes
+    from fastvideo_grpo.utils.diskspace import folder_bytes
+
+    built = {}
+    run(run_config(out, num_iterations=1, save_every=1), tiny_adapter, PromptSets(PROMPTS),
+        reward_fns={"red": redness}, reward_weights={"red": 1.0}, on_built=lambda parts: built.update(p=parts))
+    step1 = out / "checkpoints" / "step_00000001"
+    # the estimate of a first checkpoint (no earlier one to measure): its tensors' bytes. The files add DCP's
+    # per-tensor framing (under 4 KB each; negligible for real models, whose tensors are MBs) and the metadata
+    est, size = state_bytes(built["p"].trainer), folder_bytes(step1)
+    tensors = 3 * len(list(built["p"].trainer.adapter.trainable_module().parameters()))  # weights, Adam's m and v
+    assert est <= size <= est + 4096 * tensors + 64_000, (est, size)
+    before = _files(step1)
+    last = out / "checkpoints" / kept
+    patch()
+    with pytest.raises(TrainingStopped) as e:
+        run(run_config(out, num_iterations=2, save_every=1, resume="latest"), tiny_adapter, PromptSets(PROMPTS),
+            reward_fns={"red": redness}, reward_weights={"red": 1.0})
+    monkeypatch.undo()
+    msg = str(e.value)
+    assert e.value.exit_code == EXIT_NO_SPACE and "\n" not in msg, msg
+    assert f"The last whole checkpoint, {last}, is kept" in msg, msg
+    assert "free there" in msg and "rerun with --resume latest" in msg, msg
+    # the last checkpoint is whole and still the one resumed from; no partial folder is left
+    assert (out / "checkpoints" / "latest").read_text().strip() == kept
+    assert _files(step1) == before
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted({"latest", "step_00000001", kept})
+    return msg, step1
+
+
+def test_a_short_write_during_a_checkpoint_save_ends_with_one_line_and_keeps_the_last_checkpoint(tmp_path,
+                                                                                               monkeypatch):
+    from fastvideo_grpo.training import checkpoint
+    from fastvideo_grpo.utils.diskspace import folder_bytes, human_bytes
+
+    out = tmp_path / "run"
+
+    def patch():  # torch.save of the trainer state comes up short, as on a full disk (issue 39's traceback)
+        def short_write(obj, f, *a, **kw):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+        monkeypatch.setattr(checkpoint.torch, "save", short_write)
+
+    msg, step1 = _resumed_run_hits(out, monkeypatch, patch)
+    assert msg.startswith(f"out of disk space in {out}: a write into it failed (a short write in torch.save)"), msg
+    assert f"needs about {human_bytes(folder_bytes(step1))} (the size of the last one)" in msg, msg
+
+
+def test_enospc_from_the_checkpoint_writer_and_from_the_metrics_file_name_the_folder(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    from fastvideo_grpo.training import metrics
+
+    def dcp_full():
+        def full(state, checkpoint_id):
+            raise OSError(errno.ENOSPC, "No space left on device", str(Path(checkpoint_id) / "__0_0.distcp"))
+
+        monkeypatch.setattr(dcp, "save", full)
+
+    msg, _ = _resumed_run_hits(tmp_path / "a", monkeypatch, dcp_full)
+    assert msg.startswith(f"out of disk space in {tmp_path / 'a' / 'checkpoints' / 'step_00000002.tmp'}: a write "
+                          "into it failed (No space left on device)"), msg
+
+    def metrics_full():
+        def full(path, line):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+        monkeypatch.setattr(metrics, "append_line", full)
+
+    msg, _ = _resumed_run_hits(tmp_path / "b", monkeypatch, metrics_full, kept="step_00000002")
+    assert msg.startswith(f"out of disk space in {tmp_path / 'b'}: a write into it failed"), msg
+
+
+def test_a_checkpoint_that_clearly_cannot_fit_stops_the_run_before_writing(tmp_path, monkeypatch):
+    """Free space below the last checkpoint's size (a fake statvfs: 1000 bytes free) stops the run before the
+    save touches anything."""
+    real = os.statvfs
+
+    def patch():
+        def nearly_full(path):
+            st = real(path)
+            return os.statvfs_result((st.f_bsize, 1, st.f_blocks, 1000, 1000, st.f_files, st.f_ffree, st.f_favail,
+                                      st.f_flag, st.f_namemax))
+
+        monkeypatch.setattr(os, "statvfs", nearly_full)
+
+    out = tmp_path / "run"
+    msg, step1 = _resumed_run_hits(out, monkeypatch, patch)
+    from fastvideo_grpo.utils.diskspace import folder_bytes, human_bytes
+
+    assert msg.startswith(f"out of disk space in {out / 'checkpoints'}: stopped before writing the next checkpoint; "
+                          f"1.0 KB free there, and a checkpoint of this run needs about "
+                          f"{human_bytes(folder_bytes(step1))} (the size of the last one)"), msg
+
+
+def test_what_counts_as_a_full_disk():
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from fastvideo_grpo.utils.diskspace import is_out_of_space
+
+    enospc = OSError(errno.ENOSPC, "No space left on device")
+    short = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    assert is_out_of_space(enospc) and is_out_of_space(short) and is_out_of_space(OSError(errno.EDQUOT, "quota"))
+    assert is_out_of_space(CheckpointException("save failed", {1: (enospc, None)}))  # DCP: rank 1's error inside
+    try:
+        try:
+            raise short
+        except RuntimeError as inner:
+            raise ValueError("wrapped") from inner
+    except ValueError as outer:
+        assert is_out_of_space(outer)
+    assert not is_out_of_space(OSError(errno.EACCES, "Permission denied"))
+    assert not is_out_of_space(RuntimeError("shape mismatch"))
