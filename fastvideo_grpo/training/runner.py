@@ -31,7 +31,7 @@ from ..distributed.seeding import seed_rank_generators
 from .loop import (Checkpointer, Component, EMAUpdate, Evaluator, Exporter, Logger, NaNGuard, SampleWriter, fit,
                    prepare_metrics_file)
 from ..models.base import PolicyAdapter
-from .run_folder import RunLock, check_fresh_start, check_resume_settings, clear_run, record_config
+from .run_folder import RunLock, check_fresh_start, check_resume_settings, clear_run, record_config, remove_leftovers
 from .watchdog import build_watchdog
 from ..utils.diskspace import is_out_of_space
 from ..utils.threads import set_num_threads
@@ -216,6 +216,12 @@ def _run(cfg: RunConfig, env: DistEnv, spec: RunSpec) -> Dict:
         check_resume_settings(cfg, out)
     lock = RunLock(out, enabled=env.is_main).acquire()
     try:
+        if env.is_main:
+            gone = remove_leftovers(out)
+            if gone:
+                print(f"removed {len(gone)} temporary file(s) left by an interrupted run in {out}: "
+                      f"{', '.join(str(p.relative_to(out)) for p in gone[:5])}{' ...' if len(gone) > 5 else ''}",
+                      flush=True)
         return _run_locked(cfg, env, spec, folder)
     finally:
         lock.release()

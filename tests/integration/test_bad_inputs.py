@@ -215,3 +215,50 @@ def test_what_counts_as_a_full_disk():
         assert is_out_of_space(outer)
     assert not is_out_of_space(OSError(errno.EACCES, "Permission denied"))
     assert not is_out_of_space(RuntimeError("shape mismatch"))
+
+
+# ----------------------------------------------------------------------------- leftovers of a killed run
+
+
+def test_a_rerun_removes_the_temporary_files_a_killed_run_left(tmp_path):
+    out = tmp_path / "run"
+    run(run_config(out, num_iterations=1, save_every=1), tiny_adapter, PromptSets(PROMPTS),
+        reward_fns={"red": redness}, reward_weights={"red": 1.0})
+    left = [out / ".summary.json.k2j4a.tmp", out / "checkpoints" / ".latest.x81.tmp",
+            out / "checkpoints" / "step_00000002.tmp" / "__0_0.distcp"]
+    mine = [out / "notes.tmp", out / ".my_settings"]  # the user's files: not the run's temporaries
+    for p in left + mine:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("x")
+    run(run_config(out, num_iterations=2, save_every=1, resume="latest"), tiny_adapter, PromptSets(PROMPTS),
+        reward_fns={"red": redness}, reward_weights={"red": 1.0})
+    assert not any(p.exists() for p in left) and not (out / "checkpoints" / "step_00000002.tmp").exists()
+    assert all(p.read_text() == "x" for p in mine)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+def test_a_data_prep_rerun_removes_a_killed_runs_shard_temporaries(tmp_path):
+    from fastvideo_grpo.data.prep import PrepJob
+    from fastvideo_grpo.data.prompts import PromptRecord
+    from support.tiny_runs import SyntheticEncoder
+
+    def job():
+        return PrepJob(SyntheticEncoder({"prompt_embeds": (None, 4)}), [PromptRecord(f"p{i}") for i in range(6)],
+                       tmp_path / "emb", shard_size=4, batch_size=2, progress=False)
+
+    first = job()
+    first.run_shards()
+    first.merge_manifest()
+    files = {p.name: p.read_bytes() for p in (tmp_path / "emb").rglob("*") if p.is_file()}
+    shards = tmp_path / "emb" / "shards"
+    orphans = [shards / ".shard-00001.safetensors.tmp4242", shards / ".shard-00001.json.tmp4242",
+               tmp_path / "emb" / ".manifest.json.tmp4242"]
+    for p in orphans:
+        p.write_bytes(b"half")
+    again = job()
+    again.write_negative()
+    again.run_shards()
+    again.merge_manifest()
+    assert not any(p.exists() for p in orphans)
+    assert again.stats == {"written": 0, "skipped": 2}
+    assert {p.name: p.read_bytes() for p in (tmp_path / "emb").rglob("*") if p.is_file()} == files
