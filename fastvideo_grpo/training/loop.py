@@ -36,14 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..distributed import heartbeat
 from ..distributed.collectives import reduce_metrics
+from ..distributed.heartbeat import EXIT_STALLED  # noqa: F401  (the documented exit codes live here)
 from .state import TrainState
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_OOM = 4
 EXIT_WATCHDOG = 5  # the reward-hacking watchdog stopped the run (train.watchdog.stop; watchdog.py)
-EXIT_STALLED = 6  # a rank stopped answering or fell behind (parallel.train_timeout_s; distributed/heartbeat.py)
+# EXIT_STALLED = 6: a rank stopped answering or fell behind (parallel.train_timeout_s; distributed/heartbeat.py)
 EXIT_NO_SPACE = 7  # the disk of the output folder is full (the last whole checkpoint is kept)
 
 
@@ -244,6 +246,7 @@ class Evaluator(Component):
     def _run(self, state, step: int, images: bool = False) -> Optional[Tuple[Dict, Dict]]:
         """(row metrics, the evaluation) or None when there is nothing to evaluate."""
         t0 = time.perf_counter()
+        heartbeat.mark("eval", step)
         ev = self.evaluate(images)
         if not ev or not ev.get("mean"):
             return None
@@ -291,11 +294,13 @@ class SampleWriter(Component):
 
     def on_start(self, state):
         if self.every:
+            heartbeat.mark("samples", 0)
             self.write(0)
         return {}
 
     def on_iteration(self, state, it, metrics):
         if self.every and (it % self.every == 0 or it == state.total):
+            heartbeat.mark("samples", it)
             self.write(it)
 
 
@@ -325,6 +330,7 @@ class Logger(Component):
         return self.logger.history
 
     def on_row(self, state, step, row, iteration_row):
+        heartbeat.mark("log", step)
         if not iteration_row:
             if row:
                 self.logger.log(row, step=step)
@@ -370,8 +376,9 @@ class Checkpointer(Component):
     def _save(self, state):
         from .checkpoint import ensure_room_for_checkpoint, prune_checkpoints, save_trainer_checkpoint
 
-        ensure_room_for_checkpoint(state.trainer, self.root)  # NoSpace before writing when it clearly cannot fit
-        path = save_trainer_checkpoint(state.trainer, self.root)
+        with heartbeat.phase("save", state.iteration, long=True):  # rank 0 renames alone: the start-up timeout
+            ensure_room_for_checkpoint(state.trainer, self.root)  # NoSpace before writing when it clearly cannot fit
+            path = save_trainer_checkpoint(state.trainer, self.root)
         state.last_checkpoint = str(path)
         self.own = prune_checkpoints(self.own + [path], self.keep_last)
         self.last_saved = state.iteration
@@ -401,7 +408,8 @@ class Exporter(Component):
         from .checkpoint import export_weights
 
         if state.completed and state.total > 0:
-            with (self.weights() if self.weights is not None else contextlib.nullcontext()):
+            with heartbeat.phase("export", state.iteration, long=True), \
+                    (self.weights() if self.weights is not None else contextlib.nullcontext()):
                 w = export_weights(state.trainer.adapter, self.out_dir)
             self.written = str(w) if w else None
         return {}

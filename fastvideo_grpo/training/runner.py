@@ -25,6 +25,7 @@ import torch.distributed as dist
 from ..config import RunConfig
 from ..distributed.collectives import any_rank, reduce_metrics
 from ..distributed.fsdp import parallelize
+from ..distributed.heartbeat import active as active_heartbeat, is_collective_failure, start_heartbeat
 from ..distributed.init import DistEnv, init_distributed, shutdown
 from ..distributed.parallel_dims import ParallelDims, parallel_dims_from_config
 from ..distributed.seeding import seed_rank_generators
@@ -183,23 +184,42 @@ def run(cfg: RunConfig, build_adapter: Callable[[torch.device], PolicyAdapter], 
     ``options``: the optional fields of ``RunSpec``."""
     spec = RunSpec(build_adapter, prompts, **options)
     env = init_distributed(cfg.train.device, timeout_s=cfg.parallel.init_timeout_s)
+    # the stall watch (distributed/heartbeat.py): names a rank that stops answering or falls behind, exit status 6
+    hb = start_heartbeat(env.rank, env.world_size, init_timeout_s=cfg.parallel.init_timeout_s,
+                         train_timeout_s=cfg.parallel.train_timeout_s, resume_hint=lambda: _resume_hint(cfg))
     try:
         summary = _run(cfg, env, spec)
     except BaseException as e:
+        if hb is not None:
+            hb.stop()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # no barrier: other ranks may be stuck in a collective
+        from .loop import EXIT_NO_SPACE, EXIT_STALLED, TrainingStopped
+
         if is_out_of_space(e):  # any write of the run: one line, the last whole checkpoint kept
             from .checkpoint import no_space_message
-            from .loop import EXIT_NO_SPACE, TrainingStopped
 
             raise TrainingStopped(no_space_message(e, cfg.train.output_dir), EXIT_NO_SPACE) from e
+        if hb is not None and is_collective_failure(e):  # timed out, or a peer went away: which rank, where
+            raise TrainingStopped(hb.describe_failure(e), EXIT_STALLED) from e
         raise
-    shutdown()
+    if hb is not None:
+        hb.mark("end", summary.get("iteration", 0))
+    shutdown(before_destroy=hb.stop if hb is not None else None)
     if summary.get("stopped"):  # the watchdog's alarm with train.watchdog.stop: saved, then a documented exit
         from .loop import EXIT_WATCHDOG, TrainingStopped
 
         raise TrainingStopped(summary["stopped"], EXIT_WATCHDOG)
     return summary
+
+
+def _resume_hint(cfg: RunConfig) -> str:
+    """How to continue after a stall: the checkpoint a rerun with --resume latest starts from."""
+    from .checkpoint import latest_complete
+
+    last = latest_complete(Path(cfg.train.output_dir) / "checkpoints")
+    where = f"from {last}" if last is not None else "(no checkpoint was written yet: it starts over)"
+    return f"rerun the same command with --resume latest to continue {where}"
 
 
 def _run(cfg: RunConfig, env: DistEnv, spec: RunSpec) -> Dict:
@@ -215,6 +235,8 @@ def _run(cfg: RunConfig, env: DistEnv, spec: RunSpec) -> Dict:
     if folder.resume is not None:
         check_resume_settings(cfg, out)
     lock = RunLock(out, enabled=env.is_main).acquire()
+    if active_heartbeat() is not None:  # a stall ends the process at once: release the folder first
+        active_heartbeat().before_exit.append(lock.release)
     try:
         if env.is_main:
             gone = remove_leftovers(out)
@@ -266,6 +288,8 @@ def _run_locked(cfg: RunConfig, env: DistEnv, spec: RunSpec, folder: RunFolder) 
     def per_iteration(m: Dict) -> None:
         m["samples_per_s_global"] = m.get("samples_per_s", 0.0) * dims.dp
         m["world_size"] = env.world_size
+        if active_heartbeat() is not None:  # after the first iteration: parallel.train_timeout_s
+            active_heartbeat().first_iteration_done()
 
     summary = fit(trainer, components, total=cfg.train.num_iterations, out=out, is_main=main_rank,
                   last_checkpoint=str(folder.resume) if resumed else None, stop_after=spec.stop_after,
