@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastvideo_grpo.config import load_config  # noqa: E402
 from fastvideo_grpo.cli.train import recipe_path  # noqa: E402
+from fastvideo_grpo.training.loop import run_cli  # noqa: E402
 from fastvideo_grpo.training.runner import PromptSets, run  # noqa: E402
 from fastvideo_grpo.cli.demo import toy_adapter_factory  # noqa: E402
 from fastvideo_grpo.toy.shapes import split_prompts  # noqa: E402
@@ -42,5 +43,5 @@ def main(argv=None):
     return run(cfg, toy_adapter_factory(cfg, train_prompts), PromptSets(train_prompts, held_prompts))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # user errors exit 2, a stop 3 / 5 / 6 (a stalled rank) / 7 (a full disk): one line each
+    run_cli(main)
