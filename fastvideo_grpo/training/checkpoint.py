@@ -192,10 +192,9 @@ def next_checkpoint_bytes(trainer: TrainState, root: Union[str, Path]) -> int:
     ``root``, else the checkpointed tensors summed over ranks."""
     from ..distributed.collectives import reduce_metrics
 
+    tensors = int(reduce_metrics({"bytes": float(state_bytes(trainer))}, op="sum")["bytes"])  # every rank calls it
     last = latest_complete(root)
-    if last is not None:
-        return folder_bytes(last)
-    return int(reduce_metrics({"bytes": float(state_bytes(trainer))}, op="sum")["bytes"])
+    return folder_bytes(last) if last is not None else tensors
 
 
 def ensure_room_for_checkpoint(trainer: TrainState, root: Union[str, Path]) -> None:

@@ -47,6 +47,7 @@ def _one_process(monkeypatch):
         monkeypatch.delenv(k, raising=False)
 
 
+@pytest.mark.filterwarnings("ignore:iteration 1. every group")  # the binary reward is 0 for all at first
 def test_a_nan_score_of_a_thresholded_reward_stops_the_run_naming_reward_sample_and_prompt(tmp_path):
     CALLS.update(n=0, prompts=None)
     out = tmp_path / "run"
