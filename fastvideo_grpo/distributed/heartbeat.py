@@ -81,6 +81,7 @@ class Heartbeat:
                        "tolerance": self.tolerance}
         self._lock = threading.Lock()
         self._seen: Dict[int, Seen] = {}
+        self._present: set = set()  # store keys known to exist
         self._started_at = clock()
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
@@ -128,8 +129,13 @@ class Heartbeat:
     # ------------------------------------------------------------------ the others
 
     def _read(self) -> Dict[int, Dict]:
+        """Every published entry: one ``multi_get`` once all ranks have published (``check`` only for those
+        not seen yet: a get of a missing key would block)."""
         keys = [f"{_KEY}{r}" for r in range(self.world_size)]
-        present = [k for k in keys if self.store.check([k])]
+        for k in keys:
+            if k not in self._present and self.store.check([k]):
+                self._present.add(k)
+        present = [k for k in keys if k in self._present]
         values = self.store.multi_get(present) if present else []
         return {int(k[len(_KEY):]): json.loads(bytes(v).decode()) for k, v in zip(present, values)}
 
