@@ -190,7 +190,7 @@ class ModelConfig:
 @dataclass
 class SamplingConfig:
     num_steps: int = num(10, ">= 1")  # SDE steps per rollout (paper: 50 SD, 25 FLUX / HunyuanVideo)
-    eval_num_steps: int = num(0, ">= 1", special={0: "sampling.num_steps"})  # ODE steps for evaluation
+    eval_num_steps: int = num(0, ">= 1", special={0: "as sampling.num_steps"})  # ODE steps for evaluation
     eta: float = num(0.3, ">= 0")  # noise level e_t of the SDE (paper: 0.3); a list gives a per-step schedule
     eta_schedule: Optional[List[float]] = num(None, ">= 0", null="eta at every step")  # per-step eta, over eta
     # "constant": eta as given; "flow_grpo": eta (or each eta_schedule entry) is Flow-GRPO's a, and the SDE's
