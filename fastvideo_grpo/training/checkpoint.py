@@ -170,13 +170,18 @@ def latest_complete(root: Union[str, Path]) -> Optional[Path]:
     return path if (path / ".metadata").is_file() else None
 
 
+#: what DCP adds per stored tensor beyond its bytes (its serialisation framing: about 2.1 KB measured on the toy
+#: DiT's 132 entries, torch 2.13), counted twice so that the estimate of a first checkpoint is an upper bound
+DCP_BYTES_PER_TENSOR = 4096
+
+
 def state_bytes(trainer: TrainState) -> int:
-    """Bytes of this rank's share of what a checkpoint holds: the trainable module's parameters and buffers,
-    the optimiser's state tensors and the EMA (local shards under FSDP2)."""
+    """About how many bytes this rank's share of a checkpoint takes: the trainable module's parameters and
+    buffers, the optimiser's state tensors and the EMA (local shards under FSDP2), plus DCP's framing of each."""
 
     def size(t) -> int:
         t = t.to_local() if hasattr(t, "to_local") else t
-        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+        return t.numel() * t.element_size() + DCP_BYTES_PER_TENSOR if isinstance(t, torch.Tensor) else 0
 
     module = trainer.adapter.trainable_module()
     total = sum(size(p) for p in module.parameters()) + sum(size(b) for b in module.buffers())
@@ -197,14 +202,16 @@ def next_checkpoint_bytes(trainer: TrainState, root: Union[str, Path]) -> int:
     return folder_bytes(last) if last is not None else tensors
 
 
-def ensure_room_for_checkpoint(trainer: TrainState, root: Union[str, Path]) -> None:
+def ensure_room_for_checkpoint(trainer: TrainState, root: Union[str, Path]) -> int:
     """Collective: ``NoSpace`` on every rank, before anything is written, when the next checkpoint clearly
-    cannot fit on the filesystem of ``root`` (its estimated size exceeds the free space on some rank)."""
+    cannot fit on the filesystem of ``root`` (its estimated size exceeds the free space on some rank).
+    Returns the estimate."""
     from ..distributed.collectives import any_rank
 
     needed, free = next_checkpoint_bytes(trainer, root), free_bytes(root)
     if any_rank(needed > free):
         raise NoSpace(root, needed, free)
+    return needed
 
 
 def no_space_message(error: BaseException, out_dir: Union[str, Path]) -> str:
@@ -220,11 +227,13 @@ def no_space_message(error: BaseException, out_dir: Union[str, Path]) -> str:
     else:
         cause = out_of_space_error(error)
         folder = failed_folder(error, out_dir)
-        needed, free = (folder_bytes(latest) if latest is not None else None), free_bytes(folder)
+        needed, basis = folder_bytes(latest) if latest is not None else None, "the size of the last one"
+        if needed is None and getattr(error, "checkpoint_bytes", None):  # a first save: the Checkpointer's estimate
+            needed, basis = error.checkpoint_bytes, "its weights and optimiser state"
+        free = free_bytes(folder)
         short = "a short write in torch.save" if isinstance(cause, RuntimeError) else \
             (getattr(cause, "strerror", None) or "no space left on device")
         what = f"a write into it failed ({short})"
-        basis = "the size of the last one"
     need = f"about {human_bytes(needed)} ({basis})" if needed is not None else "an unknown amount (none written yet)"
     kept = f"the last whole checkpoint, {latest}, is kept" if latest is not None else "no checkpoint was written yet"
     return (f"out of disk space in {folder}: {what}; {human_bytes(free)} free there, and a checkpoint of this run "

@@ -377,8 +377,12 @@ class Checkpointer(Component):
         from .checkpoint import ensure_room_for_checkpoint, prune_checkpoints, save_trainer_checkpoint
 
         with heartbeat.phase("save", state.iteration, long=True):  # rank 0 renames alone: the start-up timeout
-            ensure_room_for_checkpoint(state.trainer, self.root)  # NoSpace before writing when it clearly cannot fit
-            path = save_trainer_checkpoint(state.trainer, self.root)
+            needed = ensure_room_for_checkpoint(state.trainer, self.root)  # NoSpace when it clearly cannot fit
+            try:
+                path = save_trainer_checkpoint(state.trainer, self.root)
+            except BaseException as e:  # a full disk anyway: the run's one line reports the estimate
+                e.checkpoint_bytes = needed
+                raise
         state.last_checkpoint = str(path)
         self.own = prune_checkpoints(self.own + [path], self.keep_last)
         self.last_saved = state.iteration
