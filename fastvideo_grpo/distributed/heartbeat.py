@@ -91,11 +91,10 @@ class Heartbeat:
     # ------------------------------------------------------------------ this rank
 
     def publish(self) -> None:
-        with self._lock:
+        with self._lock:  # held over the set: the main thread's and the watcher's entries land in order
             self._entry["seq"] += 1
             self._entry["tolerance"] = self.init_timeout_s if self._relaxed else self.tolerance
-            data = json.dumps(self._entry)
-        self.store.set(f"{_KEY}{self.rank}", data)
+            self.store.set(f"{_KEY}{self.rank}", json.dumps(self._entry))
 
     def mark(self, phase: str, iteration: int) -> None:
         """This rank enters ``phase`` of ``iteration`` (published at once)."""
@@ -311,7 +310,7 @@ def is_collective_failure(error: BaseException) -> bool:
         text = str(e)
         if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(
                 s in text for s in ("Timed out waiting", "Connection closed by peer", "Connection reset by peer",
-                                    "timed out", "Broken pipe", "NCCL communicator was aborted"))):
+                                    "Broken pipe", "collective operation timeout", "NCCL communicator was aborted"))):
             return True
         e = e.__cause__ or e.__context__
     return False
