@@ -22,6 +22,8 @@ ETA_FORMS = ("constant", "flow_grpo")
 ODE_SOLVERS = ("euler", "dpmpp_2m")
 WINDOW_MODES = ("off", "sliding", "random")
 STD_ESTIMATORS = ("bessel", "population")
+#: how a full fine-tune's export holds the base model's other components (training/export.py)
+EXPORT_COMPONENTS = ("link", "copy", "symlink")
 
 
 def _either(allowed) -> str:
@@ -383,14 +385,27 @@ class TrainConfig:
     num_threads: int = num(0, ">= 1", special={0: "torch's default"})  # CPU intra-op threads; 0 = torch's default
     resume: Optional[str] = None  # checkpoint folder, "latest" (error if none) or "auto" (latest if any)
     keep_last_checkpoints: int = num(0, ">= 1", special={0: "keep all"})  # delete older ones beyond this many
-    export: bool = True  # write the trained weights to <output_dir>/export at the end (safetensors)
+    export: bool = True  # write the trained weights to <output_dir>/export at the end (diffusers format; docs/export.md)
     # EMA of the trainable weights, updated once per iteration (released FLUX 8-GPU script: 0.995); 0 = off.
     # When set, held-out evaluation, sample grids and the export use the EMA weights; checkpoints hold it
     ema_decay: float = num(0.0, "[0, 1)", why=" (0 = no EMA; the released FLUX script uses 0.995)")
     overwrite: bool = False  # start over in an output_dir that holds a run (deletes its outputs); else refused
+    # Graceful stop (docs/reliability.md, training/preemption.py): SIGTERM / SIGINT, this file appearing (relative:
+    # inside output_dir; null = off) or the time budget (seconds from the start; 0 = none) end the run after the
+    # current iteration, saved; the process then exits with stop_exit_code (0; or the cluster's requeue code,
+    # e.g. SLURM's RequeueExit value). The same command resumes.
+    stop_file: Optional[str] = None
+    max_wall_time: float = num(0.0, ">= 0", why=" (seconds; 0 = no time budget)")
+    stop_exit_code: int = num(0, "[0, 255]", why=" (an exit status: 0, or the cluster's requeue code such as SLURM's "
+                              "RequeueExit)")
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)  # reward-hacking alarm (docs/watchdog.md)
+    # a full fine-tune's export is a whole pipeline folder: the trained denoiser plus the base model's other
+    # components, "link"ed (hard links: no extra space; copied where the file system refuses), "copy"ed, or
+    # "symlink"ed to the base folder (the export then needs that folder to stay where it is)
+    export_components: str = "link"
 
     def validate(self, where: str = "train") -> None:
+        _one_of(self.export_components, EXPORT_COMPONENTS, f"{where}.export_components")
         _one_of(self.autocast, ("bf16", "none"), f"{where}.autocast", " (fp16 would need a gradient scaler, which the "
                 "trainer does not have: bf16 has fp32's range and needs none)")
         self.watchdog.validate(f"{where}.watchdog")
@@ -433,9 +448,19 @@ class DataConfig:
     verify_on_read: bool = True  # sha256 of each shard when a process first reads it (~1 s per GB, once)
     dedupe: bool = False  # drop repeated prompts instead of failing
     max_open_shards: int = num(4, ">= 1")  # safetensors shards kept open per process (LRU)
+    # Prompts straight in (instead of a data_prep manifest): a .txt / .jsonl / .csv file or "hf:NAME[:split]"
+    # (a Hugging Face dataset; needs `datasets`). Their embeddings are computed on first use with the family's
+    # prompt encoding (data_prep's code), cached by content hash, and data.manifest is set to the cached manifest
+    prompts: Optional[str] = None
+    eval_prompts: Optional[str] = None  # held-out prompts the same way (else data.eval_fraction of `prompts`)
+    prompt_field: str = "prompt"  # jsonl field / csv column / dataset column holding the prompt
+    embedding_cache: Optional[str] = None  # where computed embeddings are cached; None = <output_dir>/embeddings
+    encoding: Dict[str, Any] = field(default_factory=dict)  # data_prep's options: dtype, batch_size, t5_max_length, ...
 
     def validate(self, where: str = "data") -> None:
-        """Nothing between its fields yet (each field's own domain is check_domains')."""
+        """The checks between its fields (each field's own domain is check_domains')."""
+        _require(not self.eval_prompts or bool(self.prompts), f"{where}.eval_prompts is set without {where}.prompts: "
+                 f"set {where}.prompts too (or give held-out embeddings as {where}.eval_manifest)")
 
 
 @dataclass
@@ -458,8 +483,10 @@ class LogConfig:
     """Rank-0 logging: console progress bar, metrics.jsonl, TensorBoard / wandb, reward-curve PNG."""
 
     progress: bool = True  # tqdm bar with ETA on rank 0
-    tensorboard: bool = True  # <output_dir>/tensorboard when tensorboard is installed
-    wandb_project: Optional[str] = None  # log to wandb too (when installed)
+    # <output_dir>/tensorboard: null = when tensorboard is installed (a warning when not), true = required
+    tensorboard: Optional[bool] = None
+    wandb_project: Optional[str] = None  # log to wandb too (required: an error at start-up when not installed)
+    run_name: Optional[str] = None  # the run's name in wandb / TensorBoard; None = the output folder's name
     curve_every: int = num(1, ">= 1", special={0: "only at the end"})  # iterations between redraws of reward_curve.png
     curve_window: int = num(10, ">= 1")  # moving-average window of the curve, in iterations
 
@@ -545,7 +572,9 @@ def _build(cls, data: Dict[str, Any], where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ValueError(f"unknown config key(s) {sorted(unknown)} in section '{where or 'root'}'; known: {sorted(names)}")
+        hint = "".join(f" (did you mean '{s}'?)" for s in filter(None, (suggest_key(where, k) for k in sorted(unknown))))
+        raise ValueError(f"unknown config key(s) {sorted(unknown)} in section '{where or 'root'}'{hint}; "
+                         f"known: {sorted(names)}")
     kwargs = {}
     for key, value in data.items():
         tp = hints[key]
@@ -638,6 +667,15 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), cls=R
 def read_recipe(p: Path, _chain: Sequence[Path] = ()) -> Dict[str, Any]:
     """A recipe file's mapping, merged over its ``base:`` recipe (a path relative to the file; bases may
     have bases). A derived recipe states only what it changes (configs/algorithms/)."""
+    files = recipe_chain(p, _chain)
+    data = files[0][1]
+    for _, loaded in files[1:]:
+        _merge(data, loaded)
+    return data
+
+
+def recipe_chain(p: Path, _chain: Sequence[Path] = ()) -> List[tuple]:
+    """[(file, its own mapping without ``base``)] from the deepest base recipe to ``p``."""
     if not p.is_file():
         raise FileNotFoundError(f"config file {p} not found" + (f" (the base of {_chain[-1]})" if _chain else ""))
     try:
@@ -652,16 +690,14 @@ def read_recipe(p: Path, _chain: Sequence[Path] = ()) -> Dict[str, Any]:
         raise ValueError(f"config file {p} must hold a mapping at top level")
     base = loaded.pop("base", None)
     if base is None:
-        return loaded
+        return [(p, loaded)]
     if not isinstance(base, str):
         raise ValueError(f"config file {p}: base must be the path of another recipe, got {base!r}")
     here = p.resolve()
     target = (here.parent / base).resolve()
     if target in (*_chain, here):
         raise ValueError(f"config file {p}: its bases form a cycle through {target}")
-    data = read_recipe(target, (*_chain, here))
-    _merge(data, loaded)
-    return data
+    return recipe_chain(target, (*_chain, here)) + [(p, loaded)]
 
 
 def _merge(base: Dict[str, Any], new: Dict[str, Any]):
@@ -676,3 +712,142 @@ def save_config(cfg: RunConfig, path) -> None:
     from .utils.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- help for the user: did you mean, where from
+
+#: mappings a recipe replaces whole instead of merging key by key (``_merge``)
+_WHOLE = ("kwargs", "extra", "objective_kwargs", "encoding", "diversity_model")
+
+
+def config_paths(cls=None, prefix: str = "") -> List[str]:
+    """Every dotted field path of the config (``optim.lr``, ``grpo.sde_window.size``, ``rewards.name``, ...)."""
+    cls = cls or RunConfig
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        inner = typing.get_args(tp)[0] if typing.get_origin(tp) in (list, List) and typing.get_args(tp) else None
+        if dataclasses.is_dataclass(tp):
+            out += config_paths(tp, path + ".")
+        elif inner is not None and dataclasses.is_dataclass(inner):
+            out += [path] + config_paths(inner, path + ".")
+        else:
+            out.append(path)
+    return out
+
+
+#: names other trainers use for a field (diffusers' / transformers' training arguments)
+_ECOSYSTEM_NAMES = {"learning_rate": "lr", "adam_weight_decay": "weight_decay", "mixed_precision": "autocast",
+                    "max_train_steps": "num_iterations", "checkpointing_steps": "save_every", "report_to": "wandb_project"}
+
+
+def _field_names(section: str) -> List[str]:
+    """The field names of the section at dotted ``section`` ("" = the root)."""
+    cls = RunConfig
+    for part in filter(None, section.split(".")):
+        tp = typing.get_type_hints(cls).get(part)
+        if typing.get_origin(tp) in (list, List) and typing.get_args(tp):
+            tp = typing.get_args(tp)[0]
+        if tp is None or not dataclasses.is_dataclass(tp):
+            return []
+        cls = tp
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def suggest_key(where: str, key: str) -> Optional[str]:
+    """The field meant by an unknown ``key`` in section ``where`` (``train.lr`` -> ``optim.lr``): a close
+    name in the same section, else the same or a close name in another section; None when nothing is close."""
+    import difflib
+    import re
+
+    section = re.sub(r"\[\d+\]", "", where)  # rewards[0] -> rewards
+    paths = config_paths()
+    prefix = f"{section}." if section else ""
+    close = difflib.get_close_matches(key, _field_names(section), n=1, cutoff=0.75)
+    if close:
+        return f"{where}.{close[0]}" if where else close[0]
+    key = _ECOSYSTEM_NAMES.get(key, key)
+    same = [p for p in paths if p.rsplit(".", 1)[-1] == key and not p.startswith(prefix)]
+    if same:
+        return min(same, key=len)
+    by_leaf: Dict[str, List[str]] = {}
+    for p in paths:
+        by_leaf.setdefault(p.rsplit(".", 1)[-1], []).append(p)
+    close = difflib.get_close_matches(key, list(by_leaf), n=1, cutoff=0.8)
+    return min(by_leaf[close[0]], key=len) if close else None
+
+
+def config_sources(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Dict[str, str]:
+    """Where each set value comes from, by dotted path: ``recipe file <f>``, ``base recipe <f>`` or
+    ``command line`` (a path not listed, nor any of its parents: ``default``)."""
+    sources: Dict[str, str] = {}
+
+    def put(key: str, label: str) -> None:
+        for k in [k for k in sources if k.startswith(key + ".")]:
+            del sources[k]
+        sources[key] = label
+
+    def walk(data: Dict[str, Any], prefix: str, label: str) -> None:
+        for k, v in data.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict) and k not in _WHOLE and v:
+                walk(v, key + ".", label)
+            else:
+                put(key, label)
+
+    if path is not None:
+        chain = recipe_chain(Path(path))
+        for i, (f, data) in enumerate(chain):
+            walk(data, "", f"recipe file {f}" if i == len(chain) - 1 else f"base recipe {f}")
+    for key, _ in parse_overrides(overrides):
+        put(key, "command line")
+    return sources
+
+
+def source_of(sources: Dict[str, str], dotted: str) -> str:
+    """The source of ``dotted`` (its own, else its nearest parent's, else ``default``)."""
+    parts = dotted.split(".")
+    for n in range(len(parts), 0, -1):
+        label = sources.get(".".join(parts[:n]))
+        if label is not None:
+            return label
+    return "default"
+
+
+def annotated_yaml(cfg, sources: Dict[str, str]) -> str:
+    """The resolved config as YAML, each value followed by ``# <where it came from>`` (``--print-config``).
+    Lists and mappings are written in flow style on one line, so the text loads back to ``to_dict(cfg)``."""
+    lines: List[str] = []
+
+    def flow(v) -> str:
+        text = yaml.safe_dump(v, default_flow_style=True, width=1 << 30, sort_keys=False).strip()
+        return text[:-4].rstrip() if text.endswith("\n...") else text.removesuffix("...").strip()
+
+    def emit(obj, prefix: str, indent: int) -> None:
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            dotted = f"{prefix}{f.name}"
+            pad = "  " * indent
+            if dataclasses.is_dataclass(v):
+                lines.append(f"{pad}{f.name}:")
+                emit(v, dotted + ".", indent + 1)
+                continue
+            plain = to_dict(v) if dataclasses.is_dataclass(v) else (
+                [to_dict(x) if dataclasses.is_dataclass(x) else x for x in v] if isinstance(v, list) else v)
+            where = source_of(sources, dotted)
+            if isinstance(v, dict):  # a mapping set key by key (--model.kwargs.model_path=...): the keys set elsewhere
+                other = [f"{k}: {source_of(sources, f'{dotted}.{k}')}" for k in v
+                         if source_of(sources, f"{dotted}.{k}") != where]
+                where = "; ".join([where] + other)
+            lines.append(f"{pad}{f.name}: {flow(plain)}  # {where}")
+
+    emit(cfg, "", 0)
+    return "\n".join(lines) + "\n"
+
+
+def load_config_with_sources(path: Optional[str] = None, overrides: Sequence[str] = (), cls=None):
+    """(``load_config(path, overrides)``, ``config_sources(path, overrides)``)."""
+    cfg = load_config(path, overrides, cls or RunConfig)
+    return cfg, config_sources(path, overrides)

@@ -19,7 +19,7 @@ and can keep the VAE in host memory between decodes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -178,16 +178,19 @@ def _kept_rows_per_step(keep_BK: torch.Tensor, num_steps: int, device):
 
 @torch.no_grad()
 def sample_ode(adapter: PolicyAdapter, schedule, cond: Cond, initial_latents: torch.Tensor,
-               autocast_dtype: Optional[torch.dtype] = None, rollout_batch_size: int = 0) -> torch.Tensor:
+               autocast_dtype: Optional[torch.dtype] = None, rollout_batch_size: int = 0,
+               on_step: Optional[Callable[[int], None]] = None) -> torch.Tensor:
     """Deterministic (eta = 0) sampling from given initial latents; returns final latents.
 
     ``rollout_batch_size``: samples per denoiser forward (0 = all); the result depends on it only through
-    the kernels' batch-shape rounding."""
+    the kernels' batch-shape rounding. ``on_step(num_samples)`` after each step (a progress bar)."""
     z = initial_latents
     for i in range(schedule.num_steps):
         t = schedule.model_timestep(i, z)
         out = predict_in_chunks(adapter, z, t, cond, rollout_batch_size, autocast_dtype)
         z = schedule.step(i, out, z, eta=0.0, need_mean=False)[0].to(z.dtype)
+        if on_step is not None:
+            on_step(z.shape[0])
     return z
 
 

@@ -20,9 +20,8 @@ a checkpoint written by 2 ranks resumes on 1 (or 8). RNG states are per rank; wh
 changed they cannot be matched to ranks, so ``load_trainer_checkpoint`` reports it and the caller
 reseeds the generators deterministically from (seed, iteration, dp rank).
 
-``export_weights`` gathers the full state dict to rank 0 and writes diffusers-format safetensors:
-``save_pretrained`` of the model class when it has one (a fresh instance built from its config),
-else ``model.safetensors``; for LoRA only the adapter weights (``pytorch_lora_weights.safetensors``).
+``export_weights`` gathers the full state dict to rank 0 and writes what diffusers loads as it is
+(training/export.py: a pipeline folder, or the LoRA file with its adapter metadata).
 """
 
 from __future__ import annotations
@@ -339,53 +338,9 @@ def load_trainer_checkpoint(trainer: TrainState, path: Union[str, Path]) -> bool
 # ----------------------------------------------------------------------------- export
 
 
-def _plain_class(module: nn.Module) -> type:
-    """The model's own class (FSDP2 swaps in a subclass named FSDP<Name>)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        return type(module)
-    for cls in type(module).__mro__:
-        if not issubclass(cls, FSDPModule):
-            return cls
-    return type(module)
+def export_weights(adapter, out_dir: Union[str, Path], lora_only: Optional[bool] = None, **options) -> Optional[Path]:
+    """Collective: the trained weights in diffusers' formats (training/export.py, where ``options`` are
+    described); returns the written folder on rank 0, None on the other ranks."""
+    from .export import export_weights as export
 
-
-def export_weights(adapter, out_dir: Union[str, Path], lora_only: Optional[bool] = None) -> Optional[Path]:
-    """Collective: gather the trainable module's full state dict to rank 0 and write it there.
-
-    ``lora_only`` (default: whether the module has trainable ``lora_`` parameters) writes only the
-    LoRA weights, diffusers naming (``<subfolder>.<module>.lora_A.weight``). Returns the written
-    folder on rank 0, None on the other ranks.
-    """
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    module = adapter.trainable_module()
-    if lora_only is None:
-        lora_only = any("lora_" in n and p.requires_grad for n, p in module.named_parameters())
-    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    out = Path(out_dir)
-    written = None
-    if get_rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        full = {k: v.detach().contiguous().clone() for k, v in full.items()}
-        if lora_only:
-            from ..models.lora import LORA_FILE, to_file_keys
-
-            lora = to_file_keys(full, getattr(adapter, "model_subfolder", None))
-            if not lora:
-                raise ValueError("lora_only export but the model has no lora_ weights")
-            save_file(lora, str(out / LORA_FILE))
-        else:
-            cls = _plain_class(module)
-            if hasattr(cls, "save_pretrained") and hasattr(cls, "from_config") and hasattr(module, "config"):
-                with torch.device("meta"):
-                    fresh = cls.from_config(module.config)
-                fresh.load_state_dict(full, strict=True, assign=True)
-                fresh.save_pretrained(str(out))
-            else:
-                save_file(full, str(out / "model.safetensors"))
-        written = out
-    barrier()
-    return written
+    return export(adapter, out_dir, lora_only, **options)

@@ -29,7 +29,8 @@ import yaml
 LOCK = ".run.lock"
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "eval", "samples", "export",
-               "tensorboard", "reward_curve.png", "eval_curve.png", "samples_before_after.png", "policy.pt")
+               "tensorboard", "reward_curve.png", "eval_curve.png", "samples_before_after.png", "policy.pt",
+               "stopped.json", "exports", "wandb_run_id.txt")
 #: settings a resumed run cannot change: its random streams, prompt order and weights continue
 FIXED_ON_RESUME = (("train", "seed"), ("model", "name"), ("data", "manifest"), ("data", "eval_manifest"),
                    ("data", "eval_fraction"), ("data", "split_salt"))

@@ -19,6 +19,7 @@ PPO-clip, DiffusionNFT, ...); its advantages come from the registered estimator 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
@@ -130,6 +131,7 @@ class Trainer:
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
         self.iteration = 0
         self.passes = PassCounter()  # model passes of each iteration, in its metrics (passes.py)
+        self.show_progress = False  # a bar over each rollout (the runner sets it on the main rank with log.progress)
         # autocast applies on CUDA only (dtypes.autocast_context); CPU runs stay in the weights' dtype
         self.autocast_dtype = autocast_dtype(cfg.train.autocast)
         # chunk sizes of the rollout and the decode, and where the VAE lives between decodes
@@ -205,7 +207,7 @@ class Trainer:
         self.adapter.trainable_module().eval()
         m = self.memory
         heartbeat.mark("rollout", self.iteration + 1)  # where this rank is, for the stall watch of the other ranks
-        with self.passes.phase("rollout"):
+        with self.passes.phase("rollout"), self._rollout_progress(B, schedule.num_steps):
             traj = self.sampler(self.adapter, schedule, prompts, cond, g.group_size, keep, self.generator,
                                 shared_noise=g.shared_noise, autocast_dtype=self.autocast_dtype,
                                 rollout_batch_size=m["rollout_batch_size"], ode_solver=cfg.sampling.ode_solver)
@@ -245,6 +247,24 @@ class Trainer:
         t3 = time.perf_counter()
         self.iteration += 1
         return self._metrics(rewards, stats, trained, zero_groups, window, B, (t0, t_dec, t1, t2, t3))
+
+    @contextlib.contextmanager
+    def _rollout_progress(self, num_samples: int, num_steps: int):
+        """A bar over the rollout's denoiser forwards (samples x steps) while ``show_progress`` is set (the
+        main rank with log.progress); like every bar of the package, none when the output is not a terminal."""
+        if not self.show_progress:
+            yield
+            return
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_samples * self.sampler.forwards_per_sample(num_steps), desc="rollout", leave=False,
+                   unit="sample-step", dynamic_ncols=True, disable=None)
+        self.passes.on_forward = lambda phase, n: bar.update(n) if phase == "rollout" else None
+        try:
+            yield
+        finally:
+            self.passes.on_forward = None
+            bar.close()
 
     def _metrics(self, rewards, stats, adv, zero_groups, window, B, times):
         g = self.cfg.grpo
