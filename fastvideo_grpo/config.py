@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 #: the domains of the config's choice fields (the modules that act on a choice import its domain from here)
-ETA_FORMS = ("constant", "flow_grpo")
+ETA_FORMS = ("constant", "flow_grpo", "cps")  # their schedules: sde.ETA_FORMS
 ODE_SOLVERS = ("euler", "dpmpp_2m")
 WINDOW_MODES = ("off", "sliding", "random")
 STD_ESTIMATORS = ("bessel", "population")
@@ -196,7 +196,8 @@ class SamplingConfig:
     eta: float = num(0.3, ">= 0")  # noise level e_t of the SDE (paper: 0.3); a list gives a per-step schedule
     eta_schedule: Optional[List[float]] = num(None, ">= 0", null="eta at every step")  # per-step eta, over eta
     # "constant": eta as given; "flow_grpo": eta (or each eta_schedule entry) is Flow-GRPO's a, and the SDE's
-    # eta at a step from sigma is a * sqrt(sigma / (1 - sigma)) (flow models only; Flow-GRPO: a = 0.7)
+    # eta at a step from sigma is a * sqrt(sigma / (1 - sigma)) (flow models only; Flow-GRPO: a = 0.7); "cps": eta
+    # (in [0, 1]) is the noise level of the coefficients-preserving step, std = sigma_next sin(eta pi / 2) (flow only)
     eta_form: str = "constant"
     # Memory of the rollout / evaluation phases (docs/performance.md, "Memory at real sizes"). The noise is
     # the same whatever the chunking; samples differ only by the kernels' batch-shape rounding (last bits).

@@ -7,6 +7,12 @@ A reward is a callable ``fn(images, prompts, **metadata) -> (scores_B, info)``:
 * ``scores_B``: float32 CPU tensor of shape (B,), finite; ``info``: a dict of extra per-batch values
   for logging (never needed by the trainer).
 
+Group-level rewards score a whole group at once (a sample's score depends on the other samples of its
+prompt's group, e.g. Pref-GRPO's win rate within the group): such a reward sets ``fn.group_level = True``
+and is called with the group structure, ``fn(images, prompts, group_size=G, **metadata)``: the B samples are
+B / G groups of G consecutive samples of one prompt (the rollout's layout). They train only: a within-group
+score says nothing about a held-out sample on its own, so evaluation leaves them out (rewards/build.py).
+
 Factories are registered by name with ``@REWARDS.register("name")`` and receive their config
 fields as keyword arguments; heavy imports (transformers, open_clip) happen inside the factory.
 A reward backed by models exposes them as ``fn.modules`` (frozen ``nn.Module``s) and where they compute
@@ -89,16 +95,36 @@ def check_scores(name: str, scores: torch.Tensor, batch: int, prompts: Optional[
     return scores
 
 
-def compute_rewards(reward_fns: Dict[str, RewardFn], images: torch.Tensor, prompts: List[str], **metadata) -> Tuple[Dict[str, torch.Tensor], Dict]:
+def is_group_level(fn: RewardFn) -> bool:
+    """Whether ``fn`` scores whole groups (``fn.group_level``; see the module docstring)."""
+    return bool(getattr(fn, "group_level", False))
+
+
+def check_groups(name: str, batch: int, group_size) -> int:
+    """``group_size`` as an int dividing ``batch``: what a group-level reward needs (ValueError otherwise)."""
+    if group_size is None:
+        raise ValueError(f"reward {name!r} scores whole groups (group-level) but got no group structure: it is a "
+                         "training reward only (not for eval.rewards or train.watchdog.gold)")
+    if int(group_size) < 1 or batch % int(group_size):
+        raise ValueError(f"reward {name!r} scores whole groups: a batch of {batch} samples is not a whole number of "
+                         f"groups of {group_size}")
+    return int(group_size)
+
+
+def compute_rewards(reward_fns: Dict[str, RewardFn], images: torch.Tensor, prompts: List[str],
+                    group_size: Optional[int] = None, **metadata) -> Tuple[Dict[str, torch.Tensor], Dict]:
     """Run every named reward on one batch; returns ({name: scores_B}, {name: info}).
 
-    Rewards built from a config (``trainer.build_reward_fns``) score in chunks of their ``batch_size``
-    and move their models in and out of the device themselves (``ConfiguredReward``)."""
+    ``group_size``: the batch is groups of that many consecutive samples of one prompt (the rollout's layout);
+    group-level rewards receive it and need it. Rewards built from a config (``trainer.build_reward_fns``)
+    score in chunks of their ``batch_size`` and move their models in and out of the device themselves
+    (``ConfiguredReward``)."""
     validate_reward_inputs(images, prompts)
     scores, infos = {}, {}
     for name, fn in reward_fns.items():
+        groups = {"group_size": check_groups(name, images.shape[0], group_size)} if is_group_level(fn) else {}
         try:
-            s, info = fn(images, prompts, **metadata)
+            s, info = fn(images, prompts, **groups, **metadata)
             scores[name] = check_scores(name, s, images.shape[0], prompts)
         except NonFiniteScores as e:  # a reward's own check does not know the prompts: name them
             raise e.with_prompts(prompts) from None
@@ -181,6 +207,10 @@ class ConfiguredReward:
         return getattr(self.fn, name)
 
     def __call__(self, images, prompts, **metadata) -> RewardOutput:
+        group = metadata.get("group_size")
+        if self.batch_size and is_group_level(self.fn) and group and self.batch_size % int(group):
+            raise ValueError(f"a group-level reward scores whole groups: its batch_size {self.batch_size} (rewards[*]."
+                             f"batch_size) must be a multiple of grpo.group_size = {group}")
         resident = residency.on_device(self.modules, self.device) if self.offload else contextlib.nullcontext()
         with resident:
             return score_in_chunks(self.fn, images, prompts, self.batch_size, **metadata)

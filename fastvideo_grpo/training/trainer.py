@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import time
 import warnings
 from typing import Dict
@@ -76,15 +75,14 @@ def build_schedule(cfg: RunConfig, adapter: PolicyAdapter, objective=None):
 
     ValueError when a step that training may pick (``grpo.trainable_window``) has eta = 0 and the objective
     (default: the config's) needs log-probs: its transition is a point mass, with no log-prob to train."""
-    from ..sde import flow_grpo_eta, with_deterministic_last_step
+    from ..sde import ETA_FORMS, with_deterministic_last_step
 
     s = cfg.sampling
     schedule = adapter.make_schedule(s.num_steps, cfg.eta)
-    if s.eta_form == "flow_grpo":
-        if schedule.prediction_type != "flow":
-            raise ValueError(f"sampling.eta_form: flow_grpo needs a flow-matching model; {cfg.model.name} samples "
-                             f"with a {schedule.prediction_type} schedule (use 'constant')")
-        schedule = dataclasses.replace(schedule, eta=flow_grpo_eta(schedule.sigmas, schedule.eta))
+    if ETA_FORMS.info(s.eta_form).get("flow_only") and schedule.prediction_type != "flow":
+        raise ValueError(f"sampling.eta_form: {s.eta_form} needs a flow-matching model; {cfg.model.name} samples "
+                         f"with a {schedule.prediction_type} schedule (use 'constant')")
+    schedule = ETA_FORMS.get(s.eta_form)(schedule)  # how the configured eta becomes the sampled schedule (sde/)
     last = s.deterministic_last_step
     if last is None:
         last = type(schedule).deterministic_last_step_default
@@ -210,12 +208,13 @@ class Trainer:
         with self.passes.phase("rollout"), self._rollout_progress(B, schedule.num_steps):
             traj = self.sampler(self.adapter, schedule, prompts, cond, g.group_size, keep, self.generator,
                                 shared_noise=g.shared_noise, autocast_dtype=self.autocast_dtype,
-                                rollout_batch_size=m["rollout_batch_size"], ode_solver=cfg.sampling.ode_solver)
+                                rollout_batch_size=m["rollout_batch_size"], ode_solver=cfg.sampling.ode_solver,
+                                **({"keep_means": True} if self.objective.needs_step_means else {}))
         t_dec = time.perf_counter()
         traj.decoded = decode_latents(self.adapter, traj.final_latents, m["decode_batch_size"], m["offload_vae"])
         t1 = time.perf_counter()
         heartbeat.mark("reward", self.iteration + 1)
-        rewards, _ = compute_rewards(self.reward_fns, traj.decoded, traj.prompts)
+        rewards, _ = compute_rewards(self.reward_fns, traj.decoded, traj.prompts, group_size=traj.group_size)
         traj.decoded = None  # the update does not need the pixels: free them (several GB for a video batch)
         t2 = time.perf_counter()
         group = g.group_size
