@@ -111,6 +111,14 @@ def _micro_steps(step_chunk, row_chunks, trained_BK) -> List[Tuple[int, torch.Te
     return [(k, rows, total / rows.numel()) for k, rows in parts if rows.numel()]
 
 
+#: what can make a loss or gradient non-finite once the config's values and the rewards are known to be finite
+NONFINITE_LOSS_CAUSES = (
+    "Possible causes: too large a step (optim.lr, optim.warmup_iterations, optim.max_grad_norm); a trained SDE "
+    "step with almost no noise, whose tiny std blows up the log-probs (sampling.eta / eta_schedule at the trained "
+    "steps, grpo.timestep_window); reduced precision overflowing (try train.autocast: none); or non-finite "
+    "weights or conditioning going in (the resumed checkpoint, the prompt embeddings)")
+
+
 def _clip_and_check(params, max_grad_norm: float, finite, where, objective: Objective, optimizer) -> float:
     """Clip the global gradient norm; FloatingPointError (gradients zeroed) when it or a micro-step's loss is
     not finite. Returns the norm before clipping (the one host sync of this optimiser step)."""
@@ -126,5 +134,5 @@ def _clip_and_check(params, max_grad_norm: float, finite, where, objective: Obje
         label = getattr(objective, "label", None) or objective.name
         what = f"non-finite {label} loss at kept step {where[bad[0]]}" if bad else \
             f"non-finite {label} gradient norm"
-        raise FloatingPointError(f"{what}; optimiser step skipped (lower the learning rate or check the rewards)")
+        raise FloatingPointError(f"{what}; optimiser step skipped. {NONFINITE_LOSS_CAUSES}")
     return norm

@@ -60,13 +60,38 @@ def validate_reward_inputs(images: torch.Tensor, prompts: Sequence[str]) -> None
         raise ValueError("images contain NaN or inf (the sampler diverged?)")
 
 
-def check_scores(name: str, scores: torch.Tensor, batch: int) -> torch.Tensor:
-    """Scores must be (B,) and finite: a failing reward is an error, never a silent constant."""
+class NonFiniteScores(ValueError):
+    """A reward returned NaN or inf: names the reward, the samples (index in the scored batch, value) and, once
+    known, their prompts. The training loop stops on it (exit status 3) before anything is saved."""
+
+    def __init__(self, name: str, scores: torch.Tensor, prompts: Optional[Sequence[str]] = None,
+                 before: str = "any threshold, weight or advantage"):
+        self.name, self.scores, self.before = name, scores, before
+        self.bad = [i for i, ok in enumerate(torch.isfinite(scores).tolist()) if not ok]
+        self.prompts = list(prompts) if prompts is not None else None
+        shown = []
+        for i in self.bad[:3]:
+            about = f" (prompt {self.prompts[i]!r})" if self.prompts is not None and i < len(self.prompts) else ""
+            shown.append(f"sample {i} = {scores[i].item()}{about}")
+        more = f", and {len(self.bad) - 3} more" if len(self.bad) > 3 else ""
+        super().__init__(f"reward {name!r} returned a non-finite score for {len(self.bad)} of {scores.numel()} "
+                         f"samples: {'; '.join(shown)}{more} (caught on the raw scores, before {before})")
+
+    def with_prompts(self, prompts: Sequence[str]) -> "NonFiniteScores":
+        """The same error, naming the samples' prompts (for a check made where they were not known)."""
+        return self if self.prompts is not None else NonFiniteScores(self.name, self.scores, prompts, self.before)
+
+
+def check_scores(name: str, scores: torch.Tensor, batch: int, prompts: Optional[Sequence[str]] = None,
+                 before: str = "any threshold, weight or advantage") -> torch.Tensor:
+    """Scores must be (B,) and finite: a failing reward is an error, never a silent constant
+    (``NonFiniteScores`` names the samples, and their prompts when ``prompts`` is given; ``before``: the
+    transforms the check comes before, for the message)."""
     scores = torch.as_tensor(scores).detach().to(torch.float32).cpu().reshape(-1)
     if scores.numel() != batch:
         raise ValueError(f"reward {name!r} returned {scores.numel()} scores for a batch of {batch}")
     if not torch.isfinite(scores).all():
-        raise ValueError(f"reward {name!r} returned non-finite scores: {scores.tolist()}")
+        raise NonFiniteScores(name, scores, prompts, before)
     return scores
 
 
@@ -98,8 +123,11 @@ def compute_rewards(reward_fns: Dict[str, RewardFn], images: torch.Tensor, promp
     scores, infos = {}, {}
     for name, fn in reward_fns.items():
         groups = {"group_size": check_groups(name, images.shape[0], group_size)} if is_group_level(fn) else {}
-        s, info = fn(images, prompts, **groups, **metadata)
-        scores[name] = check_scores(name, s, images.shape[0])
+        try:
+            s, info = fn(images, prompts, **groups, **metadata)
+            scores[name] = check_scores(name, s, images.shape[0], prompts)
+        except NonFiniteScores as e:  # a reward's own check does not know the prompts: name them
+            raise e.with_prompts(prompts) from None
         infos[name] = info
     return scores, infos
 

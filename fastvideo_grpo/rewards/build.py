@@ -7,7 +7,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from .base import REWARDS, ConfiguredReward, RewardFn, is_group_level
+from .base import REWARDS, ConfiguredReward, RewardFn, check_scores, is_group_level
 
 
 def build_reward_fns(reward_cfgs) -> Tuple[Dict[str, RewardFn], Dict[str, float]]:
@@ -22,8 +22,8 @@ def build_reward_fns(reward_cfgs) -> Tuple[Dict[str, RewardFn], Dict[str, float]
             fn = ConfiguredReward(fn, batch_size=rc.batch_size, offload=bool(rc.offload))
         key = rc.key or rc.name
         if rc.threshold is not None:
-            fn = _thresholded(fn, rc.threshold)
             key = rc.key or f"{rc.name}_bin"
+            fn = _thresholded(fn, rc.threshold, key)
         if key in fns:
             raise ValueError(f"reward {key!r} is listed twice in the config")
         fns[key] = fn
@@ -36,10 +36,15 @@ def binarize(rewards_B: torch.Tensor, threshold: float) -> torch.Tensor:
     return (rewards_B >= threshold).to(torch.float32)
 
 
-def _thresholded(fn: RewardFn, threshold: float) -> RewardFn:
+def _thresholded(fn: RewardFn, threshold: float, key: str) -> RewardFn:
+    """``fn``'s scores binarised at ``threshold``; the raw scores are checked first (shape, finiteness: a NaN
+    compares false, so it would silently become 0)."""
+
     def binary_reward(images, prompts, **meta):
         scores, info = fn(images, prompts, **meta)
-        return binarize(torch.as_tensor(scores, dtype=torch.float32), threshold), dict(info, raw=scores)
+        raw = check_scores(key, scores, len(prompts), prompts, before=f"the threshold {threshold:g}, any weight or "
+                           "advantage")
+        return binarize(raw, threshold), dict(info, raw=scores)
 
     binary_reward.group_level = is_group_level(fn)
     return binary_reward

@@ -122,3 +122,8 @@ def test_clipping_detaches_exactly_the_samples_outside_the_range():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-8)
     with pytest.raises(ValueError, match="multiple of grpo.group_size=3"):
         obj.prepare(batch, [torch.arange(4), torch.arange(4, 6)])
+    # grpo.clip_range: null turns the clip off: no rollout-policy replay, nothing detached
+    free = DGPO(beta=10.0, clip_range=None)
+    assert not free.clip_dsm and free.forwards_once_per_trained_step == 1
+    free.prepare(batch, [torch.arange(6)])
+    assert free._old_dsm is None and float(free.loss(batch, rows, 0)[1][3]) == 0.0

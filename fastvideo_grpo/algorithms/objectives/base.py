@@ -130,6 +130,11 @@ class Objective(abc.ABC):
         epochs (``prepare``'s old-policy or reference evaluations); the planner counts them."""
         return 0
 
+    def trained_advantages(self, advantages_B: torch.Tensor) -> torch.Tensor:
+        """The advantages as the loss uses them (after its clamp, if any): the trainer logs their statistics
+        (``adv/*``), so the logs show what is trained on."""
+        return advantages_B
+
     def prepare(self, batch: TrainBatch, row_chunks: Sequence[torch.Tensor]) -> None:
         """Before the update's first optimiser step (the weights are still the rollout policy's)."""
 

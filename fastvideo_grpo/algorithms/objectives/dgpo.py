@@ -41,6 +41,7 @@ from typing import Optional, Tuple
 import torch
 
 from ...utils import rng
+from .. import grpo
 from .base import OBJECTIVES, Objective
 
 
@@ -76,11 +77,14 @@ class DGPO(Objective):
     stat_names = ("loss", "dgpo_dsm", "dgpo_group_weight", "clipfrac", "kl")
     config_fields = {"clip_range": "clip_range", "adv_clip_max": "adv_clip_max", "kl_coef": "kl_coef"}
 
-    def __init__(self, beta: float = 100.0, clip_range: float = 1e-2, clip_dsm: bool = True,
+    def __init__(self, beta: float = 100.0, clip_range: Optional[float] = 1e-2, clip_dsm: bool = True,
                  shared_train_noise: bool = True, adv_clip_max: Optional[float] = 5.0, kl_coef: float = 0.0):
         if not float(beta) > 0:
             raise ValueError(f"grpo.objective_kwargs.beta (DGPO's DPO beta, released 100) must be > 0, got {beta}")
-        self.beta, self.clip_range, self.clip_dsm = float(beta), float(clip_range), bool(clip_dsm)
+        self.beta = float(beta)
+        # grpo.clip_range null: no clipping (the released clip_dsm off)
+        self.clip_range = None if clip_range is None else float(clip_range)
+        self.clip_dsm = bool(clip_dsm) and self.clip_range is not None
         self.shared_train_noise, self.adv_clip_max, self.kl_coef = bool(shared_train_noise), adv_clip_max, float(kl_coef)
 
     @property
@@ -90,6 +94,9 @@ class DGPO(Objective):
     @property
     def forwards_once_per_trained_step(self) -> int:
         return 1 + int(self.clip_dsm)  # the reference's velocity, and the rollout policy's for the clipping
+
+    def trained_advantages(self, advantages_B):
+        return grpo.clamp_advantages(advantages_B, self.adv_clip_max)
 
     def prepare(self, batch, row_chunks):
         """Per (sample, slot): the forward-process noise, the reference's (and the rollout policy's) denoising
@@ -111,7 +118,7 @@ class DGPO(Objective):
         self._noise = draws.repeat_interleave(G, dim=0) if self.shared_train_noise else draws
         self._t_BK = batch.schedule.sigmas.to(torch.float64)[traj.steps_BK].to(torch.float32)  # (B, K) CPU
         adv = batch.advantages_B.to(device=device, dtype=torch.float32)
-        self._adv_B = adv if self.adv_clip_max is None else adv.clamp(-self.adv_clip_max, self.adv_clip_max)
+        self._adv_B = grpo.clamp_advantages(adv, self.adv_clip_max)
         self._ref_dsm = torch.empty((B, K), dtype=torch.float32, device=device)
         self._old_dsm = torch.empty((B, K), dtype=torch.float32, device=device) if self.clip_dsm else None
         self._v_ref = torch.empty((B, K) + shape, dtype=torch.float32, device=device) if self.kl_coef > 0 else None
