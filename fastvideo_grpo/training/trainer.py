@@ -68,6 +68,21 @@ def frozen_reference(adapter: PolicyAdapter) -> PolicyAdapter:
     return ref
 
 
+def check_trainable_steps(allowed, lo: int, hi: int, model_name: str) -> None:
+    """ValueError naming ``grpo.timestep_window`` when the steps training may pick, ``[lo, hi)``, reach outside
+    the steps the adapter's trainable module predicts (``allowed`` = its ``trainable_steps``; None = all)."""
+    if allowed is None:
+        return
+    a, b = int(allowed[0]), int(allowed[1])
+    if b <= a:
+        raise ValueError(f"{model_name}: no sampling step is predicted by the trainable module (its steps are "
+                         f"[{a}, {b})); change sampling.num_steps or the model's expert boundary")
+    if not (a <= lo and hi <= b):
+        raise ValueError(f"{model_name}: only sampling steps [{a}, {b}) are predicted by the trainable module, but "
+                         f"training may pick steps [{lo}, {hi}); set grpo.timestep_window: [{a}, {b}] (or a window "
+                         "inside it)")
+
+
 def build_schedule(cfg: RunConfig, adapter: PolicyAdapter, objective=None):
     """The adapter's sampling schedule for ``cfg.sampling``, with the last step made deterministic when
     ``sampling.deterministic_last_step`` says so (null: the schedule's own default, see sde/).
@@ -90,6 +105,7 @@ def build_schedule(cfg: RunConfig, adapter: PolicyAdapter, objective=None):
         schedule = with_deterministic_last_step(schedule)
     check_ode_solver(s.ode_solver, schedule)
     lo, hi = sde_window.training_window(cfg)
+    check_trainable_steps(adapter.trainable_steps(schedule), lo, hi, cfg.model.name)
     if (objective or build_objective(cfg)).needs_log_probs:
         etas = schedule.eta.tolist()
         only_last = [i for i in range(lo, hi) if etas[i] <= 0] == [schedule.num_steps - 1]

@@ -33,7 +33,7 @@ NUM_STEPS = 3
 
 
 ALL = list(FAMILIES)
-CFG_FAMILIES = ["sd", "hunyuan_i2v", "wan", "sd3"]
+CFG_FAMILIES = ["sd", "hunyuan_i2v", "wan", "sd3", "wan22_a14b", "wan22_5b_i2v"]
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +79,11 @@ def _rollout_and_update(adapter, lr=1e-3):
     B = P * G
     gen = torch.Generator().manual_seed(1)
     schedule = adapter.make_schedule(NUM_STEPS, eta=0.3)
-    keep = grpo.subsample_timesteps(NUM_STEPS, 0.6, B, gen)
+    keep = grpo.subsample_timesteps(NUM_STEPS, 0.6, B, gen, window=adapter.trainable_steps(schedule))
     cond = _random_cond(adapter, P)
     traj = rollout(adapter, schedule, ["a", "b"], cond, G, keep, gen)
-    K = max(1, int(0.6 * NUM_STEPS))  # no window: all NUM_STEPS are candidates
+    # no window: all NUM_STEPS are candidates (a frozen expert's steps excepted: 2 of 3 for wan22_a14b)
+    K = max(1, int(0.6 * NUM_STEPS))
     latent = adapter.latent_shape(cond)
     assert traj.latents_BK.shape == (B, K) + latent
     assert traj.next_latents_BK.shape == (B, K) + latent
@@ -243,9 +244,31 @@ def _pipeline_qwen_image(adapter, cond, z0, output_type="latent", scheduler=None
     return pipe._unpack_latents(out, adapter.height, adapter.width, pipe.vae_scale_factor)[:, :, 0]
 
 
+def _pipeline_wan22_a14b(adapter, cond, z0, output_type="latent"):
+    """WanPipeline with both experts and the folder's boundary: the 3 steps run high, high, low."""
+    sched = _patch_sigmas(diffusers.FlowMatchEulerDiscreteScheduler(shift=adapter.shift))
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, transformer=adapter.model,
+                                 transformer_2=adapter.low_noise_model, vae=adapter.vae, scheduler=sched,
+                                 boundary_ratio=adapter.boundary_ratio)
+    return pipe(prompt_embeds=cond["prompt_embeds"], negative_prompt_embeds=cond["negative_prompt_embeds"],
+                guidance_scale=adapter.cfg_scale, guidance_scale_2=adapter.cfg_scale_2, num_inference_steps=NUM_STEPS,
+                height=adapter.height, width=adapter.width, num_frames=adapter.num_frames, latents=z0.clone(),
+                output_type=output_type).frames
+
+
+def _pipeline_wan22_5b(adapter, cond, z0, output_type="latent"):
+    """WanPipeline as the TI2V-5B folder configures it (expand_timesteps: per-token timesteps)."""
+    sched = _patch_sigmas(diffusers.FlowMatchEulerDiscreteScheduler(shift=adapter.shift))
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, transformer=adapter.model, vae=adapter.vae,
+                                 scheduler=sched, expand_timesteps=True)
+    return pipe(prompt_embeds=cond["prompt_embeds"], negative_prompt_embeds=cond["negative_prompt_embeds"],
+                guidance_scale=adapter.cfg_scale, num_inference_steps=NUM_STEPS, height=adapter.height,
+                width=adapter.width, num_frames=adapter.num_frames, latents=z0.clone(), output_type=output_type).frames
+
+
 PIPELINES = {"sd": _pipeline_sd, "flux": _pipeline_flux, "hunyuan_t2i": _pipeline_hunyuan,
              "hunyuan_t2v": _pipeline_hunyuan, "wan": _pipeline_wan, "sd3": _pipeline_sd3,
-             "qwen_image": _pipeline_qwen_image}
+             "qwen_image": _pipeline_qwen_image, "wan22_a14b": _pipeline_wan22_a14b, "wan22_5b": _pipeline_wan22_5b}
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINES))
@@ -458,6 +481,102 @@ def test_wan_i2v_matches_diffusers_pipeline(folders):
     torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=2e-5)
 
 
+# ----------------------------------------------------------------------------- Wan 2.2
+
+
+def test_wan22_5b_i2v_matches_diffusers_pipeline(folders):
+    """TI2V-5B with a first frame, as WanImageToVideoPipeline with expand_timesteps: the reference latent replaces
+    the first latent frame, whose tokens get timestep 0; the pipeline's final latent (first frame overwritten by
+    the reference) is what sample_ode ends at. The reference really conditions the other frames."""
+    adapter = _build(folders, "wan22_5b_i2v")
+    sched = _patch_sigmas(diffusers.FlowMatchEulerDiscreteScheduler(shift=adapter.shift))
+    pipe = diffusers.WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=adapter.vae, scheduler=sched,
+                                             image_processor=None, image_encoder=None, transformer=adapter.model,
+                                             expand_timesteps=True)
+    B = 2
+    image = torch.rand(1, 3, adapter.height, adapter.width)
+    z0 = adapter.initial_noise(B, torch.Generator().manual_seed(51))
+    with torch.no_grad():
+        pre = pipe.video_processor.preprocess(image, height=adapter.height, width=adapter.width)
+        _, reference, _ = pipe.prepare_latents(pre, B, adapter.vae.config.z_dim, adapter.height, adapter.width,
+                                               adapter.num_frames, torch.float32, "cpu", None, latents=z0.clone())
+    cond = _random_cond(adapter, B, seed=52)
+    cond["image_latents"] = reference
+    ours = sample_ode(adapter, adapter.make_schedule(NUM_STEPS, eta=0.0), cond, z0)
+    with torch.no_grad():
+        theirs = pipe(image=image, prompt_embeds=cond["prompt_embeds"], negative_prompt_embeds=cond[NEG + "prompt_embeds"],
+                      guidance_scale=adapter.cfg_scale, num_inference_steps=NUM_STEPS, height=adapter.height,
+                      width=adapter.width, num_frames=adapter.num_frames, latents=z0.clone(), output_type="latent").frames
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(ours[:, :, :1], reference, rtol=0, atol=1e-5)  # the first frame is the reference
+    other = dict(cond, image_latents=torch.randn_like(reference))
+    moved = sample_ode(adapter, adapter.make_schedule(NUM_STEPS, eta=0.0), other, z0)
+    assert (moved[:, :, 1:] - ours[:, :, 1:]).abs().max() > 1e-3
+    # the first frame's velocity is parameter-free: no gradient reaches the model through it
+    t = adapter.make_schedule(NUM_STEPS).model_timestep(0, z0)
+    v = adapter.predict(z0, t, cond)
+    grads = torch.autograd.grad(v[:, :, :1].sum(), list(adapter.model.parameters()), allow_unused=True)
+    assert all(g is None or g.abs().max() == 0 for g in grads)
+
+
+def test_wan22_a14b_routes_steps_to_the_experts_and_trains_only_the_high_noise_one(folders):
+    """Each sample goes to the expert of its timestep (t >= 875: high noise, below: low noise, each with its CFG
+    scale) also in a mixed batch; only the high-noise expert is trainable, the low-noise one is declared for
+    sharding; the steps training may pick are the high-noise ones and the trainer refuses a window past them."""
+    from fastvideo_grpo.config import load_config
+    from fastvideo_grpo.training.trainer import build_schedule
+
+    adapter = _build(folders, "wan22_a14b")
+    assert (adapter.cfg_scale, adapter.cfg_scale_2, adapter.boundary_timestep) == (4.0, 3.0, 875.0)
+    assert adapter.frozen_denoisers() == [adapter.low_noise_model]
+    assert not any(p.requires_grad for p in adapter.low_noise_model.parameters())
+    assert all(p.requires_grad for p in adapter.trainable_module().parameters())
+    cond = _random_cond(adapter, 3, seed=53)
+    z = adapter.initial_noise(3, torch.Generator().manual_seed(54))
+    t = torch.tensor([900.0, 500.0, 875.0])  # high, low, high (the boundary itself is high noise)
+    mixed = adapter.predict(z, t, cond)
+    with torch.no_grad():
+        for i, (model, scale) in enumerate([(adapter.model, 4.0), (adapter.low_noise_model, 3.0),
+                                            (adapter.model, 4.0)]):
+            c = model(hidden_states=z[i:i + 1], timestep=t[i:i + 1], encoder_hidden_states=cond["prompt_embeds"][i:i + 1],
+                      return_dict=False)[0]
+            u = model(hidden_states=z[i:i + 1], timestep=t[i:i + 1],
+                      encoder_hidden_states=cond[NEG + "prompt_embeds"][i:i + 1], return_dict=False)[0]
+            torch.testing.assert_close(mixed[i:i + 1], u + scale * (c - u), rtol=1e-4, atol=1e-5)
+    mixed.square().sum().backward()
+    assert all(p.grad is None for p in adapter.low_noise_model.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.model.parameters())
+    # the schedule's steps: t = 1000, 960 (high) | 857 (low)
+    schedule = adapter.make_schedule(NUM_STEPS)
+    assert adapter.trainable_steps(schedule) == (0, 2)
+    base = ["--model.name=wan22_a14b", f"--sampling.num_steps={NUM_STEPS}", "--rewards=[{name: toy_geneval}]"]
+    build_schedule(load_config(None, base), adapter)  # [0, 2): the last step is never trained
+    with pytest.raises(ValueError, match=r"grpo.timestep_window: \[0, 2\]"):
+        build_schedule(load_config(None, base + ["--grpo.train_last_step=true"]), adapter)
+    with pytest.raises(ValueError, match="guidance_scale_2 > 1 needs guidance_scale > 1"):
+        _build(folders, "wan22_a14b", guidance_scale=1.0)
+
+
+def test_wan22_a14b_reads_its_boundary_and_needs_both_experts(folders, tmp_path):
+    import json
+
+    root, kw = folders("wan22_a14b")
+    kw = {k: v for k, v in kw.items() if k != "boundary_ratio"}
+    folder = tmp_path / "a14b"
+    folder.mkdir()
+    for sub in ("transformer", "vae"):
+        (folder / sub).symlink_to(root / sub)
+    with pytest.raises(FileNotFoundError, match="transformer_2/config.json"):
+        ADAPTERS.build("wan22_a14b", model_path=str(folder), **kw)
+    (folder / "transformer_2").symlink_to(root / "transformer_2")
+    with pytest.raises(ValueError, match="boundary_ratio"):
+        ADAPTERS.build("wan22_a14b", model_path=str(folder), **kw)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "boundary_ratio": 0.9}))
+    assert ADAPTERS.build("wan22_a14b", model_path=str(folder), **kw).boundary_timestep == 900.0
+    missing = ADAPTERS.signature_of("wan22_a14b").missing_model_files({"model_path": str(tmp_path / "none")})
+    assert missing and "transformer_2/" in missing[0]
+
+
 # ----------------------------------------------------------------------------- CFG
 
 
@@ -628,7 +747,7 @@ def test_chunked_rollout_matches_the_whole_batch(folders, name, monkeypatch):
 
     def run(rb, db):
         gen = torch.Generator().manual_seed(1)
-        keep = grpo.subsample_timesteps(NUM_STEPS, 0.6, B, gen)
+        keep = grpo.subsample_timesteps(NUM_STEPS, 0.6, B, gen, window=adapter.trainable_steps(schedule))
         start = len(draws)
         traj = rollout(adapter, schedule, ["a", "b"], cond, G, keep, gen, rollout_batch_size=rb, decode_batch_size=db)
         return traj, draws[start:]
@@ -661,7 +780,8 @@ def test_chunked_rollout_matches_the_whole_batch(folders, name, monkeypatch):
     assert torch.equal(ratios[0], torch.ones_like(ratios[0])) and stats["train/first_ratio_dev"] == 0.0
 
 
-VIDEO_FAMILIES = ["hunyuan_t2i", "hunyuan_t2v", "hunyuan_i2v", "wan", "wan_i2v"]
+VIDEO_FAMILIES = ["hunyuan_t2i", "hunyuan_t2v", "hunyuan_i2v", "wan", "wan_i2v", "wan22_a14b", "wan22_5b",
+                  "wan22_5b_i2v"]
 
 
 @pytest.mark.parametrize("name", ALL)

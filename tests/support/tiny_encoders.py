@@ -16,7 +16,7 @@ from typing import Dict
 
 import torch
 
-from support.tiny_models import tiny_hunyuan_vae, tiny_qwen_vae, tiny_wan_vae
+from support.tiny_models import tiny_hunyuan_vae, tiny_qwen_vae, tiny_wan22_vae, tiny_wan_vae
 
 WORDS = ("a an the of on in and with left right above below photo video cat dog red green blue yellow purple "
          "orange white black circle square triangle star one two three four small big bright dark sky sea forest "
@@ -161,7 +161,7 @@ def build_tiny_components(family: str, path) -> Dict[str, object]:
         c["text_encoder"] = _llama(n)
         c["tokenizer_2"] = clip_tokenizer(root / "tokenizer_2")
         c["text_encoder_2"] = _clip_model("CLIPTextModel", len(c["tokenizer_2"]))
-    elif base == "wan":
+    elif base in ("wan", "wan22_5b"):  # Wan 2.2 keeps Wan 2.1's UMT5 encoder
         c["tokenizer"], n = word_tokenizer(root / "tokenizer")
         c["text_encoder"] = _t5("UMT5EncoderModel", n)
     elif base == "qwen_image":
@@ -187,6 +187,8 @@ def build_tiny_components(family: str, path) -> Dict[str, object]:
         raise ValueError(f"no tiny components for family {family!r}")
     if family == "hunyuan_i2v":
         c["vae"] = tiny_hunyuan_vae()
+    if family == "wan22_5b_i2v":
+        c["vae"] = tiny_wan22_vae()
     if family == "wan_i2v":
         c["vae"] = tiny_wan_vae()
         vcfg = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,

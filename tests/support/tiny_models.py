@@ -14,7 +14,7 @@ import torch
 
 TEXT_LEN = 6  # text tokens of the SD tokenizer stand-in (max_sequence_length)
 FAMILIES = ("sd", "flux", "hunyuan_t2i", "hunyuan_t2v", "hunyuan_i2v", "wan", "wan_i2v", "sd3", "qwen_image",
-            "qwen_image_edit")
+            "qwen_image_edit", "wan22_a14b", "wan22_5b", "wan22_5b_i2v")
 
 
 def _diffusers():
@@ -45,6 +45,18 @@ def tiny_wan_vae():
                                          temperal_downsample=[False, True, True])
 
 
+WAN22_Z = 8  # latent channels of the tiny Wan 2.2 VAE (the real one has 48)
+
+
+def tiny_wan22_vae():
+    """Wan 2.2's VAE (TI2V-5B): residual blocks, 2x2 pixel patches, 16x spatial and 4x temporal compression."""
+    return _diffusers().AutoencoderKLWan(
+        base_dim=8, decoder_base_dim=8, z_dim=WAN22_Z, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+        scale_factor_spatial=16, scale_factor_temporal=4, latents_mean=[0.1 * i - 0.3 for i in range(WAN22_Z)],
+        latents_std=[0.8 + 0.1 * i for i in range(WAN22_Z)])
+
+
 def tiny_sd_unet():
     return _diffusers().UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
@@ -67,10 +79,12 @@ def tiny_hunyuan(in_channels: int = 4, num_layers: int = 1, num_single_layers: i
         text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 2))
 
 
-def tiny_wan(in_channels: int = 16, **kw):
-    """in_channels 16 for text-to-video; 36 with image_dim / added_kv_proj_dim for image-to-video."""
+def tiny_wan(in_channels: int = 16, out_channels: int = 16, **kw):
+    """in_channels 16 for text-to-video; 36 with image_dim / added_kv_proj_dim for image-to-video; Wan 2.2
+    TI2V-5B: in = out = the Wan 2.2 VAE's z_dim."""
     return _diffusers().WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_channels, out_channels=16,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_channels,
+        out_channels=out_channels,
         text_dim=32, freq_dim=32, ffn_dim=32, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32, **kw)
 
@@ -133,4 +147,10 @@ def tiny_components(family: str) -> Tuple[Dict[str, torch.nn.Module], dict]:
         return {"transformer": tiny_qwen_image(), "vae": tiny_qwen_vae()}, dict(resolution=16)
     if family == "qwen_image_edit":  # the same architecture; the reference image rides in the token sequence
         return {"transformer": tiny_qwen_image(), "vae": tiny_qwen_vae()}, dict(resolution=16, reference_resolution=12)
+    if family == "wan22_a14b":  # two experts of one architecture (different random weights); shift 12 puts the
+        # boundary 0.875 between the 2nd and 3rd of 3 steps (t = 1000, 960 | 857)
+        return {"transformer": tiny_wan(), "transformer_2": tiny_wan(), "vae": tiny_wan_vae()}, dict(
+            video, boundary_ratio=0.875)
+    if family in ("wan22_5b", "wan22_5b_i2v"):  # 64 px: 4 x 4 latents, 2 x 2 tokens per latent frame
+        return {"transformer": tiny_wan(WAN22_Z, WAN22_Z), "vae": tiny_wan22_vae()}, dict(resolution=64, num_frames=5)
     raise KeyError(f"no tiny components for {family!r}; families: {FAMILIES}")

@@ -30,6 +30,7 @@ from fastvideo_grpo.models.hunyuan_video import HUNYUAN_PROMPT_TEMPLATE  # noqa:
 from fastvideo_grpo.models.qwen_image import QWEN_IMAGE_PROMPT_TEMPLATE  # noqa: E402
 from fastvideo_grpo.models.qwen_image_edit import QWEN_IMAGE_EDIT_PROMPT_TEMPLATE  # noqa: E402
 from support.tiny_encoders import CLIP_DIMS, LLAMA_DIM, QWEN_VL_DIM, T5_DIM, build_tiny_components  # noqa: E402
+from support.tiny_models import WAN22_Z  # noqa: E402
 
 PROMPTS = ["a red circle", "two blue squares on the left", "the cat and the dog", "a photo of a star",
            "three green triangles", "a big dark forest"]
@@ -270,6 +271,30 @@ def test_wan_i2v_matches_pipeline(tiny, tmp_path):
     _assert_same(out["image_embeds"], pipe.encode_image(pil, torch.device("cpu")))
 
 
+def test_wan22_5b_i2v_matches_pipeline(tiny, tmp_path):
+    """TI2V-5B's first frame as WanImageToVideoPipeline.prepare_latents with expand_timesteps (the Wan 2.2 VAE:
+    2 x 2 pixel patches, 16x spatial compression): one latent frame, posterior mode, normalised; the text as Wan's."""
+    from PIL import Image
+
+    folder, c = tiny("wan22_5b_i2v")
+    H, W = 64, 32
+    img = _image(tmp_path / "ref.png", H, W)
+    enc = load_family_encoder("wan22_5b_i2v", folder, t5_max_length=T5_LEN, height=H, width=W)
+    out = enc.encode(PROMPTS[:1], [str(img)])
+    pipe = diffusers.WanImageToVideoPipeline(tokenizer=c["tokenizer"], text_encoder=c["text_encoder"], vae=c["vae"],
+                                             scheduler=None, image_processor=None, image_encoder=None, transformer=None,
+                                             expand_timesteps=True)
+    pix = pipe.video_processor.preprocess(Image.open(img).convert("RGB"), height=H, width=W).to(torch.float32)
+    z = c["vae"].config.z_dim
+    _, ref, _ = pipe.prepare_latents(pix, 1, z, H, W, 5, torch.float32, torch.device("cpu"), None)
+    assert out["image_latents"].shape == (1, z, 1, H // 16, W // 16)
+    _assert_same(out["image_latents"], ref)
+    text = diffusers.WanPipeline(tokenizer=c["tokenizer"], text_encoder=c["text_encoder"], transformer=None, vae=None,
+                                 scheduler=None)  # (the I2V pipeline's prompt cleaning needs ftfy, absent here)
+    pe, _ = text.encode_prompt(PROMPTS[:1], negative_prompt="", device="cpu", max_sequence_length=T5_LEN)
+    _assert_same(out["prompt_embeds"], pe)
+
+
 def test_qwen_image_edit_matches_pipeline(tiny, tmp_path, monkeypatch):
     """Instruction + reference image through Qwen2.5-VL as QwenImageEditPipeline.encode_prompt (run with the real
     Qwen2VLProcessor: template, vision tokens expanded per merged patch, 64 template tokens dropped; the
@@ -392,8 +417,10 @@ _EXPECTED = {
     "wan_i2v": {"prompt_embeds": (T5_LEN, T5_DIM), "image_condition": (20, 2, 4, 4), "image_embeds": (17, 16),
                 "negative_prompt_embeds": (T5_LEN, T5_DIM)},
     "qwen_image_edit": {"prompt_embeds": (24, QWEN_VL_DIM), "prompt_attention_mask": (24,), "image_latents": (4, 16, 16)},
+    "wan22_5b_i2v": {"prompt_embeds": (T5_LEN, T5_DIM), "negative_prompt_embeds": (T5_LEN, T5_DIM),
+                     "image_latents": (WAN22_Z, 1, 2, 2)},
 }
-_IMAGE_FAMILIES = ("hunyuan_i2v", "wan_i2v", "qwen_image_edit")
+_IMAGE_FAMILIES = ("hunyuan_i2v", "wan_i2v", "qwen_image_edit", "wan22_5b_i2v")
 
 
 @pytest.mark.parametrize("family", list(_EXPECTED))
