@@ -54,7 +54,7 @@ DEFAULT_MFU = 0.28
 RESERVE_GIB = 6.0
 #: reward models (approximate parameter counts, bytes per parameter at their default dtype)
 REWARD_PARAMS = {"hps": (986e6, 4), "clip_score": (986e6, 4), "pickscore": (986e6, 4), "aesthetic": (428e6, 4),
-                 "video_align": (2.2e9, 2)}
+                 "video_align": (2.2e9, 2), "hpsv3": (8.29e9, 2)}
 
 
 # ----------------------------------------------------------------------------- architecture files

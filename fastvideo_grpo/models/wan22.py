@@ -44,6 +44,7 @@ import json
 from typing import Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .base import ADAPTERS
 from .diffusers_base import NEG, _cat_branches, build_adapter, component_from_config, load_component, \
@@ -137,7 +138,9 @@ class Wan22A14BAdapter(WanAdapter):
         """The high-noise expert's guided prediction where t >= the boundary, the low-noise one's below."""
         self.validate_cond(cond, latents.shape[0])
         low = timestep_B.float() < self.boundary_timestep
-        n_low = int(low.sum())  # one host sync per call: which experts run
+        # one host sync per call: which experts run. The planner's fake tensors have no values: they measure the
+        # trained (high-noise) expert, the one whose activations and FLOPs it scales (both have one architecture)
+        n_low = 0 if is_fake(low) else int(low.sum())
         if n_low == 0:
             return self._guided(self.model, self.cfg_scale, latents, timestep_B, cond)
         if n_low == latents.shape[0]:

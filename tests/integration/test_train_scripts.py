@@ -33,8 +33,14 @@ CASES = [  # (script, recipe, adapter family)
     ("train_i2v_grpo", "configs/hunyuan_i2v_mq.yaml", "hunyuan_i2v"),
     ("train_wan_grpo", "configs/wan_t2v.yaml", "wan"),
     ("train_wan_grpo", "configs/wan_t2i_hps.yaml", "wan"),  # the released Wan recipe: one frame
+    ("train", "configs/wan22_a14b_t2v.yaml", "wan22_a14b"),
+    ("train", "configs/wan22_5b_t2v.yaml", "wan22_5b"),
 ]
-EXTRA = {"configs/wan_t2i_hps.yaml": {"model.kwargs.num_frames": 1}}
+# the recipes' step windows and sizes brought to the tiny runs' 2 steps and 32 px
+EXTRA = {"configs/wan_t2i_hps.yaml": {"model.kwargs.num_frames": 1},
+         "configs/wan22_a14b_t2v.yaml": {"grpo.timestep_window": "[0, 1]", "grpo.sde_window.size": 1},
+         "configs/wan22_5b_t2v.yaml": {"grpo.timestep_window": "[0, 1]", "grpo.sde_window.size": 1,
+                                       "model.kwargs.height": 32, "model.kwargs.width": 32}}
 
 
 @pytest.mark.parametrize("script,recipe,family", CASES, ids=[Path(c[1]).stem for c in CASES])
@@ -55,8 +61,11 @@ def test_train_script_two_iterations(tiny, tmp_path, script, recipe, family):
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["model"]["name"] == family and saved["train"]["num_iterations"] == 2
     assert saved["model"]["kwargs"]["model_path"] == str(folder)
-    for k, v in EXTRA.get(recipe, {}).items():
-        assert saved["model"]["kwargs"][k.split(".")[-1]] == v
+    for k, v in EXTRA.get(recipe, {}).items():  # each override reached the resolved config
+        node = saved
+        for part in k.split("."):
+            node = node[part]
+        assert node == (yaml.safe_load(v) if isinstance(v, str) else v), k
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert (out / "reward_curve.png").is_file() and (out / "samples" / "iter_000002.png").is_file()
     assert (out / "export" / "config.json").is_file()
