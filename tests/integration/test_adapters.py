@@ -33,7 +33,7 @@ NUM_STEPS = 3
 
 
 ALL = list(FAMILIES)
-CFG_FAMILIES = ["sd", "hunyuan_i2v", "wan", "sd3", "wan22_a14b", "wan22_5b_i2v"]
+CFG_FAMILIES = ["sd", "hunyuan_i2v", "wan", "sd3", "wan22_a14b", "wan22_5b_i2v", "hunyuan15_t2v"]
 
 
 @pytest.fixture(scope="module")
@@ -266,9 +266,26 @@ def _pipeline_wan22_5b(adapter, cond, z0, output_type="latent"):
                 width=adapter.width, num_frames=adapter.num_frames, latents=z0.clone(), output_type=output_type).frames
 
 
+def _pipeline_hunyuan15(adapter, cond, z0, output_type="latent"):
+    """HunyuanVideo15Pipeline with its CFG guider at the adapter's scale (no sigmas argument needed: the pipeline
+    samples linspace(1, 0, T + 1)[:-1], shifted by the scheduler)."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=adapter.shift)
+    pipe = diffusers.HunyuanVideo15Pipeline(text_encoder=None, tokenizer=None, transformer=adapter.model,
+                                            vae=adapter.vae, scheduler=sched, text_encoder_2=None, tokenizer_2=None,
+                                            guider=ClassifierFreeGuidance(guidance_scale=adapter.cfg_scale))
+    embeds = {f"{neg}{name}": cond[f"{neg}{key}"] for neg in ("", NEG)
+              for name, key in (("prompt_embeds", "prompt_embeds"), ("prompt_embeds_mask", "prompt_attention_mask"),
+                                ("prompt_embeds_2", "glyph_embeds"), ("prompt_embeds_mask_2", "glyph_attention_mask"))}
+    return pipe(**embeds, num_inference_steps=NUM_STEPS, height=adapter.height, width=adapter.width,
+                num_frames=adapter.num_frames, latents=z0.clone(), output_type=output_type).frames
+
+
 PIPELINES = {"sd": _pipeline_sd, "flux": _pipeline_flux, "hunyuan_t2i": _pipeline_hunyuan,
              "hunyuan_t2v": _pipeline_hunyuan, "wan": _pipeline_wan, "sd3": _pipeline_sd3,
-             "qwen_image": _pipeline_qwen_image, "wan22_a14b": _pipeline_wan22_a14b, "wan22_5b": _pipeline_wan22_5b}
+             "qwen_image": _pipeline_qwen_image, "wan22_a14b": _pipeline_wan22_a14b, "wan22_5b": _pipeline_wan22_5b,
+             "hunyuan15_t2v": _pipeline_hunyuan15}
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINES))
@@ -577,6 +594,42 @@ def test_wan22_a14b_reads_its_boundary_and_needs_both_experts(folders, tmp_path)
     assert missing and "transformer_2/" in missing[0]
 
 
+# ----------------------------------------------------------------------------- HunyuanVideo 1.5
+
+
+def test_hunyuan15_text_order_and_padding_are_the_models(folders):
+    """The adapter's forward puts the text tokens in the transformer's own order (valid vision / ByT5 / Qwen tokens
+    first) with a stable sort instead of boolean masks: the diffusers forward gives the same prediction for a batch
+    whose rows have different padding (one without glyph text at all); padded tokens do not reach the output; and
+    no step of it reads a value on the host (it runs under fake tensors, as the planner does)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    adapter = _build(folders, "hunyuan15_t2v", guidance_scale=1.0)
+    cond = _random_cond(adapter, 3, seed=61)
+    cond["prompt_attention_mask"][1, 3:] = 0
+    cond["glyph_attention_mask"][2] = 0  # a prompt without quoted text
+    z = adapter.initial_noise(3, torch.Generator().manual_seed(62))
+    t = torch.tensor([900.0, 500.0, 100.0])
+    with torch.no_grad():
+        ours = adapter.predict(z, t, cond)
+        x = torch.cat([z, torch.zeros_like(z), torch.zeros_like(z[:, :1])], dim=1)
+        theirs = adapter.model(hidden_states=x, timestep=t, encoder_hidden_states=cond["prompt_embeds"],
+                               encoder_attention_mask=cond["prompt_attention_mask"].float(),
+                               encoder_hidden_states_2=cond["glyph_embeds"],
+                               encoder_attention_mask_2=cond["glyph_attention_mask"].float(),
+                               image_embeds=torch.zeros(3, 729, 16), return_dict=False)[0]
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        changed = {k: v.clone() for k, v in cond.items()}
+        changed["prompt_embeds"][1, 3:] += 7.0
+        changed["glyph_embeds"][2] += 7.0
+        torch.testing.assert_close(adapter.predict(z, t, changed), ours, rtol=1e-5, atol=1e-6)
+        changed["prompt_embeds"][1, 0] += 7.0
+        assert (adapter.predict(z, t, changed)[1] - ours[1]).abs().max() > 1e-4
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = adapter.predict(torch.zeros_like(z), torch.zeros(3), cond)
+    assert out.shape == z.shape
+
+
 # ----------------------------------------------------------------------------- CFG
 
 
@@ -781,7 +834,7 @@ def test_chunked_rollout_matches_the_whole_batch(folders, name, monkeypatch):
 
 
 VIDEO_FAMILIES = ["hunyuan_t2i", "hunyuan_t2v", "hunyuan_i2v", "wan", "wan_i2v", "wan22_a14b", "wan22_5b",
-                  "wan22_5b_i2v"]
+                  "wan22_5b_i2v", "hunyuan15_t2v"]
 
 
 @pytest.mark.parametrize("name", ALL)

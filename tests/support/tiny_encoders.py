@@ -137,6 +137,23 @@ def _qwen2_5_vl(vocab_size: int, tokenizer=None):
     return transformers.Qwen2_5_VLForConditionalGeneration(cfg)
 
 
+# Qwen2.5's chat format (system turn, user turn, generation prompt) as a Jinja template for the word-level
+# stand-in, so apply_chat_template renders what the real Qwen2.5-VL tokenizer's template renders
+QWEN_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                      "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _qwen2_5_vl_text(vocab_size: int):
+    """Qwen2.5-VL's text model alone (the class HunyuanVideo15Pipeline loads) at toy size."""
+    import transformers
+
+    cfg = transformers.Qwen2_5_VLTextConfig(
+        vocab_size=vocab_size, hidden_size=QWEN_VL_DIM, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048, pad_token_id=0, bos_token_id=None,
+        eos_token_id=None, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    return transformers.Qwen2_5_VLTextModel(cfg)
+
+
 def build_tiny_components(family: str, path) -> Dict[str, object]:
     """Write a tiny ``family`` encoder folder at ``path``; returns the in-memory components (seed 0)."""
     import transformers
@@ -176,6 +193,15 @@ def build_tiny_components(family: str, path) -> Dict[str, object]:
         c["image_processor"] = transformers.Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
         c["image_processor"].save_pretrained(str(root / "processor"))
         c["vae"] = tiny_qwen_vae()
+    elif base == "hunyuan15":  # Qwen2.5-VL text model with a chat template + ByT5 (byte-level, no vocab file)
+        c["tokenizer"], n = word_tokenizer(root / "tokenizer", max_length=4096, extra_words=QWEN_TEMPLATE_WORDS,
+                                           plain=True)
+        c["tokenizer"].chat_template = QWEN_CHAT_TEMPLATE
+        c["tokenizer"].save_pretrained(str(root / "tokenizer"))
+        c["text_encoder"] = _qwen2_5_vl_text(n)
+        c["tokenizer_2"] = transformers.ByT5Tokenizer()
+        c["tokenizer_2"].save_pretrained(str(root / "tokenizer_2"))
+        c["text_encoder_2"] = _t5("T5EncoderModel", len(c["tokenizer_2"]))
     elif base == "sd3":
         c["tokenizer"] = clip_tokenizer(root / "tokenizer")
         c["text_encoder"] = _clip_model("CLIPTextModelWithProjection", len(c["tokenizer"]), "clip_l")

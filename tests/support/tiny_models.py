@@ -14,7 +14,7 @@ import torch
 
 TEXT_LEN = 6  # text tokens of the SD tokenizer stand-in (max_sequence_length)
 FAMILIES = ("sd", "flux", "hunyuan_t2i", "hunyuan_t2v", "hunyuan_i2v", "wan", "wan_i2v", "sd3", "qwen_image",
-            "qwen_image_edit", "wan22_a14b", "wan22_5b", "wan22_5b_i2v")
+            "qwen_image_edit", "wan22_a14b", "wan22_5b", "wan22_5b_i2v", "hunyuan15_t2v")
 
 
 def _diffusers():
@@ -55,6 +55,26 @@ def tiny_wan22_vae():
         temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12, patch_size=2,
         scale_factor_spatial=16, scale_factor_temporal=4, latents_mean=[0.1 * i - 0.3 for i in range(WAN22_Z)],
         latents_std=[0.8 + 0.1 * i for i in range(WAN22_Z)])
+
+
+HV15_C = 4  # latent channels of the tiny HunyuanVideo 1.5 VAE (the real one has 32)
+
+
+def tiny_hunyuan15_vae():
+    """HunyuanVideo 1.5's VAE: 16x spatial, 4x temporal compression."""
+    return _diffusers().AutoencoderKLHunyuanVideo15(
+        latent_channels=HV15_C, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1, spatial_compression_ratio=16,
+        temporal_compression_ratio=4, scaling_factor=0.9)
+
+
+def tiny_hunyuan15(num_layers: int = 1, text_dim: int = 32, text_2_dim: int = 48):
+    """HunyuanVideo 1.5's dual-stream transformer: latents + condition latents + mask in, 2 heads of 8;
+    ``text_dim`` / ``text_2_dim``: the Qwen2.5-VL and ByT5 hidden sizes (tests/support/tiny_encoders.py)."""
+    return _diffusers().HunyuanVideo15Transformer3DModel(
+        in_channels=2 * HV15_C + 1, out_channels=HV15_C, num_attention_heads=2, attention_head_dim=8,
+        num_layers=num_layers, num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1,
+        text_embed_dim=text_dim, text_embed_2_dim=text_2_dim, image_embed_dim=16, rope_axes_dim=(2, 4, 2),
+        target_size=32, task_type="t2v")
 
 
 def tiny_sd_unet():
@@ -153,4 +173,6 @@ def tiny_components(family: str) -> Tuple[Dict[str, torch.nn.Module], dict]:
             video, boundary_ratio=0.875)
     if family in ("wan22_5b", "wan22_5b_i2v"):  # 64 px: 4 x 4 latents, 2 x 2 tokens per latent frame
         return {"transformer": tiny_wan(WAN22_Z, WAN22_Z), "vae": tiny_wan22_vae()}, dict(resolution=64, num_frames=5)
+    if family == "hunyuan15_t2v":  # 32 px: 2 x 2 latents per frame, 2 latent frames
+        return {"transformer": tiny_hunyuan15(), "vae": tiny_hunyuan15_vae()}, video
     raise KeyError(f"no tiny components for {family!r}; families: {FAMILIES}")

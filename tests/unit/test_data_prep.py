@@ -181,6 +181,38 @@ def test_hunyuan_matches_pipeline(tiny):
     assert FamilyEncoder("hunyuan", c).crop_start == 95  # diffusers' default for the real tokenizer
 
 
+def test_hunyuan15_matches_pipeline(tiny):
+    """Qwen2.5-VL through the tokenizer's chat template around the pipeline's system message, hidden_states[-3],
+    the template's tokens cropped; ByT5 on the prompt's quoted texts (zeros and no mask without quotes); the empty
+    negative as the pipeline encodes it (a " " user turn): HunyuanVideo15Pipeline.encode_prompt."""
+    from fastvideo_grpo.models.hunyuan_video15 import CROP_START
+    from support.tiny_models import tiny_hunyuan15_vae
+
+    folder, c = tiny("hunyuan15")
+    pipe = diffusers.HunyuanVideo15Pipeline(text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], transformer=None,
+                                            vae=tiny_hunyuan15_vae(), scheduler=None, text_encoder_2=c["text_encoder_2"],
+                                            tokenizer_2=c["tokenizer_2"], guider=None)  # (__init__ reads the VAE)
+    assert FamilyEncoder("hunyuan15", c).crop_start == pipe.prompt_template_encode_start_idx == CROP_START
+    enc = load_family_encoder("hunyuan15", folder, qwen_max_length=LLAMA_LEN, t5_max_length=T5_LEN, crop_start="auto")
+    pipe.prompt_template_encode_start_idx = enc.crop_start  # the tiny tokenizer's template length
+    pipe.tokenizer_max_length, pipe.tokenizer_2_max_length = LLAMA_LEN, T5_LEN
+    from fastvideo_grpo.models.hunyuan_video15 import system_message
+    rendered = c["tokenizer"].apply_chat_template([{"role": "system", "content": system_message()},
+                                                   {"role": "user", "content": "cat"}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"]
+    assert rendered[enc.crop_start] == c["tokenizer"].convert_tokens_to_ids("cat")  # "auto": the prompt's first token
+    prompts = ['a sign that reads "open" on a door', PROMPTS[1], ""]
+    pe, mask, pe2, mask2 = pipe.encode_prompt(prompts, device="cpu", dtype=torch.float32, batch_size=3)
+    out = enc.encode_text(prompts)
+    assert out["prompt_embeds"].shape == (3, LLAMA_LEN, QWEN_VL_DIM) and enc.crop_start > 10
+    assert out["glyph_embeds"].shape == (3, T5_LEN, T5_DIM)
+    _assert_same(out["prompt_embeds"], pe)
+    _assert_same(out["glyph_embeds"], pe2)
+    _assert_same(out["prompt_attention_mask"].float(), mask)
+    _assert_same(out["glyph_attention_mask"].float(), mask2)
+    assert mask2[0].sum() > 0 and mask2[1:].sum() == 0 and (pe2[1:] == 0).all()  # glyph text only in the first
+
+
 def test_qwen_image_matches_pipeline(tiny):
     """Template, last hidden state, template tokens dropped, zero padding: as QwenImagePipeline.encode_prompt
     (which pads to the batch's longest prompt; ours to qwen_max_length, masked)."""
@@ -417,6 +449,9 @@ _EXPECTED = {
     "wan_i2v": {"prompt_embeds": (T5_LEN, T5_DIM), "image_condition": (20, 2, 4, 4), "image_embeds": (17, 16),
                 "negative_prompt_embeds": (T5_LEN, T5_DIM)},
     "qwen_image_edit": {"prompt_embeds": (24, QWEN_VL_DIM), "prompt_attention_mask": (24,), "image_latents": (4, 16, 16)},
+    "hunyuan15": {"prompt_embeds": (LLAMA_LEN, QWEN_VL_DIM), "prompt_attention_mask": (LLAMA_LEN,),
+                  "glyph_embeds": (T5_LEN, T5_DIM), "glyph_attention_mask": (T5_LEN,),
+                  "negative_prompt_embeds": (LLAMA_LEN, QWEN_VL_DIM), "negative_glyph_embeds": (T5_LEN, T5_DIM)},
     "wan22_5b_i2v": {"prompt_embeds": (T5_LEN, T5_DIM), "negative_prompt_embeds": (T5_LEN, T5_DIM),
                      "image_latents": (WAN22_Z, 1, 2, 2)},
 }
