@@ -10,12 +10,13 @@ CFG-distilled one: diffusers' conversion script) as the pipeline's ClassifierFre
 forward with both branches trained (docs/method.md 4). Sigmas: linspace(1, 0, T + 1) with a static shift (5.0 at
 480p, 9.0 at 720p: the conversion script's scheduler configs), the pipeline's own grid; Euler / SDE steps.
 
-The transformer forward is the diffusers model's, run from the adapter (``_forward``) with one change that
-keeps the numbers: the text tokens ([vision slot; ByT5 glyph tokens; Qwen2.5-VL tokens]) are put in the model's
-order -- the valid ones first, then the padding, padding embeddings zeroed -- by a stable sort of the masks
-(one gather), where the model selects them with boolean masks per sample and branches on whether the image
-embeddings are all zero (here: text to video, always). Same tokens, same order; without data-dependent shapes
-or host syncs, so the planner's fake tensors and CUDA graphs can run it.
+The diffusers forward selects the valid text tokens ([vision slot; ByT5 glyph tokens; Qwen2.5-VL tokens]) with
+boolean masks per sample and branches on whether the image embeddings are all zero: shapes and a branch that
+depend on values, which the planner's fake tensors do not have. There (``is_fake``) the adapter runs a replica of
+that forward with static shapes (``_static_forward``): the same submodules, the text tokens put in the model's
+order -- valid ones first, then the padding, padding embeddings zeroed -- by a stable sort of the masks (one
+gather), text to video always; it equals the diffusers forward (tests/integration/test_adapters.py). Everywhere
+else the model's own forward runs (FSDP2's hooks on the root module need it).
 Sequence parallelism (``sequence_parallel_plan``): as HunyuanVideo's dual-stream blocks (video tokens sharded,
 the text tokens after them whole on every rank, the rotary tables sharded with the video tokens).
 cond: ``prompt_embeds`` (B, L, 3584) + ``prompt_attention_mask`` (B, L) from Qwen2.5-VL (L = 1000 padded),
@@ -37,6 +38,7 @@ import functools
 import inspect
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from ..sde import FlowSchedule
 from .base import ADAPTERS
@@ -117,12 +119,24 @@ class HunyuanVideo15Adapter(DiffusersAdapter):
         return tokens, valid.gather(1, order)
 
     def _forward(self, latents, timestep_B, c):
-        m = self.model
-        B, _, F, H, W = latents.shape
-        p, pt = m.config.patch_size, m.config.patch_size_t
         x = torch.cat([latents, torch.zeros_like(latents), torch.zeros_like(latents[:, :1])], dim=1)  # T2V condition
         x = self._to_model(x)
         t = timestep_B.to(x.dtype)
+        if is_fake(x):  # the planner: no values to select tokens or branch on
+            return self._static_forward(x, t, c)
+        B = x.shape[0]
+        return self.model(hidden_states=x, timestep=t, encoder_hidden_states=self._to_model(c["prompt_embeds"]),
+                          encoder_attention_mask=c["prompt_attention_mask"].to(self.dtype),
+                          encoder_hidden_states_2=self._to_model(c["glyph_embeds"]),
+                          encoder_attention_mask_2=c["glyph_attention_mask"].to(self.dtype),
+                          image_embeds=x.new_zeros(B, VISION_TOKENS, self.model.config.image_embed_dim),
+                          return_dict=False)[0]
+
+    def _static_forward(self, x, t, c):
+        """The diffusers forward for text to video with static shapes (see the module docstring)."""
+        m = self.model
+        B, _, F, H, W = x.shape
+        p, pt = m.config.patch_size, m.config.patch_size_t
         rotary = m.rope(x)
         temb = m.time_embed(t, timestep_r=None)
         h = m.x_embedder(x)

@@ -12,7 +12,7 @@ from _launch import torchrun  # noqa: E402
 
 pytest.importorskip("diffusers")
 
-FAMILIES = ["wan22_a14b", "wan22_5b_i2v"]
+FAMILIES = ["wan22_a14b", "wan22_5b_i2v", "hunyuan15_t2v"]
 
 
 def test_video26_adapters_with_sequence_parallelism_match_one_process():

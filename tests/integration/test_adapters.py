@@ -597,12 +597,12 @@ def test_wan22_a14b_reads_its_boundary_and_needs_both_experts(folders, tmp_path)
 # ----------------------------------------------------------------------------- HunyuanVideo 1.5
 
 
-def test_hunyuan15_text_order_and_padding_are_the_models(folders):
-    """The adapter's forward puts the text tokens in the transformer's own order (valid vision / ByT5 / Qwen tokens
-    first) with a stable sort instead of boolean masks: the diffusers forward gives the same prediction for a batch
-    whose rows have different padding (one without glyph text at all); padded tokens do not reach the output; and
-    no step of it reads a value on the host (it runs under fake tensors, as the planner does)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def test_hunyuan15_static_forward_is_the_models(folders):
+    """The planner's replica of the transformer forward (static shapes: the text tokens put in the model's order --
+    valid vision / ByT5 / Qwen tokens first -- by a stable sort instead of boolean masks) gives the diffusers
+    forward's prediction for a batch whose rows have different padding (one without glyph text at all), with
+    gradients; padded tokens reach neither; and it runs under fake tensors, where the diffusers forward cannot."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
     adapter = _build(folders, "hunyuan15_t2v", guidance_scale=1.0)
     cond = _random_cond(adapter, 3, seed=61)
@@ -610,23 +610,34 @@ def test_hunyuan15_text_order_and_padding_are_the_models(folders):
     cond["glyph_attention_mask"][2] = 0  # a prompt without quoted text
     z = adapter.initial_noise(3, torch.Generator().manual_seed(62))
     t = torch.tensor([900.0, 500.0, 100.0])
+    x = torch.cat([z, torch.zeros_like(z), torch.zeros_like(z[:, :1])], dim=1)
+    ours = adapter._static_forward(x, t, cond)
+    theirs = adapter.predict(z, t, cond)  # the model's own forward
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    params = [p for p in adapter.model.parameters()]
+    g_ours = torch.autograd.grad(ours.square().sum(), params, allow_unused=True)
+    g_theirs = torch.autograd.grad(theirs.square().sum(), params, allow_unused=True)
+    for a, b in zip(g_ours, g_theirs):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     with torch.no_grad():
-        ours = adapter.predict(z, t, cond)
-        x = torch.cat([z, torch.zeros_like(z), torch.zeros_like(z[:, :1])], dim=1)
-        theirs = adapter.model(hidden_states=x, timestep=t, encoder_hidden_states=cond["prompt_embeds"],
-                               encoder_attention_mask=cond["prompt_attention_mask"].float(),
-                               encoder_hidden_states_2=cond["glyph_embeds"],
-                               encoder_attention_mask_2=cond["glyph_attention_mask"].float(),
-                               image_embeds=torch.zeros(3, 729, 16), return_dict=False)[0]
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
         changed = {k: v.clone() for k, v in cond.items()}
         changed["prompt_embeds"][1, 3:] += 7.0
         changed["glyph_embeds"][2] += 7.0
-        torch.testing.assert_close(adapter.predict(z, t, changed), ours, rtol=1e-5, atol=1e-6)
+        for fwd in (lambda cc: adapter._static_forward(x, t, cc), lambda cc: adapter.predict(z, t, cc)):
+            torch.testing.assert_close(fwd(changed), theirs.detach(), rtol=1e-5, atol=1e-6)
         changed["prompt_embeds"][1, 0] += 7.0
-        assert (adapter.predict(z, t, changed)[1] - ours[1]).abs().max() > 1e-4
+        assert (adapter._static_forward(x, t, changed)[1] - ours[1]).abs().max() > 1e-4
     with FakeTensorMode(allow_non_fake_inputs=True):
         out = adapter.predict(torch.zeros_like(z), torch.zeros(3), cond)
+        with pytest.raises((DataDependentOutputException, DynamicOutputShapeException)):  # why the replica exists
+            adapter.model(hidden_states=torch.zeros_like(x), timestep=torch.zeros(3),
+                          encoder_hidden_states=cond["prompt_embeds"],
+                          encoder_attention_mask=cond["prompt_attention_mask"].float(),
+                          encoder_hidden_states_2=cond["glyph_embeds"],
+                          encoder_attention_mask_2=cond["glyph_attention_mask"].float(),
+                          image_embeds=torch.zeros(3, 729, 16), return_dict=False)
     assert out.shape == z.shape
 
 

@@ -35,6 +35,7 @@ CASES = [  # (script, recipe, adapter family)
     ("train_wan_grpo", "configs/wan_t2i_hps.yaml", "wan"),  # the released Wan recipe: one frame
     ("train", "configs/wan22_a14b_t2v.yaml", "wan22_a14b"),
     ("train", "configs/wan22_5b_t2v.yaml", "wan22_5b"),
+    ("train", "configs/hunyuan15_t2v_videoalign.yaml", "hunyuan15_t2v"),
 ]
 # the recipes' step windows and sizes brought to the tiny runs' 2 steps and 32 px
 EXTRA = {"configs/wan_t2i_hps.yaml": {"model.kwargs.num_frames": 1},

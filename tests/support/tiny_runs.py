@@ -55,6 +55,7 @@ RUN_KWARGS = {  # smaller shapes than the adapter tests': a few training iterati
     # 2 steps at shift 12: t = 1000 (high-noise expert, trained) | 923 (low-noise, frozen) with the boundary at 950
     "wan22_a14b": dict(resolution=16, num_frames=5, boundary_ratio=0.95),
     "wan22_5b": dict(resolution=32, num_frames=5),
+    "hunyuan15_t2v": dict(resolution=32, num_frames=5),  # 16x VAE: 2 x 2 latents
 }
 
 
