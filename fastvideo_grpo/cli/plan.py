@@ -89,9 +89,14 @@ def reduced(arch: Dict) -> Dict:
     return small
 
 
-def build_adapter(cfg, arch: Dict, dtype: str = "float32", vae_dtype: Optional[torch.dtype] = None):
+LORA_KWARGS = ("lora_rank", "lora_alpha", "lora_target_modules", "lora_dropout")
+
+
+def build_adapter(cfg, arch: Dict, dtype: str = "float32", vae_dtype: Optional[torch.dtype] = None,
+                  without_lora: bool = False):
     """The recipe's adapter around the architecture's modules, built on the current default device (and
-    default dtype; ``vae_dtype``: the VAE's, when it differs)."""
+    default dtype; ``vae_dtype``: the VAE's, when it differs). ``without_lora``: leave the recipe's LoRA out
+    (peft cannot wrap the fake-tensor layers the measurement builds)."""
     from ..models import ADAPTERS
     from ..models.diffusers_base import component_from_config
 
@@ -103,7 +108,8 @@ def build_adapter(cfg, arch: Dict, dtype: str = "float32", vae_dtype: Optional[t
         vae = component_from_config(arch["vae"]["class"], arch["vae"]["config"])
     finally:
         torch.set_default_dtype(prev)
-    kwargs = {k: v for k, v in cfg.model.kwargs.items() if k not in ("model_path", "device", "dtype")}
+    drop = ("model_path", "device", "dtype") + (LORA_KWARGS if without_lora else ())
+    kwargs = {k: v for k, v in cfg.model.kwargs.items() if k not in drop}
     return ADAPTERS.build(cfg.model.name, model_path=None, components=(model, vae), dtype=dtype, **kwargs)
 
 
@@ -166,7 +172,12 @@ def _attention_flops(adapter, batch: int) -> float:
 
 
 def adapter_tokens(adapter) -> int:
-    """Tokens one sample puts through the transformer's attention (image/video tokens + text tokens)."""
+    """Tokens one sample puts through the transformer's attention (image/video tokens + text tokens). An adapter
+    whose latent is not an image or video grid (e.g. packed tokens of two streams) declares its own count of
+    self-attention tokens, ``attention_tokens``."""
+    declared = getattr(adapter, "attention_tokens", None)
+    if declared is not None:
+        return int(declared) + text_len(adapter) + int(getattr(adapter, "extra_image_tokens", 0))
     shape = adapter.latent_shape()
     c = adapter.model.config
     p = getattr(c, "patch_size", 1)
@@ -223,7 +234,9 @@ def measure(cfg, arch: Dict, micro_batch: int, rollout_batch: int, decode_batch:
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             # the transformer computes in bf16 (FSDP2 mixed precision); the VAE decodes in the stored dtype
-            adapter = build_adapter(cfg, small, dtype="bfloat16", vae_dtype=_stored_dtype(cfg))
+            # a LoRA recipe is measured without its adapters: their rank-r activations are left out (small); the
+            # parameter counts, gradients and AdamW state are the LoRA ones (plan() counts the meta-built model)
+            adapter = build_adapter(cfg, small, dtype="bfloat16", vae_dtype=_stored_dtype(cfg), without_lora=True)
             adapter.plan_text_len = seq
             vectorise_blends(adapter.vae)  # one op per tile overlap instead of one per row (same result)
             model = adapter.model

@@ -641,6 +641,73 @@ def test_hunyuan15_static_forward_is_the_models(folders):
     assert out.shape == z.shape
 
 
+# ----------------------------------------------------------------------------- LTX-2
+
+
+def test_ltx2_matches_diffusers_pipeline_video_and_audio(folders):
+    """LTX2Pipeline on the same components (its text connectors fed the same raw text-encoder states; no STG, no
+    modality guidance), the same video and audio noise and its own dynamic-shift sigmas: both streams of the
+    deterministic sample, CFG in clean-prediction space with the std rescale and per-stream scales, the cross
+    timestep; and the decoded video against the pipeline's own decode."""
+    from diffusers.pipelines.ltx2.pipeline_ltx2 import LTX2Pipeline
+    from support.tiny_models import tiny_ltx2_audio_vae, tiny_ltx2_connectors, tiny_ltx2_vocoder
+
+    adapter = _build(folders, "ltx2", use_cross_timestep=True)
+    assert adapter.uses_cfg and (adapter.cfg_scale, adapter.audio_cfg_scale, adapter.guidance_rescale) == (3.0, 7.0, 0.7)
+    n = adapter.video_tokens
+    assert (n, adapter.audio_tokens) == (3 * 4 * 4, 5) and adapter.latent_shape() == (n + 5, 4)
+    torch.manual_seed(0)
+    connectors = tiny_ltx2_connectors()
+    g = torch.Generator().manual_seed(71)
+    B, L = 2, 8
+    raw = {p: torch.randn(B, L, 16 * 3, generator=g) for p in ("", NEG)}
+    masks = {p: torch.ones(B, L, dtype=torch.int64) for p in ("", NEG)}
+    masks[""][0, :3] = 0  # left padding
+    masks[NEG][:, :5] = 0
+    cond = {}
+    with torch.no_grad():
+        for p in ("", NEG):  # what data_prep stores: the connectors' outputs
+            cond[p + "prompt_embeds"], cond[p + "audio_prompt_embeds"], cond[p + "prompt_attention_mask"] = \
+                connectors(raw[p], masks[p], padding_side="left")
+    z0 = adapter.initial_noise(B, torch.Generator().manual_seed(72))
+    ours = sample_ode(adapter, adapter.make_schedule(NUM_STEPS, eta=0.0), cond, z0)
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+                                                      base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
+    pipe = LTX2Pipeline(scheduler=sched, vae=adapter.vae, audio_vae=tiny_ltx2_audio_vae(), text_encoder=None,
+                        tokenizer=None, connectors=connectors, transformer=adapter.model, vocoder=tiny_ltx2_vocoder())
+    args = dict(prompt_embeds=raw[""], prompt_attention_mask=masks[""], negative_prompt_embeds=raw[NEG],
+                negative_prompt_attention_mask=masks[NEG], height=adapter.height, width=adapter.width,
+                num_frames=adapter.num_frames, frame_rate=adapter.frame_rate, num_inference_steps=NUM_STEPS,
+                guidance_scale=3.0, guidance_rescale=0.7, audio_guidance_scale=7.0, audio_guidance_rescale=0.7,
+                stg_scale=0.0, audio_stg_scale=0.0, modality_scale=1.0, audio_modality_scale=1.0,
+                use_cross_timestep=True, latents=z0[:, :n].clone(), audio_latents=z0[:, n:].clone(), return_dict=False)
+    with torch.no_grad():
+        video, audio = pipe(**args, output_type="latent")
+        pixels, _ = pipe(**args, output_type="pt")
+        ours_pixels = adapter.decode(ours)
+    f, h, w = adapter.latent_frames, adapter.latent_h, adapter.latent_w
+    vae = adapter.vae
+    ours_video = LTX2Pipeline._denormalize_latents(LTX2Pipeline._unpack_latents(ours[:, :n], f, h, w), vae.latents_mean,
+                                                   vae.latents_std, vae.config.scaling_factor)
+    torch.testing.assert_close(ours_video, video.float(), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(LTX2Pipeline._unpack_audio_latents(ours[:, n:], 5, num_mel_bins=2), audio.float(),
+                               rtol=1e-5, atol=2e-5)  # the audio VAE's mean 0 / std 1: no (de)normalisation
+    assert (ours - z0).abs().max() > 1e-2
+    torch.testing.assert_close(ours_pixels, pixels.float(), rtol=1e-4, atol=1e-4)
+    # the audio tokens are part of the video's computation (audio-to-video attention), as in the pipeline
+    other = torch.cat([z0[:, :n], torch.randn_like(z0[:, n:])], dim=1)
+    moved = sample_ode(adapter, adapter.make_schedule(NUM_STEPS, eta=0.0), cond, other)
+    assert (moved[:, :n] - ours[:, :n]).abs().max() > 1e-4
+
+
+def test_ltx2_refuses_sequence_parallelism_and_bad_frame_counts(folders):
+    adapter = _build(folders, "ltx2")
+    with pytest.raises(ValueError, match="parallel.sp: 1"):
+        adapter.sequence_parallel_plan()
+    with pytest.raises(ValueError, match="num_frames must be 2k \\+ 1"):
+        _build(folders, "ltx2", num_frames=4)
+
+
 # ----------------------------------------------------------------------------- CFG
 
 
@@ -845,7 +912,7 @@ def test_chunked_rollout_matches_the_whole_batch(folders, name, monkeypatch):
 
 
 VIDEO_FAMILIES = ["hunyuan_t2i", "hunyuan_t2v", "hunyuan_i2v", "wan", "wan_i2v", "wan22_a14b", "wan22_5b",
-                  "wan22_5b_i2v", "hunyuan15_t2v"]
+                  "wan22_5b_i2v", "hunyuan15_t2v", "ltx2"]
 
 
 @pytest.mark.parametrize("name", ALL)

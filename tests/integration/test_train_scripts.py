@@ -36,12 +36,15 @@ CASES = [  # (script, recipe, adapter family)
     ("train", "configs/wan22_a14b_t2v.yaml", "wan22_a14b"),
     ("train", "configs/wan22_5b_t2v.yaml", "wan22_5b"),
     ("train", "configs/hunyuan15_t2v_videoalign.yaml", "hunyuan15_t2v"),
+    ("train", "configs/ltx2_t2v_pickscore.yaml", "ltx2"),
 ]
 # the recipes' step windows and sizes brought to the tiny runs' 2 steps and 32 px
 EXTRA = {"configs/wan_t2i_hps.yaml": {"model.kwargs.num_frames": 1},
          "configs/wan22_a14b_t2v.yaml": {"grpo.timestep_window": "[0, 1]", "grpo.sde_window.size": 1},
          "configs/wan22_5b_t2v.yaml": {"grpo.timestep_window": "[0, 1]", "grpo.sde_window.size": 1,
-                                       "model.kwargs.height": 32, "model.kwargs.width": 32}}
+                                       "model.kwargs.height": 32, "model.kwargs.width": 32},
+         "configs/ltx2_t2v_pickscore.yaml": {"grpo.timestep_window": "[0, 1]", "grpo.sde_window.size": 1,
+                                             "model.kwargs.height": 32, "model.kwargs.width": 32}}
 
 
 @pytest.mark.parametrize("script,recipe,family", CASES, ids=[Path(c[1]).stem for c in CASES])
@@ -69,7 +72,10 @@ def test_train_script_two_iterations(tiny, tmp_path, script, recipe, family):
         assert node == (yaml.safe_load(v) if isinstance(v, str) else v), k
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert (out / "reward_curve.png").is_file() and (out / "samples" / "iter_000002.png").is_file()
-    assert (out / "export" / "config.json").is_file()
+    from fastvideo_grpo.models.lora import LORA_FILE
+
+    exported = LORA_FILE if saved["model"]["kwargs"].get("lora_rank") else "config.json"  # LoRA: adapter weights
+    assert (out / "export" / exported).is_file()
 
 
 def test_resume_continues_and_latest_missing_fails(tiny, tmp_path):

@@ -154,6 +154,24 @@ def _qwen2_5_vl_text(vocab_size: int):
     return transformers.Qwen2_5_VLTextModel(cfg)
 
 
+GEMMA_DIM = 16  # the tiny Gemma 3 text model's width = LTX-2's connector width (tests/support/tiny_models.py)
+
+
+def _gemma3(vocab_size: int):
+    """Gemma 3 (the class LTX2Pipeline loads: the vision-language model) at toy size: 2 text layers, a 1-block SigLIP."""
+    import transformers
+
+    cfg = transformers.Gemma3Config(
+        text_config=dict(vocab_size=vocab_size, hidden_size=GEMMA_DIM, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048,
+                         sliding_window=64, pad_token_id=0, bos_token_id=3, eos_token_id=1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+        mm_tokens_per_image=4, image_token_index=vocab_size - 1, boi_token_index=vocab_size - 2,
+        eoi_token_index=vocab_size - 3)
+    return transformers.Gemma3ForConditionalGeneration(cfg)
+
+
 def build_tiny_components(family: str, path) -> Dict[str, object]:
     """Write a tiny ``family`` encoder folder at ``path``; returns the in-memory components (seed 0)."""
     import transformers
@@ -202,6 +220,12 @@ def build_tiny_components(family: str, path) -> Dict[str, object]:
         c["tokenizer_2"] = transformers.ByT5Tokenizer()
         c["tokenizer_2"].save_pretrained(str(root / "tokenizer_2"))
         c["text_encoder_2"] = _t5("T5EncoderModel", len(c["tokenizer_2"]))
+    elif base == "ltx2":  # Gemma 3 with a BOS-prepending tokenizer + the text connectors (a diffusers module)
+        c["tokenizer"], n = word_tokenizer(root / "tokenizer", bos=True, max_length=2048)
+        c["text_encoder"] = _gemma3(n + 3)
+        from support.tiny_models import tiny_ltx2_connectors
+
+        c["connectors"] = tiny_ltx2_connectors(GEMMA_DIM, encoder_layers=2)
     elif base == "sd3":
         c["tokenizer"] = clip_tokenizer(root / "tokenizer")
         c["text_encoder"] = _clip_model("CLIPTextModelWithProjection", len(c["tokenizer"]), "clip_l")

@@ -56,6 +56,7 @@ RUN_KWARGS = {  # smaller shapes than the adapter tests': a few training iterati
     "wan22_a14b": dict(resolution=16, num_frames=5, boundary_ratio=0.95),
     "wan22_5b": dict(resolution=32, num_frames=5),
     "hunyuan15_t2v": dict(resolution=32, num_frames=5),  # 16x VAE: 2 x 2 latents
+    "ltx2": dict(resolution=32, num_frames=5),  # 3 x 4 x 4 video tokens + 5 audio tokens
 }
 
 

@@ -213,6 +213,31 @@ def test_hunyuan15_matches_pipeline(tiny):
     assert mask2[0].sum() > 0 and mask2[1:].sum() == 0 and (pe2[1:] == 0).all()  # glyph text only in the first
 
 
+def test_ltx2_matches_pipeline(tiny):
+    """Gemma 3's hidden states of every layer, left padding to 1024 tokens, through LTX-2's text connectors: as
+    LTX2Pipeline.encode_prompt followed by its connectors (the empty negative included)."""
+    from fastvideo_grpo.models.ltx2 import MAX_SEQUENCE_LENGTH
+    from support.tiny_encoders import GEMMA_DIM
+
+    folder, c = tiny("ltx2")
+    pipe = diffusers.LTX2Pipeline(scheduler=None, vae=None, audio_vae=None, text_encoder=c["text_encoder"],
+                                  tokenizer=c["tokenizer"], connectors=c["connectors"], transformer=None, vocoder=None)
+    prompts = [" a red circle ", PROMPTS[1]]
+    pe, mask, ne, nmask = pipe.encode_prompt(prompts, negative_prompt="", device="cpu")
+    video, audio, conn_mask = pipe.connectors(pe, mask, padding_side="left")
+    n_video, n_audio, n_mask = pipe.connectors(ne, nmask, padding_side="left")
+    enc = load_family_encoder("ltx2", folder)
+    out = enc.encode_text(prompts)
+    assert out["prompt_embeds"].shape == (2, MAX_SEQUENCE_LENGTH, GEMMA_DIM) and mask[0, 0] == 0  # left padded
+    _assert_same(out["prompt_embeds"], video)
+    _assert_same(out["audio_prompt_embeds"], audio)
+    _assert_same(out["prompt_attention_mask"], conn_mask)
+    neg = enc.encode_text(["", ""])
+    _assert_same(neg["prompt_embeds"], n_video)
+    _assert_same(neg["audio_prompt_embeds"], n_audio)
+    _assert_same(neg["prompt_attention_mask"], n_mask)
+
+
 def test_qwen_image_matches_pipeline(tiny):
     """Template, last hidden state, template tokens dropped, zero padding: as QwenImagePipeline.encode_prompt
     (which pads to the batch's longest prompt; ours to qwen_max_length, masked)."""
@@ -452,6 +477,8 @@ _EXPECTED = {
     "hunyuan15": {"prompt_embeds": (LLAMA_LEN, QWEN_VL_DIM), "prompt_attention_mask": (LLAMA_LEN,),
                   "glyph_embeds": (T5_LEN, T5_DIM), "glyph_attention_mask": (T5_LEN,),
                   "negative_prompt_embeds": (LLAMA_LEN, QWEN_VL_DIM), "negative_glyph_embeds": (T5_LEN, T5_DIM)},
+    "ltx2": {"prompt_embeds": (1024, 16), "audio_prompt_embeds": (1024, 16), "prompt_attention_mask": (1024,),
+             "negative_prompt_embeds": (1024, 16), "negative_audio_prompt_embeds": (1024, 16)},
     "wan22_5b_i2v": {"prompt_embeds": (T5_LEN, T5_DIM), "negative_prompt_embeds": (T5_LEN, T5_DIM),
                      "image_latents": (WAN22_Z, 1, 2, 2)},
 }

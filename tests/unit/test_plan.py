@@ -27,13 +27,14 @@ ROOT = Path(__file__).resolve().parents[2]
 PUBLISHED = {"flux1_dev.json": 11.9e9, "hunyuanvideo.json": 12.8e9, "wan2.1_t2v_14b.json": 14e9,
              "wan2.1_t2v_1.3b.json": 1.3e9, "sd3.5_large.json": 8.1e9, "sd1.4.json": 860e6,
              "qwen_image.json": 20e9, "qwen_image_edit.json": 20e9,
-             "wan2.2_t2v_a14b.json": 14e9, "wan2.2_ti2v_5b.json": 5e9, "hunyuanvideo1.5_480p_t2v.json": 8.3e9}
+             "wan2.2_t2v_a14b.json": 14e9, "wan2.2_ti2v_5b.json": 5e9, "hunyuanvideo1.5_480p_t2v.json": 8.3e9,
+             "ltx2.json": 19e9}
 RECIPE_FOR = {"flux1_dev.json": "flux_hps.yaml", "hunyuanvideo.json": "hunyuan_t2v_videoalign.yaml",
               "wan2.1_t2v_14b.json": "wan_t2v.yaml", "wan2.1_t2v_1.3b.json": "wan_t2v.yaml",
               "sd3.5_large.json": "sd3_hps.yaml", "sd1.4.json": "sd_hps.yaml",
               "qwen_image.json": "qwen_image_hps.yaml", "qwen_image_edit.json": "qwen_image_edit_hps.yaml",
               "wan2.2_t2v_a14b.json": "wan22_a14b_t2v.yaml", "wan2.2_ti2v_5b.json": "wan22_5b_t2v.yaml",
-              "hunyuanvideo1.5_480p_t2v.json": "hunyuan15_t2v_videoalign.yaml"}
+              "hunyuanvideo1.5_480p_t2v.json": "hunyuan15_t2v_videoalign.yaml", "ltx2.json": "ltx2_t2v_pickscore.yaml"}
 
 
 @pytest.mark.parametrize("arch_file", sorted(PUBLISHED))
