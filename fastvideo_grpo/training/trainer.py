@@ -88,7 +88,8 @@ def build_schedule(cfg: RunConfig, adapter: PolicyAdapter, objective=None):
     ``sampling.deterministic_last_step`` says so (null: the schedule's own default, see sde/).
 
     ValueError when a step that training may pick (``grpo.trainable_window``) has eta = 0 and the objective
-    (default: the config's) needs log-probs: its transition is a point mass, with no log-prob to train."""
+    (default: the config's) needs log-probs: its transition is a point mass, with no log-prob to train; and when
+    such a step lies outside the adapter's ``trainable_steps`` (a frozen expert predicts it)."""
     from ..sde import flow_grpo_eta, with_deterministic_last_step
 
     s = cfg.sampling
@@ -105,7 +106,8 @@ def build_schedule(cfg: RunConfig, adapter: PolicyAdapter, objective=None):
         schedule = with_deterministic_last_step(schedule)
     check_ode_solver(s.ode_solver, schedule)
     lo, hi = sde_window.training_window(cfg)
-    check_trainable_steps(adapter.trainable_steps(schedule), lo, hi, cfg.model.name)
+    steps_hook = getattr(adapter, "trainable_steps", None)  # PolicyAdapter's hook (duck-typed adapters may lack it)
+    check_trainable_steps(steps_hook(schedule) if callable(steps_hook) else None, lo, hi, cfg.model.name)
     if (objective or build_objective(cfg)).needs_log_probs:
         etas = schedule.eta.tolist()
         only_last = [i for i in range(lo, hi) if etas[i] <= 0] == [schedule.num_steps - 1]
