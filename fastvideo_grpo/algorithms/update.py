@@ -77,6 +77,7 @@ def update(objective: Objective, batch: TrainBatch, optimizer: torch.optim.Optim
         grad_norms.append(_clip_and_check(params, settings.max_grad_norm, finite, objective, step_chunk,
                                           len(row_chunks), optimizer))
         optimizer.step()
+        objective.on_optimizer_step()
         if lr_scheduler is not None:
             lr_scheduler.step()
     once = objective.finish(batch)

@@ -440,9 +440,16 @@ def plan(cfg, gpus: int, gpu_mem_gib: float = 80.0, arch_path=None, mfu: float =
     latent = math.prod(adapter.latent_shape()) * 4
     passes = passes_per_iteration(cfg)
     K = passes["trained_steps"]
-    mem["trajectory"] = rank_batch * (2 * K * latent + latent)
+    # the kept transitions, the final latents, and the reference / old-policy outputs of every trained step
+    # (the objective evaluates them before the first optimiser step)
+    extra_outputs = passes["forward_update"] // max(1, passes["backward"]) - 1
+    mem["trajectory"] = rank_batch * (2 * K * latent + latent) + passes["backward"] * extra_outputs * latent
+    # copies of the trainable weights: the KL reference of a full fine-tuning run, DiffusionNFT's old policy
+    lora = bool(int(cfg.model.kwargs.get("lora_rank", 0) or 0))
+    mem["weight_copies"] = _weight_copies(cfg, lora) * Pt * store / fsdp
     mem["decode_activations"] = s_dec * m.decode_peak
-    static = mem["params_shard"] + mem["grads_shard"] + mem["optimizer_shard"] + mem["vae"] + mem["reward_models"]
+    static = (mem["params_shard"] + mem["grads_shard"] + mem["optimizer_shard"] + mem["weight_copies"] + mem["vae"]
+              + mem["reward_models"])
     phases = {
         "rollout": static + mem["unsharded_blocks"] + mem["trajectory"] + mem["rollout_activations"],
         "decode": static + mem["trajectory"] + mem["decode_activations"],
@@ -488,6 +495,7 @@ def passes_per_iteration(cfg) -> Dict[str, int]:
     Flow-GRPO-Fast window's size."""
     from ..algorithms.objectives import build_objective
     from ..algorithms.samplers import ROLLOUTS
+    from ..algorithms import sde_window
     from ..algorithms.grpo import num_train_steps, trainable_window
 
     g, s = cfg.grpo, cfg.sampling
@@ -496,9 +504,17 @@ def passes_per_iteration(cfg) -> Dict[str, int]:
     samples = g.prompts_per_iteration * g.group_size
     trained = g.prompts_per_iteration * 2 * g.best_of_n_k if g.best_of_n_k else samples
     extra = build_objective(cfg).extra_forwards_per_trained_step
-    rollout = ROLLOUTS.build(s.rollout).forwards_per_sample(s.num_steps)
-    return {"trained_steps": K, "forward_rollout": samples * rollout, "forward_update": trained * K * (1 + extra),
+    # MixGRPO-Flash's compressed post-window grid: fewer steps, varying with the window (averaged over the run)
+    steps = sde_window.mean_rollout_steps(cfg)
+    rollout = ROLLOUTS.build(s.rollout).forwards_per_sample(s.num_steps) * steps / s.num_steps
+    return {"trained_steps": K, "forward_rollout": round(samples * rollout), "forward_update": trained * K * (1 + extra),
             "backward": trained * K}
+
+
+def _weight_copies(cfg, lora: bool) -> int:
+    from ..algorithms.objectives import build_objective
+
+    return build_objective(cfg).weight_copies(lora)
 
 
 def _text_len(cfg, adapter=None) -> int:
