@@ -24,6 +24,7 @@ STD_ESTIMATORS = ("bessel", "population")
 DPM_APPLY = ("all", "post")
 TRAIN_GUIDANCE = ("both", "detach_uncond", "none")
 KL_FORMS = ("exact", "flow_grpo")
+UPDATE_SPLITS = ("steps", "samples")
 
 
 def _either(allowed) -> str:
@@ -142,6 +143,10 @@ class GRPOConfig:
     clip_range: float = 1e-4  # PPO clip epsilon (paper: 1e-4)
     adv_clip_max: float = 5.0  # advantages are clamped to +-this
     num_updates_per_iteration: int = 4  # optimiser steps per iteration (paper: 4, or 1 with CFG)
+    # how the iteration is split among them: "steps" (each optimiser step sees every sample at a consecutive
+    # chunk of the kept steps) or "samples" (each sees every kept step of a consecutive chunk of micro-batches: the
+    # released DanceGRPO / Flow-GRPO gradient accumulation over samples)
+    update_split: str = "steps"
     micro_batch_size: int = 0  # samples per forward/backward in training; 0 = whole rank batch
     # KL to the starting policy (off in the DanceGRPO paper): with LoRA the reference is the model with the adapter
     # switched off; otherwise a frozen copy of the weights, sharded like them (one more copy of the model)
@@ -193,6 +198,7 @@ class GRPOConfig:
                  f"{where}.best_of_n_k must be in [1, group_size // 2], got {self.best_of_n_k}")
         _require(self.kl_coef >= 0, f"{where}.kl_coef must be >= 0 (0 = no KL term), got {self.kl_coef}")
         _one_of(self.kl_form, KL_FORMS, f"{where}.kl_form")
+        _one_of(self.update_split, UPDATE_SPLITS, f"{where}.update_split")
         _one_of(self.train_guidance, TRAIN_GUIDANCE, f"{where}.train_guidance")
         if self.advantage_eps is not None:
             _finite(self.advantage_eps, f"{where}.advantage_eps", 0, strict=True)

@@ -88,9 +88,12 @@ def reduced(arch: Dict) -> Dict:
     return small
 
 
-def build_adapter(cfg, arch: Dict, dtype: str = "float32", vae_dtype: Optional[torch.dtype] = None):
+def build_adapter(cfg, arch: Dict, dtype: str = "float32", vae_dtype: Optional[torch.dtype] = None,
+                  lora: bool = True):
     """The recipe's adapter around the architecture's modules, built on the current default device (and
-    default dtype; ``vae_dtype``: the VAE's, when it differs)."""
+    default dtype; ``vae_dtype``: the VAE's, when it differs). ``lora=False`` leaves the recipe's LoRA layers out
+    (peft cannot place them under fake tensors; their activations and FLOPs are a few percent of the layers they
+    adapt)."""
     from ..models import ADAPTERS
     from ..models.diffusers_base import component_from_config
 
@@ -102,7 +105,8 @@ def build_adapter(cfg, arch: Dict, dtype: str = "float32", vae_dtype: Optional[t
         vae = component_from_config(arch["vae"]["class"], arch["vae"]["config"])
     finally:
         torch.set_default_dtype(prev)
-    kwargs = {k: v for k, v in cfg.model.kwargs.items() if k not in ("model_path", "device", "dtype")}
+    kwargs = {k: v for k, v in cfg.model.kwargs.items() if k not in ("model_path", "device", "dtype")
+              and (lora or not k.startswith("lora_"))}
     return ADAPTERS.build(cfg.model.name, model_path=None, components=(model, vae), dtype=dtype, **kwargs)
 
 
@@ -222,7 +226,7 @@ def measure(cfg, arch: Dict, micro_batch: int, rollout_batch: int, decode_batch:
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             # the transformer computes in bf16 (FSDP2 mixed precision); the VAE decodes in the stored dtype
-            adapter = build_adapter(cfg, small, dtype="bfloat16", vae_dtype=_stored_dtype(cfg))
+            adapter = build_adapter(cfg, small, dtype="bfloat16", vae_dtype=_stored_dtype(cfg), lora=False)
             adapter.plan_text_len = seq
             vectorise_blends(adapter.vae)  # one op per tile overlap instead of one per row (same result)
             model = adapter.model

@@ -167,7 +167,7 @@ class DiffusersAdapter(PolicyAdapter):
 
     def __init__(self, model_path, *, cfg_scale: float = 1.0, dtype="float32", device=None,
                  lora_rank: int = 0, lora_alpha: Optional[float] = None, lora_target_modules=None,
-                 lora_dropout: float = 0.0, gradient_checkpointing: bool = False,
+                 lora_dropout: float = 0.0, lora_init: str = "default", gradient_checkpointing: bool = False,
                  vae_tiling: Union[None, bool, Dict] = None, vae_slicing: Optional[bool] = None,
                  sigma_grid: str = "linspace", components: Optional[Tuple[nn.Module, nn.Module]] = None):
         """``components``: an already built (denoiser, VAE) pair instead of loading ``model_path`` -- the
@@ -197,7 +197,7 @@ class DiffusersAdapter(PolicyAdapter):
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning), got {lora_rank}")
         if self.lora_rank:
-            lora_lib.add_lora(self.model, self.lora_rank, lora_alpha, lora_target_modules, lora_dropout)
+            lora_lib.add_lora(self.model, self.lora_rank, lora_alpha, lora_target_modules, lora_dropout, lora_init)
         else:
             self.model.requires_grad_(True)
         if device is not None:
