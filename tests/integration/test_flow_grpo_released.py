@@ -336,3 +336,24 @@ def test_one_flow_grpo_iteration_equals_the_released_trainers(sd3_folder, monkey
         p_tol = lr * torch.clamp(first + 2.5 * dg / (v_hat.sqrt() + eps), max=3.0) + 8 * EPS32 * p_rel.detach().abs()
         assert ((p_ours.detach() - p_rel.detach()).abs() <= p_tol + 1e-12).all(), n
     assert any(not torch.equal(p0, p) for p0, p in zip(start.parameters(), ad.model.parameters()))
+
+
+def test_lora_gaussian_init_is_the_released_one(sd3_folder):
+    """model.kwargs.lora_init: gaussian (released LoraConfig(init_lora_weights="gaussian")): every A ~ N(0, 1 / r),
+    B = 0, so the adapter starts at the base model; the default init draws A from a bounded uniform instead."""
+    r = 4
+    ad = _adapter(sd3_folder, lora_rank=r, lora_alpha=8, lora_init="gaussian",
+                  lora_target_modules=["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj"])
+    a = torch.cat([p.detach().reshape(-1) for n, p in ad.model.named_parameters() if "lora_A" in n])
+    b = [p for n, p in ad.model.named_parameters() if "lora_B" in n]
+    assert b and all(torch.equal(p, torch.zeros_like(p)) for p in b)
+    n = a.numel()
+    # the sample std of n normal draws is within 5 / sqrt(2 n) of the true one (relative), all but surely
+    assert abs(float(a.std()) * r - 1.0) < 5 / math.sqrt(2 * n)
+    default = _adapter(sd3_folder, lora_rank=r, lora_alpha=8,
+                       lora_target_modules=["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj"])
+    a0 = torch.cat([p.detach().reshape(-1) for n_, p in default.model.named_parameters() if "lora_A" in n_])
+    # peft's default: Kaiming-uniform, bounded by 1 / sqrt(fan_in) (every adapted layer reads 32 features here)
+    assert float(a0.abs().max()) <= 1 / math.sqrt(32) + 1e-6 < float(a.abs().max())
+    with pytest.raises(ValueError, match="lora_init"):
+        _adapter(sd3_folder, lora_rank=r, lora_init="normal")
