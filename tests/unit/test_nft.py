@@ -244,3 +244,37 @@ def test_old_policy_is_the_released_ema_and_the_rollouts_sample_with_it():
         assert all(torch.equal(p.detach().double(), w[n]) for n, p in ad.model.named_parameters() if p.requires_grad)
     assert m["train/kl"] > 0
     assert objective.state_dict() == {"optimizer_steps": steps}
+
+
+def test_old_policy_and_step_count_are_checkpointed(tmp_path):
+    """The old policy (sharded like the weights: a DCP entry of its own) and the optimiser-step count that sets its
+    decay come back with a resumed trainer."""
+    from fastvideo_grpo.rewards import rules  # noqa: F401
+    from fastvideo_grpo.rewards.build import build_reward_fns
+    from fastvideo_grpo.toy.shapes import split_prompts
+    from fastvideo_grpo.training.checkpoint import load_trainer_checkpoint, save_trainer_checkpoint
+
+    cfg = load_config(None, [
+        "--sampling.num_steps=3", "--sampling.eta=0.0", "--grpo.objective=nft", "--grpo.shared_noise=false",
+        "--grpo.tau=1.0", "--grpo.group_size=2", "--grpo.prompts_per_iteration=1", "--grpo.num_updates_per_iteration=1",
+        "--rewards=[{name: toy_colour_fidelity}]", "--optim.lr=3e-2", "--train.seed=2"])
+    fns, weights = build_reward_fns(cfg.rewards)
+    prompts, _ = split_prompts(seed=0)
+
+    def fresh():
+        ad = _toy()
+        return GRPOTrainer(cfg, ad, fns, weights, PromptSource(prompts, ad.encode_prompts, seed=2))
+
+    trainer = fresh()
+    for _ in range(2):
+        trainer.train_iteration()
+    path = save_trainer_checkpoint(trainer, tmp_path / "checkpoints")
+    resumed = fresh()
+    assert resumed.objective.optimizer_steps == 0
+    load_trainer_checkpoint(resumed, path)
+    assert resumed.objective.optimizer_steps == trainer.objective.optimizer_steps == 2
+    for name, t in trainer.objective.old.copy.items():
+        assert torch.equal(resumed.objective.old.copy[name], t), name
+    # the old policy is not the weights (decay 0.002 after 2 steps): restoring it is not restoring the model
+    assert any(not torch.equal(t, p.detach()) for (n, p), t in zip(trainer.adapter.model.named_parameters(),
+                                                                    trainer.objective.old.copy.values()))
