@@ -233,11 +233,7 @@ class Trainer:
             traj, adv, settings = self._drop_zero_advantage(traj, adv, settings)
         batch = TrainBatch(self.adapter, schedule, traj, adv, autocast_dtype=self.autocast_dtype,
                            reference=self.reference, generator=self.generator, guidance=g.train_guidance)
-        if traj.batch_size:
-            stats = update(self.objective, batch, self.optimizer, settings, self.lr_scheduler)
-        else:  # every advantage is 0 and every sample was dropped: nothing to train on
-            stats = {f"train/{n}": 0.0 for n in self.objective.stat_names}
-            stats.update({"train/grad_norm": 0.0, "train/num_updates": 0})
+        stats = update(self.objective, batch, self.optimizer, settings, self.lr_scheduler)
         t3 = time.perf_counter()
         self.iteration += 1
         return self._metrics(rewards, stats, adv, zero_groups, window, B, (t0, t_dec, t1, t2, t3))
@@ -251,18 +247,20 @@ class Trainer:
     def _drop_zero_advantage(self, traj, adv, settings):
         """The samples with a nonzero advantage, and the micro-batch size that splits them into as many
         micro-batches as the whole batch had (released Flow-GRPO, ``train_sd3.py`` 796-834): their count is padded
-        to a multiple of that number with dropped samples drawn at random (``self.generator``)."""
+        to a multiple of that number (at least one each) with dropped samples drawn at random (``self.generator``).
+        Each rank drops its own; every rank keeps the same number of micro-batches and optimiser steps."""
         B = traj.batch_size
         micro = settings.micro_batch_size or B
         chunks = -(-B // micro)
         keep = (adv.detach().cpu() != 0)
         n = int(keep.sum())
-        if n % chunks:
+        # at least one sample per micro-batch, so every data-parallel rank runs the same micro-steps (FSDP's
+        # collectives) even when all its advantages are 0 (the update then only moves the KL term)
+        need = chunks - n % chunks if n % chunks or n == 0 else 0
+        if need:
             dropped = torch.nonzero(~keep).reshape(-1)
-            need = chunks - n % chunks
-            if dropped.numel() >= need:
-                keep[dropped[torch.randperm(dropped.numel(), generator=self.generator)[:need]]] = True
-                n += need
+            pick = dropped[torch.randperm(dropped.numel(), generator=self.generator)[:need]]
+            keep[pick] = True
         idx = torch.nonzero(keep).reshape(-1)
         self._kept = int(idx.numel())
         if self._kept == B:

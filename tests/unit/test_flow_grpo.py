@@ -191,3 +191,12 @@ def test_zero_advantage_samples_leave_the_update_padded_to_the_micro_batches():
     assert m["train/kept_samples"] == 6 and seen["settings"].micro_batch_size == 2
     assert batch.traj.prompts.count("one red square") == 4 and (batch.advantages_B == 0).sum() == 2
     assert m["passes/backward"] == 6 * 2  # 6 samples x the 2 trained steps
+    # every advantage 0: one sample per micro-batch is kept, so every data-parallel rank runs the same micro-steps
+    trainer.reward_fns = {"r": lambda images, ps, **_: (torch.full((len(ps),), 0.3), {})}
+    trainer_mod.update = spy
+    try:
+        with pytest.warns(UserWarning, match="identical rewards"):
+            m = trainer.train_iteration()
+    finally:
+        trainer_mod.update = real
+    assert m["train/kept_samples"] == 3 and seen["settings"].micro_batch_size == 1 and m["train/num_updates"] == 1
