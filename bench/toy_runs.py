@@ -1,7 +1,8 @@
 """Shared machinery of the toy-scale comparison scripts (bench/ablations.py, bench/algorithms.py).
 
 A variant is the demo config plus overrides, trained from the same cached pretrained toy model by
-``run_demo``. Results are kept in ``<out>/results.json`` under keys ``name/seedN/tag``, where ``tag``
+``run_demo`` (``TOY_CACHE``: the one ``make demo`` caches, outputs/toy_pretrained under the working folder,
+where ``make`` runs them; ``extra.pretrain_cache`` names another). Results are kept in ``<out>/results.json`` under keys ``name/seedN/tag``, where ``tag``
 hashes the resolved base config and the script's own settings: a rerun with the same settings reuses
 finished runs (resumable), a changed setting reruns, an edited comment does not.
 """
@@ -19,6 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastvideo_grpo.config import RunConfig, load_config, to_dict  # noqa: E402
 from fastvideo_grpo.utils.io import atomic_write_json  # noqa: E402
 from fastvideo_grpo.cli.demo import run_demo  # noqa: E402
+
+#: the pretrained toy model's cache shared by every variant: `make demo`'s (outputs/demo -> outputs/toy_pretrained)
+TOY_CACHE = "outputs/toy_pretrained"
 
 
 def config_tag(config: str, *settings) -> str:
@@ -50,7 +54,7 @@ def run_variant(config: str, overrides: Sequence[str], run_dir: Path, seed: int,
                 extra: Sequence[str] = ()) -> Dict:
     """Train one variant (no images written); returns the demo's summary."""
     cfg = variant_config(config, overrides, run_dir, seed, iterations, extra)
-    return run_demo(cfg, progress=False, write_images=False)
+    return run_demo(cfg, progress=False, write_images=False, cache_dir=cfg.extra.get("pretrain_cache") or TOY_CACHE)
 
 
 def mean(values: List[float]) -> float:

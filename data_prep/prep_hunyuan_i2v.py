@@ -9,7 +9,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from fastvideo_grpo.cli.common import cli_entry  # noqa: E402
 from fastvideo_grpo.data.prep import main  # noqa: E402
 
-if __name__ == "__main__":
-    main(sys.argv[1:], family="hunyuan_i2v")
+if __name__ == "__main__":  # a user error: one error line, exit status 2
+    cli_entry(main, sys.argv[1:], "hunyuan_i2v")

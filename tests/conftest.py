@@ -1,15 +1,23 @@
 """Test-session settings: one intra-op thread (tiny models run much faster without thread
-hand-offs, and CI shares two cores), fixed default seed, and the ``tiny`` fixture (tiny real-model runs
-from tests/support/tiny_runs.py; tests/ is on sys.path, so test modules import ``support.*``)."""
+hand-offs, and CI shares two cores), fixed default seed, and the ``tiny``
+fixture (tiny real-model runs from tests/support/tiny_runs.py; tests/ is on sys.path, so test modules
+import ``support.*``).
+
+``FVG_TEST_THREADS=N`` runs the session (and the worker processes the tests start) with N intra-op
+threads instead of 1: one of the alternative math settings of ``make test-mathpaths``
+(docs/reproducibility.md), which shows whether an assertion silently relies on a thread count.
+"""
 
 import pytest
 import torch
 
+from support.threads import TEST_THREADS
+
 
 @pytest.fixture(autouse=True, scope="session")
-def _single_thread():
+def _test_threads():
     prev = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     yield
     torch.set_num_threads(prev)
 

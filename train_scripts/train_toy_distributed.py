@@ -16,31 +16,29 @@ grpo.prompts_per_iteration is per data-parallel rank. The same loop as every oth
 checkpoints/latest and export/ under train.output_dir.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastvideo_grpo.config import load_config  # noqa: E402
+from fastvideo_grpo.cli.common import cli_entry, config_parser, parse_config  # noqa: E402
 from fastvideo_grpo.cli.train import recipe_path  # noqa: E402
 from fastvideo_grpo.training.runner import PromptSets, run  # noqa: E402
-from fastvideo_grpo.cli.demo import toy_adapter_factory  # noqa: E402
+from fastvideo_grpo.cli.demo import check_toy_run, toy_adapter_factory  # noqa: E402
 from fastvideo_grpo.toy.shapes import split_prompts  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=recipe_path("configs/toy_cpu.yaml"),
-                        help="YAML recipe (default: %(default)s, found from any working folder)")
-    parser.add_argument("--resume", default=None, help="checkpoint folder, 'latest' or 'auto' (sets train.resume)")
-    args, overrides = parser.parse_known_args(argv)
-    if args.resume is not None:
-        overrides = list(overrides) + [f"--train.resume={args.resume}"]
-    cfg = load_config(args.config, overrides)
+    args, cfg, _ = parse_config(config_parser(None, __doc__, recipe_path("configs/toy_cpu.yaml")), argv)
+    if args.print_config:
+        return {"printed": True}
+    if args.check:
+        print(check_toy_run(cfg), flush=True)
+        return {"checked": True}
     train_prompts, held_prompts = split_prompts(seed=0)
-    return run(cfg, toy_adapter_factory(cfg, train_prompts), PromptSets(train_prompts, held_prompts))
+    return run(cfg, toy_adapter_factory(cfg, train_prompts, progress=cfg.log.progress),
+               PromptSets(train_prompts, held_prompts))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a user error exits 2, a stop 3 / 6 (a stalled rank) / 7 (a full disk), a graceful
+    cli_entry(main)           # stop (SIGTERM...) 0: one line each, no traceback

@@ -4,40 +4,57 @@ Single process (what `make demo` runs):
     python train_scripts/train_toy_grpo.py --config configs/toy_cpu.yaml
 Any config field can be overridden:
     python train_scripts/train_toy_grpo.py --config configs/toy_cpu.yaml --train.num_iterations=50 --grpo.tau=1.0
+Check the settings and the output folder only (nothing is pretrained or trained):
+    python train_scripts/train_toy_grpo.py --check
+The same flags as every train script: --output-dir, --resume latest|auto|<folder>, --overwrite, --no-progress,
+--print-config (the resolved config, each value with where it came from); --pretrain-cache DIR: where the
+pretrained toy model is cached (default: toy_pretrained/ beside the output folder; extra.pretrain_cache).
 
 Writes to train.output_dir (default outputs/demo): summary.json, reward_curve.png, eval_curve.png,
 samples_before_after.png, metrics.jsonl, config.yaml, policy.pt.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastvideo_grpo.config import load_config  # noqa: E402
+from fastvideo_grpo.cli.common import cli_entry, config_parser, parse_config  # noqa: E402
+from fastvideo_grpo.cli.demo import check_toy_run, pretrain_cache, run_demo  # noqa: E402
 from fastvideo_grpo.cli.train import recipe_path  # noqa: E402
-from fastvideo_grpo.training.loop import run_cli  # noqa: E402
-from fastvideo_grpo.cli.demo import run_demo  # noqa: E402
+
+
+def build_parser():
+    p = config_parser(None, __doc__, recipe_path("configs/toy_cpu.yaml"))
+    p.add_argument("--pretrain-cache", default=None,
+                   help="folder of the cached pretrained toy model (sets extra.pretrain_cache; default: "
+                        "toy_pretrained/ beside the output folder)")
+    return p
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=recipe_path("configs/toy_cpu.yaml"),
-                        help="YAML recipe (default: %(default)s, found from any working folder)")
-    parser.add_argument("--no-progress", action="store_true", help="disable progress bars")
-    args, overrides = parser.parse_known_args(argv)
-    cfg = load_config(args.config, overrides)
-    summary = run_demo(cfg, progress=not args.no_progress)
+    parser = build_parser()
+    args, cfg, _ = parse_config(parser, argv)
+    if args.print_config:
+        return {"printed": True}
+    if args.pretrain_cache:
+        cfg.extra["pretrain_cache"] = args.pretrain_cache
+    if args.check:
+        print(check_toy_run(cfg), flush=True)
+        return {"checked": True}
+    summary = run_demo(cfg, progress=cfg.log.progress)
     keys = ["reward_before", "reward_after", "improvement_abs", "improvement_rel", "per_reward_before",
             "per_reward_after", "extras_before", "extras_after", "success_rate_before", "success_rate_after",
             "background_before", "background_after", "wall_time_s"]
-    print(json.dumps({k: summary[k] for k in keys}, indent=2))
-    print(_closing_lines(summary))
+    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
+    if "reward_before" in summary:
+        print(_closing_lines(summary))
     if summary.get("watchdog"):
         print(_watchdog_lines(summary["watchdog"]))
-    print(f"outputs in {cfg.train.output_dir}/ (summary.json, reward_curve.png, samples_before_after.png)")
+    print(f"outputs in {cfg.train.output_dir}/ (summary.json, reward_curve.png, samples_before_after.png); "
+          f"pretrained toy model cached in {pretrain_cache(cfg)}/")
+    return summary
 
 
 def _closing_lines(s) -> str:
@@ -67,4 +84,4 @@ def _watchdog_lines(w) -> str:
 
 
 if __name__ == "__main__":  # a user error exits 2, a stop (divergence, train.watchdog.stop) 3 / 5, no traceback
-    run_cli(main)
+    cli_entry(main)

@@ -29,6 +29,7 @@ class PassCounter:
 
     def __init__(self):
         self._phase = "update"
+        self.on_forward = None  # optional callback (phase, samples) after each counted forward (a progress bar)
         self.reset()
 
     def reset(self) -> None:
@@ -53,6 +54,8 @@ class PassCounter:
             out = predict(latents, timestep_B, cond, *args, **kwargs)
             n = int(latents.shape[0])
             self.forward[self._phase] += n
+            if self.on_forward is not None:
+                self.on_forward(self._phase, n)
             if isinstance(out, torch.Tensor) and out.requires_grad:
                 out.register_hook(lambda _grad, n=n: self._count_backward(n))
             return out

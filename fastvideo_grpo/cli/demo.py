@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -32,14 +32,58 @@ from ..toy.shapes import split_prompts
 _TOY_MODEL_KWARGS = {"shift", "balance_grad", "frozen", "frozen_below"}
 
 
-def toy_adapter_factory(cfg: RunConfig, train_prompts, cache_dir: str = "outputs/toy_pretrained",
-                        progress: bool = True, record: Dict = None) -> Callable[[torch.device], ToyAdapter]:
-    """``device -> ToyAdapter`` over the cached pretrained toy model (``extra.pretrain`` settings): rank 0
-    pretrains (or loads) it first, the other ranks then load it. ``record`` receives the checkpoint
-    path and the seconds spent pretraining."""
+def pretrain_cache(cfg: RunConfig, cache_dir: Optional[str] = None) -> Path:
+    """Where the pretrained toy model is cached: ``cache_dir``, else ``extra.pretrain_cache``, else
+    ``toy_pretrained/`` beside the run's output folder (``outputs/demo`` -> ``outputs/toy_pretrained``), so runs
+    side by side share it whatever folder they are started from."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    if cfg.extra.get("pretrain_cache"):
+        return Path(str(cfg.extra["pretrain_cache"])).expanduser()
+    return Path(cfg.train.output_dir).expanduser().parent / "toy_pretrained"
+
+
+def check_toy_run(cfg: RunConfig, cache_dir: Optional[str] = None) -> str:
+    """The toy entry points' ``--check``: the start-up checks of a toy run without pretraining or training
+    (objective, estimator, sampler, rewards, watchdog, toy and pretraining settings, the output folder and
+    ``--resume``); returns a line saying what the run would do."""
+    from ..algorithms.advantages import build_estimator
+    from ..algorithms.objectives import build_objective
+    from ..algorithms.samplers import ROLLOUTS
+    from ..rewards.build import build_reward_fns
+    from ..training.checkpoint import resolve_resume
+    from ..training.run_folder import check_fresh_start
+    from ..training.watchdog import check_watchdog
+    from .pretrain import checkpoint_path, pretrain_settings
+
+    _check_toy_kwargs(cfg)
+    build_objective(cfg)
+    build_estimator(cfg)
+    ROLLOUTS.get(cfg.sampling.rollout)
+    check_watchdog(cfg)
+    build_reward_fns(cfg.rewards)
+    out = Path(cfg.train.output_dir)
+    resume = resolve_resume(cfg.train.resume, out / "checkpoints")
+    check_fresh_start(out, resuming=resume is not None, overwrite=cfg.train.overwrite)
+    ckpt = checkpoint_path(pretrain_cache(cfg, cache_dir), pretrain_settings(dict(cfg.extra.get("pretrain", {}))))
+    cached = "cached" if ckpt.is_file() else "not cached yet: pretrained first"
+    start = f"resumes from {resume}" if resume is not None else "starts fresh"
+    return f"config OK: the run {start} in {out}; pretrained toy model {ckpt} ({cached})"
+
+
+def _check_toy_kwargs(cfg: RunConfig) -> None:
     unknown = set(cfg.model.kwargs) - _TOY_MODEL_KWARGS
     if unknown:
         raise ValueError(f"model.kwargs {sorted(unknown)} are not toy settings (known: {sorted(_TOY_MODEL_KWARGS)})")
+
+
+def toy_adapter_factory(cfg: RunConfig, train_prompts, cache_dir: Optional[str] = None,
+                        progress: bool = True, record: Dict = None) -> Callable[[torch.device], ToyAdapter]:
+    """``device -> ToyAdapter`` over the cached pretrained toy model (``extra.pretrain`` settings; cached under
+    ``pretrain_cache(cfg, cache_dir)``): rank 0 pretrains (or loads) it first, the other ranks then load it.
+    ``record`` receives the checkpoint path and the seconds spent pretraining."""
+    _check_toy_kwargs(cfg)
+    cache_dir = str(pretrain_cache(cfg, cache_dir))
     pre = dict(cfg.extra.get("pretrain", {}))
 
     def build(device) -> ToyAdapter:
@@ -65,7 +109,8 @@ def _headline(ev: Dict) -> float:
 
 class DemoReport(Component):
     """The demo's own outputs: before / after grid and policy.pt (``write_images``), and the before /
-    after numbers, timings and settings in the summary."""
+    after numbers, timings and settings in the summary. A resumed run gets the "before" evaluation (and its
+    samples) back from the run folder (loop.Evaluator), so its outputs equal an uninterrupted run's."""
 
     def __init__(self, parts: RunParts, write_images: bool, t_start: float, pretrain: Dict):
         self.parts, self.write_images, self.t_start, self.pretrain = parts, write_images, t_start, pretrain
@@ -76,14 +121,20 @@ class DemoReport(Component):
 
     def on_end(self, state):
         ev = self.parts.evaluator
-        if self.write_images and state.is_main and ev.first and ev.last:
+        if self.write_images and ev.first and ev.last and "images" in ev.first:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
             from ..training.ema import weights_for_eval
 
+            adapter = self.parts.trainer.adapter
             with weights_for_eval(self.parts.trainer.ema):  # the EMA weights when train.ema_decay is set
-                adapter = self.parts.trainer.adapter
-                save_toy_model(adapter.model, state.out / "policy.pt", adapter.autoencoder)
-            _write_grids(ev.first, ev.last, state.out, self.parts.cfg.eval.samples_per_prompt,
-                         self.parts.eval_fns)
+                # collective under FSDP2: every rank gathers, the main rank writes whole (not its shards) weights
+                full = get_model_state_dict(adapter.model, options=StateDictOptions(full_state_dict=True,
+                                                                                    cpu_offload=True))
+            if state.is_main:
+                save_toy_model(adapter.model, state.out / "policy.pt", adapter.autoencoder, state_dict=full)
+                _write_grids(ev.first, ev.last, state.out, self.parts.cfg.eval.samples_per_prompt,
+                             self.parts.eval_fns)
         return {}
 
     def summary(self) -> Dict:
@@ -116,7 +167,7 @@ class DemoReport(Component):
         }
 
 
-def run_demo(cfg: RunConfig, progress: bool = True, cache_dir: str = "outputs/toy_pretrained",
+def run_demo(cfg: RunConfig, progress: bool = True, cache_dir: Optional[str] = None,
              write_images: bool = True) -> Dict:
     """The demo run; returns its summary (also in ``<output_dir>/summary.json``)."""
     t_start = time.perf_counter()
@@ -173,9 +224,10 @@ def _write_grids(before: Dict, after: Dict, out: Path, samples_per_prompt: int, 
 
 
 @POLICIES.register("toy")
-def toy_policy(cfg, device, cache_dir: str = "outputs/toy_pretrained"):
-    """The toy demo's policy for ``--suite``: its pretrained model (cached under ``cache_dir``, pretrained there if
-    missing) with the run's model settings; any suite runs on it (``--policy-args '{cache_dir: ...}'``)."""
+def toy_policy(cfg, device, cache_dir: Optional[str] = None):
+    """The toy demo's policy for ``--suite``: its pretrained model (cached under ``cache_dir``, default
+    ``pretrain_cache(cfg)``, pretrained there if missing) with the run's model settings; any suite runs on it
+    (``--policy-args '{cache_dir: ...}'``)."""
     if cfg.model.kwargs.get("checkpoint"):  # a toy model saved to a file (model.kwargs.checkpoint): the registry
         from ..models import build_policy
 

@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..config import RunConfig, load_config
+from .common import add_shared_flags, check_unknown_flags, print_config
 from ..utils.dtypes import autocast_dtype
 
 BASE = "base"
@@ -57,23 +58,48 @@ def resolve_checkpoint(spec: str) -> "tuple[str, Optional[Path]]":
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {spec!r} does not exist (an export folder, a checkpoints/step_N "
                                 f"folder, a run folder, or 'base')")
+    from ..training.export import export_kind
+
     if (p / ".metadata").is_file():
         return "dcp", p
     if (p / LATEST).is_file():
         return "dcp", resolve_resume(str(p), p)
-    if any(p.glob("*.safetensors")):
+    if export_kind(p):
         return "export", p
     if (p / "config.yaml").is_file():  # a run folder
-        if (p / "export").is_dir() and any((p / "export").glob("*.safetensors")):
+        if export_kind(p / "export"):
             return "export", p / "export"
         if (p / "checkpoints" / LATEST).is_file():
             return "dcp", resolve_resume("latest", p / "checkpoints")
-    raise FileNotFoundError(f"{spec!r} holds no weights: expected *.safetensors (an export), a DCP .metadata "
-                            f"file, a 'latest' pointer, or a run folder with export/ or checkpoints/")
+    raise FileNotFoundError(f"{spec!r} holds no weights: expected an export (a pipeline folder, LoRA weights or "
+                            f"*.safetensors), a DCP .metadata file, a 'latest' pointer, or a run folder with export/ "
+                            f"or checkpoints/")
+
+
+def _check_lora_metadata(lora_file: Path, module) -> None:
+    """The adapter metadata an export stores (rank, alpha) against the LoRA layers the config built."""
+    import json
+
+    from safetensors import safe_open
+
+    from ..training.export import lora_config
+
+    with safe_open(str(lora_file), framework="pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    own = lora_config(module)
+    if not raw or own is None:
+        return
+    meta = {k.split(".", 1)[-1]: v for k, v in json.loads(raw).items()}
+    for key, name in (("r", "lora_rank"), ("lora_alpha", "lora_alpha")):
+        if key in meta and float(meta[key]) != float(getattr(own, key)):
+            raise ValueError(f"{lora_file} was trained with {key} = {meta[key]}, but the config builds {key} = "
+                             f"{getattr(own, key)}: set model.kwargs.{name} as in training (the run's config.yaml)")
 
 
 def load_exported(adapter, folder: Path) -> None:
-    """Load weights written by ``checkpoint.export_weights`` / ``save_pretrained`` into the trainable module."""
+    """Load weights written by ``checkpoint.export_weights`` / ``save_pretrained`` into the trainable module:
+    LoRA weights (their rank / alpha checked against the config's), a pipeline folder's denoiser subfolder,
+    or a folder of *.safetensors."""
     from safetensors.torch import load_file
 
     from ..models.lora import LORA_FILE, from_file_keys
@@ -87,8 +113,15 @@ def load_exported(adapter, folder: Path) -> None:
         if missing or not any("lora_" in n for n in own):
             raise ValueError(f"{lora_file} does not match the model's LoRA layers (set model.kwargs.lora_rank / "
                              f"lora_target_modules as in training); unmatched keys: {missing[:3]}")
+        _check_lora_metadata(lora_file, module)
         module.load_state_dict(sd, strict=False)
         return
+    sub = getattr(adapter, "model_subfolder", None)
+    if not any(folder.glob("*.safetensors")) and sub and (folder / sub).is_dir():
+        folder = folder / sub  # a pipeline export: the trained denoiser's folder
+    if any("lora_" in n for n, _ in module.named_parameters()):
+        raise ValueError(f"{folder} holds a full model (a fused LoRA or a full fine-tune) but the config adds LoRA "
+                         "layers: evaluate it with model.kwargs.lora_rank=0")
     files = sorted(folder.glob("*.safetensors"))
     sd = {}
     for f in files:
@@ -153,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two checkpoints side by side, with a B - A row")
     p.add_argument("--names", nargs="+", help="row labels (default: the folder names)")
     p.add_argument("--config", help="run config (default: config.yaml of the first checkpoint's run folder)")
-    p.add_argument("--out", help="output folder (default: <run>/eval or ./eval_out)")
+    p.add_argument("--out", "--output-dir", dest="out", help="output folder (default: <run>/eval or ./eval_out)")
     p.add_argument("--split", default="eval", choices=["eval", "train", "all"],
                    help="prompts: the held-out split of data.* (default), the training split, or all")
     p.add_argument("--num-prompts", type=int, default=0, help="first N prompts of the split (0 = all)")
@@ -163,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="noise seed (default: eval.seed)")
     p.add_argument("--grid-prompts", type=int, default=4, help="prompts shown in eval_grid.png (0 = no grid)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_shared_flags(p, ("no_progress", "check"))
     return p
 
 
@@ -176,7 +210,9 @@ def main(argv=None) -> Dict:
     from ..rewards.build import build_eval_reward_fns, build_reward_fns
     from ..algorithms.rollout import sampling_memory
 
-    args, overrides = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    check_unknown_flags(parser, overrides)
     for flag, v in (("--samples-per-prompt", args.samples_per_prompt), ("--num-steps", args.num_steps),
                     ("--batch-size", args.batch_size)):
         if v is not None and v < 1:
@@ -200,7 +236,17 @@ def main(argv=None) -> Dict:
         config = str(run_dir / "config.yaml")
     cfg = load_config(config, overrides)
     cfg.train.resume = None
+    if args.print_config:
+        print_config(cfg, config, overrides)
+        return {"printed": True}
+    if cfg.data.prompts and not (cfg.data.manifest and Path(cfg.data.manifest).is_file()):
+        from ..data.prompt_cache import prepare_prompt_embeddings  # prompts straight in: their cached embeddings
+
+        prepare_prompt_embeddings(cfg, check_only=args.check, progress=not args.no_progress)
     manifest = preflight(cfg)  # missing model / embeddings / reward weights: fail before loading anything
+    if args.check:
+        print("config, checkpoints and files OK", flush=True)
+        return {"checked": True}
     names = args.names or [BASE if k == BASE else p.name for k, p in resolved]
     if len(names) != len(specs):
         raise ValueError(f"--names has {len(names)} labels for {len(specs)} checkpoints")
@@ -233,7 +279,7 @@ def main(argv=None) -> Dict:
                                  "use --split all or set data.eval_manifest")
             encode = EmbeddingLookup([ds], device)
         encode.device = device
-        ev = distributed_evaluate(adapter, prompts, reward_fns, steps, encode, **kw)
+        ev = distributed_evaluate(adapter, prompts, reward_fns, steps, encode, progress=not args.no_progress, **kw)
         rows.append({"name": name, "checkpoint": str(path) if path else BASE, "kind": kind, **ev})
         print(f"{name}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev["mean"].items()), flush=True)
         if args.grid_prompts:

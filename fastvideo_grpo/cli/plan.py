@@ -56,6 +56,15 @@ REWARD_PARAMS = {"hps": (986e6, 4), "clip_score": (986e6, 4), "pickscore": (986e
                  "video_align": (2.2e9, 2)}
 
 
+def _reward_bytes(rc) -> float:
+    """Bytes of a reward's model: the wrapped reward's for a wrapper (binary, win_rate: REWARDS.resolve_wrapped)."""
+    from ..rewards import REWARDS
+
+    name = REWARDS.resolve_wrapped(rc.name, rc.kwargs)[0] if rc.name in REWARDS.names() else rc.name
+    params, nbytes = REWARD_PARAMS.get(name, (0, 0))
+    return params * nbytes
+
+
 # ----------------------------------------------------------------------------- architecture files
 
 
@@ -156,14 +165,24 @@ class SavedTensors:
             h.remove()
 
 
-def _attention_flops(adapter, batch: int) -> float:
-    """4 * B * heads * N^2 * head_dim per attention layer (QK^T and PV), summed over the full model."""
-    n = adapter_tokens(adapter)
+def attention_shape(adapter) -> Tuple[int, int, int]:
+    """(heads, head dim, attention layers) of the full model: the adapter's ``attention_shape()`` when it has one
+    (a family whose config names them otherwise), else diffusers' usual config names; 0s when unknown."""
+    hook = getattr(adapter, "attention_shape", None)
+    if callable(hook):
+        return tuple(int(v) for v in hook())
     c = adapter.model.config
     heads = getattr(c, "num_attention_heads", 0)
     hd = getattr(c, "attention_head_dim", 0)
     layers = sum(int(getattr(c, k, 0)) for k in ("num_layers", "num_single_layers"))
-    if not (heads and hd and layers and isinstance(hd, int)):
+    return (heads if isinstance(heads, int) else 0), (hd if isinstance(hd, int) else 0), layers
+
+
+def _attention_flops(adapter, batch: int) -> float:
+    """4 * B * heads * N^2 * head_dim per attention layer (QK^T and PV), summed over the full model."""
+    n = adapter_tokens(adapter)
+    heads, hd, layers = attention_shape(adapter)
+    if not (heads and hd and layers):
         return 0.0
     return 4.0 * batch * heads * n * n * hd * layers
 
@@ -216,11 +235,17 @@ def measure(cfg, arch: Dict, micro_batch: int, rollout_batch: int, decode_batch:
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
     from torch.utils.flop_counter import FlopCounterMode
 
+    from .repeat_memo import RepeatedCallMemo, vae_children
     from .vae_blend import vectorise_blends
 
     t0 = time.perf_counter()
     small = reduced(arch)
     out = Measured()
+    # LoRA: the graph is measured without the adapters (peft cannot add them to fake parameters): an upper bound of
+    # the activations, since LoRA saves the inputs the full fine-tuning graph saves for its targeted layers and none
+    # for the frozen weights' gradients; the trained parameters (static memory) are counted on the real model
+    cfg = copy.deepcopy(cfg)
+    cfg.model.kwargs = {k: v for k, v in cfg.model.kwargs.items() if not k.startswith("lora_")}
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # the compute dtype of FSDP2's mixed precision
     try:
@@ -264,7 +289,8 @@ def measure(cfg, arch: Dict, micro_batch: int, rollout_batch: int, decode_batch:
             zd = torch.zeros((decode_batch,) + tuple(adapter.latent_shape()), dtype=torch.float32)
             with torch.no_grad():
                 with FlopCounterMode(display=False) as fc2, LivePeak() as lp:
-                    adapter.decode(zd)
+                    with RepeatedCallMemo(vae_children(getattr(adapter, "vae", None)), fc2, lp):
+                        adapter.decode(zd)  # a tile or latent frame of a seen shape is replayed, not re-run
                 out.decode_peak = lp.peak
                 out.decode_flops = fc2.get_total_flops() / decode_batch
     finally:
@@ -425,8 +451,7 @@ def plan(cfg, gpus: int, gpu_mem_gib: float = 80.0, arch_path=None, mfu: float =
         "unsharded_blocks": ((2 * params["largest_block"] + params["root"]) * 2 if params["blocks"]
                              else P * 2),
         "vae": params["vae"] * store,
-        "reward_models": sum(REWARD_PARAMS.get(rc.name, (0, 0))[0] * REWARD_PARAMS.get(rc.name, (0, 2))[1]
-                             for rc in cfg.rewards),
+        "reward_models": sum(_reward_bytes(rc) for rc in cfg.rewards),
     }
     # ---- training micro-step activations (per GPU: Ulysses splits every token-wise tensor over sp)
     frac = float(cfg.parallel.activation_checkpointing or 0.0)
@@ -444,10 +469,14 @@ def plan(cfg, gpus: int, gpu_mem_gib: float = 80.0, arch_path=None, mfu: float =
     latent = math.prod(adapter.latent_shape()) * 4
     passes = passes_per_iteration(cfg)
     K = passes["trained_steps"]
-    # the kept transitions, the final latents, and the reference / old-policy outputs of every trained step
-    # (the objective evaluates them before the first optimiser step)
+    from ..algorithms.objectives import build_objective
+
+    # the kept transitions (z_t, z_s and, for objectives that compare step means, the rollout's mean), the final
+    # latents, and the reference / old-policy outputs of every trained step (the objective evaluates them before
+    # the first optimiser step)
+    per_step = 3 if build_objective(cfg).needs_step_means else 2
     extra_outputs = passes["forward_update"] // max(1, passes["backward"]) - 1
-    mem["trajectory"] = rank_batch * (2 * K * latent + latent) + passes["backward"] * extra_outputs * latent
+    mem["trajectory"] = rank_batch * (per_step * K * latent + latent) + passes["backward"] * extra_outputs * latent
     # copies of the trainable weights: the KL reference of a full fine-tuning run, DiffusionNFT's old policy
     lora = bool(int(cfg.model.kwargs.get("lora_rank", 0) or 0))
     mem["weight_copies"] = _weight_copies(cfg, lora) * Pt * store / fsdp
@@ -539,8 +568,8 @@ def _text_len(cfg, adapter=None) -> int:
 
 
 def _check_sp(adapter, sp: int) -> None:
-    heads = getattr(adapter.model.config, "num_attention_heads", None)
-    if sp > 1 and isinstance(heads, int) and heads % sp:
+    heads = attention_shape(adapter)[0]
+    if sp > 1 and heads and heads % sp:
         raise ValueError(f"parallel.sp={sp} does not divide the model's {heads} attention heads (Ulysses splits heads)")
 
 
@@ -556,9 +585,9 @@ def suggest(cfg, mem, params, budget, dims, adapter, arch, m, gpus) -> List[str]
         trials.append(("parallel.activation_checkpointing=1.0", {"parallel.activation_checkpointing": 1.0}))
     if cfg.grpo.micro_batch_size != 1:
         trials.append(("grpo.micro_batch_size=1", {"grpo.micro_batch_size": 1}))
-    heads = getattr(adapter.model.config, "num_attention_heads", 0) or 0
+    heads = attention_shape(adapter)[0]
     for sp in (2, 4, 8):
-        if sp > dims.sp and isinstance(heads, int) and heads % sp == 0 and gpus % sp == 0:
+        if sp > dims.sp and heads and heads % sp == 0 and gpus % sp == 0:
             trials.append((f"parallel.sp={sp}", {"parallel.sp": sp}))
     if not cfg.model.kwargs.get("lora_rank"):
         trials.append(("model.kwargs.lora_rank=64 (LoRA: no gradients or AdamW state for the base weights)",

@@ -94,7 +94,8 @@ def train_autoencoder(images: torch.Tensor, cfg: CellAutoencoderConfig, settings
     cells = ae.to_cells(images).reshape(-1, ae.encoder[0].in_features)
     opt = torch.optim.AdamW(ae.parameters(), lr=settings["lr"], weight_decay=0.0)
     g = torch.Generator().manual_seed(seed + 2)
-    bar = tqdm(range(settings["steps"]), desc="pretrain toy autoencoder", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(settings["steps"]), desc="pretrain toy autoencoder", disable=None if progress else True,
+               dynamic_ncols=True)
     for _ in bar:
         x = cells[torch.randint(0, cells.shape[0], (settings["batch_size"],), generator=g)]
         z = ae.encoder(x)
@@ -129,7 +130,7 @@ def pretrain(prompts, settings: Dict, progress: bool = True) -> Tuple[TinyDiT, O
     opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s["lr"], total_steps=s["steps"], pct_start=0.1)
     g = torch.Generator().manual_seed(s["seed"] + 1)
-    bar = tqdm(range(s["steps"]), desc="pretrain toy DiT", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(s["steps"]), desc="pretrain toy DiT", disable=None if progress else True, dynamic_ncols=True)
     ema = None
     for _ in bar:
         idx = torch.randint(0, data.shape[0], (s["batch_size"],), generator=g)

@@ -25,7 +25,9 @@ missing-file errors exit with status 2 and the message (no traceback) when run t
 
 Output folder (``train.output_dir``): config.yaml (fully resolved), metrics.jsonl, tensorboard/,
 reward_curve.png, eval_curve.png, eval/iter_N.json, samples/iter_N.png, checkpoints/step_N/ +
-checkpoints/latest, export/ (diffusers-format weights of the trained denoiser, or LoRA weights).
+checkpoints/latest, export/ (what diffusers loads as it is: a pipeline folder, or LoRA weights with their
+adapter metadata, and a model card; docs/export.md). ``--print-config`` prints the resolved config with each
+value's source and exits; ``data.prompts`` (a prompt file) is embedded first, once, into a cache.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..config import RunConfig, load_config
+from ..config import RunConfig
 from ..training.loop import EXIT_DIVERGED, EXIT_OOM, EXIT_USER_ERROR, TrainingStopped, run_cli  # noqa: F401  (the scripts' API)
 from ..training.preflight import preflight
+from .common import config_parser, parse_config
 
 OOM_HINT = (
     "CUDA ran out of memory. Lower memory with (any of): parallel.sp=<2|4|8> (Ulysses sequence parallel: "
@@ -61,38 +64,14 @@ def recipe_path(name: str) -> str:
 
 
 def build_parser(default_config: Optional[str] = None, description: Optional[str] = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description or __doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Any config field can be overridden: --section.field=value (e.g. "
-                                       "--grpo.group_size=12 --train.output_dir=outputs/x --rewards.0.weight=0.5).")
-    p.add_argument("--config", default=default_config, required=default_config is None,
-                   help="YAML recipe" + (f" (default: {default_config})" if default_config else " (configs/*.yaml)"))
-    p.add_argument("--resume", default=None,
-                   help="checkpoint folder, 'latest' (error when there is none) or 'auto' (latest if any); "
-                        "sets train.resume")
-    p.add_argument("--output-dir", default=None, help="sets train.output_dir")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over in an output folder that holds a run (deletes its checkpoints, metrics, "
-                        "evaluations, export); sets train.overwrite")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (sets log.progress=false)")
-    p.add_argument("--check", action="store_true",
-                   help="only resolve the config and run the start-up checks (files present), then exit")
-    return p
+    """The shared recipe parser (cli/common.py) with every flag: --config, --resume, --output-dir, --overwrite,
+    --no-progress, --check, --print-config."""
+    return config_parser(None, description or __doc__.split("\n")[0], default_config)
 
 
 def parse_args(argv=None, default_config: Optional[str] = None, description: Optional[str] = None
                ) -> Tuple[argparse.Namespace, RunConfig]:
-    args, overrides = build_parser(default_config, description).parse_known_args(argv)
-    overrides = list(overrides)
-    if args.resume is not None:
-        overrides.append(f"--train.resume={args.resume}")
-    if args.output_dir is not None:
-        overrides.append(f"--train.output_dir={args.output_dir}")
-    if args.no_progress:
-        overrides.append("--log.progress=false")
-    if args.overwrite:
-        overrides.append("--train.overwrite=true")
-    cfg = load_config(args.config, overrides)
+    args, cfg, _ = parse_config(build_parser(default_config, description), argv)
     return args, cfg
 
 
@@ -121,6 +100,12 @@ def run(cfg: RunConfig, manifest: Optional[dict] = None, *, stop_after: Optional
 def main(argv=None, default_config: Optional[str] = None, description: Optional[str] = None) -> Dict:
     """Parse, check, train. Raises on errors (see ``cli`` for exit codes)."""
     args, cfg = parse_args(argv, default_config, description)
+    if args.print_config:
+        return {"printed": True}
+    if cfg.data.prompts:  # prompts straight in: their embeddings, computed on first use and cached
+        from ..data.prompt_cache import prepare_prompt_embeddings
+
+        prepare_prompt_embeddings(cfg, check_only=args.check)
     manifest = preflight(cfg)
     if args.check:
         print("config and files OK", flush=True)

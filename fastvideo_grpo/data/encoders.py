@@ -29,6 +29,17 @@ def FamilyEncoder(family: str, components: Dict[str, object], **options) -> Prom
     return encoding_for(family)(components, **options)
 
 
+def encoder_subfolders(cls: Type[PromptEncoding]) -> list:
+    """The subfolders of a model folder that a family's prompt encoding loads (text encoders, their
+    tokenizers, the VAE for reference images)."""
+    need = []
+    for te, _ in cls.text_encoders:
+        need += [te, cls.tokenizer_folder(te)]
+    if cls.vae_class is not None:
+        need.append("vae")
+    return need
+
+
 def load_family_encoder(family: str, model_path, *, dtype=torch.float32, device="cpu", image_embeds: bool = True,
                         **options) -> PromptEncoding:
     """Load ``family``'s encoders from a local diffusers-format folder (see docs/data_prep.md)."""
@@ -39,11 +50,7 @@ def load_family_encoder(family: str, model_path, *, dtype=torch.float32, device=
     if not root.is_dir():
         raise FileNotFoundError(f"model path {str(root)!r} is not a folder; expected a local diffusers-format "
                                 "folder with tokenizer/ and text_encoder/ subfolders (see docs/data_prep.md)")
-    need = []
-    for te, _ in cls.text_encoders:
-        need += [te, cls.tokenizer_folder(te)]
-    if cls.vae_class is not None:
-        need.append("vae")
+    need = encoder_subfolders(cls)
     missing = [s for s in need if not (root / s).is_dir()]
     if missing:
         raise FileNotFoundError(f"model folder {str(root)!r} lacks the subfolders {missing} needed for family "

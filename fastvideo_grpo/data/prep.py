@@ -171,6 +171,10 @@ class PrepJob:
         self.stats["written"] += 1
 
     def write_negative(self) -> None:
+        """Rank 0: the negative prompt's embedding (and removes a killed run's temporary negative / manifest)."""
+        for final in (self.out / NEGATIVE_FILE, self.out / MANIFEST_NAME):
+            for p in final.parent.glob(f".{final.name}.tmp*"):
+                p.unlink(missing_ok=True)
         if self.negative_prompt is None:
             return
         enc = {k: _cast(v[0], self.dtype) for k, v in self.enc.encode_text([self.negative_prompt]).items()}
@@ -181,15 +185,28 @@ class PrepJob:
         if not (p.is_file() and file_sha256(p) == hashlib.sha256(data).hexdigest()):
             atomic_write_bytes(p, data)
 
+    def remove_leftovers(self, shards) -> List[Path]:
+        """Delete the temporary files (``.<name>.tmp<PID>``, manifest.atomic_write_bytes) a killed run left for
+        ``shards``; a shard belongs to one rank, so no other process of this job writes them."""
+        gone = []
+        for k in shards:
+            for final in (self.out / shard_name(k), _sidecar(self.out, k)):
+                for p in final.parent.glob(f".{final.name}.tmp*"):
+                    p.unlink(missing_ok=True)
+                    gone.append(p)
+        return gone
+
     def run_shards(self, rank: int = 0, world_size: int = 1) -> None:
-        """Encode this rank's shards (k % world_size == rank), skipping finished ones."""
+        """Encode this rank's shards (k % world_size == rank), skipping finished ones; a killed run's temporary
+        files for them are removed first."""
         from tqdm import tqdm
 
         self.out.mkdir(parents=True, exist_ok=True)
         mine = [k for k in range(self.num_shards) if k % world_size == rank]
+        self.remove_leftovers(mine)
         total = sum(len(self.shard_records(k)) for k in mine)
         bar = tqdm(total=total, desc=f"[rank {rank}] {self.enc.family} prompts", unit="prompt",
-                   disable=not self.progress, position=rank, leave=rank == 0)
+                   disable=None if self.progress else True, position=rank, leave=rank == 0)
         try:
             for k in mine:
                 if self._shard_is_done(k):
@@ -250,7 +267,8 @@ def build_parser(family: Optional[str] = None) -> argparse.ArgumentParser:
                    "folder holding <split>.txt or <split>_metadata.jsonl (released Flow-GRPO: dataset/pickscore, "
                    "dataset/geneval, dataset/ocr)")
     p.add_argument("--split", default="train", help="with a prompt-set folder: the split to encode (train or test)")
-    p.add_argument("--out", required=True, help="output folder (manifest.json, shards/, negative.safetensors)")
+    p.add_argument("--out", "--output-dir", dest="out", required=True,
+                   help="output folder (manifest.json, shards/, negative.safetensors); rerunning resumes it")
     p.add_argument("--prompt-field", default="prompt", help="jsonl field / csv column holding the prompt")
     p.add_argument("--image-field", default="image", help="jsonl field / csv column with the reference image (I2V)")
     p.add_argument("--blank-lines", default="skip", choices=["skip", "error"])
@@ -283,7 +301,38 @@ def build_parser(family: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--num-frames", type=int, default=None, help="wan_i2v: video frames (4k + 1)")
     p.add_argument("--no-image-embeds", action="store_true", help="wan_i2v: skip the CLIP image embeddings")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="encode every shard again (removes the folder's manifest, shards and negative embedding first)")
+    p.add_argument("--check", action="store_true",
+                   help="only read the prompts and check the model folder (no encoder is loaded), then exit")
     return p
+
+
+def check_job(args, encoding, records) -> str:
+    """``--check``: the model folder holds what the family encodes with; a line saying what would be written."""
+    from .encoders import encoder_subfolders
+
+    root = Path(args.model_path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"--model-path {args.model_path!r} is not a folder (a local diffusers-format model "
+                                "folder, see docs/data_prep.md)")
+    missing = [s for s in encoder_subfolders(encoding) if not (root / s).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"--model-path {args.model_path!r} lacks {missing} (family {args.family!r} encodes "
+                                "with them)")
+    out = Path(args.out).expanduser()
+    state = "exists: rerunning resumes it" if (out / MANIFEST_NAME).is_file() or (out / SHARD_DIR).is_dir() else "new"
+    return (f"prompts and model folder OK: {len(records)} prompt(s) of {args.prompts} -> {out} ({state}), "
+            f"{(len(records) + args.shard_size - 1) // args.shard_size} shard(s)")
+
+
+def _clear_outputs(out: Path) -> None:
+    """What ``--overwrite`` removes: this tool's files in ``out``, nothing else."""
+    import shutil
+
+    shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
+    for name in (MANIFEST_NAME, NEGATIVE_FILE):
+        (out / name).unlink(missing_ok=True)
 
 
 def _dist_info():
@@ -327,6 +376,14 @@ def main(argv=None, family: Optional[str] = None) -> dict:
         if not args.no_negative:
             negative = args.negative_prompt if args.negative_prompt is not None else (
                 "" if encoding.cfg_by_default else None)
+        if args.check:
+            if rank == 0:
+                print(check_job(args, encoding, records), flush=True)
+            return {"checked": True}
+        if args.overwrite and rank == 0:
+            _clear_outputs(Path(args.out).expanduser())
+        if dist is not None:
+            dist.barrier()
         torch.manual_seed(0)
         encoder = load_family_encoder(
             args.family, args.model_path, dtype=enc_dtype, device=device, image_embeds=not args.no_image_embeds,

@@ -87,6 +87,9 @@ def read_prompts(path, *, field: str = "prompt", image_field: Optional[str] = No
     if blank_lines not in BLANK_LINE_POLICIES:
         raise ValueError(f"blank_lines must be one of {BLANK_LINE_POLICIES}, got {blank_lines!r}")
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder; give a prompt file in it (.txt, one prompt per line; .jsonl "
+                         f"with a {field!r} field; or .csv with a {field!r} column)")
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
     suffix = path.suffix.lower()

@@ -16,6 +16,16 @@ LoRA weights get gradients and optimiser state.
 Mixed precision: on GPU ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` by default: the
 sharded parameters (and AdamW state) stay in their stored dtype (fp32 master weights when the model
 is loaded in fp32), compute runs in bf16, gradients are reduced in fp32. On CPU everything is fp32.
+
+Outputs of a sharded module are fresh tensors (``fresh_outputs``): FSDP2 registers its pre-backward hook (the
+all-gather before the module's backward) on each output, and an in-place op on an output that is a view of
+another tensor would silently drop it ("returned a view tensor" warning). Views came from: the toy DiT's
+un-patchify at patch size 1 (a permute + reshape that needs no copy), FLUX's and HunyuanVideo's single-stream
+blocks (the joint sequence split back into text and image parts by slicing), and the root modules of FLUX,
+HunyuanVideo, Wan, SD3 and Qwen-Image (their last ``nn.Linear`` on a 3-D input, or an un-patchify reshape, returns a
+view of the flattened result). A forward hook placed before FSDP2's clones exactly those outputs (a copy: the
+values, strides and gradients are unchanged); ``tests/distributed/test_fsdp_views.py`` turns the warning into an error
+for the toy and every registered family and checks the 2-rank gradients against one process.
 """
 
 from __future__ import annotations
@@ -32,6 +42,28 @@ BLOCK_ATTRS = ("transformer_blocks", "single_transformer_blocks", "blocks", "lay
                "up_blocks")
 
 from ..utils.dtypes import parse_dtype  # noqa: E402,F401
+
+
+def _map_tensors(obj, fn):
+    """``obj`` with ``fn`` applied to every tensor in it (tensors, tuples / named tuples, lists, dicts, diffusers'
+    output classes, which are dicts whose items are set in place)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        items = [_map_tensors(v, fn) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    if isinstance(obj, list):
+        return [_map_tensors(v, fn) for v in obj]
+    if isinstance(obj, dict):
+        for k in list(obj.keys()):
+            obj[k] = _map_tensors(obj[k], fn)
+        return obj
+    return obj
+
+
+def fresh_outputs(module: nn.Module, args, output):
+    """Forward hook: every output that requires grad and is a view (``_base`` set) replaced by a copy of it."""
+    return _map_tensors(output, lambda t: t.clone() if t.requires_grad and t._base is not None else t)
 
 
 def find_blocks(module: nn.Module, attrs: Sequence[str] = BLOCK_ATTRS) -> List[nn.Module]:
@@ -168,6 +200,8 @@ def parallelize(adapter, dims: ParallelDims, pcfg=None, device: Optional[torch.d
     if getattr(pcfg, "cpu_offload", False):
         kwargs["offload_policy"] = CPUOffloadPolicy()
         adapter.set_compute_device(device)  # the parameters now live on the CPU; compute stays on ``device``
+    for m in list(blocks) + [module]:  # before FSDP2's own post-forward hook (prepend): see fresh_outputs
+        m.register_forward_hook(fresh_outputs, prepend=True)
     for b in blocks:
         fully_shard(b, **kwargs)
     fully_shard(module, **kwargs)

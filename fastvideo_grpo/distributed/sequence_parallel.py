@@ -344,6 +344,12 @@ class SPPlan:
     FLUX's rotary tables over [text; image]) has only its sharded part sharded.
     ``gather_output_indices``: which elements of a tuple block output are gathered (None = every
     tensor); the others (e.g. the replicated text stream) pass unchanged.
+
+    Blocks that get the replicated tokens already joined to their sharded ones (FLUX.2's single-stream
+    blocks: [text; image] in one sequence, no text input): ``carry_replicated`` keeps, for a block whose
+    ``replicated_tokens`` input is absent or None, the count of the block before it (the dual-stream blocks
+    that named them); ``output_has_replicated`` gathers only the sharded part of the last block's output
+    tensor, the replicated part (identical on every rank) passing unchanged.
     """
 
     shard_inputs: Dict[Union[int, str], int] = field(default_factory=lambda: {0: 1, "hidden_states": 1})
@@ -352,6 +358,8 @@ class SPPlan:
     replicated_tokens: Dict[Union[int, str], int] = field(default_factory=dict)
     replicated_first: bool = False
     gather_output_indices: Optional[Sequence[int]] = None
+    carry_replicated: bool = False
+    output_has_replicated: bool = False
 
 
 class SequenceParallel:
@@ -393,7 +401,6 @@ class SequenceParallel:
         return None
 
     def _count_replicated(self, module, args, kwargs):
-        self._n_rep = 0
         for key, dim in self.plan.replicated_tokens.items():
             v = None
             if isinstance(key, int) and key < len(args):
@@ -402,7 +409,9 @@ class SequenceParallel:
                 v = kwargs[key]
             if isinstance(v, torch.Tensor):
                 self._n_rep = v.shape[dim]
-                break
+                return None
+        if not self.plan.carry_replicated:
+            self._n_rep = 0
         return None
 
     def _shard_first(self, module, args, kwargs):
@@ -442,6 +451,10 @@ class SequenceParallel:
     def _gather_output(self, module, args, output):
         dim = self.plan.gather_output_dim
         if isinstance(output, torch.Tensor):
+            if self.plan.output_has_replicated and self._n_rep:
+                s, r = _split_tokens(output, self._n_rep, self.plan.replicated_first, dim)
+                return _join_tokens(gather_sequence(s.contiguous(), self.group, dim), r, self.plan.replicated_first,
+                                    dim)
             return gather_sequence(output, self.group, dim)
         if isinstance(output, (tuple, list)):
             which = self.plan.gather_output_indices

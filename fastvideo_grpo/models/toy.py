@@ -228,11 +228,13 @@ class ToyAdapter(PolicyAdapter):
         return {"tokens": tokenize(list(prompts)).to(self.device)}
 
 
-def save_toy_model(model: TinyDiT, path, autoencoder: Optional[CellAutoencoder] = None) -> None:
-    """One file with the DiT (and the autoencoder of a latent model), written atomically."""
+def save_toy_model(model: TinyDiT, path, autoencoder: Optional[CellAutoencoder] = None,
+                   state_dict: Optional[dict] = None) -> None:
+    """One file with the DiT (and the autoencoder of a latent model), written atomically. ``state_dict``: the
+    weights to write instead of ``model.state_dict()`` (a sharded model's, gathered in full)."""
     from ..utils.io import atomic_torch_save
 
-    blob = {"config": asdict(model.cfg), "state_dict": model.state_dict()}
+    blob = {"config": asdict(model.cfg), "state_dict": model.state_dict() if state_dict is None else state_dict}
     if autoencoder is not None:
         blob["autoencoder"] = {"config": asdict(autoencoder.cfg), "state_dict": autoencoder.state_dict()}
     atomic_torch_save(blob, path)

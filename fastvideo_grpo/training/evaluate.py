@@ -35,6 +35,7 @@ def evaluate_policy(
     rollout_batch_size: int = 0,
     decode_batch_size: int = 0,
     offload_vae: bool = False,
+    on_step: Optional[Callable[[int], None]] = None,
 ) -> Dict:
     """Mean reward per reward name (and per-sample scores) over prompts x samples_per_prompt.
 
@@ -58,7 +59,7 @@ def evaluate_policy(
         batch = all_prompts[s:s + batch_size]
         cond = encode(batch)
         z = sample_ode(adapter, schedule, cond, noise[s:s + batch_size], autocast_dtype=autocast_dtype,
-                       rollout_batch_size=rollout_batch_size)
+                       rollout_batch_size=rollout_batch_size, on_step=on_step)
         img = decode_latents(adapter, z, decode_batch_size, offload_vae)
         r, info = compute_rewards(reward_fns, img, batch)
         for k, v in r.items():
@@ -90,7 +91,7 @@ def _dist_on() -> bool:
 def distributed_evaluate(adapter, prompts: Sequence[str], reward_fns: Dict, num_steps: int, encode: Callable, *,
                          samples_per_prompt: int, batch_size: int, seed: int, dp_rank: int, dp_size: int,
                          return_images: bool = False, max_frames: Optional[int] = 8,
-                         autocast_dtype: Optional[torch.dtype] = None, **memory) -> Dict:
+                         autocast_dtype: Optional[torch.dtype] = None, progress: bool = False, **memory) -> Dict:
     """ODE evaluation split over data-parallel ranks (collective on every rank, FSDP-safe).
 
     Prompts are cut into fixed batches of ``batch_size // samples_per_prompt`` prompts; batch j uses
@@ -99,21 +100,29 @@ def distributed_evaluate(adapter, prompts: Sequence[str], reward_fns: Dict, num_
     (padding with repeats that are dropped), then per-sample scores are gathered on all ranks.
     ``return_images``: also gather the samples as uint8 (videos cut to ``max_frames`` evenly spaced
     frames first), returned as floats in [0, 1] under "images". ``memory``: chunk sizes and VAE residency
-    (``rollout.sampling_memory``), passed to ``evaluate_policy``.
+    (``rollout.sampling_memory``), passed to ``evaluate_policy``. ``progress``: a bar over this rank's sampling
+    steps (samples x steps; none when the output is not a terminal).
     """
+    from tqdm.auto import tqdm
+
     per = max(1, batch_size // samples_per_prompt)
     batches = [list(prompts[i:i + per]) for i in range(0, len(prompts), per)]
     rounds = math.ceil(len(batches) / dp_size) if batches else 0
     local = []
+    mine = [len(batches[j]) if j < len(batches) else len(batches[0])
+            for j in (r * dp_size + dp_rank for r in range(rounds))]  # the padding rounds sample too
+    bar = tqdm(total=sum(mine) * samples_per_prompt * num_steps, desc="evaluate", unit="sample-step", leave=False,
+               dynamic_ncols=True, disable=None if progress else True)
     for r in range(rounds):
         j = r * dp_size + dp_rank
         real = j < len(batches)
         ev = evaluate_policy(adapter, batches[j if real else 0], reward_fns, num_steps, encode=encode,
                              samples_per_prompt=samples_per_prompt, seed=seed + (j if real else 0),
                              batch_size=per * samples_per_prompt, return_images=return_images,
-                             autocast_dtype=autocast_dtype, **memory)
+                             autocast_dtype=autocast_dtype, on_step=bar.update, **memory)
         if real:
             local.append((j, ev["per_sample"], _compact(ev.get("images"), max_frames), ev["extras_mean"]))
+    bar.close()
     if _dist_on():
         gathered: List = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, local)

@@ -13,12 +13,19 @@ and hands them to its components, each of which decides its own timing from the 
 * ``Logger``: metrics.jsonl / TensorBoard / wandb every ``train.log_every`` iterations,
   reward_curve.png, the progress bar;
 * ``Checkpointer``: a DCP checkpoint every ``train.save_every`` iterations and at the end;
-* ``Exporter``: the trained weights (safetensors) at the end (the EMA weights when the run keeps one);
+* ``Exporter``: the trained weights in diffusers' formats at the end (export.py; the EMA weights when the run
+  keeps one);
 * ``watchdog.Watchdog`` (with ``train.watchdog``): gold rewards and diversity at each evaluation, the
   reward-hacking alarm and the ``best`` export.
 
 A component may set ``state.stop_requested`` (a reason): the loop ends after that iteration, which the
-checkpointer saves first, and the summary's ``stopped`` holds the reason.
+checkpointer saves first, and the summary's ``stopped`` holds the reason; with ``state.defer_end`` too (a graceful
+stop at the last iteration, preemption.py) the end of the run is left to the rerun.
+
+A rerun finishes what the run promised: ``on_end`` (final evaluation, export, reports, the final row) runs
+whenever the run is complete, also when it was resumed at its last iteration (killed, stopped or out of disk
+during its end): those outputs are rebuilt from the run folder and the weights, so they equal an uninterrupted
+run's. ``prepare_metrics_file`` drops the earlier attempt's end row first.
 
 A component implements any of ``on_start`` (returns metrics for a row at the starting step),
 ``on_iteration`` (may add metrics to the iteration's row), ``on_end`` (returns metrics for a final
@@ -36,21 +43,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
+
+from ..distributed import heartbeat
 from ..distributed.collectives import reduce_metrics
+from ..distributed.heartbeat import EXIT_STALLED  # noqa: F401  (the documented exit codes live here)
 from .state import TrainState
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_OOM = 4
 EXIT_WATCHDOG = 5  # the reward-hacking watchdog stopped the run (train.watchdog.stop; watchdog.py)
+# EXIT_STALLED = 6: a rank stopped answering or fell behind (parallel.train_timeout_s; distributed/heartbeat.py)
+EXIT_NO_SPACE = 7  # the disk of the output folder is full (the last whole checkpoint is kept)
+FIRST_IMAGES = "iter_000000_images.safetensors"  # the samples of the evaluation before training (Evaluator)
 
 
 class TrainingStopped(RuntimeError):
-    """The run was stopped on purpose (divergence, OOM); ``exit_code`` says why."""
+    """The run was stopped on purpose (divergence, OOM); ``exit_code`` says why. ``announced``: the message was
+    printed already (a graceful stop, preemption.py), so ``run_cli`` exits without repeating it."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, announced: bool = False):
         super().__init__(message)
         self.exit_code = exit_code
+        self.announced = announced
 
 
 def run_cli(main: Callable, *args) -> None:
@@ -61,7 +77,8 @@ def run_cli(main: Callable, *args) -> None:
     try:
         main(*args)
     except TrainingStopped as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if not e.announced:
+            print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -80,6 +97,7 @@ class LoopState:
     history: List[Dict] = field(default_factory=list)
     last_checkpoint: Optional[str] = None  # set by the Checkpointer (or the resumed checkpoint)
     stop_requested: Optional[str] = None  # a component's reason to stop after this iteration (it is saved first)
+    defer_end: bool = False  # with stop_requested at the last iteration: leave on_end to the rerun
 
     @property
     def iteration(self) -> int:
@@ -156,8 +174,8 @@ def fit(trainer: TrainState, components: Sequence[Component], *, total: int, out
             if (stop_after is not None and it >= stop_after) or state.stop_requested is not None:
                 break
         final: Dict = {}
-        if state.completed and state.total > state.start_iteration:
-            final = _merged(c.on_end(state) for c in comps)
+        if state.completed and state.total > 0 and not state.defer_end:  # also when resumed at the end: a rerun
+            final = _merged(c.on_end(state) for c in comps)          # finishes what the run promised
             _row(state, comps, trainer.iteration, final, iteration_row=False)
     finally:
         for c in comps:
@@ -205,11 +223,12 @@ class NaNGuard(Component):
             return None
         if isinstance(error, ValueError) and not re.search(r"non-finite|\b(nan|inf)\b", str(error).lower()):
             return None  # a user error (e.g. a prompt without embeddings), not a divergence
-        hint = "check the reward model / its inputs" if isinstance(error, ValueError) else "lower optim.lr"
+        hint = ("check the reward model and what it is given: the samples named above" if isinstance(error, ValueError)
+                else "see the possible causes above")
         return TrainingStopped(
-            f"iteration {it} stopped: {error}. Nothing was saved for this iteration; the last good checkpoint is "
-            f"{state.last_checkpoint or '(none: no checkpoint was written yet)'}. Fix the cause ({hint}) and "
-            f"resume with --resume latest.", EXIT_DIVERGED)
+            f"iteration {it} stopped: {str(error).rstrip('.')}. Nothing was saved for this iteration; the last good "
+            f"checkpoint is {state.last_checkpoint or '(none: no checkpoint was written yet)'}. Fix the cause ({hint}) "
+            f"and resume with --resume latest.", EXIT_DIVERGED)
 
 
 class EMAUpdate(Component):
@@ -227,7 +246,9 @@ class Evaluator(Component):
 
     ``evaluate(return_images)`` runs one evaluation (collective) and returns ``distributed_evaluate``'s
     dict. Results are written to ``eval/iter_N.json`` and eval_curve.png on the main rank.
-    ``keep_images_at_ends``: keep the first and last evaluations' samples (``first`` / ``last``).
+    ``keep_images_at_ends``: keep the first and last evaluations' samples (``first`` / ``last``); the first's are
+    also written (``eval/iter_000000_images.safetensors``, uint8 as gathered), so that a resumed run gets ``first``
+    back from the run folder, images included, at its end.
     """
 
     def __init__(self, evaluate: Callable[[bool], Dict], every: int, *, keep_images_at_ends: bool = False,
@@ -241,6 +262,7 @@ class Evaluator(Component):
     def _run(self, state, step: int, images: bool = False) -> Optional[Tuple[Dict, Dict]]:
         """(row metrics, the evaluation) or None when there is nothing to evaluate."""
         t0 = time.perf_counter()
+        heartbeat.mark("eval", step)
         ev = self.evaluate(images)
         if not ev or not ev.get("mean"):
             return None
@@ -264,7 +286,28 @@ class Evaluator(Component):
         if not res:
             return {}
         m, self.first = res
+        if state.is_main and self.keep_images and self.first.get("images") is not None:
+            from safetensors.torch import save_file
+
+            from ..utils.io import atomic_path
+
+            uint8 = (self.first["images"] * 255.0).round().to(torch.uint8)  # exact: gathered as uint8 / 255
+            with atomic_path(state.out / "eval" / FIRST_IMAGES) as tmp:
+                save_file({"images": uint8.contiguous()}, str(tmp))
         return m
+
+    def _restore_first(self, state) -> None:
+        """A resumed run: the evaluation before training, from ``eval/iter_000000.json`` (+ its images)."""
+        path = state.out / "eval" / "iter_000000.json"
+        if self.first is not None or state.fresh or not path.is_file():
+            return
+        first = {k: v for k, v in json.loads(path.read_text()).items() if k != "iteration"}
+        images = state.out / "eval" / FIRST_IMAGES
+        if self.keep_images and images.is_file():
+            from safetensors.torch import load_file
+
+            first["images"] = load_file(str(images))["images"].float() / 255.0
+        self.first = first
 
     def on_iteration(self, state, it, metrics):
         if _due(it, self.every) and it < state.total:
@@ -273,6 +316,7 @@ class Evaluator(Component):
                 metrics.update(res[0])
 
     def on_end(self, state):
+        self._restore_first(state)
         res = self._run(state, state.iteration, images=self.keep_images)
         if not res:
             return {}
@@ -281,19 +325,30 @@ class Evaluator(Component):
 
 
 class SampleWriter(Component):
-    """A grid of samples (fixed prompts and noise) at step 0 and every ``every`` iterations (and the last)."""
+    """A grid of samples (fixed prompts and noise) at step 0 and every ``every`` iterations (and the last);
+    with ``at_evaluations`` (an image logger is on) also at each held-out evaluation (step 0, every
+    ``eval_every`` iterations, the last)."""
 
-    def __init__(self, write: Callable[[int], None], every: int):
+    def __init__(self, write: Callable[[int], None], every: int, *, at_evaluations: bool = False, eval_every: int = 0):
         self.write, self.every = write, int(every)
+        self.at_evaluations, self.eval_every = at_evaluations, int(eval_every)
 
     def on_start(self, state):
-        if self.every:
+        if self.every or self.at_evaluations:
+            heartbeat.mark("samples", 0)
             self.write(0)
         return {}
 
     def on_iteration(self, state, it, metrics):
-        if self.every and (it % self.every == 0 or it == state.total):
+        due = self.every and (it % self.every == 0 or it == state.total)
+        if due or (self.at_evaluations and (_due(it, self.eval_every) or it == state.total)):
+            heartbeat.mark("samples", it)
             self.write(it)
+
+    def on_end(self, state):
+        if self.every and not state.history:  # resumed at the end: the last grid may be missing
+            self.write(state.iteration)
+        return {}
 
 
 class Logger(Component):
@@ -301,13 +356,15 @@ class Logger(Component):
     at the last; reward_curve.png every ``curve_every`` iterations (0: at the end); a progress bar."""
 
     def __init__(self, out, *, enabled: bool, reward_keys: Sequence[str], log_every: int = 1, curve_every: int = 1,
-                 curve_window: int = 10, tensorboard: bool = False, wandb_project: Optional[str] = None,
-                 progress: bool = False, total: int = 0, initial: int = 0, prior_rows: Sequence[Dict] = ()):
+                 curve_window: int = 10, tensorboard: Optional[bool] = False, wandb_project: Optional[str] = None,
+                 progress: bool = False, total: int = 0, initial: int = 0, prior_rows: Sequence[Dict] = (),
+                 run_name: Optional[str] = None, config: Optional[Dict] = None):
         from .metrics import MetricsLogger
 
         self.out = Path(out)
         self.enabled = enabled
-        self.logger = MetricsLogger(out, enabled=enabled, tensorboard=tensorboard, wandb_project=wandb_project)
+        self.logger = MetricsLogger(out, enabled=enabled, tensorboard=tensorboard, wandb_project=wandb_project,
+                                    run_name=run_name, config=config, resumed=initial > 0)
         self.reward_keys = list(reward_keys)
         self.log_every, self.curve_every, self.curve_window = max(1, int(log_every)), int(curve_every), curve_window
         self.prior_rows = list(prior_rows)
@@ -315,13 +372,19 @@ class Logger(Component):
         if enabled and progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc="GRPO", dynamic_ncols=True, unit="it")
+            # disable=None: no bar when the output is not a terminal (a log file), as tqdm's users expect
+            self.bar = tqdm(total=total, initial=initial, desc="GRPO", dynamic_ncols=True, unit="it", disable=None)
 
     @property
     def history(self) -> List[Dict]:
         return self.logger.history
 
+    def log_image(self, tag: str, image, step: int) -> None:
+        """A picture (a sample grid) to TensorBoard / wandb, when they are on."""
+        self.logger.log_image(tag, image, step)
+
     def on_row(self, state, step, row, iteration_row):
+        heartbeat.mark("log", step)
         if not iteration_row:
             if row:
                 self.logger.log(row, step=step)
@@ -335,6 +398,11 @@ class Logger(Component):
             self.bar.set_postfix({**shown, "clip": f"{row.get('train/clipfrac', 0):.3f}",
                                   "kl": f"{row.get('train/approx_kl', 0):.1e}"})
             self.bar.update(1)
+
+    def on_end(self, state):
+        if self.enabled and self.curve_every and not state.history:  # resumed at the end: the curve may be missing
+            self._curve()
+        return {}
 
     def _curve(self):
         from .metrics import plot_reward_curves
@@ -352,7 +420,8 @@ class Logger(Component):
 
 class Checkpointer(Component):
     """A DCP checkpoint (``checkpoint.save_trainer_checkpoint``) every ``every`` iterations, at the end and at an
-    iteration after which a component asked to stop (``state.stop_requested``),
+    iteration after which a component asked to stop (``state.stop_requested``), each after a check that it fits
+    on the disk (``checkpoint.ensure_room_for_checkpoint``: a clear shortage stops the run before writing),
     keeping the newest ``keep_last`` (0: all) of this run's own checkpoints: those it writes and, when
     resumed, the ones up to the resumed step. Nothing else in the folder is ever deleted."""
 
@@ -362,11 +431,20 @@ class Checkpointer(Component):
         self.root, self.every, self.keep_last = Path(root), int(every), int(keep_last)
         self.last_saved = resumed_at if resumed_at is not None else -1
         self.own = checkpoints_up_to(self.root, resumed_at) if resumed_at is not None else []
+        self.seconds: List[float] = []  # wall time of each save
 
     def _save(self, state):
-        from .checkpoint import prune_checkpoints, save_trainer_checkpoint
+        from .checkpoint import ensure_room_for_checkpoint, prune_checkpoints, save_trainer_checkpoint
 
-        path = save_trainer_checkpoint(state.trainer, self.root)
+        t0 = time.perf_counter()
+        with heartbeat.phase("save", state.iteration, long=True):  # rank 0 renames alone: the start-up timeout
+            needed = ensure_room_for_checkpoint(state.trainer, self.root)  # NoSpace when it clearly cannot fit
+            try:
+                path = save_trainer_checkpoint(state.trainer, self.root)
+            except BaseException as e:  # a full disk anyway: the run's one line reports the estimate
+                e.checkpoint_bytes = needed
+                raise
+        self.seconds.append(time.perf_counter() - t0)
         state.last_checkpoint = str(path)
         self.own = prune_checkpoints(self.own + [path], self.keep_last)
         self.last_saved = state.iteration
@@ -385,9 +463,11 @@ class Exporter(Component):
     """The trained weights written once training completes (``checkpoint.export_weights``), inside the
     context ``weights()`` returns (the runner passes the EMA swap when ``train.ema_decay`` is set)."""
 
-    def __init__(self, out_dir, weights: Optional[Callable[[], object]] = None):
+    def __init__(self, out_dir, weights: Optional[Callable[[], object]] = None,
+                 options: Optional[Callable[[LoopState], Dict]] = None):
         self.out_dir = Path(out_dir)
         self.weights = weights
+        self.options = options  # the export's options for this state (training/export.py: components, model card)
         self.written: Optional[str] = None
 
     def on_end(self, state):
@@ -396,8 +476,10 @@ class Exporter(Component):
         from .checkpoint import export_weights
 
         if state.completed and state.total > 0:
-            with (self.weights() if self.weights is not None else contextlib.nullcontext()):
-                w = export_weights(state.trainer.adapter, self.out_dir)
+            with heartbeat.phase("export", state.iteration, long=True), \
+                    (self.weights() if self.weights is not None else contextlib.nullcontext()):
+                w = export_weights(state.trainer.adapter, self.out_dir,
+                                   **(self.options(state) if self.options is not None else {}))
             self.written = str(w) if w else None
         return {}
 
@@ -405,9 +487,10 @@ class Exporter(Component):
         return {"export": self.written}
 
 
-def prepare_metrics_file(out: Path, resumed_iteration: Optional[int]) -> List[Dict]:
-    """Fresh run: drop an old metrics.jsonl; resumed: keep only rows up to the resumed iteration.
-    Returns the rows kept."""
+def prepare_metrics_file(out: Path, resumed_iteration: Optional[int], total: Optional[int] = None) -> List[Dict]:
+    """Fresh run: drop an old metrics.jsonl; resumed: keep only rows up to the resumed iteration. Resumed at the
+    run's end (``resumed_iteration >= total``), the end is redone, so its earlier row goes: the rows at that step
+    other than the iteration's (which alone has ``time/iteration``). Returns the rows kept."""
     from ..utils.io import atomic_write_text
     from .metrics import read_jsonl
 
@@ -415,6 +498,8 @@ def prepare_metrics_file(out: Path, resumed_iteration: Optional[int]) -> List[Di
     if resumed_iteration is None:
         path.unlink(missing_ok=True)
         return []
-    rows = [r for r in read_jsonl(path) if r.get("step", 0) <= resumed_iteration]
+    at_end = total is not None and resumed_iteration >= total
+    rows = [r for r in read_jsonl(path) if r.get("step", 0) <= resumed_iteration
+            and not (at_end and r.get("step", 0) == resumed_iteration and "time/iteration" not in r)]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows

@@ -55,9 +55,10 @@ def preflight(cfg: RunConfig) -> dict:
     if cfg.train.watchdog.diversity == "embedding" and div_path and not Path(div_path).expanduser().exists():
         problems.append(f"train.watchdog.diversity_model.model_path = {div_path!r} does not exist (a CLIP model "
                         "folder, transformers format; docs/watchdog.md)")
-    if not cfg.data.manifest:
-        problems.append("data.manifest is not set: training reads precomputed prompt embeddings. Run data_prep "
-                        "(docs/data_prep.md) and set data.manifest to the written manifest.json")
+    if not cfg.data.manifest and not cfg.data.prompts:
+        problems.append("data.manifest is not set: training reads prompt embeddings. Set data.prompts to a prompt "
+                        "file (embedded on first use), or run data_prep (docs/data_prep.md) and set data.manifest to "
+                        "the written manifest.json")
     for where in ("manifest", "eval_manifest"):
         path = getattr(cfg.data, where)
         if path and not (Path(path).expanduser().is_file() or (Path(path).expanduser() / "manifest.json").is_file()):
@@ -68,6 +69,8 @@ def preflight(cfg: RunConfig) -> dict:
         raise FileNotFoundError("cannot start training:\n  - " + "\n  - ".join(problems))
     from ..data.manifest import load_manifest, validate_manifest
 
+    if not cfg.data.manifest:  # data.prompts not embedded yet (--check before the first run)
+        return None
     manifest = validate_manifest(load_manifest(cfg.data.manifest), None, check_files=True,
                                      verify_hashes=cfg.data.verify_hashes, dedupe=cfg.data.dedupe)
     if cfg.data.eval_manifest:

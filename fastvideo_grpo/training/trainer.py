@@ -19,6 +19,7 @@ PPO-clip, DiffusionNFT, ...); its advantages come from the registered estimator 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import warnings
@@ -35,6 +36,7 @@ from ..algorithms.update import UpdateSettings, trainable_parameters, update
 from ..algorithms.passes import PassCounter
 from ..algorithms.policy_versions import SeparateAdapter, reference_policy
 from ..config import RunConfig
+from ..distributed import heartbeat
 from ..utils.cuda_settings import configure_attention
 from ..utils.dtypes import autocast_dtype
 from .ema import WeightEMA
@@ -55,15 +57,14 @@ def build_schedule(cfg: RunConfig, adapter: PolicyAdapter, objective=None):
 
     ValueError when a step that training may pick (``grpo.trainable_window``) has eta = 0 and the objective
     (default: the config's) needs log-probs: its transition is a point mass, with no log-prob to train."""
-    from ..sde import flow_grpo_eta, with_deterministic_last_step
+    from ..sde import ETA_FORMS, with_deterministic_last_step
 
     s = cfg.sampling
     schedule = adapter.make_schedule(s.num_steps, cfg.eta)
-    if s.eta_form == "flow_grpo":
-        if schedule.prediction_type != "flow":
-            raise ValueError(f"sampling.eta_form: flow_grpo needs a flow-matching model; {cfg.model.name} samples "
-                             f"with a {schedule.prediction_type} schedule (use 'constant')")
-        schedule = dataclasses.replace(schedule, eta=flow_grpo_eta(schedule.sigmas, schedule.eta))
+    if ETA_FORMS.info(s.eta_form).get("flow_only") and schedule.prediction_type != "flow":
+        raise ValueError(f"sampling.eta_form: {s.eta_form} needs a flow-matching model; {cfg.model.name} samples "
+                         f"with a {schedule.prediction_type} schedule (use 'constant')")
+    schedule = ETA_FORMS.get(s.eta_form)(schedule)  # how the configured eta becomes the sampled schedule (sde/)
     last = s.deterministic_last_step
     if last is None:
         last = type(schedule).deterministic_last_step_default
@@ -113,6 +114,7 @@ class Trainer:
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
         self.iteration = 0
         self.passes = PassCounter()  # model passes of each iteration, in its metrics (passes.py)
+        self.show_progress = False  # a bar over each rollout (the runner sets it on the main rank with log.progress)
         # autocast applies on CUDA only (dtypes.autocast_context); CPU runs stay in the weights' dtype
         self.autocast_dtype = autocast_dtype(cfg.train.autocast)
         # chunk sizes of the rollout and the decode, and where the VAE lives between decodes
@@ -198,14 +200,17 @@ class Trainer:
         keep = grpo.subsample_timesteps(schedule.num_steps, g.tau, B, self.generator, window)
         self.adapter.trainable_module().eval()
         m = self.memory
-        with self.passes.phase("rollout"), self.objective.rollout_weights():
+        heartbeat.mark("rollout", self.iteration + 1)  # where this rank is, for the stall watch of the other ranks
+        with self.passes.phase("rollout"), self.objective.rollout_weights(), self._rollout_progress(B, schedule.num_steps):
             traj = self.sampler(self.adapter, schedule, prompts, cond, g.group_size, keep, self.generator,
                                 shared_noise=g.shared_noise, autocast_dtype=self.autocast_dtype,
-                                rollout_batch_size=m["rollout_batch_size"], ode_solver=self._ode_solver())
+                                rollout_batch_size=m["rollout_batch_size"], ode_solver=self._ode_solver(),
+                                **({"keep_means": True} if self.objective.needs_step_means else {}))
         t_dec = time.perf_counter()
         traj.decoded = decode_latents(self.adapter, traj.final_latents, m["decode_batch_size"], m["offload_vae"])
         t1 = time.perf_counter()
-        rewards, _ = compute_rewards(self.reward_fns, traj.decoded, traj.prompts)
+        heartbeat.mark("reward", self.iteration + 1)
+        rewards, _ = compute_rewards(self.reward_fns, traj.decoded, traj.prompts, group_size=traj.group_size)
         traj.decoded = None  # the update does not need the pixels: free them (several GB for a video batch)
         t2 = time.perf_counter()
         group = g.group_size
@@ -221,8 +226,10 @@ class Trainer:
                 adv = self.advantages({k: v[chosen.to(v.device)] for k, v in rewards.items()}, group)
         else:
             adv = self.advantages(rewards, group)
-        # groups whose samples all got the same rewards have zero advantages: no learning signal from them
-        zero_groups = float((adv.detach().reshape(-1, group).abs().amax(dim=1) == 0).float().mean())
+        # the statistics are of the advantages as trained on (after the objective's clamp, grpo.adv_clip_max).
+        # Groups whose samples all got the same rewards have zero advantages: no learning signal from them
+        trained = self.objective.trained_advantages(adv.detach())
+        zero_groups = float((trained.reshape(-1, group).abs().amax(dim=1) == 0).float().mean())
         if zero_groups == 1.0:
             warnings.warn(f"iteration {self.iteration + 1}: every group's samples got identical rewards, so every "
                           "advantage is 0 and this iteration learns nothing; a reward that cannot tell the samples of "
@@ -233,10 +240,29 @@ class Trainer:
             traj, adv, settings = self._drop_zero_advantage(traj, adv, settings)
         batch = TrainBatch(self.adapter, schedule, traj, adv, autocast_dtype=self.autocast_dtype,
                            reference=self.reference, generator=self.generator, guidance=g.train_guidance)
+        heartbeat.mark("update", self.iteration + 1)
         stats = update(self.objective, batch, self.optimizer, settings, self.lr_scheduler)
         t3 = time.perf_counter()
         self.iteration += 1
-        return self._metrics(rewards, stats, adv, zero_groups, window, B, (t0, t_dec, t1, t2, t3))
+        return self._metrics(rewards, stats, trained, zero_groups, window, B, (t0, t_dec, t1, t2, t3))
+
+    @contextlib.contextmanager
+    def _rollout_progress(self, num_samples: int, num_steps: int):
+        """A bar over the rollout's denoiser forwards (samples x steps) while ``show_progress`` is set (the
+        main rank with log.progress); like every bar of the package, none when the output is not a terminal."""
+        if not self.show_progress:
+            yield
+            return
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_samples * self.sampler.forwards_per_sample(num_steps), desc="rollout", leave=False,
+                   unit="sample-step", dynamic_ncols=True, disable=None)
+        self.passes.on_forward = lambda phase, n: bar.update(n) if phase == "rollout" else None
+        try:
+            yield
+        finally:
+            self.passes.on_forward = None
+            bar.close()
 
     def _ode_solver(self) -> str:
         """The rollout's solver of the deterministic steps: DPM-Solver++(2M) at all of them, or (``sampling.dpm_apply:

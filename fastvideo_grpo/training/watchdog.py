@@ -268,19 +268,21 @@ def _broadcast(obj):
     return box[0]
 
 
-def prior_evaluations(out, resumed_at: Optional[int]) -> List[Dict]:
-    """A resumed run's watchdog evaluations up to the resumed iteration (from watchdog.json)."""
+def prior_evaluations(out, resumed_at: Optional[int], total: Optional[int] = None) -> List[Dict]:
+    """A resumed run's watchdog evaluations up to the resumed iteration (from watchdog.json); resumed at the run's
+    end (``resumed_at >= total``), without the final evaluation, which the rerun's end does again (loop.py)."""
     path = Path(out) / "watchdog.json"
     if resumed_at is None or not path.is_file():
         return []
+    last = resumed_at - 1 if total is not None and resumed_at >= total else resumed_at
     return [{k: e[k] for k in ("step", "trained", "gold", "diversity")}
-            for e in json.loads(path.read_text()).get("evaluations", []) if e["step"] <= resumed_at]
+            for e in json.loads(path.read_text()).get("evaluations", []) if e["step"] <= last]
 
 
 # ----------------------------------------------------------------------------- the best export
 
 
-def save_best(adapter, folder, record: Dict) -> None:
+def save_best(adapter, folder, record: Dict, **options) -> None:
     """Collective: the trainable weights to ``folder`` (an export like ``export/``) with ``best.json``.
     Written to ``<folder>.tmp`` first, then swapped in, so ``folder`` always holds one whole export."""
     import torch.distributed as dist
@@ -293,7 +295,7 @@ def save_best(adapter, folder, record: Dict) -> None:
     main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
-    written = export_weights(adapter, tmp)
+    written = export_weights(adapter, tmp, **options)  # options: components, model card (training/export.py)
     if main and written is not None:
         atomic_write_json(tmp / "best.json", record)
         shutil.rmtree(old, ignore_errors=True)
@@ -397,10 +399,16 @@ def build_watchdog(cfg, trainer, out, is_main: bool, resumed_at: Optional[int]) 
     export_best = None
     if best_by not in (None, "off"):
         def export_best(step: int, record: Dict) -> None:
+            from .export import export_options
+
             with weights_for_eval(trainer.ema):  # the EMA weights when the run keeps one, as evaluated
-                save_best(trainer.adapter, Path(out) / "best", record)
+                save_best(trainer.adapter, Path(out) / "best", record, **export_options(
+                    cfg, trainer.adapter, out, step, "ema" if trainer.ema is not None else "raw",
+                    extra_card=f"Kept by the reward-hacking watchdog: the best held-out gold reward {best_by} "
+                               f"(best.json; docs/watchdog.md)."))
 
     dog = Watchdog(AlarmRule.from_config(w), out, gold_keys=list(gold), best_by=best_by, stop=w.stop,
                    samples_per_prompt=cfg.eval.samples_per_prompt, diversity=diversity, export_best=export_best,
-                   is_main=is_main, prior=prior_evaluations(out, resumed_at) if is_main else ())
+                   is_main=is_main,
+                   prior=prior_evaluations(out, resumed_at, cfg.train.num_iterations) if is_main else ())
     return dog, {f"{GOLD}{k}": fn for k, fn in gold.items()}

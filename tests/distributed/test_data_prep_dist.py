@@ -22,6 +22,7 @@ pytest.importorskip("safetensors")
 
 from fastvideo_grpo.data import load_manifest, validate_manifest  # noqa: E402
 from fastvideo_grpo.data.prep import main as prep_main  # noqa: E402
+from support.threads import TEST_THREADS  # noqa: E402
 from support.tiny_encoders import build_tiny_components  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +32,9 @@ PROMPTS = ["a red circle", "two blue squares on the left", "the cat and the dog"
 
 def _env():
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+    # the workers compute with the test session's thread count: with the same batches (one shard of 2 prompts
+    # per encoder call on either side) that makes the 2-process shards bit-identical to the 1-process ones
+    env.update(OMP_NUM_THREADS=str(TEST_THREADS), MKL_NUM_THREADS=str(TEST_THREADS), TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -48,6 +51,7 @@ def _files(root: Path):
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.numerics
 def test_two_processes_match_one(tmp_path):
     folder = tmp_path / "tiny_sd"
     build_tiny_components("sd", folder)

@@ -1,5 +1,6 @@
 """2-process CPU (gloo) tests: Ulysses sequence parallelism with image tokens sharded and text tokens
-replicated (HunyuanVideo, FLUX joint attention) equals single-rank computation, forward and backward."""
+replicated (HunyuanVideo, FLUX, FLUX.2 joint attention), or the whole joined sequence sharded (Z-Image), equals
+single-rank computation, forward and backward."""
 
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ def test_ulysses_joint_attention_hunyuan_flux_match_single_rank():
     assert "joint ulysses attention equals" in out, out
     assert "tiny HunyuanVideo with sp=2 equals single rank" in out, out
     assert "tiny FLUX with sp=2 equals single rank" in out, out
-    for name in ("hunyuan_t2v", "hunyuan_t2i", "hunyuan_i2v", "flux"):
+    assert "tiny FLUX.2 (with and without checkpointing) and Z-Image with sp=2 equal single rank" in out, out
+    for name in ("hunyuan_t2v", "hunyuan_t2i", "hunyuan_i2v", "flux", "flux2_klein", "z_image"):
         assert f"{name} adapter with parallelize(sp=2, FSDP) equals single process" in out, out
 
 

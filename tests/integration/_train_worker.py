@@ -6,7 +6,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-torch.set_num_threads(1)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: support.*
+from support.threads import TEST_THREADS  # noqa: E402  (1, or FVG_TEST_THREADS: docs/reproducibility.md)
+
+torch.set_num_threads(TEST_THREADS)
 
 from fastvideo_grpo.rewards.base import REWARDS  # noqa: E402
 from fastvideo_grpo.cli.train import cli  # noqa: E402

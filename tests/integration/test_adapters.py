@@ -96,6 +96,7 @@ def _rollout_and_update(adapter, lr=1e-3):
     ratios = []
     adv = torch.tensor([1.0, -1.0, -1.0, 1.0])
     stats = grpo_update(adapter, schedule, traj, adv, opt, clip_range=1e-4, on_first_ratio=ratios.append)
+    # exact by construction: rollout and re-scoring both run the whole batch (same shapes, same kernels)
     assert torch.equal(ratios[0], torch.ones_like(ratios[0])), ratios[0]
     assert math.isfinite(stats["train/loss"]) and stats["train/grad_norm"] > 0
     changed = {n for n, p in module.named_parameters() if not torch.equal(p.detach(), before[n])}
@@ -108,6 +109,7 @@ def _image_or_video_shape(adapter, B):
     return (B, 3, adapter.height, adapter.width)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", ALL)
 def test_rollout_and_grpo_update(folders, name):
     adapter = _build(folders, name)
@@ -243,9 +245,57 @@ def _pipeline_qwen_image(adapter, cond, z0, output_type="latent", scheduler=None
     return pipe._unpack_latents(out, adapter.height, adapter.width, pipe.vae_scale_factor)[:, :, 0]
 
 
+def _flux2_to_ours(pipe, latents):
+    """The pipeline's latent (the VAE's, unpatchified and denormalised) back to the adapter's space."""
+    bn = pipe.vae.bn
+    mean = bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps)
+    return (pipe._patchify_latents(latents) - mean) / std
+
+
+def _flux2_scheduler():
+    """FLUX.2's scheduler: the pipeline passes BFL's empirical mu, used with dynamic (exponential) shifting."""
+    return diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential")
+
+
+def _pipeline_flux2_klein(adapter, cond, z0, output_type="latent"):
+    pipe = diffusers.Flux2KleinPipeline(scheduler=_flux2_scheduler(), vae=adapter.vae, text_encoder=None,
+                                        tokenizer=None, transformer=adapter.model, is_distilled=not adapter.uses_cfg)
+    neg = {"negative_prompt_embeds": cond[NEG + "prompt_embeds"]} if adapter.uses_cfg else {}
+    out = pipe(prompt_embeds=cond["prompt_embeds"], guidance_scale=adapter.cfg_scale, num_inference_steps=NUM_STEPS,
+               height=adapter.height, width=adapter.width, latents=z0.clone(), output_type=output_type, **neg).images
+    return _flux2_to_ours(pipe, out) if output_type == "latent" else out
+
+
+def _pipeline_flux2_dev(adapter, cond, z0, output_type="latent"):
+    pipe = diffusers.Flux2Pipeline(scheduler=_flux2_scheduler(), vae=adapter.vae, text_encoder=None, tokenizer=None,
+                                   transformer=adapter.model)
+    out = pipe(prompt_embeds=cond["prompt_embeds"], guidance_scale=adapter.guidance_scale,
+               num_inference_steps=NUM_STEPS, height=adapter.height, width=adapter.width, latents=z0.clone(),
+               output_type=output_type).images
+    if output_type != "latent":
+        return out
+    return out.transpose(1, 2).reshape(z0.shape)  # the packed tokens, row-major
+
+
+def _valid_rows(cond, key):
+    return [e[m.bool()] for e, m in zip(cond[key + "prompt_embeds"], cond[key + "prompt_attention_mask"])]
+
+
+def _pipeline_z_image(adapter, cond, z0, output_type="latent"):
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=adapter.shift, use_dynamic_shifting=False)
+    pipe = diffusers.ZImagePipeline(scheduler=sched, vae=adapter.vae, text_encoder=None, tokenizer=None,
+                                    transformer=adapter.model)
+    neg = _valid_rows(cond, NEG) if adapter.uses_cfg else None
+    return pipe(prompt_embeds=_valid_rows(cond, ""), negative_prompt_embeds=neg, guidance_scale=adapter.guidance_scale,
+                cfg_normalization=adapter.cfg_normalization, num_inference_steps=NUM_STEPS, height=adapter.height,
+                width=adapter.width, latents=z0.clone(), output_type=output_type).images
+
+
 PIPELINES = {"sd": _pipeline_sd, "flux": _pipeline_flux, "hunyuan_t2i": _pipeline_hunyuan,
              "hunyuan_t2v": _pipeline_hunyuan, "wan": _pipeline_wan, "sd3": _pipeline_sd3,
-             "qwen_image": _pipeline_qwen_image}
+             "qwen_image": _pipeline_qwen_image, "flux2_klein": _pipeline_flux2_klein, "flux2_dev": _pipeline_flux2_dev,
+             "z_image": _pipeline_z_image}
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINES))
@@ -262,6 +312,66 @@ def test_ode_sampling_matches_diffusers_pipeline(folders, name):
     torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=2e-5)
     assert not torch.allclose(ours, z0)
     torch.testing.assert_close(ours_pixels, pixels.float().reshape(ours_pixels.shape), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,kwargs", [("flux2_klein", dict(true_cfg_scale=4.0)),
+                                         ("z_image", dict(guidance_scale=3.0)),
+                                         ("z_image", dict(guidance_scale=3.0, cfg_normalization=1.0))],
+                         ids=["flux2_klein_base_cfg", "z_image_cfg", "z_image_cfg_normalization"])
+def test_cfg_of_the_2026_image_families_matches_their_pipelines(folders, name, kwargs):
+    """FLUX.2 [klein] base (true CFG with an empty-prompt negative) and Z-Image base (pos + g (pos - neg), i.e.
+    scale 1 + g, optionally the guided norm capped at cfg_normalization x the conditional one's) against their
+    pipelines; both branches get gradients."""
+    adapter = _build(folders, name, **kwargs)
+    assert adapter.uses_cfg
+    cond = _random_cond(adapter, 2, seed=51)
+    z0 = adapter.initial_noise(2, torch.Generator().manual_seed(52))
+    ours = sample_ode(adapter, adapter.make_schedule(NUM_STEPS, eta=0.0), cond, z0)
+    with torch.no_grad():
+        theirs = PIPELINES[name](adapter, cond, z0)
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=2e-5)
+    if kwargs.get("cfg_normalization"):  # the cap really acts on these samples
+        plain = _build(folders, name, guidance_scale=kwargs["guidance_scale"])
+        assert (sample_ode(plain, plain.make_schedule(NUM_STEPS, eta=0.0), cond, z0) - ours).abs().max() > 1e-4
+    for k in ("prompt_embeds", NEG + "prompt_embeds"):
+        cond[k].requires_grad_(True)
+    t = adapter.make_schedule(NUM_STEPS).model_timestep(0, z0)
+    adapter.predict(z0, t, cond).square().mean().backward()
+    for k in ("prompt_embeds", NEG + "prompt_embeds"):
+        assert cond[k].grad is not None and cond[k].grad.abs().sum() > 0, k
+
+
+def test_flux2_and_z_image_settings_are_checked(folders):
+    with pytest.raises(ValueError, match="no guidance embedding.*true_cfg_scale"):
+        _build(folders, "flux2_klein", guidance_scale=3.5)
+    with pytest.raises(ValueError, match="shift must be a number or 'dynamic'"):
+        _build(folders, "flux2_klein", shift="auto")
+    with pytest.raises(ValueError, match="guidance_scale must be >= 0"):
+        _build(folders, "z_image", guidance_scale=-1.0)
+    # a static shift is FlowSchedule's; the default is BFL's empirical mu at this image size and step count
+    from fastvideo_grpo.models.flux2 import empirical_mu
+
+    ad = _build(folders, "flux2_klein")
+    sched = _flux2_scheduler()
+    sched.set_timesteps(sigmas=list(np.linspace(1.0, 1 / 7, 7)), mu=empirical_mu(ad.image_seq_len, 7))
+    torch.testing.assert_close(ad.make_schedule(7).sigmas.float(), sched.sigmas, rtol=1e-6, atol=1e-6)
+    assert empirical_mu(4096 + 300, 10) == pytest.approx(0.00016927 * 4396 + 0.45666666)  # the 200-step fit
+
+
+def test_z_image_prompt_mask_hides_padding(folders):
+    """Masked-out text tokens never reach the transformer (the pipeline passes each prompt's valid tokens)."""
+    adapter = _build(folders, "z_image")
+    cond = _random_cond(adapter, 2, seed=53)  # row 0: last 2 tokens padded
+    z = adapter.initial_noise(2, torch.Generator().manual_seed(54))
+    t = adapter.make_schedule(NUM_STEPS).model_timestep(1, z)
+    changed = {k: v.clone() for k, v in cond.items()}
+    changed["prompt_embeds"][0, -2:] += 5.0
+    with torch.no_grad():
+        a, b = adapter.predict(z, t, cond), adapter.predict(z, t, changed)
+        changed["prompt_embeds"][0, 0] += 5.0
+        c = adapter.predict(z, t, changed)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (c[0] - a[0]).abs().max() > 1e-4 and torch.equal(c[1], a[1])
 
 
 def test_qwen_image_true_cfg_with_norm_rescale_matches_diffusers_pipeline(folders):
@@ -401,6 +511,7 @@ def test_qwen_image_prompt_mask_hides_padding(folders):
         changed["prompt_embeds"][0, 0] += 5.0
         c = adapter.predict(z, t, changed)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # row 1's inputs are unchanged and the batch shape is the same: the same kernels give it the same bits
     assert (c[0] - a[0]).abs().max() > 1e-4 and torch.equal(c[1], a[1])
 
 
@@ -612,6 +723,7 @@ def _record_draws(monkeypatch):
     return draws
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", ALL)
 def test_chunked_rollout_matches_the_whole_batch(folders, name, monkeypatch):
     """``rollout_batch_size`` / ``decode_batch_size``: every sample gets the same noise as in the whole
@@ -644,7 +756,7 @@ def test_chunked_rollout_matches_the_whole_batch(folders, name, monkeypatch):
     torch.testing.assert_close(got.log_probs_BK, ref.log_probs_BK, rtol=0, atol=1e-4)
     # decoding in chunks: per-sample decodes (VAE slicing, on for the video VAEs) give the same pixels
     chunked = decode_latents(adapter, ref.final_latents, 3)
-    if adapter.vae_slicing:
+    if adapter.vae_slicing:  # both decode one sample at a time: the same shapes, hence the same bits
         assert torch.equal(chunked, ref.decoded)
     torch.testing.assert_close(chunked, ref.decoded, rtol=0, atol=1e-5)
     # evaluation sampler in chunks

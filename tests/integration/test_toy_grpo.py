@@ -1,6 +1,7 @@
 """The trainer on the toy model: ratio == 1 before the first update at batch > 1, a short demo end to end."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ def _adapter(seed=0):
     return ToyAdapter(m)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("prompts_n,group", [(1, 4), (3, 2)])
 def test_rollout_then_update_ratio_is_exactly_one(prompts_n, group):
     ad = _adapter()
@@ -39,11 +41,14 @@ def test_rollout_then_update_ratio_is_exactly_one(prompts_n, group):
     adv = torch.randn(B)
     stats = grpo_update(ad, sched, traj, adv, opt, clip_range=1e-3, num_updates=2,
                         on_first_ratio=ratios.append)
+    # exact by construction: rollout and re-scoring both run the whole batch of B rows (same shapes, same
+    # kernels, same thread count, one process) and the model mixes no rows, so every row's output is the same
     assert torch.equal(ratios[0], torch.ones_like(ratios[0])) and stats["train/first_ratio_dev"] == 0.0
     assert stats["train/num_updates"] == 2 and torch.isfinite(torch.tensor(stats["train/loss"]))
     assert any(not torch.equal(a, b) for a, b in zip(before, ad.model.parameters()))
 
 
+@pytest.mark.numerics
 def test_shared_noise_within_groups_and_different_across_groups():
     ad = _adapter()
     sched = ad.make_schedule(3, 0.0)  # eta 0: identical noise -> identical samples inside a group
@@ -60,6 +65,7 @@ def test_shared_noise_within_groups_and_different_across_groups():
     torch.testing.assert_close(traj.final_latents[0:1], z)
 
 
+@pytest.mark.numerics
 def test_micro_batching_gives_the_same_update_as_one_batch():
     prompts = ["two red circles", "one blue square"]
     results = []
@@ -76,6 +82,7 @@ def test_micro_batching_gives_the_same_update_as_one_batch():
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("rb", [1, 3])
 def test_chunked_rollout_same_noise_close_samples_and_ratio_one(rb):
     """sampling.rollout_batch_size on the toy model: the same noise per sample as the whole batch (one
@@ -144,6 +151,15 @@ def test_short_demo_runs_end_to_end(tmp_path):
     # the loss path ran: gradients flowed and were clipped/applied
     assert all(r["train/grad_norm"] > 0 for r in train_rows)
     assert summary["reward_before"] == s["reward_before"]
+    # the export CLI rebuilds the demo's model from the run folder: its last checkpoint exports to the run's export
+    from safetensors.torch import load_file
+
+    from fastvideo_grpo.cli import export as export_cli
+
+    res = export_cli.main(["--run", str(out), f"--extra.pretrain_cache={tmp_path / 'cache'}"])
+    a, b = load_file(str(Path(res["out"]) / "model.safetensors")), load_file(str(out / "export" / "model.safetensors"))
+    assert res["step"] == 2 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (Path(res["out"]) / "README.md").is_file()
     # a second run reuses the cached pretrained model
     s2 = run_demo(cfg, progress=False, cache_dir=str(tmp_path / "cache"))
     assert s2["pretrain_time_s"] == 0.0
@@ -190,6 +206,7 @@ def test_non_finite_loss_stops_before_the_optimiser_step():
     assert all(torch.equal(a, b) for a, b in zip(before, ad.model.parameters()))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("kl_form", ["exact", "flow_grpo"])
 def test_kl_coef_builds_a_frozen_reference_and_penalises_drift(kl_form):
     """grpo.kl_coef > 0 alone (no ref passed) gives a KL term: 0 while the policy equals the reference,
@@ -219,7 +236,9 @@ def test_kl_coef_builds_a_frozen_reference_and_penalises_drift(kl_form):
     assert isinstance(ref, WeightCopy) and ref.module is ad.model and trainer.ref_adapter is None
     assert not any(t.requires_grad for t in ref.copy.values())
     first = trainer.train_iteration()
-    assert first["train/kl"] == 0.0  # one update per iteration: measured before the policy moved
+    # one update per iteration: measured before the policy moved, when policy and reference hold the same
+    # weights and run the same shapes through the same kernels: their step means are equal, the KL exactly 0
+    assert first["train/kl"] == 0.0
     # the second iteration's KL, recomputed independently: the unfused SDE step's means of the policy as it
     # was before that iteration's update and of the start, on the transitions that iteration trained on
     import copy
@@ -408,7 +427,8 @@ def test_ema_run_evaluates_exports_and_resumes_with_the_average(tmp_path):
     assert load_ema_weights(ck, fresh.model)
     torch.testing.assert_close(torch.cat([p.detach().flatten().double() for p in fresh.model.parameters()]),
                                closed_form(2), rtol=1e-5, atol=1e-6)
-    # resume from iteration 2: the same export, bit for bit
+    # resume from iteration 2: the same export, bit for bit (the resumed iteration runs in this process with
+    # the same shapes and thread count as the uninterrupted one: the same kernels, the same rounding)
     (tmp_path / "B" / "checkpoints").mkdir(parents=True)
     import shutil
 

@@ -60,18 +60,21 @@ def clip_tokenizer(folder: Path):
     return tok
 
 
-def word_tokenizer(folder: Path, *, bos: bool = False, max_length: int = 512, extra_words=(), plain: bool = False):
+def word_tokenizer(folder: Path, *, bos: bool = False, max_length: int = 512, extra_words=(), plain: bool = False,
+                   specials=(), chat_template=None):
     """A fast word-level tokenizer appending ``</s>`` (T5 / UMT5 style), prepending ``<s>`` (LLaMA style) or
-    adding nothing (``plain``: Qwen style); ``extra_words`` join the vocabulary (kept whole by the splitter)."""
+    adding nothing (``plain``: Qwen style); ``extra_words`` join the vocabulary (kept whole by the splitter), as
+    do ``specials`` (special tokens, e.g. a chat template's markers); ``chat_template``: a Jinja chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "<s>": 3}
-    for w in WORDS + ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "system", "user"] + list(extra_words):
+    for w in WORDS + ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "system", "user"] + list(extra_words) \
+            + list(specials):
         vocab.setdefault(w, len(vocab))
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    specials = [w for w in extra_words if w.startswith("<|")]
+    specials = [w for w in extra_words if w.startswith("<|")] + list(specials)
     if specials:
         tk.add_special_tokens(specials)
     if plain:
@@ -82,6 +85,8 @@ def word_tokenizer(folder: Path, *, bos: bool = False, max_length: int = 512, ex
         tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                                   bos_token="<s>", model_max_length=max_length)
+    if chat_template is not None:
+        tok.chat_template = chat_template
     folder.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(folder))
     return tok, len(vocab)
@@ -113,6 +118,47 @@ def _llama(vocab_size: int):
                                    num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
                                    max_position_embeddings=1024, pad_token_id=0, bos_token_id=3, eos_token_id=1)
     return transformers.LlamaModel(cfg)
+
+
+# Qwen3's chat template for one user turn (its markers, the generation prompt and the enable_thinking switch)
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}")
+QWEN3_SPECIALS = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
+QWEN3_DIM = 16
+# Mistral Small 3.1's chat template for a system and a user turn (content as lists of typed parts)
+MISTRAL3_CHAT_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' + "
+    "message['content'][0]['text'] + '[/SYSTEM_PROMPT]' }}{%- elif message['role'] == 'user' %}{{- '[INST]' + "
+    "message['content'][0]['text'] + '[/INST]' }}{%- endif %}{%- endfor %}")
+MISTRAL3_SPECIALS = ("[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]")
+MISTRAL3_DIM = 16
+
+
+def _qwen3(cls_name: str, vocab_size: int, layers: int):
+    """Qwen3 at toy size; ``layers``: 28 so that FLUX.2 [klein]'s hidden states 9, 18, 27 exist."""
+    import transformers
+
+    cfg = transformers.Qwen3Config(vocab_size=vocab_size, hidden_size=QWEN3_DIM, intermediate_size=32,
+                                   num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                   max_position_embeddings=1024, pad_token_id=0)
+    return getattr(transformers, cls_name)(cfg)
+
+
+def _mistral3(tokenizer):
+    """Mistral3ForConditionalGeneration (FLUX.2 [dev]'s text encoder) at toy size: 31 text layers (hidden states
+    10, 20, 30 exist) and a one-block Pixtral vision tower."""
+    import transformers
+
+    text = dict(vocab_size=len(tokenizer), hidden_size=MISTRAL3_DIM, intermediate_size=32, num_hidden_layers=31,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024, pad_token_id=0)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=8,
+                  image_size=32, patch_size=8)
+    cfg = transformers.Mistral3Config(text_config=text, vision_config=vision,
+                                      image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2)
+    return transformers.Mistral3ForConditionalGeneration(cfg)
 
 
 def _qwen2_5_vl(vocab_size: int, tokenizer=None):
@@ -176,6 +222,15 @@ def build_tiny_components(family: str, path) -> Dict[str, object]:
         c["image_processor"] = transformers.Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
         c["image_processor"].save_pretrained(str(root / "processor"))
         c["vae"] = tiny_qwen_vae()
+    elif base in ("flux2_klein", "z_image"):  # Qwen3 (klein: its causal-LM class, 28 layers; Z-Image: the base model)
+        c["tokenizer"], n = word_tokenizer(root / "tokenizer", max_length=2048, plain=True, specials=QWEN3_SPECIALS,
+                                           chat_template=QWEN3_CHAT_TEMPLATE)
+        c["text_encoder"] = (_qwen3("Qwen3ForCausalLM", n, 28) if base == "flux2_klein" else _qwen3("Qwen3Model", n, 3))
+    elif base == "flux2_dev":  # tokenizer/ with the chat template (the real folder adds a PixtralProcessor there,
+        # which needs torchvision: not installed here, so the tokenizer stands for it; see models/flux2.py)
+        c["tokenizer"], _ = word_tokenizer(root / "tokenizer", max_length=2048, plain=True, specials=MISTRAL3_SPECIALS,
+                                           chat_template=MISTRAL3_CHAT_TEMPLATE)
+        c["text_encoder"] = _mistral3(c["tokenizer"])
     elif base == "sd3":
         c["tokenizer"] = clip_tokenizer(root / "tokenizer")
         c["text_encoder"] = _clip_model("CLIPTextModelWithProjection", len(c["tokenizer"]), "clip_l")

@@ -14,7 +14,7 @@ import torch
 
 TEXT_LEN = 6  # text tokens of the SD tokenizer stand-in (max_sequence_length)
 FAMILIES = ("sd", "flux", "hunyuan_t2i", "hunyuan_t2v", "hunyuan_i2v", "wan", "wan_i2v", "sd3", "qwen_image",
-            "qwen_image_edit")
+            "qwen_image_edit", "flux2_klein", "flux2_dev", "z_image")
 
 
 def _diffusers():
@@ -107,6 +107,34 @@ def tiny_qwen_image(num_layers: int = 1, in_channels: int = 16):
         num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
 
 
+def tiny_flux2_vae():
+    """FLUX.2's VAE: 4 latent channels, 2x spatial, 2 x 2 patchified into 16 batch-normalised channels (random
+    running statistics, so that the normalisation matters)."""
+    vae = _diffusers().AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4)
+    with torch.no_grad():
+        vae.bn.running_mean.normal_(0.0, 0.3)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    return vae
+
+
+def tiny_flux2(num_layers: int = 1, num_single_layers: int = 1, joint_attention_dim: int = 32,
+               guidance_embeds: bool = False):
+    """FLUX.2's MMDiT over the 16 patchified channels of the tiny FLUX.2 VAE (guidance_embeds: the dev model)."""
+    return _diffusers().Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=joint_attention_dim,
+        timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds)
+
+
+def tiny_z_image(num_layers: int = 1, cap_feat_dim: int = 16):
+    """Z-Image's single-stream DiT (2 x 2 patches of a 4-channel latent, one refiner layer of each kind)."""
+    return _diffusers().ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=num_layers, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=cap_feat_dim, axes_dims=[4, 6, 6], axes_lens=[128, 32, 32])
+
+
 def tiny_components(family: str) -> Tuple[Dict[str, torch.nn.Module], dict]:
     """({subfolder: tiny model}, adapter kwargs) of ``family``, built under seed 0."""
     torch.manual_seed(0)
@@ -133,4 +161,11 @@ def tiny_components(family: str) -> Tuple[Dict[str, torch.nn.Module], dict]:
         return {"transformer": tiny_qwen_image(), "vae": tiny_qwen_vae()}, dict(resolution=16)
     if family == "qwen_image_edit":  # the same architecture; the reference image rides in the token sequence
         return {"transformer": tiny_qwen_image(), "vae": tiny_qwen_vae()}, dict(resolution=16, reference_resolution=12)
+    if family == "flux2_klein":
+        return {"transformer": tiny_flux2(), "vae": tiny_flux2_vae()}, dict(resolution=16)
+    if family == "flux2_dev":  # guidance-distilled: the guidance scale is a model input
+        return {"transformer": tiny_flux2(guidance_embeds=True), "vae": tiny_flux2_vae()}, dict(resolution=16)
+    if family == "z_image":  # the FLUX.1 VAE's scaling and shift
+        return {"transformer": tiny_z_image(), "vae": tiny_vae_2d(scaling_factor=0.3611, shift_factor=0.1159)}, dict(
+            resolution=16)
     raise KeyError(f"no tiny components for {family!r}; families: {FAMILIES}")

@@ -52,14 +52,26 @@ RUN_KWARGS = {  # smaller shapes than the adapter tests': a few training iterati
     "hunyuan_t2i": dict(resolution=16, num_frames=1),
     "hunyuan_i2v": dict(resolution=16, num_frames=5),
     "wan": dict(resolution=16, num_frames=5),
+    "flux2_klein": dict(resolution=16),
+    "flux2_klein_cfg": dict(resolution=16, true_cfg_scale=4.0),  # the undistilled base: negatives in the manifest
+    "flux2_dev": dict(resolution=16),
+    "z_image": dict(resolution=16),
+    "z_image_cfg": dict(resolution=16, guidance_scale=4.0),
 }
+#: tiny runs of a family with other model.kwargs (run name -> the adapter / family name)
+RUN_FAMILY = {"flux2_klein_cfg": "flux2_klein", "z_image_cfg": "z_image"}
+
+
+def run_family(name):
+    """The adapter (model.name) of tiny run ``name``."""
+    return RUN_FAMILY.get(name, name)
 
 
 def tiny_components(name):
     """subfolder -> tiny model (tests/support/tiny_models.py), and the model.kwargs of a tiny run."""
     if name not in RUN_KWARGS:
         raise KeyError(f"no tiny run for {name!r}; families: {sorted(RUN_KWARGS)}")
-    comps, _ = tiny_models.tiny_components(name)
+    comps, _ = tiny_models.tiny_components(run_family(name))
     return comps, dict(RUN_KWARGS[name])
 
 
@@ -98,7 +110,7 @@ def build_tiny_run(root: Path, name: str):
     comps, kw = tiny_components(name)
     for sub, m in comps.items():
         m.save_pretrained(str(root / "model" / sub))
-    adapter = ADAPTERS.build(name, model_path=str(root / "model"), **kw)
+    adapter = ADAPTERS.build(run_family(name), model_path=str(root / "model"), **kw)
     spec = adapter.cond_spec()
     neg = "" if any(k.startswith("negative_") for k in spec) else None
     job = PrepJob(SyntheticEncoder(spec), [PromptRecord(p) for p in PROMPTS], root / "emb",

@@ -3,7 +3,7 @@
 Tiny encoder folders are written with ``save_pretrained`` and read back through the real
 ``from_pretrained(local_path, local_files_only=True)`` code. Covered: prompt-file parsing and its errors;
 each family's encodings against the diffusers pipeline's own ``encode_prompt`` on the same components
-(sd, flux, hunyuan, wan, sd3, qwen_image; wan_i2v image condition / CLIP image embeds against
+(sd, flux, hunyuan, wan, sd3, qwen_image, flux2_klein, flux2_dev, z_image; wan_i2v image condition / CLIP image embeds against
 WanImageToVideoPipeline; qwen_image_edit's image + instruction embedding and reference latent against
 QwenImageEditPipeline with the real Qwen2VLProcessor); bit-exact round trip through the shards; byte-identical reruns; resume
 skipping finished shards and redoing a corrupted one; ``validate_manifest`` errors; the dataset's
@@ -29,7 +29,8 @@ from fastvideo_grpo.data.prep import main as prep_main  # noqa: E402
 from fastvideo_grpo.models.hunyuan_video import HUNYUAN_PROMPT_TEMPLATE  # noqa: E402
 from fastvideo_grpo.models.qwen_image import QWEN_IMAGE_PROMPT_TEMPLATE  # noqa: E402
 from fastvideo_grpo.models.qwen_image_edit import QWEN_IMAGE_EDIT_PROMPT_TEMPLATE  # noqa: E402
-from support.tiny_encoders import CLIP_DIMS, LLAMA_DIM, QWEN_VL_DIM, T5_DIM, build_tiny_components  # noqa: E402
+from support.tiny_encoders import (CLIP_DIMS, LLAMA_DIM, MISTRAL3_DIM, QWEN3_DIM, QWEN_VL_DIM, T5_DIM,  # noqa: E402
+                                   build_tiny_components)
 
 PROMPTS = ["a red circle", "two blue squares on the left", "the cat and the dog", "a photo of a star",
            "three green triangles", "a big dark forest"]
@@ -239,6 +240,43 @@ def test_qwen_image_matches_pipeline(tiny):
     _assert_same(enc.encode_text(long)["prompt_embeds"], pe_long, exact=False)
 
 
+@pytest.mark.parametrize("family", ["flux2_klein", "flux2_dev"])
+def test_flux2_matches_pipeline(tiny, family):
+    """FLUX.2: the chat template (klein: Qwen3's, thinking off; dev: BFL's system message, [IMG] removed),
+    padded to the max length, the hidden states of three layers concatenated: as the pipelines' encode_prompt."""
+    folder, c = tiny(family)
+    cls = diffusers.Flux2KleinPipeline if family == "flux2_klein" else diffusers.Flux2Pipeline
+    pipe = cls(scheduler=None, vae=None, text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], transformer=None)
+    prompts = [PROMPTS[1], "a [IMG] cat"]
+    pe, _ = pipe.encode_prompt(prompts, device="cpu", max_sequence_length=LLAMA_LEN)
+    enc = load_family_encoder(family, folder, qwen_max_length=LLAMA_LEN)
+    out = enc.encode_text(prompts)
+    dim = 3 * (QWEN3_DIM if family == "flux2_klein" else MISTRAL3_DIM)
+    assert set(out) == {"prompt_embeds"} and out["prompt_embeds"].shape == (2, LLAMA_LEN, dim)
+    _assert_same(out["prompt_embeds"], pe)
+    assert enc.settings()["hidden_layers"] == ([9, 18, 27] if family == "flux2_klein" else [10, 20, 30])
+
+
+def test_z_image_matches_pipeline(tiny):
+    """Z-Image: the chat template (thinking on), the penultimate hidden state at the valid tokens (the pipeline's
+    list), stored zero-padded to the max length with the mask; the empty negative likewise."""
+    folder, c = tiny("z_image")
+    pipe = diffusers.ZImagePipeline(scheduler=None, vae=None, text_encoder=c["text_encoder"], tokenizer=c["tokenizer"],
+                                    transformer=None)
+    prompts = [PROMPTS[0], PROMPTS[1]]
+    pe, ne = pipe.encode_prompt(list(prompts), device="cpu", do_classifier_free_guidance=True,
+                                max_sequence_length=3 * LLAMA_LEN)
+    enc = load_family_encoder("z_image", folder, qwen_max_length=3 * LLAMA_LEN)
+    for got, want in ((enc.encode_text(prompts), pe), (enc.encode_text(["", ""]), ne)):
+        assert got["prompt_embeds"].shape == (2, 3 * LLAMA_LEN, QWEN3_DIM)
+        for i in range(2):
+            m = got["prompt_attention_mask"][i].bool()
+            assert int(m.sum()) == want[i].shape[0] < 3 * LLAMA_LEN
+            _assert_same(got["prompt_embeds"][i][m], want[i])
+            assert (got["prompt_embeds"][i][~m] == 0).all()
+    assert pe[0].shape[0] != pe[1].shape[0]  # prompts of different lengths
+
+
 def test_wan_matches_pipeline(tiny):
     folder, c = tiny("wan")
     pipe = diffusers.WanPipeline(tokenizer=c["tokenizer"], text_encoder=c["text_encoder"], transformer=None,
@@ -422,6 +460,9 @@ _EXPECTED = {
     "wan_i2v": {"prompt_embeds": (T5_LEN, T5_DIM), "image_condition": (20, 2, 4, 4), "image_embeds": (17, 16),
                 "negative_prompt_embeds": (T5_LEN, T5_DIM)},
     "qwen_image_edit": {"prompt_embeds": (24, QWEN_VL_DIM), "prompt_attention_mask": (24,), "image_latents": (4, 16, 16)},
+    "flux2_klein": {"prompt_embeds": (LLAMA_LEN, 3 * QWEN3_DIM)},
+    "flux2_dev": {"prompt_embeds": (LLAMA_LEN, 3 * MISTRAL3_DIM)},
+    "z_image": {"prompt_embeds": (LLAMA_LEN, QWEN3_DIM), "prompt_attention_mask": (LLAMA_LEN,)},
 }
 _IMAGE_FAMILIES = ("hunyuan_i2v", "wan_i2v", "qwen_image_edit")
 

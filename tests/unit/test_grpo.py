@@ -32,7 +32,8 @@ def test_default_std_is_the_released_bessel_formula():
     # population std gives advantages larger by sqrt(n / (n - 1))
     pop = grpo.group_advantages(torch.tensor(r, dtype=torch.float64), 6, std="population")
     torch.testing.assert_close(pop.double(), adv.double() * math.sqrt(6 / 5), rtol=1e-5, atol=1e-6)
-    # an all-equal group: 0 / (0 + 1e-8) = 0 in both
+    # an all-equal group: 0 / (0 + 1e-8) = 0 in both (exactly: float32 values summed in float64 round nowhere,
+    # so the group mean is the value itself in any summation order)
     assert torch.equal(grpo.group_advantages(torch.full((4,), 0.3), 4), torch.zeros(4))
     with pytest.raises(ValueError, match="std must be"):
         grpo.group_advantages(torch.zeros(4), 2, std="unbiased")

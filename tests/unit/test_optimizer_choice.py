@@ -33,6 +33,7 @@ def test_fused_adamw_only_for_cpu_offloaded_parameters(offload, fused):
     assert t.optimizer.defaults["fused"] is fused
 
 
+@pytest.mark.numerics
 def test_fused_cpu_step_matches_the_default_step():
     torch.manual_seed(0)
     p0 = torch.randn(1000)

@@ -26,11 +26,17 @@ ROOT = Path(__file__).resolve().parents[2]
 # published sizes (rounded names of the models): within 10%
 PUBLISHED = {"flux1_dev.json": 11.9e9, "hunyuanvideo.json": 12.8e9, "wan2.1_t2v_14b.json": 14e9,
              "wan2.1_t2v_1.3b.json": 1.3e9, "sd3.5_large.json": 8.1e9, "sd1.4.json": 860e6,
-             "qwen_image.json": 20e9, "qwen_image_edit.json": 20e9}
+             "qwen_image.json": 20e9, "qwen_image_edit.json": 20e9, "flux2_klein_4b.json": 4e9,
+             "flux2_klein_base_4b.json": 4e9, "flux2_klein_9b.json": 9e9, "flux2_dev.json": 32e9,
+             "z_image_turbo.json": 6e9, "z_image.json": 6e9}
 RECIPE_FOR = {"flux1_dev.json": "flux_hps.yaml", "hunyuanvideo.json": "hunyuan_t2v_videoalign.yaml",
               "wan2.1_t2v_14b.json": "wan_t2v.yaml", "wan2.1_t2v_1.3b.json": "wan_t2v.yaml",
               "sd3.5_large.json": "sd3_hps.yaml", "sd1.4.json": "sd_hps.yaml",
-              "qwen_image.json": "qwen_image_hps.yaml", "qwen_image_edit.json": "qwen_image_edit_hps.yaml"}
+              "qwen_image.json": "qwen_image_hps.yaml", "qwen_image_edit.json": "qwen_image_edit_hps.yaml",
+              "flux2_klein_4b.json": "flux2_klein_base_pickscore.yaml",
+              "flux2_klein_base_4b.json": "flux2_klein_base_pickscore.yaml",
+              "flux2_klein_9b.json": "flux2_klein_pickscore.yaml", "flux2_dev.json": "flux2_dev_pickscore.yaml",
+              "z_image_turbo.json": "z_image_turbo_pickscore.yaml", "z_image.json": "z_image_pickscore.yaml"}
 
 
 @pytest.mark.parametrize("arch_file", sorted(PUBLISHED))
@@ -115,3 +121,65 @@ def test_sp_must_divide_the_heads():
     cfg = load_config(str(ROOT / "configs" / "flux_hps.yaml"), ["--parallel.sp=5"])
     with pytest.raises(ValueError, match="does not divide the model's 24 attention heads"):
         P.plan(cfg, 10, 80)
+
+
+def test_replayed_tile_calls_count_what_running_them_counts():
+    """The planner replays a repeated sub-module call (a tiled decode's per-tile decoder) instead of re-running
+    it under fake tensors; FLOPs, peak live bytes and output shapes must equal running every call, also when
+    the calls fill a cache list that decides the next call's output shape (as Wan's causal decoder does)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastvideo_grpo.cli.repeat_memo import RepeatedCallMemo
+
+    class Decoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(4, 16, 3, padding=1), torch.nn.Conv2d(16, 3, 3, padding=1)
+
+        def forward(self, x, cache):
+            h = self.a(x).relu()  # a temporary larger than the output: the peak rise must be replayed too
+            out = self.b(h if not cache else torch.cat([cache[-1], h], dim=-1))  # wider once the cache is filled
+            cache.append(h[..., -2:].clone())
+            return out, len(cache)
+
+    class Tiled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decoder = Decoder()
+
+        def forward(self, z):  # rows of tiles, each row with a fresh cache (as Wan's tiled decode clears it)
+            outs = []
+            for rows in (z[..., :8, :], z[..., 8:, :], z[..., :8, :]):
+                cache = []
+                for cols in (slice(0, 8), slice(8, 16), slice(16, 24)):
+                    out, n = self.decoder(rows[..., cols], cache)
+                    outs.append(out.sum(dim=(-1, -2)) * n)
+            return torch.stack(outs)
+
+    def measure(memo: bool):
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            torch.manual_seed(0)
+            model = Tiled()
+            z = torch.zeros(2, 4, 13, 24)
+            with FlopCounterMode(display=False) as fc, P.LivePeak() as lp, torch.no_grad():  # as the planner decodes
+                if memo:
+                    with RepeatedCallMemo({"decoder": model.decoder}, fc, lp) as m:
+                        out = model(z)
+                    replayed = m.replayed
+                else:
+                    out, replayed = model(z), 0
+            return fc.get_total_flops(), lp.peak, tuple(out.shape), replayed, model
+
+    flops, peak, shape, _, _ = measure(False)
+    flops_m, peak_m, shape_m, replayed, model = measure(True)
+    assert replayed == 3  # row 3 repeats row 1; within a row the cache grows, so every call there is new
+    assert (flops_m, peak_m, shape_m) == (flops, peak, shape) and flops > 0 and peak > 0
+    assert "forward" not in model.decoder.__dict__  # nothing left patched
+
+
+def test_sp_check_reads_a_familys_own_attention_shape():
+    """Z-Image names its heads n_heads (30): the adapter's attention_shape() gives them to the planner."""
+    cfg = load_config(str(ROOT / "configs" / "z_image_turbo_pickscore.yaml"), ["--parallel.sp=4"])
+    with pytest.raises(ValueError, match="does not divide the model's 30 attention heads"):
+        P.plan(cfg, 8, 80)

@@ -209,6 +209,9 @@ def test_a_resumed_run_replays_its_earlier_evaluations(tmp_path):
     (tmp_path / "watchdog.json").write_text(json.dumps({"evaluations": evals}))
     prior = prior_evaluations(tmp_path, resumed_at=30)
     assert [p["step"] for p in prior] == [0, 10, 20, 30] and prior_evaluations(tmp_path, None) == []
+    # resumed at the run's last iteration (30 of 30): its end, the final evaluation included, is redone
+    assert [p["step"] for p in prior_evaluations(tmp_path, resumed_at=30, total=30)] == [0, 10, 20]
+    assert [p["step"] for p in prior_evaluations(tmp_path, resumed_at=30, total=40)] == [0, 10, 20, 30]
     dog = Watchdog(AlarmRule(threshold=0.05, patience=2), tmp_path, gold_keys=["g"], best_by="g", stop=False,
                    samples_per_prompt=1, prior=prior)
     assert dog.best.step == 10 and dog.tracker.fired is None

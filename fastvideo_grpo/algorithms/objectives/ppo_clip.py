@@ -47,7 +47,8 @@ class PPOClip(Objective):
         """``on_first_ratio`` (for tests) receives the first micro-step's ratio of every update."""
         if kl_form not in KL_FORMS:
             raise ValueError(f"grpo.kl_form must be one of {KL_FORMS}, got {kl_form!r}")
-        self.clip_range, self.adv_clip_max, self.kl_coef = float(clip_range), adv_clip_max, float(kl_coef)
+        self.clip_range = None if clip_range is None else float(clip_range)  # None: no clipping
+        self.adv_clip_max, self.kl_coef = adv_clip_max, float(kl_coef)
         self.kl_form = kl_form
         self.on_first_ratio = on_first_ratio
 
@@ -58,6 +59,9 @@ class PPOClip(Objective):
     @property
     def extra_forwards_per_trained_step(self) -> int:
         return 1 if self.needs_reference else 0
+
+    def trained_advantages(self, advantages_B):
+        return grpo.clamp_advantages(advantages_B, self.adv_clip_max)
 
     def prepare(self, batch, row_chunks):
         self._adv_B = batch.advantages_B.to(device=batch.device, dtype=torch.float32)

@@ -11,9 +11,10 @@ server is down, when it stays busy (429/503) or answers garbage; TimeoutError wh
 answer; ValueError when it rejects the input (400/404), the token (401), the size (413) or is not
 a reward server (no JSON); RuntimeError when the reward fails (500).
 ``wire_dtype="uint8"`` quarters the traffic (images quantised to 1/255); the default float32 sends
-the images losslessly: a server in the same process scoring with the same torch thread count gives
-bit-identical scores, one in another process or on another machine equal scores up to float32
-rounding (see server.py). ``chunk_size`` splits big batches into several requests.
+the images losslessly: a server in the same process scoring with the same torch thread count and the
+same batch shapes (the request within ``max_batch`` and ``chunk_size``) gives bit-identical scores;
+other shapes, another process or another machine give equal scores up to float32 rounding (see
+server.py and docs/reproducibility.md). ``chunk_size`` splits big batches into several requests.
 """
 
 from __future__ import annotations

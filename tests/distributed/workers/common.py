@@ -9,7 +9,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: the shared tiny builders (support.*)
-torch.set_num_threads(1)
+from support.threads import TEST_THREADS  # noqa: E402  (1, or FVG_TEST_THREADS: docs/reproducibility.md)
+
+torch.set_num_threads(TEST_THREADS)
 
 from fastvideo_grpo.config import RunConfig  # noqa: E402
 from fastvideo_grpo.models.toy import TinyDiT, TinyDiTConfig, ToyAdapter  # noqa: E402

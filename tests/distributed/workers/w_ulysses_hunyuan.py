@@ -71,7 +71,8 @@ def _randomize(m):
     return m
 
 
-def _compare(m, ref, run, plan, blocks, group, what, n_img, attention_backend=None):
+def _compare(m, ref, run, plan, blocks, group, what, n_img, attention_backend=None, n_joined=0):
+    """``n_joined``: text tokens some blocks get joined before their image shard (FLUX.2's single-stream blocks)."""
     r = run(ref)
     (r ** 2).sum().backward()
     sp = SequenceParallel(blocks, group, plan, attention_backend=attention_backend)
@@ -90,7 +91,7 @@ def _compare(m, ref, run, plan, blocks, group, what, n_img, attention_backend=No
         for h in handles:
             h.remove()
     world = dist.get_world_size(group)
-    check(len(seen) >= len(blocks) and all(s_ * world == n_img for s_ in seen),
+    check(len(seen) >= len(blocks) and all(s_ * world == n_img or (s_ - n_joined) * world == n_img for s_ in seen),
           f"{what}: blocks did not run on 1/{world} of the {n_img} image tokens: {seen}")
     torch.testing.assert_close(o, r, **TOL, msg=lambda msg: f"{what} output: {msg}")
     n = 0
@@ -153,6 +154,52 @@ def flux_case(env, group, attention_backend=None):
     blocks = list(m.transformer_blocks) + list(m.single_transformer_blocks)
     _compare(m, ref, run, FluxAdapter.sequence_parallel_plan(None), blocks, group, f"flux ({attention_backend})",
              n_img=h * w, attention_backend=attention_backend)
+
+
+def flux2_case(env, group, checkpointing: bool):
+    """FLUX.2: the dual-stream blocks take the text stream as an input, the single-stream ones [text; image] joined
+    (the plan carries the text count to them and gathers only the image part of the last output); with diffusers'
+    gradient checkpointing the blocks get their inputs positionally (the plan names both)."""
+    from fastvideo_grpo.models.flux2 import Flux2Adapter, text_ids, token_ids
+    from support.tiny_models import tiny_flux2
+
+    torch.manual_seed(0)
+    m = _randomize(tiny_flux2(num_layers=2, num_single_layers=2, guidance_embeds=True).double())
+    if checkpointing:
+        m.enable_gradient_checkpointing()
+    ref = copy.deepcopy(m)
+    g = torch.Generator().manual_seed(1)
+    B, h, w, L = 2, 4, 4, 5
+    x = torch.randn(B, h * w, 16, generator=g, dtype=torch.float64)
+    txt = torch.randn(B, L, 32, generator=g, dtype=torch.float64)
+
+    def run(model):
+        return model(hidden_states=x, encoder_hidden_states=txt, timestep=torch.tensor([0.5, 0.3], dtype=torch.float64),
+                     img_ids=token_ids(h, w, "cpu"), txt_ids=text_ids(L, "cpu"),
+                     guidance=torch.full((B,), 4.0, dtype=torch.float64), return_dict=False)[0]
+
+    blocks = list(m.transformer_blocks) + list(m.single_transformer_blocks)
+    _compare(m, ref, run, Flux2Adapter.sequence_parallel_plan(None), blocks, group,
+             f"flux2 (checkpointing={checkpointing})", n_img=h * w, n_joined=L)
+
+
+def z_image_case(env, group):
+    """Z-Image: its main layers over the joined [image; text] sequence (batch padding masked: captions of 4 and 6
+    tokens), sharded whole; the refiners run outside on every rank."""
+    from fastvideo_grpo.models.z_image import ZImageAdapter
+    from support.tiny_models import tiny_z_image
+
+    torch.manual_seed(0)
+    m = _randomize(tiny_z_image(num_layers=2).double())
+    ref = copy.deepcopy(m)
+    g = torch.Generator().manual_seed(1)
+    x = [torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(2)]  # 16 tokens, padded to 32
+    caps = [torch.randn(n, 16, generator=g, dtype=torch.float64) for n in (4, 6)]  # each padded to 32
+
+    def run(model):
+        return torch.stack(model(x, torch.tensor([0.5, 0.3], dtype=torch.float64), caps, return_dict=False)[0])
+
+    _compare(m, ref, run, ZImageAdapter.sequence_parallel_plan(None), list(m.layers), group, "z_image", n_img=64)
 
 
 def _adapter_components(name):
@@ -229,11 +276,16 @@ def main():
         flux_case(env, group)
         if env.rank == 0:
             print("tiny FLUX with sp=2 equals single rank (fwd + bwd)")
+        flux2_case(env, group, checkpointing=False)
+        flux2_case(env, group, checkpointing=True)
+        z_image_case(env, group)
+        if env.rank == 0:
+            print("tiny FLUX.2 (with and without checkpointing) and Z-Image with sp=2 equal single rank (fwd + bwd)")
         import tempfile
         from pathlib import Path
 
         with tempfile.TemporaryDirectory() as tmp:
-            for name in ("hunyuan_t2v", "hunyuan_t2i", "hunyuan_i2v", "flux"):
+            for name in ("hunyuan_t2v", "hunyuan_t2i", "hunyuan_i2v", "flux", "flux2_klein", "z_image"):
                 adapter_case(env, name, Path(tmp))
                 if env.rank == 0:
                     print(f"{name} adapter with parallelize(sp=2, FSDP) equals single process")
