@@ -1,9 +1,11 @@
 """The update driver: one call trains any objective on one iteration's batch.
 
 ``update(objective, batch, optimizer, settings)`` owns what every objective shares: the trainable
-parameters, the split of the batch into micro-batches of ``micro_batch_size`` samples and of the K kept
-steps into ``num_updates`` consecutive chunks (``grpo.update_chunks``; each chunk's gradients are
-accumulated over its steps and micro-batches, then one optimiser step), backward, the global gradient norm
+parameters, the split of the batch into micro-batches of ``micro_batch_size`` samples and of the iteration
+into ``num_updates`` optimiser steps: ``split`` "steps" cuts the K kept steps into consecutive chunks
+(``grpo.update_chunks``; each chunk's gradients are accumulated over its steps and every micro-batch), "samples"
+cuts the micro-batches into consecutive groups (each group's gradients accumulated over its micro-batches and
+every kept step: the released DanceGRPO / Flow-GRPO split); then one optimiser step each. Backward, the global gradient norm
 clipped to ``max_grad_norm`` (a DTensor's full norm under FSDP2), the finiteness check, the optimiser and
 LR-scheduler steps. The objective (``algorithms/objectives/``) only computes each micro-step's loss.
 
@@ -14,10 +16,10 @@ every rank takes part in the same collectives and sees the same (non-finite) glo
 
 ``num_epochs`` > 1 passes over the same batch again (Flow-DPPO's several epochs per rollout); ``prepare`` runs
 once. A trajectory may mark kept slots untrained (``trained_BK``: a tree's shared prefix is trained once); their
-micro-steps leave those rows out.
+micro-steps leave those rows out, and each micro-step's loss is weighted by its share of the optimiser step's
+trained slots.
 
-pi_old stays the rollout policy for the whole iteration (PPO's usual convention). (The released DanceGRPO
-code splits the samples instead: each optimiser step sees all kept steps of a subset of the samples.)
+pi_old stays the rollout policy for the whole iteration (PPO's usual convention).
 """
 
 from __future__ import annotations
@@ -35,17 +37,32 @@ from .objectives.base import Objective, TrainBatch
 @dataclass(frozen=True)
 class UpdateSettings:
     """How an update is split and clipped (``grpo.num_updates_per_iteration``, ``grpo.micro_batch_size``,
-    ``optim.max_grad_norm``, ``grpo.num_epochs``)."""
+    ``optim.max_grad_norm``)."""
 
     num_updates: int = 1
     micro_batch_size: int = 0  # samples per forward / backward; 0 = the whole batch
     max_grad_norm: float = 1.0
+    split: str = "steps"  # grpo.update_split: "steps" or "samples"
     num_epochs: int = 1  # passes over the batch, each of num_updates optimiser steps
 
     @classmethod
     def from_config(cls, cfg) -> "UpdateSettings":
         return cls(cfg.grpo.num_updates_per_iteration, cfg.grpo.micro_batch_size, cfg.optim.max_grad_norm,
-                   cfg.grpo.num_epochs)
+                   cfg.grpo.update_split, cfg.grpo.num_epochs)
+
+
+def optimizer_steps(batch_size: int, kept_steps: int, settings: UpdateSettings):
+    """The micro-batch rows of the update, and per optimiser step the (kept-step slots, micro-batches) it
+    accumulates over (module docstring)."""
+    row_chunks, step_chunks = grpo.update_chunks(batch_size, kept_steps, settings.micro_batch_size,
+                                                 settings.num_updates)
+    if settings.split == "steps":
+        return row_chunks, [(steps, row_chunks) for steps in step_chunks]
+    if settings.split != "samples":
+        raise ValueError(f"grpo.update_split must be 'steps' or 'samples', got {settings.split!r}")
+    parts = max(1, min(settings.num_updates, len(row_chunks)))
+    bounds = [round(i * len(row_chunks) / parts) for i in range(parts + 1)]
+    return row_chunks, [(range(kept_steps), row_chunks[bounds[i]:bounds[i + 1]]) for i in range(parts)]
 
 
 def trainable_parameters(module: torch.nn.Module):
@@ -59,14 +76,10 @@ def update(objective: Objective, batch: TrainBatch, optimizer: torch.optim.Optim
            lr_scheduler=None) -> Dict[str, float]:
     """Train ``objective`` on ``batch``: ``settings.num_epochs`` passes of ``settings.num_updates`` optimiser steps
     (fewer when there are fewer kept steps); returns the averaged statistics (``train/<stat>``), the objective's
-    update diagnostics, ``train/grad_norm`` (mean over steps) and ``train/num_updates``.
-
-    Kept slots the trajectory marks untrained (``traj.trained_BK``) are left out of the micro-batches; then each
-    micro-step's loss (a mean over its rows) is weighted by its share of the optimiser step's trained slots."""
+    update diagnostics, ``train/grad_norm`` (mean over steps) and ``train/num_updates``."""
     module = batch.adapter.trainable_module()
     params = trainable_parameters(module)
-    row_chunks, step_chunks = grpo.update_chunks(batch.size, batch.num_kept_steps, settings.micro_batch_size,
-                                                 settings.num_updates)
+    row_chunks, plan = optimizer_steps(batch.size, batch.num_kept_steps, settings)
     trained = batch.traj.trained_BK
     objective.prepare(batch, row_chunks)
     module.train()
@@ -74,11 +87,10 @@ def update(objective: Objective, batch: TrainBatch, optimizer: torch.optim.Optim
     totals = torch.zeros(len(objective.stat_names), dtype=torch.float32, device=batch.device)
     count, grad_norms = 0, []
     for _epoch in range(settings.num_epochs):
-        for step_chunk in step_chunks:
+        for step_chunk, rows_of_step in plan:
             optimizer.zero_grad(set_to_none=True)
-            micro = _micro_steps(step_chunk, row_chunks, trained)
             finite, where = [], []  # per micro-step: finiteness on the device, and its kept-step slot
-            for k, rows, divisor in micro:
+            for k, rows, divisor in _micro_steps(step_chunk, rows_of_step, trained):
                 loss, stats = objective.loss(batch, rows, k)
                 finite.append(torch.isfinite(loss.detach()))
                 where.append(k)
@@ -87,6 +99,7 @@ def update(objective: Objective, batch: TrainBatch, optimizer: torch.optim.Optim
                 count += 1
             grad_norms.append(_clip_and_check(params, settings.max_grad_norm, finite, where, objective, optimizer))
             optimizer.step()
+            objective.on_optimizer_step()
             if lr_scheduler is not None:
                 lr_scheduler.step()
     once = objective.finish(batch)

@@ -19,8 +19,9 @@ training micro-step (forward + backward) at the micro-batch, the VAE decode -- a
 
 Full-model numbers are the measured root plus each block kind times its count; per-GPU numbers divide by
 the sequence-parallel degree where Ulysses splits the work. Static memory is closed form: FSDP2 shards of
-the parameters, gradients and AdamW state over ``dp_shard * sp`` ranks, the all-gathered bf16 blocks in
-flight, the frozen VAE and reward models. Time = FLOPs / (peak bf16 FLOP/s x MFU); communication and the
+the parameters, gradients and AdamW state over ``dp_shard * sp`` ranks, the shards of frozen denoisers (a
+second expert, ``adapter.frozen_denoisers()``), the all-gathered bf16 blocks in flight, the frozen VAE and
+reward models. Time = FLOPs / (peak bf16 FLOP/s x MFU); communication and the
 reward models' compute are not modelled. See docs/recipes.md for the tables and what was validated.
 """
 
@@ -53,7 +54,7 @@ DEFAULT_MFU = 0.28
 RESERVE_GIB = 6.0
 #: reward models (approximate parameter counts, bytes per parameter at their default dtype)
 REWARD_PARAMS = {"hps": (986e6, 4), "clip_score": (986e6, 4), "pickscore": (986e6, 4), "aesthetic": (428e6, 4),
-                 "video_align": (2.2e9, 2)}
+                 "video_align": (2.2e9, 2), "hpsv3": (8.29e9, 2)}
 
 
 def _reward_bytes(rc) -> float:
@@ -97,9 +98,12 @@ def reduced(arch: Dict) -> Dict:
     return small
 
 
-def build_adapter(cfg, arch: Dict, dtype: str = "float32", vae_dtype: Optional[torch.dtype] = None):
+def build_adapter(cfg, arch: Dict, dtype: str = "float32", vae_dtype: Optional[torch.dtype] = None,
+                  lora: bool = True):
     """The recipe's adapter around the architecture's modules, built on the current default device (and
-    default dtype; ``vae_dtype``: the VAE's, when it differs)."""
+    default dtype; ``vae_dtype``: the VAE's, when it differs). ``lora=False`` leaves the recipe's LoRA layers out
+    (peft cannot place them under fake tensors; their activations and FLOPs are a few percent of the layers they
+    adapt)."""
     from ..models import ADAPTERS
     from ..models.diffusers_base import component_from_config
 
@@ -111,7 +115,8 @@ def build_adapter(cfg, arch: Dict, dtype: str = "float32", vae_dtype: Optional[t
         vae = component_from_config(arch["vae"]["class"], arch["vae"]["config"])
     finally:
         torch.set_default_dtype(prev)
-    kwargs = {k: v for k, v in cfg.model.kwargs.items() if k not in ("model_path", "device", "dtype")}
+    kwargs = {k: v for k, v in cfg.model.kwargs.items() if k not in ("model_path", "device", "dtype")
+              and (lora or not k.startswith("lora_"))}
     return ADAPTERS.build(cfg.model.name, model_path=None, components=(model, vae), dtype=dtype, **kwargs)
 
 
@@ -184,7 +189,12 @@ def _attention_flops(adapter, batch: int) -> float:
 
 
 def adapter_tokens(adapter) -> int:
-    """Tokens one sample puts through the transformer's attention (image/video tokens + text tokens)."""
+    """Tokens one sample puts through the transformer's attention (image/video tokens + text tokens). An adapter
+    whose latent is not an image or video grid (e.g. packed tokens of two streams) declares its own count of
+    self-attention tokens, ``attention_tokens``."""
+    declared = getattr(adapter, "attention_tokens", None)
+    if declared is not None:
+        return int(declared) + text_len(adapter) + int(getattr(adapter, "extra_image_tokens", 0))
     shape = adapter.latent_shape()
     c = adapter.model.config
     p = getattr(c, "patch_size", 1)
@@ -247,7 +257,7 @@ def measure(cfg, arch: Dict, micro_batch: int, rollout_batch: int, decode_batch:
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             # the transformer computes in bf16 (FSDP2 mixed precision); the VAE decodes in the stored dtype
-            adapter = build_adapter(cfg, small, dtype="bfloat16", vae_dtype=_stored_dtype(cfg))
+            adapter = build_adapter(cfg, small, dtype="bfloat16", vae_dtype=_stored_dtype(cfg), lora=False)
             adapter.plan_text_len = seq
             vectorise_blends(adapter.vae)  # one op per tile overlap instead of one per row (same result)
             model = adapter.model
@@ -403,8 +413,9 @@ def parameter_counts(adapter, arch: Dict) -> Dict[str, float]:
         mods = list(getattr(model, attr))
         blocks[attr] = {"count": len(mods), "params_each": sum(p.numel() for p in mods[0].parameters())}
     in_blocks = sum(b["count"] * b["params_each"] for b in blocks.values())
+    frozen = sum(p.numel() for m in adapter.frozen_denoisers() for p in m.parameters())
     return {"total": total, "trainable": trainable, "root": total - in_blocks, "blocks": blocks,
-            "vae": sum(p.numel() for p in adapter.vae.parameters()),
+            "frozen_denoisers": frozen, "vae": sum(p.numel() for p in adapter.vae.parameters()),
             "largest_block": max([b["params_each"] for b in blocks.values()] or [total])}
 
 
@@ -440,6 +451,8 @@ def plan(cfg, gpus: int, gpu_mem_gib: float = 80.0, arch_path=None, mfu: float =
     # ---- static: shards of params, grads, optimiser state; in-flight unsharded blocks; frozen models
     mem = {
         "params_shard": P * store / fsdp,
+        # frozen denoisers the rollout runs besides the trained one (a second expert): sharded like it, no grads
+        "frozen_denoisers_shard": params["frozen_denoisers"] * store / fsdp,
         "grads_shard": Pt * 4 / fsdp,
         "optimizer_shard": Pt * 8 / fsdp,
         # bf16 copies gathered by FSDP2: the block computing and the one prefetched, plus the root's own
@@ -467,10 +480,18 @@ def plan(cfg, gpus: int, gpu_mem_gib: float = 80.0, arch_path=None, mfu: float =
     K = passes["trained_steps"]
     from ..algorithms.objectives import build_objective
 
-    per_step = 3 if build_objective(cfg).needs_step_means else 2  # z_t, z_s (and the rollout's step mean)
-    mem["trajectory"] = rank_batch * (per_step * K * latent + latent)
+    # the kept transitions (z_t, z_s and, for objectives that compare step means, the rollout's mean), the final
+    # latents, and the reference / old-policy outputs of every trained step (the objective evaluates them before
+    # the first optimiser step)
+    per_step = 3 if build_objective(cfg).needs_step_means else 2
+    extra_outputs = passes["forward_update"] // max(1, passes["backward"]) - 1
+    mem["trajectory"] = rank_batch * (per_step * K * latent + latent) + passes["backward"] * extra_outputs * latent
+    # copies of the trainable weights: the KL reference of a full fine-tuning run, DiffusionNFT's old policy
+    lora = bool(int(cfg.model.kwargs.get("lora_rank", 0) or 0))
+    mem["weight_copies"] = _weight_copies(cfg, lora) * Pt * store / fsdp
     mem["decode_activations"] = s_dec * m.decode_peak
-    static = mem["params_shard"] + mem["grads_shard"] + mem["optimizer_shard"] + mem["vae"] + mem["reward_models"]
+    static = (mem["params_shard"] + mem["frozen_denoisers_shard"] + mem["grads_shard"] + mem["optimizer_shard"]
+              + mem["weight_copies"] + mem["vae"] + mem["reward_models"])
     phases = {
         "rollout": static + mem["unsharded_blocks"] + mem["trajectory"] + mem["rollout_activations"],
         "decode": static + mem["trajectory"] + mem["decode_activations"],
@@ -510,15 +531,16 @@ def plan(cfg, gpus: int, gpu_mem_gib: float = 80.0, arch_path=None, mfu: float =
 def passes_per_iteration(cfg) -> Dict[str, int]:
     """Model passes per rank and iteration, per sample, as the trainer counts them (fastvideo_grpo/algorithms/passes.py):
     ``forward_rollout`` (the sampler's forwards per group: every sampling step of every sample, or fewer for a
-    tree sharing prefixes), ``forward_update`` (each trained transition once per epoch, plus the objective's
-    ``extra_forwards_per_trained_step`` per epoch -- the reference model of the KL term -- and its
-    ``forwards_once_per_trained_step`` -- DiffusionNFT's old-policy velocity, Flow-DPPO's old means) and
-    ``backward``. ``trained_steps`` is K, the kept slots per sample: int(tau x the candidate steps) -- the
+    tree sharing prefixes; MixGRPO-Flash's compressed grid averaged over the run), ``forward_update`` (each
+    trained transition once per epoch, plus the objective's ``extra_forwards_per_trained_step`` once per update:
+    the reference model of the KL term, DiffusionNFT's old-policy velocity, DGPO's reference and old errors) and
+    ``backward`` (once per epoch). ``trained_steps`` is K, the kept slots per sample: int(tau x the candidate steps) -- the
     trainable window without the last step (``grpo.trainable_window``), or the MixGRPO / Flow-GRPO-Fast window's
     size -- unless the sampler keeps its own; the transitions trained per group are the sampler's count (a tree
     trains a shared transition once)."""
     from ..algorithms.objectives import build_objective
     from ..algorithms.samplers import build_sampler
+    from ..algorithms import sde_window
     from ..algorithms.grpo import num_train_steps, trainable_window
 
     g, s = cfg.grpo, cfg.sampling
@@ -531,10 +553,17 @@ def passes_per_iteration(cfg) -> Dict[str, int]:
     else:
         trained = g.prompts_per_iteration * sampler.trained_per_group(s.num_steps, g.group_size, (lo, hi), K)
     E = g.num_epochs
-    per_trained = E * (1 + objective.extra_forwards_per_trained_step) + objective.forwards_once_per_trained_step
-    return {"trained_steps": K,
-            "forward_rollout": g.prompts_per_iteration * sampler.forwards_per_group(s.num_steps, g.group_size),
-            "forward_update": trained * per_trained, "backward": trained * E}
+    # MixGRPO-Flash's compressed post-window grid: fewer steps, varying with the window (averaged over the run)
+    steps = sde_window.mean_rollout_steps(cfg)
+    rollout = g.prompts_per_iteration * sampler.forwards_per_group(s.num_steps, g.group_size) * steps / s.num_steps
+    return {"trained_steps": K, "forward_rollout": round(rollout),
+            "forward_update": trained * (E + objective.extra_forwards_per_trained_step), "backward": trained * E}
+
+
+def _weight_copies(cfg, lora: bool) -> int:
+    from ..algorithms.objectives import build_objective
+
+    return build_objective(cfg).weight_copies(lora)
 
 
 def _text_len(cfg, adapter=None) -> int:
@@ -613,8 +642,11 @@ def render(p: Plan) -> str:
     lines = [f"{p.recipe or 'recipe'}: {p.arch} on {p.gpus} GPU(s) x {p.gpu_mem_gib:.0f} GiB "
              f"(fsdp {p.settings['fsdp_degree']}, sp {p.settings['sp']})",
              f"  parameters: {p.params['total'] / 1e9:.2f} B ({p.params['trainable'] / 1e9:.2f} B trained), "
-             f"VAE {p.params['vae'] / 1e6:.0f} M",
-             f"  per-GPU memory (GiB): params {m['params_shard']:.1f} + grads {m['grads_shard']:.1f} + AdamW "
+             + (f"frozen denoisers {p.params['frozen_denoisers'] / 1e9:.2f} B, " if p.params["frozen_denoisers"]
+                else "") + f"VAE {p.params['vae'] / 1e6:.0f} M",
+             f"  per-GPU memory (GiB): params {m['params_shard']:.1f} + "
+             + (f"frozen denoisers {m['frozen_denoisers_shard']:.1f} + " if m["frozen_denoisers_shard"] else "")
+             + f"grads {m['grads_shard']:.1f} + AdamW "
              f"{m['optimizer_shard']:.1f} + VAE {m['vae']:.1f} + rewards {m['reward_models']:.1f}; "
              f"in-flight blocks {m['unsharded_blocks']:.1f}; trajectories {m['trajectory']:.1f}",
              f"    rollout activations {m['rollout_activations']:.1f}, decode {m['decode_activations']:.1f}, "

@@ -19,7 +19,8 @@ Conventions
 from __future__ import annotations
 
 import abc
-from typing import Dict, List, Optional
+import contextlib
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -87,6 +88,17 @@ class PolicyAdapter(abc.ABC):
     def set_compute_device(self, device) -> None:
         self._compute_device = torch.device(device)
 
+    def guidance(self, mode: str):
+        """A context in which ``predict`` guides as ``mode`` says (``grpo.train_guidance``: "both",
+        "detach_uncond", "none"); the update driver wraps the training forwards in it. A model without
+        classifier-free guidance has nothing to change."""
+        return contextlib.nullcontext()
+
+    def lora_adapter_off(self):
+        """A context in which the model computes without its LoRA adapter (the base weights: the starting
+        policy of a LoRA run), or None when it has no LoRA adapter to switch off."""
+        return None
+
     def decoder_modules(self) -> List[nn.Module]:
         """The frozen modules only ``decode`` uses (the VAE), which ``sampling.offload_vae`` keeps in host
         memory between decodes; [] = nothing to offload (e.g. a pixel-space model)."""
@@ -110,6 +122,19 @@ class PolicyAdapter(abc.ABC):
     def sequence_parallel_plan(self):
         """A ``distributed.sequence_parallel.SPPlan`` saying which first-block inputs to shard along
         the sequence; None = the first positional argument / ``hidden_states`` along dim 1."""
+        return None
+
+    def frozen_denoisers(self) -> List[nn.Module]:
+        """Frozen denoisers that ``predict`` runs besides the trainable module (e.g. Wan 2.2's low-noise
+        expert): ``parallelize`` shards each like the trainable module (FSDP2 per block, then its root; the
+        same sequence-parallel plan), without gradients or optimiser state, and the planner counts their
+        sharded weights. [] = none."""
+        return []
+
+    def trainable_steps(self, schedule) -> Optional[Tuple[int, int]]:
+        """The sampling steps ``[lo, hi)`` of ``schedule`` whose prediction depends on the trainable module;
+        None = every step. The trainer refuses a training window (``grpo.timestep_window``) reaching outside
+        them: a step that only a frozen denoiser predicts has nothing to train."""
         return None
 
 

@@ -10,6 +10,8 @@
   hold whole groups.
 """
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from fastvideo_grpo.algorithms.objectives.dgpo import DGPO, dgpo_loss
 from fastvideo_grpo.algorithms.rollout import rollout
 from fastvideo_grpo.algorithms.samplers import SDERollout
 from fastvideo_grpo.algorithms.update import UpdateSettings, update
-from fastvideo_grpo.training.trainer import frozen_reference
+from fastvideo_grpo.algorithms.policy_versions import SeparateAdapter
 from support.tiny_models import tiny_toy_adapter
 
 
@@ -61,7 +63,10 @@ def _batch(seed=0, tau=0.75):
     traj = rollout(ad, sched, prompts, ad.encode_prompts(prompts), G, keep, torch.Generator().manual_seed(1),
                    shared_noise=False, decode=False)
     adv = grpo.group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.3, 0.2, 0.8]), G)
-    return ad, sched, traj, adv, frozen_reference(ad)
+    ref = copy.deepcopy(ad)  # the frozen starting policy, a model of its own (SeparateAdapter)
+    for p in ref.model.parameters():
+        p.requires_grad_(False)
+    return ad, sched, traj, adv, ref
 
 
 def test_times_noise_reference_and_clipping_of_a_real_update():
@@ -70,7 +75,7 @@ def test_times_noise_reference_and_clipping_of_a_real_update():
     assert ((traj.steps_BK >= 0) & (traj.steps_BK < 3)).all()
     obj = DGPO(beta=100.0, clip_range=1e-2, kl_coef=0.1)
     gen = torch.Generator().manual_seed(7)
-    batch = TrainBatch(ad, sched, traj, adv, reference=ref, generator=gen)
+    batch = TrainBatch(ad, sched, traj, adv, reference=SeparateAdapter(ref), generator=gen)
     ref_before = [p.detach().clone() for p in ref.model.parameters()]
     stats = update(obj, batch, torch.optim.SGD(ad.model.parameters(), lr=0.5),
                    UpdateSettings(num_updates=2, micro_batch_size=3, max_grad_norm=1e9))
@@ -94,7 +99,7 @@ def test_times_noise_reference_and_clipping_of_a_real_update():
 def test_clipping_detaches_exactly_the_samples_outside_the_range():
     ad, sched, traj, adv, ref = _batch(1, tau=0.5)
     obj = DGPO(beta=10.0, clip_range=1e-3)
-    batch = TrainBatch(ad, sched, traj, adv, reference=ref, generator=torch.Generator().manual_seed(3))
+    batch = TrainBatch(ad, sched, traj, adv, reference=SeparateAdapter(ref), generator=torch.Generator().manual_seed(3))
     obj.prepare(batch, [torch.arange(6)])
     rows = torch.arange(6)
     # before any optimiser step the old policy is the current one: ratio 1, nothing clipped
@@ -124,6 +129,6 @@ def test_clipping_detaches_exactly_the_samples_outside_the_range():
         obj.prepare(batch, [torch.arange(4), torch.arange(4, 6)])
     # grpo.clip_range: null turns the clip off: no rollout-policy replay, nothing detached
     free = DGPO(beta=10.0, clip_range=None)
-    assert not free.clip_dsm and free.forwards_once_per_trained_step == 1
+    assert not free.clip_dsm and free.extra_forwards_per_trained_step == 1
     free.prepare(batch, [torch.arange(6)])
     assert free._old_dsm is None and float(free.loss(batch, rows, 0)[1][3]) == 0.0

@@ -55,7 +55,7 @@ def test_divergence_is_the_exact_gaussian_kl_and_the_mask_blocks_only_moves_away
     assert mu_new.grad is None or not mu_new.grad.any()
     with pytest.raises(ValueError, match="divergence_threshold"):
         FlowDPPO(divergence_threshold=0.0)
-    assert FlowDPPO.needs_step_means and FlowDPPO().forwards_once_per_trained_step == 0
+    assert FlowDPPO.needs_step_means and FlowDPPO().extra_forwards_per_trained_step == 0
 
 
 def _setup(seed=0):

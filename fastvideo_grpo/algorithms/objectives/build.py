@@ -51,6 +51,9 @@ def build_objective(cfg) -> Objective:
     if g.kl_coef > 0 and not objective.needs_reference:
         raise ValueError(f"grpo.kl_coef is a KL to the starting policy, which grpo.objective: {g.objective} does not "
                          "use; set it to 0")
+    if g.drop_zero_advantage and objective.needs_whole_groups:
+        raise ValueError(f"grpo.objective: {g.objective} compares the samples of each group, which "
+                         "grpo.drop_zero_advantage breaks up; set grpo.drop_zero_advantage: false")
     sampler = build_sampler(cfg)  # sampling.rollout and its options, against the sampling settings
     if sampler.per_step_advantages and not objective.per_step_advantages:
         raise ValueError(f"sampling.rollout: {s.rollout} gives each trained step its own advantage, which "

@@ -74,6 +74,7 @@ class DGPO(Objective):
     needs_log_probs = False
     needs_flow_model = True
     shared_timesteps = True
+    needs_whole_groups = True
     stat_names = ("loss", "dgpo_dsm", "dgpo_group_weight", "clipfrac", "kl")
     config_fields = {"clip_range": "clip_range", "adv_clip_max": "adv_clip_max", "kl_coef": "kl_coef"}
 
@@ -92,7 +93,7 @@ class DGPO(Objective):
         return True
 
     @property
-    def forwards_once_per_trained_step(self) -> int:
+    def extra_forwards_per_trained_step(self) -> int:
         return 1 + int(self.clip_dsm)  # the reference's velocity, and the rollout policy's for the clipping
 
     def trained_advantages(self, advantages_B):
@@ -119,22 +120,21 @@ class DGPO(Objective):
         self._t_BK = batch.schedule.sigmas.to(torch.float64)[traj.steps_BK].to(torch.float32)  # (B, K) CPU
         adv = batch.advantages_B.to(device=device, dtype=torch.float32)
         self._adv_B = grpo.clamp_advantages(adv, self.adv_clip_max)
+        # the reference's and (for the clip) the rollout policy's velocities, no gradient, before any optimiser step
+        batch.adapter.trainable_module().eval()
+        v_ref = batch.predict_all(batch.reference, row_chunks, lambda rows, k: self._noised(batch, rows, k)[::2])
+        v_old = batch.predict_all(None, row_chunks, lambda rows, k: self._noised(batch, rows, k)[::2]) \
+            if self.clip_dsm else None
         self._ref_dsm = torch.empty((B, K), dtype=torch.float32, device=device)
         self._old_dsm = torch.empty((B, K), dtype=torch.float32, device=device) if self.clip_dsm else None
-        self._v_ref = torch.empty((B, K) + shape, dtype=torch.float32, device=device) if self.kl_coef > 0 else None
-        batch.adapter.trainable_module().eval()
-        with torch.no_grad():
-            for k in range(K):
-                for rows in row_chunks:
-                    rows_dev = rows.to(device)
-                    xt, target, t = self._noised(batch, rows, k)
-                    v_ref = batch.predict(xt, t, batch.cond(rows), adapter=batch.reference).float()
-                    self._ref_dsm[rows_dev, k] = velocity_mse(v_ref, target)
-                    if self._v_ref is not None:
-                        self._v_ref[rows_dev, k] = v_ref
-                    if self.clip_dsm:
-                        v_old = batch.predict(xt, t, batch.cond(rows)).float()
-                        self._old_dsm[rows_dev, k] = velocity_mse(v_old, target)
+        for k in range(K):
+            for rows in row_chunks:
+                rows_dev = rows.to(device)
+                target = self._noised(batch, rows, k)[1]
+                self._ref_dsm[rows_dev, k] = velocity_mse(v_ref[rows_dev, k], target)
+                if self.clip_dsm:
+                    self._old_dsm[rows_dev, k] = velocity_mse(v_old[rows_dev, k], target)
+        self._v_ref = v_ref if self.kl_coef > 0 else None
 
     def _noised(self, batch, rows, k):
         """(x_t, the target eps - x0, the model timestep) of samples ``rows`` at slot ``k``."""

@@ -187,6 +187,8 @@ class TreeRollout(RolloutSampler):
             (bool(g.best_of_n_k), f"prunes with {where}.keep_leaves instead of best-of-N: set grpo.best_of_n_k: 0"),
             (s.ode_solver != "euler", "takes Euler steps at its deterministic steps: set sampling.ode_solver: euler"),
             (build_estimator(cfg).needs_global_batch, "normalises within each tree: set grpo.advantage: group"),
+            (g.drop_zero_advantage, "gives each edge the advantage of its node, not of a sample: set "
+                                    "grpo.drop_zero_advantage: false"),
         ]
         for bad, why in refusals:
             if bad:
