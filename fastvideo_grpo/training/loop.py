@@ -46,6 +46,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..distributed.collectives import reduce_metrics
+from . import throughput
 from .state import TrainState
 
 EXIT_USER_ERROR = 2
@@ -184,6 +185,7 @@ def fit(trainer: TrainState, components: Sequence[Component], *, total: int, out
         "last_metrics": state.history[-1] if state.history else {},
         "wall_time_s": time.perf_counter() - t_start,
         "stopped": state.stop_requested,
+        "throughput": throughput.summarise(state.history),  # frames per GPU per second and MFU, warm iterations
     }
     for c in comps:
         summary.update(c.summary())
