@@ -22,7 +22,8 @@ from fastvideo_grpo.utils.io import atomic_write_text  # noqa: E402
 from fastvideo_grpo.cli.plan import DEFAULT_MFU, plan  # noqa: E402
 
 MODELS = {"flux": "configs/flux_hps.yaml", "hunyuan": "configs/hunyuan_t2v_videoalign.yaml"}
-ALGORITHMS = ["mixgrpo", "mixgrpo_flash", "flow_grpo", "flow_grpo_fast", "diffusion_nft"]
+ALGORITHMS = ["mixgrpo", "mixgrpo_flash", "flow_grpo", "flow_grpo_fast", "diffusion_nft", "grpo_guard", "awm", "cps",
+              "pref_grpo"]
 DOC = ROOT / "docs" / "algorithms.md"
 START, END = "<!-- recipe-table:start (bench/algorithm_recipes.py --write) -->", "<!-- recipe-table:end -->"
 

@@ -58,6 +58,20 @@ ALGORITHMS = {
     "diffusion_nft": ("ODE rollouts, independent noise per sample, NFT loss (beta 1) at the times of "
                       "steps 0-4, all 5", _ODE + ["--sampling.eta=0.0", "--grpo.objective=nft",
                                                   "--grpo.nft_beta=1.0", "--grpo.shared_noise=false"]),
+    "grpo_guard": ("the demo's sampler; GRPO-Guard's objective: the per-step ratio normalised (RatioNorm), each "
+                   "step's loss weighted by 1 / |dt|, clip 1e-3 (the demo's 3e-3 times the step std, 0.32)",
+                   ["--grpo.objective=grpo_guard", "--grpo.objective_kwargs={reweight: dt}", "--grpo.clip_range=1e-3"]),
+    "awm": ("ODE rollouts, independent noise per sample, the advantage-weighted flow-matching loss (ghuber, power "
+            "0.25; advantages clipped to +-1) at the times of steps 0-4, one optimiser step per iteration",
+            _ODE + ["--sampling.eta=0.0", "--grpo.objective=awm", "--grpo.shared_noise=false",
+                    "--grpo.objective_kwargs={weighting: ghuber, ghuber_power: 0.25}", "--grpo.adv_clip_max=1.0",
+                    "--grpo.num_updates_per_iteration=1"]),
+    "cps": ("the demo with CPS steps (noise level 0.8) instead of the SDE at steps 0-4, all 5 trained",
+            ["--sampling.eta_schedule=[0.8, 0.8, 0.8, 0.8, 0.8, 0.0, 0.0, 0.0, 0.0, 0.0]", "--sampling.eta_form=cps"]),
+    "pref_grpo": ("the demo with the continuous toy_geneval reward replaced by its win rate within the group "
+                  "(every pair of the 8 compared by toy_geneval); the binary reward kept",
+                  ["--rewards=[{name: win_rate, key: toy_geneval_win, weight: 1.0, kwargs: {judge: toy_geneval}}, "
+                   "{name: toy_geneval, threshold: 0.99, weight: 0.5}]", "--eval.rewards=[{name: toy_geneval}]"]),
 }
 REWARD = "toy_geneval"
 # one iteration, a one-sample evaluation: enough to read the passes per iteration

@@ -8,16 +8,17 @@ offending key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
 #: the domains of the config's choice fields (the modules that act on a choice import its domain from here)
-ETA_FORMS = ("constant", "flow_grpo")
+ETA_FORMS = ("constant", "flow_grpo", "cps")  # their schedules: sde.ETA_FORMS
 ODE_SOLVERS = ("euler", "dpmpp_2m")
 WINDOW_MODES = ("off", "sliding", "random")
 STD_ESTIMATORS = ("bessel", "population")
@@ -44,6 +45,144 @@ def _finite(value, key: str, low: float, strict: bool, why: str = "") -> None:
     _require(ok, f"{key} must be a finite number {'>' if strict else '>='} {low:g}, got {value}{why}")
 
 
+# ----------------------------------------------------------------------------- the domains of numeric fields
+
+
+@dataclass(frozen=True)
+class Domain:
+    """What a numeric config value may be, declared next to the field (``num``): a finite number (an integer
+    when the field is ``int``) inside ``[low, high]`` (either end open, either missing), or one of ``special``'s
+    values, each with its documented meaning (e.g. ``0``: the whole batch); ``null``, when set, is the meaning
+    of null (YAML ``null``; with ``off`` also ``off`` / ``false``). A list field applies it to every entry."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    special: Tuple[Tuple[float, str], ...] = ()
+    null: Optional[str] = None
+    off: bool = False
+    why: str = ""
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        if self.low is not None and self.high is not None:
+            rng = f" in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            rng = f" {'>' if self.low_open else '>='} {self.low:g}"
+        elif self.high is not None:
+            rng = f" {'<' if self.high_open else '<='} {self.high:g}"
+        else:
+            rng = ""
+        extras = [f"{v:g} ({meaning})" for v, meaning in self.special]
+        if self.null is not None:
+            extras.append(f"{'null / off' if self.off else 'null'} ({self.null})")
+        return kind + rng + "".join(f", or {e}" for e in extras)
+
+    def admits(self, value) -> bool:
+        """Whether ``value`` (a number, not None) lies in the domain."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if not math.isfinite(value) or (self.integer and value != int(value)):
+            return False
+        if any(value == v for v, _ in self.special):
+            return True
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+
+def _parse_range(spec: str) -> Dict[str, Any]:
+    """``"any"``, ``"> 0"``, ``">= 1"``, ``"< 1"``, ``"<= 1"`` or an interval ``"(0, 1]"`` -> Domain fields."""
+    s = spec.replace(" ", "")
+    if s == "any":
+        return {}
+    for op, key, open_ in ((">=", "low", False), ("<=", "high", False), (">", "low", True), ("<", "high", True)):
+        if s.startswith(op):
+            return {key: float(s[len(op):]), f"{key}_open": open_}
+    if s[:1] in "([" and s[-1:] in ")]" and "," in s:
+        lo, hi = s[1:-1].split(",")
+        return {"low": float(lo), "high": float(hi), "low_open": s[0] == "(", "high_open": s[-1] == ")"}
+    raise ValueError(f"bad domain spec {spec!r}")  # a programming error in this file
+
+
+def num(default: Any = dataclasses.MISSING, domain: str = "any", *, factory: Any = dataclasses.MISSING,
+        special: Optional[Dict[float, str]] = None, null: Optional[str] = None, off: bool = False, why: str = ""):
+    """A numeric config field and its domain (``Domain``; ``domain`` as ``"> 0"``, ``">= 1"``, ``"[0, 1)"`` or
+    ``"any"`` finite value; integers when the field is ``int``). ``special``: values outside the range that mean
+    something ({0: "the whole batch"}); ``null``: what null means (``off``: ``off`` is accepted for it)."""
+    meta = {"domain": dict(_parse_range(domain), special=tuple((special or {}).items()), null=null, off=off, why=why)}
+    return field(default=default, default_factory=factory, metadata=meta)
+
+
+def _numeric_kind(tp) -> Optional[Tuple[type, bool, bool]]:
+    """(int or float, is a list, may be None) of a numeric field's type hint; None for other fields."""
+    nullable = False
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        nullable = len(args) < len(typing.get_args(tp))
+        if len(args) != 1:
+            return None
+        tp = args[0]
+    is_list = typing.get_origin(tp) in (list, List)
+    if is_list:
+        tp = (typing.get_args(tp) or (Any,))[0]
+    return (tp, is_list, nullable) if tp in (int, float) else None
+
+
+def field_domain(cls, name: str) -> Optional[Domain]:
+    """The declared domain of ``cls.name`` (None for non-numeric fields); a numeric field without one is a
+    TypeError, so that no numeric key can be added unchecked."""
+    return _domains(cls)[name]
+
+
+@functools.lru_cache(maxsize=None)
+def _domains(cls) -> Dict[str, Optional[Domain]]:
+    hints, out = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        kind = _numeric_kind(hints[f.name])
+        if kind is not None and "domain" not in f.metadata:
+            raise TypeError(f"config field {cls.__name__}.{f.name} is numeric but declares no domain: define it "
+                            "with config.num(default, '<domain>')")
+        out[f.name] = None if kind is None else Domain(integer=kind[0] is int, **f.metadata["domain"])
+    return out
+
+
+def domain_error(key: str, domain: Domain, value) -> str:
+    return f"{key} must be {domain.describe()}, got {value!r}{domain.why}"
+
+
+def check_fields(obj, where: str = "") -> None:
+    """Every numeric field of the dataclass ``obj`` (not of the sections inside it) against its declared
+    domain: a ValueError naming the key and its domain."""
+    for name, domain in _domains(type(obj)).items():
+        if domain is None:
+            continue
+        key = f"{where}.{name}" if where else name
+        value = getattr(obj, name)
+        if value is None:
+            _require(domain.null is not None, domain_error(key, domain, value))
+        elif isinstance(value, list):
+            _require(all(domain.admits(v) for v in value),
+                     f"each entry of {key} must be {domain.describe()}, got {value!r}{domain.why}")
+        else:
+            _require(domain.admits(value), domain_error(key, domain, value))
+
+
+def check_domains(obj, where: str = "") -> None:
+    """``check_fields`` on ``obj`` and on every section inside it (nested dataclasses and lists of them)."""
+    check_fields(obj, where)
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            check_domains(value, key)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                if dataclasses.is_dataclass(v):
+                    check_domains(v, f"{key}[{i}]")
+
+
 @dataclass
 class ModelConfig:
     name: str = "toy"  # adapter name in fastvideo_grpo.models.ADAPTERS
@@ -52,18 +191,20 @@ class ModelConfig:
 
 @dataclass
 class SamplingConfig:
-    num_steps: int = 10  # SDE steps per rollout (paper: 50 SD, 25 FLUX / HunyuanVideo)
-    eval_num_steps: int = 0  # ODE steps for evaluation; 0 = same as num_steps
-    eta: float = 0.3  # noise level e_t of the SDE (paper: 0.3); a list gives a per-step schedule
-    eta_schedule: Optional[List[float]] = None  # per-step eta; overrides eta when set
+    num_steps: int = num(10, ">= 1")  # SDE steps per rollout (paper: 50 SD, 25 FLUX / HunyuanVideo)
+    eval_num_steps: int = num(0, ">= 1", special={0: "as sampling.num_steps"})  # ODE steps for evaluation
+    eta: float = num(0.3, ">= 0")  # noise level e_t of the SDE (paper: 0.3); a list gives a per-step schedule
+    eta_schedule: Optional[List[float]] = num(None, ">= 0", null="eta at every step")  # per-step eta, over eta
     # "constant": eta as given; "flow_grpo": eta (or each eta_schedule entry) is Flow-GRPO's a, and the SDE's
-    # eta at a step from sigma is a * sqrt(sigma / (1 - sigma)) (flow models only; Flow-GRPO: a = 0.7)
+    # eta at a step from sigma is a * sqrt(sigma / (1 - sigma)) (flow models only; Flow-GRPO: a = 0.7); "cps": eta
+    # (in [0, 1]) is the noise level of the coefficients-preserving step, std = sigma_next sin(eta pi / 2) (flow only)
     eta_form: str = "constant"
     # Memory of the rollout / evaluation phases (docs/performance.md, "Memory at real sizes"). The noise is
     # the same whatever the chunking; samples differ only by the kernels' batch-shape rounding (last bits).
     # Set rollout_batch_size = grpo.micro_batch_size: re-scoring then sees the rollout's shapes (ratio 1).
-    rollout_batch_size: int = 0  # samples per denoiser forward in rollout and evaluation, per rank; 0 = whole batch
-    decode_batch_size: int = 0  # samples per VAE decode call, per rank; 0 = whole batch
+    # samples per denoiser forward in rollout and evaluation, per rank
+    rollout_batch_size: int = num(0, ">= 1", special={0: "the whole batch"})
+    decode_batch_size: int = num(0, ">= 1", special={0: "the whole batch"})  # samples per VAE decode call, per rank
     offload_vae: bool = False  # keep the VAE in host memory between decodes (copied to the GPU for each decode)
     offload_rewards: bool = False  # default of rewards[*].offload: reward models in host memory between calls
     # eta = 0 at the last step. null = the schedule's default: yes for flow models (the step to sigma 0 is
@@ -75,17 +216,11 @@ class SamplingConfig:
     rollout: str = "sde"  # registered rollout sampler (algorithms/samplers.py): "sde" = DanceGRPO's
 
     def validate(self, where: str = "sampling") -> None:
-        _require(self.num_steps >= 1, f"{where}.num_steps must be >= 1")
-        _finite(self.eta, f"{where}.eta", 0, strict=False)
+        """The checks between its fields (each field's own domain is check_domains')."""
         if self.eta_schedule is not None:
-            _require(all(math.isfinite(e) and e >= 0 for e in self.eta_schedule),
-                     f"{where}.eta_schedule entries must be finite and >= 0, got {self.eta_schedule}")
             _require(len(self.eta_schedule) == self.num_steps, f"{where}.eta_schedule needs one entry per sampling step")
         _one_of(self.eta_form, ETA_FORMS, f"{where}.eta_form")
         _one_of(self.ode_solver, ODE_SOLVERS, f"{where}.ode_solver")
-        for name in ("rollout_batch_size", "decode_batch_size"):
-            _require(getattr(self, name) >= 0,
-                     f"{where}.{name} must be >= 0 (0 = the whole batch), got {getattr(self, name)}")
 
     def eta_per_step(self) -> List[float]:
         """The configured eta of each sampling step (``eta_schedule``, else ``eta`` at every step)."""
@@ -99,38 +234,37 @@ class SDEWindowConfig:
     step). See fastvideo_grpo/algorithms/sde_window.py and docs/algorithms.md."""
 
     mode: str = "off"  # "off" (static), "sliding" (MixGRPO) or "random" (Flow-GRPO-Fast: new position each iteration)
-    size: int = 4  # W: steps in the window (MixGRPO: 4; Flow-GRPO-Fast: 1 or 2)
-    start: int = 0  # sliding: first position, in steps after the start of the trainable steps
-    stride: int = 1  # sliding: steps the window moves at each shift
-    shift_every: int = 25  # sliding: iterations between shifts (MixGRPO: 25)
+    size: int = num(4, ">= 1")  # W: steps in the window (MixGRPO: 4; Flow-GRPO-Fast: 1 or 2)
+    start: int = num(0, ">= 0")  # sliding: first position, in steps after the start of the trainable steps
+    stride: int = num(1, ">= 1")  # sliding: steps the window moves at each shift
+    shift_every: int = num(25, ">= 1")  # sliding: iterations between shifts (MixGRPO: 25)
     roll_back: bool = False  # sliding: after the last position, start again from `start` (else stay at the end)
 
     def validate(self, where: str = "grpo.sde_window") -> None:
         """Its own fields; whether it fits in the trainable steps is sde_window.training_window's check."""
         _one_of(self.mode, WINDOW_MODES, f"{where}.mode")
-        if self.mode == "off":
-            return
-        for name in ("size", "stride", "shift_every"):
-            _require(getattr(self, name) >= 1, f"{where}.{name} must be >= 1, got {getattr(self, name)}")
-        _require(self.start >= 0, f"{where}.start must be >= 0, got {self.start}")
 
 
 @dataclass
 class GRPOConfig:
-    group_size: int = 8  # G: samples per prompt, all from one initial noise (paper: 12)
-    prompts_per_iteration: int = 4  # prompts per rank per iteration (paper: 32 global)
-    tau: float = 0.6  # fraction of the trainable steps trained on: int(tau * (T - 1)) (paper: 0.6)
-    timestep_window: Optional[List[int]] = None  # [lo, hi): train only steps in this range (ablations)
+    # G: samples per prompt, all from one initial noise (paper: 12)
+    group_size: int = num(8, ">= 2", why=" (group-relative advantages need 2 samples per prompt)")
+    prompts_per_iteration: int = num(4, ">= 1")  # prompts per rank per iteration (paper: 32 global)
+    tau: float = num(0.6, "(0, 1]")  # fraction of the trainable steps trained on: int(tau * (T - 1)) (paper: 0.6)
+    # [lo, hi): train only steps in this range (ablations)
+    timestep_window: Optional[List[int]] = num(None, ">= 0", null="every step")
     train_last_step: bool = False  # also train the last sampling step (the released code never does)
-    clip_range: float = 1e-4  # PPO clip epsilon (paper: 1e-4)
-    adv_clip_max: float = 5.0  # advantages are clamped to +-this
-    num_updates_per_iteration: int = 4  # optimiser steps per iteration (paper: 4, or 1 with CFG)
-    micro_batch_size: int = 0  # samples per forward/backward in training; 0 = whole rank batch
-    kl_coef: float = 0.0  # KL to a frozen copy of the starting policy (off in the paper; > 0 holds a 2nd copy)
+    # PPO clip epsilon (paper: 1e-4); null (or off) trains on the unclipped ratio -- never .inf, which is refused
+    clip_range: Optional[float] = num(1e-4, "> 0", null="no clipping", off=True)
+    adv_clip_max: Optional[float] = num(5.0, "> 0", null="no clamp", off=True)  # advantages clamped to +-this
+    num_updates_per_iteration: int = num(4, ">= 1")  # optimiser steps per iteration (paper: 4, or 1 with CFG)
+    micro_batch_size: int = num(0, ">= 1", special={0: "the whole rank batch"})  # samples per forward/backward
+    # KL to a frozen copy of the starting policy (off in the paper; > 0 holds a 2nd copy)
+    kl_coef: float = num(0.0, ">= 0")
     shared_noise: bool = True  # one initial noise per group (paper: essential)
     advantage: str = "group"  # registered estimator (algorithms/advantages.py): "group" (GRPO) or "global" (DDPO-style)
     advantage_std: str = "bessel"  # std of the normalisation: "bessel" (n - 1, + 1e-8: released code) or "population"
-    best_of_n_k: int = 0  # >0: train on top-k and bottom-k of each group only (best-of-N)
+    best_of_n_k: int = num(0, ">= 1", special={0: "off"})  # train on the top-k and bottom-k of each group only
     # best-of-N advantages: "group" = computed over the whole group, then the 2k selected (released code);
     # "selected" = recomputed over the 2k selected samples only
     best_of_n_advantages: str = "group"
@@ -140,15 +274,9 @@ class GRPOConfig:
     # clean samples, contrasting implicit positive / negative policies; no log-probs, so any sampler, eta 0 included)
     objective: str = "ppo_clip"
     objective_kwargs: Dict[str, Any] = field(default_factory=dict)  # the objective's own options (its constructor's)
-    nft_beta: float = 1.0  # diffusion_nft's beta: v+- = v_old +- beta (v_theta - v_old)
+    nft_beta: float = num(1.0, "> 0")  # diffusion_nft's beta: v+- = v_old +- beta (v_theta - v_old)
 
     def validate(self, where: str = "grpo") -> None:
-        _require(self.group_size >= 2,
-                 f"{where}.group_size must be >= 2 for group-relative advantages, got {self.group_size}")
-        _require(0.0 < self.tau <= 1.0, f"{where}.tau must be in (0, 1], got {self.tau}")
-        _require(self.clip_range > 0, f"{where}.clip_range must be > 0, got {self.clip_range}")
-        _require(self.prompts_per_iteration >= 1, f"{where}.prompts_per_iteration must be >= 1")
-        _require(self.num_updates_per_iteration >= 1, f"{where}.num_updates_per_iteration must be >= 1")
         batch = self.group_size * self.prompts_per_iteration
         _require(not self.micro_batch_size or batch % self.micro_batch_size == 0,
                  f"{where}.micro_batch_size={self.micro_batch_size} must divide the rank batch "
@@ -157,38 +285,36 @@ class GRPOConfig:
         _one_of(self.best_of_n_advantages, ("group", "selected"), f"{where}.best_of_n_advantages")
         _require(not self.best_of_n_k or 1 <= self.best_of_n_k <= self.group_size // 2,
                  f"{where}.best_of_n_k must be in [1, group_size // 2], got {self.best_of_n_k}")
-        _require(self.kl_coef >= 0, f"{where}.kl_coef must be >= 0 (0 = no KL term), got {self.kl_coef}")
-        _finite(self.nft_beta, f"{where}.nft_beta", 0, strict=True)
         self.sde_window.validate(f"{where}.sde_window")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5  # AdamW learning rate (paper: 1e-5)
-    weight_decay: float = 1e-4
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0  # paper: 1.0
-    warmup_iterations: int = 0  # linear LR warm-up length in iterations
+    lr: float = num(1e-5, "> 0")  # AdamW learning rate (paper: 1e-5)
+    weight_decay: float = num(1e-4, ">= 0")
+    betas: List[float] = num(factory=lambda: [0.9, 0.999], domain="[0, 1)")  # AdamW's (beta1, beta2)
+    eps: float = num(1e-8, "> 0")
+    max_grad_norm: float = num(1.0, "> 0", why=" (a negative norm reverses every update and 0 freezes the weights; "
+                               "the paper uses 1.0)")  # paper: 1.0
+    warmup_iterations: int = num(0, ">= 0")  # linear LR warm-up length in iterations
 
     def validate(self, where: str = "optim") -> None:
-        _finite(self.lr, f"{where}.lr", 0, strict=True)
-        _finite(self.max_grad_norm, f"{where}.max_grad_norm", 0, strict=True, why=" (a negative norm reverses every "
-                "update and 0 freezes the weights; the paper uses 1.0)")
+        _require(len(self.betas) == 2, f"{where}.betas must be [beta1, beta2], got {self.betas}")
 
 
 @dataclass
 class RewardConfig:
     name: str = "toy_geneval"  # registry name of the reward
     key: Optional[str] = None  # name in logs/advantages; lets one reward appear twice (e.g. VQ and MQ)
-    weight: float = 1.0  # weight of this reward's normalised advantage in the sum
-    threshold: Optional[float] = None  # set -> binary reward (r >= threshold)
-    batch_size: int = 0  # samples per call of the reward (the decoded batch is scored in chunks); 0 = whole batch
+    weight: float = num(1.0, "any")  # weight of this reward's normalised advantage in the sum
+    threshold: Optional[float] = num(None, "any", null="the continuous reward")  # set -> binary reward (r >= threshold)
+    # samples per call of the reward (the decoded batch is scored in chunks)
+    batch_size: int = num(0, ">= 1", special={0: "the whole batch"})
     offload: Optional[bool] = None  # model in host memory between calls; None = sampling.offload_rewards
     kwargs: Dict[str, Any] = field(default_factory=dict)  # factory arguments (weights folder, dtype: bfloat16, ...)
 
     def validate(self, where: str) -> None:
-        _require(self.batch_size >= 0, f"{where}.batch_size must be >= 0 (0 = the whole batch), got {self.batch_size}")
+        """Nothing between its fields yet (each field's own domain is check_domains')."""
 
 
 @dataclass
@@ -203,12 +329,14 @@ class WatchdogConfig:
     # pairwise RMS distance of the images, area-downsampled to at most `diversity_size` px a side) or
     # "embedding" (mean pairwise 1 - cosine of the image embeddings of `diversity_model`)
     diversity: str = "off"
-    diversity_size: int = 64
+    diversity_size: int = num(64, ">= 1")  # pixels a side
     diversity_model: Dict[str, Any] = field(default_factory=dict)  # embedding: {model_path: <CLIP folder>, ...}
-    threshold: float = 0.05  # alarm when a watched value is more than this below its best evaluation so far ...
+    # alarm when a watched value is more than this below its best evaluation so far ...
+    threshold: float = num(0.05, ">= 0")
     relative: bool = False  # ... (a fraction of that best value instead of an absolute amount)
-    min_rise: float = 0.0  # ... while the trained reward is more than this above its value at that evaluation ...
-    patience: int = 2  # ... at this many consecutive evaluations (N)
+    # ... while the trained reward is more than this above its value at that evaluation ...
+    min_rise: float = num(0.0, ">= 0")
+    patience: int = num(2, ">= 1")  # ... at this many consecutive evaluations (N)
     stop: bool = False  # the alarm stops the run after saving a checkpoint (exit status 5)
     best_by: Optional[str] = None  # gold key choosing the `best` export (default: the first gold); "off": none
 
@@ -224,11 +352,7 @@ class WatchdogConfig:
             _require(not self.stop, f"{where}.stop is set but the watchdog watches nothing: name {where}.gold rewards "
                      f"and/or set {where}.diversity")
             return
-        _finite(self.threshold, f"{where}.threshold", 0.0, strict=False)
-        _finite(self.min_rise, f"{where}.min_rise", 0.0, strict=False)
-        _require(self.patience >= 1, f"{where}.patience (N consecutive evaluations) must be >= 1, got {self.patience}")
         if self.diversity != "off":
-            _require(self.diversity_size >= 1, f"{where}.diversity_size must be >= 1 pixel, got {self.diversity_size}")
             _require(self.diversity != "embedding" or bool(self.diversity_model.get("model_path")),
                      f"{where}.diversity: embedding needs {where}.diversity_model.model_path (a CLIP model folder, "
                      "transformers format)")
@@ -247,33 +371,34 @@ class WatchdogConfig:
 
 @dataclass
 class TrainConfig:
-    num_iterations: int = 100
-    seed: int = 0
+    num_iterations: int = num(100, ">= 0")
+    seed: int = num(0, ">= 0")
     output_dir: str = "outputs/run"
-    log_every: int = 1  # iterations between console/JSONL logs
-    save_every: int = 0  # iterations between checkpoints; 0 = only at the end
-    eval_every: int = 0  # iterations between held-out evaluations; 0 = before and after only
-    num_eval_prompts: int = 32
-    sample_every: int = 0  # iterations between saved sample grids; 0 = never
+    log_every: int = num(1, ">= 1", special={0: "every iteration, as 1"})  # iterations between console/JSONL logs
+    save_every: int = num(0, ">= 1", special={0: "only at the end"})  # iterations between checkpoints
+    eval_every: int = num(0, ">= 1", special={0: "before and after only"})  # iterations between held-out evaluations
+    num_eval_prompts: int = num(32, ">= 1", special={0: "every held-out prompt"})
+    sample_every: int = num(0, ">= 1", special={0: "never"})  # iterations between saved sample grids; 0 = never
     device: str = "auto"  # "auto", "cpu" or "cuda"
     autocast: str = "bf16"  # autocast dtype on GPU: "bf16" or "none" (fp16 is refused: no gradient scaler)
     cudnn_attention: bool = False  # allow cuDNN's SDPA backend (failed on an H200 with torch 2.11; see cuda_settings.py)
     deterministic: bool = False
-    num_threads: int = 0  # CPU intra-op threads; 0 = torch's default
+    num_threads: int = num(0, ">= 1", special={0: "torch's default"})  # CPU intra-op threads; 0 = torch's default
     resume: Optional[str] = None  # checkpoint folder, "latest" (error if none) or "auto" (latest if any)
-    keep_last_checkpoints: int = 0  # delete older checkpoints beyond this many; 0 = keep all
+    keep_last_checkpoints: int = num(0, ">= 1", special={0: "keep all"})  # delete older ones beyond this many
     export: bool = True  # write the trained weights to <output_dir>/export at the end (diffusers format; docs/export.md)
     # EMA of the trainable weights, updated once per iteration (released FLUX 8-GPU script: 0.995); 0 = off.
     # When set, held-out evaluation, sample grids and the export use the EMA weights; checkpoints hold it
-    ema_decay: float = 0.0
+    ema_decay: float = num(0.0, "[0, 1)", why=" (0 = no EMA; the released FLUX script uses 0.995)")
     overwrite: bool = False  # start over in an output_dir that holds a run (deletes its outputs); else refused
     # Graceful stop (docs/reliability.md, training/preemption.py): SIGTERM / SIGINT, this file appearing (relative:
     # inside output_dir; null = off) or the time budget (seconds from the start; 0 = none) end the run after the
     # current iteration, saved; the process then exits with stop_exit_code (0; or the cluster's requeue code,
     # e.g. SLURM's RequeueExit value). The same command resumes.
     stop_file: Optional[str] = None
-    max_wall_time: float = 0.0
-    stop_exit_code: int = 0
+    max_wall_time: float = num(0.0, ">= 0", why=" (seconds; 0 = no time budget)")
+    stop_exit_code: int = num(0, "[0, 255]", why=" (an exit status: 0, or the cluster's requeue code such as SLURM's "
+                              "RequeueExit)")
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)  # reward-hacking alarm (docs/watchdog.md)
     # a full fine-tune's export is a whole pipeline folder: the trained denoiser plus the base model's other
     # components, "link"ed (hard links: no extra space; copied where the file system refuses), "copy"ed, or
@@ -282,17 +407,8 @@ class TrainConfig:
 
     def validate(self, where: str = "train") -> None:
         _one_of(self.export_components, EXPORT_COMPONENTS, f"{where}.export_components")
-        _require(self.keep_last_checkpoints >= 0, f"{where}.keep_last_checkpoints must be >= 0 (0 = keep all), got "
-                 f"{self.keep_last_checkpoints}")
-        _require(0.0 <= self.ema_decay < 1.0, f"{where}.ema_decay must be in [0, 1) (0 = no EMA; the released FLUX "
-                 f"script uses 0.995), got {self.ema_decay}")
         _one_of(self.autocast, ("bf16", "none"), f"{where}.autocast", " (fp16 would need a gradient scaler, which the "
                 "trainer does not have: bf16 has fp32's range and needs none)")
-        for name in ("save_every", "eval_every", "sample_every", "log_every", "num_iterations", "num_threads"):
-            _require(getattr(self, name) >= 0, f"{where}.{name} must be >= 0, got {getattr(self, name)}")
-        _finite(self.max_wall_time, f"{where}.max_wall_time", 0.0, strict=False, why=" (seconds; 0 = no time budget)")
-        _require(0 <= self.stop_exit_code <= 255, f"{where}.stop_exit_code must be an exit status in [0, 255] (0, or "
-                 f"the cluster's requeue code such as SLURM's RequeueExit), got {self.stop_exit_code}")
         self.watchdog.validate(f"{where}.watchdog")
 
 
@@ -300,20 +416,25 @@ class TrainConfig:
 class ParallelConfig:
     """Distributed degrees (see fastvideo_grpo/distributed/parallel_dims.py); product = world size."""
 
-    dp_replicate: int = 1  # HSDP replica groups (replicated across, sharded within)
-    dp_shard: int = -1  # FSDP shard degree; -1 = world_size // (dp_replicate * sp)
-    sp: int = 1  # Ulysses sequence-parallel degree (divides heads and tokens)
-    activation_checkpointing: float = 0.0  # fraction of transformer blocks recomputed in backward
+    dp_replicate: int = num(1, ">= 1")  # HSDP replica groups (replicated across, sharded within)
+    dp_shard: int = num(-1, ">= 1", special={-1: "world_size // (dp_replicate * sp)"})  # FSDP shard degree
+    sp: int = num(1, ">= 1")  # Ulysses sequence-parallel degree (divides heads and tokens)
+    activation_checkpointing: float = num(0.0, "[0, 1]")  # fraction of transformer blocks recomputed in backward
     param_dtype: str = "bf16"  # FSDP compute dtype on GPU (fp32 on CPU always)
     reduce_dtype: str = "fp32"  # gradient reduce-scatter dtype on GPU
     cpu_offload: bool = False  # keep sharded params / grads / optimizer state in CPU memory
     reshard_after_forward: bool = True  # free gathered params after forward (ZeRO-3); False = ZeRO-2
     attention_backend: str = "native"  # diffusers' attention dispatcher: native (torch SDPA), flash, _flash_3, sage, ...
-    timeout_s: float = 1800.0  # collective timeout: how long the other ranks wait for a stopped (not killed) rank
+    # Collective timeouts and the stall watch (docs/reliability.md, "A stalled or dead rank"): start-up and the
+    # first iteration (model loading, first-use compilation) get init_timeout_s; after it, a collective waits at
+    # most train_timeout_s, and a rank that stops answering or falls behind the others for that long is named by
+    # the others, which exit with status 6. Checkpoint saves and the export wait init_timeout_s (rank 0 writes alone)
+    init_timeout_s: float = num(600.0, "> 0")
+    train_timeout_s: float = num(300.0, "> 0")
     fsdp_one_process: bool = False  # FSDP2 in a one-process torchrun too (bf16 compute over fp32 master weights, as on many GPUs)
 
     def validate(self, where: str = "parallel") -> None:
-        _require(self.timeout_s > 0, f"{where}.timeout_s must be > 0 seconds, got {self.timeout_s}")
+        """Nothing between its fields yet (each field's own domain is check_domains')."""
 
 
 @dataclass
@@ -322,12 +443,12 @@ class DataConfig:
 
     manifest: Optional[str] = None  # manifest.json (or its folder) from data_prep; required by fastvideo_grpo.cli.train
     eval_manifest: Optional[str] = None  # separate held-out manifest; None = split `manifest` by prompt hash
-    eval_fraction: float = 0.0  # share of `manifest` prompts held out for evaluation (by hash), in [0, 1)
+    eval_fraction: float = num(0.0, "[0, 1)")  # share of `manifest` prompts held out for evaluation (by hash), in [0, 1)
     split_salt: str = ""  # salt of the prompt hash that decides the split (change it for another split)
     verify_hashes: bool = False  # sha256 every shard at start-up (reads every byte; slow for big sets)
     verify_on_read: bool = True  # sha256 of each shard when a process first reads it (~1 s per GB, once)
     dedupe: bool = False  # drop repeated prompts instead of failing
-    max_open_shards: int = 4  # safetensors shards kept open per process (LRU)
+    max_open_shards: int = num(4, ">= 1")  # safetensors shards kept open per process (LRU)
     # Prompts straight in (instead of a data_prep manifest): a .txt / .jsonl / .csv file or "hf:NAME[:split]"
     # (a Hugging Face dataset; needs `datasets`). Their embeddings are computed on first use with the family's
     # prompt encoding (data_prep's code), cached by content hash, and data.manifest is set to the cached manifest
@@ -338,7 +459,7 @@ class DataConfig:
     encoding: Dict[str, Any] = field(default_factory=dict)  # data_prep's options: dtype, batch_size, t5_max_length, ...
 
     def validate(self, where: str = "data") -> None:
-        _require(0.0 <= self.eval_fraction < 1.0, f"{where}.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        """The checks between its fields (each field's own domain is check_domains')."""
         _require(not self.eval_prompts or bool(self.prompts), f"{where}.eval_prompts is set without {where}.prompts: "
                  f"set {where}.prompts too (or give held-out embeddings as {where}.eval_manifest)")
 
@@ -347,16 +468,15 @@ class DataConfig:
 class EvalConfig:
     """Held-out evaluation (deterministic ODE sampler) and sample grids during training."""
 
-    samples_per_prompt: int = 1  # ODE samples per held-out prompt (fixed seeds: comparable across checkpoints)
-    batch_size: int = 4  # samples per evaluation forward, per rank
-    seed: int = 1234  # seed of the evaluation noise (same noise for every checkpoint)
-    num_sample_prompts: int = 4  # prompts (rows) in the sample grid saved every train.sample_every iterations
-    max_frames_in_grid: int = 8  # video samples: frames shown per row (evenly spaced)
+    samples_per_prompt: int = num(1, ">= 1")  # ODE samples per held-out prompt (fixed seeds)
+    batch_size: int = num(4, ">= 1")  # samples per evaluation forward, per rank
+    seed: int = num(1234, ">= 0")  # seed of the evaluation noise (same noise for every checkpoint)
+    num_sample_prompts: int = num(4, ">= 0")  # prompts (rows) in the sample grid (train.sample_every)
+    max_frames_in_grid: int = num(8, ">= 1")  # video samples: frames shown per row (evenly spaced)
     rewards: List[RewardConfig] = field(default_factory=list)  # evaluation rewards; empty = the training rewards
 
     def validate(self, where: str = "eval") -> None:
-        _require(self.samples_per_prompt >= 1 and self.batch_size >= 1,
-                 f"{where}.samples_per_prompt and {where}.batch_size must be >= 1")
+        """Nothing between its fields yet (each field's own domain is check_domains')."""
 
 
 @dataclass
@@ -368,11 +488,11 @@ class LogConfig:
     tensorboard: Optional[bool] = None
     wandb_project: Optional[str] = None  # log to wandb too (required: an error at start-up when not installed)
     run_name: Optional[str] = None  # the run's name in wandb / TensorBoard; None = the output folder's name
-    curve_every: int = 1  # iterations between redraws of reward_curve.png; 0 = only at the end
-    curve_window: int = 10  # moving-average window of the curve, in iterations
+    curve_every: int = num(1, ">= 1", special={0: "only at the end"})  # iterations between redraws of reward_curve.png
+    curve_window: int = num(10, ">= 1")  # moving-average window of the curve, in iterations
     # peak dense bf16 TFLOP/s of one GPU for throughput/mfu; 0 = the datasheet value of the GPU's name
     # (training/throughput.py), a nominal 1.0 on a CPU (throughput/peak_nominal = 1: not comparable)
-    peak_tflops: float = 0.0
+    peak_tflops: float = num(0.0, "> 0", special={0: "the datasheet peak of the GPU's name"})
 
 
 @dataclass
@@ -390,10 +510,11 @@ class RunConfig:
     extra: Dict[str, Any] = field(default_factory=dict)  # recipe-specific settings (e.g. toy pretraining)
 
     def validate(self) -> "RunConfig":
-        """Every section checks its own fields (their domains); the checks across sections live in the
-        builders that combine them (the trainable steps and SDE window: sde_window.training_window; the
+        """Every numeric field against its declared domain (``check_domains``), then every section's checks
+        between its own fields; the checks across sections live in the builders that combine them (the trainable steps and SDE window: sde_window.training_window; the
         objective against the sampler: algorithms/objectives/build.py; the schedule against the model:
         trainer.build_schedule), which preflight runs before anything heavy is loaded."""
+        check_domains(self)
         for name in ("sampling", "grpo", "optim", "train", "parallel", "data", "eval"):
             getattr(self, name).validate(name)
         if not self.rewards:
@@ -470,14 +591,20 @@ def _build(cls, data: Dict[str, Any], where: str):
                 raise ValueError(f"config key '{path}' must be a list")
             kwargs[key] = [_build(inner, v, f"{path}[{i}]") for i, v in enumerate(value)]
         else:
+            domain = field_domain(cls, key)
+            if domain is not None and domain.off and (value is False or str(value).lower() in ("off", "none")):
+                value = None  # the documented spelling of "off" (YAML reads a bare off as false)
             if _accepts_float(tp) and isinstance(value, str):
                 value = _float_or_same(value)  # YAML 1.1 reads "1e-5" (no dot) as a string
             if _accepts_float(tp) and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if not _type_ok(value, tp):
-                raise ValueError(f"config key '{path}' expects {tp}, got {value!r} ({type(value).__name__})")
+                want = domain.describe() if domain is not None else str(tp)
+                raise ValueError(f"config key '{path}' expects {want}, got {value!r} ({type(value).__name__})")
             kwargs[key] = value
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    check_fields(built, where)
+    return built
 
 
 def to_dict(cfg) -> Dict[str, Any]:

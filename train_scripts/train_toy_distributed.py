@@ -40,5 +40,5 @@ def main(argv=None):
                PromptSets(train_prompts, held_prompts))
 
 
-if __name__ == "__main__":  # a user error exits 2, a divergence 3, a graceful stop (SIGTERM...) 0, no traceback
-    cli_entry(main)
+if __name__ == "__main__":  # a user error exits 2, a stop 3 / 6 (a stalled rank) / 7 (a full disk), a graceful
+    cli_entry(main)           # stop (SIGTERM...) 0: one line each, no traceback

@@ -194,30 +194,37 @@ def update_chunks(batch: int, steps: int, micro_batch_size: int, num_updates: in
     return rows, [range(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
+def clamp_advantages(advantages_B: torch.Tensor, adv_clip_max: Optional[float]) -> torch.Tensor:
+    """Advantages clamped to +-``adv_clip_max`` (``grpo.adv_clip_max``; None: unchanged)."""
+    return advantages_B if adv_clip_max is None else advantages_B.clamp(-adv_clip_max, adv_clip_max)
+
+
 def ppo_clip_loss(
     log_prob_B: torch.Tensor,
     old_log_prob_B: torch.Tensor,
     advantages_B: torch.Tensor,
-    clip_range: float,
+    clip_range: Optional[float],
     adv_clip_max: Optional[float] = None,
     kl_B: Optional[torch.Tensor] = None,
     kl_coef: float = 0.0,
 ):
-    """PPO-clip surrogate to minimise: mean(max(-A rho, -A clip(rho, 1-eps, 1+eps))) [+ kl_coef * KL].
+    """PPO-clip surrogate to minimise: mean(max(-A rho, -A clip(rho, 1-eps, 1+eps))) [+ kl_coef * KL];
+    ``clip_range`` None: no clipping, mean(-A rho) (``grpo.clip_range: null``).
 
     Returns ``(loss, PPOStats)``: clip fraction, approx KL 0.5 * E[(log rho)^2], mean ratio and mean
     KL, as detached tensors (no host sync here).
     """
-    if clip_range <= 0:
-        raise ValueError(f"clip_range must be > 0, got {clip_range}")
-    adv = advantages_B.to(log_prob_B.dtype)
-    if adv_clip_max is not None:
-        adv = adv.clamp(-adv_clip_max, adv_clip_max)
+    if clip_range is not None and not (math.isfinite(clip_range) and clip_range > 0):
+        raise ValueError(f"clip_range must be a finite number > 0 or None (no clipping), got {clip_range}")
+    adv = clamp_advantages(advantages_B.to(log_prob_B.dtype), adv_clip_max)
     log_ratio = log_prob_B - old_log_prob_B.detach()
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    if clip_range is None:
+        loss = unclipped.mean()
+    else:
+        clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+        loss = torch.maximum(unclipped, clipped).mean()
     kl_val = torch.zeros((), dtype=loss.dtype, device=loss.device)
     if kl_B is not None and kl_coef > 0:
         loss = loss + kl_coef * kl_B.mean()
@@ -225,7 +232,8 @@ def ppo_clip_loss(
     with torch.no_grad():
         stats = PPOStats(
             loss=loss.detach(),
-            clipfrac=((ratio - 1.0).abs() > clip_range).to(loss.dtype).mean(),
+            clipfrac=(((ratio - 1.0).abs() > clip_range).to(loss.dtype).mean() if clip_range is not None
+                      else torch.zeros((), dtype=loss.dtype, device=loss.device)),
             approx_kl=(0.5 * (log_ratio**2)).mean(),
             ratio_mean=ratio.mean(),
             kl=kl_val,

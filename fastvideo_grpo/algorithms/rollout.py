@@ -44,6 +44,9 @@ class Trajectory:
     final_latents: torch.Tensor  # z_0: (B, *latent)
     decoded: Optional[torch.Tensor] = None  # pixels in [0, 1]
     group_size: int = 1
+    # the step means of the kept transitions under the rollout policy, (B, K, *latent), float32 (float64 for
+    # float64 latents); kept only when asked (``rollout(keep_means=True)``: an objective's ``needs_step_means``)
+    means_BK: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -63,6 +66,7 @@ class Trajectory:
             final_latents=self.final_latents.index_select(0, idx.to(dev)),
             decoded=None if self.decoded is None else self.decoded.index_select(0, idx.to(self.decoded.device)),
             group_size=self.group_size,
+            means_BK=None if self.means_BK is None else self.means_BK.index_select(0, idx.to(dev)),
         )
 
 
@@ -93,6 +97,7 @@ def rollout(
     decode_batch_size: int = 0,
     offload_vae: bool = False,
     ode_solver: str = "euler",
+    keep_means: bool = False,
 ) -> Trajectory:
     """Sample group_size trajectories for each of the P prompts with the SDE sampler.
 
@@ -101,7 +106,9 @@ def rollout(
     ``offload_vae``: see ``decode_latents``. None of them changes the noise; the samples only by the
     kernels' batch-shape rounding (module docstring). ``ode_solver="dpmpp_2m"`` (flow schedules): the steps
     whose eta is 0 take a DPM-Solver++(2M) step (``sde.flow_dpmpp_2m_step``, using the previous step's data
-    prediction) instead of Euler; such steps are deterministic and never kept for training.
+    prediction) instead of Euler; such steps are deterministic and never kept for training. ``keep_means``: also
+    store each kept transition's step mean (``Trajectory.means_BK``, in the step's compute dtype; one more
+    latent per kept step) for objectives that compare the trained policy's mean with the rollout's.
     """
     check_ode_solver(ode_solver, schedule)
     multistep = ode_solver == "dpmpp_2m"
@@ -117,6 +124,7 @@ def rollout(
     kept = torch.empty((B, K) + tuple(z.shape[1:]), dtype=z.dtype, device=device)
     kept_next = torch.empty_like(kept)
     kept_lp = torch.empty((B, K), dtype=torch.float32, device=device)
+    kept_mean = torch.empty(kept.shape, dtype=sde.compute_dtype(z), device=device) if keep_means else None
     keep_cpu = keep_steps_BK.cpu()
     kept_rows = _kept_rows_per_step(keep_cpu, schedule.num_steps, device)
     x0_prev = None  # data prediction of the previous step (DPM-Solver++ history)
@@ -128,9 +136,10 @@ def rollout(
             z_next, x0_prev = sde.flow_dpmpp_2m_step(out, z, float(sig[i]), float(sig[i + 1]), x0_prev,
                                                      float(sig[i - 1]) if i else None)
             lp = torch.zeros(B, dtype=torch.float32, device=device)  # a point mass, as an eta = 0 SDE step
+            mean = z_next  # the point mass's mean
         else:
             # the step (and its noise draw) on the whole batch: each sample's noise is independent of the chunking
-            z_next, lp, _, _ = schedule.step(i, out, z, generator=generator, need_mean=False)
+            z_next, lp, mean, _ = schedule.step(i, out, z, generator=generator, need_mean=keep_means)
             if multistep:
                 cd = sde.compute_dtype(z)
                 x0_prev = z.to(cd) - float(schedule.sigmas[i]) * out.to(cd)
@@ -140,6 +149,8 @@ def rollout(
             kept[b_dev, k_dev] = z[b_dev]
             kept_next[b_dev, k_dev] = z_next[b_dev]
             kept_lp[b_dev, k_dev] = lp[b_dev].to(torch.float32)
+            if keep_means:
+                kept_mean[b_dev, k_dev] = mean[b_dev].to(kept_mean.dtype)
         z = z_next
     decoded = decode_latents(adapter, z, decode_batch_size, offload_vae) if decode else None
     return Trajectory(
@@ -152,6 +163,7 @@ def rollout(
         final_latents=z,
         decoded=decoded,
         group_size=group_size,
+        means_BK=kept_mean,
     )
 
 

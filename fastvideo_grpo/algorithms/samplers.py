@@ -29,7 +29,9 @@ class RolloutSampler:
     def __call__(self, adapter: PolicyAdapter, schedule, prompts: List[str], cond_P: Cond, group_size: int,
                  keep_steps_BK: torch.Tensor, generator: torch.Generator, *, shared_noise: bool = True,
                  autocast_dtype: Optional[torch.dtype] = None, rollout_batch_size: int = 0,
-                 ode_solver: str = "euler") -> Trajectory:
+                 ode_solver: str = "euler", keep_means: bool = False) -> Trajectory:
+        """``keep_means``: also keep the step means of the kept transitions (``Trajectory.means_BK``), asked for
+        by an objective that ``needs_step_means``."""
         raise NotImplementedError
 
 

@@ -103,6 +103,14 @@ def update(objective: Objective, batch: TrainBatch, optimizer: torch.optim.Optim
     return out
 
 
+#: what can make a loss or gradient non-finite once the config's values and the rewards are known to be finite
+NONFINITE_LOSS_CAUSES = (
+    "Possible causes: too large a step (optim.lr, optim.warmup_iterations, optim.max_grad_norm); a trained SDE "
+    "step with almost no noise, whose tiny std blows up the log-probs (sampling.eta / eta_schedule at the trained "
+    "steps, grpo.timestep_window); reduced precision overflowing (try train.autocast: none); or non-finite "
+    "weights or conditioning going in (the resumed checkpoint, the prompt embeddings)")
+
+
 class LogProbGap:
     """|log pi_train - log pi_rollout| of the re-scored transitions, summed on the device by sampling-step index
     and over the micro-steps before the first optimiser step; read back with the update's statistics."""
@@ -155,5 +163,5 @@ def _clip_and_check(params, max_grad_norm: float, finite, objective: Objective, 
         label = getattr(objective, "label", None) or objective.name
         where = f"non-finite {label} loss at kept step {list(step_chunk)[bad[0] // micro_batches]}" if bad else \
             f"non-finite {label} gradient norm"
-        raise FloatingPointError(f"{where}; optimiser step skipped (lower the learning rate or check the rewards)")
+        raise FloatingPointError(f"{where}; optimiser step skipped. {NONFINITE_LOSS_CAUSES}")
     return norm

@@ -108,7 +108,7 @@ def main(argv=None) -> Dict:
         raise ValueError(f"--names has {len(names)} labels for {len(resolved)} checkpoints")
     out = Path(args.out) if args.out else ((run_dir / "benchmarks") if run_dir else Path("benchmarks_out"))
 
-    env = init_distributed(args.device if args.device != "auto" else cfg.train.device, timeout_s=cfg.parallel.timeout_s)
+    env = init_distributed(args.device if args.device != "auto" else cfg.train.device, timeout_s=cfg.parallel.init_timeout_s)
     try:
         result = _run(args, cfg, config, suite, items, resolved, names, out, env)
         barrier()

@@ -58,6 +58,15 @@ REWARD_PARAMS = {"hps": (986e6, 4), "clip_score": (986e6, 4), "pickscore": (986e
                  "video_align": (2.2e9, 2)}
 
 
+def _reward_bytes(rc) -> float:
+    """Bytes of a reward's model: the wrapped reward's for a wrapper (binary, win_rate: REWARDS.resolve_wrapped)."""
+    from ..rewards import REWARDS
+
+    name = REWARDS.resolve_wrapped(rc.name, rc.kwargs)[0] if rc.name in REWARDS.names() else rc.name
+    params, nbytes = REWARD_PARAMS.get(name, (0, 0))
+    return params * nbytes
+
+
 # ----------------------------------------------------------------------------- architecture files
 
 
@@ -419,8 +428,7 @@ def plan(cfg, gpus: int, gpu_mem_gib: float = 80.0, arch_path=None, mfu: float =
         "unsharded_blocks": ((2 * params["largest_block"] + params["root"]) * 2 if params["blocks"]
                              else P * 2),
         "vae": params["vae"] * store,
-        "reward_models": sum(REWARD_PARAMS.get(rc.name, (0, 0))[0] * REWARD_PARAMS.get(rc.name, (0, 2))[1]
-                             for rc in cfg.rewards),
+        "reward_models": sum(_reward_bytes(rc) for rc in cfg.rewards),
     }
     # ---- training micro-step activations (per GPU: Ulysses splits every token-wise tensor over sp)
     frac = float(cfg.parallel.activation_checkpointing or 0.0)
@@ -438,7 +446,10 @@ def plan(cfg, gpus: int, gpu_mem_gib: float = 80.0, arch_path=None, mfu: float =
     latent = math.prod(adapter.latent_shape()) * 4
     passes = passes_per_iteration(cfg)
     K = passes["trained_steps"]
-    mem["trajectory"] = rank_batch * (2 * K * latent + latent)
+    from ..algorithms.objectives import build_objective
+
+    per_step = 3 if build_objective(cfg).needs_step_means else 2  # z_t, z_s (and the rollout's step mean)
+    mem["trajectory"] = rank_batch * (per_step * K * latent + latent)
     mem["decode_activations"] = s_dec * m.decode_peak
     static = mem["params_shard"] + mem["grads_shard"] + mem["optimizer_shard"] + mem["vae"] + mem["reward_models"]
     phases = {

@@ -171,6 +171,10 @@ class PrepJob:
         self.stats["written"] += 1
 
     def write_negative(self) -> None:
+        """Rank 0: the negative prompt's embedding (and removes a killed run's temporary negative / manifest)."""
+        for final in (self.out / NEGATIVE_FILE, self.out / MANIFEST_NAME):
+            for p in final.parent.glob(f".{final.name}.tmp*"):
+                p.unlink(missing_ok=True)
         if self.negative_prompt is None:
             return
         enc = {k: _cast(v[0], self.dtype) for k, v in self.enc.encode_text([self.negative_prompt]).items()}
@@ -181,12 +185,25 @@ class PrepJob:
         if not (p.is_file() and file_sha256(p) == hashlib.sha256(data).hexdigest()):
             atomic_write_bytes(p, data)
 
+    def remove_leftovers(self, shards) -> List[Path]:
+        """Delete the temporary files (``.<name>.tmp<PID>``, manifest.atomic_write_bytes) a killed run left for
+        ``shards``; a shard belongs to one rank, so no other process of this job writes them."""
+        gone = []
+        for k in shards:
+            for final in (self.out / shard_name(k), _sidecar(self.out, k)):
+                for p in final.parent.glob(f".{final.name}.tmp*"):
+                    p.unlink(missing_ok=True)
+                    gone.append(p)
+        return gone
+
     def run_shards(self, rank: int = 0, world_size: int = 1) -> None:
-        """Encode this rank's shards (k % world_size == rank), skipping finished ones."""
+        """Encode this rank's shards (k % world_size == rank), skipping finished ones; a killed run's temporary
+        files for them are removed first."""
         from tqdm import tqdm
 
         self.out.mkdir(parents=True, exist_ok=True)
         mine = [k for k in range(self.num_shards) if k % world_size == rank]
+        self.remove_leftovers(mine)
         total = sum(len(self.shard_records(k)) for k in mine)
         bar = tqdm(total=total, desc=f"[rank {rank}] {self.enc.family} prompts", unit="prompt",
                    disable=None if self.progress else True, position=rank, leave=rank == 0)

@@ -192,7 +192,7 @@ def _encode(cfg: RunConfig, family: str, root: Path, records, folder: Path, prep
     from .encoders import load_family_encoder
     from .prep import PrepJob
 
-    env = init_distributed(cfg.train.device, timeout_s=cfg.parallel.timeout_s)
+    env = init_distributed(cfg.train.device, timeout_s=cfg.parallel.init_timeout_s)
     enc_dtype = parse_dtype(prep["encoder_dtype"] or ("bfloat16" if env.device.type == "cuda" else "float32"))
     if env.is_main:
         print(f"data.prompts: encoding {len(records)} prompt(s) with the {family} text encoders into {folder} "

@@ -70,12 +70,15 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=dev, backend=backend)
 
 
-def shutdown() -> None:
-    """Barrier, then destroy the process group (no-op when not initialised)."""
+def shutdown(before_destroy=None) -> None:
+    """Barrier, then ``before_destroy()`` (e.g. stopping what still uses the group's store), then destroy the
+    process group (no-op when not initialised)."""
     if dist.is_available() and dist.is_initialized():
         try:
             dist.barrier()
         finally:
+            if before_destroy is not None:
+                before_destroy()
             dist.destroy_process_group()
 
 

@@ -7,6 +7,12 @@ A reward is a callable ``fn(images, prompts, **metadata) -> (scores_B, info)``:
 * ``scores_B``: float32 CPU tensor of shape (B,), finite; ``info``: a dict of extra per-batch values
   for logging (never needed by the trainer).
 
+Group-level rewards score a whole group at once (a sample's score depends on the other samples of its
+prompt's group, e.g. Pref-GRPO's win rate within the group): such a reward sets ``fn.group_level = True``
+and is called with the group structure, ``fn(images, prompts, group_size=G, **metadata)``: the B samples are
+B / G groups of G consecutive samples of one prompt (the rollout's layout). They train only: a within-group
+score says nothing about a held-out sample on its own, so evaluation leaves them out (rewards/build.py).
+
 Factories are registered by name with ``@REWARDS.register("name")`` and receive their config
 fields as keyword arguments; heavy imports (transformers, open_clip) happen inside the factory.
 A reward backed by models exposes them as ``fn.modules`` (frozen ``nn.Module``s) and where they compute
@@ -21,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -54,26 +60,74 @@ def validate_reward_inputs(images: torch.Tensor, prompts: Sequence[str]) -> None
         raise ValueError("images contain NaN or inf (the sampler diverged?)")
 
 
-def check_scores(name: str, scores: torch.Tensor, batch: int) -> torch.Tensor:
-    """Scores must be (B,) and finite: a failing reward is an error, never a silent constant."""
+class NonFiniteScores(ValueError):
+    """A reward returned NaN or inf: names the reward, the samples (index in the scored batch, value) and, once
+    known, their prompts. The training loop stops on it (exit status 3) before anything is saved."""
+
+    def __init__(self, name: str, scores: torch.Tensor, prompts: Optional[Sequence[str]] = None,
+                 before: str = "any threshold, weight or advantage"):
+        self.name, self.scores, self.before = name, scores, before
+        self.bad = [i for i, ok in enumerate(torch.isfinite(scores).tolist()) if not ok]
+        self.prompts = list(prompts) if prompts is not None else None
+        shown = []
+        for i in self.bad[:3]:
+            about = f" (prompt {self.prompts[i]!r})" if self.prompts is not None and i < len(self.prompts) else ""
+            shown.append(f"sample {i} = {scores[i].item()}{about}")
+        more = f", and {len(self.bad) - 3} more" if len(self.bad) > 3 else ""
+        super().__init__(f"reward {name!r} returned a non-finite score for {len(self.bad)} of {scores.numel()} "
+                         f"samples: {'; '.join(shown)}{more} (caught on the raw scores, before {before})")
+
+    def with_prompts(self, prompts: Sequence[str]) -> "NonFiniteScores":
+        """The same error, naming the samples' prompts (for a check made where they were not known)."""
+        return self if self.prompts is not None else NonFiniteScores(self.name, self.scores, prompts, self.before)
+
+
+def check_scores(name: str, scores: torch.Tensor, batch: int, prompts: Optional[Sequence[str]] = None,
+                 before: str = "any threshold, weight or advantage") -> torch.Tensor:
+    """Scores must be (B,) and finite: a failing reward is an error, never a silent constant
+    (``NonFiniteScores`` names the samples, and their prompts when ``prompts`` is given; ``before``: the
+    transforms the check comes before, for the message)."""
     scores = torch.as_tensor(scores).detach().to(torch.float32).cpu().reshape(-1)
     if scores.numel() != batch:
         raise ValueError(f"reward {name!r} returned {scores.numel()} scores for a batch of {batch}")
     if not torch.isfinite(scores).all():
-        raise ValueError(f"reward {name!r} returned non-finite scores: {scores.tolist()}")
+        raise NonFiniteScores(name, scores, prompts, before)
     return scores
 
 
-def compute_rewards(reward_fns: Dict[str, RewardFn], images: torch.Tensor, prompts: List[str], **metadata) -> Tuple[Dict[str, torch.Tensor], Dict]:
+def is_group_level(fn: RewardFn) -> bool:
+    """Whether ``fn`` scores whole groups (``fn.group_level``; see the module docstring)."""
+    return bool(getattr(fn, "group_level", False))
+
+
+def check_groups(name: str, batch: int, group_size) -> int:
+    """``group_size`` as an int dividing ``batch``: what a group-level reward needs (ValueError otherwise)."""
+    if group_size is None:
+        raise ValueError(f"reward {name!r} scores whole groups (group-level) but got no group structure: it is a "
+                         "training reward only (not for eval.rewards or train.watchdog.gold)")
+    if int(group_size) < 1 or batch % int(group_size):
+        raise ValueError(f"reward {name!r} scores whole groups: a batch of {batch} samples is not a whole number of "
+                         f"groups of {group_size}")
+    return int(group_size)
+
+
+def compute_rewards(reward_fns: Dict[str, RewardFn], images: torch.Tensor, prompts: List[str],
+                    group_size: Optional[int] = None, **metadata) -> Tuple[Dict[str, torch.Tensor], Dict]:
     """Run every named reward on one batch; returns ({name: scores_B}, {name: info}).
 
-    Rewards built from a config (``trainer.build_reward_fns``) score in chunks of their ``batch_size``
-    and move their models in and out of the device themselves (``ConfiguredReward``)."""
+    ``group_size``: the batch is groups of that many consecutive samples of one prompt (the rollout's layout);
+    group-level rewards receive it and need it. Rewards built from a config (``trainer.build_reward_fns``)
+    score in chunks of their ``batch_size`` and move their models in and out of the device themselves
+    (``ConfiguredReward``)."""
     validate_reward_inputs(images, prompts)
     scores, infos = {}, {}
     for name, fn in reward_fns.items():
-        s, info = fn(images, prompts, **metadata)
-        scores[name] = check_scores(name, s, images.shape[0])
+        groups = {"group_size": check_groups(name, images.shape[0], group_size)} if is_group_level(fn) else {}
+        try:
+            s, info = fn(images, prompts, **groups, **metadata)
+            scores[name] = check_scores(name, s, images.shape[0], prompts)
+        except NonFiniteScores as e:  # a reward's own check does not know the prompts: name them
+            raise e.with_prompts(prompts) from None
         infos[name] = info
     return scores, infos
 
@@ -153,6 +207,10 @@ class ConfiguredReward:
         return getattr(self.fn, name)
 
     def __call__(self, images, prompts, **metadata) -> RewardOutput:
+        group = metadata.get("group_size")
+        if self.batch_size and is_group_level(self.fn) and group and self.batch_size % int(group):
+            raise ValueError(f"a group-level reward scores whole groups: its batch_size {self.batch_size} (rewards[*]."
+                             f"batch_size) must be a multiple of grpo.group_size = {group}")
         resident = residency.on_device(self.modules, self.device) if self.offload else contextlib.nullcontext()
         with resident:
             return score_in_chunks(self.fn, images, prompts, self.batch_size, **metadata)

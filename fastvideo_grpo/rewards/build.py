@@ -7,7 +7,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from .base import REWARDS, ConfiguredReward, RewardFn
+from .base import REWARDS, ConfiguredReward, RewardFn, check_scores, is_group_level
 
 
 def build_reward_fns(reward_cfgs) -> Tuple[Dict[str, RewardFn], Dict[str, float]]:
@@ -22,8 +22,8 @@ def build_reward_fns(reward_cfgs) -> Tuple[Dict[str, RewardFn], Dict[str, float]
             fn = ConfiguredReward(fn, batch_size=rc.batch_size, offload=bool(rc.offload))
         key = rc.key or rc.name
         if rc.threshold is not None:
-            fn = _thresholded(fn, rc.threshold)
             key = rc.key or f"{rc.name}_bin"
+            fn = _thresholded(fn, rc.threshold, key)
         if key in fns:
             raise ValueError(f"reward {key!r} is listed twice in the config")
         fns[key] = fn
@@ -36,28 +36,46 @@ def binarize(rewards_B: torch.Tensor, threshold: float) -> torch.Tensor:
     return (rewards_B >= threshold).to(torch.float32)
 
 
-def _thresholded(fn: RewardFn, threshold: float) -> RewardFn:
+def _thresholded(fn: RewardFn, threshold: float, key: str) -> RewardFn:
+    """``fn``'s scores binarised at ``threshold``; the raw scores are checked first (shape, finiteness: a NaN
+    compares false, so it would silently become 0)."""
+
     def binary_reward(images, prompts, **meta):
         scores, info = fn(images, prompts, **meta)
-        return binarize(torch.as_tensor(scores, dtype=torch.float32), threshold), dict(info, raw=scores)
+        raw = check_scores(key, scores, len(prompts), prompts, before=f"the threshold {threshold:g}, any weight or "
+                           "advantage")
+        return binarize(raw, threshold), dict(info, raw=scores)
 
+    binary_reward.group_level = is_group_level(fn)
     return binary_reward
 
 
 def build_eval_reward_fns(cfg, train_fns: Dict[str, RewardFn]) -> Dict[str, RewardFn]:
     """``eval.rewards`` when given; else the training rewards in continuous form (thresholds dropped).
-    Without thresholded rewards these are the training instances themselves (no second model copy)."""
+    Without thresholded rewards these are the training instances themselves (no second model copy).
+
+    Group-level rewards (a win rate within the group: rewards/base.py) train only; they are left out of the
+    default, refused in ``eval.rewards``, and a run whose training rewards are all group-level must set
+    ``eval.rewards`` (e.g. the judge's own pointwise score)."""
     from ..config import RewardConfig
 
     if cfg.eval.rewards:
-        return build_reward_fns(cfg.eval.rewards)[0]
+        fns = build_reward_fns(cfg.eval.rewards)[0]
+        grouped = [k for k, fn in fns.items() if is_group_level(fn)]
+        if grouped:
+            raise ValueError(f"eval.rewards {grouped} score whole groups (a within-group win rate averages the same "
+                             "on every evaluation); list pointwise rewards there (e.g. the judge itself)")
+        return fns
     plain = [RewardConfig(name=rc.name, key=rc.key or rc.name, weight=rc.weight, kwargs=rc.kwargs,
                           batch_size=rc.batch_size, offload=rc.offload)
              for rc in cfg.rewards if rc.threshold is not None]
-    if not plain:
-        return train_fns
-    fns = dict(train_fns)
-    for k in [k for k in fns if k.endswith("_bin")]:
-        del fns[k]
-    fns.update(build_reward_fns(plain)[0])
+    fns = {k: fn for k, fn in train_fns.items() if not is_group_level(fn)}
+    if plain:
+        for k in [k for k in fns if k.endswith("_bin")]:
+            del fns[k]
+        fns.update(build_reward_fns(plain)[0])
+    fns = {k: fn for k, fn in fns.items() if not is_group_level(fn)}
+    if not fns:
+        raise ValueError("every training reward scores whole groups (group-level), which held-out evaluation cannot "
+                         "use: set eval.rewards (e.g. the judge's pointwise score)")
     return fns

@@ -21,6 +21,11 @@ Contract of every step function (after ddpo-pytorch):
 The last step of a flow schedule is deterministic by default (``deterministic_last_step``): its
 Euler step to sigma = 0 is exactly the clean prediction ``z - sigma * u``, the image the authors'
 released code decodes and rewards. See docs/fidelity.md.
+
+A flow schedule's step has a *form* (``FlowSchedule.form``, registered in ``FLOW_STEPS``): ``sde`` (the
+Euler-Maruyama step above, DanceGRPO / Flow-GRPO) or ``cps`` (the coefficients-preserving step). Each form is
+its coefficients (A, C, std) of mean = A z + C u, which the fused kernel runs, and the same step written out.
+``sampling.eta_form`` picks how the configured eta becomes a schedule (``ETA_FORMS``: constant, flow_grpo, cps).
 """
 
 from __future__ import annotations
@@ -29,12 +34,13 @@ import math
 import os
 import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional, Sequence, Union
+from typing import Callable, ClassVar, Optional, Sequence, Union
 
 import torch
 
 from . import ops as _ops
 from ..utils import rng
+from ..utils.registry import Registry
 from ..utils.transfer import to_device
 
 Scalar = Union[float, torch.Tensor]
@@ -123,6 +129,43 @@ def flow_sde_step(
     return prev, log_prob, mean, std.reshape(-1)
 
 
+def flow_cps_step(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: Scalar,
+    sigma_next: Scalar,
+    eta: Scalar,
+    *,
+    prev_sample: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+):
+    """One coefficients-preserving step (CPS; Wang et al. 2025, Flow-GRPO's ``sde_type: cps``) from ``sigma``
+    down to ``sigma_next``, with noise level ``eta`` in [0, 1].
+
+    The flow's sample at sigma is (1 - sigma) x0 + sigma x1 (data x0, noise x1). With the model's predictions
+    x0_hat = z - sigma u and x1_hat = z + (1 - sigma) u, the step keeps that form at sigma_next: of the noise
+    coefficient sigma_next, a share std = sigma_next sin(eta pi / 2) is fresh Gaussian noise and the rest
+    comes from the predicted noise, so the total noise variance is exactly sigma_next^2:
+        mean = (1 - sigma_next) x0_hat + sqrt(sigma_next^2 - std^2) x1_hat,   std = sigma_next sin(eta pi / 2)
+    eta = 0 is the Euler step; eta = 1 replaces all the noise by fresh noise. The log-prob is the exact
+    Gaussian log-density of z_next under N(mean, std^2 I), averaged over elements like ``flow_sde_step``'s
+    (the released code scores -(z_next - mean)^2 only, without the 1 / (2 std^2) scale and the constants).
+    """
+    dt_ = compute_dtype(sample)
+    z = sample.to(dt_)
+    u = model_output.to(dt_)
+    s = per_sample(sigma, z, dt_)
+    s_next = per_sample(sigma_next, z, dt_)
+    e = per_sample(eta, z, dt_)
+    x0_hat = z - s * u
+    x1_hat = z + (1.0 - s) * u
+    std = s_next * torch.sin(e * (0.5 * math.pi))
+    mean = (1.0 - s_next) * x0_hat + torch.sqrt(torch.clamp(s_next * s_next - std * std, min=0.0)) * x1_hat
+    prev = _draw_or_keep(mean, std, prev_sample, generator)
+    log_prob = gaussian_log_prob_mean(prev, mean, std)
+    return prev, log_prob, mean, std.reshape(-1)
+
+
 def flow_ode_step(model_output: torch.Tensor, sample: torch.Tensor, sigma: Scalar, sigma_next: Scalar) -> torch.Tensor:
     """Deterministic Euler step z_s = z_t + u (s - t) (eta = 0), in the input's dtype."""
     dt_ = compute_dtype(sample)
@@ -198,6 +241,27 @@ def flow_sigmas(num_steps: int, shift: float = 1.0, dtype=torch.float64) -> torc
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     return time_shift(torch.linspace(1.0, 0.0, num_steps + 1, dtype=dtype), shift)
+
+
+@dataclass(frozen=True)
+class FlowStepForm:
+    """A flow step's form: ``coefficients(sigma, sigma_next, eta, *, batch_size, device) -> (A, C, std)`` (float64,
+    mean = A z + C u: what the fused kernel and the schedule's table run) and ``step`` (the same step written
+    out, with ``flow_sde_step``'s signature and contract: the plain path, and the reference of the fused one)."""
+
+    coefficients: Callable
+    step: Callable
+
+    def table(self, sigmas: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+        """The (T, 3) float64 (A, C, std) table of a schedule (``ops.flow_coefficient_table``)."""
+        return _ops.flow_coefficient_table(sigmas, eta, self.coefficients)
+
+
+#: the step forms of a flow schedule (``FlowSchedule.form``); a new one is one ``FLOW_STEPS.register`` of a
+#: ``FlowStepForm`` (its coefficients must be affine in z and u: mean = A z + C u, std independent of both)
+FLOW_STEPS: Registry[FlowStepForm] = Registry("flow step form (FlowSchedule.form)")
+FLOW_STEPS.register("sde")(FlowStepForm(_ops.flow_coefficients, flow_sde_step))
+FLOW_STEPS.register("cps")(FlowStepForm(_ops.cps_coefficients, flow_cps_step))
 
 
 # ----------------------------------------------------------------------------- diffusion (DDIM)
@@ -315,6 +379,7 @@ class FlowSchedule:
     eta: torch.Tensor  # (T,)
     timestep_scale: float = 1000.0
     prediction_type: str = "flow"
+    form: str = "sde"  # the step's form, registered in FLOW_STEPS: "sde" (Euler-Maruyama) or "cps"
     #: default of ``sampling.deterministic_last_step``: the released DanceGRPO flow scripts (FLUX, Hunyuan,
     #: SkyReels, Wan) decode ``pred_original = z - sigma * u`` at the last step, which is this schedule's
     #: last step with eta = 0 (sigma_T = 0)
@@ -341,8 +406,9 @@ class FlowSchedule:
         Returns ``(prev_sample, log_prob_B, mean, std_B)`` like ``flow_sde_step`` (mean is None when
         ``need_mean=False`` on the fused path, which saves one write of the latent).
         """
+        form = FLOW_STEPS.get(self.form)
         if eta is None and FUSED_STEPS:  # the compiled kernel with coefficients made once per schedule
-            out = self._coefs.step(_ops.flow_coefficient_table, (self.sigmas, self.eta), index, model_output, sample,
+            out = self._coefs.step(form.table, (self.sigmas, self.eta), index, model_output, sample,
                                    prev_sample, generator, need_mean)
             if out is not None:
                 return out
@@ -350,9 +416,14 @@ class FlowSchedule:
         s = _gather(self.sigmas, index, sample, self._tables)
         s_next = _gather(self.sigmas, index + 1, sample, self._tables)
         if not _fused_ok(model_output, sample):
-            return flow_sde_step(model_output, sample, s, s_next, e, prev_sample=prev_sample, generator=generator)
-        coefs = _ops.flow_coefficients(s, s_next, e, batch_size=sample.shape[0], device=sample.device)
+            return form.step(model_output, sample, s, s_next, e, prev_sample=prev_sample, generator=generator)
+        coefs = form.coefficients(s, s_next, e, batch_size=sample.shape[0], device=sample.device)
         return _fused_step(model_output, sample, coefs, prev_sample, generator, need_mean)
+
+    def coefficient_table(self) -> torch.Tensor:
+        """The (T, 3) float64 CPU table of each step's (A, C, std): mean = A z + C u, the std of the step
+        (the values the fused step runs with; cached)."""
+        return self._coefs.get(FLOW_STEPS.get(self.form).table, (self.sigmas, self.eta))
 
 
 @dataclass
@@ -409,6 +480,10 @@ class DDIMSchedule:
         coefs = _ops.ddim_coefficients(a_t, a_prev, e, batch_size=sample.shape[0], device=sample.device)
         return _fused_step(model_output, sample, coefs, prev_sample, generator, need_mean)
 
+    def coefficient_table(self) -> torch.Tensor:
+        """The (T, 3) float64 CPU table of each step's (A, C, std) (as ``FlowSchedule.coefficient_table``)."""
+        return self._coefs.get(_ops.ddim_coefficient_table, (self.alpha_t, self.alpha_prev, self.eta))
+
 
 def with_deterministic_last_step(schedule):
     """A copy of ``schedule`` whose last step has eta = 0 (the other steps keep theirs).
@@ -423,3 +498,35 @@ def with_deterministic_last_step(schedule):
     eta = schedule.eta.clone()
     eta[-1] = 0.0
     return dataclasses.replace(schedule, eta=eta)
+
+
+# ----------------------------------------------------------------------------- eta forms (sampling.eta_form)
+
+
+#: how ``sampling.eta`` (or ``eta_schedule``) becomes the schedule a run samples with: an entry maps the adapter's
+#: schedule (eta as configured) to that schedule. ``flow_only=True`` (registration info): flow models only (the
+#: trainer refuses it for another schedule, naming the model). A new form is one registered function here and
+#: its name in ``config.ETA_FORMS`` (the config key's domain).
+ETA_FORMS: Registry[Callable] = Registry("eta form (sampling.eta_form)")
+
+
+@ETA_FORMS.register("constant")
+def constant_eta(schedule):
+    """eta as configured: the SDE's noise level at each step (DanceGRPO)."""
+    return schedule
+
+
+@ETA_FORMS.register("flow_grpo", flow_only=True)
+def flow_grpo_eta_form(schedule):
+    """eta is Flow-GRPO's a: each step's eta becomes a sqrt(sigma / (1 - sigma)) (``flow_grpo_eta``)."""
+    return dataclasses.replace(schedule, eta=flow_grpo_eta(schedule.sigmas, schedule.eta))
+
+
+@ETA_FORMS.register("cps", flow_only=True)
+def cps_eta_form(schedule):
+    """eta is CPS's noise level in [0, 1] and every step is the coefficients-preserving step (``flow_cps_step``)."""
+    bad = [float(e) for e in schedule.eta if not 0.0 <= float(e) <= 1.0]
+    if bad:
+        raise ValueError(f"sampling.eta_form: cps takes a noise level in [0, 1] (std = sigma_next sin(eta pi / 2)); "
+                         f"sampling.eta / sampling.eta_schedule hold {bad}")
+    return dataclasses.replace(schedule, form="cps")

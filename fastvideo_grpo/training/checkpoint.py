@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..distributed.init import barrier, get_rank, get_world_size
+from ..utils.diskspace import NoSpace, failed_folder, folder_bytes, free_bytes, human_bytes, out_of_space_error
 from ..utils.io import atomic_write_text
 from .state import TrainState
 
@@ -153,6 +154,90 @@ def save_checkpoint(root: Union[str, Path], step: int, model: nn.Module, optimiz
         atomic_write_text(root / LATEST, final.name + "\n")
     barrier()
     return final
+
+
+# ----------------------------------------------------------------------------- disk space
+
+
+def latest_complete(root: Union[str, Path]) -> Optional[Path]:
+    """The checkpoint ``root/latest`` names when it is complete (None: none yet, or not readable)."""
+    pointer = Path(root) / LATEST
+    try:
+        path = Path(root) / pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return path if (path / ".metadata").is_file() else None
+
+
+#: what DCP adds per stored tensor beyond its bytes (its serialisation framing: about 2.1 KB measured on the toy
+#: DiT's 132 entries, torch 2.13), counted twice so that the estimate of a first checkpoint is an upper bound
+DCP_BYTES_PER_TENSOR = 4096
+
+
+def state_bytes(trainer: TrainState) -> int:
+    """About how many bytes this rank's share of a checkpoint takes: the trainable module's parameters and
+    buffers, the optimiser's state tensors and the EMA (local shards under FSDP2), plus DCP's framing of each."""
+
+    def size(t) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size() + DCP_BYTES_PER_TENSOR if isinstance(t, torch.Tensor) else 0
+
+    module = trainer.adapter.trainable_module()
+    total = sum(size(p) for p in module.parameters()) + sum(size(b) for b in module.buffers())
+    for st in trainer.optimizer.state.values():
+        total += sum(size(v) for v in st.values())
+    if trainer.ema is not None:
+        total += sum(size(v) for v in trainer.ema.state_dict().values())
+    return total
+
+
+def next_checkpoint_bytes(trainer: TrainState, root: Union[str, Path]) -> int:
+    """Collective: about how many bytes the next checkpoint takes: the size of the last complete one under
+    ``root``, else the checkpointed tensors summed over ranks."""
+    from ..distributed.collectives import reduce_metrics
+
+    tensors = int(reduce_metrics({"bytes": float(state_bytes(trainer))}, op="sum")["bytes"])  # every rank calls it
+    last = latest_complete(root)
+    return folder_bytes(last) if last is not None else tensors
+
+
+def ensure_room_for_checkpoint(trainer: TrainState, root: Union[str, Path]) -> int:
+    """Collective: ``NoSpace`` on every rank, before anything is written, when the next checkpoint clearly
+    cannot fit on the filesystem of ``root`` (its estimated size exceeds the free space on some rank).
+    Returns the estimate."""
+    from ..distributed.collectives import any_rank
+
+    needed, free = next_checkpoint_bytes(trainer, root), free_bytes(root)
+    if any_rank(needed > free):
+        raise NoSpace(root, needed, free)
+    return needed
+
+
+def no_space_message(error: BaseException, out_dir: Union[str, Path]) -> str:
+    """The one line a run ends with when a write found the disk full (or ``NoSpace`` refused it first): which
+    folder, how much a checkpoint of this run needs (the last one's size), how much is free, and which
+    checkpoint is kept."""
+    root = Path(out_dir) / "checkpoints"
+    latest = latest_complete(root)
+    if isinstance(error, NoSpace):
+        folder, needed, free = error.folder, error.needed, free_bytes(error.folder)
+        what = "stopped before writing the next checkpoint"
+        basis = "the size of the last one" if latest is not None else "its weights and optimiser state"
+    else:
+        cause = out_of_space_error(error)
+        folder = failed_folder(error, out_dir)
+        needed, basis = folder_bytes(latest) if latest is not None else None, "the size of the last one"
+        if needed is None and getattr(error, "checkpoint_bytes", None):  # a first save: the Checkpointer's estimate
+            needed, basis = error.checkpoint_bytes, "its weights and optimiser state"
+        free = free_bytes(folder)
+        short = "a short write in torch.save" if isinstance(cause, RuntimeError) else \
+            (getattr(cause, "strerror", None) or "no space left on device")
+        what = f"a write into it failed ({short})"
+    need = f"about {human_bytes(needed)} ({basis})" if needed is not None else "an unknown amount (none written yet)"
+    kept = f"the last whole checkpoint, {latest}, is kept" if latest is not None else "no checkpoint was written yet"
+    return (f"out of disk space in {folder}: {what}; {human_bytes(free)} free there, and a checkpoint of this run "
+            f"needs {need}. {kept[0].upper() + kept[1:]}: free space (or set train.output_dir elsewhere) and rerun "
+            "with --resume latest")
 
 
 def checkpoints_up_to(root: Union[str, Path], step: int) -> List[Path]:

@@ -45,7 +45,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..distributed import heartbeat
 from ..distributed.collectives import reduce_metrics
+from ..distributed.heartbeat import EXIT_STALLED  # noqa: F401  (the documented exit codes live here)
 from . import throughput
 from .state import TrainState
 
@@ -53,6 +55,8 @@ EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_OOM = 4
 EXIT_WATCHDOG = 5  # the reward-hacking watchdog stopped the run (train.watchdog.stop; watchdog.py)
+# EXIT_STALLED = 6: a rank stopped answering or fell behind (parallel.train_timeout_s; distributed/heartbeat.py)
+EXIT_NO_SPACE = 7  # the disk of the output folder is full (the last whole checkpoint is kept)
 FIRST_IMAGES = "iter_000000_images.safetensors"  # the samples of the evaluation before training (Evaluator)
 
 
@@ -221,11 +225,12 @@ class NaNGuard(Component):
             return None
         if isinstance(error, ValueError) and not re.search(r"non-finite|\b(nan|inf)\b", str(error).lower()):
             return None  # a user error (e.g. a prompt without embeddings), not a divergence
-        hint = "check the reward model / its inputs" if isinstance(error, ValueError) else "lower optim.lr"
+        hint = ("check the reward model and what it is given: the samples named above" if isinstance(error, ValueError)
+                else "see the possible causes above")
         return TrainingStopped(
-            f"iteration {it} stopped: {error}. Nothing was saved for this iteration; the last good checkpoint is "
-            f"{state.last_checkpoint or '(none: no checkpoint was written yet)'}. Fix the cause ({hint}) and "
-            f"resume with --resume latest.", EXIT_DIVERGED)
+            f"iteration {it} stopped: {str(error).rstrip('.')}. Nothing was saved for this iteration; the last good "
+            f"checkpoint is {state.last_checkpoint or '(none: no checkpoint was written yet)'}. Fix the cause ({hint}) "
+            f"and resume with --resume latest.", EXIT_DIVERGED)
 
 
 class EMAUpdate(Component):
@@ -259,6 +264,7 @@ class Evaluator(Component):
     def _run(self, state, step: int, images: bool = False) -> Optional[Tuple[Dict, Dict]]:
         """(row metrics, the evaluation) or None when there is nothing to evaluate."""
         t0 = time.perf_counter()
+        heartbeat.mark("eval", step)
         ev = self.evaluate(images)
         if not ev or not ev.get("mean"):
             return None
@@ -331,12 +337,14 @@ class SampleWriter(Component):
 
     def on_start(self, state):
         if self.every or self.at_evaluations:
+            heartbeat.mark("samples", 0)
             self.write(0)
         return {}
 
     def on_iteration(self, state, it, metrics):
         due = self.every and (it % self.every == 0 or it == state.total)
         if due or (self.at_evaluations and (_due(it, self.eval_every) or it == state.total)):
+            heartbeat.mark("samples", it)
             self.write(it)
 
     def on_end(self, state):
@@ -378,6 +386,7 @@ class Logger(Component):
         self.logger.log_image(tag, image, step)
 
     def on_row(self, state, step, row, iteration_row):
+        heartbeat.mark("log", step)
         if not iteration_row:
             if row:
                 self.logger.log(row, step=step)
@@ -413,7 +422,8 @@ class Logger(Component):
 
 class Checkpointer(Component):
     """A DCP checkpoint (``checkpoint.save_trainer_checkpoint``) every ``every`` iterations, at the end and at an
-    iteration after which a component asked to stop (``state.stop_requested``),
+    iteration after which a component asked to stop (``state.stop_requested``), each after a check that it fits
+    on the disk (``checkpoint.ensure_room_for_checkpoint``: a clear shortage stops the run before writing),
     keeping the newest ``keep_last`` (0: all) of this run's own checkpoints: those it writes and, when
     resumed, the ones up to the resumed step. Nothing else in the folder is ever deleted."""
 
@@ -426,10 +436,16 @@ class Checkpointer(Component):
         self.seconds: List[float] = []  # wall time of each save
 
     def _save(self, state):
-        from .checkpoint import prune_checkpoints, save_trainer_checkpoint
+        from .checkpoint import ensure_room_for_checkpoint, prune_checkpoints, save_trainer_checkpoint
 
         t0 = time.perf_counter()
-        path = save_trainer_checkpoint(state.trainer, self.root)
+        with heartbeat.phase("save", state.iteration, long=True):  # rank 0 renames alone: the start-up timeout
+            needed = ensure_room_for_checkpoint(state.trainer, self.root)  # NoSpace when it clearly cannot fit
+            try:
+                path = save_trainer_checkpoint(state.trainer, self.root)
+            except BaseException as e:  # a full disk anyway: the run's one line reports the estimate
+                e.checkpoint_bytes = needed
+                raise
         self.seconds.append(time.perf_counter() - t0)
         state.last_checkpoint = str(path)
         self.own = prune_checkpoints(self.own + [path], self.keep_last)
@@ -462,7 +478,8 @@ class Exporter(Component):
         from .checkpoint import export_weights
 
         if state.completed and state.total > 0:
-            with (self.weights() if self.weights is not None else contextlib.nullcontext()):
+            with heartbeat.phase("export", state.iteration, long=True), \
+                    (self.weights() if self.weights is not None else contextlib.nullcontext()):
                 w = export_weights(state.trainer.adapter, self.out_dir,
                                    **(self.options(state) if self.options is not None else {}))
             self.written = str(w) if w else None

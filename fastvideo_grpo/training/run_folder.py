@@ -7,6 +7,8 @@
 * ``check_fresh_start``: a fresh run refuses a folder that holds a run (config.yaml, metrics.jsonl,
   checkpoints, summary.json) unless ``--resume`` or ``--overwrite`` is given; ``clear_run`` is what
   ``--overwrite`` deletes.
+* ``remove_leftovers``: the temporary files and unfinished checkpoint folders of a killed run are deleted by
+  the next run in the folder (under its lock).
 * ``record_config``: config.yaml is written only once the run has been built (a start that fails
   earlier leaves the previous record intact), atomically; a resumed run keeps the earlier record as
   config.1.yaml, config.2.yaml, ...; settings that cannot change on resume are refused.
@@ -20,7 +22,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import yaml
 
@@ -121,6 +123,29 @@ def clear_run(folder) -> None:
             p.unlink()
     for p in folder.glob("config.*.yaml"):
         p.unlink()
+
+
+#: the folders of a run where its writes leave temporary files (io.atomic_path: ".<name>.<random>.tmp"; a
+#: checkpoint being written: checkpoints/step_N.tmp/)
+TEMP_FOLDERS = (".", "eval", "samples", "checkpoints", "export")
+
+
+def remove_leftovers(folder) -> List[Path]:
+    """Delete the temporary files and unfinished checkpoint folders a killed run left in ``folder`` (call with
+    the run's lock held: no other run writes there). Returns what was removed."""
+    folder, gone = Path(folder), []
+    for sub in TEMP_FOLDERS:
+        d = folder / sub
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            if p.is_file() and p.name.startswith(".") and p.name.endswith(".tmp"):
+                p.unlink(missing_ok=True)
+                gone.append(p)
+            elif sub == "checkpoints" and p.is_dir() and p.name.startswith("step_") and p.name.endswith(".tmp"):
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p)
+    return gone
 
 
 def record_config(cfg, folder, resumed: bool) -> Optional[Path]:

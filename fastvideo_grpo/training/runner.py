@@ -27,6 +27,7 @@ import torch.distributed as dist
 from ..config import RunConfig
 from ..distributed.collectives import any_rank, reduce_metrics
 from ..distributed.fsdp import parallelize
+from ..distributed.heartbeat import active as active_heartbeat, is_collective_failure, start_heartbeat
 from ..distributed.init import DistEnv, init_distributed, shutdown
 from ..distributed.parallel_dims import ParallelDims, parallel_dims_from_config
 from ..distributed.seeding import seed_rank_generators
@@ -34,8 +35,9 @@ from .loop import (Checkpointer, Component, EMAUpdate, Evaluator, Exporter, Logg
                    prepare_metrics_file)
 from . import preemption
 from ..models.base import PolicyAdapter
-from .run_folder import RunLock, check_fresh_start, check_resume_settings, clear_run, record_config
+from .run_folder import RunLock, check_fresh_start, check_resume_settings, clear_run, record_config, remove_leftovers
 from .watchdog import build_watchdog
+from ..utils.diskspace import is_out_of_space
 from ..utils.threads import set_num_threads
 
 
@@ -189,14 +191,29 @@ def run(cfg: RunConfig, build_adapter: Callable[[torch.device], PolicyAdapter], 
 
     spec = RunSpec(build_adapter, prompts, **options)
     started = time.monotonic()  # train.max_wall_time counts from here
-    env = init_distributed(cfg.train.device, timeout_s=cfg.parallel.timeout_s)
+    env = init_distributed(cfg.train.device, timeout_s=cfg.parallel.init_timeout_s)
+    # the stall watch (distributed/heartbeat.py): names a rank that stops answering or falls behind, exit status 6
+    hb = start_heartbeat(env.rank, env.world_size, init_timeout_s=cfg.parallel.init_timeout_s,
+                         train_timeout_s=cfg.parallel.train_timeout_s, resume_hint=lambda: _resume_hint(cfg))
     try:
         summary = _run(cfg, env, spec, started)
-    except BaseException:
+    except BaseException as e:
+        if hb is not None:
+            hb.stop()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # no barrier: other ranks may be stuck in a collective
+        from .loop import EXIT_NO_SPACE, EXIT_STALLED, TrainingStopped
+
+        if is_out_of_space(e):  # any write of the run: one line, the last whole checkpoint kept
+            from .checkpoint import no_space_message
+
+            raise TrainingStopped(no_space_message(e, cfg.train.output_dir), EXIT_NO_SPACE) from e
+        if hb is not None and is_collective_failure(e):  # timed out, or a peer went away: which rank, where
+            raise TrainingStopped(hb.describe_failure(e), EXIT_STALLED) from e
         raise
-    shutdown()
+    if hb is not None:
+        hb.mark("end", summary.get("iteration", 0))
+    shutdown(before_destroy=hb.stop if hb is not None else None)
     request = summary.get("stop_request")
     if request:  # a graceful stop (signal, stop file, time budget): saved, said, then train.stop_exit_code
         raise preemption.RunStopped(request["line"], request["exit_code"], announced=True)
@@ -205,6 +222,15 @@ def run(cfg: RunConfig, build_adapter: Callable[[torch.device], PolicyAdapter], 
 
         raise TrainingStopped(summary["stopped"], EXIT_WATCHDOG)
     return summary
+
+
+def _resume_hint(cfg: RunConfig) -> str:
+    """How to continue after a stall: the checkpoint a rerun with --resume latest starts from."""
+    from .checkpoint import latest_complete
+
+    last = latest_complete(Path(cfg.train.output_dir) / "checkpoints")
+    where = f"from {last}" if last is not None else "(no checkpoint was written yet: it starts over)"
+    return f"rerun the same command with --resume latest to continue {where}"
 
 
 def _run(cfg: RunConfig, env: DistEnv, spec: RunSpec, started: float) -> Dict:
@@ -223,7 +249,15 @@ def _run(cfg: RunConfig, env: DistEnv, spec: RunSpec, started: float) -> Dict:
     if folder.resume is not None:
         check_resume_settings(cfg, out)
     lock = RunLock(out, enabled=env.is_main).acquire()
+    if active_heartbeat() is not None:  # a stall ends the process at once: release the folder first
+        active_heartbeat().before_exit.append(lock.release)
     try:
+        if env.is_main:
+            gone = remove_leftovers(out)
+            if gone:
+                print(f"removed {len(gone)} temporary file(s) left by an interrupted run in {out}: "
+                      f"{', '.join(str(p.relative_to(out)) for p in gone[:5])}{' ...' if len(gone) > 5 else ''}",
+                      flush=True)
         return _run_locked(cfg, env, spec, folder, started)
     finally:
         lock.release()
@@ -277,6 +311,8 @@ def _run_locked(cfg: RunConfig, env: DistEnv, spec: RunSpec, folder: RunFolder, 
     def per_iteration(m: Dict) -> None:
         m["samples_per_s_global"] = m.get("samples_per_s", 0.0) * dims.dp
         m["world_size"] = env.world_size
+        if active_heartbeat() is not None:  # after the first iteration: parallel.train_timeout_s
+            active_heartbeat().first_iteration_done()
 
     with signals:  # SIGTERM / SIGINT: stop after the iteration, saved (preemption.py)
         summary = fit(trainer, components, total=cfg.train.num_iterations, out=out, is_main=main_rank,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import time
 import warnings
 from typing import Dict
@@ -36,6 +35,7 @@ from ..algorithms.objectives import LAST_STEP_HINT, TrainBatch, build_objective,
 from ..algorithms.update import UpdateSettings, trainable_parameters, update
 from ..algorithms.passes import PassCounter
 from ..config import RunConfig
+from ..distributed import heartbeat
 from ..utils.cuda_settings import configure_attention
 from ..utils.dtypes import autocast_dtype
 from .ema import WeightEMA
@@ -76,15 +76,14 @@ def build_schedule(cfg: RunConfig, adapter: PolicyAdapter, objective=None):
 
     ValueError when a step that training may pick (``grpo.trainable_window``) has eta = 0 and the objective
     (default: the config's) needs log-probs: its transition is a point mass, with no log-prob to train."""
-    from ..sde import flow_grpo_eta, with_deterministic_last_step
+    from ..sde import ETA_FORMS, with_deterministic_last_step
 
     s = cfg.sampling
     schedule = adapter.make_schedule(s.num_steps, cfg.eta)
-    if s.eta_form == "flow_grpo":
-        if schedule.prediction_type != "flow":
-            raise ValueError(f"sampling.eta_form: flow_grpo needs a flow-matching model; {cfg.model.name} samples "
-                             f"with a {schedule.prediction_type} schedule (use 'constant')")
-        schedule = dataclasses.replace(schedule, eta=flow_grpo_eta(schedule.sigmas, schedule.eta))
+    if ETA_FORMS.info(s.eta_form).get("flow_only") and schedule.prediction_type != "flow":
+        raise ValueError(f"sampling.eta_form: {s.eta_form} needs a flow-matching model; {cfg.model.name} samples "
+                         f"with a {schedule.prediction_type} schedule (use 'constant')")
+    schedule = ETA_FORMS.get(s.eta_form)(schedule)  # how the configured eta becomes the sampled schedule (sde/)
     last = s.deterministic_last_step
     if last is None:
         last = type(schedule).deterministic_last_step_default
@@ -210,14 +209,17 @@ class Trainer:
         keep = grpo.subsample_timesteps(schedule.num_steps, g.tau, B, self.generator, window)
         self.adapter.trainable_module().eval()
         m = self.memory
+        heartbeat.mark("rollout", self.iteration + 1)  # where this rank is, for the stall watch of the other ranks
         with self.passes.phase("rollout"), self._rollout_progress(B, schedule.num_steps):
             traj = self.sampler(self.adapter, schedule, prompts, cond, g.group_size, keep, self.generator,
                                 shared_noise=g.shared_noise, autocast_dtype=self.autocast_dtype,
-                                rollout_batch_size=m["rollout_batch_size"], ode_solver=cfg.sampling.ode_solver)
+                                rollout_batch_size=m["rollout_batch_size"], ode_solver=cfg.sampling.ode_solver,
+                                **({"keep_means": True} if self.objective.needs_step_means else {}))
         t_dec = time.perf_counter()
         traj.decoded = decode_latents(self.adapter, traj.final_latents, m["decode_batch_size"], m["offload_vae"])
         t1 = time.perf_counter()
-        rewards, _ = compute_rewards(self.reward_fns, traj.decoded, traj.prompts)
+        heartbeat.mark("reward", self.iteration + 1)
+        rewards, _ = compute_rewards(self.reward_fns, traj.decoded, traj.prompts, group_size=traj.group_size)
         frames = frames_per_sample(traj.decoded)
         traj.decoded = None  # the update does not need the pixels: free them (several GB for a video batch)
         t2 = time.perf_counter()
@@ -234,8 +236,10 @@ class Trainer:
                 adv = self.advantages({k: v[chosen.to(v.device)] for k, v in rewards.items()}, group)
         else:
             adv = self.advantages(rewards, group)
-        # groups whose samples all got the same rewards have zero advantages: no learning signal from them
-        zero_groups = float((adv.detach().reshape(-1, group).abs().amax(dim=1) == 0).float().mean())
+        # the statistics are of the advantages as trained on (after the objective's clamp, grpo.adv_clip_max).
+        # Groups whose samples all got the same rewards have zero advantages: no learning signal from them
+        trained = self.objective.trained_advantages(adv.detach())
+        zero_groups = float((trained.reshape(-1, group).abs().amax(dim=1) == 0).float().mean())
         if zero_groups == 1.0:
             warnings.warn(f"iteration {self.iteration + 1}: every group's samples got identical rewards, so every "
                           "advantage is 0 and this iteration learns nothing; a reward that cannot tell the samples of "
@@ -243,11 +247,12 @@ class Trainer:
         batch = TrainBatch(self.adapter, schedule, traj, adv, autocast_dtype=self.autocast_dtype,
                            reference=self.ref_adapter, generator=self.generator)
         # the settings are read from the config at every iteration (a caller may change them between iterations)
+        heartbeat.mark("update", self.iteration + 1)
         stats = update(self.objective, batch, self.optimizer, UpdateSettings.from_config(cfg), self.lr_scheduler)
         t3 = time.perf_counter()
         self.iteration += 1
         self._measured = (t3 - t0, B, frames, traj.cond)  # for the throughput metrics (train_iteration)
-        return self._metrics(rewards, stats, adv, zero_groups, window, B, (t0, t_dec, t1, t2, t3))
+        return self._metrics(rewards, stats, trained, zero_groups, window, B, (t0, t_dec, t1, t2, t3))
 
     @contextlib.contextmanager
     def _rollout_progress(self, num_samples: int, num_steps: int):

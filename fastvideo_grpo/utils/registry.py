@@ -91,6 +91,17 @@ class Registry(Generic[T]):
     def declared_paths(self, name: str) -> Tuple[str, ...]:
         return self._paths[self.canonical(name)]
 
+    def resolve_wrapped(self, name: str, kwargs: Dict) -> Tuple[str, Dict]:
+        """The entry that finally does the work and its keyword arguments: ``name`` itself, or, for an entry
+        registered with ``wraps`` (a binary threshold, a win rate over a judge), the entry it names, followed
+        through further wrappers (e.g. for the planner's reward memory)."""
+        inner = self._wraps.get(self.canonical(name))
+        if inner and isinstance(kwargs.get(inner), str):
+            named = {p.name for p in inspect.signature(self.get(name)).parameters.values()
+                     if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+            return self.resolve_wrapped(kwargs[inner], {k: v for k, v in kwargs.items() if k not in named})
+        return self.canonical(name), dict(kwargs)
+
     def check_kwargs(self, name: str, kwargs: Dict, where: str) -> Dict[str, str]:
         """Refuse keys ``name`` does not take (ValueError naming ``where`` and the accepted keys); return
         the declared path parameters that are set, as ``{"<where>.<key>": path}``."""

@@ -194,7 +194,7 @@ def _same_run(a: Path, b: Path):
 
 def test_stop_file_time_budget_and_an_unfinished_end(tiny_run, tmp_path, monkeypatch):
     from fastvideo_grpo.training import checkpoint
-    from fastvideo_grpo.training.loop import Component
+    from fastvideo_grpo.training.loop import EXIT_NO_SPACE, Component, TrainingStopped
     from fastvideo_grpo.training.preemption import RunStopped
 
     whole = tmp_path / "whole"
@@ -235,8 +235,9 @@ def test_stop_file_time_budget_and_an_unfinished_end(tiny_run, tmp_path, monkeyp
     out = tmp_path / "disk"
     with monkeypatch.context() as m:
         m.setattr(checkpoint, "export_weights", full_disk)
-        with pytest.raises(OSError, match="No space left"):
+        with pytest.raises(TrainingStopped, match="out of disk space .*No space left on device") as e:  # one line
             tiny_run(out)
+    assert e.value.exit_code == EXIT_NO_SPACE and "step_00000003, is kept" in str(e.value)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     assert json.loads((out / "stopped.json").read_text())["reason"] == "end"
     s = tiny_run(out)

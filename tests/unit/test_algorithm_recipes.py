@@ -27,13 +27,22 @@ def _check(name, cfg):
             assert s.num_steps < s.eval_num_steps  # fewer steps for training rollouts than for evaluation
     elif "diffusion_nft" in name:
         assert g.objective == "nft" and s.eta == 0.0 and not g.shared_noise and g.kl_coef == 0.0
+    elif "grpo_guard" in name:
+        assert g.objective == "grpo_guard" and s.eta_form == "flow_grpo" and g.kl_coef == 0.0
+    elif "awm" in name:
+        assert g.objective == "awm" and s.eta == 0.0 and not g.shared_noise
+    elif "cps" in name:
+        assert s.eta_form == "cps" and 0 < s.eta <= 1 and g.objective == "ppo_clip"
+    elif "pref_grpo" in name:
+        assert g.objective == "ppo_clip" and all(rc.name == "win_rate" for rc in cfg.rewards)
     else:
         raise AssertionError(f"{name}: no algorithm in the name")
 
 
 def test_every_model_has_every_algorithm():
     names = {p.stem for p in RECIPES}
-    algos = ["mixgrpo", "mixgrpo_flash", "flow_grpo", "flow_grpo_fast", "diffusion_nft"]
+    algos = ["mixgrpo", "mixgrpo_flash", "flow_grpo", "flow_grpo_fast", "diffusion_nft", "grpo_guard", "awm", "cps",
+             "pref_grpo"]
     assert names == {f"{m}_{a}" for m in BASES for a in algos}
 
 
@@ -42,7 +51,14 @@ def test_algorithm_recipe_validates_over_its_base(path):
     cfg = load_config(str(path))
     base = load_config(str(ROOT / "configs" / BASES[path.stem.split("_")[0]]))
     _check(path.stem, cfg)
-    assert cfg.model == base.model and cfg.rewards == base.rewards and cfg.data == base.data  # only the algorithm changes
+    assert cfg.model == base.model and cfg.data == base.data  # only the algorithm changes
+    if "pref_grpo" in path.stem:  # the reward becomes each base reward's win rate; evaluation scores the base rewards
+        assert [(rc.kwargs["judge"], {k: v for k, v in rc.kwargs.items() if k not in ("judge", "judge_batch_size")})
+                for rc in cfg.rewards] == [(rc.name, rc.kwargs) for rc in base.rewards]
+        assert [(rc.key, rc.name, rc.kwargs) for rc in cfg.eval.rewards] == [(rc.key, rc.name, rc.kwargs)
+                                                                            for rc in base.rewards]
+    else:
+        assert cfg.rewards == base.rewards
     assert cfg.train.output_dir != base.train.output_dir  # runs do not collide with the base recipe's
     header = "".join(line for line in path.read_text().splitlines(True) if line.startswith("#"))
     assert "Assumes 32 GPUs" in header

@@ -58,7 +58,7 @@ def test_config_eta_form_builds_flow_grpo_schedule_and_refuses_ddim():
     with pytest.raises(ValueError, match="flow_grpo needs a flow-matching model"):
         build_schedule(load_config(None, ["--sampling.eta_form=flow_grpo"]), DDIMAdapter())
     with pytest.raises(ValueError, match="eta_form"):
-        load_config(None, ["--sampling.eta_form=cps"])
+        load_config(None, ["--sampling.eta_form=flow_gropo"])  # a typo is refused by the config
 
 
 def test_flow_grpo_fast_sde_and_training_at_random_steps_shared_by_the_batch():

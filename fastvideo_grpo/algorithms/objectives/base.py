@@ -3,7 +3,8 @@ policy-improvement objective, and the batch it trains on.
 
 An objective declares what the rest of the run must provide -- log-probs of the sampled transitions
 (``needs_log_probs``: every step training may pick must then be stochastic), a flow-matching model
-(``needs_flow_model``), a frozen copy of the starting policy (``needs_reference``), how many no-grad
+(``needs_flow_model``), the rollout policy's step means of the kept transitions (``needs_step_means``),
+a frozen copy of the starting policy (``needs_reference``), how many no-grad
 forwards one trained (sample, step) costs besides the trained one (``extra_forwards_per_trained_step``,
 for the planner) -- and computes one micro-step's loss. The driver owns everything else: the split into
 micro-batches and optimiser steps, backward, gradient clipping, finiteness, the optimiser and LR steps.
@@ -87,6 +88,8 @@ class Objective(abc.ABC):
     needs_log_probs: ClassVar[bool] = True
     #: trains a flow-matching (velocity) model only
     needs_flow_model: ClassVar[bool] = False
+    #: compares with the rollout policy's step means: the rollout keeps them (``Trajectory.means_BK``)
+    needs_step_means: ClassVar[bool] = False
     #: names of the per-micro-step statistics ``loss`` returns, in order (logged as ``train/<name>``,
     #: averaged over the micro-steps of the update)
     stat_names: ClassVar[Tuple[str, ...]] = ("loss",)
@@ -119,6 +122,11 @@ class Objective(abc.ABC):
         """No-grad policy forwards one trained (sample, kept step) costs besides its trained forward
         (reference-model or old-policy evaluations); the planner counts them."""
         return 0
+
+    def trained_advantages(self, advantages_B: torch.Tensor) -> torch.Tensor:
+        """The advantages as the loss uses them (after its clamp, if any): the trainer logs their statistics
+        (``adv/*``), so the logs show what is trained on."""
+        return advantages_B
 
     def prepare(self, batch: TrainBatch, row_chunks: Sequence[torch.Tensor]) -> None:
         """Before the update's first optimiser step (the weights are still the rollout policy's)."""

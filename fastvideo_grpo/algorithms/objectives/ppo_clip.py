@@ -36,7 +36,8 @@ class PPOClip(Objective):
     def __init__(self, clip_range: float = 1e-4, adv_clip_max: Optional[float] = 5.0, kl_coef: float = 0.0,
                  on_first_ratio: Optional[Callable[[torch.Tensor], None]] = None):
         """``on_first_ratio`` (for tests) receives the first micro-step's ratio of every update."""
-        self.clip_range, self.adv_clip_max, self.kl_coef = float(clip_range), adv_clip_max, float(kl_coef)
+        self.clip_range = None if clip_range is None else float(clip_range)  # None: no clipping
+        self.adv_clip_max, self.kl_coef = adv_clip_max, float(kl_coef)
         self.on_first_ratio = on_first_ratio
 
     @property
@@ -46,6 +47,9 @@ class PPOClip(Objective):
     @property
     def extra_forwards_per_trained_step(self) -> int:
         return 1 if self.needs_reference else 0
+
+    def trained_advantages(self, advantages_B):
+        return grpo.clamp_advantages(advantages_B, self.adv_clip_max)
 
     def prepare(self, batch, row_chunks):
         if self.needs_reference and batch.reference is None:

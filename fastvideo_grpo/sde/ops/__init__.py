@@ -2,6 +2,7 @@
 
 from .fused import (
     CoefficientTable,
+    cps_coefficients,
     ddim_coefficient_table,
     ddim_coefficients,
     extension_available,
@@ -17,6 +18,7 @@ __all__ = [
     "fused_sde_step",
     "sde_step_at",
     "flow_coefficients",
+    "cps_coefficients",
     "ddim_coefficients",
     "flow_coefficient_table",
     "ddim_coefficient_table",

@@ -3,8 +3,8 @@
 Two entry points, one operator (``torch.ops.fastvideo_grpo.sde_step``):
 
 * ``sde_step_at(model_output, sample, coefs, index, ...)``: the schedules' hot path. ``coefs`` is the
-  (T, 3) float64 table of (A, C, std) per step that a schedule makes once (``flow_coefficient_table`` /
-  ``ddim_coefficient_table``, cached by ``CoefficientTable``); ``index`` names each sample's step (an int
+  (T, 3) float64 table of (A, C, std) per step that a schedule makes once (``flow_coefficient_table`` over
+  its step form's coefficients / ``ddim_coefficient_table``, cached by ``CoefficientTable``); ``index`` names each sample's step (an int
   for the whole batch or a (B,) integer tensor). The kernel looks the rows up itself: no per-call
   coefficient arithmetic.
 * ``fused_sde_step(model_output, sample, A, C, std, ...)``: per-sample coefficients given as tensors
@@ -38,11 +38,12 @@ from torch import Tensor
 from ...utils import rng
 from ...utils.transfer import to_device
 
-from .reference import (_FLOAT_DTYPES, compute_dtype, ddim_coefficients, flow_coefficients, reference_sde_step,
-                        reference_sde_step_backward)
+from .reference import (_FLOAT_DTYPES, compute_dtype, cps_coefficients, ddim_coefficients, flow_coefficients,
+                        reference_sde_step, reference_sde_step_backward)
 
-__all__ = ["fused_sde_step", "sde_step_at", "flow_coefficients", "ddim_coefficients", "flow_coefficient_table",
-           "ddim_coefficient_table", "CoefficientTable", "extension_available", "kernel_supports"]
+__all__ = ["fused_sde_step", "sde_step_at", "flow_coefficients", "cps_coefficients", "ddim_coefficients",
+           "flow_coefficient_table", "ddim_coefficient_table", "CoefficientTable", "extension_available",
+           "kernel_supports"]
 
 
 def _load_extension():
@@ -358,11 +359,12 @@ def fused_sde_step(
 # ----------------------------------------------------------------------------- per-schedule tables
 
 
-def flow_coefficient_table(sigmas: Tensor, eta: Tensor) -> Tensor:
-    """(T, 3) float64 CPU table of the flow step's (A, C, std) per step: the values ``flow_coefficients``
-    gives for (sigma_t, sigma_{t+1}, eta_t), computed once for the whole schedule."""
+def flow_coefficient_table(sigmas: Tensor, eta: Tensor, coefficients=flow_coefficients) -> Tensor:
+    """(T, 3) float64 CPU table of a flow step's (A, C, std) per step: the values ``coefficients`` (a
+    ``(sigma, sigma_next, eta) -> (A, C, std)`` function: ``flow_coefficients``, the default, or
+    ``cps_coefficients``) gives for (sigma_t, sigma_{t+1}, eta_t), computed once for the whole schedule."""
     s = sigmas.detach().to("cpu", torch.float64)
-    return torch.stack(flow_coefficients(s[:-1], s[1:], eta.detach().to("cpu", torch.float64)), dim=1).contiguous()
+    return torch.stack(coefficients(s[:-1], s[1:], eta.detach().to("cpu", torch.float64)), dim=1).contiguous()
 
 
 def ddim_coefficient_table(alpha_t: Tensor, alpha_prev: Tensor, eta: Tensor) -> Tensor:

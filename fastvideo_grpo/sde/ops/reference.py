@@ -1,8 +1,9 @@
 """Pure-PyTorch reference of the fused SDE step + Gaussian log-likelihood (eager elementwise ops).
 
 Every sampler step in ``fastvideo_grpo.sde`` has a mean that is affine in the sample z and the model
-output u, per sample b:  mean = A_b * z + C_b * u,  std = std_b.  ``flow_coefficients`` and
-``ddim_coefficients`` compute (A, C, std) from the schedule values (tiny (B,) tensors, float64);
+output u, per sample b:  mean = A_b * z + C_b * u,  std = std_b.  ``flow_coefficients``,
+``cps_coefficients`` and ``ddim_coefficients`` compute (A, C, std) from the schedule values (tiny (B,)
+tensors, float64);
 ``reference_sde_step`` then does the per-element work the compiled kernel fuses into one pass:
 
     prev   = mean + std * noise            (rollout)   or the given prev_sample (re-scoring)
@@ -67,6 +68,21 @@ def flow_coefficients(sigma, sigma_next, eta, *, batch_size: Optional[int] = Non
     coef_sample = 1.0 + half_e2_over_s * dt
     coef_output = dt * (1.0 + half_e2_over_s * (1.0 - s))
     std = e * torch.sqrt(torch.clamp(-dt, min=0.0))
+    return coef_sample, coef_output, std
+
+
+def cps_coefficients(sigma, sigma_next, eta, *, batch_size: Optional[int] = None, device=None):
+    """(A, C, std) of the coefficients-preserving step (CPS, ``sde.flow_cps_step``), float64.
+
+    With x0 = z - s u and x1 = z + (1 - s) u (the data and noise predictions), std = s' sin(eta pi / 2) and
+    c = sqrt(max(s'^2 - std^2, 0)), mean = (1 - s') x0 + c x1 gives
+        A = (1 - s') + c,   C = (1 - s) c - s (1 - s'),   std = s' sin(eta pi / 2).
+    """
+    s, s_next, e = _as_batch((sigma, sigma_next, eta), batch_size, device)
+    std = s_next * torch.sin(e * (0.5 * math.pi))
+    c = torch.sqrt(torch.clamp(s_next * s_next - std * std, min=0.0))
+    coef_sample = (1.0 - s_next) + c
+    coef_output = (1.0 - s) * c - s * (1.0 - s_next)
     return coef_sample, coef_output, std
 
 
