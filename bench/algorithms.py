@@ -45,19 +45,31 @@ ALGORITHMS = {
     "mixgrpo": ("SDE (eta 1) and training in a window of 2 of steps 0-4, moving 1 step every 4 iterations "
                 "(rolling back to step 0), ODE (Euler) elsewhere",
                 ["--grpo.sde_window={mode: sliding, size: 2, start: 0, stride: 1, shift_every: 4, roll_back: true}"]),
-    "mixgrpo_flash": ("as mixgrpo, DPM-Solver++(2M) at the deterministic steps",
+    "mixgrpo_flash": ("as mixgrpo, with MixGRPO-Flash's released post strategy: Euler before the window, "
+                      "DPM-Solver++(2M) after it on a grid compressed by 0.4",
                       ["--grpo.sde_window={mode: sliding, size: 2, start: 0, stride: 1, shift_every: 4, roll_back: true}",
-                       "--sampling.ode_solver=dpmpp_2m"]),
-    "flow_grpo": ("Flow-GRPO's noise level (a = 0.7) at every step but the last, 6 steps for training "
-                  "rollouts (10 for evaluation); steps 0-2 (the trained expert's) all trained",
+                       "--sampling.ode_solver=dpmpp_2m", "--sampling.dpm_apply=post",
+                       "--sampling.dpm_post_compress_ratio=0.4"]),
+    "flow_grpo": ("Flow-GRPO's noise level (a = 0.7) at every step, the last one too, 6 steps for training "
+                  "rollouts (10 for evaluation); steps 0-2 (the trained expert's) all trained; the released trainer's "
+                  "per-prompt mean over the batch's std (+ 1e-4), zero-advantage samples dropped, 2 optimiser "
+                  "steps over halves of the samples",
                   _ODE + ["--sampling.num_steps=6", "--sampling.eta=0.7", "--sampling.eta_form=flow_grpo",
-                          "--grpo.timestep_window=[0, 3]"]),
+                          "--sampling.deterministic_last_step=false", "--grpo.timestep_window=[0, 3]",
+                          "--grpo.advantage=group_global_std", "--grpo.advantage_std=population",
+                          "--grpo.advantage_eps=1e-4", "--grpo.drop_zero_advantage=true",
+                          "--grpo.micro_batch_size=64", "--grpo.update_split=samples"]),
     "flow_grpo_fast": ("Flow-GRPO's noise level (a = 0.7) at 2 random consecutive steps of 0-4, both trained; "
                        "ODE elsewhere", _ODE + ["--sampling.eta=0.7", "--sampling.eta_form=flow_grpo",
                                                 "--grpo.sde_window={mode: random, size: 2}"]),
-    "diffusion_nft": ("ODE rollouts, independent noise per sample, NFT loss (beta 1) at the times of "
-                      "steps 0-4, all 5", _ODE + ["--sampling.eta=0.0", "--grpo.objective=nft",
-                                                  "--grpo.nft_beta=1.0", "--grpo.shared_noise=false"]),
+    "diffusion_nft": ("the released objective: DPM-Solver++(2M) ODE rollouts sampled with the old policy (an EMA, "
+                      "decay type 1), independent noise per sample, the adaptively weighted NFT loss (beta 1, "
+                      "adv_clip_max 5) at the times of steps 0-4, all 5, per-prompt mean over the batch's std; no KL",
+                      _ODE + ["--sampling.eta=0.0", "--sampling.ode_solver=dpmpp_2m", "--grpo.objective=nft",
+                              "--grpo.nft_beta=1.0", "--grpo.shared_noise=false", "--grpo.adv_clip_max=5.0",
+                              "--grpo.objective_kwargs={weighting: adaptive, decay_type: 1}",
+                              "--grpo.advantage=group_global_std", "--grpo.advantage_std=population",
+                              "--grpo.advantage_eps=1e-4"]),
     "grpo_guard": ("the demo's sampler; GRPO-Guard's objective: the per-step ratio normalised (RatioNorm), each "
                    "step's loss weighted by 1 / |dt|, clip 1e-3 (the demo's 3e-3 times the step std, 0.32)",
                    ["--grpo.objective=grpo_guard", "--grpo.objective_kwargs={reweight: dt}", "--grpo.clip_range=1e-3"]),
@@ -73,6 +85,9 @@ ALGORITHMS = {
                   ["--rewards=[{name: win_rate, key: toy_geneval_win, weight: 1.0, kwargs: {judge: toy_geneval}}, "
                    "{name: toy_geneval, threshold: 0.99, weight: 0.5}]", "--eval.rewards=[{name: toy_geneval}]"]),
 }
+# algorithms whose passes per iteration change with the iteration (MixGRPO-Flash: the compressed grid after a
+# moving window): calibrated over this many iterations (a whole cycle of the window) and averaged
+CALIBRATION_ITERATIONS = {"mixgrpo_flash": 16}
 REWARD = "toy_geneval"
 # one iteration, a one-sample evaluation: enough to read the passes per iteration
 _CALIBRATION = ["--train.num_iterations=1", "--train.eval_every=0", "--train.num_eval_prompts=1",
@@ -84,15 +99,21 @@ def _passes(row: Dict) -> int:
 
 
 def calibrate(config: str, names: List[str], out: Path, results: Dict, tag: str) -> Dict[str, Dict]:
-    """Forward and backward passes of one iteration of each algorithm (seed 0), measured."""
+    """Forward and backward passes per iteration of each algorithm (seed 0), measured: one iteration, or the mean
+    over ``CALIBRATION_ITERATIONS`` of them where the count changes with the iteration."""
     per = {}
     for name in names:
-        key = f"calibration/{name}/{tag}"
+        n = CALIBRATION_ITERATIONS.get(name, 1)
+        key = f"calibration/{name}/{tag}/{config_tag(config, *ALGORITHMS[name][1], n)}"
         if key not in results:
-            s = run_variant(config, ALGORITHMS[name][1], out / "calibration" / name, 0, extra=_CALIBRATION)
-            m = s["last_metrics"]
-            results[key] = {"forward": int(m["passes/forward"]), "backward": int(m["passes/backward"]),
-                            "forward_rollout": int(m["passes/forward_rollout"]), "iteration_s": m["time/iteration"]}
+            extra = [a for a in _CALIBRATION if not a.startswith("--train.num_iterations")]
+            run_dir = out / "calibration" / name
+            run_variant(config, ALGORITHMS[name][1], run_dir, 0, extra=extra + [f"--train.num_iterations={n}",
+                                                                                  "--train.log_every=1"])
+            rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "passes/forward" in r][-n:]
+            avg = {k: mean([float(r[f"passes/{k}"]) for r in rows]) for k in ("forward", "backward", "forward_rollout")}
+            results[key] = {**avg, "iteration_s": mean([float(r["time/iteration"]) for r in rows]),
+                            "iterations": len(rows)}
             save_results(out, results)
         per[name] = results[key]
     return per

@@ -22,6 +22,10 @@ ETA_FORMS = ("constant", "flow_grpo", "cps")  # their schedules: sde.ETA_FORMS
 ODE_SOLVERS = ("euler", "dpmpp_2m")
 WINDOW_MODES = ("off", "sliding", "random")
 STD_ESTIMATORS = ("bessel", "population")
+DPM_APPLY = ("all", "post")
+TRAIN_GUIDANCE = ("both", "detach_uncond", "none")
+KL_FORMS = ("exact", "flow_grpo")
+UPDATE_SPLITS = ("steps", "samples")
 #: how a full fine-tune's export holds the base model's other components (training/export.py)
 EXPORT_COMPONENTS = ("link", "copy", "symlink")
 
@@ -213,6 +217,12 @@ class SamplingConfig:
     # solver of the deterministic (eta 0) rollout steps: "euler" or "dpmpp_2m" (DPM-Solver++(2M), flow models
     # only; MixGRPO-Flash). Stochastic steps and evaluation always use the SDE / Euler steps
     ode_solver: str = "euler"
+    # with ode_solver dpmpp_2m, which deterministic steps take it: "all" of them, or (MixGRPO-Flash's "post",
+    # released dpm_apply_strategy) only those after the last stochastic step -- Euler before it
+    dpm_apply: str = "all"
+    # "post" only: the steps after the last stochastic step on a grid of int((T - last) * ratio) points from that
+    # point's time down to 0, shifted like the grid (MixGRPO-Flash: 0.4; 1.0 = the grid's own steps)
+    dpm_post_compress_ratio: float = num(1.0, "(0, 1]")
     rollout: str = "sde"  # registered rollout sampler (algorithms/samplers.py): "sde" = DanceGRPO's
 
     def validate(self, where: str = "sampling") -> None:
@@ -221,6 +231,13 @@ class SamplingConfig:
             _require(len(self.eta_schedule) == self.num_steps, f"{where}.eta_schedule needs one entry per sampling step")
         _one_of(self.eta_form, ETA_FORMS, f"{where}.eta_form")
         _one_of(self.ode_solver, ODE_SOLVERS, f"{where}.ode_solver")
+        _one_of(self.dpm_apply, DPM_APPLY, f"{where}.dpm_apply")
+        _require(self.dpm_apply == "all" or self.ode_solver == "dpmpp_2m",
+                 f"{where}.dpm_apply: {self.dpm_apply} applies DPM-Solver++ after the window: set "
+                 f"{where}.ode_solver: dpmpp_2m")
+        _require(self.dpm_post_compress_ratio == 1.0 or self.dpm_apply == "post",
+                 f"{where}.dpm_post_compress_ratio compresses the steps after the last stochastic step, which only "
+                 f"{where}.dpm_apply: post samples apart; set it (MixGRPO-Flash) or the ratio to 1.0")
 
     def eta_per_step(self) -> List[float]:
         """The configured eta of each sampling step (``eta_schedule``, else ``eta`` at every step)."""
@@ -258,12 +275,32 @@ class GRPOConfig:
     clip_range: Optional[float] = num(1e-4, "> 0", null="no clipping", off=True)
     adv_clip_max: Optional[float] = num(5.0, "> 0", null="no clamp", off=True)  # advantages clamped to +-this
     num_updates_per_iteration: int = num(4, ">= 1")  # optimiser steps per iteration (paper: 4, or 1 with CFG)
+    # how the iteration is split among them: "steps" (each optimiser step sees every sample at a consecutive
+    # chunk of the kept steps) or "samples" (each sees every kept step of a consecutive chunk of micro-batches: the
+    # released DanceGRPO / Flow-GRPO gradient accumulation over samples)
+    update_split: str = "steps"
     micro_batch_size: int = num(0, ">= 1", special={0: "the whole rank batch"})  # samples per forward/backward
-    # KL to a frozen copy of the starting policy (off in the paper; > 0 holds a 2nd copy)
+    # KL to the starting policy (off in the DanceGRPO paper): with LoRA the reference is the model with the adapter
+    # switched off; otherwise a frozen copy of the weights, sharded like them (one more copy of the model)
     kl_coef: float = num(0.0, ">= 0")
     shared_noise: bool = True  # one initial noise per group (paper: essential)
     advantage: str = "group"  # registered estimator (algorithms/advantages.py): "group" (GRPO) or "global" (DDPO-style)
     advantage_std: str = "bessel"  # std of the normalisation: "bessel" (n - 1, + 1e-8: released code) or "population"
+    # epsilon of the normalisation; null = the estimator's default (group: 1e-8, released DanceGRPO;
+    # group_global_std: 1e-4 added to the std, released Flow-GRPO / DiffusionNFT stat_tracking.py)
+    advantage_eps: Optional[float] = num(None, "> 0", null="the estimator's default")
+    # drop the samples whose advantage is exactly 0 from the update (released Flow-GRPO, train_sd3.py 796-817): the
+    # loss is then the mean over the others; their count is padded with dropped ones (drawn at random) to a multiple
+    # of the micro-batches, whose size shrinks accordingly
+    drop_zero_advantage: bool = False
+    # classifier-free guidance in the training forwards (the rollout always guides with both branches):
+    # "both" (both branches carry gradient: DanceGRPO's SD code, DDPO), "detach_uncond" (the unconditional
+    # branch is detached: released Flow-GRPO train_sd3.py 189-195) or "none" (the conditional branch alone)
+    train_guidance: str = "both"
+    # the form of the KL to the reference: "exact" (the Gaussian KL of the step, |dmean|^2 / (2 std^2) with the
+    # step's std eta_t sqrt(-dt)) or "flow_grpo" (released Flow-GRPO, train_sd3.py 895: / (2 eta_t^2), without
+    # the step's sqrt(-dt); its kl_coef values assume this form; flow models only)
+    kl_form: str = "exact"
     best_of_n_k: int = num(0, ">= 1", special={0: "off"})  # train on the top-k and bottom-k of each group only
     # best-of-N advantages: "group" = computed over the whole group, then the 2k selected (released code);
     # "selected" = recomputed over the 2k selected samples only
@@ -285,6 +322,9 @@ class GRPOConfig:
         _one_of(self.best_of_n_advantages, ("group", "selected"), f"{where}.best_of_n_advantages")
         _require(not self.best_of_n_k or 1 <= self.best_of_n_k <= self.group_size // 2,
                  f"{where}.best_of_n_k must be in [1, group_size // 2], got {self.best_of_n_k}")
+        _one_of(self.kl_form, KL_FORMS, f"{where}.kl_form")
+        _one_of(self.update_split, UPDATE_SPLITS, f"{where}.update_split")
+        _one_of(self.train_guidance, TRAIN_GUIDANCE, f"{where}.train_guidance")
         self.sde_window.validate(f"{where}.sde_window")
 
 

@@ -51,6 +51,21 @@ def group_advantages(rewards_B: torch.Tensor, group_size: int, eps: float = 1e-8
     return adv.reshape(-1).to(torch.float32)
 
 
+def group_mean_global_std_advantages(rewards_B: torch.Tensor, group_size: int, eps: float = 1e-4,
+                                     std: str = "population") -> torch.Tensor:
+    """A_i = (r_i - mean(group)) / (std(all of rewards_B) + eps): each group's own mean, one std for the batch
+    (released Flow-GRPO ``PerPromptStatTracker(global_std=True)``: numpy's population std + 1e-4; computed in
+    float64 as there). A group whose rewards are all equal gets 0 exactly (the float mean of equal values can
+    miss them by an ulp, which would leave such samples in the update of ``grpo.drop_zero_advantage``)."""
+    if std not in STD_ESTIMATORS:
+        raise ValueError(f"std must be one of {STD_ESTIMATORS}, got {std!r}")
+    r = _check_groups(rewards_B.to(torch.float64), group_size)
+    sd = r.reshape(-1).std(unbiased=(std == "bessel"))
+    adv = (r - r.mean(dim=1, keepdim=True)) / (sd + eps)
+    flat = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)
+    return torch.where(flat, torch.zeros_like(adv), adv).reshape(-1).to(torch.float32)
+
+
 def global_advantages(rewards_B: torch.Tensor, eps: float = 1e-8, std: str = "bessel") -> torch.Tensor:
     """DDPO-style normalisation over the whole batch (ignores groups); for ablations."""
     return group_advantages(rewards_B, rewards_B.numel(), eps, std)
@@ -251,6 +266,14 @@ def gaussian_kl_same_std(mean_p: torch.Tensor, mean_q: torch.Tensor, std_B: torc
     safe = torch.where(s > 0, s, torch.ones_like(s))
     kl = ((mean_p - mean_q) ** 2 / (2 * safe**2)).mean(dim=tuple(range(1, mean_p.ndim)))
     return torch.where(std_B.to(kl.device) > 0, kl, torch.zeros_like(kl))
+
+
+def flow_grpo_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, eta_B: torch.Tensor) -> torch.Tensor:
+    """Flow-GRPO's KL of one SDE step as released (``scripts/train_sd3.py`` 895): per sample the mean over
+    elements of |mean_p - mean_q|^2, divided by 2 eta_t^2 with eta_t the step's noise level (``std_dev_t`` of
+    ``sd3_sde_with_logprob.py`` 47), not by the step's variance eta_t^2 |dt|: the exact KL
+    (``gaussian_kl_same_std``) times |dt|. Steps with eta 0 contribute 0."""
+    return gaussian_kl_same_std(mean_p, mean_q, eta_B)
 
 
 def summarize_rewards(rewards: Dict[str, torch.Tensor]) -> Dict[str, float]:

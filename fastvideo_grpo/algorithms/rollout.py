@@ -106,12 +106,17 @@ def rollout(
     ``offload_vae``: see ``decode_latents``. None of them changes the noise; the samples only by the
     kernels' batch-shape rounding (module docstring). ``ode_solver="dpmpp_2m"`` (flow schedules): the steps
     whose eta is 0 take a DPM-Solver++(2M) step (``sde.flow_dpmpp_2m_step``, using the previous step's data
-    prediction) instead of Euler; such steps are deterministic and never kept for training. ``keep_means``: also
+    prediction) instead of Euler; such steps are deterministic and never kept for training. ``"dpmpp_2m_post"``
+    (MixGRPO-Flash's ``post``): only the eta-0 steps after the last stochastic step take it, those before are Euler
+    steps (the history of data predictions runs through every step, as the released sampler's). ``keep_means``: also
     store each kept transition's step mean (``Trajectory.means_BK``, in the step's compute dtype; one more
     latent per kept step) for objectives that compare the trained policy's mean with the rollout's.
     """
     check_ode_solver(ode_solver, schedule)
-    multistep = ode_solver == "dpmpp_2m"
+    multistep = ode_solver in ("dpmpp_2m", "dpmpp_2m_post")
+    etas = schedule.eta.tolist()
+    stochastic = [i for i, e in enumerate(etas) if e > 0]
+    first_dpm = stochastic[-1] + 1 if ode_solver == "dpmpp_2m_post" and stochastic else 0
     num_prompts = len(prompts)
     B = num_prompts * group_size
     if keep_steps_BK.shape[0] != B:
@@ -131,7 +136,7 @@ def rollout(
     for i in range(schedule.num_steps):
         t = schedule.model_timestep(i, z)
         out = predict_in_chunks(adapter, z, t, cond, rollout_batch_size, autocast_dtype)
-        if multistep and float(schedule.eta[i]) == 0.0:
+        if multistep and etas[i] == 0.0 and i >= first_dpm:
             sig = schedule.sigmas
             z_next, x0_prev = sde.flow_dpmpp_2m_step(out, z, float(sig[i]), float(sig[i + 1]), x0_prev,
                                                      float(sig[i - 1]) if i else None)
@@ -168,12 +173,12 @@ def rollout(
 
 
 def check_ode_solver(name: str, schedule) -> None:
-    """ValueError unless ``name`` (``sampling.ode_solver``) is a known solver that can take ``schedule``'s
-    deterministic steps (DPM-Solver++(2M) needs a flow-matching schedule)."""
-    if name not in ODE_SOLVERS:
+    """ValueError unless ``name`` (``sampling.ode_solver``, or the trainer's ``dpmpp_2m_post``) is a known solver
+    that can take ``schedule``'s deterministic steps (DPM-Solver++(2M) needs a flow-matching schedule)."""
+    if name not in ODE_SOLVERS + ("dpmpp_2m_post",):
         raise ValueError(f"sampling.ode_solver must be one of {ODE_SOLVERS}, got {name!r}")
     kind = getattr(schedule, "prediction_type", None)
-    if name == "dpmpp_2m" and kind != "flow":
+    if name != "euler" and kind != "flow":
         raise ValueError(f"sampling.ode_solver: dpmpp_2m needs a flow-matching model; this one samples with a {kind} "
                          "schedule (use 'euler')")
 

@@ -14,6 +14,10 @@ steps outside it (``grpo.sde_window``, docs/algorithms.md):
 In both, the window lies inside the steps training may pick (``grpo.trainable_window``: the static
 ``grpo.timestep_window``, without the last step unless ``grpo.train_last_step``), eta is set to 0 outside
 it (the schedule is copied, not changed), and the trained steps are drawn from the window only.
+
+MixGRPO-Flash (``sampling.dpm_apply: post`` with ``sampling.dpm_post_compress_ratio``): the deterministic steps
+after the window are taken on a coarser grid (``compress_after_window``, the released ``dpm_post_compress_ratio``),
+so an iteration costs fewer forwards; ``mean_rollout_steps`` is the planner's average over the run.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import grpo
+from .. import sde
 from ..config import WINDOW_MODES
 
 
@@ -91,3 +96,40 @@ def only_in_window(schedule, window: Tuple[int, int]):
     eta = torch.zeros_like(schedule.eta)
     eta[a:b] = schedule.eta[a:b]
     return dataclasses.replace(schedule, eta=eta)
+
+
+def compress_after_window(schedule, ratio: float):
+    """A copy of a flow ``schedule`` whose deterministic steps after its last stochastic step lie on the compressed
+    grid of ``sde.compressed_tail`` (MixGRPO-Flash), with eta 0 there; unchanged without a stochastic step. The
+    steps up to the window's end keep their indices, so the kept (trained) steps do not move."""
+    eta = schedule.eta
+    stochastic = torch.nonzero(eta > 0).reshape(-1)
+    if stochastic.numel() == 0:
+        return schedule
+    last = int(stochastic[-1])
+    sigmas = sde.compressed_tail(schedule.sigmas, last, ratio, getattr(schedule, "shift", 1.0))
+    new_eta = torch.zeros(sigmas.numel() - 1, dtype=eta.dtype)
+    new_eta[:last + 1] = eta[:last + 1]
+    return dataclasses.replace(schedule, sigmas=sigmas, eta=new_eta)
+
+
+def mean_rollout_steps(cfg) -> float:
+    """Sampling steps per rollout averaged over the run's ``train.num_iterations`` iterations: ``sampling.num_steps``,
+    fewer where ``sampling.dpm_apply: post`` compresses the steps after each iteration's window (the window moves,
+    so the count changes with the iteration). Model-free: the etas are the config's, the grid a linspace (the
+    count does not depend on the grid)."""
+    s, g = cfg.sampling, cfg.grpo
+    if s.dpm_apply != "post" or s.dpm_post_compress_ratio >= 1.0:
+        return float(s.num_steps)
+    lo, hi = training_window(cfg)
+    etas = torch.tensor(s.eta_per_step(), dtype=torch.float64)
+    if s.deterministic_last_step is not False:  # flow schedules' default: the last step is deterministic
+        etas[-1] = 0.0
+    base = sde.FlowSchedule(sde.flow_sigmas(s.num_steps), etas)
+    total, n = 0, max(1, int(cfg.train.num_iterations))
+    for it in range(n):
+        draw = torch.Generator().manual_seed(window_seed(cfg.train.seed, it))
+        moving = window_for_iteration(g.sde_window, it, (lo, hi), draw)
+        sched = base if moving is None else only_in_window(base, moving)
+        total += compress_after_window(sched, s.dpm_post_compress_ratio).num_steps
+    return total / n

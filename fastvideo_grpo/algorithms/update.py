@@ -1,9 +1,11 @@
 """The update driver: one call trains any objective on one iteration's batch.
 
 ``update(objective, batch, optimizer, settings)`` owns what every objective shares: the trainable
-parameters, the split of the batch into micro-batches of ``micro_batch_size`` samples and of the K kept
-steps into ``num_updates`` consecutive chunks (``grpo.update_chunks``; each chunk's gradients are
-accumulated over its steps and micro-batches, then one optimiser step), backward, the global gradient norm
+parameters, the split of the batch into micro-batches of ``micro_batch_size`` samples and of the iteration
+into ``num_updates`` optimiser steps: ``split`` "steps" cuts the K kept steps into consecutive chunks
+(``grpo.update_chunks``; each chunk's gradients are accumulated over its steps and every micro-batch), "samples"
+cuts the micro-batches into consecutive groups (each group's gradients accumulated over its micro-batches and
+every kept step: the released DanceGRPO / Flow-GRPO split); then one optimiser step each. Backward, the global gradient norm
 clipped to ``max_grad_norm`` (a DTensor's full norm under FSDP2), the finiteness check, the optimiser and
 LR-scheduler steps. The objective (``algorithms/objectives/``) only computes each micro-step's loss.
 
@@ -20,8 +22,7 @@ gap also holds what the update has learnt. A non-finite loss or gradient norm ra
 FloatingPointError before the optimiser steps (gradients zeroed); backward still runs for a bad loss, so
 every rank takes part in the same collectives and sees the same (non-finite) global norm.
 
-pi_old stays the rollout policy for the whole iteration (PPO's usual convention). (The released DanceGRPO
-code splits the samples instead: each optimiser step sees all kept steps of a subset of the samples.)
+pi_old stays the rollout policy for the whole iteration (PPO's usual convention).
 """
 
 from __future__ import annotations
@@ -44,10 +45,26 @@ class UpdateSettings:
     num_updates: int = 1
     micro_batch_size: int = 0  # samples per forward / backward; 0 = the whole batch
     max_grad_norm: float = 1.0
+    split: str = "steps"  # grpo.update_split: "steps" or "samples"
 
     @classmethod
     def from_config(cls, cfg) -> "UpdateSettings":
-        return cls(cfg.grpo.num_updates_per_iteration, cfg.grpo.micro_batch_size, cfg.optim.max_grad_norm)
+        return cls(cfg.grpo.num_updates_per_iteration, cfg.grpo.micro_batch_size, cfg.optim.max_grad_norm,
+                   cfg.grpo.update_split)
+
+
+def optimizer_steps(batch_size: int, kept_steps: int, settings: UpdateSettings):
+    """The micro-batch rows of the update, and per optimiser step the (kept-step slots, micro-batches) it
+    accumulates over (module docstring)."""
+    row_chunks, step_chunks = grpo.update_chunks(batch_size, kept_steps, settings.micro_batch_size,
+                                                 settings.num_updates)
+    if settings.split == "steps":
+        return row_chunks, [(steps, row_chunks) for steps in step_chunks]
+    if settings.split != "samples":
+        raise ValueError(f"grpo.update_split must be 'steps' or 'samples', got {settings.split!r}")
+    parts = max(1, min(settings.num_updates, len(row_chunks)))
+    bounds = [round(i * len(row_chunks) / parts) for i in range(parts + 1)]
+    return row_chunks, [(range(kept_steps), row_chunks[bounds[i]:bounds[i + 1]]) for i in range(parts)]
 
 
 def trainable_parameters(module: torch.nn.Module):
@@ -64,20 +81,21 @@ def update(objective: Objective, batch: TrainBatch, optimizer: torch.optim.Optim
     ``train/grad_norm`` (mean over steps) and ``train/num_updates``."""
     module = batch.adapter.trainable_module()
     params = trainable_parameters(module)
-    row_chunks, step_chunks = grpo.update_chunks(batch.size, batch.num_kept_steps, settings.micro_batch_size,
-                                                 settings.num_updates)
+    row_chunks, plan = optimizer_steps(batch.size, batch.num_kept_steps, settings)
     objective.prepare(batch, row_chunks)
     module.train()
     # statistics stay on the device, summed over micro-steps, and are read back once at the end
     totals = torch.zeros(len(objective.stat_names), dtype=torch.float32, device=batch.device)
-    gap = LogProbGap(batch, len(step_chunks[0]) if step_chunks else 0)
+    # the (sample, kept slot) pairs the first optimiser step trains: the ratio's distance from 1 is measured there
+    first_pairs = len(plan[0][0]) * sum(int(r.numel()) for r in plan[0][1]) if plan else 0
+    gap = LogProbGap(batch, first_pairs)
     count, grad_norms = 0, []
-    for step_chunk in step_chunks:
+    for step_chunk, rows_of_step in plan:
         optimizer.zero_grad(set_to_none=True)
-        denom = len(step_chunk) * len(row_chunks)
+        denom = len(step_chunk) * len(rows_of_step)
         finite = []  # per micro-step, on the device
         for k in step_chunk:
-            for rows in row_chunks:
+            for rows in rows_of_step:
                 objective.last_logp_gap_B = None
                 loss, stats = objective.loss(batch, rows, k)
                 finite.append(torch.isfinite(loss.detach()))
@@ -87,8 +105,9 @@ def update(objective: Objective, batch: TrainBatch, optimizer: torch.optim.Optim
                     gap.add(objective.last_logp_gap_B, rows, k, before_first_step=not grad_norms)
                 count += 1
         grad_norms.append(_clip_and_check(params, settings.max_grad_norm, finite, objective, step_chunk,
-                                          len(row_chunks), optimizer))
+                                          len(rows_of_step), optimizer))
         optimizer.step()
+        objective.on_optimizer_step()
         if lr_scheduler is not None:
             lr_scheduler.step()
     once = objective.finish(batch)
@@ -115,13 +134,13 @@ class LogProbGap:
     """|log pi_train - log pi_rollout| of the re-scored transitions, summed on the device by sampling-step index
     and over the micro-steps before the first optimiser step; read back with the update's statistics."""
 
-    def __init__(self, batch: TrainBatch, first_chunk_steps: int):
+    def __init__(self, batch: TrainBatch, first_step_pairs: int):
         self.batch = batch
         self.num_steps = batch.schedule.num_steps
         # every (sample, kept slot) is trained once per update: the pairs per sampling step are known on the host
         steps = batch.traj.steps_BK
         self.count_T = torch.bincount(steps.reshape(-1), minlength=self.num_steps).tolist()
-        self.count_before = steps.shape[0] * first_chunk_steps
+        self.count_before = first_step_pairs
         self.sum_T = self.before = None
 
     def add(self, gap_B: torch.Tensor, rows: torch.Tensor, k: int, before_first_step: bool) -> None:

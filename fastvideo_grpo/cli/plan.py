@@ -99,9 +99,12 @@ def reduced(arch: Dict) -> Dict:
     return small
 
 
-def build_adapter(cfg, arch: Dict, dtype: str = "float32", vae_dtype: Optional[torch.dtype] = None):
+def build_adapter(cfg, arch: Dict, dtype: str = "float32", vae_dtype: Optional[torch.dtype] = None,
+                  lora: bool = True):
     """The recipe's adapter around the architecture's modules, built on the current default device (and
-    default dtype; ``vae_dtype``: the VAE's, when it differs)."""
+    default dtype; ``vae_dtype``: the VAE's, when it differs). ``lora=False`` leaves the recipe's LoRA layers out
+    (peft cannot place them under fake tensors; their activations and FLOPs are a few percent of the layers they
+    adapt)."""
     from ..models import ADAPTERS
     from ..models.diffusers_base import component_from_config
 
@@ -113,7 +116,8 @@ def build_adapter(cfg, arch: Dict, dtype: str = "float32", vae_dtype: Optional[t
         vae = component_from_config(arch["vae"]["class"], arch["vae"]["config"])
     finally:
         torch.set_default_dtype(prev)
-    kwargs = {k: v for k, v in cfg.model.kwargs.items() if k not in ("model_path", "device", "dtype")}
+    kwargs = {k: v for k, v in cfg.model.kwargs.items() if k not in ("model_path", "device", "dtype")
+              and (lora or not k.startswith("lora_"))}
     return ADAPTERS.build(cfg.model.name, model_path=None, components=(model, vae), dtype=dtype, **kwargs)
 
 
@@ -226,7 +230,7 @@ def measure(cfg, arch: Dict, micro_batch: int, rollout_batch: int, decode_batch:
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             # the transformer computes in bf16 (FSDP2 mixed precision); the VAE decodes in the stored dtype
-            adapter = build_adapter(cfg, small, dtype="bfloat16", vae_dtype=_stored_dtype(cfg))
+            adapter = build_adapter(cfg, small, dtype="bfloat16", vae_dtype=_stored_dtype(cfg), lora=False)
             adapter.plan_text_len = seq
             vectorise_blends(adapter.vae)  # one op per tile overlap instead of one per row (same result)
             model = adapter.model
@@ -448,10 +452,18 @@ def plan(cfg, gpus: int, gpu_mem_gib: float = 80.0, arch_path=None, mfu: float =
     K = passes["trained_steps"]
     from ..algorithms.objectives import build_objective
 
-    per_step = 3 if build_objective(cfg).needs_step_means else 2  # z_t, z_s (and the rollout's step mean)
-    mem["trajectory"] = rank_batch * (per_step * K * latent + latent)
+    # the kept transitions (z_t, z_s and, for objectives that compare step means, the rollout's mean), the final
+    # latents, and the reference / old-policy outputs of every trained step (the objective evaluates them before
+    # the first optimiser step)
+    per_step = 3 if build_objective(cfg).needs_step_means else 2
+    extra_outputs = passes["forward_update"] // max(1, passes["backward"]) - 1
+    mem["trajectory"] = rank_batch * (per_step * K * latent + latent) + passes["backward"] * extra_outputs * latent
+    # copies of the trainable weights: the KL reference of a full fine-tuning run, DiffusionNFT's old policy
+    lora = bool(int(cfg.model.kwargs.get("lora_rank", 0) or 0))
+    mem["weight_copies"] = _weight_copies(cfg, lora) * Pt * store / fsdp
     mem["decode_activations"] = s_dec * m.decode_peak
-    static = mem["params_shard"] + mem["grads_shard"] + mem["optimizer_shard"] + mem["vae"] + mem["reward_models"]
+    static = (mem["params_shard"] + mem["grads_shard"] + mem["optimizer_shard"] + mem["weight_copies"] + mem["vae"]
+              + mem["reward_models"])
     phases = {
         "rollout": static + mem["unsharded_blocks"] + mem["trajectory"] + mem["rollout_activations"],
         "decode": static + mem["trajectory"] + mem["decode_activations"],
@@ -518,6 +530,7 @@ def passes_per_iteration(cfg) -> Dict[str, int]:
     Flow-GRPO-Fast window's size."""
     from ..algorithms.objectives import build_objective
     from ..algorithms.samplers import ROLLOUTS
+    from ..algorithms import sde_window
     from ..algorithms.grpo import num_train_steps, trainable_window
 
     g, s = cfg.grpo, cfg.sampling
@@ -526,9 +539,17 @@ def passes_per_iteration(cfg) -> Dict[str, int]:
     samples = g.prompts_per_iteration * g.group_size
     trained = g.prompts_per_iteration * 2 * g.best_of_n_k if g.best_of_n_k else samples
     extra = build_objective(cfg).extra_forwards_per_trained_step
-    rollout = ROLLOUTS.build(s.rollout).forwards_per_sample(s.num_steps)
-    return {"trained_steps": K, "forward_rollout": samples * rollout, "forward_update": trained * K * (1 + extra),
+    # MixGRPO-Flash's compressed post-window grid: fewer steps, varying with the window (averaged over the run)
+    steps = sde_window.mean_rollout_steps(cfg)
+    rollout = ROLLOUTS.build(s.rollout).forwards_per_sample(s.num_steps) * steps / s.num_steps
+    return {"trained_steps": K, "forward_rollout": round(samples * rollout), "forward_update": trained * K * (1 + extra),
             "backward": trained * K}
+
+
+def _weight_copies(cfg, lora: bool) -> int:
+    from ..algorithms.objectives import build_objective
+
+    return build_objective(cfg).weight_copies(lora)
 
 
 def _text_len(cfg, adapter=None) -> int:

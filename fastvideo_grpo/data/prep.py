@@ -30,7 +30,7 @@ from .encoders import family_names, load_family_encoder
 from ..models import encoding_for
 from .manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, NEG, NEGATIVE_FILE, atomic_write_bytes, dtype_name,
                        file_sha256, hash_tensors, json_bytes)
-from .prompts import PromptRecord, find_duplicates, read_prompts
+from .prompts import PromptRecord, find_duplicates, prompt_file, read_prompts
 
 SHARD_DIR = "shards"
 from ..utils.dtypes import parse_dtype  # noqa: E402,F401
@@ -263,7 +263,10 @@ def build_parser(family: Optional[str] = None) -> argparse.ArgumentParser:
     else:
         p.set_defaults(family=family)
     p.add_argument("--model-path", required=True, help="local diffusers-format model folder (see docs/data_prep.md)")
-    p.add_argument("--prompts", required=True, help=".txt (one per line), .jsonl or .csv prompt file")
+    p.add_argument("--prompts", required=True, help=".txt (one per line), .jsonl or .csv prompt file, or a prompt-set "
+                   "folder holding <split>.txt or <split>_metadata.jsonl (released Flow-GRPO: dataset/pickscore, "
+                   "dataset/geneval, dataset/ocr)")
+    p.add_argument("--split", default="train", help="with a prompt-set folder: the split to encode (train or test)")
     p.add_argument("--out", "--output-dir", dest="out", required=True,
                    help="output folder (manifest.json, shards/, negative.safetensors); rerunning resumes it")
     p.add_argument("--prompt-field", default="prompt", help="jsonl field / csv column holding the prompt")
@@ -356,6 +359,7 @@ def main(argv=None, family: Optional[str] = None) -> dict:
         enc_dtype = parse_dtype(args.encoder_dtype or ("bfloat16" if device.type == "cuda" else "float32"))
         encoding = encoding_for(args.family)
         image_field = args.image_field if encoding.vae_class is not None else None
+        args.prompts = str(prompt_file(args.prompts, args.split))
         records = read_prompts(args.prompts, field=args.prompt_field, image_field=image_field,
                                blank_lines=args.blank_lines)
         dups = find_duplicates(records)

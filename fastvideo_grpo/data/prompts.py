@@ -7,6 +7,10 @@ that are not UTF-8, and blank lines when ``blank_lines="error"``. Blank lines ar
 
 For image-to-video families each record also carries an ``image`` path (field / column name
 configurable), resolved relative to the prompt file's folder.
+
+A prompt *set folder* (the released Flow-GRPO / DiffusionNFT ``dataset/pickscore``, ``dataset/ocr``,
+``dataset/geneval``) holds one file per split: ``<split>.txt`` or ``<split>_metadata.jsonl`` (a ``prompt`` field
+beside GenEval's ``tag`` / ``include`` / ``exclude``); ``prompt_file(folder, split)`` names it.
 """
 
 from __future__ import annotations
@@ -56,6 +60,21 @@ def _resolve_image(path: Path, line: int, value, image_field: str) -> str:
     if not p.is_absolute():
         p = path.parent / p
     return str(p)
+
+
+def prompt_file(path, split: str = "train") -> Path:
+    """``path`` itself when it is a file; for a prompt-set folder its ``<split>.txt`` or ``<split>_metadata.jsonl``
+    (the released Flow-GRPO layout). FileNotFoundError naming what was looked for otherwise."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return path
+    found = [f for f in (path / f"{split}.txt", path / f"{split}_metadata.jsonl") if f.is_file()]
+    if len(found) != 1:
+        what = "both " + " and ".join(f.name for f in found) if found else f"neither {split}.txt nor {split}_metadata.jsonl"
+        raise FileNotFoundError(f"prompt folder {str(path)!r} has {what}; a prompt-set folder holds one file per split "
+                                f"(--split {split}), e.g. dataset/pickscore/{split}.txt or "
+                                f"dataset/geneval/{split}_metadata.jsonl")
+    return found[0]
 
 
 def read_prompts(path, *, field: str = "prompt", image_field: Optional[str] = None, blank_lines: str = "skip",

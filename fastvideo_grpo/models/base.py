@@ -19,6 +19,7 @@ Conventions
 from __future__ import annotations
 
 import abc
+import contextlib
 from typing import Dict, List, Optional
 
 import torch
@@ -87,6 +88,17 @@ class PolicyAdapter(abc.ABC):
 
     def set_compute_device(self, device) -> None:
         self._compute_device = torch.device(device)
+
+    def guidance(self, mode: str):
+        """A context in which ``predict`` guides as ``mode`` says (``grpo.train_guidance``: "both",
+        "detach_uncond", "none"); the update driver wraps the training forwards in it. A model without
+        classifier-free guidance has nothing to change."""
+        return contextlib.nullcontext()
+
+    def lora_adapter_off(self):
+        """A context in which the model computes without its LoRA adapter (the base weights: the starting
+        policy of a LoRA run), or None when it has no LoRA adapter to switch off."""
+        return None
 
     def decoder_modules(self) -> List[nn.Module]:
         """The frozen modules only ``decode`` uses (the VAE), which ``sampling.offload_vae`` keeps in host

@@ -14,6 +14,12 @@ rest the same way for all of them:
   branches are differentiable and trained together (docs/method.md section 4). Negative conditioning
   comes in ``cond`` under the same names prefixed with ``negative_``;
 * ``cond_spec()`` / ``validate_cond()``: the expected conditioning names and trailing shapes;
+* the sigma grid (``sigma_grid``, flow families): "linspace" (the family's own ``_make_schedule``: DanceGRPO's
+  shift applied to linspace(1, 0, T + 1)) or "scheduler" (what the family's diffusers pipeline samples with:
+  ``FlowMatchEulerDiscreteScheduler.set_timesteps(T)`` of the folder's scheduler/scheduler_config.json, or of
+  the adapter's ``shift`` where the folder has none; Flow-GRPO's and DiffusionNFT's grid);
+* training-side guidance (``guidance(mode)``, ``grpo.train_guidance``): "both" branches differentiable,
+  "detach_uncond" (the unconditional branch detached, released Flow-GRPO) or "none" (the conditional one alone);
 * VAE memory: ``vae_tiling`` / ``vae_slicing`` switch on diffusers' tiled decoding (overlapping
   spatial tiles, blended: changes pixels slightly, docs/performance.md gives the measured size) and
   sliced decoding (one sample per decoder call: same pixels). ``None`` = the family's default
@@ -24,6 +30,8 @@ rest the same way for all of them:
 from __future__ import annotations
 
 import abc
+import contextlib
+import dataclasses
 import inspect
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
@@ -37,8 +45,10 @@ from . import lora as lora_lib
 from .base import Cond, PolicyAdapter
 
 NEG = "negative_"
+SIGMA_GRIDS = ("linspace", "scheduler")
 
 from ..utils.dtypes import parse_dtype  # noqa: E402,F401  (re-exported for adapters)
+from ..config import TRAIN_GUIDANCE  # noqa: E402
 
 
 def require_subfolders(model_path, subfolders: Sequence[str]) -> Path:
@@ -157,15 +167,19 @@ class DiffusersAdapter(PolicyAdapter):
 
     def __init__(self, model_path, *, cfg_scale: float = 1.0, dtype="float32", device=None,
                  lora_rank: int = 0, lora_alpha: Optional[float] = None, lora_target_modules=None,
-                 lora_dropout: float = 0.0, gradient_checkpointing: bool = False,
+                 lora_dropout: float = 0.0, lora_init: str = "default", gradient_checkpointing: bool = False,
                  vae_tiling: Union[None, bool, Dict] = None, vae_slicing: Optional[bool] = None,
-                 components: Optional[Tuple[nn.Module, nn.Module]] = None):
+                 sigma_grid: str = "linspace", components: Optional[Tuple[nn.Module, nn.Module]] = None):
         """``components``: an already built (denoiser, VAE) pair instead of loading ``model_path`` -- the
         planner builds them from architecture configs on the meta device (``component_from_config``)."""
         self.cfg_scale = float(cfg_scale)
         if self.cfg_scale < 1.0:
             raise ValueError(f"the CFG scale must be >= 1 (1 disables CFG), got {cfg_scale}")
         self.dtype = parse_dtype(dtype)
+        if sigma_grid not in SIGMA_GRIDS:
+            raise ValueError(f"model.kwargs.sigma_grid must be one of {SIGMA_GRIDS}, got {sigma_grid!r}")
+        self.sigma_grid = sigma_grid
+        self.guidance_mode = "both"
         if components is None:
             self.root = require_subfolders(model_path, (self.model_subfolder, "vae"))
             self.model: nn.Module = load_component(self.model_class, self.root, self.model_subfolder, self.dtype)
@@ -183,7 +197,7 @@ class DiffusersAdapter(PolicyAdapter):
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning), got {lora_rank}")
         if self.lora_rank:
-            lora_lib.add_lora(self.model, self.lora_rank, lora_alpha, lora_target_modules, lora_dropout)
+            lora_lib.add_lora(self.model, self.lora_rank, lora_alpha, lora_target_modules, lora_dropout, lora_init)
         else:
             self.model.requires_grad_(True)
         if device is not None:
@@ -255,7 +269,33 @@ class DiffusersAdapter(PolicyAdapter):
             raise ValueError(f"{type(self).__name__} conditioning: " + "; ".join(problems) + hint)
 
     def make_schedule(self, num_steps: Optional[int] = None, eta=0.0):
-        return self._make_schedule(int(num_steps or self.default_num_steps), eta)
+        n = int(num_steps or self.default_num_steps)
+        schedule = self._make_schedule(n, eta)
+        if self.sigma_grid == "scheduler":
+            if getattr(schedule, "prediction_type", None) != "flow":
+                raise ValueError(f"model.kwargs.sigma_grid: scheduler is for flow-matching families; "
+                                 f"{type(self).__name__} already samples its scheduler's own timesteps (remove the key)")
+            sigmas, shift = self.scheduler_sigmas(n)
+            schedule = dataclasses.replace(schedule, sigmas=sigmas, shift=shift)
+        return schedule
+
+    def scheduler_sigmas(self, num_steps: int):
+        """(sigmas (T + 1,) float64, static shift): ``FlowMatchEulerDiscreteScheduler.set_timesteps(num_steps)`` of
+        the folder's scheduler config (or, without one, of ``shift=self.shift``), as the family's pipeline calls it
+        without explicit sigmas. ValueError for a scheduler with a dynamic (resolution-dependent) shift."""
+        import diffusers
+
+        cls = diffusers.FlowMatchEulerDiscreteScheduler
+        path = self.root / "scheduler" / "scheduler_config.json" if self.root is not None else None
+        if path is not None and path.is_file():
+            sched = cls.from_pretrained(str(self.root), subfolder="scheduler", local_files_only=True)
+        else:
+            sched = cls(shift=float(getattr(self, "shift", 1.0)))
+        if sched.config.get("use_dynamic_shifting", False):
+            raise ValueError(f"model.kwargs.sigma_grid: scheduler: {path} shifts dynamically (mu from the image size), "
+                             "which this grid does not follow; use sigma_grid: linspace")
+        sched.set_timesteps(num_steps)
+        return sched.sigmas.to(torch.float64).cpu(), float(sched.config.get("shift", 1.0))
 
     @abc.abstractmethod
     def _make_schedule(self, num_steps: int, eta):
@@ -272,12 +312,45 @@ class DiffusersAdapter(PolicyAdapter):
         pos.update(shared)
         if not self.uses_cfg:
             return self._forward(latents, timestep_B, pos)
+        if self.guidance_mode == "none":  # training forwards without guidance (grpo.train_guidance: none)
+            return self._forward(latents, timestep_B, pos)
         neg = {k: cond[NEG + k] for k in self.branch_keys}
         neg.update(shared)
         both = _cat_branches(neg, pos)
         out = self._forward(torch.cat([latents, latents]), torch.cat([timestep_B, timestep_B]), both)
         uncond, c = out.float().chunk(2)
+        if self.guidance_mode == "detach_uncond":
+            uncond = uncond.detach()
         return self._combine_cfg(uncond, c)
+
+    def lora_adapter_off(self):
+        """The base model (LoRA layers switched off, diffusers' ``disable_adapters``) for the block; None without
+        LoRA. The starting policy of a LoRA run, with no second copy of any weight (released Flow-GRPO and
+        DiffusionNFT: ``disable_adapter()``)."""
+        if not self.lora_rank:
+            return None
+
+        @contextlib.contextmanager
+        def off():
+            self.model.disable_adapters()
+            try:
+                yield
+            finally:
+                self.model.enable_adapters()
+
+        return off()
+
+    @contextlib.contextmanager
+    def guidance(self, mode: str):
+        """Within the block, ``predict`` guides as ``mode`` says (``grpo.train_guidance``; see the module
+        docstring): the update driver wraps the training forwards in it. The rollout guides with both branches."""
+        if mode not in TRAIN_GUIDANCE:
+            raise ValueError(f"grpo.train_guidance must be one of {TRAIN_GUIDANCE}, got {mode!r}")
+        prev, self.guidance_mode = self.guidance_mode, mode
+        try:
+            yield
+        finally:
+            self.guidance_mode = prev
 
     def _combine_cfg(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The guided output from the two branches' outputs: ``uncond + s * (cond - uncond)``; a family

@@ -59,15 +59,20 @@ def from_file_keys(state: Dict[str, torch.Tensor], prefix: Optional[str], own_na
 
 
 def add_lora(model: nn.Module, rank: int, alpha: Optional[float] = None,
-             target_modules: Optional[Sequence[str]] = None, dropout: float = 0.0):
-    """Freeze ``model`` and add LoRA(rank, alpha) to ``target_modules``; returns the peft LoraConfig."""
+             target_modules: Optional[Sequence[str]] = None, dropout: float = 0.0, init="default"):
+    """Freeze ``model`` and add LoRA(rank, alpha) to ``target_modules``; returns the peft LoraConfig. ``init``: how A
+    is drawn (B starts at 0 either way): "default" (peft's Kaiming-uniform) or "gaussian" (N(0, 1 / rank): released
+    Flow-GRPO / DiffusionNFT)."""
+    if init not in ("default", "gaussian"):
+        raise ValueError(f"model.kwargs.lora_init must be 'default' or 'gaussian', got {init!r}")
     from peft import LoraConfig
 
     if rank <= 0:
         raise ValueError(f"lora_rank must be > 0 to add LoRA layers, got {rank}")
     targets = list(target_modules) if target_modules else list(DEFAULT_TARGET_MODULES)
     config = LoraConfig(r=int(rank), lora_alpha=float(alpha if alpha is not None else rank),
-                        target_modules=targets, lora_dropout=float(dropout), init_lora_weights=True)
+                        target_modules=targets, lora_dropout=float(dropout),
+                        init_lora_weights=True if init == "default" else "gaussian")
     model.requires_grad_(False)
     try:
         model.add_adapter(config)

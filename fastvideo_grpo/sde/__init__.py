@@ -236,6 +236,33 @@ def time_shift(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
 
 
+def unshift(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """Inverse of ``time_shift``: t = s / (shift - (shift - 1) s)."""
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    return sigmas / (shift - (shift - 1.0) * sigmas)
+
+
+def compressed_tail(sigmas: torch.Tensor, last: int, ratio: float, shift: float = 1.0) -> torch.Tensor:
+    """The grid with the steps after step ``last`` replaced by fewer ones (MixGRPO-Flash, ``dpm_apply: post``).
+
+    The released rule (MixGRPO ``fastvideo/utils/sampling_utils.py`` 44-54): the grid is kept up to
+    ``sigmas[last + 1]``; from there ``n = int(max((T - last) * ratio, 1))`` points linear in the unshifted time t
+    run down to 0 and are shifted: ``shift(linspace(t_{last + 1}, 0, n))``, n - 1 steps instead of T - last - 1.
+    Where the released n is 1 the grid would stop at ``sigmas[last + 1]`` > 0; here n is at least 2 (one step to
+    0). ``ratio`` 1 gives the grid's own steps back (for a grid linear in t before the shift). float64."""
+    T = sigmas.numel() - 1
+    if not 0 <= last < T:
+        raise ValueError(f"the last stochastic step {last} is not a step of a {T}-step grid")
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"the compression ratio must be in (0, 1], got {ratio}")
+    s = sigmas.to(torch.float64)
+    n = max(int(max((T - last) * ratio, 1)), 2)
+    t_start = float(unshift(s[last + 1], shift))
+    tail = time_shift(torch.linspace(t_start, 0.0, n, dtype=torch.float64), shift)
+    return torch.cat([s[:last + 1], s[last + 1:last + 2], tail[1:]])
+
+
 def flow_sigmas(num_steps: int, shift: float = 1.0, dtype=torch.float64) -> torch.Tensor:
     """num_steps + 1 sigmas from 1 down to 0, linearly spaced then time-shifted (DanceGRPO practice)."""
     if num_steps < 1:
@@ -379,6 +406,8 @@ class FlowSchedule:
     eta: torch.Tensor  # (T,)
     timestep_scale: float = 1000.0
     prediction_type: str = "flow"
+    #: the static shift the grid was made with (sigma = shift(t) of a grid linear in t); ``compressed_tail`` keeps it
+    shift: float = 1.0
     form: str = "sde"  # the step's form, registered in FLOW_STEPS: "sde" (Euler-Maruyama) or "cps"
     #: default of ``sampling.deterministic_last_step``: the released DanceGRPO flow scripts (FLUX, Hunyuan,
     #: SkyReels, Wan) decode ``pred_original = z - sigma * u`` at the last step, which is this schedule's
@@ -390,7 +419,7 @@ class FlowSchedule:
 
     @classmethod
     def create(cls, num_steps: int, eta=0.0, shift: float = 1.0, timestep_scale: float = 1000.0):
-        return cls(flow_sigmas(num_steps, shift), eta_per_step(eta, num_steps), timestep_scale)
+        return cls(flow_sigmas(num_steps, shift), eta_per_step(eta, num_steps), timestep_scale, shift=float(shift))
 
     @property
     def num_steps(self) -> int:

@@ -12,7 +12,9 @@ and then rewrites ``latest`` atomically (io.atomic_write_text). A crash at any p
 previous ``latest`` pointing at a complete checkpoint; stale ``*.tmp`` folders are ignored.
 
 The trainer's weight EMA (``train.ema_decay``, ema.py), when it keeps one, is a third DCP entry
-(``ema``), sharded like the parameters; ``load_ema_weights`` puts it into a model for evaluation.
+(``ema``), sharded like the parameters; ``load_ema_weights`` puts it into a model for evaluation. Tensors an
+objective keeps across iterations (``Objective.state_tensors``: DiffusionNFT's old policy) are a fourth
+(``objective``), sharded the same way.
 
 Model and optimiser go through ``get_model_state_dict`` / ``get_optimizer_state_dict`` (FQN-keyed,
 the same for FSDP2 and plain modules, checkpoint-wrapper prefixes removed), so DCP reshards on load:
@@ -89,7 +91,8 @@ def _checked(path: Path) -> Path:
 # ----------------------------------------------------------------------------- model + optimiser (DCP)
 
 
-def _state(model: nn.Module, optimizer=None, ema: Optional[Dict[str, torch.Tensor]] = None):
+def _state(model: nn.Module, optimizer=None, ema: Optional[Dict[str, torch.Tensor]] = None,
+           objective: Optional[Dict[str, torch.Tensor]] = None):
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     state = {"model": get_model_state_dict(model)}
@@ -97,15 +100,21 @@ def _state(model: nn.Module, optimizer=None, ema: Optional[Dict[str, torch.Tenso
         state["optim"] = get_optimizer_state_dict(model, optimizer)
     if ema is not None:
         state["ema"] = ema
+    if objective:
+        state["objective"] = objective
     return state
+
+
+def _has_entry(path: Union[str, Path], entry: str) -> bool:
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return any(k.startswith(entry + ".") for k in keys)
 
 
 def has_ema(path: Union[str, Path]) -> bool:
     """Whether the DCP checkpoint at ``path`` holds a weight EMA (``train.ema_decay`` was set)."""
-    import torch.distributed.checkpoint as dcp
-
-    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    return any(k.startswith("ema.") for k in keys)
+    return _has_entry(path, "ema")
 
 
 def rng_state() -> Dict:
@@ -122,8 +131,10 @@ def set_rng_state(state: Dict) -> None:
 
 
 def save_checkpoint(root: Union[str, Path], step: int, model: nn.Module, optimizer=None,
-                    extra: Optional[Dict] = None, ema: Optional[Dict[str, torch.Tensor]] = None) -> Path:
-    """Collective: write model / optimizer / ``ema`` (DCP) + this rank's ``extra`` dict; returns the folder.
+                    extra: Optional[Dict] = None, ema: Optional[Dict[str, torch.Tensor]] = None,
+                    objective: Optional[Dict[str, torch.Tensor]] = None) -> Path:
+    """Collective: write model / optimizer / ``ema`` / ``objective`` (DCP) + this rank's ``extra`` dict; returns
+    the folder.
 
     A failed write (a full disk) removes its partial ``step_N.tmp`` folder before re-raising, so that
     it does not keep the disk full; ``latest`` still names the previous complete checkpoint."""
@@ -140,7 +151,7 @@ def save_checkpoint(root: Union[str, Path], step: int, model: nn.Module, optimiz
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(_state(model, optimizer, ema), checkpoint_id=str(tmp))
+            dcp.save(_state(model, optimizer, ema, objective), checkpoint_id=str(tmp))
         blob = dict(extra or {}, rank=get_rank(), world_size=get_world_size(), rng=rng_state())
         torch.save(blob, tmp / "extra" / f"rank_{get_rank()}.pt")
     except BaseException:
@@ -260,16 +271,18 @@ def prune_checkpoints(own: Sequence[Path], keep_last: int) -> List[Path]:
 
 
 def load_checkpoint(path: Union[str, Path], model: nn.Module, optimizer=None,
-                    ema: Optional[Dict[str, torch.Tensor]] = None) -> Dict:
-    """Collective: load model / optimizer (and ``ema``, in place, when the checkpoint has one) resharding as
-    needed; returns this rank's extra dict with ``rng_matches`` True when it was written by this rank at the
-    same world size, and ``ema_loaded``."""
+                    ema: Optional[Dict[str, torch.Tensor]] = None,
+                    objective: Optional[Dict[str, torch.Tensor]] = None) -> Dict:
+    """Collective: load model / optimizer (and ``ema`` / ``objective``, in place, when the checkpoint has them)
+    resharding as needed; returns this rank's extra dict with ``rng_matches`` True when it was written by this
+    rank at the same world size, ``ema_loaded`` and ``objective_loaded``."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     path = _checked(Path(path))
     ema_loaded = ema is not None and has_ema(path)
-    state = _state(model, optimizer, ema if ema_loaded else None)
+    objective_loaded = bool(objective) and _has_entry(path, "objective")
+    state = _state(model, optimizer, ema if ema_loaded else None, objective if objective_loaded else None)
     with warnings.catch_warnings():  # single process: DCP warns that it assumes a non-distributed load
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(path))
@@ -283,6 +296,7 @@ def load_checkpoint(path: Union[str, Path], model: nn.Module, optimizer=None,
     extra = torch.load(f, map_location="cpu", weights_only=True)
     extra["rng_matches"] = f == own and extra.get("world_size") == get_world_size()
     extra["ema_loaded"] = ema_loaded
+    extra["objective_loaded"] = objective_loaded
     return extra
 
 
@@ -314,7 +328,13 @@ def save_trainer_checkpoint(trainer: TrainState, root: Union[str, Path]) -> Path
     DCP, ``trainer.state_dict()`` in this rank's extra file."""
     ema = trainer.ema
     return save_checkpoint(root, trainer.iteration, trainer.adapter.trainable_module(), trainer.optimizer,
-                           trainer.state_dict(), ema=ema.state_dict() if ema is not None else None)
+                           trainer.state_dict(), ema=ema.state_dict() if ema is not None else None,
+                           objective=_objective_tensors(trainer))
+
+
+def _objective_tensors(trainer) -> Optional[Dict[str, torch.Tensor]]:
+    objective = getattr(trainer, "objective", None)
+    return (objective.state_tensors() or None) if objective is not None else None
 
 
 def load_trainer_checkpoint(trainer: TrainState, path: Union[str, Path]) -> bool:
@@ -323,12 +343,16 @@ def load_trainer_checkpoint(trainer: TrainState, path: Union[str, Path]) -> bool
     A trainer keeping an EMA restores it too; from a checkpoint without one (written with
     ``train.ema_decay: 0``) the average restarts at the loaded weights, with a warning."""
     ema = trainer.ema
+    own = _objective_tensors(trainer)
     extra = load_checkpoint(path, trainer.adapter.trainable_module(), trainer.optimizer,
-                            ema=ema.state_dict() if ema is not None else None)
+                            ema=ema.state_dict() if ema is not None else None, objective=own)
     if ema is not None and not extra["ema_loaded"]:
         warnings.warn(f"checkpoint {path} holds no weight EMA (written with train.ema_decay: 0); the EMA restarts "
                       "at the loaded weights", stacklevel=2)
         ema.reset()
+    if own and not extra["objective_loaded"]:
+        warnings.warn(f"checkpoint {path} holds no tensors of the objective (e.g. DiffusionNFT's old policy, written "
+                      "by another objective or decay type); they keep their start values", stacklevel=2)
     trainer.load_state_dict(extra, restore_generator=bool(extra["rng_matches"]))
     if extra["rng_matches"]:
         set_rng_state(extra["rng"])

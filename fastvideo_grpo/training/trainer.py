@@ -20,7 +20,7 @@ PPO-clip, DiffusionNFT, ...); its advantages come from the registered estimator 
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import time
 import warnings
 from typing import Dict
@@ -34,6 +34,7 @@ from ..algorithms.advantages import build_estimator, weighted_advantages
 from ..algorithms.objectives import LAST_STEP_HINT, TrainBatch, build_objective, check_stochastic_steps
 from ..algorithms.update import UpdateSettings, trainable_parameters, update
 from ..algorithms.passes import PassCounter
+from ..algorithms.policy_versions import SeparateAdapter, reference_policy
 from ..config import RunConfig
 from ..distributed import heartbeat
 from ..utils.cuda_settings import configure_attention
@@ -49,25 +50,6 @@ from .optim import apply_optim_config, build_lr_scheduler, build_optimizer
 
 
 # ----------------------------------------------------------------------------- the trainer
-
-
-def frozen_reference(adapter: PolicyAdapter) -> PolicyAdapter:
-    """A frozen copy of the policy as it is now: the reference model of the KL term (``grpo.kl_coef``).
-
-    Holds a second full copy of the trainable module's weights. Sharded (FSDP2 / DTensor) models are
-    refused: copying them would copy the shards' communication hooks too.
-    """
-    from torch.distributed.tensor import DTensor
-
-    module = adapter.trainable_module()
-    if any(isinstance(p, DTensor) for p in module.parameters()):
-        raise ValueError("grpo.kl_coef > 0 is not supported with a sharded (FSDP) model yet: pass a reference "
-                         "adapter to Trainer(ref_adapter=...) or set grpo.kl_coef: 0 (the paper uses no KL)")
-    ref = copy.deepcopy(adapter)
-    for p in ref.trainable_module().parameters():
-        p.requires_grad_(False)
-    ref.trainable_module().eval()
-    return ref
 
 
 def build_schedule(cfg: RunConfig, adapter: PolicyAdapter, objective=None):
@@ -105,8 +87,10 @@ class Trainer:
     def __init__(self, cfg: RunConfig, adapter: PolicyAdapter, reward_fns: Dict[str, RewardFn],
                  reward_weights: Dict[str, float], prompt_source: PromptSource, ref_adapter=None, dp_group=None):
         """``dp_group``: the data-parallel process group (None in one process); an advantage estimator that
-        ``needs_global_batch`` uses it to normalise over the global batch. ``ref_adapter``: the frozen
-        reference of an objective that ``needs_reference`` (default: a copy of ``adapter`` as it is now)."""
+        ``needs_global_batch`` uses it to normalise over the global batch. ``ref_adapter``: a frozen reference
+        adapter of its own for an objective that ``needs_reference``; by default the reference is the policy as
+        it is now (``policy_versions.reference_policy``: the LoRA base model, or a copy of the trainable weights,
+        sharded like them)."""
         self.cfg = cfg
         configure_attention(cfg.train.cudnn_attention)
         self.dp_group = dp_group
@@ -117,9 +101,10 @@ class Trainer:
         self.objective = build_objective(cfg)
         self.estimator = build_estimator(cfg)
         self.sampler = ROLLOUTS.build(cfg.sampling.rollout)
-        if self.objective.needs_reference and ref_adapter is None:
-            ref_adapter = frozen_reference(adapter)
-        self.ref_adapter = ref_adapter if self.objective.needs_reference else None
+        self.reference = None
+        if self.objective.needs_reference:
+            self.reference = SeparateAdapter(ref_adapter) if ref_adapter is not None else reference_policy(adapter)
+        self.objective.attach(adapter)
         self.optimizer = build_optimizer(trainable_parameters(adapter.trainable_module()), cfg.optim,
                                          cfg.parallel.cpu_offload)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.grpo.num_updates_per_iteration)
@@ -158,14 +143,22 @@ class Trainer:
         start = dist.get_rank(self.dp_group) * n
         return total[start:start + n]
 
+    @property
+    def ref_adapter(self):
+        """The reference adapter given to the constructor (a model of its own), else None (the reference, if
+        any, is a version of the policy's own weights: ``self.reference``)."""
+        return self.reference.adapter(None) if isinstance(self.reference, SeparateAdapter) else None
+
     def state_dict(self):
-        """Everything the trainer owns besides the model and optimiser tensors (which checkpoint.py
-        writes sharded with DCP): the iteration, LR schedule, noise generator and prompt position."""
+        """Everything the trainer owns besides the model, optimiser and objective tensors (which checkpoint.py
+        writes sharded with DCP): the iteration, LR schedule, noise generator, prompt position and the
+        objective's own small state."""
         return {
             "iteration": self.iteration,
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "prompts": self.prompts.state_dict(),
+            "objective": self.objective.state_dict(),
         }
 
     def load_state_dict(self, state, restore_generator: bool = True):
@@ -176,6 +169,7 @@ class Trainer:
         self.prompts.load_state_dict(state["prompts"])
         if restore_generator:
             self.generator.set_state(state["generator"])
+        self.objective.load_state_dict(state.get("objective", {}))
         apply_optim_config(self.optimizer, self.lr_scheduler, self.cfg.optim)
 
     def iteration_schedule(self):
@@ -187,9 +181,11 @@ class Trainer:
         window = sde_window.training_window(self.cfg)
         draw = torch.Generator().manual_seed(sde_window.window_seed(self.cfg.train.seed, self.iteration))
         moving = sde_window.window_for_iteration(g.sde_window, self.iteration, window, draw)
-        if moving is None:
-            return self.schedule, window
-        return sde_window.only_in_window(self.schedule, moving), moving
+        schedule = self.schedule if moving is None else sde_window.only_in_window(self.schedule, moving)
+        s = self.cfg.sampling
+        if s.dpm_apply == "post" and s.dpm_post_compress_ratio < 1.0:  # MixGRPO-Flash: fewer steps after the window
+            schedule = sde_window.compress_after_window(schedule, s.dpm_post_compress_ratio)
+        return schedule, (window if moving is None else moving)
 
     def train_iteration(self) -> Dict[str, float]:
         self.passes.reset()
@@ -210,10 +206,10 @@ class Trainer:
         self.adapter.trainable_module().eval()
         m = self.memory
         heartbeat.mark("rollout", self.iteration + 1)  # where this rank is, for the stall watch of the other ranks
-        with self.passes.phase("rollout"), self._rollout_progress(B, schedule.num_steps):
+        with self.passes.phase("rollout"), self.objective.rollout_weights(), self._rollout_progress(B, schedule.num_steps):
             traj = self.sampler(self.adapter, schedule, prompts, cond, g.group_size, keep, self.generator,
                                 shared_noise=g.shared_noise, autocast_dtype=self.autocast_dtype,
-                                rollout_batch_size=m["rollout_batch_size"], ode_solver=cfg.sampling.ode_solver,
+                                rollout_batch_size=m["rollout_batch_size"], ode_solver=self._ode_solver(),
                                 **({"keep_means": True} if self.objective.needs_step_means else {}))
         t_dec = time.perf_counter()
         traj.decoded = decode_latents(self.adapter, traj.final_latents, m["decode_batch_size"], m["offload_vae"])
@@ -244,11 +240,14 @@ class Trainer:
             warnings.warn(f"iteration {self.iteration + 1}: every group's samples got identical rewards, so every "
                           "advantage is 0 and this iteration learns nothing; a reward that cannot tell the samples of "
                           "a prompt apart (thresholded too high or low, saturated) gives no signal", stacklevel=2)
+        settings = UpdateSettings.from_config(cfg)  # read at every iteration (a caller may change the config)
+        self._kept = traj.batch_size
+        if g.drop_zero_advantage:  # released Flow-GRPO: samples with advantage 0 leave the update
+            traj, adv, settings = self._drop_zero_advantage(traj, adv, settings)
         batch = TrainBatch(self.adapter, schedule, traj, adv, autocast_dtype=self.autocast_dtype,
-                           reference=self.ref_adapter, generator=self.generator)
-        # the settings are read from the config at every iteration (a caller may change them between iterations)
+                           reference=self.reference, generator=self.generator, guidance=g.train_guidance)
         heartbeat.mark("update", self.iteration + 1)
-        stats = update(self.objective, batch, self.optimizer, UpdateSettings.from_config(cfg), self.lr_scheduler)
+        stats = update(self.objective, batch, self.optimizer, settings, self.lr_scheduler)
         t3 = time.perf_counter()
         self.iteration += 1
         self._measured = (t3 - t0, B, frames, traj.cond)  # for the throughput metrics (train_iteration)
@@ -272,10 +271,45 @@ class Trainer:
             self.passes.on_forward = None
             bar.close()
 
+    def _ode_solver(self) -> str:
+        """The rollout's solver of the deterministic steps: DPM-Solver++(2M) at all of them, or (``sampling.dpm_apply:
+        post``) only after the last stochastic step, Euler before."""
+        s = self.cfg.sampling
+        return "dpmpp_2m_post" if s.ode_solver == "dpmpp_2m" and s.dpm_apply == "post" else s.ode_solver
+
+    def _drop_zero_advantage(self, traj, adv, settings):
+        """The samples with a nonzero advantage, and the micro-batch size that splits them into as many
+        micro-batches as the whole batch had (released Flow-GRPO, ``train_sd3.py`` 796-834): their count is padded
+        to a multiple of that number (at least one each) with dropped samples drawn at random (``self.generator``).
+        Each rank drops its own; every rank keeps the same number of micro-batches and optimiser steps."""
+        B = traj.batch_size
+        micro = settings.micro_batch_size or B
+        chunks = -(-B // micro)
+        keep = (adv.detach().cpu() != 0)
+        n = int(keep.sum())
+        # at least one sample per micro-batch, so every data-parallel rank runs the same micro-steps (FSDP's
+        # collectives) even when all its advantages are 0 (the update then only moves the KL term)
+        need = chunks - n % chunks if n % chunks or n == 0 else 0
+        if need:
+            dropped = torch.nonzero(~keep).reshape(-1)
+            pick = dropped[torch.randperm(dropped.numel(), generator=self.generator)[:need]]
+            keep[pick] = True
+        idx = torch.nonzero(keep).reshape(-1)
+        self._kept = int(idx.numel())
+        if self._kept == B:
+            return traj, adv, settings
+        traj = traj.select(idx)
+        adv = adv[idx.to(adv.device)]
+        # equal micro-batches when the padding made the count a multiple (else, too few dropped to pad, the last
+        # micro-batch is smaller)
+        return traj, adv, dataclasses.replace(settings, micro_batch_size=-(-self._kept // chunks))
+
     def _metrics(self, rewards, stats, adv, zero_groups, window, B, times):
         g = self.cfg.grpo
         t0, t_dec, t1, t2, t3 = times
         metrics = {"iteration": self.iteration}
+        if self.cfg.grpo.drop_zero_advantage:
+            metrics["train/kept_samples"] = self._kept
         metrics.update(grpo.summarize_rewards(rewards))
         metrics.update(stats)
         if g.sde_window.mode != "off":  # where the SDE ran and training happened this iteration

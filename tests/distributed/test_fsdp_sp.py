@@ -46,3 +46,10 @@ def test_weight_ema_is_sharded_like_the_parameters(tmp_path):
     assert load_ema_weights(tmp_path / "checkpoints" / "step_00000003", ad.model)
     for name, p in ad.model.named_parameters():
         assert torch.equal(p.detach(), want[name]), name
+
+
+def test_kl_to_the_reference_under_fsdp_matches_single_process(tmp_path):
+    """grpo.kl_coef > 0 runs sharded: full fine-tuning (a sharded copy of the weights) and LoRA (the adapter
+    switched off), each equal to the 1-process update on the whole batch (KL, loss, weights)."""
+    out = torchrun("w_kl_fsdp.py", tmp_path).stdout
+    assert "full: kl" in out and "lora: kl" in out, out

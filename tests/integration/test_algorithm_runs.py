@@ -1,6 +1,8 @@
 """Each algorithm option (docs/algorithms.md) for 2 iterations through the real FLUX train script on a tiny
-random-init FLUX folder: MixGRPO (sliding window + DPM-Solver++ outside it), Flow-GRPO (its noise level,
-fewer training than evaluation steps), Flow-GRPO-Fast (random 1-2 step window) and DiffusionNFT."""
+random-init FLUX folder: MixGRPO-Flash (sliding window, Euler before it, DPM-Solver++ on a compressed grid after
+it), Flow-GRPO (its noise level, fewer training than evaluation steps, the released trainer's advantages,
+zero-advantage filtering, update split and KL form, the reference a copy of the weights), Flow-GRPO-Fast (random
+1-2 step window) and DiffusionNFT (EMA old policy, adaptive weighting, KL; its old policy checkpointed)."""
 
 from __future__ import annotations
 
@@ -15,13 +17,18 @@ from support.tiny_runs import ROOT, run_overrides, train_script  # noqa: E402
 OPTIONS = {
     "mixgrpo_flash": {"sampling.num_steps": 5, "sampling.eval_num_steps": 5, "grpo.tau": 1.0,
                       "grpo.sde_window": "{mode: sliding, size: 2, stride: 1, shift_every: 1}",
-                      "sampling.ode_solver": "dpmpp_2m"},
+                      "sampling.ode_solver": "dpmpp_2m", "sampling.dpm_apply": "post",
+                      "sampling.dpm_post_compress_ratio": 0.4},
     "flow_grpo": {"sampling.num_steps": 3, "sampling.eval_num_steps": 5, "sampling.eta_form": "flow_grpo",
-                  "sampling.eta": 0.7},
+                  "sampling.eta": 0.7, "sampling.deterministic_last_step": "false",
+                  "grpo.advantage": "group_global_std", "grpo.advantage_std": "population",
+                  "grpo.drop_zero_advantage": "true", "grpo.update_split": "samples", "grpo.kl_coef": 0.1,
+                  "grpo.kl_form": "flow_grpo"},
     "flow_grpo_fast": {"sampling.num_steps": 5, "sampling.eval_num_steps": 5, "sampling.eta_form": "flow_grpo",
                        "sampling.eta": 0.7, "grpo.tau": 1.0, "grpo.sde_window": "{mode: random, size: 1}"},
     "diffusion_nft": {"sampling.num_steps": 3, "sampling.eval_num_steps": 3, "grpo.objective": "nft",
-                      "grpo.tau": 1.0, "sampling.eta": 0.0, "grpo.shared_noise": "false"},
+                      "grpo.tau": 1.0, "sampling.eta": 0.0, "grpo.shared_noise": "false",
+                      "sampling.ode_solver": "dpmpp_2m", "grpo.kl_coef": 1e-4},
 }
 
 
@@ -45,9 +52,15 @@ def test_algorithm_option_two_iterations_through_the_flux_script(tiny, tmp_path,
     assert eval_steps and set(eval_steps) == {extra["sampling.eval_num_steps"]}  # evaluation's own step count
     if option == "mixgrpo_flash":  # the window moved by one step after the first iteration
         assert [(r["sde_window/start"], r["sde_window/end"]) for r in train] == [(0, 2), (1, 3)]
+        # 5 steps, the window ending at step 1 then 2: int((5 - 1) * 0.4) = 1 -> 2 points, int((5 - 2) * 0.4) = 1
+        # -> 2: one step after the window instead of 3 and 2 (per sample; 2 samples)
+        assert [r["passes/forward_rollout"] for r in train] == [2 * 3, 2 * 4]
     if option == "flow_grpo_fast":
         assert all(r["sde_window/end"] - r["sde_window/start"] == 1 for r in train)
     if option == "diffusion_nft":
-        assert all("train/nft_positive_mse" in r and "train/clipfrac" not in r for r in train)
+        assert all("train/nft_positive" in r and "train/clipfrac" not in r for r in train)
+        assert train[-1]["train/nft_old_decay"] == pytest.approx(0.001 * 2 * train[-1]["train/num_updates"])
     else:
         assert all("train/clipfrac" in r for r in train)
+    if option == "flow_grpo":
+        assert all("train/kept_samples" in r for r in train) and train[-1]["train/kl"] >= 0

@@ -91,6 +91,36 @@ def test_read_prompts_formats(tmp_path):
     assert recs[0].image == str(tmp_path / "img.png") and recs[1].image == "/abs/x.png"
 
 
+def test_released_prompt_set_folders(tiny, tmp_path):
+    """The released Flow-GRPO / DiffusionNFT prompt sets (dataset/pickscore, dataset/ocr: <split>.txt;
+    dataset/geneval: <split>_metadata.jsonl with tag / include beside the prompt) are read by folder and split,
+    by read_prompts and by the data prep CLI (--prompts <folder> --split)."""
+    from fastvideo_grpo.data.prompts import prompt_file
+
+    pick = tmp_path / "pickscore"
+    pick.mkdir()
+    _write(pick / "train.txt", "a cat on a mat\na red bus\n")
+    _write(pick / "test.txt", "a blue car\n")
+    gen = tmp_path / "geneval"
+    gen.mkdir()
+    _write(gen / "train_metadata.jsonl",
+           '{"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"}\n'
+           '{"tag": "counting", "include": [{"class": "dog", "count": 2}], "prompt": "a photo of two dogs"}\n')
+    assert prompt_file(pick, "test") == pick / "test.txt" and prompt_file(pick / "train.txt") == pick / "train.txt"
+    assert [r.prompt for r in read_prompts(prompt_file(gen, "train"))] == ["a photo of a bench", "a photo of two dogs"]
+    with pytest.raises(FileNotFoundError, match="neither test.txt nor test_metadata.jsonl"):
+        prompt_file(gen, "test")
+    _write(gen / "train.txt", "x\n")
+    with pytest.raises(FileNotFoundError, match="both"):
+        prompt_file(gen, "train")
+    (gen / "train.txt").unlink()
+    folder, _ = tiny("sd")
+    res = _prep(folder, gen, tmp_path / "out", "sd", "--split", "train")
+    assert res["written"] == 1  # 2 prompts, shards of 2
+    m = load_manifest(tmp_path / "out")
+    assert m["header"]["source"]["file"] == "train_metadata.jsonl" and m["header"]["num_prompts"] == 2
+
+
 @pytest.mark.parametrize("name,content,kwargs,match", [
     ("empty.txt", "", {}, r"empty\.txt: no prompts found"),
     ("blank.txt", "\n \n", {}, r"no prompts found"),

@@ -97,3 +97,106 @@ def test_flow_grpo_fast_sde_and_training_at_random_steps_shared_by_the_batch():
     a, b = m["sde_window/start"], m["sde_window/end"]
     assert torch.equal(traj.steps_BK.sort(dim=1).values, torch.arange(a, b).expand(4, 2))
     assert (traj.log_probs_BK != 0).all() and int((sch.eta > 0).sum()) == 2
+
+
+# ----------------------------------------------------------------------------- the released trainer's options
+
+
+def test_group_global_std_is_the_released_per_prompt_stat_tracker():
+    """grpo.advantage: group_global_std against stat_tracking.py PerPromptStatTracker(global_std=True), written
+    out in numpy: each prompt's mean, the population std of every reward of the batch + 1e-4. Groups of different
+    spread keep their scale (a group-std estimator makes both unit-variance)."""
+    import numpy as np
+
+    from fastvideo_grpo.algorithms.advantages import ADVANTAGES
+
+    g = torch.Generator().manual_seed(0)
+    r = torch.cat([torch.randn(4, generator=g) * 0.1, torch.randn(4, generator=g) * 2.0, torch.full((4,), 0.1)])
+    est = ADVANTAGES.build("group_global_std", std="population", eps=None)
+    assert est.needs_global_batch and est.eps == 1e-4
+    got = est(r, 4)
+    x = r.double().numpy()
+    want = np.concatenate([(x[i:i + 4] - x[i:i + 4].mean()) / (np.std(x) + 1e-4) for i in (0, 4, 8)])
+    torch.testing.assert_close(got.double(), torch.from_numpy(want), rtol=1e-6, atol=1e-7)
+    assert torch.equal(got[8:], torch.zeros(4))  # a flat group is exactly 0 (dropped by drop_zero_advantage)
+    spread = [float(got[i:i + 4].std()) for i in (0, 4)]
+    assert spread[1] > 10 * spread[0]
+    grouped = ADVANTAGES.build("group", std="population", eps=None)(r, 4)
+    assert abs(float(grouped[:4].std()) - float(grouped[4:8].std())) < 1e-5
+    # the epsilon and the estimator are the config's
+    cfg = load_config(None, ["--grpo.advantage=group_global_std", "--grpo.advantage_eps=0.5"])
+    from fastvideo_grpo.algorithms.advantages import build_estimator
+
+    assert build_estimator(cfg).eps == 0.5
+
+
+def test_flow_grpo_kl_form_is_the_exact_kl_times_dt():
+    """Released train_sd3.py 895: ((mean - mean_ref)^2).mean / (2 std_dev_t^2), std_dev_t = a sqrt(t / (1 - t)) the
+    noise level (sd3_sde_with_logprob.py 47), against the exact Gaussian KL of the step (std std_dev_t sqrt(-dt))
+    from torch.distributions: the released value is the exact one times |dt|."""
+    from fastvideo_grpo.algorithms import grpo
+
+    g = torch.Generator().manual_seed(1)
+    m1, m2 = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    noise_level = torch.tensor([0.3, 0.7, 1.4])
+    dt = torch.tensor([0.2, 0.05, 0.01])
+    released = ((m1 - m2) ** 2).mean(dim=(1, 2, 3)) / (2 * noise_level ** 2)
+    torch.testing.assert_close(grpo.flow_grpo_kl(m1, m2, noise_level), released)
+    std = (noise_level * dt.sqrt()).view(-1, 1, 1, 1)
+    exact = torch.distributions.kl_divergence(torch.distributions.Normal(m1, std), torch.distributions.Normal(m2, std))
+    torch.testing.assert_close(grpo.flow_grpo_kl(m1, m2, noise_level), exact.mean(dim=(1, 2, 3)) * dt)
+
+
+def test_update_split_by_samples_gives_each_step_every_kept_step_of_some_samples():
+    from fastvideo_grpo.algorithms.update import UpdateSettings, optimizer_steps
+
+    rows, plan = optimizer_steps(12, 3, UpdateSettings(num_updates=2, micro_batch_size=3, split="samples"))
+    assert [list(steps) for steps, _ in plan] == [[0, 1, 2], [0, 1, 2]]
+    assert [[r.tolist() for r in chunk] for _, chunk in plan] == [[[0, 1, 2], [3, 4, 5]], [[6, 7, 8], [9, 10, 11]]]
+    _, plan = optimizer_steps(12, 3, UpdateSettings(num_updates=2, micro_batch_size=3, split="steps"))
+    assert [list(steps) for steps, _ in plan] == [[0, 1], [2]] and all(len(c) == 4 for _, c in plan)
+
+
+def test_zero_advantage_samples_leave_the_update_padded_to_the_micro_batches():
+    """grpo.drop_zero_advantage (released train_sd3.py 796-834): the samples with advantage 0 are dropped, their
+    count padded with dropped ones to a multiple of the micro-batches, whose size shrinks: the update sees them
+    only. Rewards here are constant for two of the three groups."""
+    from fastvideo_grpo.training import trainer as trainer_mod
+
+    cfg = load_config(None, ["--sampling.num_steps=3", "--sampling.eta=0.7", "--grpo.group_size=4",
+                             "--grpo.prompts_per_iteration=3", "--grpo.micro_batch_size=4", "--grpo.tau=1.0",
+                             "--grpo.drop_zero_advantage=true", "--grpo.num_updates_per_iteration=1"])
+    ad = tiny_toy_adapter()
+    prompts = ["one red square", "two blue circles", "a green triangle"]
+
+    def reward(images, ps, **_):
+        varied = torch.tensor([p == "one red square" for p in ps])
+        return torch.where(varied, images.mean(dim=(1, 2, 3)), torch.full((len(ps),), 0.3)), {}
+
+    trainer = GRPOTrainer(cfg, ad, {"r": reward}, {"r": 1.0}, PromptSource(prompts, ad.encode_prompts, seed=0))
+    seen = {}
+    real = trainer_mod.update
+
+    def spy(objective, batch, optimizer, settings, *a, **k):
+        seen.update(batch=batch, settings=settings)
+        return real(objective, batch, optimizer, settings, *a, **k)
+
+    trainer_mod.update = spy
+    try:
+        m = trainer.train_iteration()
+    finally:
+        trainer_mod.update = real
+    batch = seen["batch"]
+    # 4 nonzero, 3 micro-batches of the 12: padded to 6 with 2 zero-advantage samples, micro-batches of 2
+    assert m["train/kept_samples"] == 6 and seen["settings"].micro_batch_size == 2
+    assert batch.traj.prompts.count("one red square") == 4 and (batch.advantages_B == 0).sum() == 2
+    assert m["passes/backward"] == 6 * 2  # 6 samples x the 2 trained steps
+    # every advantage 0: one sample per micro-batch is kept, so every data-parallel rank runs the same micro-steps
+    trainer.reward_fns = {"r": lambda images, ps, **_: (torch.full((len(ps),), 0.3), {})}
+    trainer_mod.update = spy
+    try:
+        with pytest.warns(UserWarning, match="identical rewards"):
+            m = trainer.train_iteration()
+    finally:
+        trainer_mod.update = real
+    assert m["train/kept_samples"] == 3 and seen["settings"].micro_batch_size == 1 and m["train/num_updates"] == 1

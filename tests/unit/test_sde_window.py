@@ -1,6 +1,9 @@
 """MixGRPO's sliding window and Flow-GRPO-Fast's random window (sde_window.py), and the DPM-Solver++(2M)
 steps of MixGRPO-Flash (sde.flow_dpmpp_2m_step) against diffusers' own multistep scheduler."""
 
+import dataclasses
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -178,3 +181,136 @@ def test_rollout_with_dpmpp_outside_the_window():
     assert not torch.allclose(fast.final_latents, plain.final_latents, atol=1e-4)
     with pytest.raises(ValueError, match="ode_solver"):
         rollout(ad, sched, prompts, cond, 2, keep, torch.Generator(), ode_solver="heun")
+
+
+# ----------------------------------------------------------------------------- MixGRPO-Flash: the "post" strategy
+
+
+def _released_post_grid(T, shift, last, ratio):
+    """MixGRPO's sampling_utils.py 44-54, written out: the grid up to the window's last step, then
+    int(max((T - last) * ratio, 1)) points from the unshifted time after the window down to 0, shifted."""
+    sig = torch.linspace(1, 0, T + 1, dtype=torch.float64)
+    shifted = shift * sig / (1 + (shift - 1) * sig)
+    n = int(max((T - last) * ratio, 1))
+    post = torch.linspace(float(sig[last + 1]), 0, n, dtype=torch.float64)
+    return torch.cat([shifted[:last + 1], shift * post / (1 + (shift - 1) * post)])
+
+
+@pytest.mark.parametrize("ratio", [0.4, 0.2, 1.0])
+def test_compressed_post_window_grid_is_the_released_one(ratio):
+    T, shift = 25, 3.0
+    sigmas = sde.flow_sigmas(T, shift)
+    for last in range(T - 1):
+        got = sde.compressed_tail(sigmas, last, ratio, shift)
+        want = _released_post_grid(T, shift, last, ratio)
+        if want.numel() - last - 1 >= 2:  # the released grid reaches 0
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        else:  # the released grid stops at sigma_{last + 1} > 0: here one more step to 0
+            torch.testing.assert_close(got[:-1], want, rtol=0, atol=1e-12)
+            assert float(got[-1]) == 0.0 and float(want[-1]) > 0
+    # ratio 1 gives the grid's own steps back
+    torch.testing.assert_close(sde.compressed_tail(sigmas, 5, 1.0, shift), sigmas, rtol=0, atol=1e-12)
+
+
+def _released_dpm_midpoint(x0, x0_prev, z, s_prev, s, s_next):
+    """sampling_utils.py 398-447 and 449-526 (dpmsolver++, midpoint), float64: first order without history, second
+    order with it (lambda = log(alpha) - log(sigma), alpha = 1 - sigma)."""
+    lam = lambda v: math.log(1 - v) - math.log(v)  # noqa: E731
+    if s_next == 0.0:  # lower_order_final: the first-order step to sigma 0 lands on x0
+        return x0
+    h = lam(s_next) - lam(s)
+    if x0_prev is None:
+        return (s_next / s) * z - ((1 - s_next) * (math.exp(-h) - 1.0)) * x0
+    r0 = (lam(s) - lam(s_prev)) / h
+    d1 = (1.0 / r0) * (x0 - x0_prev)
+    return (s_next / s) * z - ((1 - s_next) * (math.exp(-h) - 1.0)) * x0 - 0.5 * ((1 - s_next) * (math.exp(-h) - 1.0)) * d1
+
+
+def test_flash_post_rollout_is_the_released_run_sample_step(monkeypatch):
+    """dpm_apply: post through the rollout against MixGRPO's run_sample_step (post strategy, flow_grpo_sampling)
+    written out: Euler (flow_grpo_step's deterministic branch) before the window, Flow-GRPO's SDE step in it, then
+    DPM-Solver++(2M) on the compressed grid, its history being the data prediction of every earlier step."""
+    from fastvideo_grpo.utils import rng
+
+    ad = _toy(2)
+    T, shift, ratio, window = 10, 3.0, 0.4, (1, 3)
+    base = sde.FlowSchedule.create(T, eta=0.7, shift=shift)
+    base = dataclasses.replace(base, eta=sde.flow_grpo_eta(base.sigmas, 0.7))
+    sched = sde_window.compress_after_window(sde_window.only_in_window(base, window), ratio)
+    last = window[1] - 1
+    assert sched.num_steps == last + int((T - last) * ratio) == 5  # 10 steps -> 5: two after the window
+    prompts = ["one blue square"]
+    cond = ad.encode_prompts(prompts)
+    draws = []
+    real = rng.randn
+
+    def recording(*a, **k):
+        out = real(*a, **k)
+        draws.append(out.clone())
+        return out
+
+    monkeypatch.setattr(rng, "randn", recording)
+    keep = torch.tensor([[1, 2]] * 2)
+    traj = rollout(ad, sched, prompts, cond, 2, keep, torch.Generator().manual_seed(3), decode=False,
+                   ode_solver="dpmpp_2m_post")
+    monkeypatch.setattr(rng, "randn", real)
+    assert len(draws) == 1 + last + 1  # the initial noise, then the Euler and SDE steps' draws; none after
+    sig = sched.sigmas.to(torch.float64)
+    z = draws[0].double().repeat_interleave(2, dim=0)  # one shared initial noise for the group
+    x0_hist, s_hist = None, None
+    with torch.no_grad():
+        for i in range(sched.num_steps):
+            s, s_next = float(sig[i]), float(sig[i + 1])
+            v = ad.predict(z.float(), torch.full((2,), s * 1000.0), traj.cond).double()
+            x0 = z - s * v
+            if i <= last:
+                if i < window[0]:  # flow_grpo_step, determistic: latents + dt * model_output
+                    z_next = z + (s_next - s) * v
+                else:  # flow_grpo_step with noise_level 0.7
+                    std = math.sqrt(s / (1 - (float(sig[1]) if s == 1 else s))) * 0.7
+                    dt = s_next - s
+                    mean = z * (1 + std ** 2 / (2 * s) * dt) + v * (1 + std ** 2 * (1 - s) / (2 * s)) * dt
+                    z_next = mean + std * math.sqrt(-dt) * draws[1 + i].double()
+            else:  # dpm_step, second order once there is a history (the window's last step gave one)
+                z_next = _released_dpm_midpoint(x0, x0_hist if s_hist is not None and s_hist < 1 else None, z,
+                                                s_hist, s, s_next)
+            x0_hist, s_hist = x0, s
+            z = z_next
+    # float32 on our side against float64 here: a few roundings of O(|z|) terms per step, through a model whose
+    # outputs move about as much as its inputs: 16 eps32 per step of the latents' scale
+    scale = float(z.abs().max())
+    tol = 16 * sched.num_steps * float(torch.finfo(torch.float32).eps) * scale
+    assert (traj.final_latents.double() - z).abs().max() <= tol
+
+
+def test_flash_pass_count_through_the_trainer_and_the_planner():
+    """The trainer's rollout forwards per sample are the compressed step count of the iteration's window; the
+    planner's count is their mean over the run, written out here."""
+    from fastvideo_grpo.data.prompt_source import PromptSource
+    from fastvideo_grpo.rewards import rules  # noqa: F401
+    from fastvideo_grpo.rewards.build import build_reward_fns
+    from fastvideo_grpo.toy.shapes import split_prompts
+    from fastvideo_grpo.training.trainer import Trainer
+    from fastvideo_grpo.cli.plan import passes_per_iteration
+
+    over = ["--sampling.eta_schedule=null", "--sampling.eta=0.7", "--sampling.eta_form=flow_grpo",
+            "--grpo.timestep_window=null", "--grpo.tau=1.0", "--grpo.prompts_per_iteration=1", "--grpo.group_size=2",
+            "--grpo.sde_window={mode: sliding, size: 2, start: 0, stride: 1, shift_every: 2, roll_back: true}",
+            "--sampling.ode_solver=dpmpp_2m", "--sampling.dpm_apply=post", "--sampling.dpm_post_compress_ratio=0.4",
+            "--train.num_iterations=40"]
+    cfg = load_config("configs/toy_cpu.yaml", over)
+    T = cfg.sampling.num_steps
+    counts = []
+    for it in range(40):  # window [p, p + 2) with p = (it // 2) mod 8 (positions 0..7 of steps 0..8)
+        last = (it // 2) % 8 + 1
+        counts.append(last + max(int((T - last) * 0.4), 2))  # (last + 1) steps, then n - 1 on the compressed grid
+    ad = _toy(0)
+    fns, w = build_reward_fns(cfg.rewards)
+    prompts, _ = split_prompts(seed=0)
+    trainer = Trainer(cfg, ad, fns, w, PromptSource(prompts, ad.encode_prompts, seed=0))
+    for it in range(3):
+        m = trainer.train_iteration()
+        assert m["passes/forward_rollout"] == 2 * counts[it]
+    assert sde_window.mean_rollout_steps(cfg) == pytest.approx(sum(counts) / 40)
+    planned = passes_per_iteration(cfg)["forward_rollout"]
+    assert planned == round(2 * sum(counts) / 40) < 2 * T

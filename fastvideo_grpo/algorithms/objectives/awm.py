@@ -116,6 +116,10 @@ class AdvantageWeightedMatching(Objective):
         self._t_BK = batch.schedule.sigmas.to(torch.float64)[traj.steps_BK].to(torch.float32)  # (B, K) CPU
         self._noise = rng.randn((B, K) + tuple(x0.shape[1:]), batch.generator, device=device, dtype=torch.float32)
         self._old = None
+        # the reference's velocities at every slot, no gradient, before the first optimiser step (a version of the
+        # policy's own weights is swapped in once for all of them)
+        self._v_ref = batch.predict_all(batch.reference, row_chunks, lambda rows, k: self._inputs(batch, rows, k)) \
+            if self.needs_reference else None
         if self.clip_range is not None:
             batch.adapter.trainable_module().eval()
             self._old = torch.empty((B, K), dtype=torch.float32, device=device)
@@ -124,18 +128,21 @@ class AdvantageWeightedMatching(Objective):
                     for rows in row_chunks:
                         self._old[batch.on_device(rows), k] = self._matching(batch, rows, k)[0].float()
 
-    def _matching(self, batch, rows, k, adapter=None):
-        """(l per sample, v) of samples ``rows`` at slot ``k`` under ``adapter`` (default: the policy)."""
+    def _inputs(self, batch, rows, k):
+        """(x_t, the model's timestep) of samples ``rows`` at slot ``k``: the forward process at the slot's time."""
         x0 = batch.traj.final_latents
         rows_dev = batch.on_device(rows)  # copied once per update
-        t_B = batch.on_device(self._t_BK)[rows_dev, k]
-        t = t_B.reshape(-1, *([1] * (x0.ndim - 1)))
-        x = x0[rows_dev].to(torch.float32)
-        eps = self._noise[rows_dev, k]
-        xt = ((1.0 - t) * x + t * eps).to(x0.dtype)
-        idx = batch.on_device(batch.traj.steps_BK)[rows_dev, k]  # on the device: no copy per micro-step
-        v = batch.predict(xt, batch.schedule.model_timestep(idx, xt), batch.cond(rows), adapter=adapter).float()
-        return matching_loss(v, eps - x, t_B, self.weighting, self.power), v
+        t = batch.on_device(self._t_BK)[rows_dev, k].reshape(-1, *([1] * (x0.ndim - 1)))
+        xt = ((1.0 - t) * x0[rows_dev].to(torch.float32) + t * self._noise[rows_dev, k]).to(x0.dtype)
+        return xt, batch.schedule.model_timestep(batch.on_device(batch.traj.steps_BK)[rows_dev, k], xt)
+
+    def _matching(self, batch, rows, k):
+        """(l per sample, v) of samples ``rows`` at slot ``k`` under the policy."""
+        rows_dev = batch.on_device(rows)
+        xt, timestep = self._inputs(batch, rows, k)
+        v = batch.predict(xt, timestep, batch.cond(rows)).float()
+        target = self._noise[rows_dev, k] - batch.traj.final_latents[rows_dev].to(torch.float32)
+        return matching_loss(v, target, batch.on_device(self._t_BK)[rows_dev, k], self.weighting, self.power), v
 
     def loss(self, batch, rows, k):
         rows_dev = batch.on_device(rows)  # copied once per update
@@ -146,9 +153,7 @@ class AdvantageWeightedMatching(Objective):
             ((ratio.detach() - 1.0).abs() > self.clip_range).float().mean()
         kl = torch.zeros((), device=loss.device)
         if self.needs_reference:
-            with torch.no_grad():
-                v_ref = self._matching(batch, rows, k, adapter=batch.reference)[1]
-            kl_t = ((v - v_ref) ** 2).mean()
+            kl_t = ((v - self._v_ref[rows_dev, k]) ** 2).mean()
             loss = loss + self.kl_coef * kl_t
             kl = kl_t.detach()
         return loss, (loss.detach(), l_B.detach().mean(), clipped, kl)

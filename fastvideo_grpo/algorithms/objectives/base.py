@@ -18,6 +18,7 @@ ValueError naming the accepted ones) and from the ``grpo`` fields it maps in ``c
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass, field
 from typing import ClassVar, Dict, Optional, Sequence, Tuple
 
@@ -27,6 +28,7 @@ from ...utils.dtypes import autocast_context
 from ...utils.transfer import to_device
 from ...models.base import Cond, PolicyAdapter, index_cond
 from ...utils.registry import Registry
+from ..policy_versions import PolicyVersion
 from ..rollout import Trajectory
 
 
@@ -34,16 +36,18 @@ from ..rollout import Trajectory
 class TrainBatch:
     """What one update trains on: the policy and its sampling schedule, the rollout's kept transitions and
     their advantages, and how the policy is run (the rollout's autocast, so re-scoring repeats its
-    arithmetic). ``reference``: the frozen starting policy, for objectives that declare ``needs_reference``;
-    ``generator``: the objective's own random draws (e.g. DiffusionNFT's forward-process noise)."""
+    arithmetic; ``guidance``: ``grpo.train_guidance``). ``reference``: the frozen starting policy
+    (``policy_versions.PolicyVersion``), for objectives that declare ``needs_reference``; ``generator``: the
+    objective's own random draws (e.g. DiffusionNFT's forward-process noise)."""
 
     adapter: PolicyAdapter
     schedule: object
     traj: Trajectory
     advantages_B: torch.Tensor
     autocast_dtype: Optional[torch.dtype] = None
-    reference: Optional[PolicyAdapter] = None
+    reference: Optional[PolicyVersion] = None
     generator: Optional[torch.Generator] = None
+    guidance: str = "both"
     _on_device: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
 
     @property
@@ -76,9 +80,28 @@ class TrainBatch:
 
     def predict(self, latents: torch.Tensor, timestep_B: torch.Tensor, cond: Cond,
                 adapter: Optional[PolicyAdapter] = None) -> torch.Tensor:
-        """``adapter.predict`` (default: the policy) under the rollout's autocast."""
-        with autocast_context(latents.device, self.autocast_dtype):
-            return (adapter or self.adapter).predict(latents, timestep_B, cond)
+        """``adapter.predict`` (default: the policy) under the rollout's autocast and the training guidance."""
+        adapter = adapter or self.adapter
+        with autocast_context(latents.device, self.autocast_dtype), adapter.guidance(self.guidance):
+            return adapter.predict(latents, timestep_B, cond)
+
+    @torch.no_grad()
+    def predict_all(self, version: Optional[PolicyVersion], row_chunks: Sequence[torch.Tensor], inputs):
+        """The outputs of ``version`` (None: the policy as it is) at every kept slot k and row chunk, without
+        gradient: ``inputs(rows, k) -> (latents, timestep_B)`` gives each forward's inputs; returns
+        ``(B, K, *latent)`` float32. The version is entered once for all of them."""
+        B, K = self.traj.steps_BK.shape
+        out = None
+        with (version.applied() if version is not None else contextlib.nullcontext()):
+            adapter = version.adapter(self.adapter) if version is not None else self.adapter
+            for k in range(K):
+                for rows in row_chunks:
+                    z, t = inputs(rows, k)
+                    v = self.predict(z, t, self.cond(rows), adapter=adapter).float()
+                    if out is None:
+                        out = torch.empty((B, K) + tuple(v.shape[1:]), dtype=torch.float32, device=self.device)
+                    out[rows.to(self.device), k] = v
+        return out
 
 
 class Objective(abc.ABC):
@@ -114,8 +137,41 @@ class Objective(abc.ABC):
 
     @property
     def needs_reference(self) -> bool:
-        """Whether the trainer must keep a frozen copy of the starting policy (``TrainBatch.reference``)."""
+        """Whether the trainer must keep the frozen starting policy (``TrainBatch.reference``: the LoRA base
+        model, or a copy of the trainable weights)."""
         return False
+
+    @property
+    def own_weight_copies(self) -> int:
+        """Copies of the trainable weights the objective keeps for itself (``attach``; e.g. an old policy)."""
+        return 0
+
+    def weight_copies(self, lora: bool) -> int:
+        """Copies of the trainable weights a run of this objective holds besides them, each sharded like them (the
+        planner counts their memory): the reference of a full fine-tuning run (with LoRA the reference is the
+        base model, switched on by turning the adapter off: no copy) and the objective's own."""
+        return (1 if self.needs_reference and not lora else 0) + self.own_weight_copies
+
+    def attach(self, adapter: PolicyAdapter) -> None:
+        """Once, when the trainer is built (the weights are the starting ones, sharded when they will be): an
+        objective that keeps a version of the weights across iterations makes it here."""
+
+    def rollout_weights(self):
+        """The context the rollout runs in: the policy's weights (default), or the objective's own sampling
+        policy (DiffusionNFT samples with its old policy)."""
+        return contextlib.nullcontext()
+
+    def state_tensors(self) -> Dict[str, torch.Tensor]:
+        """Tensors the objective keeps across iterations (sharded like the weights), saved and restored with
+        the model by checkpoints; {} when it keeps none."""
+        return {}
+
+    def state_dict(self) -> Dict:
+        """Small (non-tensor) state the objective keeps across iterations, saved in the trainer's state."""
+        return {}
+
+    def load_state_dict(self, state: Dict) -> None:
+        """Inverse of ``state_dict``."""
 
     @property
     def extra_forwards_per_trained_step(self) -> int:
@@ -135,6 +191,9 @@ class Objective(abc.ABC):
     def loss(self, batch: TrainBatch, rows: torch.Tensor, k: int) -> Tuple[torch.Tensor, Sequence[torch.Tensor]]:
         """The loss of one micro-step -- samples ``rows`` (CPU index) at kept-step slot ``k`` -- to minimise,
         and its detached statistics (0-dim tensors on the device, in ``stat_names`` order: no host sync)."""
+
+    def on_optimizer_step(self) -> None:
+        """After each optimiser step of the update (an objective that counts them: DiffusionNFT's decay)."""
 
     def finish(self, batch: TrainBatch) -> Dict[str, torch.Tensor]:
         """Diagnostics of the whole update as 0-dim device tensors (logged as ``train/<name>``), read back
