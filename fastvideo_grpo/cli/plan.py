@@ -19,8 +19,9 @@ training micro-step (forward + backward) at the micro-batch, the VAE decode -- a
 
 Full-model numbers are the measured root plus each block kind times its count; per-GPU numbers divide by
 the sequence-parallel degree where Ulysses splits the work. Static memory is closed form: FSDP2 shards of
-the parameters, gradients and AdamW state over ``dp_shard * sp`` ranks, the all-gathered bf16 blocks in
-flight, the frozen VAE and reward models. Time = FLOPs / (peak bf16 FLOP/s x MFU); communication and the
+the parameters, gradients and AdamW state over ``dp_shard * sp`` ranks, the shards of frozen denoisers (a
+second expert, ``adapter.frozen_denoisers()``), the all-gathered bf16 blocks in flight, the frozen VAE and
+reward models. Time = FLOPs / (peak bf16 FLOP/s x MFU); communication and the
 reward models' compute are not modelled. See docs/recipes.md for the tables and what was validated.
 """
 
@@ -55,7 +56,7 @@ DEFAULT_MFU = 0.28
 RESERVE_GIB = 6.0
 #: reward models (approximate parameter counts, bytes per parameter at their default dtype)
 REWARD_PARAMS = {"hps": (986e6, 4), "clip_score": (986e6, 4), "pickscore": (986e6, 4), "aesthetic": (428e6, 4),
-                 "video_align": (2.2e9, 2)}
+                 "video_align": (2.2e9, 2), "hpsv3": (8.29e9, 2)}
 
 
 def _reward_bytes(rc) -> float:
@@ -177,7 +178,8 @@ def _attention_flops(adapter, batch: int) -> float:
 
 
 def adapter_tokens(adapter) -> int:
-    """Tokens one sample puts through the transformer's attention (image/video tokens + text tokens)."""
+    """Tokens one sample puts through the transformer's attention (image/video tokens + text tokens); see
+    models/tokens.py for an adapter whose latent is not an image or video grid (``attention_tokens``)."""
     return image_tokens(adapter) + text_len(adapter)
 
 
@@ -388,8 +390,9 @@ def parameter_counts(adapter, arch: Dict) -> Dict[str, float]:
         mods = list(getattr(model, attr))
         blocks[attr] = {"count": len(mods), "params_each": sum(p.numel() for p in mods[0].parameters())}
     in_blocks = sum(b["count"] * b["params_each"] for b in blocks.values())
+    frozen = sum(p.numel() for m in adapter.frozen_denoisers() for p in m.parameters())
     return {"total": total, "trainable": trainable, "root": total - in_blocks, "blocks": blocks,
-            "vae": sum(p.numel() for p in adapter.vae.parameters()),
+            "frozen_denoisers": frozen, "vae": sum(p.numel() for p in adapter.vae.parameters()),
             "largest_block": max([b["params_each"] for b in blocks.values()] or [total])}
 
 
@@ -425,6 +428,8 @@ def plan(cfg, gpus: int, gpu_mem_gib: float = 80.0, arch_path=None, mfu: float =
     # ---- static: shards of params, grads, optimiser state; in-flight unsharded blocks; frozen models
     mem = {
         "params_shard": P * store / fsdp,
+        # frozen denoisers the rollout runs besides the trained one (a second expert): sharded like it, no grads
+        "frozen_denoisers_shard": params["frozen_denoisers"] * store / fsdp,
         "grads_shard": Pt * 4 / fsdp,
         "optimizer_shard": Pt * 8 / fsdp,
         # bf16 copies gathered by FSDP2: the block computing and the one prefetched, plus the root's own
@@ -462,8 +467,8 @@ def plan(cfg, gpus: int, gpu_mem_gib: float = 80.0, arch_path=None, mfu: float =
     lora = bool(int(cfg.model.kwargs.get("lora_rank", 0) or 0))
     mem["weight_copies"] = _weight_copies(cfg, lora) * Pt * store / fsdp
     mem["decode_activations"] = s_dec * m.decode_peak
-    static = (mem["params_shard"] + mem["grads_shard"] + mem["optimizer_shard"] + mem["weight_copies"] + mem["vae"]
-              + mem["reward_models"])
+    static = (mem["params_shard"] + mem["frozen_denoisers_shard"] + mem["grads_shard"] + mem["optimizer_shard"]
+              + mem["weight_copies"] + mem["vae"] + mem["reward_models"])
     phases = {
         "rollout": static + mem["unsharded_blocks"] + mem["trajectory"] + mem["rollout_activations"],
         "decode": static + mem["trajectory"] + mem["decode_activations"],
@@ -628,8 +633,11 @@ def render(p: Plan) -> str:
     lines = [f"{p.recipe or 'recipe'}: {p.arch} on {p.gpus} GPU(s) x {p.gpu_mem_gib:.0f} GiB "
              f"(fsdp {p.settings['fsdp_degree']}, sp {p.settings['sp']})",
              f"  parameters: {p.params['total'] / 1e9:.2f} B ({p.params['trainable'] / 1e9:.2f} B trained), "
-             f"VAE {p.params['vae'] / 1e6:.0f} M",
-             f"  per-GPU memory (GiB): params {m['params_shard']:.1f} + grads {m['grads_shard']:.1f} + AdamW "
+             + (f"frozen denoisers {p.params['frozen_denoisers'] / 1e9:.2f} B, " if p.params["frozen_denoisers"]
+                else "") + f"VAE {p.params['vae'] / 1e6:.0f} M",
+             f"  per-GPU memory (GiB): params {m['params_shard']:.1f} + "
+             + (f"frozen denoisers {m['frozen_denoisers_shard']:.1f} + " if m["frozen_denoisers_shard"] else "")
+             + f"grads {m['grads_shard']:.1f} + AdamW "
              f"{m['optimizer_shard']:.1f} + VAE {m['vae']:.1f} + rewards {m['reward_models']:.1f}; "
              f"in-flight blocks {m['unsharded_blocks']:.1f}; trajectories {m['trajectory']:.1f}",
              f"    rollout activations {m['rollout_activations']:.1f}, decode {m['decode_activations']:.1f}, "

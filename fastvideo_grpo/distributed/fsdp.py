@@ -6,12 +6,14 @@ every ``nn.ModuleList`` (or single module) under the names in ``BLOCK_ATTRS`` on
 (``transformer_blocks`` + ``single_transformer_blocks`` for FLUX / HunyuanVideo, ``blocks`` for Wan and
 the toy DiT, ``down_blocks`` / ``mid_block`` / ``up_blocks`` for UNets). No model-name branches.
 
-Only the trainable module (transformer / UNet, LoRA included) is sharded. Frozen modules -- the VAE,
-text encoders when loaded, reward models -- keep ``requires_grad=False``, are never given to the
-optimiser and stay as full replicas on every rank's device (run under ``no_grad``: their memory is
-the weights only). With LoRA the frozen base weights inside the blocks are sharded together with
-the trainable LoRA weights (FSDP2 shards per parameter, so mixed requires_grad is fine); only the
-LoRA weights get gradients and optimiser state.
+Only the trainable module (transformer / UNet, LoRA included) is sharded, and the frozen denoisers an
+adapter declares (``frozen_denoisers()``: a second expert that the rollout runs, e.g. Wan 2.2's low-noise
+transformer), which get the same per-block FSDP2 wrapping and sequence-parallel plan but no gradients or
+optimiser state. Other frozen modules -- the VAE, text encoders when loaded, reward models -- keep
+``requires_grad=False``, are never given to the optimiser and stay as full replicas on every rank's device
+(run under ``no_grad``: their memory is the weights only). With LoRA the frozen base weights inside the
+blocks are sharded together with the trainable LoRA weights (FSDP2 shards per parameter, so mixed
+requires_grad is fine); only the LoRA weights get gradients and optimiser state.
 
 Mixed precision: on GPU ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` by default: the
 sharded parameters (and AdamW state) stay in their stored dtype (fp32 master weights when the model
@@ -157,6 +159,8 @@ class ParallelizeResult:
     num_checkpointed: int = 0
     sequence_parallel: Optional[object] = None
     fsdp: bool = False
+    #: the ``SequenceParallel`` hooks of each frozen denoiser (``adapter.frozen_denoisers()``)
+    frozen_sequence_parallel: List[object] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
 
 
@@ -177,11 +181,20 @@ def parallelize(adapter, dims: ParallelDims, pcfg=None, device: Optional[torch.d
     if frac > 0:
         blocks = apply_activation_checkpointing(module, blocks, frac)
         res.blocks, res.num_checkpointed = blocks, len(checkpointed_indices(len(blocks), frac))
+    frozen_hook = getattr(adapter, "frozen_denoisers", None)
+    frozen = [(m, find_blocks(m)) for m in (frozen_hook() if callable(frozen_hook) else [])]
+    for m, mblocks in frozen:
+        if not mblocks:
+            raise ValueError(f"found no transformer blocks in the frozen denoiser {type(m).__name__} (looked for "
+                             f"attributes {list(BLOCK_ATTRS)})")
+        set_attention_backend(m, str(getattr(pcfg, "attention_backend", "native") or "native"), dims.sp)
     if dims.sp_enabled:
         plan_hook = getattr(adapter, "sequence_parallel_plan", None)
         plan = plan_hook() if callable(plan_hook) else None
         res.sequence_parallel = SequenceParallel(blocks, dims.group("sp"), plan or SPPlan(),
                                                  attention_backend=sp_backend)
+        res.frozen_sequence_parallel = [SequenceParallel(mblocks, dims.group("sp"), plan or SPPlan(),
+                                                         attention_backend=sp_backend) for _, mblocks in frozen]
     if dims.mesh is None:  # one process without parallel.fsdp_one_process: plain module
         return res
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -205,5 +218,9 @@ def parallelize(adapter, dims: ParallelDims, pcfg=None, device: Optional[torch.d
     for b in blocks:
         fully_shard(b, **kwargs)
     fully_shard(module, **kwargs)
+    for m, mblocks in frozen:  # no gradients: FSDP2 only all-gathers their weights for each forward
+        for b in mblocks:
+            fully_shard(b, **kwargs)
+        fully_shard(m, **kwargs)
     res.fsdp = True
     return res

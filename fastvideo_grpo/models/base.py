@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -123,6 +123,19 @@ class PolicyAdapter(abc.ABC):
     def sequence_parallel_plan(self):
         """A ``distributed.sequence_parallel.SPPlan`` saying which first-block inputs to shard along
         the sequence; None = the first positional argument / ``hidden_states`` along dim 1."""
+        return None
+
+    def frozen_denoisers(self) -> List[nn.Module]:
+        """Frozen denoisers that ``predict`` runs besides the trainable module (e.g. Wan 2.2's low-noise
+        expert): ``parallelize`` shards each like the trainable module (FSDP2 per block, then its root; the
+        same sequence-parallel plan), without gradients or optimiser state, and the planner counts their
+        sharded weights. [] = none."""
+        return []
+
+    def trainable_steps(self, schedule) -> Optional[Tuple[int, int]]:
+        """The sampling steps ``[lo, hi)`` of ``schedule`` whose prediction depends on the trainable module;
+        None = every step. The trainer refuses a training window (``grpo.timestep_window``) reaching outside
+        them: a step that only a frozen denoiser predicts has nothing to train."""
         return None
 
 

@@ -4,7 +4,8 @@ The planner (cli/plan.py) and the throughput metrics (training/throughput.py) co
 count the same way. No model-name branches: an adapter whose model does not use diffusers' config names
 declares hooks -- ``attention_shape()`` (heads, head dim, attention layers), ``token_counts(cond)`` (image and
 text tokens per sample), ``packed_patch_size`` (latent patches packed into tokens before the transformer),
-``extra_image_tokens`` (e.g. an edit model's reference image).
+``extra_image_tokens`` (e.g. an edit model's reference image), ``attention_tokens`` (the self-attention tokens of
+a latent that is not an image or video grid, e.g. the packed tokens of two streams).
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ def attention_shape(adapter) -> Tuple[int, int, int]:
 
 def image_tokens(adapter) -> int:
     """Image / video tokens of one sample: the latent cut into the transformer's patches (FLUX packs 2 x 2 over
-    a patch-1 transformer: ``packed_patch_size``), plus ``extra_image_tokens``."""
+    a patch-1 transformer: ``packed_patch_size``), plus ``extra_image_tokens``. An adapter whose latent is not an
+    image or video grid declares its count of self-attention tokens, ``attention_tokens``."""
+    declared = getattr(adapter, "attention_tokens", None)
+    if declared is not None:
+        return int(declared) + int(getattr(adapter, "extra_image_tokens", 0))
     shape = adapter.latent_shape()
     c = adapter.model.config
     p = getattr(c, "patch_size", 1)

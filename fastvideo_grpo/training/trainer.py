@@ -52,12 +52,28 @@ from .optim import apply_optim_config, build_lr_scheduler, build_optimizer
 # ----------------------------------------------------------------------------- the trainer
 
 
+def check_trainable_steps(allowed, lo: int, hi: int, model_name: str) -> None:
+    """ValueError naming ``grpo.timestep_window`` when the steps training may pick, ``[lo, hi)``, reach outside
+    the steps the adapter's trainable module predicts (``allowed`` = its ``trainable_steps``; None = all)."""
+    if allowed is None:
+        return
+    a, b = int(allowed[0]), int(allowed[1])
+    if b <= a:
+        raise ValueError(f"{model_name}: no sampling step is predicted by the trainable module (its steps are "
+                         f"[{a}, {b})); change sampling.num_steps or the model's expert boundary")
+    if not (a <= lo and hi <= b):
+        raise ValueError(f"{model_name}: only sampling steps [{a}, {b}) are predicted by the trainable module, but "
+                         f"training may pick steps [{lo}, {hi}); set grpo.timestep_window: [{a}, {b}] (or a window "
+                         "inside it)")
+
+
 def build_schedule(cfg: RunConfig, adapter: PolicyAdapter, objective=None):
     """The adapter's sampling schedule for ``cfg.sampling``, with the last step made deterministic when
     ``sampling.deterministic_last_step`` says so (null: the schedule's own default, see sde/).
 
     ValueError when a step that training may pick (``grpo.trainable_window``) has eta = 0 and the objective
-    (default: the config's) needs log-probs: its transition is a point mass, with no log-prob to train."""
+    (default: the config's) needs log-probs: its transition is a point mass, with no log-prob to train; and when
+    such a step lies outside the adapter's ``trainable_steps`` (a frozen expert predicts it)."""
     from ..sde import ETA_FORMS, with_deterministic_last_step
 
     s = cfg.sampling
@@ -73,6 +89,8 @@ def build_schedule(cfg: RunConfig, adapter: PolicyAdapter, objective=None):
         schedule = with_deterministic_last_step(schedule)
     check_ode_solver(s.ode_solver, schedule)
     lo, hi = sde_window.training_window(cfg)
+    steps_hook = getattr(adapter, "trainable_steps", None)  # PolicyAdapter's hook (duck-typed adapters may lack it)
+    check_trainable_steps(steps_hook(schedule) if callable(steps_hook) else None, lo, hi, cfg.model.name)
     if (objective or build_objective(cfg)).needs_log_probs:
         etas = schedule.eta.tolist()
         only_last = [i for i in range(lo, hi) if etas[i] <= 0] == [schedule.num_steps - 1]

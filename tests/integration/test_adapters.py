@@ -33,7 +33,7 @@ NUM_STEPS = 3
 
 
 ALL = list(FAMILIES)
-CFG_FAMILIES = ["sd", "hunyuan_i2v", "wan", "sd3"]
+CFG_FAMILIES = ["sd", "hunyuan_i2v", "wan", "sd3", "wan22_a14b", "wan22_5b_i2v", "hunyuan15_t2v"]
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +79,11 @@ def _rollout_and_update(adapter, lr=1e-3):
     B = P * G
     gen = torch.Generator().manual_seed(1)
     schedule = adapter.make_schedule(NUM_STEPS, eta=0.3)
-    keep = grpo.subsample_timesteps(NUM_STEPS, 0.6, B, gen)
+    keep = grpo.subsample_timesteps(NUM_STEPS, 0.6, B, gen, window=adapter.trainable_steps(schedule))
     cond = _random_cond(adapter, P)
     traj = rollout(adapter, schedule, ["a", "b"], cond, G, keep, gen)
-    K = max(1, int(0.6 * NUM_STEPS))  # no window: all NUM_STEPS are candidates
+    # no window: all NUM_STEPS are candidates (a frozen expert's steps excepted: 2 of 3 for wan22_a14b)
+    K = max(1, int(0.6 * NUM_STEPS))
     latent = adapter.latent_shape(cond)
     assert traj.latents_BK.shape == (B, K) + latent
     assert traj.next_latents_BK.shape == (B, K) + latent
@@ -245,6 +246,44 @@ def _pipeline_qwen_image(adapter, cond, z0, output_type="latent", scheduler=None
     return pipe._unpack_latents(out, adapter.height, adapter.width, pipe.vae_scale_factor)[:, :, 0]
 
 
+def _pipeline_wan22_a14b(adapter, cond, z0, output_type="latent"):
+    """WanPipeline with both experts and the folder's boundary: the 3 steps run high, high, low."""
+    sched = _patch_sigmas(diffusers.FlowMatchEulerDiscreteScheduler(shift=adapter.shift))
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, transformer=adapter.model,
+                                 transformer_2=adapter.low_noise_model, vae=adapter.vae, scheduler=sched,
+                                 boundary_ratio=adapter.boundary_ratio)
+    return pipe(prompt_embeds=cond["prompt_embeds"], negative_prompt_embeds=cond["negative_prompt_embeds"],
+                guidance_scale=adapter.cfg_scale, guidance_scale_2=adapter.cfg_scale_2, num_inference_steps=NUM_STEPS,
+                height=adapter.height, width=adapter.width, num_frames=adapter.num_frames, latents=z0.clone(),
+                output_type=output_type).frames
+
+
+def _pipeline_wan22_5b(adapter, cond, z0, output_type="latent"):
+    """WanPipeline as the TI2V-5B folder configures it (expand_timesteps: per-token timesteps)."""
+    sched = _patch_sigmas(diffusers.FlowMatchEulerDiscreteScheduler(shift=adapter.shift))
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, transformer=adapter.model, vae=adapter.vae,
+                                 scheduler=sched, expand_timesteps=True)
+    return pipe(prompt_embeds=cond["prompt_embeds"], negative_prompt_embeds=cond["negative_prompt_embeds"],
+                guidance_scale=adapter.cfg_scale, num_inference_steps=NUM_STEPS, height=adapter.height,
+                width=adapter.width, num_frames=adapter.num_frames, latents=z0.clone(), output_type=output_type).frames
+
+
+def _pipeline_hunyuan15(adapter, cond, z0, output_type="latent"):
+    """HunyuanVideo15Pipeline with its CFG guider at the adapter's scale (no sigmas argument needed: the pipeline
+    samples linspace(1, 0, T + 1)[:-1], shifted by the scheduler)."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=adapter.shift)
+    pipe = diffusers.HunyuanVideo15Pipeline(text_encoder=None, tokenizer=None, transformer=adapter.model,
+                                            vae=adapter.vae, scheduler=sched, text_encoder_2=None, tokenizer_2=None,
+                                            guider=ClassifierFreeGuidance(guidance_scale=adapter.cfg_scale))
+    embeds = {f"{neg}{name}": cond[f"{neg}{key}"] for neg in ("", NEG)
+              for name, key in (("prompt_embeds", "prompt_embeds"), ("prompt_embeds_mask", "prompt_attention_mask"),
+                                ("prompt_embeds_2", "glyph_embeds"), ("prompt_embeds_mask_2", "glyph_attention_mask"))}
+    return pipe(**embeds, num_inference_steps=NUM_STEPS, height=adapter.height, width=adapter.width,
+                num_frames=adapter.num_frames, latents=z0.clone(), output_type=output_type).frames
+
+
 def _flux2_to_ours(pipe, latents):
     """The pipeline's latent (the VAE's, unpatchified and denormalised) back to the adapter's space."""
     bn = pipe.vae.bn
@@ -294,7 +333,9 @@ def _pipeline_z_image(adapter, cond, z0, output_type="latent"):
 
 PIPELINES = {"sd": _pipeline_sd, "flux": _pipeline_flux, "hunyuan_t2i": _pipeline_hunyuan,
              "hunyuan_t2v": _pipeline_hunyuan, "wan": _pipeline_wan, "sd3": _pipeline_sd3,
-             "qwen_image": _pipeline_qwen_image, "flux2_klein": _pipeline_flux2_klein, "flux2_dev": _pipeline_flux2_dev,
+             "qwen_image": _pipeline_qwen_image, "wan22_a14b": _pipeline_wan22_a14b, "wan22_5b": _pipeline_wan22_5b,
+             "hunyuan15_t2v": _pipeline_hunyuan15,
+             "flux2_klein": _pipeline_flux2_klein, "flux2_dev": _pipeline_flux2_dev,
              "z_image": _pipeline_z_image}
 
 
@@ -569,6 +610,216 @@ def test_wan_i2v_matches_diffusers_pipeline(folders):
     torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=2e-5)
 
 
+# ----------------------------------------------------------------------------- Wan 2.2
+
+
+def test_wan22_5b_i2v_matches_diffusers_pipeline(folders):
+    """TI2V-5B with a first frame, as WanImageToVideoPipeline with expand_timesteps: the reference latent replaces
+    the first latent frame, whose tokens get timestep 0; the pipeline's final latent (first frame overwritten by
+    the reference) is what sample_ode ends at. The reference really conditions the other frames."""
+    adapter = _build(folders, "wan22_5b_i2v")
+    sched = _patch_sigmas(diffusers.FlowMatchEulerDiscreteScheduler(shift=adapter.shift))
+    pipe = diffusers.WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=adapter.vae, scheduler=sched,
+                                             image_processor=None, image_encoder=None, transformer=adapter.model,
+                                             expand_timesteps=True)
+    B = 2
+    image = torch.rand(1, 3, adapter.height, adapter.width)
+    z0 = adapter.initial_noise(B, torch.Generator().manual_seed(51))
+    with torch.no_grad():
+        pre = pipe.video_processor.preprocess(image, height=adapter.height, width=adapter.width)
+        _, reference, _ = pipe.prepare_latents(pre, B, adapter.vae.config.z_dim, adapter.height, adapter.width,
+                                               adapter.num_frames, torch.float32, "cpu", None, latents=z0.clone())
+    cond = _random_cond(adapter, B, seed=52)
+    cond["image_latents"] = reference
+    ours = sample_ode(adapter, adapter.make_schedule(NUM_STEPS, eta=0.0), cond, z0)
+    with torch.no_grad():
+        theirs = pipe(image=image, prompt_embeds=cond["prompt_embeds"], negative_prompt_embeds=cond[NEG + "prompt_embeds"],
+                      guidance_scale=adapter.cfg_scale, num_inference_steps=NUM_STEPS, height=adapter.height,
+                      width=adapter.width, num_frames=adapter.num_frames, latents=z0.clone(), output_type="latent").frames
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(ours[:, :, :1], reference, rtol=0, atol=1e-5)  # the first frame is the reference
+    other = dict(cond, image_latents=torch.randn_like(reference))
+    moved = sample_ode(adapter, adapter.make_schedule(NUM_STEPS, eta=0.0), other, z0)
+    assert (moved[:, :, 1:] - ours[:, :, 1:]).abs().max() > 1e-3
+    # the first frame's velocity is parameter-free: no gradient reaches the model through it
+    t = adapter.make_schedule(NUM_STEPS).model_timestep(0, z0)
+    v = adapter.predict(z0, t, cond)
+    grads = torch.autograd.grad(v[:, :, :1].sum(), list(adapter.model.parameters()), allow_unused=True)
+    assert all(g is None or g.abs().max() == 0 for g in grads)
+
+
+def test_wan22_a14b_routes_steps_to_the_experts_and_trains_only_the_high_noise_one(folders):
+    """Each sample goes to the expert of its timestep (t >= 875: high noise, below: low noise, each with its CFG
+    scale) also in a mixed batch; only the high-noise expert is trainable, the low-noise one is declared for
+    sharding; the steps training may pick are the high-noise ones and the trainer refuses a window past them."""
+    from fastvideo_grpo.config import load_config
+    from fastvideo_grpo.training.trainer import build_schedule
+
+    adapter = _build(folders, "wan22_a14b")
+    assert (adapter.cfg_scale, adapter.cfg_scale_2, adapter.boundary_timestep) == (4.0, 3.0, 875.0)
+    assert adapter.frozen_denoisers() == [adapter.low_noise_model]
+    assert not any(p.requires_grad for p in adapter.low_noise_model.parameters())
+    assert all(p.requires_grad for p in adapter.trainable_module().parameters())
+    cond = _random_cond(adapter, 3, seed=53)
+    z = adapter.initial_noise(3, torch.Generator().manual_seed(54))
+    t = torch.tensor([900.0, 500.0, 875.0])  # high, low, high (the boundary itself is high noise)
+    mixed = adapter.predict(z, t, cond)
+    with torch.no_grad():
+        for i, (model, scale) in enumerate([(adapter.model, 4.0), (adapter.low_noise_model, 3.0),
+                                            (adapter.model, 4.0)]):
+            c = model(hidden_states=z[i:i + 1], timestep=t[i:i + 1], encoder_hidden_states=cond["prompt_embeds"][i:i + 1],
+                      return_dict=False)[0]
+            u = model(hidden_states=z[i:i + 1], timestep=t[i:i + 1],
+                      encoder_hidden_states=cond[NEG + "prompt_embeds"][i:i + 1], return_dict=False)[0]
+            torch.testing.assert_close(mixed[i:i + 1], u + scale * (c - u), rtol=1e-4, atol=1e-5)
+    mixed.square().sum().backward()
+    assert all(p.grad is None for p in adapter.low_noise_model.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.model.parameters())
+    # the schedule's steps: t = 1000, 960 (high) | 857 (low)
+    schedule = adapter.make_schedule(NUM_STEPS)
+    assert adapter.trainable_steps(schedule) == (0, 2)
+    base = ["--model.name=wan22_a14b", f"--sampling.num_steps={NUM_STEPS}", "--rewards=[{name: toy_geneval}]"]
+    build_schedule(load_config(None, base), adapter)  # [0, 2): the last step is never trained
+    with pytest.raises(ValueError, match=r"grpo.timestep_window: \[0, 2\]"):
+        build_schedule(load_config(None, base + ["--grpo.train_last_step=true"]), adapter)
+    with pytest.raises(ValueError, match="guidance_scale_2 > 1 needs guidance_scale > 1"):
+        _build(folders, "wan22_a14b", guidance_scale=1.0)
+
+
+def test_wan22_a14b_reads_its_boundary_and_needs_both_experts(folders, tmp_path):
+    import json
+
+    root, kw = folders("wan22_a14b")
+    kw = {k: v for k, v in kw.items() if k != "boundary_ratio"}
+    folder = tmp_path / "a14b"
+    folder.mkdir()
+    for sub in ("transformer", "vae"):
+        (folder / sub).symlink_to(root / sub)
+    with pytest.raises(FileNotFoundError, match="transformer_2/config.json"):
+        ADAPTERS.build("wan22_a14b", model_path=str(folder), **kw)
+    (folder / "transformer_2").symlink_to(root / "transformer_2")
+    with pytest.raises(ValueError, match="boundary_ratio"):
+        ADAPTERS.build("wan22_a14b", model_path=str(folder), **kw)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "boundary_ratio": 0.9}))
+    assert ADAPTERS.build("wan22_a14b", model_path=str(folder), **kw).boundary_timestep == 900.0
+    missing = ADAPTERS.signature_of("wan22_a14b").missing_model_files({"model_path": str(tmp_path / "none")})
+    assert missing and "transformer_2/" in missing[0]
+
+
+# ----------------------------------------------------------------------------- HunyuanVideo 1.5
+
+
+def test_hunyuan15_static_forward_is_the_models(folders):
+    """The planner's replica of the transformer forward (static shapes: the text tokens put in the model's order --
+    valid vision / ByT5 / Qwen tokens first -- by a stable sort instead of boolean masks) gives the diffusers
+    forward's prediction for a batch whose rows have different padding (one without glyph text at all), with
+    gradients; padded tokens reach neither; and it runs under fake tensors, where the diffusers forward cannot."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
+
+    adapter = _build(folders, "hunyuan15_t2v", guidance_scale=1.0)
+    cond = _random_cond(adapter, 3, seed=61)
+    cond["prompt_attention_mask"][1, 3:] = 0
+    cond["glyph_attention_mask"][2] = 0  # a prompt without quoted text
+    z = adapter.initial_noise(3, torch.Generator().manual_seed(62))
+    t = torch.tensor([900.0, 500.0, 100.0])
+    x = torch.cat([z, torch.zeros_like(z), torch.zeros_like(z[:, :1])], dim=1)
+    ours = adapter._static_forward(x, t, cond)
+    theirs = adapter.predict(z, t, cond)  # the model's own forward
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    params = [p for p in adapter.model.parameters()]
+    g_ours = torch.autograd.grad(ours.square().sum(), params, allow_unused=True)
+    g_theirs = torch.autograd.grad(theirs.square().sum(), params, allow_unused=True)
+    for a, b in zip(g_ours, g_theirs):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        changed = {k: v.clone() for k, v in cond.items()}
+        changed["prompt_embeds"][1, 3:] += 7.0
+        changed["glyph_embeds"][2] += 7.0
+        for fwd in (lambda cc: adapter._static_forward(x, t, cc), lambda cc: adapter.predict(z, t, cc)):
+            torch.testing.assert_close(fwd(changed), theirs.detach(), rtol=1e-5, atol=1e-6)
+        changed["prompt_embeds"][1, 0] += 7.0
+        assert (adapter._static_forward(x, t, changed)[1] - ours[1]).abs().max() > 1e-4
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = adapter.predict(torch.zeros_like(z), torch.zeros(3), cond)
+        with pytest.raises((DataDependentOutputException, DynamicOutputShapeException)):  # why the replica exists
+            adapter.model(hidden_states=torch.zeros_like(x), timestep=torch.zeros(3),
+                          encoder_hidden_states=cond["prompt_embeds"],
+                          encoder_attention_mask=cond["prompt_attention_mask"].float(),
+                          encoder_hidden_states_2=cond["glyph_embeds"],
+                          encoder_attention_mask_2=cond["glyph_attention_mask"].float(),
+                          image_embeds=torch.zeros(3, 729, 16), return_dict=False)
+    assert out.shape == z.shape
+
+
+# ----------------------------------------------------------------------------- LTX-2
+
+
+def test_ltx2_matches_diffusers_pipeline_video_and_audio(folders):
+    """LTX2Pipeline on the same components (its text connectors fed the same raw text-encoder states; no STG, no
+    modality guidance), the same video and audio noise and its own dynamic-shift sigmas: both streams of the
+    deterministic sample, CFG in clean-prediction space with the std rescale and per-stream scales, the cross
+    timestep; and the decoded video against the pipeline's own decode."""
+    from diffusers.pipelines.ltx2.pipeline_ltx2 import LTX2Pipeline
+    from support.tiny_models import tiny_ltx2_audio_vae, tiny_ltx2_connectors, tiny_ltx2_vocoder
+
+    adapter = _build(folders, "ltx2", use_cross_timestep=True)
+    assert adapter.uses_cfg and (adapter.cfg_scale, adapter.audio_cfg_scale, adapter.guidance_rescale) == (3.0, 7.0, 0.7)
+    n = adapter.video_tokens
+    assert (n, adapter.audio_tokens) == (3 * 4 * 4, 5) and adapter.latent_shape() == (n + 5, 4)
+    torch.manual_seed(0)
+    connectors = tiny_ltx2_connectors()
+    g = torch.Generator().manual_seed(71)
+    B, L = 2, 8
+    raw = {p: torch.randn(B, L, 16 * 3, generator=g) for p in ("", NEG)}
+    masks = {p: torch.ones(B, L, dtype=torch.int64) for p in ("", NEG)}
+    masks[""][0, :3] = 0  # left padding
+    masks[NEG][:, :5] = 0
+    cond = {}
+    with torch.no_grad():
+        for p in ("", NEG):  # what data_prep stores: the connectors' outputs
+            cond[p + "prompt_embeds"], cond[p + "audio_prompt_embeds"], cond[p + "prompt_attention_mask"] = \
+                connectors(raw[p], masks[p], padding_side="left")
+    z0 = adapter.initial_noise(B, torch.Generator().manual_seed(72))
+    ours = sample_ode(adapter, adapter.make_schedule(NUM_STEPS, eta=0.0), cond, z0)
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+                                                      base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
+    pipe = LTX2Pipeline(scheduler=sched, vae=adapter.vae, audio_vae=tiny_ltx2_audio_vae(), text_encoder=None,
+                        tokenizer=None, connectors=connectors, transformer=adapter.model, vocoder=tiny_ltx2_vocoder())
+    args = dict(prompt_embeds=raw[""], prompt_attention_mask=masks[""], negative_prompt_embeds=raw[NEG],
+                negative_prompt_attention_mask=masks[NEG], height=adapter.height, width=adapter.width,
+                num_frames=adapter.num_frames, frame_rate=adapter.frame_rate, num_inference_steps=NUM_STEPS,
+                guidance_scale=3.0, guidance_rescale=0.7, audio_guidance_scale=7.0, audio_guidance_rescale=0.7,
+                stg_scale=0.0, audio_stg_scale=0.0, modality_scale=1.0, audio_modality_scale=1.0,
+                use_cross_timestep=True, latents=z0[:, :n].clone(), audio_latents=z0[:, n:].clone(), return_dict=False)
+    with torch.no_grad():
+        video, audio = pipe(**args, output_type="latent")
+        pixels, _ = pipe(**args, output_type="pt")
+        ours_pixels = adapter.decode(ours)
+    f, h, w = adapter.latent_frames, adapter.latent_h, adapter.latent_w
+    vae = adapter.vae
+    ours_video = LTX2Pipeline._denormalize_latents(LTX2Pipeline._unpack_latents(ours[:, :n], f, h, w), vae.latents_mean,
+                                                   vae.latents_std, vae.config.scaling_factor)
+    torch.testing.assert_close(ours_video, video.float(), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(LTX2Pipeline._unpack_audio_latents(ours[:, n:], 5, num_mel_bins=2), audio.float(),
+                               rtol=1e-5, atol=2e-5)  # the audio VAE's mean 0 / std 1: no (de)normalisation
+    assert (ours - z0).abs().max() > 1e-2
+    torch.testing.assert_close(ours_pixels, pixels.float(), rtol=1e-4, atol=1e-4)
+    # the audio tokens are part of the video's computation (audio-to-video attention), as in the pipeline
+    other = torch.cat([z0[:, :n], torch.randn_like(z0[:, n:])], dim=1)
+    moved = sample_ode(adapter, adapter.make_schedule(NUM_STEPS, eta=0.0), cond, other)
+    assert (moved[:, :n] - ours[:, :n]).abs().max() > 1e-4
+
+
+def test_ltx2_refuses_sequence_parallelism_and_bad_frame_counts(folders):
+    adapter = _build(folders, "ltx2")
+    with pytest.raises(ValueError, match="parallel.sp: 1"):
+        adapter.sequence_parallel_plan()
+    with pytest.raises(ValueError, match="num_frames must be 2k \\+ 1"):
+        _build(folders, "ltx2", num_frames=4)
+
+
 # ----------------------------------------------------------------------------- CFG
 
 
@@ -740,7 +991,7 @@ def test_chunked_rollout_matches_the_whole_batch(folders, name, monkeypatch):
 
     def run(rb, db):
         gen = torch.Generator().manual_seed(1)
-        keep = grpo.subsample_timesteps(NUM_STEPS, 0.6, B, gen)
+        keep = grpo.subsample_timesteps(NUM_STEPS, 0.6, B, gen, window=adapter.trainable_steps(schedule))
         start = len(draws)
         traj = rollout(adapter, schedule, ["a", "b"], cond, G, keep, gen, rollout_batch_size=rb, decode_batch_size=db)
         return traj, draws[start:]
@@ -773,7 +1024,8 @@ def test_chunked_rollout_matches_the_whole_batch(folders, name, monkeypatch):
     assert torch.equal(ratios[0], torch.ones_like(ratios[0])) and stats["train/first_ratio_dev"] == 0.0
 
 
-VIDEO_FAMILIES = ["hunyuan_t2i", "hunyuan_t2v", "hunyuan_i2v", "wan", "wan_i2v"]
+VIDEO_FAMILIES = ["hunyuan_t2i", "hunyuan_t2v", "hunyuan_i2v", "wan", "wan_i2v", "wan22_a14b", "wan22_5b",
+                  "wan22_5b_i2v", "hunyuan15_t2v", "ltx2"]
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -34,6 +34,10 @@ CASES = [  # (script, recipe, adapter family)
     ("train_i2v_grpo", "configs/hunyuan_i2v_mq.yaml", "hunyuan_i2v"),
     ("train_wan_grpo", "configs/wan_t2v.yaml", "wan"),
     ("train_wan_grpo", "configs/wan_t2i_hps.yaml", "wan"),  # the released Wan recipe: one frame
+    ("train", "configs/wan22_a14b_t2v.yaml", "wan22_a14b"),
+    ("train", "configs/wan22_5b_t2v.yaml", "wan22_5b"),
+    ("train", "configs/hunyuan15_t2v_videoalign.yaml", "hunyuan15_t2v"),
+    ("train", "configs/ltx2_t2v_pickscore.yaml", "ltx2"),
     # the 2026 image families (issue 31), through the one entry: LoRA, SDE windows, CFG with negatives
     ("train", "configs/flux2_klein_pickscore.yaml", "flux2_klein"),
     ("train", "configs/flux2_klein_base_pickscore.yaml", "flux2_klein_cfg"),
@@ -41,7 +45,13 @@ CASES = [  # (script, recipe, adapter family)
     ("train", "configs/z_image_turbo_pickscore.yaml", "z_image"),
     ("train", "configs/z_image_pickscore.yaml", "z_image_cfg"),
 ]
+# the recipes' step windows and sizes brought to the tiny runs' 2 steps and 32 px
 EXTRA = {"configs/wan_t2i_hps.yaml": {"model.kwargs.num_frames": 1},
+         "configs/wan22_a14b_t2v.yaml": {"grpo.timestep_window": "[0, 1]", "grpo.sde_window.size": 1},
+         "configs/wan22_5b_t2v.yaml": {"grpo.timestep_window": "[0, 1]", "grpo.sde_window.size": 1,
+                                       "model.kwargs.height": 32, "model.kwargs.width": 32},
+         "configs/ltx2_t2v_pickscore.yaml": {"grpo.timestep_window": "[0, 1]", "grpo.sde_window.size": 1,
+                                             "model.kwargs.height": 32, "model.kwargs.width": 32},
          # enough steps for the recipes' SDE windows (steps 1-2 / 1-3, never the last)
          "configs/flux2_klein_pickscore.yaml": {"sampling.num_steps": 4},
          **{f"configs/{r}.yaml": {"sampling.num_steps": 5} for r in (
@@ -67,9 +77,11 @@ def test_train_script_two_iterations(tiny, tmp_path, script, recipe, family):
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["model"]["name"] == run_family(family) and saved["train"]["num_iterations"] == 2
     assert saved["model"]["kwargs"]["model_path"] == str(folder)
-    for k, v in EXTRA.get(recipe, {}).items():
-        section, *_, key = k.split(".")
-        assert (saved["model"]["kwargs"] if section == "model" else saved[section])[key] == v
+    for k, v in EXTRA.get(recipe, {}).items():  # each override reached the resolved config
+        node = saved
+        for part in k.split("."):
+            node = node[part]
+        assert node == (yaml.safe_load(v) if isinstance(v, str) else v), k
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert (out / "reward_curve.png").is_file() and (out / "samples" / "iter_000002.png").is_file()
     # the export: LoRA recipes the adapter weights alone; a full fine-tune the trained denoiser in the pipeline

@@ -16,7 +16,7 @@ from typing import Dict
 
 import torch
 
-from support.tiny_models import tiny_hunyuan_vae, tiny_qwen_vae, tiny_wan_vae
+from support.tiny_models import tiny_hunyuan_vae, tiny_qwen_vae, tiny_wan22_vae, tiny_wan_vae
 
 WORDS = ("a an the of on in and with left right above below photo video cat dog red green blue yellow purple "
          "orange white black circle square triangle star one two three four small big bright dark sky sea forest "
@@ -183,6 +183,41 @@ def _qwen2_5_vl(vocab_size: int, tokenizer=None):
     return transformers.Qwen2_5_VLForConditionalGeneration(cfg)
 
 
+# Qwen2.5's chat format (system turn, user turn, generation prompt) as a Jinja template for the word-level
+# stand-in, so apply_chat_template renders what the real Qwen2.5-VL tokenizer's template renders
+QWEN_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                      "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _qwen2_5_vl_text(vocab_size: int):
+    """Qwen2.5-VL's text model alone (the class HunyuanVideo15Pipeline loads) at toy size."""
+    import transformers
+
+    cfg = transformers.Qwen2_5_VLTextConfig(
+        vocab_size=vocab_size, hidden_size=QWEN_VL_DIM, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048, pad_token_id=0, bos_token_id=None,
+        eos_token_id=None, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    return transformers.Qwen2_5_VLTextModel(cfg)
+
+
+GEMMA_DIM = 16  # the tiny Gemma 3 text model's width = LTX-2's connector width (tests/support/tiny_models.py)
+
+
+def _gemma3(vocab_size: int):
+    """Gemma 3 (the class LTX2Pipeline loads: the vision-language model) at toy size: 2 text layers, a 1-block SigLIP."""
+    import transformers
+
+    cfg = transformers.Gemma3Config(
+        text_config=dict(vocab_size=vocab_size, hidden_size=GEMMA_DIM, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048,
+                         sliding_window=64, pad_token_id=0, bos_token_id=3, eos_token_id=1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+        mm_tokens_per_image=4, image_token_index=vocab_size - 1, boi_token_index=vocab_size - 2,
+        eoi_token_index=vocab_size - 3)
+    return transformers.Gemma3ForConditionalGeneration(cfg)
+
+
 def build_tiny_components(family: str, path) -> Dict[str, object]:
     """Write a tiny ``family`` encoder folder at ``path``; returns the in-memory components (seed 0)."""
     import transformers
@@ -207,7 +242,7 @@ def build_tiny_components(family: str, path) -> Dict[str, object]:
         c["text_encoder"] = _llama(n)
         c["tokenizer_2"] = clip_tokenizer(root / "tokenizer_2")
         c["text_encoder_2"] = _clip_model("CLIPTextModel", len(c["tokenizer_2"]))
-    elif base == "wan":
+    elif base in ("wan", "wan22_5b"):  # Wan 2.2 keeps Wan 2.1's UMT5 encoder
         c["tokenizer"], n = word_tokenizer(root / "tokenizer")
         c["text_encoder"] = _t5("UMT5EncoderModel", n)
     elif base == "qwen_image":
@@ -222,6 +257,21 @@ def build_tiny_components(family: str, path) -> Dict[str, object]:
         c["image_processor"] = transformers.Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
         c["image_processor"].save_pretrained(str(root / "processor"))
         c["vae"] = tiny_qwen_vae()
+    elif base == "hunyuan15":  # Qwen2.5-VL text model with a chat template + ByT5 (byte-level, no vocab file)
+        c["tokenizer"], n = word_tokenizer(root / "tokenizer", max_length=4096, extra_words=QWEN_TEMPLATE_WORDS,
+                                           plain=True)
+        c["tokenizer"].chat_template = QWEN_CHAT_TEMPLATE
+        c["tokenizer"].save_pretrained(str(root / "tokenizer"))
+        c["text_encoder"] = _qwen2_5_vl_text(n)
+        c["tokenizer_2"] = transformers.ByT5Tokenizer()
+        c["tokenizer_2"].save_pretrained(str(root / "tokenizer_2"))
+        c["text_encoder_2"] = _t5("T5EncoderModel", len(c["tokenizer_2"]))
+    elif base == "ltx2":  # Gemma 3 with a BOS-prepending tokenizer + the text connectors (a diffusers module)
+        c["tokenizer"], n = word_tokenizer(root / "tokenizer", bos=True, max_length=2048)
+        c["text_encoder"] = _gemma3(n + 3)
+        from support.tiny_models import tiny_ltx2_connectors
+
+        c["connectors"] = tiny_ltx2_connectors(GEMMA_DIM, encoder_layers=2)
     elif base in ("flux2_klein", "z_image"):  # Qwen3 (klein: its causal-LM class, 28 layers; Z-Image: the base model)
         c["tokenizer"], n = word_tokenizer(root / "tokenizer", max_length=2048, plain=True, specials=QWEN3_SPECIALS,
                                            chat_template=QWEN3_CHAT_TEMPLATE)
@@ -242,6 +292,8 @@ def build_tiny_components(family: str, path) -> Dict[str, object]:
         raise ValueError(f"no tiny components for family {family!r}")
     if family == "hunyuan_i2v":
         c["vae"] = tiny_hunyuan_vae()
+    if family == "wan22_5b_i2v":
+        c["vae"] = tiny_wan22_vae()
     if family == "wan_i2v":
         c["vae"] = tiny_wan_vae()
         vcfg = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,

@@ -14,7 +14,8 @@ import torch
 
 TEXT_LEN = 6  # text tokens of the SD tokenizer stand-in (max_sequence_length)
 FAMILIES = ("sd", "flux", "hunyuan_t2i", "hunyuan_t2v", "hunyuan_i2v", "wan", "wan_i2v", "sd3", "qwen_image",
-            "qwen_image_edit", "flux2_klein", "flux2_dev", "z_image")
+            "qwen_image_edit", "wan22_a14b", "wan22_5b", "wan22_5b_i2v", "hunyuan15_t2v", "ltx2", "flux2_klein",
+            "flux2_dev", "z_image")
 
 
 def _diffusers():
@@ -45,6 +46,95 @@ def tiny_wan_vae():
                                          temperal_downsample=[False, True, True])
 
 
+WAN22_Z = 8  # latent channels of the tiny Wan 2.2 VAE (the real one has 48)
+
+
+def tiny_wan22_vae():
+    """Wan 2.2's VAE (TI2V-5B): residual blocks, 2x2 pixel patches, 16x spatial and 4x temporal compression."""
+    return _diffusers().AutoencoderKLWan(
+        base_dim=8, decoder_base_dim=8, z_dim=WAN22_Z, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+        scale_factor_spatial=16, scale_factor_temporal=4, latents_mean=[0.1 * i - 0.3 for i in range(WAN22_Z)],
+        latents_std=[0.8 + 0.1 * i for i in range(WAN22_Z)])
+
+
+HV15_C = 4  # latent channels of the tiny HunyuanVideo 1.5 VAE (the real one has 32)
+
+
+def tiny_hunyuan15_vae():
+    """HunyuanVideo 1.5's VAE: 16x spatial, 4x temporal compression."""
+    return _diffusers().AutoencoderKLHunyuanVideo15(
+        latent_channels=HV15_C, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1, spatial_compression_ratio=16,
+        temporal_compression_ratio=4, scaling_factor=0.9)
+
+
+def tiny_hunyuan15(num_layers: int = 1, text_dim: int = 32, text_2_dim: int = 48):
+    """HunyuanVideo 1.5's dual-stream transformer: latents + condition latents + mask in, 2 heads of 8;
+    ``text_dim`` / ``text_2_dim``: the Qwen2.5-VL and ByT5 hidden sizes (tests/support/tiny_encoders.py)."""
+    return _diffusers().HunyuanVideo15Transformer3DModel(
+        in_channels=2 * HV15_C + 1, out_channels=HV15_C, num_attention_heads=2, attention_head_dim=8,
+        num_layers=num_layers, num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1,
+        text_embed_dim=text_dim, text_embed_2_dim=text_2_dim, image_embed_dim=16, rope_axes_dim=(2, 4, 2),
+        target_size=32, task_type="t2v")
+
+
+def tiny_ltx2_vae():
+    """LTX-2's video VAE at toy size (diffusers' own pipeline test's): 4 latent channels, 4x4 pixel patches and one
+    spatial downsampling (8x), 2x temporal; decodes only here (the encoder is never used)."""
+    vae = _diffusers().AutoencoderKLLTX2Video(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), decoder_block_out_channels=(8,),
+        layers_per_block=(1,), decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True,),
+        decoder_spatio_temporal_scaling=(True,), decoder_inject_noise=(False, False), downsample_type=("spatial",),
+        upsample_residual=(False,), upsample_factor=(1,), timestep_conditioning=False, patch_size=4, patch_size_t=1,
+        encoder_causal=True, decoder_causal=False)
+    with torch.no_grad():  # per-channel statistics that are not the identity, so that (de)normalising is tested
+        vae.latents_mean.copy_(torch.tensor([0.1, -0.2, 0.3, 0.05]))
+        vae.latents_std.copy_(torch.tensor([1.5, 0.8, 2.0, 1.1]))
+    return vae
+
+
+def tiny_ltx2_audio_vae():
+    """LTX-2's audio VAE at toy size: only its settings and statistics are read (by LTX2Pipeline): 16 kHz, hop 160,
+    4x temporal compression, 2 latent channels x 8 / 4 mel bins = 4 = the tiny transformer's audio token width."""
+    return _diffusers().AutoencoderKLLTX2Audio(
+        base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1, in_channels=2, resolution=32,
+        latent_channels=2, mel_bins=8)
+
+
+def tiny_ltx2_connectors(caption_channels: int = 16, encoder_layers: int = 2):
+    """LTX-2's text connectors (LTX2TextConnectors, the pipeline's ``connectors/``) over a Gemma 3 text model of
+    ``caption_channels`` width and ``encoder_layers`` layers (tests/support/tiny_encoders.py): 2 learnable registers
+    (the real stack has 128) replacing the padding, one block per stream."""
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+
+    return LTX2TextConnectors(
+        caption_channels=caption_channels, text_proj_in_factor=encoder_layers + 1, video_connector_num_attention_heads=2,
+        video_connector_attention_head_dim=caption_channels // 2, video_connector_num_layers=1,
+        video_connector_num_learnable_registers=2, audio_connector_num_attention_heads=2,
+        audio_connector_attention_head_dim=caption_channels // 2, audio_connector_num_layers=1,
+        audio_connector_num_learnable_registers=2, connector_rope_base_seq_len=32, rope_double_precision=False,
+        rope_type="split")
+
+
+def tiny_ltx2_vocoder():
+    """LTX-2's vocoder at toy size (LTX2Pipeline decodes the audio with it when it returns pixels)."""
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+    return LTX2Vocoder(in_channels=2 * 8, hidden_channels=8, out_channels=2, upsample_kernel_sizes=[4],
+                       upsample_factors=[2], resnet_kernel_sizes=[3], resnet_dilations=[[1]],
+                       output_sampling_rate=16000)
+
+
+def tiny_ltx2(num_layers: int = 1, caption_channels: int = 16):
+    """LTX-2's audio-video transformer: video and audio tokens of width 4, 2 heads each; ``caption_channels``: the
+    text connectors' width (tests/support/tiny_encoders.py's Gemma 3 hidden size)."""
+    return _diffusers().LTX2VideoTransformer3DModel(
+        in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
+        audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=num_layers, qk_norm="rms_norm_across_heads",
+        caption_channels=caption_channels, rope_double_precision=False, rope_type="split")
+
+
 def tiny_sd_unet():
     return _diffusers().UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
@@ -67,10 +157,12 @@ def tiny_hunyuan(in_channels: int = 4, num_layers: int = 1, num_single_layers: i
         text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 2))
 
 
-def tiny_wan(in_channels: int = 16, **kw):
-    """in_channels 16 for text-to-video; 36 with image_dim / added_kv_proj_dim for image-to-video."""
+def tiny_wan(in_channels: int = 16, out_channels: int = 16, **kw):
+    """in_channels 16 for text-to-video; 36 with image_dim / added_kv_proj_dim for image-to-video; Wan 2.2
+    TI2V-5B: in = out = the Wan 2.2 VAE's z_dim."""
     return _diffusers().WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_channels, out_channels=16,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_channels,
+        out_channels=out_channels,
         text_dim=32, freq_dim=32, ffn_dim=32, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32, **kw)
 
@@ -161,6 +253,16 @@ def tiny_components(family: str) -> Tuple[Dict[str, torch.nn.Module], dict]:
         return {"transformer": tiny_qwen_image(), "vae": tiny_qwen_vae()}, dict(resolution=16)
     if family == "qwen_image_edit":  # the same architecture; the reference image rides in the token sequence
         return {"transformer": tiny_qwen_image(), "vae": tiny_qwen_vae()}, dict(resolution=16, reference_resolution=12)
+    if family == "wan22_a14b":  # two experts of one architecture (different random weights); shift 12 puts the
+        # boundary 0.875 between the 2nd and 3rd of 3 steps (t = 1000, 960 | 857)
+        return {"transformer": tiny_wan(), "transformer_2": tiny_wan(), "vae": tiny_wan_vae()}, dict(
+            video, boundary_ratio=0.875)
+    if family in ("wan22_5b", "wan22_5b_i2v"):  # 64 px: 4 x 4 latents, 2 x 2 tokens per latent frame
+        return {"transformer": tiny_wan(WAN22_Z, WAN22_Z), "vae": tiny_wan22_vae()}, dict(resolution=64, num_frames=5)
+    if family == "hunyuan15_t2v":  # 32 px: 2 x 2 latents per frame, 2 latent frames
+        return {"transformer": tiny_hunyuan15(), "vae": tiny_hunyuan15_vae()}, video
+    if family == "ltx2":  # 32 px (the pipeline's multiple), 5 frames: 3 x 4 x 4 video and 5 audio tokens (24 fps)
+        return {"transformer": tiny_ltx2(), "vae": tiny_ltx2_vae()}, dict(resolution=32, num_frames=5)
     if family == "flux2_klein":
         return {"transformer": tiny_flux2(), "vae": tiny_flux2_vae()}, dict(resolution=16)
     if family == "flux2_dev":  # guidance-distilled: the guidance scale is a model input

@@ -52,6 +52,11 @@ RUN_KWARGS = {  # smaller shapes than the adapter tests': a few training iterati
     "hunyuan_t2i": dict(resolution=16, num_frames=1),
     "hunyuan_i2v": dict(resolution=16, num_frames=5),
     "wan": dict(resolution=16, num_frames=5),
+    # 2 steps at shift 12: t = 1000 (high-noise expert, trained) | 923 (low-noise, frozen) with the boundary at 950
+    "wan22_a14b": dict(resolution=16, num_frames=5, boundary_ratio=0.95),
+    "wan22_5b": dict(resolution=32, num_frames=5),
+    "hunyuan15_t2v": dict(resolution=32, num_frames=5),  # 16x VAE: 2 x 2 latents
+    "ltx2": dict(resolution=32, num_frames=5),  # 3 x 4 x 4 video tokens + 5 audio tokens
     "flux2_klein": dict(resolution=16),
     "flux2_klein_cfg": dict(resolution=16, true_cfg_scale=4.0),  # the undistilled base: negatives in the manifest
     "flux2_dev": dict(resolution=16),

@@ -40,6 +40,18 @@ RECIPES = {
     # the released Qwen-Image-Edit recipe: 512 x 512 edits, G 8, selective checkpointing 1.0, otherwise as Qwen-Image
     "qwen_image_edit_hps.yaml": dict(gpus=8, steps=20, cfg=False, eta=0.3, tau=0.6, K=11, updates=2, shift=3.0,
                                      cfg_scale=("true_cfg_scale", 1.0), prompts_global=16, reward="hps", group_size=8),
+    # Wan 2.2 A14B: the paper's video setting with Wan's shift and CFG; K = the high-noise expert's 16 steps x 0.6
+    "wan22_a14b_t2v.yaml": dict(gpus=32, steps=25, cfg=True, eta=0.3, tau=0.6, K=9, updates=1, size=(480, 480),
+                                frames=53, shift=12.0, cfg_scale=("guidance_scale", 4.0)),
+    # Wan 2.2 TI2V-5B: verl-omni's DanceGRPO recipe (G 8, 64 prompts, 10 steps, a 2-step SDE window, HPSv3)
+    "wan22_5b_t2v.yaml": dict(gpus=8, steps=10, cfg=True, eta=0.3, tau=1.0, K=2, updates=1, shift=5.0,
+                              cfg_scale=("guidance_scale", 5.0), group_size=8, prompts_global=64, reward="hpsv3"),
+    "hunyuan15_t2v_videoalign.yaml": dict(gpus=32, steps=25, cfg=True, eta=0.3, tau=0.6, K=14, updates=1,
+                                          size=(480, 480), frames=53, shift=5.0, cfg_scale=("guidance_scale", 6.0)),
+    # LTX-2: Flow-Factory's LoRA recipe (lr 3e-4, G 16, 48 prompts, 24 steps, 3-step SDE window, no CFG, 2 updates)
+    "ltx2_t2v_pickscore.yaml": dict(gpus=8, steps=24, cfg=False, eta=0.3, tau=1.0, K=3, updates=2, lr=3e-4,
+                                    group_size=16, prompts_global=48, reward="pickscore",
+                                    cfg_scale=("guidance_scale", 1.0)),
     # Flow-Factory's examples (issue 31): G 16, 48 prompts, 2 updates (with CFG too: not the paper's rule), Flow-GRPO's
     # noise level at one random step of a window (K = 1)
     "flux2_klein_pickscore.yaml": dict(FF, steps=4, cfg=False, eta=0.5, size=(384, 384), shift="dynamic",

@@ -31,6 +31,7 @@ from fastvideo_grpo.models.qwen_image import QWEN_IMAGE_PROMPT_TEMPLATE  # noqa:
 from fastvideo_grpo.models.qwen_image_edit import QWEN_IMAGE_EDIT_PROMPT_TEMPLATE  # noqa: E402
 from support.tiny_encoders import (CLIP_DIMS, LLAMA_DIM, MISTRAL3_DIM, QWEN3_DIM, QWEN_VL_DIM, T5_DIM,  # noqa: E402
                                    build_tiny_components)
+from support.tiny_models import WAN22_Z  # noqa: E402
 
 PROMPTS = ["a red circle", "two blue squares on the left", "the cat and the dog", "a photo of a star",
            "three green triangles", "a big dark forest"]
@@ -211,6 +212,63 @@ def test_hunyuan_matches_pipeline(tiny):
     assert FamilyEncoder("hunyuan", c).crop_start == 95  # diffusers' default for the real tokenizer
 
 
+def test_hunyuan15_matches_pipeline(tiny):
+    """Qwen2.5-VL through the tokenizer's chat template around the pipeline's system message, hidden_states[-3],
+    the template's tokens cropped; ByT5 on the prompt's quoted texts (zeros and no mask without quotes); the empty
+    negative as the pipeline encodes it (a " " user turn): HunyuanVideo15Pipeline.encode_prompt."""
+    from fastvideo_grpo.models.hunyuan_video15 import CROP_START
+    from support.tiny_models import tiny_hunyuan15_vae
+
+    folder, c = tiny("hunyuan15")
+    pipe = diffusers.HunyuanVideo15Pipeline(text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], transformer=None,
+                                            vae=tiny_hunyuan15_vae(), scheduler=None, text_encoder_2=c["text_encoder_2"],
+                                            tokenizer_2=c["tokenizer_2"], guider=None)  # (__init__ reads the VAE)
+    assert FamilyEncoder("hunyuan15", c).crop_start == pipe.prompt_template_encode_start_idx == CROP_START
+    enc = load_family_encoder("hunyuan15", folder, qwen_max_length=LLAMA_LEN, t5_max_length=T5_LEN, crop_start="auto")
+    pipe.prompt_template_encode_start_idx = enc.crop_start  # the tiny tokenizer's template length
+    pipe.tokenizer_max_length, pipe.tokenizer_2_max_length = LLAMA_LEN, T5_LEN
+    from fastvideo_grpo.models.hunyuan_video15 import system_message
+    rendered = c["tokenizer"].apply_chat_template([{"role": "system", "content": system_message()},
+                                                   {"role": "user", "content": "cat"}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"]
+    assert rendered[enc.crop_start] == c["tokenizer"].convert_tokens_to_ids("cat")  # "auto": the prompt's first token
+    prompts = ['a sign that reads "open" on a door', PROMPTS[1], ""]
+    pe, mask, pe2, mask2 = pipe.encode_prompt(prompts, device="cpu", dtype=torch.float32, batch_size=3)
+    out = enc.encode_text(prompts)
+    assert out["prompt_embeds"].shape == (3, LLAMA_LEN, QWEN_VL_DIM) and enc.crop_start > 10
+    assert out["glyph_embeds"].shape == (3, T5_LEN, T5_DIM)
+    _assert_same(out["prompt_embeds"], pe)
+    _assert_same(out["glyph_embeds"], pe2)
+    _assert_same(out["prompt_attention_mask"].float(), mask)
+    _assert_same(out["glyph_attention_mask"].float(), mask2)
+    assert mask2[0].sum() > 0 and mask2[1:].sum() == 0 and (pe2[1:] == 0).all()  # glyph text only in the first
+
+
+def test_ltx2_matches_pipeline(tiny):
+    """Gemma 3's hidden states of every layer, left padding to 1024 tokens, through LTX-2's text connectors: as
+    LTX2Pipeline.encode_prompt followed by its connectors (the empty negative included)."""
+    from fastvideo_grpo.models.ltx2 import MAX_SEQUENCE_LENGTH
+    from support.tiny_encoders import GEMMA_DIM
+
+    folder, c = tiny("ltx2")
+    pipe = diffusers.LTX2Pipeline(scheduler=None, vae=None, audio_vae=None, text_encoder=c["text_encoder"],
+                                  tokenizer=c["tokenizer"], connectors=c["connectors"], transformer=None, vocoder=None)
+    prompts = [" a red circle ", PROMPTS[1]]
+    pe, mask, ne, nmask = pipe.encode_prompt(prompts, negative_prompt="", device="cpu")
+    video, audio, conn_mask = pipe.connectors(pe, mask, padding_side="left")
+    n_video, n_audio, n_mask = pipe.connectors(ne, nmask, padding_side="left")
+    enc = load_family_encoder("ltx2", folder)
+    out = enc.encode_text(prompts)
+    assert out["prompt_embeds"].shape == (2, MAX_SEQUENCE_LENGTH, GEMMA_DIM) and mask[0, 0] == 0  # left padded
+    _assert_same(out["prompt_embeds"], video)
+    _assert_same(out["audio_prompt_embeds"], audio)
+    _assert_same(out["prompt_attention_mask"], conn_mask)
+    neg = enc.encode_text(["", ""])
+    _assert_same(neg["prompt_embeds"], n_video)
+    _assert_same(neg["audio_prompt_embeds"], n_audio)
+    _assert_same(neg["prompt_attention_mask"], n_mask)
+
+
 def test_qwen_image_matches_pipeline(tiny):
     """Template, last hidden state, template tokens dropped, zero padding: as QwenImagePipeline.encode_prompt
     (which pads to the batch's longest prompt; ours to qwen_max_length, masked)."""
@@ -338,6 +396,30 @@ def test_wan_i2v_matches_pipeline(tiny, tmp_path):
     _assert_same(out["image_embeds"], pipe.encode_image(pil, torch.device("cpu")))
 
 
+def test_wan22_5b_i2v_matches_pipeline(tiny, tmp_path):
+    """TI2V-5B's first frame as WanImageToVideoPipeline.prepare_latents with expand_timesteps (the Wan 2.2 VAE:
+    2 x 2 pixel patches, 16x spatial compression): one latent frame, posterior mode, normalised; the text as Wan's."""
+    from PIL import Image
+
+    folder, c = tiny("wan22_5b_i2v")
+    H, W = 64, 32
+    img = _image(tmp_path / "ref.png", H, W)
+    enc = load_family_encoder("wan22_5b_i2v", folder, t5_max_length=T5_LEN, height=H, width=W)
+    out = enc.encode(PROMPTS[:1], [str(img)])
+    pipe = diffusers.WanImageToVideoPipeline(tokenizer=c["tokenizer"], text_encoder=c["text_encoder"], vae=c["vae"],
+                                             scheduler=None, image_processor=None, image_encoder=None, transformer=None,
+                                             expand_timesteps=True)
+    pix = pipe.video_processor.preprocess(Image.open(img).convert("RGB"), height=H, width=W).to(torch.float32)
+    z = c["vae"].config.z_dim
+    _, ref, _ = pipe.prepare_latents(pix, 1, z, H, W, 5, torch.float32, torch.device("cpu"), None)
+    assert out["image_latents"].shape == (1, z, 1, H // 16, W // 16)
+    _assert_same(out["image_latents"], ref)
+    text = diffusers.WanPipeline(tokenizer=c["tokenizer"], text_encoder=c["text_encoder"], transformer=None, vae=None,
+                                 scheduler=None)  # (the I2V pipeline's prompt cleaning needs ftfy, absent here)
+    pe, _ = text.encode_prompt(PROMPTS[:1], negative_prompt="", device="cpu", max_sequence_length=T5_LEN)
+    _assert_same(out["prompt_embeds"], pe)
+
+
 def test_qwen_image_edit_matches_pipeline(tiny, tmp_path, monkeypatch):
     """Instruction + reference image through Qwen2.5-VL as QwenImageEditPipeline.encode_prompt (run with the real
     Qwen2VLProcessor: template, vision tokens expanded per merged patch, 64 template tokens dropped; the
@@ -460,11 +542,18 @@ _EXPECTED = {
     "wan_i2v": {"prompt_embeds": (T5_LEN, T5_DIM), "image_condition": (20, 2, 4, 4), "image_embeds": (17, 16),
                 "negative_prompt_embeds": (T5_LEN, T5_DIM)},
     "qwen_image_edit": {"prompt_embeds": (24, QWEN_VL_DIM), "prompt_attention_mask": (24,), "image_latents": (4, 16, 16)},
+    "hunyuan15": {"prompt_embeds": (LLAMA_LEN, QWEN_VL_DIM), "prompt_attention_mask": (LLAMA_LEN,),
+                  "glyph_embeds": (T5_LEN, T5_DIM), "glyph_attention_mask": (T5_LEN,),
+                  "negative_prompt_embeds": (LLAMA_LEN, QWEN_VL_DIM), "negative_glyph_embeds": (T5_LEN, T5_DIM)},
+    "ltx2": {"prompt_embeds": (1024, 16), "audio_prompt_embeds": (1024, 16), "prompt_attention_mask": (1024,),
+             "negative_prompt_embeds": (1024, 16), "negative_audio_prompt_embeds": (1024, 16)},
+    "wan22_5b_i2v": {"prompt_embeds": (T5_LEN, T5_DIM), "negative_prompt_embeds": (T5_LEN, T5_DIM),
+                     "image_latents": (WAN22_Z, 1, 2, 2)},
     "flux2_klein": {"prompt_embeds": (LLAMA_LEN, 3 * QWEN3_DIM)},
     "flux2_dev": {"prompt_embeds": (LLAMA_LEN, 3 * MISTRAL3_DIM)},
     "z_image": {"prompt_embeds": (LLAMA_LEN, QWEN3_DIM), "prompt_attention_mask": (LLAMA_LEN,)},
 }
-_IMAGE_FAMILIES = ("hunyuan_i2v", "wan_i2v", "qwen_image_edit")
+_IMAGE_FAMILIES = ("hunyuan_i2v", "wan_i2v", "qwen_image_edit", "wan22_5b_i2v")
 
 
 @pytest.mark.parametrize("family", list(_EXPECTED))

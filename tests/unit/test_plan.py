@@ -26,13 +26,17 @@ ROOT = Path(__file__).resolve().parents[2]
 # published sizes (rounded names of the models): within 10%
 PUBLISHED = {"flux1_dev.json": 11.9e9, "hunyuanvideo.json": 12.8e9, "wan2.1_t2v_14b.json": 14e9,
              "wan2.1_t2v_1.3b.json": 1.3e9, "sd3.5_large.json": 8.1e9, "sd1.4.json": 860e6,
-             "qwen_image.json": 20e9, "qwen_image_edit.json": 20e9, "flux2_klein_4b.json": 4e9,
+             "qwen_image.json": 20e9, "qwen_image_edit.json": 20e9,
+             "wan2.2_t2v_a14b.json": 14e9, "wan2.2_ti2v_5b.json": 5e9, "hunyuanvideo1.5_480p_t2v.json": 8.3e9,
+             "ltx2.json": 19e9, "flux2_klein_4b.json": 4e9,
              "flux2_klein_base_4b.json": 4e9, "flux2_klein_9b.json": 9e9, "flux2_dev.json": 32e9,
              "z_image_turbo.json": 6e9, "z_image.json": 6e9}
 RECIPE_FOR = {"flux1_dev.json": "flux_hps.yaml", "hunyuanvideo.json": "hunyuan_t2v_videoalign.yaml",
               "wan2.1_t2v_14b.json": "wan_t2v.yaml", "wan2.1_t2v_1.3b.json": "wan_t2v.yaml",
               "sd3.5_large.json": "sd3_hps.yaml", "sd1.4.json": "sd_hps.yaml",
               "qwen_image.json": "qwen_image_hps.yaml", "qwen_image_edit.json": "qwen_image_edit_hps.yaml",
+              "wan2.2_t2v_a14b.json": "wan22_a14b_t2v.yaml", "wan2.2_ti2v_5b.json": "wan22_5b_t2v.yaml",
+              "hunyuanvideo1.5_480p_t2v.json": "hunyuan15_t2v_videoalign.yaml", "ltx2.json": "ltx2_t2v_pickscore.yaml",
               "flux2_klein_4b.json": "flux2_klein_base_pickscore.yaml",
               "flux2_klein_base_4b.json": "flux2_klein_base_pickscore.yaml",
               "flux2_klein_9b.json": "flux2_klein_pickscore.yaml", "flux2_dev.json": "flux2_dev_pickscore.yaml",
@@ -47,6 +51,22 @@ def test_parameter_counts_match_the_published_ones(arch_file):
         adapter = P.build_adapter(cfg, arch)
     n = P.parameter_counts(adapter, arch)["total"]
     assert abs(n - PUBLISHED[arch_file]) / PUBLISHED[arch_file] < 0.10, (arch_file, n)
+
+
+def test_wan22_a14b_counts_both_experts():
+    """Wan2.2-T2V-A14B: 14B per expert (the trained high-noise one), 27B in all with the frozen low-noise one,
+    whose FSDP shards the plan adds to every GPU's memory."""
+    cfg = load_config(str(ROOT / "configs" / "wan22_a14b_t2v.yaml"))
+    arch = P.load_arch(ROOT / "configs" / "arch" / "wan2.2_t2v_a14b.json")
+    with torch.device("meta"):
+        adapter = P.build_adapter(cfg, arch)
+    n = P.parameter_counts(adapter, arch)
+    assert n["frozen_denoisers"] == n["total"] == n["trainable"]  # two experts of one architecture
+    assert abs(n["total"] + n["frozen_denoisers"] - 27e9) / 27e9 < 0.10
+    p = P.plan(cfg, 32, 80, arch=arch, measured=P.Measured())  # no activations measured: the static part only
+    assert p.settings["fsdp_degree"] == 32
+    assert p.memory_gib["frozen_denoisers_shard"] * P.GIB == pytest.approx(n["frozen_denoisers"] * 4 / 32)
+    assert p.memory_gib["peak_rollout"] >= p.memory_gib["frozen_denoisers_shard"] + p.memory_gib["params_shard"]
 
 
 def _small_flux():
