@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from ...utils.dtypes import autocast_context
+from ...utils.transfer import to_device
 from ...models.base import Cond, PolicyAdapter, index_cond
 from ...utils.registry import Registry
 from ..policy_versions import PolicyVersion
@@ -47,6 +48,7 @@ class TrainBatch:
     reference: Optional[PolicyVersion] = None
     generator: Optional[torch.Generator] = None
     guidance: str = "both"
+    _on_device: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -60,11 +62,21 @@ class TrainBatch:
     def num_kept_steps(self) -> int:
         return self.traj.steps_BK.shape[1]
 
+    def on_device(self, index: torch.Tensor) -> torch.Tensor:
+        """A host tensor of this update (a micro-batch's ``rows``, ``traj.steps_BK``) on the batch's device,
+        copied the first time it is asked for and reused for the rest of the update: a copy per micro-step
+        would stop the host at every micro-step on a GPU (docs/performance.md, "Host syncs")."""
+        hit = self._on_device.get(id(index))
+        if hit is None or hit[0] is not index:  # (the entry holds ``index``, so its id cannot be reused)
+            hit = (index, to_device(index, self.device))
+            self._on_device[id(index)] = hit
+        return hit[1]
+
     def cond(self, rows: torch.Tensor) -> Cond:
         """The conditioning rows of ``rows`` (a CPU index; the whole batch without a copy)."""
         if rows.numel() == self.size:
             return self.traj.cond
-        return index_cond(self.traj.cond, rows.to(self.device))
+        return index_cond(self.traj.cond, self.on_device(rows))
 
     def predict(self, latents: torch.Tensor, timestep_B: torch.Tensor, cond: Cond,
                 adapter: Optional[PolicyAdapter] = None) -> torch.Tensor:
@@ -108,6 +120,10 @@ class Objective(abc.ABC):
     config_fields: ClassVar[Dict[str, str]] = {}
 
     name: str = ""
+    #: set by ``loss`` when it re-scores the rollout's transitions: |log pi_train - log pi_rollout| of each row of
+    #: the micro-step (detached, on the device). The driver logs it by sampling-step index (``train/logp_gap/*``);
+    #: None = the objective has no log-probs to compare
+    last_logp_gap_B: Optional[torch.Tensor] = None
 
     @classmethod
     def from_config(cls, cfg, **options) -> "Objective":
