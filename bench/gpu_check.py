@@ -40,6 +40,16 @@ runs) and the JSON file is rewritten after every check, so a run cut short keeps
                       it vs a plain device copy (achieved bandwidth), and its host cost at a tiny latent in
                       units of one torch.mul; last, as the least critical
 
+Opt-in with ``--only`` (bench/real_size.py; about 8 minutes together on one H100 / H200, not in a plain run):
+
+  real_flux_lora      FLUX.1-dev's real architecture (configs/arch), random-init bf16 straight on the GPU,
+                      LoRA, one GRPO iteration of configs/flux_hps.yaml at 720 px (4 samples, 16 steps)
+  real_hunyuan_lora   HunyuanVideo T2V, LoRA, the recipe's 480 x 480 x 53 frames (2 samples, 8 steps)
+  real_wan_full       Wan 2.1 T2V 1.3B, full fine-tuning, FSDP2 on one GPU, 480 x 480 x 53 frames (2, 8 steps)
+  real_flux_offload   the FLUX LoRA case with parallel.cpu_offload (FSDP2; 2 samples, 6 steps)
+                      each: seconds per iteration, peak memory, first-micro-step |ratio - 1|, overhead ratio
+                      against the bare model work, next to the planner's prediction for the same settings
+
 ``--dry-run`` runs all of them on the CPU at tiny sizes (gloo instead of NCCL; no build: the installed
 extension is checked; no CUDA tests), which is what CI runs. ``--only a,b`` runs a subset; ``--budget-s``
 skips the checks not yet started after that many seconds (the JSON then says so).
@@ -67,6 +77,8 @@ import torch  # noqa: E402
 
 CHECKS = ["environment", "extension_build", "kernel_correctness", "fsdp_probe", "grpo_flux", "grpo_hunyuan",
           "learning", "checkpoint_dcp", "cpu_offload", "cuda_tests", "attention_backends", "kernel_speed"]
+# the recipes' real architectures (bench/real_size.py): opt-in with --only, ~8 minutes together on one GPU
+REAL_CHECKS = ["real_flux_lora", "real_hunyuan_lora", "real_wan_full", "real_flux_offload"]
 PROBES = ["plain_fp32", "plain_bf16_autocast", "fsdp_bf16", "plain_bf16_autocast_cudnn"]
 # what each check runs at: (GPU, dry run)
 SIZES = {
@@ -591,6 +603,35 @@ def check_cpu_offload(ctx):
     return out
 
 
+def _real_case(ctx, name):
+    """One real-size case (bench/real_size.py); FSDP2 cases over a one-process group (NCCL on a GPU)."""
+    import real_size
+
+    _ensure_process_group(ctx)
+    gpu_mem = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 80.0
+    res = real_size.run(name, ctx["device"], ctx["dry"], gpu_mem)
+    _free()
+    if res["first_loss"] is None or not math.isfinite(res["first_loss"]):
+        raise RuntimeError(f"non-finite loss in the first iteration: {res['first_loss']}")
+    return res
+
+
+def check_real_flux_lora(ctx):
+    return _real_case(ctx, "real_flux_lora")
+
+
+def check_real_hunyuan_lora(ctx):
+    return _real_case(ctx, "real_hunyuan_lora")
+
+
+def check_real_wan_full(ctx):
+    return _real_case(ctx, "real_wan_full")
+
+
+def check_real_flux_offload(ctx):
+    return _real_case(ctx, "real_flux_offload")
+
+
 def check_cuda_tests(ctx):
     if ctx["dry"]:
         raise Skip("the CUDA tests skip themselves without a GPU")
@@ -655,12 +696,12 @@ def main(argv=None):
     ap.add_argument("--fsdp", default="on", choices=["on", "off"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.list:
-        print("\n".join(CHECKS))
+        print("\n".join(CHECKS))  # what a plain run runs; the real_* checks only with --only
         return 0
     only = [c for c in args.only.split(",") if c]
-    unknown = sorted(set(only) - set(CHECKS))
+    unknown = sorted(set(only) - set(CHECKS) - set(REAL_CHECKS))
     if unknown:
-        raise ValueError(f"unknown checks {unknown}; choose from {CHECKS}")
+        raise ValueError(f"unknown checks {unknown}; choose from {CHECKS + REAL_CHECKS}")
     if not args.dry_run and not torch.cuda.is_available():
         raise ValueError("no CUDA device: run with --dry-run on a CPU machine")
     if args.iterations < 0:
@@ -688,8 +729,8 @@ def main(argv=None):
     report = {"bench": "gpu_check", "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "dry_run": args.dry_run,
               "isolated_processes": isolate, "checks": {}}
     t_all = time.perf_counter()
-    for name in CHECKS:
-        if only and name not in only:
+    for name in CHECKS + REAL_CHECKS:
+        if (only and name not in only) or (not only and name in REAL_CHECKS):
             continue
         left = args.budget_s - (time.perf_counter() - t_all) if args.budget_s else None
         if isolate and name not in IN_PARENT and (left is None or left > 0):

@@ -201,6 +201,10 @@ def bare_inputs(adapter, z, t, cond):
                     pooled_projections=c["pooled_prompt_embeds"], encoder_hidden_states=c["prompt_embeds"],
                     txt_ids=torch.zeros(c["prompt_embeds"].shape[1], 3, device=z.device),
                     img_ids=image_ids(H, W, z.device, z.dtype), return_dict=False)
+    if "pooled_prompt_embeds" not in c:  # text by cross-attention (Wan); with CFG both branches in one call
+        n = 2 if getattr(adapter, "uses_cfg", False) else 1
+        return dict(hidden_states=torch.cat([z] * n), timestep=torch.cat([t] * n),
+                    encoder_hidden_states=torch.cat([c["prompt_embeds"]] * n), return_dict=False)
     return dict(hidden_states=z, timestep=t, encoder_hidden_states=c["prompt_embeds"],
                 encoder_attention_mask=c["prompt_attention_mask"].to(z.dtype),
                 pooled_projections=c["pooled_prompt_embeds"],
@@ -480,6 +484,13 @@ def run_case(name: str, reps: int, overrides=(), adapter_kwargs=None, device="cp
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
         trainer, cfg = make_trainer(case, Path(tmp), overrides, adapter_kwargs, device, fsdp=fsdp)
+    return time_trainer(trainer, cfg, name, case, reps, overrides, adapter_kwargs, compile_model, fsdp, keep_trainer)
+
+
+def time_trainer(trainer, cfg, name: str, case: dict, reps: int, overrides=(), adapter_kwargs=None,
+                 compile_model=False, fsdp=False, keep_trainer=False) -> dict:
+    """``run_case``'s measurement of a trainer built elsewhere (``case``: what to report of it, and its
+    ``text_len``; bench/real_size.py builds the real architectures straight on the device)."""
     adapter = trainer.adapter
     amp = trainer.autocast_dtype
     compile_s = 0.0

@@ -534,6 +534,9 @@ class LogConfig:
     run_name: Optional[str] = None  # the run's name in wandb / TensorBoard; None = the output folder's name
     curve_every: int = num(1, ">= 1", special={0: "only at the end"})  # iterations between redraws of reward_curve.png
     curve_window: int = num(10, ">= 1")  # moving-average window of the curve, in iterations
+    # peak dense bf16 TFLOP/s of one GPU for throughput/mfu; 0 = the datasheet value of the GPU's name
+    # (training/throughput.py), a nominal 1.0 on a CPU (throughput/peak_nominal = 1: not comparable)
+    peak_tflops: float = num(0.0, "> 0", special={0: "the datasheet peak of the GPU's name"})
 
 
 @dataclass

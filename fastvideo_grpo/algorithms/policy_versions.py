@@ -28,20 +28,8 @@ from typing import Dict, Iterator, List, Tuple
 import torch
 from torch import nn
 
+from ..distributed.fsdp import reshard_gathered, stable_param_name
 from ..models.base import PolicyAdapter
-
-_AC_PREFIX = "_checkpoint_wrapped_module."
-
-
-def _reshard(module: nn.Module) -> None:
-    """Free FSDP2's gathered copies so that the next forward gathers the (just written) shards."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        return
-    for m in module.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
 
 
 class PolicyVersion:
@@ -87,7 +75,7 @@ class WeightCopy(PolicyVersion):
 
     def __init__(self, module: nn.Module):
         self.module = module
-        self.params: List[Tuple[str, nn.Parameter]] = [(n.replace(_AC_PREFIX, ""), p)
+        self.params: List[Tuple[str, nn.Parameter]] = [(stable_param_name(n), p)
                                                        for n, p in module.named_parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters to copy")
@@ -101,7 +89,7 @@ class WeightCopy(PolicyVersion):
             held = p.detach().clone()  # one tensor at a time
             p.detach().copy_(c)
             c.copy_(held)
-        _reshard(self.module)
+        reshard_gathered(self.module)
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:

@@ -27,6 +27,7 @@ from ..utils import residency
 from .. import sde
 from ..config import ODE_SOLVERS
 from ..utils.dtypes import autocast_context
+from ..utils.transfer import to_device
 from ..models.base import Cond, PolicyAdapter, index_cond, slice_cond
 
 
@@ -189,11 +190,11 @@ def check_ode_solver(name: str, schedule) -> None:
 def _kept_rows_per_step(keep_BK: torch.Tensor, num_steps: int, device):
     """For each step i, the (sample, slot) indices where ``keep_BK == i``, on ``device``.
 
-    Found on the CPU and copied in one transfer (a copy from pageable memory waits for the GPU, so
-    one per step would stall the host at every step of the rollout)."""
+    Found on the CPU and copied in one asynchronous transfer (a copy from pageable memory waits for the
+    GPU, so one per step would stall the host at every step of the rollout)."""
     parts = [torch.stack(torch.nonzero(keep_BK == i, as_tuple=True)) for i in range(num_steps)]
     counts = [p.shape[1] for p in parts]
-    flat = torch.cat(parts, dim=1).to(device)
+    flat = to_device(torch.cat(parts, dim=1), device)
     return [(p[0], p[1]) for p in torch.split(flat, counts, dim=1)]
 
 

@@ -10,7 +10,15 @@ clipped to ``max_grad_norm`` (a DTensor's full norm under FSDP2), the finiteness
 LR-scheduler steps. The objective (``algorithms/objectives/``) only computes each micro-step's loss.
 
 One host sync per optimiser step (the gradient norm and which micro-steps had a finite loss) and one at
-the end (the statistics, averaged over micro-steps). A non-finite loss or gradient norm raises
+the end (the statistics, averaged over micro-steps); nothing per micro-step (host indices reach the device once
+per update: ``TrainBatch.on_device``).
+
+When the objective re-scores the rollout's transitions (``Objective.last_logp_gap_B``), the update also logs
+the gap |log pi_train - log pi_rollout| by sampling-step index (``train/logp_gap/step_<i>``, mean over the
+(sample, step) pairs trained at that index), over the whole update (``train/logp_gap/mean``) and over the
+micro-steps before the first optimiser step (``train/logp_gap/before_update``: the same weights as the rollout,
+so only arithmetic differs; 0 when re-scoring repeats the rollout's shapes). After the first optimiser step the
+gap also holds what the update has learnt. A non-finite loss or gradient norm raises
 FloatingPointError before the optimiser steps (gradients zeroed); backward still runs for a bad loss, so
 every rank takes part in the same collectives and sees the same (non-finite) global norm.
 
@@ -85,17 +93,23 @@ def update(objective: Objective, batch: TrainBatch, optimizer: torch.optim.Optim
     module.train()
     # statistics stay on the device, summed over micro-steps, and are read back once at the end
     totals = torch.zeros(len(objective.stat_names), dtype=torch.float32, device=batch.device)
+    # the (sample, kept slot) pairs the first optimiser step trains: the ratio's distance from 1 is measured there
+    first_pairs = sum(int(r.numel()) for _, r, _ in _micro_steps(*plan[0], trained)) if plan else 0
+    gap = LogProbGap(batch, first_pairs, settings.num_epochs)
     count, grad_norms = 0, []
     for _epoch in range(settings.num_epochs):
         for step_chunk, rows_of_step in plan:
             optimizer.zero_grad(set_to_none=True)
             finite, where = [], []  # per micro-step: finiteness on the device, and its kept-step slot
             for k, rows, divisor in _micro_steps(step_chunk, rows_of_step, trained):
+                objective.last_logp_gap_B = None
                 loss, stats = objective.loss(batch, rows, k)
                 finite.append(torch.isfinite(loss.detach()))
                 where.append(k)
                 (loss / divisor).backward()
                 totals += torch.stack([s.float() for s in stats])
+                if objective.last_logp_gap_B is not None:
+                    gap.add(objective.last_logp_gap_B, rows, k, before_first_step=not grad_norms)
                 count += 1
             grad_norms.append(_clip_and_check(params, settings.max_grad_norm, finite, where, objective, optimizer))
             optimizer.step()
@@ -103,9 +117,12 @@ def update(objective: Objective, batch: TrainBatch, optimizer: torch.optim.Optim
             if lr_scheduler is not None:
                 lr_scheduler.step()
     once = objective.finish(batch)
-    values = torch.cat([totals, *(v.detach().float().reshape(1) for v in once.values())]).tolist()
+    parts = [totals, *(v.detach().float().reshape(1) for v in once.values()), *gap.device_sums()]
+    values = torch.cat(parts).tolist()
+    n_stats, n_once = len(objective.stat_names), len(once)
     out = {f"train/{name}": v / max(count, 1) for name, v in zip(objective.stat_names, values)}
-    out.update({f"train/{name}": v for name, v in zip(once, values[len(objective.stat_names):])})
+    out.update({f"train/{name}": v for name, v in zip(once, values[n_stats:n_stats + n_once])})
+    out.update(gap.metrics(values[n_stats + n_once:]))
     out["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
     out["train/num_updates"] = len(grad_norms)
     return out
@@ -130,6 +147,46 @@ NONFINITE_LOSS_CAUSES = (
     "step with almost no noise, whose tiny std blows up the log-probs (sampling.eta / eta_schedule at the trained "
     "steps, grpo.timestep_window); reduced precision overflowing (try train.autocast: none); or non-finite "
     "weights or conditioning going in (the resumed checkpoint, the prompt embeddings)")
+
+
+class LogProbGap:
+    """|log pi_train - log pi_rollout| of the re-scored transitions, summed on the device by sampling-step index
+    and over the micro-steps before the first optimiser step; read back with the update's statistics."""
+
+    def __init__(self, batch: TrainBatch, first_step_pairs: int, epochs: int = 1):
+        self.batch = batch
+        self.num_steps = batch.schedule.num_steps
+        # every trained (sample, kept slot) is trained once per epoch: the pairs per sampling step are known on the
+        # host (slots a sampler marks untrained, ``traj.trained_BK``, are not)
+        steps = batch.traj.steps_BK
+        if batch.traj.trained_BK is not None:
+            steps = steps[batch.traj.trained_BK]
+        self.count_T = (torch.bincount(steps.reshape(-1), minlength=self.num_steps) * epochs).tolist()
+        self.count_before = first_step_pairs
+        self.sum_T = self.before = None
+
+    def add(self, gap_B: torch.Tensor, rows: torch.Tensor, k: int, before_first_step: bool) -> None:
+        if self.sum_T is None:
+            self.sum_T = torch.zeros(self.num_steps, dtype=torch.float32, device=gap_B.device)
+            self.before = torch.zeros(1, dtype=torch.float32, device=gap_B.device)
+        b = self.batch
+        index = b.on_device(b.traj.steps_BK)[b.on_device(rows), k]  # on the device: no copy per micro-step
+        self.sum_T.index_add_(0, index, gap_B.float())
+        if before_first_step:
+            self.before += gap_B.float().sum()
+
+    def device_sums(self):
+        return [] if self.sum_T is None else [self.sum_T, self.before]
+
+    def metrics(self, values) -> Dict[str, float]:
+        if self.sum_T is None:
+            return {}
+        sums, before = values[:self.num_steps], values[self.num_steps]
+        width = max(2, len(str(self.num_steps - 1)))
+        out = {f"train/logp_gap/step_{i:0{width}d}": s / n for i, (s, n) in enumerate(zip(sums, self.count_T)) if n}
+        out["train/logp_gap/mean"] = sum(sums) / max(1, sum(self.count_T))
+        out["train/logp_gap/before_update"] = before / max(1, self.count_before)
+        return out
 
 
 def _clip_and_check(params, max_grad_norm: float, finite, where, objective: Objective, optimizer) -> float:

@@ -41,6 +41,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..models.tokens import attention_shape, image_tokens  # noqa: F401  (attention_shape: part of this module's face)
+
 ROOT = Path(__file__).resolve().parents[2]
 ARCH_DIR = ROOT / "configs" / "arch"
 GIB = 2 ** 30
@@ -166,19 +168,6 @@ class SavedTensors:
             h.remove()
 
 
-def attention_shape(adapter) -> Tuple[int, int, int]:
-    """(heads, head dim, attention layers) of the full model: the adapter's ``attention_shape()`` when it has one
-    (a family whose config names them otherwise), else diffusers' usual config names; 0s when unknown."""
-    hook = getattr(adapter, "attention_shape", None)
-    if callable(hook):
-        return tuple(int(v) for v in hook())
-    c = adapter.model.config
-    heads = getattr(c, "num_attention_heads", 0)
-    hd = getattr(c, "attention_head_dim", 0)
-    layers = sum(int(getattr(c, k, 0)) for k in ("num_layers", "num_single_layers"))
-    return (heads if isinstance(heads, int) else 0), (hd if isinstance(hd, int) else 0), layers
-
-
 def _attention_flops(adapter, batch: int) -> float:
     """4 * B * heads * N^2 * head_dim per attention layer (QK^T and PV), summed over the full model."""
     n = adapter_tokens(adapter)
@@ -189,23 +178,9 @@ def _attention_flops(adapter, batch: int) -> float:
 
 
 def adapter_tokens(adapter) -> int:
-    """Tokens one sample puts through the transformer's attention (image/video tokens + text tokens). An adapter
-    whose latent is not an image or video grid (e.g. packed tokens of two streams) declares its own count of
-    self-attention tokens, ``attention_tokens``."""
-    declared = getattr(adapter, "attention_tokens", None)
-    if declared is not None:
-        return int(declared) + text_len(adapter) + int(getattr(adapter, "extra_image_tokens", 0))
-    shape = adapter.latent_shape()
-    c = adapter.model.config
-    p = getattr(c, "patch_size", 1)
-    ps = p if isinstance(p, int) else int(p[-1])
-    pt = int(getattr(c, "patch_size_t", 1) or 1) if isinstance(p, int) else int(p[0])
-    if len(shape) == 4:  # video (C, F, h, w)
-        img = (shape[1] // pt) * (shape[2] // ps) * (shape[3] // ps)
-    else:  # image (C, h, w); FLUX packs 2 x 2 (patch_size 1 on 4C channels)
-        pack = int(getattr(adapter, "packed_patch_size", 0) or ps)
-        img = (shape[1] // pack) * (shape[2] // pack)
-    return img + text_len(adapter) + int(getattr(adapter, "extra_image_tokens", 0))  # e.g. an edit model's reference
+    """Tokens one sample puts through the transformer's attention (image/video tokens + text tokens); see
+    models/tokens.py for an adapter whose latent is not an image or video grid (``attention_tokens``)."""
+    return image_tokens(adapter) + text_len(adapter)
 
 
 def text_len(adapter) -> int:
@@ -399,6 +374,8 @@ class Plan:
     settings: Dict
     measured_in_s: float
     _measured: Optional[Measured] = None
+    #: the run's throughput/* metrics as predicted (per GPU): frames per second and MFU by GPU kind
+    throughput: Dict = field(default_factory=dict)
 
     def as_dict(self) -> Dict:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
@@ -524,8 +501,29 @@ def plan(cfg, gpus: int, gpu_mem_gib: float = 80.0, arch_path=None, mfu: float =
                 "sampling_steps": s.num_steps, "text_len": seq, "tokens_per_sample": adapter_tokens(adapter),
                 "activation_checkpointing": frac, "mfu": mfu, "passes": passes, "reserve_gib": RESERVE_GIB,
                 "lora_rank": int(cfg.model.kwargs.get("lora_rank", 0) or 0), "arch_file": arch.get("_path", "")}
+    throughput = predicted_throughput(adapter, P, passes, seq, cfg_mult, sp, rank_batch, flops["total"], seconds)
     return Plan(recipe, arch["name"], gpus, gpu_mem_gib, {k: v for k, v in params.items()}, mem_gib, flops, seconds,
-                fits, suggestions, settings, m.seconds, m)
+                fits, suggestions, settings, m.seconds, m, throughput)
+
+
+def predicted_throughput(adapter, params: float, passes: Dict[str, int], text_tokens: int, branches: int, sp: int,
+                         rank_batch: int, flops_total: float, seconds: Dict[str, float]) -> Dict:
+    """What the run's ``throughput/*`` metrics should read (training/throughput.py) at the projected seconds per
+    iteration: frames per GPU per second, and the MFU in verl-omni's count (6 N S per trained forward + backward,
+    2 N S per forward, attention over the joint sequence; the peak is the datasheet's), next to the planner's own
+    op-by-op FLOPs at the same seconds."""
+    from ..training.throughput import PEAK_TFLOPS, ModelShape, model_flops
+
+    heads, hd, layers = attention_shape(adapter)
+    shape = ModelShape(int(params), image_tokens(adapter), int(text_tokens), heads, hd, layers, branches)
+    verl = model_flops(shape, passes["forward_rollout"], passes["forward_update"], passes["backward"])["total"] / sp
+    frames = int(getattr(adapter, "num_frames", 1) or 1)  # the video families' frames per sample; images: 1
+    out = {"tokens_per_sample": shape.tokens, "frames_per_sample": frames, "model_flops_per_gpu_verl": verl,
+           "verl_over_planner_flops": verl / flops_total if flops_total else None}
+    for gpu, secs in seconds.items():
+        out[gpu] = {"frames_per_gpu_s": rank_batch * frames / (secs * sp), "mfu": verl / (secs * PEAK_TFLOPS[gpu] * 1e12),
+                    "peak_tflops": PEAK_TFLOPS[gpu]}
+    return out
 
 
 def passes_per_iteration(cfg) -> Dict[str, int]:
@@ -657,6 +655,10 @@ def render(p: Plan) -> str:
              f"{p.flops['rollout'] / 1e15:.1f}, train {p.flops['train'] / 1e15:.1f}, decode "
              f"{p.flops['decode'] / 1e15:.2f}); projected "
              + ", ".join(f"{g} {s:.0f} s" for g, s in p.seconds.items()) + f" per iteration at MFU {p.settings['mfu']}",
+             "  throughput/* metrics predicted at those seconds (per GPU): " + ", ".join(
+                 f"{g} {t['frames_per_gpu_s']:.3g} frames/s, MFU {t['mfu']:.3f}" for g, t in p.throughput.items()
+                 if isinstance(t, dict)) + f" (verl-omni's count: {p.throughput.get('verl_over_planner_flops') or 0:.2f}x "
+             "the FLOPs above)",
              f"  verdict: {'fits' if p.fits else 'does NOT fit'} ({RESERVE_GIB:.0f} GiB kept free per GPU)"]
     for s in p.suggestions:
         lines.append(f"    - {s}")

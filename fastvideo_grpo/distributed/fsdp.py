@@ -38,6 +38,27 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
+
+#: the prefix torch's activation-checkpoint wrapper puts into parameter names
+AC_PREFIX = "_checkpoint_wrapped_module."
+
+
+def stable_param_name(name: str) -> str:
+    """A parameter's name without activation-checkpoint wrapper prefixes (the same with and without AC)."""
+    return name.replace(AC_PREFIX, "")
+
+
+def reshard_gathered(module: nn.Module) -> None:
+    """Free FSDP2's gathered copies under ``module`` so that the next forward gathers the (just written) shards;
+    nothing for an unsharded module."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
 from .parallel_dims import ParallelDims
 
 BLOCK_ATTRS = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers", "down_blocks", "mid_block",

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..utils.registry import Registry
+from ..utils.transfer import to_device
 
 Cond = Dict[str, Optional[torch.Tensor]]
 
@@ -34,7 +35,7 @@ def index_cond(cond: Cond, index: torch.Tensor) -> Cond:
     """Select rows of every tensor in ``cond`` (index_select along dim 0); None values pass through."""
     out = {}
     for k, v in cond.items():
-        out[k] = v.index_select(0, index.to(v.device)) if isinstance(v, torch.Tensor) else v
+        out[k] = v.index_select(0, to_device(index, v.device)) if isinstance(v, torch.Tensor) else v
     return out
 
 

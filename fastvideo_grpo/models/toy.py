@@ -184,6 +184,16 @@ class ToyAdapter(PolicyAdapter):
     def trainable_module(self) -> nn.Module:
         return self.model
 
+    def attention_shape(self):
+        """(heads, head dim, attention layers), for the FLOP counts (models/tokens.py)."""
+        c = self.model.cfg
+        return c.heads, c.hidden // c.heads, c.depth
+
+    def token_counts(self, cond=None):
+        """(patches, prompt tokens) one sample puts through the attention (models/tokens.py)."""
+        tokens = (cond or {}).get("tokens")
+        return self.model.num_patches, int(tokens.shape[1]) if isinstance(tokens, torch.Tensor) else 0
+
     def make_schedule(self, num_steps: int, eta=0.0) -> FlowSchedule:
         return FlowSchedule.create(num_steps, eta=eta, shift=self.shift)
 

@@ -41,6 +41,7 @@ import torch
 from . import ops as _ops
 from ..utils import rng
 from ..utils.registry import Registry
+from ..utils.transfer import to_device
 
 Scalar = Union[float, torch.Tensor]
 
@@ -380,7 +381,7 @@ def _gather(table: torch.Tensor, index, like: torch.Tensor, tables: Optional[_De
     on_device = tables.get(table, like.device)
     if isinstance(index, int):
         return on_device[index]
-    return on_device[index.to(like.device)]
+    return on_device[to_device(index, like.device)]  # a host index: copied without a host sync
 
 
 def _fused_ok(model_output, sample) -> bool:

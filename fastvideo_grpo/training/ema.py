@@ -25,23 +25,7 @@ from typing import Dict, Iterator, List, Tuple
 import torch
 from torch import nn
 
-_AC_PREFIX = "_checkpoint_wrapped_module."
-
-
-def _clean(name: str) -> str:
-    """The parameter's name without activation-checkpoint wrapper prefixes (stable across AC settings)."""
-    return name.replace(_AC_PREFIX, "")
-
-
-def _reshard(module: nn.Module) -> None:
-    """Free FSDP2's gathered copies so that the next forward gathers the (just written) shards again."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        return
-    for m in module.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
+from ..distributed.fsdp import reshard_gathered, stable_param_name
 
 
 class WeightEMA:
@@ -53,7 +37,7 @@ class WeightEMA:
             raise ValueError(f"train.ema_decay must be in (0, 1) to keep an EMA (0 turns it off), got {decay}")
         self.module = module
         self.decay = decay
-        self.params: List[Tuple[str, nn.Parameter]] = [(_clean(n), p) for n, p in module.named_parameters()
+        self.params: List[Tuple[str, nn.Parameter]] = [(stable_param_name(n), p) for n, p in module.named_parameters()
                                                        if p.requires_grad]
         if not self.params:
             raise ValueError("train.ema_decay is set but the model has no trainable parameters to average")
@@ -88,14 +72,14 @@ class WeightEMA:
             backup = [p.detach().clone() for _, p in self.params]
             for name, p in self.params:
                 p.copy_(self.shadow[name].to(p.dtype))
-        _reshard(self.module)
+        reshard_gathered(self.module)
         try:
             yield
         finally:
             with torch.no_grad():
                 for (_, p), b in zip(self.params, backup):
                     p.copy_(b)
-            _reshard(self.module)
+            reshard_gathered(self.module)
 
 
 def weights_for_eval(ema: "WeightEMA | None"):

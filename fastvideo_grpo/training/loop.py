@@ -48,6 +48,7 @@ import torch
 from ..distributed import heartbeat
 from ..distributed.collectives import reduce_metrics
 from ..distributed.heartbeat import EXIT_STALLED  # noqa: F401  (the documented exit codes live here)
+from . import throughput
 from .state import TrainState
 
 EXIT_USER_ERROR = 2
@@ -188,6 +189,7 @@ def fit(trainer: TrainState, components: Sequence[Component], *, total: int, out
         "last_metrics": state.history[-1] if state.history else {},
         "wall_time_s": time.perf_counter() - t_start,
         "stopped": state.stop_requested,
+        "throughput": throughput.summarise(state.history),  # frames per GPU per second and MFU, warm iterations
     }
     for c in comps:
         summary.update(c.summary())

@@ -23,6 +23,15 @@ import torch
 from ..utils.io import atomic_path
 
 
+#: prefixes of the metrics that follow the wall clock (timings, throughput): never equal between two runs
+WALL_CLOCK_PREFIXES = ("time/", "throughput/")
+
+
+def wall_clock_metric(key: str) -> bool:
+    """Whether metric ``key`` depends on wall-clock time (two runs of the same config differ in it)."""
+    return key.startswith(WALL_CLOCK_PREFIXES) or "samples_per_s" in key
+
+
 class LoggerWarning(UserWarning):
     """A logger the config asks for by default (TensorBoard) is not installed: the run logs without it."""
 

@@ -96,6 +96,7 @@ def build_trainer(cfg: RunConfig, env: DistEnv, build_adapter: Callable[[torch.d
     trainer = Trainer(cfg, adapter, reward_fns, reward_weights or {k: 1.0 for k in reward_fns}, source,
                           dp_group=dims.group("dp") if dims.dp > 1 else None)
     seed_rank_generators(trainer.generator, cfg.train.seed, dp_rank)
+    trainer.throughput.gpus_per_sample = dims.sp  # the sp ranks of a group share each sample's work
     trainer.show_progress = bool(cfg.log.progress) and env.is_main
     return trainer, dims, sets
 

@@ -40,6 +40,7 @@ from ..distributed import heartbeat
 from ..utils.cuda_settings import configure_attention
 from ..utils.dtypes import autocast_dtype
 from .ema import WeightEMA
+from .throughput import ThroughputMeter, frames_per_sample
 from ..data.prompt_source import PromptSource
 from ..models.base import PolicyAdapter
 from ..rewards.base import RewardFn, compute_rewards
@@ -133,6 +134,8 @@ class Trainer:
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
         self.iteration = 0
         self.passes = PassCounter()  # model passes of each iteration, in its metrics (passes.py)
+        # frames per GPU per second and MFU of each iteration (throughput.py); the runner sets gpus_per_sample
+        self.throughput = ThroughputMeter(cfg.log.peak_tflops)
         self.show_progress = False  # a bar over each rollout (the runner sets it on the main rank with log.progress)
         # autocast applies on CUDA only (dtypes.autocast_context); CPU runs stay in the weights' dtype
         self.autocast_dtype = autocast_dtype(cfg.train.autocast)
@@ -208,6 +211,8 @@ class Trainer:
         with self.passes.watch(self.adapter, self.ref_adapter):
             metrics = self._iteration()
         metrics.update(self.passes.metrics())
+        seconds, samples, frames, cond = self._measured
+        metrics.update(self.throughput.metrics(self.adapter, cond, seconds, samples, frames, metrics))
         return metrics
 
     def _iteration(self) -> Dict[str, float]:
@@ -231,6 +236,7 @@ class Trainer:
         t1 = time.perf_counter()
         heartbeat.mark("reward", self.iteration + 1)
         rewards, _ = compute_rewards(self.reward_fns, traj.decoded, traj.prompts, group_size=traj.group_size)
+        frames = frames_per_sample(traj.decoded)
         traj.decoded = None  # the update does not need the pixels: free them (several GB for a video batch)
         t2 = time.perf_counter()
         group = g.group_size
@@ -267,6 +273,7 @@ class Trainer:
         stats = update(self.objective, batch, self.optimizer, settings, self.lr_scheduler)
         t3 = time.perf_counter()
         self.iteration += 1
+        self._measured = (t3 - t0, B, frames, traj.cond)  # for the throughput metrics (train_iteration)
         return self._metrics(rewards, stats, trained, zero_groups, window, B, (t0, t_dec, t1, t2, t3))
 
     @contextlib.contextmanager

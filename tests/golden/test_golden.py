@@ -45,7 +45,7 @@ EPS = float(torch.finfo(torch.float32).eps)
 # std between 0.15 and 0.6; measured at most 0.23 in the toy run).
 RUNS = {"toy": dict(batch=12, clip_range=1e-3, logprob_max=1.0),
         "flux": dict(batch=2, clip_range=1e-4, logprob_max=1.0)}
-NOT_COMPARED = ("time/", "samples_per_s", "wall")
+NOT_COMPARED = ("time/", "samples_per_s", "wall", "throughput/")  # wall-clock figures
 REGEN = os.environ.get("FVG_REGEN_GOLDEN", "0") == "1"
 
 
@@ -57,9 +57,10 @@ def _numbers(row: dict) -> dict:
 def tolerance(run: dict, key: str, row: dict) -> float:
     """Absolute tolerance of metric ``key`` in a golden ``row`` (the stored values give the scales)."""
     v = row[key]
-    if isinstance(v, int) or key in ("lr", "train/first_ratio_dev"):
+    if isinstance(v, int) or key in ("lr", "train/first_ratio_dev", "train/logp_gap/before_update"):
         # counters; the learning rate (Python arithmetic on the config); the first PPO ratio, exactly 1 when
-        # the training micro-batch equals the rollout chunk (same shapes through the same kernels) on any CPU
+        # the training micro-batch equals the rollout chunk (same shapes through the same kernels) on any CPU,
+        # and so the log-prob gap before the first optimiser step (the same weights and arithmetic), exactly 0
         return 0.0
     if key == "adv/mean":
         # group-normalised advantages sum to 0 in exact arithmetic, so no upstream change moves their mean;
@@ -76,6 +77,10 @@ def tolerance(run: dict, key: str, row: dict) -> float:
         # rounds by eps / 2 * logprob_max, so log rho is known to eps * logprob_max and its square to
         # 2 |log rho| eps * logprob_max, with mean |log rho| <= sqrt(2 approx_kl); plus RTOL of the value
         return RTOL * abs(v) + 2 * EPS * run["logprob_max"] * math.sqrt(2 * abs(v))
+    if key.startswith("train/logp_gap/"):
+        # a mean of |log pi_train - log pi_rollout|: differences of two log-probs of size <= logprob_max, which
+        # move with the run at RTOL of their size and round at eps of it (absolute, on the log-probs' scale)
+        return (RTOL + 2 * EPS) * run["logprob_max"]
     if key.startswith("reward/") and key.endswith("/std"):
         # the std of a group's near-equal rewards is a small difference of larger terms: absolute, on the
         # rewards' scale (their mean)

@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastvideo_grpo.training.metrics import wall_clock_metric
+
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "_preempt_worker.py"
 SCRIPT = ROOT / "train_scripts" / "train_toy_grpo.py"
@@ -61,7 +63,7 @@ def _run(cwd, out, nproc=1, **hooks):
 def _strip(obj):
     if isinstance(obj, dict):
         return {k: _strip(v) for k, v in obj.items()
-                if k not in TIMING and not k.startswith("time/") and "samples_per_s" not in k}
+                if k not in TIMING and not wall_clock_metric(k)}
     return obj
 
 

@@ -23,6 +23,7 @@ import yaml
 diffusers = pytest.importorskip("diffusers")
 
 from fastvideo_grpo.rewards.base import REWARDS  # noqa: E402
+from fastvideo_grpo.training.metrics import wall_clock_metric  # noqa: E402
 from support.tiny_runs import ROOT, brightness, run_family, run_overrides, train_script  # noqa: E402
 
 CASES = [  # (script, recipe, adapter family)
@@ -69,7 +70,8 @@ def test_train_script_two_iterations(tiny, tmp_path, script, recipe, family):
     train_rows = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2]
     for key in ("reward/bright/mean", "reward/bright/std", "adv/mean", "adv/std", "train/clipfrac", "train/approx_kl",
-                "train/grad_norm", "lr", "samples_per_s", "time/rollout", "time/reward", "time/train"):
+                "train/grad_norm", "lr", "samples_per_s", "time/rollout", "time/reward", "time/train",
+                "throughput/frames_per_gpu_s", "throughput/mfu", "train/logp_gap/mean", "train/logp_gap/before_update"):
         assert key in train_rows[-1], key
     assert any("eval/bright" in r for r in rows)
     saved = yaml.safe_load((out / "config.yaml").read_text())
@@ -286,7 +288,7 @@ def test_kill_and_resume_through_a_real_model_script_is_bit_exact(tiny, tmp_path
     assert s["iterations_run"] == 2
 
     def rows(out):
-        keep = lambda k: not k.startswith("time/") and "samples_per_s" not in k  # noqa: E731
+        keep = lambda k: not wall_clock_metric(k)  # noqa: E731
         return [{k: v for k, v in json.loads(x).items() if keep(k)} for x in (out / "metrics.jsonl").read_text()
                 .splitlines() if json.loads(x).get("step", 0) > 2]
 

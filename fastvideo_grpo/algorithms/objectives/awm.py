@@ -126,26 +126,26 @@ class AdvantageWeightedMatching(Objective):
             with torch.no_grad():
                 for k in range(K):
                     for rows in row_chunks:
-                        self._old[rows.to(device), k] = self._matching(batch, rows, k)[0].float()
+                        self._old[batch.on_device(rows), k] = self._matching(batch, rows, k)[0].float()
 
     def _inputs(self, batch, rows, k):
         """(x_t, the model's timestep) of samples ``rows`` at slot ``k``: the forward process at the slot's time."""
         x0 = batch.traj.final_latents
-        rows_dev = rows.to(batch.device)
-        t = self._t_BK[rows, k].to(batch.device).reshape(-1, *([1] * (x0.ndim - 1)))
+        rows_dev = batch.on_device(rows)  # copied once per update
+        t = batch.on_device(self._t_BK)[rows_dev, k].reshape(-1, *([1] * (x0.ndim - 1)))
         xt = ((1.0 - t) * x0[rows_dev].to(torch.float32) + t * self._noise[rows_dev, k]).to(x0.dtype)
-        return xt, batch.schedule.model_timestep(batch.traj.steps_BK[rows, k], xt)
+        return xt, batch.schedule.model_timestep(batch.on_device(batch.traj.steps_BK)[rows_dev, k], xt)
 
     def _matching(self, batch, rows, k):
         """(l per sample, v) of samples ``rows`` at slot ``k`` under the policy."""
-        rows_dev = rows.to(batch.device)
+        rows_dev = batch.on_device(rows)
         xt, timestep = self._inputs(batch, rows, k)
         v = batch.predict(xt, timestep, batch.cond(rows)).float()
         target = self._noise[rows_dev, k] - batch.traj.final_latents[rows_dev].to(torch.float32)
-        return matching_loss(v, target, self._t_BK[rows, k].to(batch.device), self.weighting, self.power), v
+        return matching_loss(v, target, batch.on_device(self._t_BK)[rows_dev, k], self.weighting, self.power), v
 
     def loss(self, batch, rows, k):
-        rows_dev = rows.to(batch.device)
+        rows_dev = batch.on_device(rows)  # copied once per update
         l_B, v = self._matching(batch, rows, k)
         old = None if self._old is None else self._old[rows_dev, k]
         loss, ratio = awm_loss(l_B, self._adv_B[rows_dev], old, self.clip_range)

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from ...utils.dtypes import autocast_context
+from ...utils.transfer import to_device
 from ...models.base import Cond, PolicyAdapter, index_cond
 from ...utils.registry import Registry
 from ..policy_versions import PolicyVersion
@@ -52,6 +53,8 @@ class TrainBatch:
     generator: Optional[torch.Generator] = None
     guidance: str = "both"
     advantages_BK: Optional[torch.Tensor] = None
+    _on_device: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
+    _adv: Optional[torch.Tensor] = field(default=None, init=False, repr=False)  # advantages_at's float32 copy
 
     @property
     def device(self) -> torch.device:
@@ -66,15 +69,31 @@ class TrainBatch:
         return self.traj.steps_BK.shape[1]
 
     def advantages_at(self, rows: torch.Tensor, k: int) -> torch.Tensor:
-        """The advantages (float32, on the device) of samples ``rows`` (CPU index) at kept-step slot ``k``."""
-        adv = self.advantages_B if self.advantages_BK is None else self.advantages_BK[:, k]
-        return adv.to(device=self.device, dtype=torch.float32)[rows.to(self.device)]
+        """The advantages (float32, on the device) of samples ``rows`` (CPU index) at kept-step slot ``k``: the
+        sampler's per-step ones when it gave them, else the per-sample ones. Converted at most once per update."""
+        if self._adv is None:
+            adv = self.advantages_B if self.advantages_BK is None else self.advantages_BK
+            if adv.device != self.device or adv.dtype != torch.float32:
+                adv = adv.to(device=self.device, dtype=torch.float32)
+            self._adv = adv
+        adv = self._adv if self._adv.ndim == 1 else self._adv[:, k]
+        return adv[self.on_device(rows)]
+
+    def on_device(self, index: torch.Tensor) -> torch.Tensor:
+        """A host tensor of this update (a micro-batch's ``rows``, ``traj.steps_BK``) on the batch's device,
+        copied the first time it is asked for and reused for the rest of the update: a copy per micro-step
+        would stop the host at every micro-step on a GPU (docs/performance.md, "Host syncs")."""
+        hit = self._on_device.get(id(index))
+        if hit is None or hit[0] is not index:  # (the entry holds ``index``, so its id cannot be reused)
+            hit = (index, to_device(index, self.device))
+            self._on_device[id(index)] = hit
+        return hit[1]
 
     def cond(self, rows: torch.Tensor) -> Cond:
         """The conditioning rows of ``rows`` (a CPU index; the whole batch without a copy)."""
         if rows.numel() == self.size:
             return self.traj.cond
-        return index_cond(self.traj.cond, rows.to(self.device))
+        return index_cond(self.traj.cond, self.on_device(rows))
 
     def predict(self, latents: torch.Tensor, timestep_B: torch.Tensor, cond: Cond,
                 adapter: Optional[PolicyAdapter] = None) -> torch.Tensor:
@@ -126,6 +145,10 @@ class Objective(abc.ABC):
     needs_whole_groups: ClassVar[bool] = False
 
     name: str = ""
+    #: set by ``loss`` when it re-scores the rollout's transitions: |log pi_train - log pi_rollout| of each row of
+    #: the micro-step (detached, on the device). The driver logs it by sampling-step index (``train/logp_gap/*``);
+    #: None = the objective has no log-probs to compare
+    last_logp_gap_B: Optional[torch.Tensor] = None
 
     @classmethod
     def from_config(cls, cfg, **options) -> "Objective":

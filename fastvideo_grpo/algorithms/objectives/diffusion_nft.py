@@ -184,16 +184,16 @@ class DiffusionNFT(Objective):
     def _noised(self, batch, rows, k):
         """(x_t, the flow-matching target eps - x0, the step indices, x0, t) of samples ``rows`` at slot ``k``."""
         x0 = batch.traj.final_latents
-        rows_dev = rows.to(batch.device)
-        t = self._t_BK[rows, k].to(batch.device).reshape(-1, *([1] * (x0.ndim - 1)))
+        rows_dev = batch.on_device(rows)  # copied once per update
+        t = batch.on_device(self._t_BK)[rows_dev, k].reshape(-1, *([1] * (x0.ndim - 1)))
         x = x0[rows_dev].to(torch.float32)
         eps = self._noise[rows_dev, k]
-        return ((1.0 - t) * x + t * eps).to(x0.dtype), eps - x, batch.traj.steps_BK[rows, k], x, t
+        return ((1.0 - t) * x + t * eps).to(x0.dtype), eps - x, batch.on_device(batch.traj.steps_BK)[rows_dev, k], x, t
 
     def loss(self, batch, rows, k):
         xt, target, idx, x0, t = self._noised(batch, rows, k)
         v = batch.predict(xt, batch.schedule.model_timestep(idx, xt), batch.cond(rows)).float()
-        rows_dev = rows.to(batch.device)
+        rows_dev = batch.on_device(rows)  # copied once per update
         loss, pos, neg = nft_loss(v, self._v_old[rows_dev, k], target, self._r_B[rows_dev], self.beta, x0=x0,
                                   xt=xt.float(), t=t, weighting=self.weighting, scale=self.adv_clip_max)
         kl = torch.zeros((), dtype=loss.dtype, device=loss.device)

@@ -77,15 +77,15 @@ class FlowDPPO(Objective):
     def _step(batch, rows, k):
         """(mean, log-prob, std) of the stored transition of samples ``rows`` at slot ``k`` under the current weights."""
         traj, sched = batch.traj, batch.schedule
-        rows_dev = rows.to(batch.device)
-        idx = traj.steps_BK[rows, k]
+        rows_dev = batch.on_device(rows)  # copied once per update, not per micro-step
+        idx = traj.steps_BK[rows, k]  # on the host: the step kernel takes its coefficient rows by value
         z = traj.latents_BK[rows_dev, k]
-        out = batch.predict(z, sched.model_timestep(idx, z), batch.cond(rows))
+        out = batch.predict(z, sched.model_timestep(batch.on_device(traj.steps_BK)[rows_dev, k], z), batch.cond(rows))
         _, logp, mean, std = sched.step(idx, out, z, prev_sample=traj.next_latents_BK[rows_dev, k], need_mean=True)
         return mean, logp, std
 
     def loss(self, batch, rows, k):
-        rows_dev = rows.to(batch.device)
+        rows_dev = batch.on_device(rows)
         mean, logp, std = self._step(batch, rows, k)
         old = batch.traj.log_probs_BK[rows_dev, k]
         loss, blocked, divergence, ratio = flow_dppo_loss(logp, old, mean, batch.traj.means_BK[rows_dev, k], std,
@@ -94,6 +94,7 @@ class FlowDPPO(Objective):
             self._first = False
             self._first_dev = (ratio - 1.0).abs().max().float()
         log_ratio = logp.detach() - old
+        self.last_logp_gap_B = log_ratio.abs()  # the rollout / training gap, logged by the driver
         return loss, (loss.detach(), blocked.float().mean(), divergence.mean(), ratio.mean(),
                       (0.5 * log_ratio ** 2).mean())
 

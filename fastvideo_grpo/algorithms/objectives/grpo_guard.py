@@ -107,14 +107,16 @@ class GRPOGuard(Objective):
 
     def loss(self, batch, rows, k):
         traj, sched = batch.traj, batch.schedule
-        rows_dev = rows.to(batch.device)
-        idx = traj.steps_BK[rows, k]
+        rows_dev = batch.on_device(rows)  # copied once per update, not per micro-step
+        idx = traj.steps_BK[rows, k]  # on the host: the step kernel takes its coefficient rows by value
         z, z_next = traj.latents_BK[rows_dev, k], traj.next_latents_BK[rows_dev, k]
-        out = batch.predict(z, sched.model_timestep(idx, z), batch.cond(rows))  # the rollout's precision: ratio 1
+        t = sched.model_timestep(batch.on_device(traj.steps_BK)[rows_dev, k], z)
+        out = batch.predict(z, t, batch.cond(rows))  # the rollout's precision: ratio 1
         _, logp, mean, std = sched.step(idx, out, z, prev_sample=z_next, need_mean=True)
         loss, (ratio, clipped, shift, log_ratio) = guard_loss(
             logp, traj.log_probs_BK[rows_dev, k], mean, traj.means_BK[rows_dev, k], std, self._adv_B[rows_dev],
             self._weight_BK[rows_dev, k], self.clip_range, self.adv_clip_max)
+        self.last_logp_gap_B = (logp.detach() - traj.log_probs_BK[rows_dev, k]).abs()  # logged by the driver
         if self._first:  # before any optimiser step: r_hat must be 1 (same weights, same arithmetic)
             self._first = False
             self._first_dev = (ratio - 1.0).abs().max().float().reshape(1)

@@ -91,11 +91,11 @@ class PPOClip(Objective):
 
     def loss(self, batch, rows, k):
         traj, sched = batch.traj, batch.schedule
-        rows_dev = rows.to(batch.device)
-        idx = traj.steps_BK[rows, k]
+        rows_dev = batch.on_device(rows)  # copied once per update, not per micro-step
+        idx = traj.steps_BK[rows, k]  # on the host: the step kernel takes its coefficient rows by value
         z, z_next = traj.latents_BK[rows_dev, k], traj.next_latents_BK[rows_dev, k]
         cond = batch.cond(rows)
-        t = sched.model_timestep(idx, z)
+        t = sched.model_timestep(batch.on_device(traj.steps_BK)[rows_dev, k], z)
         use_kl = self.needs_reference
         out = batch.predict(z, t, cond)  # same precision as the rollout: the ratio stays 1
         _, logp, mean, std = sched.step(idx, out, z, prev_sample=z_next, need_mean=use_kl)
@@ -107,6 +107,7 @@ class PPOClip(Objective):
             else:  # Flow-GRPO's: divided by the step's noise level eta_t, not its std eta_t sqrt(-dt)
                 kl_B = grpo.flow_grpo_kl(mean, ref_mean, sched.eta.to(torch.float64)[idx].to(mean.device))
         old = traj.log_probs_BK[rows_dev, k]
+        self.last_logp_gap_B = (logp.detach() - old).abs()  # the rollout / training gap, logged by the driver
         if self._first:  # before any optimiser step: the ratio must be 1 (same weights, same arithmetic)
             self._first = False
             ratio = torch.exp(logp.detach() - old)

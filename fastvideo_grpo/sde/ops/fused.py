@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ...utils import rng
+from ...utils.transfer import to_device
 
 from .reference import (_FLOAT_DTYPES, compute_dtype, cps_coefficients, ddim_coefficients, flow_coefficients,
                         reference_sde_step, reference_sde_step_backward)
@@ -103,7 +104,7 @@ def coefficient_rows(coefs: Tensor, index: Optional[Tensor], step: int, batch: i
         if step >= T:
             raise ValueError(f"step {step} is out of range for a coefficient table of {T} steps")
         rows = coefs[step].expand(batch, 3)
-    rows = rows.to(device)
+    rows = to_device(rows, device)  # per call without the extension: no host sync for a host table
     return rows[:, 0], rows[:, 1], rows[:, 2]
 
 

@@ -14,6 +14,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from common import PROMPTS, redness, run_config, tiny_adapter
 from fastvideo_grpo.distributed.init import get_rank
 from fastvideo_grpo.training.loop import Component
+from fastvideo_grpo.training.metrics import wall_clock_metric
 from fastvideo_grpo.training.runner import PromptSets, run
 
 
@@ -44,8 +45,8 @@ def main():
     run(cfg, tiny_adapter, PromptSets(PROMPTS), reward_fns={"red": redness}, reward_weights={"red": 1.0},
         extra_components=lambda parts: [Record()])
     if get_rank() == 0:
-        rows = [{k: v for k, v in m.items() if isinstance(v, (int, float)) and not k.startswith("time/")
-                 and "samples_per_s" not in k} for m in hist]
+        rows = [{k: v for k, v in m.items() if isinstance(v, (int, float)) and not wall_clock_metric(k)}
+                for m in hist]
         with open(f"{out}/metrics_{tag}.json", "w") as f:
             json.dump(rows, f)
 
