@@ -22,7 +22,7 @@ from fastvideo_grpo.utils.io import atomic_write_text  # noqa: E402
 from fastvideo_grpo.cli.plan import DEFAULT_MFU, assumed_gpus, plan  # noqa: E402
 
 ALGORITHMS = ["mixgrpo", "mixgrpo_flash", "flow_grpo", "flow_grpo_fast", "diffusion_nft", "grpo_guard", "awm", "cps",
-              "pref_grpo"]
+              "pref_grpo", "dgpo", "tree_grpo", "flow_dppo"]
 # model -> (its DanceGRPO recipe, its algorithm recipes' suffixes)
 MODELS = {"flux": ("configs/flux_hps.yaml", ALGORITHMS), "hunyuan": ("configs/hunyuan_t2v_videoalign.yaml", ALGORITHMS),
           "sd3": ("configs/sd3_hps.yaml", ["flow_grpo_pickscore", "flow_grpo_geneval", "flow_grpo_ocr"])}

@@ -84,6 +84,20 @@ ALGORITHMS = {
                   "(every pair of the 8 compared by toy_geneval); the binary reward kept",
                   ["--rewards=[{name: win_rate, key: toy_geneval_win, weight: 1.0, kwargs: {judge: toy_geneval}}, "
                    "{name: toy_geneval, threshold: 0.99, weight: 0.5}]", "--eval.rewards=[{name: toy_geneval}]"]),
+    "dgpo": ("ODE rollouts (DPM-Solver++(2M), as released), independent noise per sample; DGPO's group-preference "
+             "loss (beta 100, clip 1e-2, velocity KL 0.02: the released values) at 4 of the times of steps 0-4, "
+             "shared by the batch", _ODE + ["--sampling.eta=0.0", "--sampling.ode_solver=dpmpp_2m",
+                                             "--grpo.objective=dgpo", "--grpo.shared_noise=false", "--grpo.tau=0.8",
+                                             "--grpo.objective_kwargs={beta: 100.0}", "--grpo.clip_range=1e-2",
+                                             "--grpo.kl_coef=0.02"]),
+    "tree_grpo": ("the demo's sampler as a tree: each group's 8 samples share their prefix and branch into 2 at "
+                  "steps 0, 2 and 4; every edge of steps 0-4 trained once with its node's depth-normalised mean "
+                  "reward (BranchGRPO)", ["--sampling.rollout=tree",
+                                          "--sampling.rollout_kwargs={branch_steps: [0, 2, 4], branch_factor: 2}"]),
+    "flow_dppo": ("the demo's sampler; Flow-DPPO's objective: the ratio unclipped, masked where the exact step "
+                  "divergence passes 1e-5 (the released value) and the update moves away; 2 epochs per rollout",
+                  ["--grpo.objective=flow_dppo", "--grpo.objective_kwargs={divergence_threshold: 1.0e-5}",
+                   "--grpo.num_epochs=2"]),
 }
 # algorithms whose passes per iteration change with the iteration (MixGRPO-Flash: the compressed grid after a
 # moving window): calibrated over this many iterations (a whole cycle of the window) and averaged

@@ -223,7 +223,8 @@ class SamplingConfig:
     # "post" only: the steps after the last stochastic step on a grid of int((T - last) * ratio) points from that
     # point's time down to 0, shifted like the grid (MixGRPO-Flash: 0.4; 1.0 = the grid's own steps)
     dpm_post_compress_ratio: float = num(1.0, "(0, 1]")
-    rollout: str = "sde"  # registered rollout sampler (algorithms/samplers.py): "sde" = DanceGRPO's
+    rollout: str = "sde"  # registered rollout sampler (algorithms/samplers/): "sde" = DanceGRPO's, "tree" = branching
+    rollout_kwargs: Dict[str, Any] = field(default_factory=dict)  # the sampler's own options (its constructor's)
 
     def validate(self, where: str = "sampling") -> None:
         """The checks between its fields (each field's own domain is check_domains')."""
@@ -275,6 +276,9 @@ class GRPOConfig:
     clip_range: Optional[float] = num(1e-4, "> 0", null="no clipping", off=True)
     adv_clip_max: Optional[float] = num(5.0, "> 0", null="no clamp", off=True)  # advantages clamped to +-this
     num_updates_per_iteration: int = num(4, ">= 1")  # optimiser steps per iteration (paper: 4, or 1 with CFG)
+    # passes (epochs) of the update over one iteration's rollout, each of num_updates_per_iteration optimiser
+    # steps; pi_old stays the rollout policy throughout (Flow-DPPO trains several epochs per rollout)
+    num_epochs: int = num(1, ">= 1")
     # how the iteration is split among them: "steps" (each optimiser step sees every sample at a consecutive
     # chunk of the kept steps) or "samples" (each sees every kept step of a consecutive chunk of micro-batches: the
     # released DanceGRPO / Flow-GRPO gradient accumulation over samples)
@@ -744,9 +748,13 @@ def recipe_chain(p: Path, _chain: Sequence[Path] = ()) -> List[tuple]:
     return recipe_chain(target, (*_chain, here)) + [(p, loaded)]
 
 
+#: option mappings a recipe's value replaces whole (a plug-in's options are not merged with its base's)
+_REPLACED = ("kwargs", "extra", "objective_kwargs", "rollout_kwargs")
+
+
 def _merge(base: Dict[str, Any], new: Dict[str, Any]):
     for k, v in new.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in ("kwargs", "extra", "objective_kwargs"):
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in _REPLACED:
             _merge(base[k], v)
         else:
             base[k] = v
@@ -761,7 +769,7 @@ def save_config(cfg: RunConfig, path) -> None:
 # ----------------------------------------------------------------------------- help for the user: did you mean, where from
 
 #: mappings a recipe replaces whole instead of merging key by key (``_merge``)
-_WHOLE = ("kwargs", "extra", "objective_kwargs", "encoding", "diversity_model")
+_WHOLE = ("kwargs", "extra", "objective_kwargs", "rollout_kwargs", "encoding", "diversity_model")
 
 
 def config_paths(cls=None, prefix: str = "") -> List[str]:

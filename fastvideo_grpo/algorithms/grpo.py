@@ -166,6 +166,7 @@ def subsample_timesteps(
     batch_size: int,
     generator: Optional[torch.Generator] = None,
     window: Optional[tuple] = None,
+    shared: bool = False,
 ) -> torch.Tensor:
     """Per-sample random subsets of ``num_train_steps(hi - lo, tau)`` step indices in ``[lo, hi)``:
     an int64 (B, K) CPU tensor.
@@ -173,13 +174,15 @@ def subsample_timesteps(
     Each sample draws its own subset (as the reference implementation does), in random order.
     ``window=(lo, hi)`` restricts choices to steps lo..hi-1; the trainer passes ``trainable_window``
     (which leaves out the last step by default). Without a window all ``num_steps`` are candidates.
+    ``shared``: one subset for the whole batch (an objective that compares the samples of a group at one
+    time, as DGPO, declares ``shared_timesteps``).
     """
     lo, hi = (0, num_steps) if window is None else window
     if not 0 <= lo < hi <= num_steps:
         raise ValueError(f"timestep window {window} must satisfy 0 <= lo < hi <= {num_steps}")
     k = num_train_steps(hi - lo, tau)
-    keys = torch.rand(batch_size, hi - lo, generator=generator)
-    return keys.argsort(dim=1)[:, :k] + lo
+    keys = torch.rand(1 if shared else batch_size, hi - lo, generator=generator)
+    return (keys.argsort(dim=1)[:, :k] + lo).expand(batch_size, k).contiguous()
 
 
 @dataclass

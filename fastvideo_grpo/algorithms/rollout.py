@@ -44,6 +44,9 @@ class Trajectory:
     final_latents: torch.Tensor  # z_0: (B, *latent)
     decoded: Optional[torch.Tensor] = None  # pixels in [0, 1]
     group_size: int = 1
+    # bool CPU (B, K): which kept slots are trained (None = all). A sampler whose samples share transitions
+    # (a tree's common prefix) trains each once: the other slots holding it are False
+    trained_BK: Optional[torch.Tensor] = None
     # the step means of the kept transitions under the rollout policy, (B, K, *latent), float32 (float64 for
     # float64 latents); kept only when asked (``rollout(keep_means=True)``: an objective's ``needs_step_means``)
     means_BK: Optional[torch.Tensor] = None
@@ -66,6 +69,7 @@ class Trajectory:
             final_latents=self.final_latents.index_select(0, idx.to(dev)),
             decoded=None if self.decoded is None else self.decoded.index_select(0, idx.to(self.decoded.device)),
             group_size=self.group_size,
+            trained_BK=None if self.trained_BK is None else self.trained_BK.index_select(0, idx.cpu()),
             means_BK=None if self.means_BK is None else self.means_BK.index_select(0, idx.to(dev)),
         )
 

@@ -22,6 +22,11 @@ gap also holds what the update has learnt. A non-finite loss or gradient norm ra
 FloatingPointError before the optimiser steps (gradients zeroed); backward still runs for a bad loss, so
 every rank takes part in the same collectives and sees the same (non-finite) global norm.
 
+``num_epochs`` > 1 passes over the same batch again (Flow-DPPO's several epochs per rollout); ``prepare`` runs
+once. A trajectory may mark kept slots untrained (``trained_BK``: a tree's shared prefix is trained once); their
+micro-steps leave those rows out, and each micro-step's loss is weighted by its share of the optimiser step's
+trained slots.
+
 pi_old stays the rollout policy for the whole iteration (PPO's usual convention).
 """
 
@@ -29,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -46,11 +51,12 @@ class UpdateSettings:
     micro_batch_size: int = 0  # samples per forward / backward; 0 = the whole batch
     max_grad_norm: float = 1.0
     split: str = "steps"  # grpo.update_split: "steps" or "samples"
+    num_epochs: int = 1  # passes over the batch, each of num_updates optimiser steps
 
     @classmethod
     def from_config(cls, cfg) -> "UpdateSettings":
         return cls(cfg.grpo.num_updates_per_iteration, cfg.grpo.micro_batch_size, cfg.optim.max_grad_norm,
-                   cfg.grpo.update_split)
+                   cfg.grpo.update_split, cfg.grpo.num_epochs)
 
 
 def optimizer_steps(batch_size: int, kept_steps: int, settings: UpdateSettings):
@@ -76,40 +82,40 @@ def trainable_parameters(module: torch.nn.Module):
 
 def update(objective: Objective, batch: TrainBatch, optimizer: torch.optim.Optimizer, settings: UpdateSettings,
            lr_scheduler=None) -> Dict[str, float]:
-    """Train ``objective`` on ``batch``: ``settings.num_updates`` optimiser steps (fewer when there are fewer
-    kept steps); returns the averaged statistics (``train/<stat>``), the objective's update diagnostics,
-    ``train/grad_norm`` (mean over steps) and ``train/num_updates``."""
+    """Train ``objective`` on ``batch``: ``settings.num_epochs`` passes of ``settings.num_updates`` optimiser steps
+    (fewer when there are fewer kept steps); returns the averaged statistics (``train/<stat>``), the objective's
+    update diagnostics, ``train/grad_norm`` (mean over steps) and ``train/num_updates``."""
     module = batch.adapter.trainable_module()
     params = trainable_parameters(module)
     row_chunks, plan = optimizer_steps(batch.size, batch.num_kept_steps, settings)
+    trained = batch.traj.trained_BK
     objective.prepare(batch, row_chunks)
     module.train()
     # statistics stay on the device, summed over micro-steps, and are read back once at the end
     totals = torch.zeros(len(objective.stat_names), dtype=torch.float32, device=batch.device)
     # the (sample, kept slot) pairs the first optimiser step trains: the ratio's distance from 1 is measured there
-    first_pairs = len(plan[0][0]) * sum(int(r.numel()) for r in plan[0][1]) if plan else 0
-    gap = LogProbGap(batch, first_pairs)
+    first_pairs = sum(int(r.numel()) for _, r, _ in _micro_steps(*plan[0], trained)) if plan else 0
+    gap = LogProbGap(batch, first_pairs, settings.num_epochs)
     count, grad_norms = 0, []
-    for step_chunk, rows_of_step in plan:
-        optimizer.zero_grad(set_to_none=True)
-        denom = len(step_chunk) * len(rows_of_step)
-        finite = []  # per micro-step, on the device
-        for k in step_chunk:
-            for rows in rows_of_step:
+    for _epoch in range(settings.num_epochs):
+        for step_chunk, rows_of_step in plan:
+            optimizer.zero_grad(set_to_none=True)
+            finite, where = [], []  # per micro-step: finiteness on the device, and its kept-step slot
+            for k, rows, divisor in _micro_steps(step_chunk, rows_of_step, trained):
                 objective.last_logp_gap_B = None
                 loss, stats = objective.loss(batch, rows, k)
                 finite.append(torch.isfinite(loss.detach()))
-                (loss / denom).backward()
+                where.append(k)
+                (loss / divisor).backward()
                 totals += torch.stack([s.float() for s in stats])
                 if objective.last_logp_gap_B is not None:
                     gap.add(objective.last_logp_gap_B, rows, k, before_first_step=not grad_norms)
                 count += 1
-        grad_norms.append(_clip_and_check(params, settings.max_grad_norm, finite, objective, step_chunk,
-                                          len(rows_of_step), optimizer))
-        optimizer.step()
-        objective.on_optimizer_step()
-        if lr_scheduler is not None:
-            lr_scheduler.step()
+            grad_norms.append(_clip_and_check(params, settings.max_grad_norm, finite, where, objective, optimizer))
+            optimizer.step()
+            objective.on_optimizer_step()
+            if lr_scheduler is not None:
+                lr_scheduler.step()
     once = objective.finish(batch)
     parts = [totals, *(v.detach().float().reshape(1) for v in once.values()), *gap.device_sums()]
     values = torch.cat(parts).tolist()
@@ -120,6 +126,19 @@ def update(objective: Objective, batch: TrainBatch, optimizer: torch.optim.Optim
     out["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
     out["train/num_updates"] = len(grad_norms)
     return out
+
+
+def _micro_steps(step_chunk, row_chunks, trained_BK) -> List[Tuple[int, torch.Tensor, float]]:
+    """(kept-step slot, sample rows, loss divisor) of each micro-step of one optimiser step. Every (slot, rows
+    chunk) weighs 1 / their count; with ``trained_BK`` only its trained rows run, a micro-step of n of the
+    step's N trained slots weighing n / N (chunks with none are skipped: the pattern is the sampler's, the same
+    on every rank, so every rank runs the same micro-steps)."""
+    if trained_BK is None:
+        denom = len(step_chunk) * len(row_chunks)
+        return [(k, rows, denom) for k in step_chunk for rows in row_chunks]
+    parts = [(k, rows[trained_BK[rows, k]]) for k in step_chunk for rows in row_chunks]
+    total = sum(r.numel() for _, r in parts)
+    return [(k, rows, total / rows.numel()) for k, rows in parts if rows.numel()]
 
 
 #: what can make a loss or gradient non-finite once the config's values and the rewards are known to be finite
@@ -134,12 +153,15 @@ class LogProbGap:
     """|log pi_train - log pi_rollout| of the re-scored transitions, summed on the device by sampling-step index
     and over the micro-steps before the first optimiser step; read back with the update's statistics."""
 
-    def __init__(self, batch: TrainBatch, first_step_pairs: int):
+    def __init__(self, batch: TrainBatch, first_step_pairs: int, epochs: int = 1):
         self.batch = batch
         self.num_steps = batch.schedule.num_steps
-        # every (sample, kept slot) is trained once per update: the pairs per sampling step are known on the host
+        # every trained (sample, kept slot) is trained once per epoch: the pairs per sampling step are known on the
+        # host (slots a sampler marks untrained, ``traj.trained_BK``, are not)
         steps = batch.traj.steps_BK
-        self.count_T = torch.bincount(steps.reshape(-1), minlength=self.num_steps).tolist()
+        if batch.traj.trained_BK is not None:
+            steps = steps[batch.traj.trained_BK]
+        self.count_T = (torch.bincount(steps.reshape(-1), minlength=self.num_steps) * epochs).tolist()
         self.count_before = first_step_pairs
         self.sum_T = self.before = None
 
@@ -167,20 +189,20 @@ class LogProbGap:
         return out
 
 
-def _clip_and_check(params, max_grad_norm: float, finite, objective: Objective, step_chunk, micro_batches: int,
-                    optimizer) -> float:
+def _clip_and_check(params, max_grad_norm: float, finite, where, objective: Objective, optimizer) -> float:
     """Clip the global gradient norm; FloatingPointError (gradients zeroed) when it or a micro-step's loss is
     not finite. Returns the norm before clipping (the one host sync of this optimiser step)."""
     gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # global norm under FSDP
     if hasattr(gn, "full_tensor"):  # a DTensor when the parameters are sharded
         gn = gn.full_tensor()
-    norm_and_flags = torch.cat([gn.detach().float().reshape(1), torch.stack(finite).float()]).tolist()
+    norm_and_flags = torch.cat([gn.detach().float().reshape(1), torch.stack(finite).float()]).tolist() if finite \
+        else [gn.detach().float().item()]
     norm = norm_and_flags[0]
     bad = [i for i, ok in enumerate(norm_and_flags[1:]) if not ok]
     if bad or not math.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
         label = getattr(objective, "label", None) or objective.name
-        where = f"non-finite {label} loss at kept step {list(step_chunk)[bad[0] // micro_batches]}" if bad else \
+        what = f"non-finite {label} loss at kept step {where[bad[0]]}" if bad else \
             f"non-finite {label} gradient norm"
-        raise FloatingPointError(f"{where}; optimiser step skipped. {NONFINITE_LOSS_CAUSES}")
+        raise FloatingPointError(f"{what}; optimiser step skipped. {NONFINITE_LOSS_CAUSES}")
     return norm

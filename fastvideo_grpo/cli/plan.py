@@ -528,27 +528,34 @@ def predicted_throughput(adapter, params: float, passes: Dict[str, int], text_to
 
 def passes_per_iteration(cfg) -> Dict[str, int]:
     """Model passes per rank and iteration, per sample, as the trainer counts them (fastvideo_grpo/algorithms/passes.py):
-    ``forward_rollout`` (every sampling step of every sample), ``forward_update`` (each trained step once,
-    plus the objective's ``extra_forwards_per_trained_step``: the reference model of the KL term,
-    DiffusionNFT's old-policy velocity) and ``backward``. ``trained_steps`` is K = int(tau x the candidate
-    steps): the trainable window without the last step (``grpo.trainable_window``), or the MixGRPO /
-    Flow-GRPO-Fast window's size."""
+    ``forward_rollout`` (the sampler's forwards per group: every sampling step of every sample, or fewer for a
+    tree sharing prefixes; MixGRPO-Flash's compressed grid averaged over the run), ``forward_update`` (each
+    trained transition once per epoch, plus the objective's ``extra_forwards_per_trained_step`` once per update:
+    the reference model of the KL term, DiffusionNFT's old-policy velocity, DGPO's reference and old errors) and
+    ``backward`` (once per epoch). ``trained_steps`` is K, the kept slots per sample: int(tau x the candidate steps) -- the
+    trainable window without the last step (``grpo.trainable_window``), or the MixGRPO / Flow-GRPO-Fast window's
+    size -- unless the sampler keeps its own; the transitions trained per group are the sampler's count (a tree
+    trains a shared transition once)."""
     from ..algorithms.objectives import build_objective
-    from ..algorithms.samplers import ROLLOUTS
+    from ..algorithms.samplers import build_sampler
     from ..algorithms import sde_window
     from ..algorithms.grpo import num_train_steps, trainable_window
 
     g, s = cfg.grpo, cfg.sampling
     lo, hi = trainable_window(s.num_steps, g.timestep_window, g.train_last_step)
-    K = num_train_steps(g.sde_window.size if g.sde_window.mode != "off" else hi - lo, g.tau)
-    samples = g.prompts_per_iteration * g.group_size
-    trained = g.prompts_per_iteration * 2 * g.best_of_n_k if g.best_of_n_k else samples
-    extra = build_objective(cfg).extra_forwards_per_trained_step
+    objective, sampler = build_objective(cfg), build_sampler(cfg)
+    K = sampler.kept_per_sample(s.num_steps, (lo, hi),
+                                num_train_steps(g.sde_window.size if g.sde_window.mode != "off" else hi - lo, g.tau))
+    if g.best_of_n_k:
+        trained = g.prompts_per_iteration * 2 * g.best_of_n_k * K
+    else:
+        trained = g.prompts_per_iteration * sampler.trained_per_group(s.num_steps, g.group_size, (lo, hi), K)
+    E = g.num_epochs
     # MixGRPO-Flash's compressed post-window grid: fewer steps, varying with the window (averaged over the run)
     steps = sde_window.mean_rollout_steps(cfg)
-    rollout = ROLLOUTS.build(s.rollout).forwards_per_sample(s.num_steps) * steps / s.num_steps
-    return {"trained_steps": K, "forward_rollout": round(samples * rollout), "forward_update": trained * K * (1 + extra),
-            "backward": trained * K}
+    rollout = g.prompts_per_iteration * sampler.forwards_per_group(s.num_steps, g.group_size) * steps / s.num_steps
+    return {"trained_steps": K, "forward_rollout": round(rollout),
+            "forward_update": trained * (E + objective.extra_forwards_per_trained_step), "backward": trained * E}
 
 
 def _weight_copies(cfg, lora: bool) -> int:

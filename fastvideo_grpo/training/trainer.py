@@ -45,7 +45,7 @@ from ..data.prompt_source import PromptSource
 from ..models.base import PolicyAdapter
 from ..rewards.base import RewardFn, compute_rewards
 from ..algorithms.rollout import check_ode_solver, decode_latents, sampling_memory
-from ..algorithms.samplers import ROLLOUTS
+from ..algorithms.samplers import build_sampler
 from .optim import apply_optim_config, build_lr_scheduler, build_optimizer
 
 
@@ -118,14 +118,15 @@ class Trainer:
         self.prompts = prompt_source
         self.objective = build_objective(cfg)
         self.estimator = build_estimator(cfg)
-        self.sampler = ROLLOUTS.build(cfg.sampling.rollout)
+        self.sampler = build_sampler(cfg)
         self.reference = None
         if self.objective.needs_reference:
             self.reference = SeparateAdapter(ref_adapter) if ref_adapter is not None else reference_policy(adapter)
         self.objective.attach(adapter)
         self.optimizer = build_optimizer(trainable_parameters(adapter.trainable_module()), cfg.optim,
                                          cfg.parallel.cpu_offload)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.grpo.num_updates_per_iteration)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.optim,
+                                               cfg.grpo.num_updates_per_iteration * cfg.grpo.num_epochs)
         self.schedule = build_schedule(cfg, adapter, self.objective)
         # EMA of the weights (train.ema_decay), cloned from the parameters as they are now (sharded under FSDP2);
         # loop.EMAUpdate updates it after every iteration, checkpoint.py saves it
@@ -220,7 +221,8 @@ class Trainer:
         prompts, cond = self.prompts.next_batch(g.prompts_per_iteration)
         B = len(prompts) * g.group_size
         schedule, window = self.iteration_schedule()
-        keep = grpo.subsample_timesteps(schedule.num_steps, g.tau, B, self.generator, window)
+        keep = self.sampler.keep_steps(schedule.num_steps, g.tau, B, g.group_size, self.generator, window,
+                                       shared=self.objective.shared_timesteps)
         self.adapter.trainable_module().eval()
         m = self.memory
         heartbeat.mark("rollout", self.iteration + 1)  # where this rank is, for the stall watch of the other ranks
@@ -262,8 +264,11 @@ class Trainer:
         self._kept = traj.batch_size
         if g.drop_zero_advantage:  # released Flow-GRPO: samples with advantage 0 leave the update
             traj, adv, settings = self._drop_zero_advantage(traj, adv, settings)
+        # a sampler may give each kept step its own advantage (a tree's per-node ones); None: adv applies to all
+        step_adv = self.sampler.step_advantages(traj, rewards, self.estimator, self.reward_weights)
         batch = TrainBatch(self.adapter, schedule, traj, adv, autocast_dtype=self.autocast_dtype,
-                           reference=self.reference, generator=self.generator, guidance=g.train_guidance)
+                           reference=self.reference, generator=self.generator, guidance=g.train_guidance,
+                           advantages_BK=step_adv)
         heartbeat.mark("update", self.iteration + 1)
         stats = update(self.objective, batch, self.optimizer, settings, self.lr_scheduler)
         t3 = time.perf_counter()
@@ -280,7 +285,8 @@ class Trainer:
             return
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=num_samples * self.sampler.forwards_per_sample(num_steps), desc="rollout", leave=False,
+        g = self.cfg.grpo.group_size
+        bar = tqdm(total=num_samples // g * self.sampler.forwards_per_group(num_steps, g), desc="rollout", leave=False,
                    unit="sample-step", dynamic_ncols=True, disable=None)
         self.passes.on_forward = lambda phase, n: bar.update(n) if phase == "rollout" else None
         try:

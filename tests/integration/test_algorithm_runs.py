@@ -2,7 +2,9 @@
 random-init FLUX folder: MixGRPO-Flash (sliding window, Euler before it, DPM-Solver++ on a compressed grid after
 it), Flow-GRPO (its noise level, fewer training than evaluation steps, the released trainer's advantages,
 zero-advantage filtering, update split and KL form, the reference a copy of the weights), Flow-GRPO-Fast (random
-1-2 step window) and DiffusionNFT (EMA old policy, adaptive weighting, KL; its old policy checkpointed)."""
+1-2 step window), DiffusionNFT (EMA old policy, adaptive weighting, KL; its old policy checkpointed), DGPO (ODE
+rollouts, the frozen reference), tree rollouts (branching twice into 2, per-node advantages) and Flow-DPPO (two
+epochs over each rollout)."""
 
 from __future__ import annotations
 
@@ -29,6 +31,13 @@ OPTIONS = {
     "diffusion_nft": {"sampling.num_steps": 3, "sampling.eval_num_steps": 3, "grpo.objective": "nft",
                       "grpo.tau": 1.0, "sampling.eta": 0.0, "grpo.shared_noise": "false",
                       "sampling.ode_solver": "dpmpp_2m", "grpo.kl_coef": 1e-4},
+    "dgpo": {"sampling.num_steps": 3, "sampling.eval_num_steps": 3, "grpo.objective": "dgpo", "grpo.tau": 1.0,
+             "sampling.eta": 0.0, "grpo.shared_noise": "false", "grpo.clip_range": 0.01, "grpo.kl_coef": 0.01},
+    "tree_grpo": {"sampling.num_steps": 4, "sampling.eval_num_steps": 4, "sampling.rollout": "tree",
+                  "sampling.rollout_kwargs": "{branch_steps: [0, 1], branch_factor: 2}", "grpo.group_size": 4,
+                  "grpo.tau": 1.0},
+    "flow_dppo": {"sampling.num_steps": 3, "sampling.eval_num_steps": 3, "grpo.objective": "flow_dppo",
+                  "grpo.num_epochs": 2, "grpo.tau": 1.0},
 }
 
 
@@ -60,6 +69,14 @@ def test_algorithm_option_two_iterations_through_the_flux_script(tiny, tmp_path,
     if option == "diffusion_nft":
         assert all("train/nft_positive" in r and "train/clipfrac" not in r for r in train)
         assert train[-1]["train/nft_old_decay"] == pytest.approx(0.001 * 2 * train[-1]["train/num_updates"])
+    elif option == "dgpo":
+        assert all(r["train/kl"] > 0 and 0 < r["train/dgpo_group_weight"] < 1 for r in train)
+    elif option == "flow_dppo":  # 2 kept steps x 2 samples = 4 transitions, 2 epochs of forward + backward each
+        # an epoch is min(num_updates_per_iteration 4, 2 kept steps) = 2 optimiser steps
+        assert all(r["train/num_updates"] == 2 * 2 and "train/masked_frac" in r for r in train)
+        assert all((r["passes/forward_update"], r["passes/backward"]) == (4 * 2, 4 * 2) for r in train)
+    elif option == "tree_grpo":  # 1 + 2 + 4 + 4 forwards per group; edges 2 (step 0) + 4 (step 1) + 4 (step 2)
+        assert all((r["passes/forward_rollout"], r["passes/backward"]) == (11, 10) for r in train)
     else:
         assert all("train/clipfrac" in r for r in train)
     if option == "flow_grpo":

@@ -52,6 +52,12 @@ def _check(name, cfg):
         assert s.eta_form == "cps" and 0 < s.eta <= 1 and g.objective == "ppo_clip"
     elif "pref_grpo" in name:
         assert g.objective == "ppo_clip" and all(rc.name == "win_rate" for rc in cfg.rewards)
+    elif "dgpo" in name:
+        assert g.objective == "dgpo" and s.eta == 0.0 and not g.shared_noise and s.ode_solver == "dpmpp_2m"
+    elif "tree_grpo" in name:
+        assert s.rollout == "tree" and g.objective == "ppo_clip" and g.shared_noise and g.tau == 1.0
+    elif "flow_dppo" in name:
+        assert g.objective == "flow_dppo" and s.eta_form == "flow_grpo" and g.num_epochs >= 2
     else:
         raise AssertionError(f"{name}: no algorithm in the name")
 
@@ -59,7 +65,7 @@ def _check(name, cfg):
 def test_every_model_has_every_algorithm():
     names = {p.stem for p in RECIPES}
     algos = ["mixgrpo", "mixgrpo_flash", "flow_grpo", "flow_grpo_fast", "diffusion_nft", "grpo_guard", "awm", "cps",
-             "pref_grpo"]
+             "pref_grpo", "dgpo", "tree_grpo", "flow_dppo"]
     assert names == {f"{m}_{a}" for m in BASES for a in algos}
 
 
@@ -81,7 +87,15 @@ def test_algorithm_recipe_validates_over_its_base(path):
     assert "Assumes 32 GPUs" in header
     p = passes_per_iteration(cfg)
     full = cfg.grpo.prompts_per_iteration * cfg.grpo.group_size * cfg.sampling.num_steps
-    if "flash" in path.stem:  # the compressed post-window grid: fewer rollout forwards than MixGRPO's
+    if cfg.sampling.rollout == "tree":  # one forward per node and step: sum over steps of the nodes before it
+        kw = cfg.sampling.rollout_kwargs
+        factors = kw["branch_factor"] if isinstance(kw["branch_factor"], list) else [kw["branch_factor"]] * len(
+            kw["branch_steps"])
+        nodes = [1]
+        for i in range(cfg.sampling.num_steps - 1):
+            nodes.append(nodes[-1] * dict(zip(kw["branch_steps"], factors)).get(i, 1))
+        assert p["forward_rollout"] == cfg.grpo.prompts_per_iteration * sum(nodes) < full
+    elif "flash" in path.stem:  # the compressed post-window grid: fewer rollout forwards than MixGRPO's
         mix = passes_per_iteration(load_config(str(path).replace("_flash", "")))
         assert p["forward_rollout"] < mix["forward_rollout"] == full
     else:

@@ -202,11 +202,15 @@ def test_old_policy_is_the_released_ema_and_the_rollouts_sample_with_it():
     seen = []
     sampler = trainer.sampler
 
-    def spy(*a, **k):
-        seen.append(weights_now())
-        return sampler(*a, **k)
+    class Spy:  # the sampler, recording the weights it samples with (its other declarations pass through)
+        def __getattr__(self, name):
+            return getattr(sampler, name)
 
-    trainer.sampler = spy
+        def __call__(self, *a, **k):
+            seen.append(weights_now())
+            return sampler(*a, **k)
+
+    trainer.sampler = Spy()
     prepare = objective.prepare
 
     def check_v_old(batch, row_chunks):  # v_old recomputed with a separate model holding the old weights

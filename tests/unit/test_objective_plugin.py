@@ -171,5 +171,5 @@ def test_a_registered_rollout_sampler_is_used_and_planned():
     assert SecondOfTwo.calls == 1 and m["passes/forward_rollout"] == 2 * 4 * 3
     assert passes_per_iteration(cfg)["forward_rollout"] == m["passes/forward_rollout"]
     with pytest.raises(ValueError, match="unknown rollout sampler.*sde"):
-        Trainer(load_config(None, ["--sampling.rollout=tree"]), ad, fns, weights,
+        Trainer(load_config(None, ["--sampling.rollout=forest"]), ad, fns, weights,
                 PromptSource(prompts, ad.encode_prompts, seed=1))

@@ -3,7 +3,11 @@
 B = 2 prompts x 2 samples = 4 samples, T = 4 steps, the last never trained: tau 1 keeps K = 3 steps. The
 rollout runs B T = 16 forwards; GRPO re-scores and back-propagates the B K = 12 kept transitions (the KL
 adds 12 reference forwards); DiffusionNFT adds 12 v_old forwards; a MixGRPO window of 2 steps keeps 8.
-Best-of-N (G 4, k 1) rolls out 8 x 4 = 32 and trains 2 per group: 4 x 3 = 12. A forward hook on the network
+Best-of-N (G 4, k 1) rolls out 8 x 4 = 32 and trains 2 per group: 4 x 3 = 12. A tree branching into 2 at
+step 1 runs 1 + 1 + 2 + 2 = 6 forwards per group (12) and trains its 2 edges at each of steps 1 and 2 once (8;
+step 0 is the unbranched trunk, never trained). Flow-DPPO takes mu_old from the rollout's kept means and
+trains the 12 kept transitions in each of 3 epochs: 36 forwards, 36 backwards. DGPO evaluates the reference and the rollout
+policy once per kept step (24) and trains once (12). A forward hook on the network
 counts the samples it really sees, as a second, independent reference; the planner's
 ``passes_per_iteration`` must project the same counts."""
 
@@ -32,6 +36,9 @@ CASES = {
     "flow_grpo_fast_1": (["--grpo.sde_window={mode: random, size: 1}", "--sampling.eta_form=flow_grpo"], 16, 4, 4),
     "best_of_n_k_1": (["--grpo.group_size=4", "--grpo.best_of_n_k=1"], 32, 12, 12),  # 2 x 4 rolled out, 2 x 2 trained
     "diffusion_nft": (["--grpo.objective=nft", "--sampling.eta=0.0", "--grpo.shared_noise=false"], 16, 24, 12),
+    "tree_branch_at_1": (["--sampling.rollout=tree", "--sampling.rollout_kwargs={branch_steps: [1]}"], 12, 8, 8),
+    "flow_dppo_3_epochs": (["--grpo.objective=flow_dppo", "--grpo.num_epochs=3"], 16, 36, 36),
+    "dgpo": (["--grpo.objective=dgpo", "--sampling.eta=0.0", "--grpo.shared_noise=false"], 16, 36, 12),
 }
 
 

@@ -5,8 +5,10 @@ An objective declares what the rest of the run must provide -- log-probs of the 
 (``needs_log_probs``: every step training may pick must then be stochastic), a flow-matching model
 (``needs_flow_model``), the rollout policy's step means of the kept transitions (``needs_step_means``),
 a frozen copy of the starting policy (``needs_reference``), how many no-grad
-forwards one trained (sample, step) costs besides the trained one (``extra_forwards_per_trained_step``,
-for the planner) -- and computes one micro-step's loss. The driver owns everything else: the split into
+forwards one trained (sample, step) costs besides the trained one (``extra_forwards_per_trained_step``, once
+per update, in ``prepare``; for the planner), whether it reads per-(sample, step) advantages
+(``per_step_advantages``: a tree sampler's per-node ones) and whether the kept steps must be the same for the
+whole batch (``shared_timesteps``) -- and computes one micro-step's loss. The driver owns everything else: the split into
 micro-batches and optimiser steps, backward, gradient clipping, finiteness, the optimiser and LR steps.
 Config checks, the trainer and the planner read these declarations; none of them tests a name.
 
@@ -38,7 +40,9 @@ class TrainBatch:
     their advantages, and how the policy is run (the rollout's autocast, so re-scoring repeats its
     arithmetic; ``guidance``: ``grpo.train_guidance``). ``reference``: the frozen starting policy
     (``policy_versions.PolicyVersion``), for objectives that declare ``needs_reference``; ``generator``: the
-    objective's own random draws (e.g. DiffusionNFT's forward-process noise)."""
+    objective's own random draws (e.g. DiffusionNFT's forward-process noise); ``advantages_BK``: per-(sample,
+    kept step) advantages from the sampler (``step_advantages``), None when the per-sample ones apply to every
+    step (``advantages_at`` reads whichever applies)."""
 
     adapter: PolicyAdapter
     schedule: object
@@ -48,7 +52,9 @@ class TrainBatch:
     reference: Optional[PolicyVersion] = None
     generator: Optional[torch.Generator] = None
     guidance: str = "both"
+    advantages_BK: Optional[torch.Tensor] = None
     _on_device: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
+    _adv: Optional[torch.Tensor] = field(default=None, init=False, repr=False)  # advantages_at's float32 copy
 
     @property
     def device(self) -> torch.device:
@@ -61,6 +67,17 @@ class TrainBatch:
     @property
     def num_kept_steps(self) -> int:
         return self.traj.steps_BK.shape[1]
+
+    def advantages_at(self, rows: torch.Tensor, k: int) -> torch.Tensor:
+        """The advantages (float32, on the device) of samples ``rows`` (CPU index) at kept-step slot ``k``: the
+        sampler's per-step ones when it gave them, else the per-sample ones. Converted at most once per update."""
+        if self._adv is None:
+            adv = self.advantages_B if self.advantages_BK is None else self.advantages_BK
+            if adv.device != self.device or adv.dtype != torch.float32:
+                adv = adv.to(device=self.device, dtype=torch.float32)
+            self._adv = adv
+        adv = self._adv if self._adv.ndim == 1 else self._adv[:, k]
+        return adv[self.on_device(rows)]
 
     def on_device(self, index: torch.Tensor) -> torch.Tensor:
         """A host tensor of this update (a micro-batch's ``rows``, ``traj.steps_BK``) on the batch's device,
@@ -118,6 +135,14 @@ class Objective(abc.ABC):
     stat_names: ClassVar[Tuple[str, ...]] = ("loss",)
     #: option name -> the ``grpo`` config field holding it (the built-in objectives' established keys)
     config_fields: ClassVar[Dict[str, str]] = {}
+    #: reads the advantages per (sample, kept step) through ``TrainBatch.advantages_at`` (so a sampler's
+    #: per-node advantages, e.g. a tree's, reach it); an objective of whole-sample advantages leaves it False
+    per_step_advantages: ClassVar[bool] = False
+    #: the kept steps must be one subset for the whole batch (it compares a group's samples at one time)
+    shared_timesteps: ClassVar[bool] = False
+    #: compares the samples of a group with each other in the loss: the update must hold whole groups (no
+    #: ``grpo.drop_zero_advantage``, micro-batches of whole groups)
+    needs_whole_groups: ClassVar[bool] = False
 
     name: str = ""
     #: set by ``loss`` when it re-scores the rollout's transitions: |log pi_train - log pi_rollout| of each row of
@@ -176,7 +201,8 @@ class Objective(abc.ABC):
     @property
     def extra_forwards_per_trained_step(self) -> int:
         """No-grad policy forwards one trained (sample, kept step) costs besides its trained forward
-        (reference-model or old-policy evaluations); the planner counts them."""
+        (reference-model or old-policy evaluations, in ``prepare``: once per update, whatever
+        ``grpo.num_epochs``); the planner counts them."""
         return 0
 
     def trained_advantages(self, advantages_B: torch.Tensor) -> torch.Tensor:

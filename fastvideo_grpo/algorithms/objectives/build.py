@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .. import sde_window
+from ..samplers import build_sampler
 from .base import OBJECTIVES, Objective
 
 
@@ -29,7 +30,8 @@ def build_objective(cfg) -> Objective:
     settings it cannot train with: eta = 0 at a step training may pick when it needs log-probs, a KL
     coefficient when it keeps no reference. The sampler's own settings are checked here too: a deterministic
     sampler from one shared noise per group gives G identical samples (every advantage 0) whatever the
-    objective. Collective-free and model-free: preflight runs it at start-up."""
+    objective. The configured rollout sampler is built too (its own checks), and an objective that cannot read
+    the sampler's per-step advantages is refused. Collective-free and model-free: preflight runs it at start-up."""
     g, s = cfg.grpo, cfg.sampling
     name = OBJECTIVES.canonical(g.objective)
     OBJECTIVES.check_kwargs(name, g.objective_kwargs, "grpo.objective_kwargs")
@@ -49,4 +51,12 @@ def build_objective(cfg) -> Objective:
     if g.kl_coef > 0 and not objective.needs_reference:
         raise ValueError(f"grpo.kl_coef is a KL to the starting policy, which grpo.objective: {g.objective} does not "
                          "use; set it to 0")
+    if g.drop_zero_advantage and objective.needs_whole_groups:
+        raise ValueError(f"grpo.objective: {g.objective} compares the samples of each group, which "
+                         "grpo.drop_zero_advantage breaks up; set grpo.drop_zero_advantage: false")
+    sampler = build_sampler(cfg)  # sampling.rollout and its options, against the sampling settings
+    if sampler.per_step_advantages and not objective.per_step_advantages:
+        raise ValueError(f"sampling.rollout: {s.rollout} gives each trained step its own advantage, which "
+                         f"grpo.objective: {g.objective} does not read (it trains on whole-sample advantages); use an "
+                         "objective that reads them (ppo_clip, flow_dppo) or sampling.rollout: sde")
     return objective

@@ -39,6 +39,7 @@ class PPOClip(Objective):
     name = "ppo_clip"
     label = "GRPO"
     stat_names = ("loss", "clipfrac", "approx_kl", "ratio_mean", "kl")
+    per_step_advantages = True
     config_fields = {"clip_range": "clip_range", "adv_clip_max": "adv_clip_max", "kl_coef": "kl_coef",
                      "kl_form": "kl_form"}
 
@@ -64,7 +65,6 @@ class PPOClip(Objective):
         return grpo.clamp_advantages(advantages_B, self.adv_clip_max)
 
     def prepare(self, batch, row_chunks):
-        self._adv_B = batch.advantages_B.to(device=batch.device, dtype=torch.float32)
         self._first_dev = torch.zeros(1, dtype=torch.float32, device=batch.device)
         self._first = True
         self._ref_mean = None
@@ -114,7 +114,7 @@ class PPOClip(Objective):
             self._first_dev = (ratio - 1.0).abs().max().float().reshape(1)
             if self.on_first_ratio is not None:
                 self.on_first_ratio(ratio)
-        loss, st = grpo.ppo_clip_loss(logp, old, self._adv_B[rows_dev], self.clip_range, self.adv_clip_max, kl_B,
+        loss, st = grpo.ppo_clip_loss(logp, old, batch.advantages_at(rows, k), self.clip_range, self.adv_clip_max, kl_B,
                                       self.kl_coef)
         return loss, (st.loss, st.clipfrac, st.approx_kl, st.ratio_mean, st.kl)
 
