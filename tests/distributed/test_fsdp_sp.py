@@ -12,6 +12,7 @@ from _launch import torchrun  # noqa: E402
 def test_fsdp_grpo_update_matches_single_process():
     out = torchrun("w_fsdp_update.py").stdout
     assert "ac=0.0" in out and "ac=0.5" in out, out
+    assert "differing metric keys reduce over the ranks that report them" in out, out
 
 
 def test_ulysses_attention_and_sp_update_match_single_rank():

@@ -62,12 +62,26 @@ def one_case(env, ac_fraction: float):
     dist.barrier()
 
 
+def differing_keys(env):
+    """Ranks that report different metric keys (a per-step metric of the steps each rank trained): every key
+    is reduced over the ranks that report it, and the next call (same keys again) still lines up."""
+    mine = {"shared": float(env.rank + 1), f"only_rank{env.rank}": 10.0 * (env.rank + 1), "text": "kept"}
+    out = reduce_metrics(mine)
+    check(out["shared"] == 1.5 and out[f"only_rank{env.rank}"] == 10.0 * (env.rank + 1), f"mean: {out}")
+    check(out[f"only_rank{1 - env.rank}"] == 10.0 * (2 - env.rank) and out["text"] == "kept", f"union: {out}")
+    check(reduce_metrics(mine, op="max")["only_rank0"] == 10.0, "max over the reporting rank only")
+    check(reduce_metrics(mine, op="sum")["shared"] == 3.0, "sum")
+    check(reduce_metrics({"shared": 2.0})["shared"] == 2.0, "same keys after differing ones")
+    print("differing metric keys reduce over the ranks that report them")
+
+
 def main():
     env = init_distributed("cpu")
     check(env.world_size == 2, "run with 2 processes")
     try:
         one_case(env, 0.0)
         one_case(env, 0.5)
+        differing_keys(env)
     finally:
         shutdown()
 
