@@ -281,23 +281,28 @@ class _PhaseClock:
         originals = {name: getattr(owner[name], name) for name in _PhaseClock.PHASES}
         dev = trainer.adapter.device
 
-        def timed(key, fn):
-            def wrapper(*a, **k):
+        class Timed:  # ``fn`` with a clock; its attributes (a sampler's declarations) pass through
+            def __init__(self, key, fn):
+                self.key, self.fn = key, fn
+
+            def __getattr__(self, name):
+                return getattr(self.fn, name)
+
+            def __call__(self, *a, **k):
                 _sync(dev)  # on a GPU, queued work is charged to the phase that queued it
                 _PhasePeak.start(dev)
                 t = clock()
                 try:
-                    return fn(*a, **k)
+                    return self.fn(*a, **k)
                 finally:
                     _sync(dev)
-                    spent[key] += clock() - t
+                    spent[self.key] += clock() - t
                     peak = _PhasePeak.stop(dev)
                     if peak is not None:
-                        peaks[key] = max(peaks.get(key, 0.0), peak)
-            return wrapper
+                        peaks[self.key] = max(peaks.get(self.key, 0.0), peak)
 
         for name, key in _PhaseClock.PHASES.items():
-            setattr(owner[name], name, timed(key, originals[name]))
+            setattr(owner[name], name, Timed(key, originals[name]))
         try:
             _sync(dev)
             w0, c0 = time.perf_counter(), clock()

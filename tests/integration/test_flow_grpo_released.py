@@ -201,7 +201,15 @@ def test_one_flow_grpo_iteration_equals_the_released_trainers(sd3_folder, monkey
 
     monkeypatch.setattr(rng, "randn", recording_randn)
     sampler = trainer.sampler
-    trainer.sampler = lambda *a, **k: seen.setdefault("traj", sampler(*a, **k))
+
+    class Spy:  # the sampler, keeping the trajectory it draws (its other declarations pass through)
+        def __getattr__(self, name):
+            return getattr(sampler, name)
+
+        def __call__(self, *a, **k):
+            return seen.setdefault("traj", sampler(*a, **k))
+
+    trainer.sampler = Spy()
     real_update = trainer_mod.update
 
     def spy_update(objective, batch, optimizer, settings, *a, **k):

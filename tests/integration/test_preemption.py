@@ -39,7 +39,8 @@ ARGS = ["--no-progress", "--train.num_iterations=4", "--train.eval_every=2", "--
         "--extra.pretrain.model={hidden: 32, depth: 1, heads: 2}",
         "--extra.pretrain.autoencoder={image_size: 16, hidden: 16, steps: 3}"]
 # timings, and iterations_run: the iterations of this call only
-TIMING = {"wall_time_s", "pretrain_time_s", "grpo_time_s", "eval_time_s", "iterations_run"}
+TIMING = {"wall_time_s", "pretrain_time_s", "grpo_time_s", "eval_time_s", "iterations_run",
+          "throughput"}  # the summary's throughput: frames per second and MFU over the run's wall-clock
 
 
 def _env(**extra):
