@@ -96,9 +96,14 @@ def model_flops(shape: ModelShape, rollout_forwards: int, update_forwards: int, 
     return out
 
 
-def model_shape(adapter, cond=None) -> ModelShape:
-    """The ``ModelShape`` of an adapter (and of one batch's conditioning, for the text length)."""
+def model_shape(adapter, cond=None) -> Optional[ModelShape]:
+    """The ``ModelShape`` of an adapter (and of one batch's conditioning, for the text length); None for an
+    adapter that cannot say its tokens (neither ``latent_shape`` nor ``token_counts``: a hand-written test
+    double), whose FLOPs are then not counted."""
     from ..models.tokens import attention_shape, token_counts
+
+    if not any(callable(getattr(adapter, hook, None)) for hook in ("latent_shape", "token_counts")):
+        return None
 
     params = sum(p.numel() for p in adapter.trainable_module().parameters())  # a DTensor counts its full size
     img, txt = token_counts(adapter, cond)
@@ -128,9 +133,11 @@ class ThroughputMeter:
             self._peak = peak_tflops(adapter.device, self.configured)
         shape = model_shape(adapter, cond)
         self._shape = shape
+        gpu_s = max(seconds, 1e-12) * self.gpus_per_sample
+        if shape is None:  # FLOPs unknown: frames only
+            return {"throughput/frames_per_gpu_s": samples * frames / gpu_s}
         flops = model_flops(shape, passes["passes/forward_rollout"], passes["passes/forward_update"],
                             passes["passes/backward"])["total"]
-        gpu_s = max(seconds, 1e-12) * self.gpus_per_sample
         peak, nominal = self._peak
         achieved = flops / gpu_s / 1e12
         return {"throughput/frames_per_gpu_s": samples * frames / gpu_s,

@@ -100,7 +100,7 @@ def test_scripts_end_user_errors_in_one_line(tmp_path, capsys):
         prep.cli_entry(prep.main, ["--model-path", str(tmp_path), "--prompts", str(tmp_path), "--out",
                                    str(tmp_path / "o")], "flux")
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and "is a folder; give a prompt file" in err[0]
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and "has neither train.txt nor" in err[0]
 
 
 def test_data_prep_check_reads_without_loading(tmp_path, capsys):
