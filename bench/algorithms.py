@@ -225,20 +225,23 @@ def plot(summary: Dict, path: Path, x_key: str, xlabel: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=100)
+    colors = plt.get_cmap("tab20").colors  # one colour per algorithm (the default cycle repeats after 10)
     for i, (name, a) in enumerate(summary.items()):
+        color, style = colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], ("-", "--", ":")[i % 3]
         curves = [r["curve"] for r in a["runs"].values()]
         n = min(len(c) for c in curves)
         xs = [mean([_x(c[j], x_key) for c in curves]) for j in range(n)]
         ys = [[c[j]["reward"] for c in curves] for j in range(n)]
-        ax.plot(xs, [mean(y) for y in ys], color=f"C{i}", marker="o", markersize=3, linewidth=1.6, label=name)
+        ax.plot(xs, [mean(y) for y in ys], color=color, linestyle=style, marker="o", markersize=3, linewidth=1.6,
+                label=name)
         if len(curves) > 1:
-            ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=f"C{i}", alpha=0.15)
+            ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=color, alpha=0.08)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"held-out {REWARD}")
     ax.set_title("toy task, equal pass budget: mean over seeds (band: min-max)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
