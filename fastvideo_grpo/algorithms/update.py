@@ -89,6 +89,7 @@ def update(objective: Objective, batch: TrainBatch, optimizer: torch.optim.Optim
     params = trainable_parameters(module)
     row_chunks, plan = optimizer_steps(batch.size, batch.num_kept_steps, settings)
     trained = batch.traj.trained_BK
+    objective.check_batch(batch)
     objective.prepare(batch, row_chunks)
     module.train()
     # statistics stay on the device, summed over micro-steps, and are read back once at the end

@@ -100,10 +100,6 @@ class AdvantageWeightedMatching(Objective):
     def prepare(self, batch, row_chunks):
         """The advantages, the times and noise of the forward process, and (with a clip range) l_old: the loss under
         the rollout policy, i.e. the weights before the first optimiser step."""
-        if getattr(batch.schedule, "prediction_type", None) != "flow":
-            raise ValueError("grpo.objective: awm trains the flow-matching loss and needs a flow model")
-        if self.needs_reference and batch.reference is None:
-            raise ValueError("grpo.kl_coef > 0 needs the frozen reference policy (TrainBatch.reference)")
         traj, device = batch.traj, batch.device
         x0 = traj.final_latents
         B, K = traj.steps_BK.shape

@@ -166,6 +166,16 @@ class Objective(abc.ABC):
         model, or a copy of the trainable weights)."""
         return False
 
+    def check_batch(self, batch: "TrainBatch") -> None:
+        """ValueError when ``batch`` lacks what this objective declares it needs (a flow model, the reference
+        policy); the update driver calls it before ``prepare``, for every objective."""
+        if self.needs_flow_model and getattr(batch.schedule, "prediction_type", None) != "flow":
+            raise ValueError(f"grpo.objective: {self.name} trains the flow-matching objective and needs a flow "
+                             "model; this model samples with a DDIM schedule")
+        if self.needs_reference and batch.reference is None:
+            raise ValueError(f"grpo.objective: {self.name} needs the frozen reference policy (TrainBatch.reference: "
+                             "grpo.kl_coef > 0, or the objective's own reference)")
+
     @property
     def own_weight_copies(self) -> int:
         """Copies of the trainable weights the objective keeps for itself (``attach``; e.g. an old policy)."""

@@ -102,10 +102,6 @@ class DGPO(Objective):
     def prepare(self, batch, row_chunks):
         """Per (sample, slot): the forward-process noise, the reference's (and the rollout policy's) denoising
         errors; all before the first optimiser step."""
-        if getattr(batch.schedule, "prediction_type", None) != "flow":
-            raise ValueError("grpo.objective: dgpo trains the flow-matching objective and needs a flow model")
-        if batch.reference is None:
-            raise ValueError("grpo.objective: dgpo needs the frozen reference policy (TrainBatch.reference)")
         traj, device = batch.traj, batch.device
         G = traj.group_size
         for rows in row_chunks:

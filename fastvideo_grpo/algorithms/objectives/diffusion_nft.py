@@ -161,10 +161,6 @@ class DiffusionNFT(Objective):
     def prepare(self, batch, row_chunks):
         """The update's noise, the forward-process samples' times, v_old (the old policy) and v_ref (the
         reference), before the first optimiser step."""
-        if getattr(batch.schedule, "prediction_type", None) != "flow":
-            raise ValueError("grpo.objective: diffusion_nft trains the flow-matching objective and needs a flow model")
-        if self.needs_reference and batch.reference is None:
-            raise ValueError("grpo.kl_coef > 0 needs the frozen reference policy (TrainBatch.reference)")
         traj, device = batch.traj, batch.device
         x0 = traj.final_latents
         B, K = traj.steps_BK.shape

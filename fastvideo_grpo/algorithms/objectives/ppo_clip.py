@@ -69,8 +69,6 @@ class PPOClip(Objective):
         self._first = True
         self._ref_mean = None
         if self.needs_reference:
-            if batch.reference is None:
-                raise ValueError("grpo.kl_coef > 0 needs the frozen reference policy (TrainBatch.reference)")
             if self.kl_form == "flow_grpo" and getattr(batch.schedule, "prediction_type", None) != "flow":
                 raise ValueError("grpo.kl_form: flow_grpo is Flow-GRPO's KL of a flow SDE step; this model samples "
                                  "with a DDIM schedule: use grpo.kl_form: exact")
