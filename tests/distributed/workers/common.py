@@ -59,3 +59,22 @@ def check(cond: bool, msg: str) -> None:
     """Fail the worker with a message (non-zero exit via the exception)."""
     if not cond:
         raise AssertionError(msg)
+
+
+def check_sharded_matches(ad, ref, o, r, name: str, atol: float = 1e-5, rtol: float = 1e-4) -> int:
+    """The sharded adapter's prediction ``o`` equals the one-process ``r``, and after ``(o ** 2).sum().backward()``
+    on both sides every gradient the reference got equals the (gathered) sharded one; returns how many were
+    compared (callers check it is not trivially small)."""
+    from torch.distributed.tensor import DTensor
+
+    (o.float() ** 2).sum().backward()
+    torch.testing.assert_close(o, r, atol=atol, rtol=rtol, msg=lambda m: f"{name} predict: {m}")
+    n = 0
+    for (pn, p), q in zip(ad.model.named_parameters(), ref.model.parameters()):
+        if q.grad is None:
+            continue
+        gp = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        torch.testing.assert_close(gp, q.grad, atol=atol, rtol=rtol, msg=lambda m: f"{name} grad {pn}: {m}")
+        n += 1
+    check(n > 10, f"{name}: only {n} gradients compared")
+    return n
